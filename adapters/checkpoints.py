@@ -1,0 +1,29 @@
+"""Expanding ``model.checkpoints`` into an ordered list of files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from layerscope.errors import UserError
+from layerscope.model import Checkpoint
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders ``epoch_2`` before ``epoch_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def file_checkpoints(pattern: str | list[str], spec, suffixes: tuple[str, ...]) -> list[Checkpoint]:
+    """Checkpoints from a glob (relative to the spec's folder) or an explicit list, in natural order."""
+    if isinstance(pattern, list):
+        paths = [spec.resolve_path(p) for p in pattern]
+    else:
+        resolved = spec.resolve_path(pattern)
+        anchor = Path(resolved.anchor)
+        paths = sorted(anchor.glob(str(resolved.relative_to(anchor))), key=lambda p: natural_key(p.name))
+    paths = [p for p in paths if p.name.endswith(suffixes)] if not isinstance(pattern, list) else paths
+    if not paths:
+        raise UserError(f"model.checkpoints: '{pattern}' matches no {'/'.join(suffixes)} file")
+    return [Checkpoint(label=p.name.removesuffix(next((s for s in suffixes if p.name.endswith(s)), "")), ref=p)
+            for p in paths]

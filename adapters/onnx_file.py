@@ -1,0 +1,40 @@
+"""Adapter for ONNX files (``.onnx``, external data beside it) and in-memory ``onnx.ModelProto``."""
+
+from __future__ import annotations
+
+import onnx
+
+from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
+from layerscope.errors import UserError
+from layerscope.model import onnx_from_bytes_or_file
+
+from .checkpoints import file_checkpoints
+
+
+class OnnxFileAdapter(Adapter):
+    name = "onnx"
+
+    def claims(self, section) -> bool:
+        source = section.source
+        return isinstance(source, onnx.ModelProto) or (isinstance(source, str) and source.lower().endswith(".onnx"))
+
+    def checkpoints(self, section, spec) -> list[Checkpoint]:
+        if section.checkpoints:
+            return file_checkpoints(section.checkpoints, spec, (".onnx",))
+        if isinstance(section.source, onnx.ModelProto):
+            return [Checkpoint("model", section.source)]
+        path = spec.resolve_path(section.source)
+        return [Checkpoint(path.stem, path)]
+
+    def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
+        if isinstance(checkpoint.ref, onnx.ModelProto):
+            return LoadedModel(checkpoint.ref, checkpoint.label, "<onnx.ModelProto>")
+        proto = onnx_from_bytes_or_file(checkpoint.ref)
+        if not proto.HasField("graph") or not proto.graph.node:
+            raise UserError(f"model.source: {checkpoint.ref} is not an ONNX model (no graph inside)")
+        return LoadedModel(proto, checkpoint.label, str(checkpoint.ref))
+
+
+@hookimpl
+def register_adapters(register):
+    register(OnnxFileAdapter)

@@ -1,0 +1,159 @@
+"""Adapter for PyTorch models: an ``nn.Module`` (Python API), a ``.pt2`` file saved with
+``torch.export.save``, or ``python: "package.module:factory"`` plus ``weights: file.pt``.
+
+Models are exported with torch's default (dynamo) exporter, with a symbolic batch axis
+and the node metadata that maps nodes back to module paths. torch is imported only
+when a torch model is actually loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
+from layerscope.errors import UserError
+
+from .checkpoints import file_checkpoints
+
+#: Node metadata that only bloats the graph (source stack traces, FX text).
+_DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's progress prints, warnings and log lines (errors still raise)."""
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _strip_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
+    for node in proto.graph.node:
+        kept = [p for p in node.metadata_props if p.key not in _DROPPED_METADATA]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    return proto
+
+
+def export_to_onnx(model, example: np.ndarray | None = None) -> onnx.ModelProto:
+    """Export an ``nn.Module`` (traced on *example*, batch axis symbolic) or an ``ExportedProgram``."""
+    import torch
+
+    args: tuple = ()
+    dynamic_shapes = None
+    if isinstance(model, torch.nn.Module):
+        if example is None:
+            raise UserError("model.source: exporting a torch module needs example inputs; give a spec with data")
+        batch = torch.from_numpy(np.ascontiguousarray(example, dtype=np.float32))
+        if batch.shape[0] < 2:  # a batch of one would be specialised to a fixed size
+            batch = torch.cat([batch, batch])
+        args = (batch,)
+        dynamic_shapes = ({0: torch.export.Dim("batch")},)
+        model = model.eval()
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                        external_data=False, verbose=False)
+    except Exception as error:
+        raise UserError(f"model.source: torch.onnx.export could not export the model: "
+                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+    return _strip_metadata(program.model_proto)
+
+
+def _load_factory(reference: str, weights: str | None, spec):
+    """Import ``package.module:factory`` (spec folder on the path), call it, load *weights* safely."""
+    import torch
+
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise UserError(f"model.python: '{reference}' must look like 'package.module:factory'")
+    sys.path.insert(0, str(spec.base_dir))
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise UserError(f"model.python: cannot import '{reference}': {error}") from None
+    finally:
+        sys.path.remove(str(spec.base_dir))
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"model.python: '{reference}' returned {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        path = spec.resolve_path(weights)
+        if not path.exists():
+            raise UserError(f"model.weights: file not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as error:
+            raise UserError(f"model.weights: cannot load {path} into '{reference}': {error}") from None
+    return model
+
+
+def _load_pt2(path: Path):
+    import torch
+
+    if not path.exists():
+        raise UserError(f"model.source: file not found: {path}")
+    try:
+        return torch.export.load(str(path))
+    except Exception as error:
+        raise UserError(f"model.source: {path} is not a torch.export program: {error}") from None
+
+
+def _is_torch_object(source) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(source, (torch.nn.Module, torch.export.ExportedProgram))
+
+
+class TorchAdapter(Adapter):
+    name = "torch"
+
+    def claims(self, section) -> bool:
+        source = section.source
+        if isinstance(source, str):
+            return source.endswith(".pt2") or source.startswith("python:")
+        return _is_torch_object(source)
+
+    def checkpoints(self, section, spec) -> list[Checkpoint]:
+        if isinstance(section.source, str) and section.source.endswith(".pt2"):
+            if section.checkpoints:
+                return file_checkpoints(section.checkpoints, spec, (".pt2",))
+            return [Checkpoint(Path(section.source).stem, spec.resolve_path(section.source))]
+        if section.python and section.checkpoints:
+            return [Checkpoint(c.label, (section.python, str(c.ref)))
+                    for c in file_checkpoints(section.checkpoints, spec, (".pt", ".pth"))]
+        if section.python:
+            return [Checkpoint(Path(section.weights).stem if section.weights else "model", (section.python, section.weights))]
+        return [Checkpoint("model", section.source)]
+
+    def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
+        ref = checkpoint.ref
+        if isinstance(ref, tuple):
+            model, source = _load_factory(ref[0], ref[1], spec), f"python:{ref[0]}" + (f" + {ref[1]}" if ref[1] else "")
+        elif isinstance(ref, Path):
+            model, source = _load_pt2(ref), str(ref)
+        else:
+            model, source = ref, f"<{type(ref).__name__}>"
+        return LoadedModel(export_to_onnx(model, example), checkpoint.label, source, framework="pytorch")
+
+
+@hookimpl
+def register_adapters(register):
+    register(TorchAdapter)

@@ -1,0 +1,58 @@
+"""The Python entry points: ``layerscope.run`` and ``layerscope.validate``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .results import Results
+
+
+def _prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...]):
+    from .plan import build_plan
+    from .plugin_host import load_plugins
+    from .spec import load_spec
+
+    spec_model, doc = load_spec(spec)
+    return build_plan(spec_model, doc, load_plugins(plugins))
+
+
+def run(spec: str | os.PathLike | dict, out: str | os.PathLike | None = None, *, write: bool = True,
+        plugins: tuple[Any, ...] = (), progress: bool = True) -> Results:
+    """Run a spec (a YAML path or a dict) and return its :class:`Results`.
+
+    Outputs go to *out* (or the spec's ``outputs.dir``, relative to the current folder);
+    ``write=False`` computes the results without writing files. *plugins* are extra
+    plugin objects registered next to the installed ones.
+    """
+    from .engine import execute
+
+    plan = _prepare(spec, plugins)
+    out_dir = Path(out) if out is not None else Path(plan.spec.outputs.dir)
+    try:
+        return execute(plan, out_dir if write else None, show_progress=progress)
+    except BaseException as error:
+        plan.host.hook.on_run_error(error=error)
+        raise
+
+
+def validate(spec: str | os.PathLike | dict, *, plugins: tuple[Any, ...] = (), with_model: bool = True) -> list[str]:
+    """Check a spec: structure, plugin names and parameters, and (with the model) that every selector matches.
+
+    Returns a short description of what was checked; raises a ``UserError`` on the first failing stage.
+    """
+    from .engine import build_estimators
+    from .data import sample_order
+
+    plan = _prepare(spec, plugins)
+    checked = ["spec structure", "estimator, data source and reporter names and parameters"]
+    if with_model:
+        spec_model = plan.spec
+        order = sample_order(len(plan.data), spec_model.data.limit, spec_model.data.shuffle, spec_model.runtime.seed)
+        example = plan.data.read(order[: min(2, len(order))])[0]
+        for checkpoint in plan.adapter.checkpoints(spec_model.model, spec_model):
+            estimators, _ = build_estimators(plan, plan.adapter.load(checkpoint, spec_model, example))
+            checked.append(f"model {checkpoint.label}: " + ", ".join(
+                f"{aid} selects {len(est.tensors)} tensors" for aid, est in estimators))
+    return checked

@@ -1,0 +1,115 @@
+"""The ``layerscope`` command: run, validate, plugins, inspect, report.
+
+Exit codes: 0 success, 2 user error (one message, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
+
+
+def _cmd_run(args) -> int:
+    from .api import run
+
+    results = run(args.spec, out=args.out, progress=not args.quiet)
+    from .summary import print_summary
+
+    print_summary(results, Path(args.out) if args.out else Path(results.spec["outputs"]["dir"]))
+    return EXIT_OK
+
+
+def _cmd_validate(args) -> int:
+    from .api import validate
+
+    for line in validate(args.spec, with_model=not args.no_model):
+        print(f"ok: {line}")
+    return EXIT_OK
+
+
+def _cmd_plugins(args) -> int:
+    from .plugin_host import load_plugins
+
+    print(json.dumps(load_plugins().describe(), indent=2))
+    return EXIT_OK
+
+
+def _cmd_inspect(args) -> int:
+    from .inspect import inspect_model
+
+    inspect_model(args.model, as_json=args.json, show_all=args.all)
+    return EXIT_OK
+
+
+def _cmd_report(args) -> int:
+    from .engine import write_outputs
+    from .plugin_host import load_plugins
+    from .results import Results
+
+    results = Results.load(args.run_dir)
+    host = load_plugins()
+    formats = dict.fromkeys(["json", *results.spec.get("outputs", {}).get("formats", [])])
+    results.artifacts = []
+    write_outputs(results, [host.reporters.get(f)() for f in formats], Path(args.run_dir))
+    print(f"reports rebuilt in {args.run_dir}: {', '.join(['results.json', *results.artifacts])}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerscope", description="Measure what happens inside deep neural networks.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the analyses of a spec and write results")
+    run.add_argument("spec", help="YAML spec file")
+    run.add_argument("--out", help="output folder (overrides outputs.dir)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(handler=_cmd_run)
+
+    validate = commands.add_parser(
+        "validate", help="check a spec: YAML, keys and types, plugin names and parameters, "
+                         "and (loading the model) that every selector matches at least one tensor")
+    validate.add_argument("spec")
+    validate.add_argument("--no-model", action="store_true", help="skip the checks that need the model")
+    validate.set_defaults(handler=_cmd_validate)
+
+    plugins = commands.add_parser("plugins", help="list loaded plugins and their contributions as JSON")
+    plugins.set_defaults(handler=_cmd_plugins)
+
+    inspect = commands.add_parser("inspect", help="list a model's tensors: op type, layer, shape, observability")
+    inspect.add_argument("model", help="a model source, as in model.source (file or demo:NAME)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--all", action="store_true", help="include constants and shape arithmetic")
+    inspect.set_defaults(handler=_cmd_inspect)
+
+    report = commands.add_parser("report", help="rebuild the reports of a run from its results.json")
+    report.add_argument("run_dir")
+    report.set_defaults(handler=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as error:
+        print(f"layerscope: error: {error}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("layerscope: interrupted; no results were written", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("layerscope: internal error (a bug in layerscope or a plugin); please report it with the "
+              "traceback above", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

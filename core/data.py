@@ -1,0 +1,59 @@
+"""Data sources: where input samples (and labels) come from.
+
+A data source knows its length and reads samples by index, so the runner can shuffle
+with the run's seed, apply ``limit`` and stream batches without holding more than one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from pydantic import BaseModel
+
+from .errors import UserError
+from .estimator import NoParams
+
+
+class DataSource:
+    """Base class of data-source plugins."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, params: BaseModel, base_dir: Path, seed: int = 0):
+        self.params = params
+        self.base_dir = base_dir
+        self.seed = seed
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def has_labels(self) -> bool:
+        raise NotImplementedError
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Samples (first axis = sample) and labels (or None) at *indices*."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+def sample_order(length: int, limit: int | None, shuffle: bool, seed: int) -> np.ndarray:
+    """Indices of the samples a run reads: a seeded permutation (if *shuffle*) cut at *limit*."""
+    order = np.random.default_rng(seed).permutation(length) if shuffle else np.arange(length)
+    return order[:limit] if limit is not None else order
+
+
+def iter_batches(source: DataSource, order: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Yield ``(start, x, y)`` batches in *order*; NaN/Inf inputs are a user error."""
+    for start in range(0, len(order), batch_size):
+        x, y = source.read(order[start:start + batch_size])
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0, 0])
+            raise UserError(f"data source '{source.describe()}': sample {int(order[start + bad])} contains NaN or Inf")
+        yield start, x, y

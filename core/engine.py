@@ -1,0 +1,154 @@
+"""The local engine: for each model, one forward pass per batch feeds every analysis.
+
+Data flow (design §2): plan → adapter loads each checkpoint as ONNX → selectors pick
+tensors → the runner fetches them in budget-sized groups → estimators update → records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import iter_batches, sample_order
+from .errors import UserError
+from .estimator import Estimator, TensorBatch
+from .graph import describe_tensors
+from .model import Checkpoint, LoadedModel
+from .plan import RunPlan
+from .progress import Progress
+from .results import RESULTS_FILE, Results, finite_records
+from .runner import Runner
+from .selectors import resolve
+
+
+def build_estimators(plan: RunPlan, loaded: LoadedModel) -> tuple[list[tuple[str, Estimator]], list]:
+    """Instantiate every analysis on the tensors its selector picks in *loaded*."""
+    tensors = describe_tensors(loaded.proto, loaded.layer_of)
+    built = []
+    for planned in plan.analyses:
+        selector = planned.section.on or planned.estimator_class.selector()
+        try:
+            chosen = resolve(selector, tensors)
+        except UserError as error:
+            path = ("analyses", planned.index, "on") if planned.section.on else ("analyses", planned.index, "estimator")
+            raise UserError(f"{plan.where(*path)}: {error} (model {loaded.label})") from None
+        built.append((planned.section.id, planned.estimator_class(planned.params, chosen)))
+    return built, tensors
+
+
+def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, loaded: LoadedModel,
+               order: np.ndarray, progress: Progress) -> tuple[str, int]:
+    """One pass over the data for *active* estimators; returns (provider that ran, fetch groups)."""
+    spec = plan.spec
+    atomic = list(dict.fromkeys(group for _, est in active for group in est.fetch_groups()))
+    splittable = ({name for _, est in active if not est.per_batch for name in est.tensors}
+                  - {name for _, est in active if est.per_batch for name in est.tensors})
+    runner = Runner(loaded.proto, tensors, atomic, spec.runtime.device, spec.runtime.memory_budget,
+                    spec.data.batch_size, splittable)
+    for batch_index, (start, x, y) in enumerate(iter_batches(plan.data, order, spec.data.batch_size)):
+        x = runner.prepare(x)
+        inputs = torch.from_numpy(x)
+        labels = torch.from_numpy(np.asarray(y)) if y is not None else None
+        for part, fetched in runner.run(x):
+            for _, estimator in active:
+                mine = {name: value for name, value in fetched.items() if name in estimator.tensors}
+                if mine:
+                    estimator.update(TensorBatch(mine, inputs[part], None if labels is None else labels[part],
+                                                 start + (part.start or 0)))
+        plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=len(x))
+        progress.advance(len(x), f"{loaded.label}")
+    for _, estimator in active:
+        estimator.end_pass()
+    return runner.provider, len(runner.groups or [])
+
+
+def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray, example: np.ndarray,
+                       progress: Progress) -> tuple[list[dict], list[str], dict]:
+    """Records and warnings of every analysis for one model checkpoint."""
+    loaded = plan.adapter.load(checkpoint, plan.spec, example)
+    estimators, tensors = build_estimators(plan, loaded)
+    passes = max(est.passes for _, est in estimators)
+    provider, groups = "", 0
+    for pass_index in range(passes):
+        active = [(aid, est) for aid, est in estimators if est.passes > pass_index]
+        provider, groups = _feed_pass(plan, active, tensors, loaded, order, progress)
+    records, warnings = [], []
+    by_id = {p.section.id: p for p in plan.analyses}
+    for analysis_id, estimator in estimators:
+        for record in estimator.finalize():
+            records.append({"analysis": analysis_id, "estimator": by_id[analysis_id].section.estimator,
+                            "model": loaded.label, **record})
+        warnings += [f"{analysis_id} ({loaded.label}): {w}" for w in dict.fromkeys(estimator.warnings)]
+    model_info = {"label": loaded.label, "source": loaded.source, "framework": loaded.framework,
+                  "sha256": hashlib.sha256(loaded.proto.SerializeToString()).hexdigest(), "provider": provider,
+                  "fetch_groups": groups, "passes": passes, **loaded.details}
+    return records, warnings, model_info
+
+
+def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True) -> Results:
+    """Run every analysis of *plan* on every checkpoint and write the requested outputs."""
+    spec = plan.spec
+    started = time.perf_counter()
+    order = sample_order(len(plan.data), spec.data.limit, spec.data.shuffle, spec.runtime.seed)
+    example = plan.data.read(order[: min(2, len(order))])[0]
+    checkpoints = plan.adapter.checkpoints(spec.model, spec)
+    plan.host.hook.before_run(spec=spec, models=[c.label for c in checkpoints])
+    passes = max(p.estimator_class.passes_for(p.params) for p in plan.analyses)
+    records, warnings, models = [], [], []
+    with Progress(len(order) * passes * len(checkpoints), enabled=show_progress) as progress:
+        for checkpoint in checkpoints:
+            model_records, model_warnings, model_info = analyse_checkpoint(plan, checkpoint, order, example, progress)
+            records += model_records
+            warnings += model_warnings
+            models.append(model_info)
+    records = finite_records(records, warnings)
+    import onnxruntime
+
+    results = Results(
+        layerscope=__version__,
+        spec=spec_to_dict(spec),
+        runtime={"provider": models[-1]["provider"], "device": spec.runtime.device,
+                 "seconds": round(time.perf_counter() - started, 3), "samples": int(len(order)),
+                 "seed": spec.runtime.seed, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
+        models=models, records=records, warnings=warnings,
+        analyses=[{"id": p.section.id, "estimator": p.section.estimator, "params": p.params.model_dump(mode="json"),
+                   **({"reconstructed": p.estimator_class.reconstructed} if p.estimator_class.reconstructed else {})}
+                  for p in plan.analyses],
+    )
+    if out_dir is not None:
+        write_outputs(results, plan.reporters, out_dir)
+    plan.host.hook.after_run(results=results)
+    return results
+
+
+def write_outputs(results: Results, reporters, out_dir: Path) -> None:
+    """Run every reporter; ``results.json`` (the json reporter) goes last so it lists all artifacts."""
+    results.out_dir = out_dir
+    ordered = sorted(reporters, key=lambda r: r.name == "json")
+    for reporter in ordered:
+        artifacts = reporter.write(results, out_dir)
+        results.artifacts += [a for a in artifacts if a != RESULTS_FILE]
+
+
+def spec_to_dict(spec) -> dict:
+    """The resolved spec as JSON-ready data (a model object given from Python is named, not dumped)."""
+    data = spec.model_dump(mode="python", exclude_none=True)
+    source = data["model"].get("source")
+    if not isinstance(source, (str, int, float)):
+        data["model"]["source"] = f"<{type(source).__module__}.{type(source).__name__} object>"
+    return _jsonable(data)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

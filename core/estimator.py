@@ -1,0 +1,167 @@
+"""The estimator lifecycle: declare → update(batch)* → merge(other)* → finalize() → records.
+
+An estimator keeps sufficient statistics declared with :meth:`Estimator.add_state`
+together with a reduction, so that :meth:`Estimator.merge` of shards of any size is
+exact, associative and commutative. State values may be tensors, numbers, lists or
+dicts of those (dicts merge key by key, so per-class state needs no class count up
+front).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .graph import TensorInfo
+from .selectors import SelectorSpec
+
+Reduction = str | Callable[[Any, Any], Any]
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class TensorBatch:
+    """What one forward pass hands to an estimator.
+
+    ``tensors`` holds some or all of the estimator's tensors for the same samples (the
+    runner may fetch them in memory-budget groups); ``labels`` are the samples' labels
+    (or None), ``inputs`` the model input, ``start`` the index of the first sample in
+    the stream.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    inputs: torch.Tensor
+    labels: torch.Tensor | None = None
+    start: int = 0
+
+    @property
+    def size(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def _combine(a: Any, b: Any, reduction: Reduction) -> Any:
+    if a is None:
+        return copy.deepcopy(b)
+    if b is None:
+        return a
+    if isinstance(a, dict):
+        merged = dict(a)
+        for key, value in b.items():
+            merged[key] = _combine(a.get(key), value, reduction)
+        return merged
+    if callable(reduction):
+        return reduction(a, b)
+    if reduction == "sum":
+        return a + b
+    if reduction == "cat":
+        return torch.cat([a, b]) if isinstance(a, torch.Tensor) else list(a) + list(b)
+    if reduction in ("min", "max"):
+        if isinstance(a, torch.Tensor):
+            return torch.minimum(a, b) if reduction == "min" else torch.maximum(a, b)
+        return min(a, b) if reduction == "min" else max(a, b)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+@dataclass
+class _State:
+    default: Any
+    reduction: Reduction
+
+
+class Estimator:
+    """Base class of every estimator plugin.
+
+    Subclasses set ``name``, ``Params`` (a pydantic model validated from the spec's
+    ``params``), ``default_selector`` and ``needs_labels``; declare state in
+    :meth:`setup`; implement :meth:`update` and :meth:`finalize`.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = NoParams
+    default_selector: ClassVar[dict | str] = "all"
+    needs_labels: ClassVar[bool] = False
+    #: True when the method is defined per data batch, so the runner must not split batches.
+    per_batch: ClassVar[bool] = False
+    #: Number of passes over the data (e.g. 2 when a first pass finds histogram ranges).
+    passes: ClassVar[int] = 1
+    #: Set when the method was reconstructed rather than checked against the paper/code.
+    reconstructed: ClassVar[str | None] = None
+
+    def __init__(self, params: BaseModel | None = None, tensors: Sequence[TensorInfo] = ()):
+        self.params = params if params is not None else self.Params()
+        self.tensors: dict[str, TensorInfo] = {t.name: t for t in tensors}
+        self.pass_index = 0
+        self.passes = self.passes_for(self.params)
+        self._states: dict[str, _State] = {}
+        self.add_state("warnings", [], "cat")
+        self.setup()
+
+    # --- declaration -------------------------------------------------------------
+    @classmethod
+    def selector(cls) -> SelectorSpec | str:
+        return cls.default_selector if isinstance(cls.default_selector, str) else SelectorSpec(**cls.default_selector)
+
+    @classmethod
+    def passes_for(cls, params: BaseModel) -> int:
+        """Passes over the data these parameters need (default: the class's ``passes``)."""
+        return cls.passes
+
+    def setup(self) -> None:
+        """Declare state with :meth:`add_state`."""
+
+    def add_state(self, name: str, default: Any, reduction: Reduction) -> None:
+        """Declare a piece of mergeable state, reset to a copy of *default*."""
+        self._states[name] = _State(default, reduction)
+        setattr(self, name, copy.deepcopy(default))
+
+    def fetch_groups(self) -> list[tuple[str, ...]]:
+        """Tensors that must arrive in the same batch; by default each tensor on its own."""
+        return [(name,) for name in self.tensors]
+
+    # --- lifecycle ---------------------------------------------------------------
+    def update(self, batch: TensorBatch) -> None:
+        raise NotImplementedError
+
+    def end_pass(self) -> None:
+        """Called after each pass over the data (for multi-pass estimators)."""
+        self.pass_index += 1
+
+    def merge(self, other: "Estimator") -> "Estimator":
+        """Fold *other*'s state into this one (in place; returns self)."""
+        for name, state in self._states.items():
+            setattr(self, name, _combine(getattr(self, name), getattr(other, name), state.reduction))
+        return self
+
+    def finalize(self) -> list[dict]:
+        """Pure function of the state returning tidy records (``layer``, ``tensor``, ``metric``, ``value`` …)."""
+        raise NotImplementedError
+
+    def warn(self, message: str) -> None:
+        """Record a warning that will appear in ``results.json``."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._states}
+
+    def record(self, tensor: str, metric: str, value: float, unit: str = "", **keys: Any) -> dict:
+        """Build one tidy record for *tensor* (the layer name is filled in)."""
+        info = self.tensors.get(tensor)
+        return {"layer": info.layer if info else tensor, "tensor": tensor, "metric": metric,
+                "value": float(value), "unit": unit, **keys}
+
+
+def fresh_copy(estimator: Estimator) -> Estimator:
+    """A new estimator with the same parameters and tensors but empty state."""
+    return type(estimator)(estimator.params, list(estimator.tensors.values()))
+
+
+__all__ = ["Estimator", "NoParams", "TensorBatch", "fresh_copy"]

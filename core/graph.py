@@ -1,0 +1,145 @@
+"""What a model's graph offers for observation: every tensor, its shape, and whether it can be fetched.
+
+Follows the rules measured in design §8: shapes and dtypes come from ONNX shape
+inference (never guessed); Constant outputs and integer shape arithmetic are not worth
+fetching; tensors inside ``If``/``Loop``/``Scan`` bodies cannot be graph outputs;
+sequence- and map-typed values are not tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .errors import UserError
+from .layer_names import layer_name
+
+Dim = int | str | None
+SHAPE_OPS = {"Shape", "Size"}
+SUBGRAPH_OPS = {"If", "Loop", "Scan"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the graph as the user sees it."""
+
+    name: str
+    op_type: str  # op that produces it; "Input" for a model input
+    layer: str  # the user's layer name (module path), or the node name
+    dtype: str | None  # numpy dtype name
+    shape: tuple[Dim, ...] | None
+    observable: bool
+    reason: str = ""  # why it is not observable
+    order: int = -1  # producer's position in the graph (-1: model input)
+    node: str = ""
+    inputs: tuple[str, ...] = ()  # the producer's input tensors
+    role: str = "intermediate"  # input | output | intermediate
+
+    def bytes_per_sample(self) -> int | None:
+        """Bytes of one sample (axis 0 is the batch axis); None if a non-batch dim is unknown."""
+        if self.shape is None or self.dtype is None:
+            return None
+        dims = self.shape[1:]
+        if any(not isinstance(d, int) for d in dims):
+            return None
+        return math.prod(dims) * np.dtype(self.dtype).itemsize
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "op_type": self.op_type, "layer": self.layer, "dtype": self.dtype,
+                "shape": list(self.shape) if self.shape is not None else None,
+                "observable": self.observable, "reason": self.reason, "role": self.role}
+
+
+def _numpy_dtype(elem_type: int) -> str | None:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _tensor_type(type_proto: onnx.TypeProto | None) -> tuple[str | None, tuple[Dim, ...] | None, str]:
+    """(dtype, shape, reason-if-unusable) of a value's type."""
+    if type_proto is None or type_proto.WhichOneof("value") is None:
+        return None, None, "no type information after shape inference"
+    kind = type_proto.WhichOneof("value")
+    if kind != "tensor_type":
+        return None, None, f"{kind.replace('_type', '')}-typed value, not a tensor"
+    tensor_type = type_proto.tensor_type
+    dtype = _numpy_dtype(tensor_type.elem_type)
+    if dtype is None:
+        return None, None, f"element type {onnx.TensorProto.DataType.Name(tensor_type.elem_type)} has no numpy equivalent"
+    if not tensor_type.HasField("shape"):
+        return dtype, None, ""
+    shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+    return dtype, shape, ""
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Run ONNX shape inference; a model it rejects is a user error naming the problem."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
+        raise UserError(f"ONNX shape inference failed on the model: {error}") from None
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    graph = model.graph
+    return {v.name: v.type for v in [*graph.input, *graph.value_info, *graph.output]}
+
+
+def _subgraph_tensors(node: onnx.NodeProto, layer_of: Callable[[onnx.NodeProto], str]) -> list[TensorInfo]:
+    found = []
+    for attribute in node.attribute:
+        graphs = list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
+        for body in graphs:
+            for inner in body.node:
+                reason = f"inside the {node.op_type} body of node '{node.name}' (subgraph values cannot be graph outputs)"
+                found += [TensorInfo(name=o, op_type=inner.op_type, layer=layer_of(inner), dtype=None, shape=None,
+                                     observable=False, reason=reason, node=inner.name) for o in inner.output if o]
+                found += _subgraph_tensors(inner, layer_of)
+    return found
+
+
+def describe_tensors(model: onnx.ModelProto,
+                     layer_of: Callable[[onnx.NodeProto], str] = layer_name) -> list[TensorInfo]:
+    """Every tensor of *model* (inputs, node outputs, subgraph values) with observability."""
+    inferred = infer_shapes(model)
+    types = _value_types(inferred)
+    graph = inferred.graph
+    initializers = {i.name for i in graph.initializer} | {i.values.name for i in graph.sparse_initializer}
+    outputs = {o.name for o in graph.output}
+    tensors: list[TensorInfo] = []
+    static: dict[str, str] = {name: "constant" for name in initializers}  # tensor -> why it is static
+
+    for value in graph.input:
+        if value.name in initializers:
+            continue
+        dtype, shape, reason = _tensor_type(value.type)
+        tensors.append(TensorInfo(value.name, "Input", value.name, dtype, shape, not reason, reason, role="input"))
+
+    for order, node in enumerate(graph.node):
+        inputs = tuple(i for i in node.input if i)
+        if node.op_type == "Constant":
+            why = "constant"
+        elif node.op_type in SHAPE_OPS:
+            why = "shape arithmetic"
+        elif inputs and all(i in static for i in inputs):
+            why = "shape arithmetic" if any(static[i] == "shape arithmetic" for i in inputs) else "constant"
+        else:
+            why = ""
+        for output in node.output:
+            if not output:
+                continue  # an omitted optional output
+            dtype, shape, type_reason = _tensor_type(types.get(output))
+            if why:
+                static[output] = why
+            reason = why or type_reason
+            tensors.append(TensorInfo(output, node.op_type, layer_of(node), dtype, shape, not reason, reason,
+                                      order, node.name, inputs, "output" if output in outputs else "intermediate"))
+        if node.op_type in SUBGRAPH_OPS:
+            tensors += _subgraph_tensors(node, layer_of)
+    return tensors

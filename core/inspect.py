@@ -1,0 +1,59 @@
+"""``layerscope inspect``: what a model offers for observation."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from .errors import UserError
+from .graph import describe_tensors
+
+
+def load_for_inspection(source: str):
+    """Load the first checkpoint of *source* (a model source, or a spec file whose model is used)."""
+    from .data import sample_order
+    from .model import find_adapter
+    from .plan import build_plan
+    from .plugin_host import load_plugins
+    from .spec import Spec, load_spec
+
+    host = load_plugins()
+    if source.endswith((".yaml", ".yml")):
+        spec, doc = load_spec(source)
+        plan = build_plan(spec, doc, host)
+        order = sample_order(len(plan.data), spec.data.limit, spec.data.shuffle, spec.runtime.seed)
+        example = plan.data.read(order[:2])[0]
+        adapter = plan.adapter
+    else:
+        spec = Spec.model_validate({"model": {"source": source}, "analyses": [{"id": "inspect", "estimator": "-"}]})
+        adapter, example = find_adapter(spec.model, host.adapters), None
+    checkpoints = adapter.checkpoints(spec.model, spec)
+    if not checkpoints:
+        raise UserError(f"model.source: '{source}' names no model")
+    return adapter.load(checkpoints[-1], spec, example)
+
+
+def inspect_model(source: str, as_json: bool = False, show_all: bool = False) -> None:
+    """Print every tensor of the model: op type, layer, dtype, shape and why it is not observable."""
+    loaded = load_for_inspection(source)
+    tensors = describe_tensors(loaded.proto, loaded.layer_of)
+    if as_json:
+        print(json.dumps({"model": loaded.source, "label": loaded.label, "framework": loaded.framework,
+                          "tensors": [t.to_dict() for t in tensors]}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = tensors if show_all else [t for t in tensors if t.observable or t.reason not in ("constant", "shape arithmetic")]
+    table = Table(title=f"{loaded.source} ({loaded.framework}, {len(tensors)} tensors)")
+    for column in ("tensor", "op type", "layer", "dtype", "shape", "observable"):
+        table.add_column(column)
+    for t in shown:
+        shape = "?" if t.shape is None else "×".join(str(d) if d is not None else "?" for d in t.shape)
+        table.add_row(t.name, t.op_type, t.layer, t.dtype or "?", shape, "yes" if t.observable else f"no: {t.reason}")
+    console = Console()
+    console.print(table)
+    hidden = Counter(t.reason for t in tensors if t not in shown)
+    if hidden:
+        console.print("not shown (use --all): " + ", ".join(f"{n} {reason}" for reason, n in hidden.items()))

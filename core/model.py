@@ -1,0 +1,83 @@
+"""Model sources: adapters turn what the user names into an ONNX graph.
+
+An adapter claims a model section (``claims``), lists the checkpoints it names
+(``checkpoints``) and loads one of them to an :class:`onnx.ModelProto` (``load``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import numpy as np
+import onnx
+
+from .errors import UserError
+from .layer_names import layer_name
+
+if TYPE_CHECKING:
+    from .spec import ModelSection, Spec
+
+
+@dataclass
+class LoadedModel:
+    """An ONNX graph ready for the runner, with provenance and the layer-name rule."""
+
+    proto: onnx.ModelProto
+    label: str
+    source: str
+    framework: str = "onnx"
+    layer_of: Callable[[onnx.NodeProto], str] = layer_name
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model to analyse: a label (e.g. ``epoch_03``) and what the adapter needs to load it."""
+
+    label: str
+    ref: Any
+
+
+class Adapter:
+    """Base class of adapter plugins."""
+
+    name: ClassVar[str]
+
+    def claims(self, section: "ModelSection") -> bool:
+        """True when this adapter loads the model the section names."""
+        raise NotImplementedError
+
+    def checkpoints(self, section: "ModelSection", spec: "Spec") -> list[Checkpoint]:
+        """The models to analyse, in order (a single one unless ``checkpoints`` is set)."""
+        raise NotImplementedError
+
+    def load(self, checkpoint: Checkpoint, spec: "Spec", example: np.ndarray) -> LoadedModel:
+        """Load *checkpoint* as ONNX; *example* is a small input batch from the data."""
+        raise NotImplementedError
+
+
+def find_adapter(section: "ModelSection", adapters) -> Adapter:
+    """The registered adapter that claims *section*, or a user error listing the accepted forms."""
+    for _, adapter_class in adapters.items():
+        adapter = adapter_class()
+        if adapter.claims(section):
+            return adapter
+    raise UserError(f"model.source: no adapter loads '{section.source}' (accepted: a .onnx or .pt2 file, "
+                    f"'demo:NAME', a python: factory, or a model object from Python; "
+                    f"adapters: {', '.join(n for n, _ in adapters.items())})")
+
+
+def onnx_from_bytes_or_file(path) -> onnx.ModelProto:
+    """Load an ONNX file (external data beside it is loaded too) with user-level errors."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model.source: file not found: {path}")
+    if path.is_dir():
+        raise UserError(f"model.source: {path} is a directory, not an ONNX file")
+    try:
+        return onnx.load(str(path))
+    except Exception as error:  # protobuf DecodeError, missing external data, ...
+        raise UserError(f"model.source: {path} is not a readable ONNX model ({type(error).__name__}: {error})") from None

@@ -1,0 +1,103 @@
+"""The plugin host: load plugins through entry points and collect their contributions.
+
+Built-in adapters, estimators, data sources and reporters are entry points in the
+``layerscope`` group exactly like third-party ones. ``LAYERSCOPE_LOAD_PLUGINS`` (a comma
+list of entry-point names; empty for none) restricts which are loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .registry import Registry
+
+ENTRY_POINT_GROUP = "layerscope"
+CONTRIBUTION_HOOKS = {
+    "register_estimators": "estimators",
+    "register_adapters": "adapters",
+    "register_data_sources": "data_sources",
+    "register_reporters": "reporters",
+}
+
+
+@dataclass
+class PluginHost:
+    """A loaded plugin manager plus the registries its plugins filled."""
+
+    pm: pluggy.PluginManager
+    estimators: Registry = field(default_factory=lambda: Registry("estimator"))
+    adapters: Registry = field(default_factory=lambda: Registry("adapter"))
+    data_sources: Registry = field(default_factory=lambda: Registry("data source"))
+    reporters: Registry = field(default_factory=lambda: Registry("reporter"))
+    versions: dict[str, str] = field(default_factory=dict)
+    load_errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hook(self):
+        return self.pm.hook
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One entry per plugin: name, version, hooks implemented and what it contributes."""
+        described = []
+        for name, plugin in sorted(self.pm.list_name_plugin(), key=lambda item: item[0]):
+            entry: dict[str, Any] = {"name": name, "version": self.versions.get(name),
+                                     "hooks": sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])}
+            for registry_name in CONTRIBUTION_HOOKS.values():
+                contributed = getattr(self, registry_name).by_plugin(name)
+                if contributed:
+                    entry[registry_name] = contributed
+            described.append(entry)
+        described += [{"name": name, "error": error} for name, error in sorted(self.load_errors.items())]
+        return described
+
+
+def _wanted_entry_points() -> list[metadata.EntryPoint]:
+    points = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    selection = os.environ.get("LAYERSCOPE_LOAD_PLUGINS")
+    if selection is None:
+        return points
+    wanted = {name.strip() for name in selection.split(",") if name.strip()}
+    return [ep for ep in points if ep.name in wanted]
+
+
+def load_plugins(extra: tuple[Any, ...] = ()) -> PluginHost:
+    """Load entry-point plugins (and *extra* plugin objects) and fill the registries."""
+    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    pm.add_hookspecs(hookspecs)
+    host = PluginHost(pm)
+    for entry_point in _wanted_entry_points():
+        if pm.has_plugin(entry_point.name):
+            continue
+        try:
+            plugin = entry_point.load()
+        except Exception as error:  # a broken third-party package must not take the host down
+            host.load_errors[entry_point.name] = f"{type(error).__name__}: {error}"
+            print(f"layerscope: warning: plugin '{entry_point.name}' failed to load: {error}", file=sys.stderr)
+            continue
+        pm.register(plugin, name=entry_point.name)
+        host.versions[entry_point.name] = entry_point.dist.version if entry_point.dist else None
+    for plugin in extra:
+        pm.register(plugin)
+    pm.check_pending()
+    _collect(host)
+    return host
+
+
+def _collect(host: PluginHost) -> None:
+    """Call every contribution hook once per plugin, so each entry knows its plugin."""
+    for hook_name, registry_name in CONTRIBUTION_HOOKS.items():
+        registry = getattr(host, registry_name)
+        for impl in getattr(host.pm.hook, hook_name).get_hookimpls():
+            plugin_name = impl.plugin_name
+
+            def register(item, _plugin=plugin_name, _registry=registry):
+                _registry.add(getattr(item, "name", None), item, _plugin)
+
+            impl.function(register=register)

@@ -1,0 +1,121 @@
+"""The runner: one onnxruntime session, batches in, requested tensors out as torch tensors.
+
+Only the tensors the analyses need are exposed. They are fetched in groups whose bytes
+for one batch stay within ``runtime.memory_budget``; a group that alone exceeds the
+budget is fetched in micro-batches when its consumers accept that. Outputs are bound
+with I/O binding on the session's device and handed to torch through DLPack, without a
+copy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from .errors import UserError
+from .graph import TensorInfo
+from .session import CUDA, create_session, expose
+
+
+@dataclass
+class FetchGroup:
+    """Tensors fetched by one ``session.run``, in micro-batches of ``micro_batch`` samples (None: whole batch)."""
+
+    names: list[str]
+    micro_batch: int | None = None
+
+
+def plan_groups(atomic: Sequence[tuple[str, ...]], bytes_per_sample: dict[str, int], batch_size: int,
+                budget: int, splittable: set[str]) -> list[FetchGroup]:
+    """Pack atomic tensor groups, in order, into fetch groups of at most *budget* bytes per batch."""
+    groups: list[FetchGroup] = []
+    current: list[str] = []
+    current_bytes = 0
+    for unit in atomic:
+        unit_bytes = sum(bytes_per_sample[n] for n in unit) * batch_size
+        if unit_bytes > budget:
+            per_sample = unit_bytes // batch_size
+            if not all(n in splittable for n in unit) or per_sample > budget:
+                raise UserError(f"runtime.memory_budget ({budget} bytes) is smaller than one batch of "
+                                f"{', '.join(unit)} ({unit_bytes} bytes); raise the budget or lower data.batch_size")
+            groups.append(FetchGroup(list(unit), micro_batch=max(1, budget // per_sample)))
+            continue
+        if current and current_bytes + unit_bytes > budget:
+            groups.append(FetchGroup(current))
+            current, current_bytes = [], 0
+        current += [n for n in unit if n not in current]
+        current_bytes += unit_bytes
+    if current:
+        groups.append(FetchGroup(current))
+    return groups
+
+
+class Runner:
+    """Runs a model over input batches and yields the requested tensors group by group."""
+
+    def __init__(self, model: onnx.ModelProto, tensors: Sequence[TensorInfo], atomic_groups: Sequence[tuple[str, ...]],
+                 device: str, memory_budget: int, batch_size: int, splittable: set[str] | None = None):
+        graph_inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+        if len(graph_inputs) != 1:
+            raise UserError(f"the model has {len(graph_inputs)} inputs ({', '.join(i.name for i in graph_inputs)}); "
+                            "layerscope currently analyses single-input models")
+        self.input = next(t for t in tensors if t.role == "input")
+        by_name = {t.name: t for t in tensors}
+        fetched = [by_name[n] for unit in atomic_groups for n in unit if n != self.input.name]
+        self.session, self.provider = create_session(expose(model, fetched), device)
+        self.device_type = "cuda" if self.provider == CUDA else "cpu"
+        self.memory_budget = memory_budget
+        self.batch_size = batch_size
+        self.input_requested = any(self.input.name in unit for unit in atomic_groups)
+        self._atomic = [tuple(n for n in unit if n != self.input.name) for unit in atomic_groups]
+        self._atomic = [unit for unit in self._atomic if unit]
+        self._splittable = splittable or set()
+        self._sizes = {t.name: t.bytes_per_sample() for t in fetched}
+        self.groups: list[FetchGroup] | None = None
+
+    # --- inputs --------------------------------------------------------------------
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """Cast *x* to the model's input dtype and reshape samples to its input shape when sizes agree."""
+        x = np.ascontiguousarray(x, dtype=np.dtype(self.input.dtype))
+        shape = self.input.shape
+        if shape is None or len(shape) == x.ndim and all(not isinstance(d, int) or d == s for d, s in zip(shape[1:], x.shape[1:])):
+            return x
+        target = shape[1:]
+        if all(isinstance(d, int) for d in target) and math.prod(target) == math.prod(x.shape[1:]):
+            return x.reshape((x.shape[0], *target))
+        raise UserError(f"data samples have shape {list(x.shape[1:])} but the model input '{self.input.name}' "
+                        f"expects {list(shape[1:])}")
+
+    # --- fetching --------------------------------------------------------------------
+    def _fetch(self, x: np.ndarray, names: list[str]) -> dict[str, torch.Tensor]:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input.name, x)
+        for name in names:
+            binding.bind_output(name, self.device_type)
+        self.session.run_with_iobinding(binding)
+        return {name: torch.from_dlpack(value) for name, value in zip(names, binding.get_outputs())}
+
+    def _plan(self, x: np.ndarray) -> list[FetchGroup]:
+        unknown = [n for n, size in self._sizes.items() if size is None]
+        if unknown:  # non-batch dims only known at run time: measure them on one sample
+            for name, value in self._fetch(x[:1], unknown).items():
+                self._sizes[name] = value.numel() * value.element_size()
+        return plan_groups(self._atomic, self._sizes, self.batch_size, self.memory_budget, self._splittable)
+
+    def run(self, x: np.ndarray) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
+        """Yield ``(sample slice, tensors)`` for each fetch group of the batch *x*."""
+        x = self.prepare(x)
+        if self.groups is None:
+            self.groups = self._plan(x)
+        if self.input_requested:
+            yield slice(0, len(x)), {self.input.name: torch.from_numpy(x)}
+        for group in self.groups:
+            step = group.micro_batch or len(x)
+            for start in range(0, len(x), step):
+                part = slice(start, min(start + step, len(x)))
+                yield part, self._fetch(x[part], group.names)

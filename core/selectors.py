@@ -1,0 +1,90 @@
+"""Tensor selectors: which tensors of a model an analysis reads.
+
+A selector names tensors by ONNX tensor name (``name``), by a shell-style pattern over
+tensor or layer names (``glob``), by the user's layer name (``layer``) or by the op type
+that produces them (``op_type``). Keys given together must all match (AND); a list
+within one key matches any of its entries (OR). ``"all"`` selects every observable
+tensor.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from .errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from .graph import TensorInfo
+
+#: ONNX ops that are activation functions (their outputs are "activations").
+ACTIVATION_OPS: tuple[str, ...] = (
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "Tanh",
+    "Gelu", "Softplus", "Softsign", "HardSwish", "Mish", "ThresholdedRelu",
+)
+
+
+class SelectorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | list[str] | None = None
+    glob: str | list[str] | None = None
+    layer: str | list[str] | None = None
+    op_type: str | list[str] | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "SelectorSpec":
+        if not any(getattr(self, key) for key in ("name", "glob", "layer", "op_type")):
+            raise ValueError("a selector needs at least one of name, glob, layer, op_type (or use 'all')")
+        return self
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.model_dump(exclude_none=True).items())
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def matches(selector: SelectorSpec, tensor: "TensorInfo") -> bool:
+    """True when *tensor* satisfies every key of *selector*."""
+    names, globs = _as_list(selector.name), _as_list(selector.glob)
+    layers, op_types = _as_list(selector.layer), _as_list(selector.op_type)
+    if names and tensor.name not in names:
+        return False
+    if globs and not any(fnmatch.fnmatchcase(tensor.name, g) or fnmatch.fnmatchcase(tensor.layer, g) for g in globs):
+        return False
+    if layers and tensor.layer not in layers:
+        return False
+    return not (op_types and tensor.op_type not in op_types)
+
+
+def _hint(selector: SelectorSpec, tensors: Sequence["TensorInfo"]) -> str:
+    for key, pool in (("name", [t.name for t in tensors]), ("layer", [t.layer for t in tensors]),
+                      ("op_type", [t.op_type for t in tensors])):
+        for wanted in _as_list(getattr(selector, key)):
+            if wanted not in pool:
+                return did_you_mean(wanted, set(pool))
+    return ""
+
+
+def resolve(selector: SelectorSpec | Literal["all"], tensors: Sequence["TensorInfo"]) -> list["TensorInfo"]:
+    """The observable tensors *selector* picks, in graph order; :class:`UserError` if none."""
+    if selector == "all":
+        chosen = [t for t in tensors if t.observable]
+        if not chosen:
+            raise UserError("selector 'all' matches no observable tensor")
+        return chosen
+    matched = [t for t in tensors if matches(selector, t)]
+    chosen = [t for t in matched if t.observable]
+    if chosen:
+        return chosen
+    if matched:
+        reasons = "; ".join(f"{t.name}: {t.reason}" for t in matched[:5])
+        raise UserError(f"selector ({selector.describe()}) matches only tensors that cannot be observed ({reasons})")
+    raise UserError(f"selector ({selector.describe()}) matches no tensor in the model.{_hint(selector, tensors)}"
+                    " Run `layerscope inspect MODEL` to list the tensors.")

@@ -1,0 +1,180 @@
+"""The analysis spec: typed models for every section and loading with located errors.
+
+Validation happens in two stages. :func:`load_spec` parses YAML safely and checks the
+structure of every section (unknown keys, types, ranges). :func:`check_against_plugins`
+then checks names that only the loaded plugins know (estimators, data sources,
+reporters, estimator parameters). Both report every problem at once as
+``file:line:col: key.path: message``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator, model_validator
+
+from .errors import SpecError, did_you_mean
+from .selectors import SelectorSpec
+from .units import parse_bytes
+from .yaml_locations import LocatedDocument, load_yaml
+
+
+class StrictModel(BaseModel):
+    """A section that rejects unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+class ModelSection(StrictModel):
+    source: Any = Field(description="a .onnx / .pt2 file, 'demo:NAME', or (from Python) a model object")
+    python: str | None = Field(None, description="'package.module:factory' returning a torch.nn.Module")
+    weights: str | None = Field(None, description="state_dict file for the python: factory (loaded weights_only)")
+    checkpoints: str | list[str] | None = Field(None, description="glob or list of checkpoints analysed in order")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _python_implies_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("python") and "source" not in data:
+            data = {**data, "source": "python:" + str(data["python"])}
+        return data
+
+
+class DataSection(BaseModel):
+    """Data section; keys beyond these are the data source's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    source: str = "digits"
+    batch_size: PositiveInt = 100
+    limit: PositiveInt | None = None
+    shuffle: bool = True
+
+    def source_params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class AnalysisSection(StrictModel):
+    id: str = Field(min_length=1)
+    estimator: str
+    on: SelectorSpec | Literal["all"] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RuntimeSection(StrictModel):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["local"] = "local"
+    memory_budget: int = Field(2 * 2**30, description="bytes of fetched tensors held at once")
+    seed: int = 0
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, value: Any) -> int:
+        return parse_bytes(value)
+
+
+class OutputsSection(StrictModel):
+    dir: str = "results"
+    formats: list[str] = Field(default_factory=lambda: ["json", "csv"])
+
+
+class Spec(StrictModel):
+    version: Literal[1] = 1
+    name: str = "analysis"
+    model: ModelSection
+    data: DataSection = Field(default_factory=DataSection)
+    analyses: list[AnalysisSection] = Field(min_length=1)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    outputs: OutputsSection = Field(default_factory=OutputsSection)
+    # Where relative paths in the spec are resolved (the spec file's folder); not a YAML key.
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @field_validator("analyses")
+    @classmethod
+    def _unique_ids(cls, analyses: list[AnalysisSection]) -> list[AnalysisSection]:
+        seen: set[str] = set()
+        for analysis in analyses:
+            if analysis.id in seen:
+                raise ValueError(f"analysis id '{analysis.id}' is used twice")
+            seen.add(analysis.id)
+        return analyses
+
+    def resolve_path(self, value: str | os.PathLike) -> Path:
+        """Resolve a path written in the spec relative to the spec's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self._base_dir / path
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+
+def _submodel_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the keys at *loc* (for did-you-mean hints)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = _model_in_annotation(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _model_in_annotation(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in_annotation(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_errors(error: ValidationError, doc: LocatedDocument, prefix: tuple = (),
+                             model: type[BaseModel] | None = None) -> list[str]:
+    """Turn pydantic errors into ``file:line:col: key.path: message`` lines."""
+    messages = []
+    for item in error.errors():
+        loc = prefix + tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = tuple(p for p in loc if p not in ("str", "literal['all']", "SelectorSpec", "list[str]"))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden" and model is not None:
+            owner = _submodel_at(model, tuple(item["loc"])[:-1])
+            message = f"unknown key '{loc[-1]}'" + (did_you_mean(loc[-1], owner.model_fields) if owner else "")
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        messages.append(f"{doc.where(loc)}: {path}: {message}")
+    return messages
+
+
+def parse_spec(doc: LocatedDocument, base_dir: Path) -> Spec:
+    """Validate the structure of a parsed document; raise :class:`SpecError` with every problem."""
+    if not isinstance(doc.data, dict):
+        raise SpecError([f"{doc.where(())}: the spec must be a mapping with model, data and analyses"])
+    try:
+        spec = Spec.model_validate(doc.data)
+    except ValidationError as error:
+        raise SpecError(format_validation_errors(error, doc, model=Spec)) from None
+    spec._base_dir = base_dir
+    return spec
+
+
+def load_spec(source: str | os.PathLike | dict) -> tuple[Spec, LocatedDocument]:
+    """Load a spec from a YAML file path or a plain dict (the Python API)."""
+    if isinstance(source, dict):
+        doc = LocatedDocument(data=source, filename="<spec>")
+        return parse_spec(doc, Path.cwd()), doc
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([f"{path}: spec file not found"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpecError([f"{path}: cannot read the spec: {error}"]) from None
+    doc = load_yaml(text, str(path))
+    return parse_spec(doc, path.resolve().parent), doc

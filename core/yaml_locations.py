@@ -1,0 +1,80 @@
+"""Safe YAML loading that remembers where every value came from.
+
+The document is composed with PyYAML's ``SafeLoader`` (no Python objects can be
+constructed) and rebuilt as plain dicts/lists/scalars, while a map from key path
+(a tuple of keys and list indices) to the source position is kept, so validation
+errors can be reported as ``file:line:col``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import SpecError
+
+
+@dataclass(frozen=True)
+class Position:
+    line: int  # 1-based
+    column: int  # 1-based
+
+
+@dataclass
+class LocatedDocument:
+    """Parsed YAML data plus the position of every key path in it."""
+
+    data: Any
+    filename: str
+    positions: dict[tuple, Position] = field(default_factory=dict)
+
+    def where(self, path: tuple) -> str:
+        """``file:line:col`` of the longest prefix of *path* that has a known position."""
+        for end in range(len(path), -1, -1):
+            position = self.positions.get(tuple(path[:end]))
+            if position is not None:
+                return f"{self.filename}:{position.line}:{position.column}"
+        return f"{self.filename}:1:1"
+
+
+def _position(mark) -> Position:
+    return Position(mark.line + 1, mark.column + 1)
+
+
+def _build(node, path: tuple, loader: yaml.SafeLoader, doc: LocatedDocument) -> Any:
+    doc.positions[path] = _position(node.start_mark)
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # resolves YAML merge keys (<<)
+        result: dict = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            where = f"{doc.filename}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}"
+            if not isinstance(key, (str, int, float, bool)):
+                raise SpecError([f"{where}: mapping keys must be plain scalars"])
+            if key in result:
+                raise SpecError([f"{where}: duplicate key '{key}'"])
+            result[key] = _build(value_node, path + (key,), loader, doc)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_build(item, path + (i,), loader, doc) for i, item in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def load_yaml(text: str, filename: str) -> LocatedDocument:
+    """Parse *text* with the safe loader; raise :class:`SpecError` with a position on bad YAML."""
+    doc = LocatedDocument(data=None, filename=filename)
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        doc.data = {} if node is None else _build(node, (), loader, doc)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else f"{filename}:1:1"
+        raise SpecError([f"{where}: invalid YAML: {error.problem or error}"]) from None
+    except yaml.YAMLError as error:
+        raise SpecError([f"{filename}:1:1: invalid YAML: {error}"]) from None
+    finally:
+        loader.dispose()
+    return doc

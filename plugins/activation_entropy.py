@@ -1,0 +1,171 @@
+"""Estimator ``activation_entropy``: entropy of neuron activation patterns per layer and class.
+
+Method: Wang, Chen, Wang & Wang, "Layer-Wise Entropy Analysis and Visualization of
+Neurons Activation" (ChinaCom 2019; arXiv 1905.08618, withdrawn). **Reconstructed**
+from the paper's abstract (methods.md §3); neither full text nor code was available.
+
+For class c and layer l with n neurons, neuron j is *on* for a sample when its value
+exceeds ``threshold`` (0 for ReLU), and p_j is the fraction of class-c samples for
+which it is on. Variants:
+
+- ``binary`` (default): H = (1/n) Σ_j H_b(p_j) bits, H_b(p) = −p log2 p − (1−p) log2(1−p);
+  ``entropy_sum`` = Σ_j H_b(p_j) is recorded too.
+- ``histogram``: Shannon entropy (bits) of the histogram of all activation values of the
+  layer for class c, ``bins`` equal bins over ``range`` (default: the layer's [min, max]
+  over all samples, found in a first pass; values outside a given range are clamped).
+- ``pattern``: Shannon entropy (bits) of the empirical distribution of whole binary
+  on/off vectors; it saturates at log2 N_c.
+
+Records carry ``class`` (the label, or ``"all"`` for every sample pooled).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import scipy.stats
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+from layerscope import ACTIVATION_OPS, Estimator, TensorBatch, hookimpl
+
+ALL = "all"
+LN2 = math.log(2.0)
+
+
+# --- the maths, as pure functions ------------------------------------------------------
+
+def binary_entropy_bits(p: torch.Tensor) -> torch.Tensor:
+    """H_b(p) = −p log2 p − (1−p) log2(1−p), elementwise, with 0·log 0 = 0."""
+    p = p.to(torch.float64)
+    return (torch.special.entr(p) + torch.special.entr(1.0 - p)) / LN2
+
+
+def mean_binary_entropy_bits(on_counts: torch.Tensor, samples: int) -> tuple[float, float]:
+    """(mean, sum) over neurons of H_b(on_count_j / samples)."""
+    entropies = binary_entropy_bits(on_counts.to(torch.float64) / samples)
+    return float(entropies.mean()), float(entropies.sum())
+
+
+def counts_entropy_bits(counts) -> float:
+    """Shannon entropy in bits of the distribution given by non-negative *counts* (scipy.stats.entropy)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return float(scipy.stats.entropy(counts, base=2)) if counts.sum() > 0 else 0.0
+
+
+def neuron_matrix(values: torch.Tensor, neurons: str) -> torch.Tensor:
+    """(samples, neurons): every element is a neuron, or (``channels``) axis 1 averaged over the rest."""
+    if neurons == "channels" and values.ndim > 2:
+        return values.flatten(2).mean(dim=2)
+    return values.reshape(values.shape[0], -1)
+
+
+def class_keys(labels: torch.Tensor | None, size: int) -> list[tuple[object, torch.Tensor]]:
+    """(class key, row mask) pairs for every label present, plus ``"all"``."""
+    keys: list[tuple[object, torch.Tensor]] = [(ALL, torch.ones(size, dtype=torch.bool))]
+    if labels is not None:
+        labels = labels.reshape(size).cpu()
+        keys += [(int(c), labels == c) for c in torch.unique(labels).tolist()]
+    return keys
+
+
+# --- the estimator ----------------------------------------------------------------------
+
+class ActivationEntropyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    variant: Literal["binary", "histogram", "pattern"] = "binary"
+    threshold: float = Field(0.0, description="a neuron is on when its value exceeds this")
+    neurons: Literal["elements", "channels"] = Field(
+        "elements", description="elements: every tensor element is a neuron; channels: axis 1, averaged over the rest")
+    bins: PositiveInt = 100
+    range: tuple[float, float] | None = Field(None, description="histogram range; default: the layer's [min, max]")
+
+    @model_validator(mode="after")
+    def _range_ordered(self):
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise ValueError("range must be [low, high] with low < high")
+        return self
+
+
+class ActivationEntropy(Estimator):
+    """Per layer and class: entropy of neuron on/off patterns (reconstructed; see module docstring)."""
+
+    name = "activation_entropy"
+    Params = ActivationEntropyParams
+    default_selector = {"op_type": list(ACTIVATION_OPS)}
+    reconstructed = ("Wang et al. 2019 (arXiv 1905.08618, withdrawn): reconstructed from the abstract; "
+                     "entropy definition, threshold and binning are our choices (methods.md §3)")
+
+    @classmethod
+    def passes_for(cls, params) -> int:
+        return 2 if params.variant == "histogram" and params.range is None else 1
+
+    def setup(self) -> None:
+        self.add_state("samples", {}, "sum")  # tensor -> class -> sample count
+        self.add_state("on_counts", {}, "sum")  # tensor -> class -> (neurons,) on counts
+        self.add_state("patterns", {}, "sum")  # tensor -> class -> packed on/off vector -> count
+        self.add_state("low", {}, "min")  # tensor -> minimum value (histogram range pass)
+        self.add_state("high", {}, "max")
+        self.add_state("histograms", {}, "sum")  # tensor -> class -> (bins,) counts
+
+    def update(self, batch: TensorBatch) -> None:
+        p = self.params
+        for name, values in batch.tensors.items():
+            matrix = neuron_matrix(values, p.neurons).to(torch.float64)
+            if p.variant == "histogram" and self.pass_index < self.passes - 1:
+                self.low[name] = min(self.low.get(name, math.inf), float(matrix.min()))
+                self.high[name] = max(self.high.get(name, -math.inf), float(matrix.max()))
+                continue
+            for key, mask in class_keys(batch.labels, matrix.shape[0]):
+                rows = matrix[mask.to(matrix.device)]
+                if rows.shape[0] == 0:
+                    continue
+                samples = self.samples.setdefault(name, {})
+                samples[key] = samples.get(key, 0) + rows.shape[0]
+                self._accumulate(name, key, rows)
+
+    def _accumulate(self, name: str, key, rows: torch.Tensor) -> None:
+        p = self.params
+        if p.variant == "binary":
+            counts = self.on_counts.setdefault(name, {})
+            on = (rows > p.threshold).sum(dim=0).to(torch.float64).cpu()
+            counts[key] = counts[key] + on if key in counts else on
+        elif p.variant == "pattern":
+            seen = self.patterns.setdefault(name, {})
+            packed = np.packbits((rows > p.threshold).cpu().numpy(), axis=1)
+            for row in packed:
+                pattern = row.tobytes()
+                seen[pattern] = seen.get(pattern, 0) + 1
+        else:
+            low, high = p.range if p.range is not None else (self.low[name], self.high[name])
+            if high <= low:
+                high = low + 1.0  # a constant layer: every value falls in one bin
+            hist = torch.histc(rows.clamp(low, high), bins=p.bins, min=low, max=high).to(torch.float64).cpu()
+            store = self.histograms.setdefault(name, {})
+            store[key] = store[key] + hist if key in store else hist
+
+    def finalize(self) -> list[dict]:
+        p = self.params
+        records = []
+        for name in self.tensors:
+            for key, count in sorted(self.samples.get(name, {}).items(), key=lambda kv: (kv[0] != ALL, str(kv[0]))):
+                extra = {"class": key, "variant": p.variant, "samples": count}
+                if p.variant == "binary":
+                    mean, total = mean_binary_entropy_bits(self.on_counts[name][key], count)
+                    records.append(self.record(name, "entropy", mean, "bits", **extra))
+                    records.append(self.record(name, "entropy_sum", total, "bits", **extra))
+                elif p.variant == "pattern":
+                    distribution = list(self.patterns[name][key].values())
+                    records.append(self.record(name, "entropy", counts_entropy_bits(distribution), "bits", **extra))
+                    records.append(self.record(name, "distinct_patterns", len(distribution), "", **extra))
+                else:
+                    records.append(self.record(name, "entropy", counts_entropy_bits(self.histograms[name][key]),
+                                               "bits", **extra))
+        return records
+
+
+@hookimpl
+def register_estimators(register):
+    register(ActivationEntropy)

@@ -1,0 +1,70 @@
+"""The ``digits`` data source: scikit-learn's bundled 8×8 handwritten digits (1,797 images, 10 classes).
+
+Pixels are scaled from 0..16 to 0..1. ``split`` picks a fixed stratified 75/25 split
+(``train`` / ``test``, the split the demo models are trained on) or ``all`` samples;
+``layout`` gives samples as flat 64-vectors or 1×8×8 images (the runner also reshapes
+automatically when the model's input shape asks for it).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from layerscope import DataSource, hookimpl
+
+SPLIT_SEED = 0
+
+
+@lru_cache(maxsize=4)
+def load_digits_split(split: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """Digits as (x float32 in [0, 1] of shape (N, 64), y int64), for ``all``, ``train`` or ``test``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    if split == "all":
+        return x, y
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, stratify=y, random_state=SPLIT_SEED)
+    return (x_train, y_train) if split == "train" else (x_test, y_test)
+
+
+class DigitsParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    split: Literal["all", "train", "test"] = "all"
+    layout: Literal["flat", "image"] = "flat"
+
+
+class DigitsSource(DataSource):
+    name = "digits"
+    Params = DigitsParams
+
+    def __init__(self, params, base_dir, seed=0):
+        super().__init__(params, base_dir, seed)
+        self.x, self.y = load_digits_split(params.split)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def has_labels(self) -> bool:
+        return True
+
+    def read(self, indices):
+        x = self.x[indices]
+        if self.params.layout == "image":
+            x = x.reshape(len(indices), 1, 8, 8)
+        return x, self.y[indices]
+
+    def describe(self) -> str:
+        return f"digits ({self.params.split})"
+
+
+@hookimpl
+def register_data_sources(register):
+    register(DigitsSource)

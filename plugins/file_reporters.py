@@ -1,0 +1,39 @@
+"""Reporters ``json`` (``results.json``, the contract) and ``csv`` (``records.csv``, one row per record)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from layerscope import Reporter, Results, hookimpl
+from layerscope.results import RESULTS_FILE, atomic_write
+
+RECORD_COLUMNS = ("analysis", "estimator", "model", "layer", "tensor", "metric", "value", "unit")
+
+
+class JsonReporter(Reporter):
+    name = "json"
+
+    def write(self, results: Results, out_dir: Path) -> list[str]:
+        atomic_write(out_dir / RESULTS_FILE, results.to_json())
+        return [RESULTS_FILE]
+
+
+class CsvReporter(Reporter):
+    name = "csv"
+
+    def write(self, results: Results, out_dir: Path) -> list[str]:
+        extra = sorted({key for record in results.records for key in record} - set(RECORD_COLUMNS))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=[*RECORD_COLUMNS, *extra], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(results.records)
+        atomic_write(out_dir / "records.csv", buffer.getvalue())
+        return ["records.csv"]
+
+
+@hookimpl
+def register_reporters(register):
+    register(JsonReporter)
+    register(CsvReporter)

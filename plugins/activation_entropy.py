@@ -133,7 +133,7 @@ class ActivationEntropy(Estimator):
             on = (rows > p.threshold).sum(dim=0).to(torch.float64).cpu()
             counts[key] = counts[key] + on if key in counts else on
         elif p.variant == "pattern":
-            seen = self.patterns.setdefault(name, {})
+            seen = self.patterns.setdefault(name, {}).setdefault(key, {})
             packed = np.packbits((rows > p.threshold).cpu().numpy(), axis=1)
             for row in packed:
                 pattern = row.tobytes()

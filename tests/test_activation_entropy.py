@@ -1,0 +1,121 @@
+"""Known answers (methods.md §3) and conformance for activation_entropy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from layerscope.plugins.activation_entropy import (
+    ActivationEntropy,
+    binary_entropy_bits,
+    counts_entropy_bits,
+    mean_binary_entropy_bits,
+)
+from layerscope.testing import check_conformance, exact_on_pattern, feed, make_batches, tensor_infos
+
+
+def build(batches, **params):
+    return ActivationEntropy(ActivationEntropy.Params(**params), tensor_infos(batches))
+
+
+def value(records, metric="entropy", cls="all", tensor="t"):
+    (match,) = [r["value"] for r in records if r["metric"] == metric and r["class"] == cls and r["tensor"] == tensor]
+    return match
+
+
+def test_binary_entropy_function():
+    p = torch.tensor([0.0, 0.5, 1.0, 0.25])
+    expected = [0.0, 1.0, 0.0, -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))]
+    assert binary_entropy_bits(p).tolist() == pytest.approx(expected, abs=1e-12)
+    assert mean_binary_entropy_bits(torch.tensor([2.0, 4.0]), 4) == pytest.approx((0.5, 1.0))
+
+
+def test_constant_pattern_has_zero_entropy():
+    on = exact_on_pattern([1, 0, 1, 1, 0], samples=200)
+    records = feed(build(batches := make_batches({"t": on}, batch_size=64)), batches).finalize()
+    assert value(records) == 0.0
+
+
+def test_fair_coins_give_one_bit_per_neuron():
+    on = exact_on_pattern([0.5] * 16, samples=400)
+    records = feed(build(batches := make_batches({"t": on}, batch_size=64)), batches).finalize()
+    assert value(records) == pytest.approx(1.0, abs=1e-12)
+    assert value(records, "entropy_sum") == pytest.approx(16.0, abs=1e-12)
+
+
+def test_mixed_frequencies_exact_mean():
+    fractions = [0.25, 0.5, 0.0, 0.75]
+    on = exact_on_pattern(fractions, samples=400) * 3.0 - 1.0  # on = 2.0, off = -1.0
+    records = feed(build(batches := make_batches({"t": on}, batch_size=50)), batches).finalize()
+    h = float(binary_entropy_bits(torch.tensor(fractions)).mean())
+    assert value(records) == pytest.approx(h, abs=1e-12)
+
+
+def test_per_class_entropies():
+    # class 0 always on, class 1 on half of the time: class 0 → 0 bits, class 1 → 1 bit, all → H_b(3/4)
+    on = np.concatenate([np.ones((100, 4)), exact_on_pattern([0.5] * 4, 100)]).astype(np.float32)
+    labels = np.repeat([0, 1], 100)
+    records = feed(build(batches := make_batches({"t": on}, labels, batch_size=30)), batches).finalize()
+    assert value(records, cls=0) == 0.0
+    assert value(records, cls=1) == pytest.approx(1.0)
+    assert value(records) == pytest.approx(float(binary_entropy_bits(torch.tensor(0.75))))
+
+
+def test_threshold_parameter():
+    values = np.tile(np.array([[0.2, 0.7]], dtype=np.float32), (10, 1))
+    values[::2] = 0.4
+    records = feed(build(batches := make_batches({"t": values}, batch_size=4), threshold=0.5), batches).finalize()
+    assert value(records) == pytest.approx(0.5)  # neuron 1 on half the time → 1 bit, neuron 0 never → 0
+
+
+def test_histogram_uniform_gives_log2_bins():
+    # values spread evenly over [0, 1): every one of 8 bins gets the same count
+    values = (np.arange(800, dtype=np.float32) / 800).reshape(-1, 1)
+    records = feed(build(batches := make_batches({"t": values}, batch_size=64), variant="histogram", bins=8),
+                   batches).finalize()
+    assert value(records) == pytest.approx(3.0, abs=1e-9)
+
+
+def test_histogram_with_fixed_range_is_single_pass():
+    values = (np.arange(400, dtype=np.float32) / 400).reshape(-1, 1)
+    estimator = build(batches := make_batches({"t": values}, batch_size=64), variant="histogram", bins=4,
+                      range=(0.0, 1.0))
+    assert estimator.passes == 1
+    assert value(feed(estimator, batches).finalize()) == pytest.approx(2.0, abs=1e-9)
+
+
+def test_pattern_entropy_counts_whole_vectors():
+    # four equally frequent 2-bit patterns → 2 bits; counts_entropy_bits agrees
+    patterns = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
+    values = np.tile(patterns, (25, 1))
+    records = feed(build(batches := make_batches({"t": values}, batch_size=16), variant="pattern"), batches).finalize()
+    assert value(records) == pytest.approx(2.0)
+    assert value(records, "distinct_patterns") == 4
+    assert counts_entropy_bits([1, 1, 1, 1, 1, 1, 1, 1]) == pytest.approx(3.0)
+
+
+def test_channels_reduce_spatial_axes():
+    # (N, 2, 3, 3): channel 0 mean positive in every sample, channel 1 in half → mean H = 0.5
+    values = np.zeros((40, 2, 3, 3), dtype=np.float32)
+    values[:, 0] = 1.0
+    values[::2, 1] = 1.0
+    records = feed(build(batches := make_batches({"t": values}, batch_size=8), neurons="channels"), batches).finalize()
+    assert value(records) == pytest.approx(0.5)
+
+
+def test_rejects_inverted_range():
+    with pytest.raises(ValueError):
+        ActivationEntropy.Params(variant="histogram", range=(1.0, 0.0))
+
+
+@pytest.mark.parametrize("variant", ["binary", "histogram", "pattern"])
+def test_conformance(variant):
+    rng = np.random.default_rng(0)
+    relu = np.maximum(rng.standard_normal((230, 6, 2, 2)), 0).astype(np.float32)
+    dense = np.tanh(rng.standard_normal((230, 5))).astype(np.float32)
+    labels = rng.integers(0, 4, size=230)
+    batches = make_batches({"conv": relu, "fc": dense}, labels, batch_size=40)
+    check_conformance(lambda: build(batches, variant=variant, bins=20), batches)

@@ -9,13 +9,22 @@ from typing import Any
 from .results import Results
 
 
-def _prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...]):
+def prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...] = ()):
+    """Load, validate and resolve a spec against the plugins; every error at once as one ``SpecError``."""
+    from .errors import SpecError
     from .plan import build_plan
     from .plugin_host import load_plugins
-    from .spec import load_spec
+    from .spec import parse_spec, read_document
 
-    spec_model, doc = load_spec(spec)
-    return build_plan(spec_model, doc, load_plugins(plugins))
+    doc, base_dir = read_document(spec)
+    host = load_plugins(plugins)
+    try:
+        return build_plan(parse_spec(doc, base_dir), doc, host)
+    except SpecError as error:
+        if any(m.startswith(f"{doc.filename}:1:1: the spec must be") for m in error.messages):
+            raise
+        structural = error.messages
+    return build_plan(None, doc, host, structural)
 
 
 def run(spec: str | os.PathLike | dict, out: str | os.PathLike | None = None, *, write: bool = True,
@@ -28,7 +37,7 @@ def run(spec: str | os.PathLike | dict, out: str | os.PathLike | None = None, *,
     """
     from .engine import execute
 
-    plan = _prepare(spec, plugins)
+    plan = prepare(spec, plugins)
     out_dir = Path(out) if out is not None else Path(plan.spec.outputs.dir)
     try:
         return execute(plan, out_dir if write else None, show_progress=progress)
@@ -45,7 +54,7 @@ def validate(spec: str | os.PathLike | dict, *, plugins: tuple[Any, ...] = (), w
     from .engine import build_estimators
     from .data import sample_order
 
-    plan = _prepare(spec, plugins)
+    plan = prepare(spec, plugins)
     checked = ["spec structure", "estimator, data source and reporter names and parameters"]
     if with_model:
         spec_model = plan.spec

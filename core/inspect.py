@@ -12,22 +12,21 @@ from .graph import describe_tensors
 
 def load_for_inspection(source: str):
     """Load the first checkpoint of *source* (a model source, or a spec file whose model is used)."""
+    from .api import prepare
     from .data import sample_order
     from .model import find_adapter
-    from .plan import build_plan
     from .plugin_host import load_plugins
-    from .spec import Spec, load_spec
+    from .spec import Spec
 
-    host = load_plugins()
     if source.endswith((".yaml", ".yml")):
-        spec, doc = load_spec(source)
-        plan = build_plan(spec, doc, host)
+        plan = prepare(source)
+        spec = plan.spec
         order = sample_order(len(plan.data), spec.data.limit, spec.data.shuffle, spec.runtime.seed)
         example = plan.data.read(order[:2])[0]
         adapter = plan.adapter
     else:
         spec = Spec.model_validate({"model": {"source": source}, "analyses": [{"id": "inspect", "estimator": "-"}]})
-        adapter, example = find_adapter(spec.model, host.adapters), None
+        adapter, example = find_adapter(spec.model, load_plugins().adapters), None
     checkpoints = adapter.checkpoints(spec.model, spec)
     if not checkpoints:
         raise UserError(f"model.source: '{source}' names no model")

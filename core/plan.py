@@ -1,7 +1,12 @@
-"""Resolve a validated spec against the loaded plugins: every name checked, every error at once."""
+"""Resolve a spec against the loaded plugins: every name checked, every error reported at once.
+
+Plugin names and parameters are checked on the raw document, so that a spec with both a
+structural error and, say, a misspelt estimator reports both in one message.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +17,7 @@ from .errors import SpecError, UserError
 from .estimator import Estimator
 from .model import Adapter, find_adapter
 from .plugin_host import PluginHost
-from .spec import AnalysisSection, Spec, format_validation_errors
+from .spec import AnalysisSection, DataSection, Spec, format_validation_errors
 from .yaml_locations import LocatedDocument
 
 ALWAYS_WRITTEN = "json"  # results.json is the contract; it is written whatever formats lists
@@ -40,7 +45,19 @@ class RunPlan:
         return f"{self.doc.where(tuple(path))}: {'.'.join(str(p) for p in path)}"
 
 
-def _lookup(registry, name: str, doc: LocatedDocument, path: tuple, errors: list[str]):
+@dataclass
+class PluginChoices:
+    """What the raw document names, resolved against the registries."""
+
+    data_source: type[DataSource] | None = None
+    data_params: BaseModel | None = None
+    estimators: dict[int, tuple[type[Estimator], BaseModel]] | None = None
+    reporters: list[Any] | None = None
+
+
+def _lookup(registry, name: Any, doc: LocatedDocument, path: tuple, errors: list[str]):
+    if not isinstance(name, str):
+        return None  # the structural check reports the wrong type
     try:
         return registry.get(name)
     except UserError as error:
@@ -48,41 +65,61 @@ def _lookup(registry, name: str, doc: LocatedDocument, path: tuple, errors: list
         return None
 
 
-def _params(model: type[BaseModel], values: dict, doc: LocatedDocument, path: tuple, errors: list[str]):
+def _params(model: type[BaseModel], values: Any, doc: LocatedDocument, path: tuple, errors: list[str]):
     try:
-        return model.model_validate(values)
+        return model.model_validate(values if values is not None else {})
     except ValidationError as error:
         errors.extend(format_validation_errors(error, doc, prefix=path, model=model))
         return None
 
 
-def build_plan(spec: Spec, doc: LocatedDocument, host: PluginHost) -> RunPlan:
-    """Check estimator, data-source and reporter names and parameters; raise one :class:`SpecError`."""
-    errors: list[str] = []
-    source_class = _lookup(host.data_sources, spec.data.source, doc, ("data", "source"), errors)
-    data_params = source_class and _params(source_class.Params, spec.data.source_params(), doc, ("data",), errors)
-    analyses = []
-    for index, section in enumerate(spec.analyses):
-        estimator_class = _lookup(host.estimators, section.estimator, doc, ("analyses", index, "estimator"), errors)
-        if estimator_class is None:
+def check_plugins(doc: LocatedDocument, host: PluginHost, errors: list[str]) -> PluginChoices:
+    """Check every plugin name and parameter block in the raw document, appending located errors."""
+    raw = doc.data if isinstance(doc.data, dict) else {}
+    choices = PluginChoices(estimators={}, reporters=[])
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    choices.data_source = _lookup(host.data_sources, data.get("source", "digits"), doc, ("data", "source"), errors)
+    if choices.data_source is not None:
+        own = {k: v for k, v in data.items() if k not in DataSection.model_fields}
+        choices.data_params = _params(choices.data_source.Params, own, doc, ("data",), errors)
+    analyses = raw.get("analyses") if isinstance(raw.get("analyses"), list) else []
+    for index, analysis in enumerate(analyses):
+        if not isinstance(analysis, dict):
             continue
-        params = _params(estimator_class.Params, section.params, doc, ("analyses", index, "params"), errors)
-        if params is not None:
-            analyses.append(PlannedAnalysis(index, section, estimator_class, params))
-    reporters = []
-    for index, fmt in enumerate(dict.fromkeys([ALWAYS_WRITTEN, *spec.outputs.formats])):
-        path = ("outputs", "formats", spec.outputs.formats.index(fmt)) if fmt in spec.outputs.formats else ("outputs",)
+        estimator = _lookup(host.estimators, analysis.get("estimator"), doc, ("analyses", index, "estimator"), errors)
+        if estimator is not None:
+            params = _params(estimator.Params, analysis.get("params"), doc, ("analyses", index, "params"), errors)
+            if params is not None:
+                choices.estimators[index] = (estimator, params)
+    outputs = raw.get("outputs") if isinstance(raw.get("outputs"), dict) else {}
+    formats = outputs.get("formats") if isinstance(outputs.get("formats"), list) else ["csv"]
+    for index, fmt in enumerate(dict.fromkeys([ALWAYS_WRITTEN, *formats])):
+        path = ("outputs", "formats", formats.index(fmt)) if fmt in formats else ("outputs",)
         reporter = _lookup(host.reporters, fmt, doc, path, errors)
         if reporter is not None:
-            reporters.append(reporter())
+            choices.reporters.append(reporter())
+    return choices
+
+
+def _position_key(message: str) -> tuple:
+    match = re.match(r"^.*?:(\d+):(\d+):", message)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def build_plan(spec: Spec | None, doc: LocatedDocument, host: PluginHost, errors: list[str] | None = None) -> RunPlan:
+    """Combine structural *errors* with plugin checks; raise one :class:`SpecError` or return the plan."""
+    errors = list(errors or [])
+    choices = check_plugins(doc, host, errors)
     adapter = None
-    try:
-        adapter = find_adapter(spec.model, host.adapters)
-    except UserError as error:
-        errors.append(f"{doc.where(('model', 'source'))}: {error}")
-    if errors:
-        raise SpecError(errors)
-    data = source_class(data_params, spec.base_dir, spec.runtime.seed)
+    if spec is not None:
+        try:
+            adapter = find_adapter(spec.model, host.adapters)
+        except UserError as error:
+            errors.append(f"{doc.where(('model', 'source'))}: {error}")
+    if errors or spec is None:
+        raise SpecError(sorted(dict.fromkeys(errors), key=_position_key))
+    analyses = [PlannedAnalysis(i, section, *choices.estimators[i]) for i, section in enumerate(spec.analyses)]
+    data = choices.data_source(choices.data_params, spec.base_dir, spec.runtime.seed)
     if len(data) == 0:
         raise UserError(f"{doc.where(('data',))}: data: the data source '{spec.data.source}' has no samples")
-    return RunPlan(spec, doc, host, data, adapter, analyses, reporters)
+    return RunPlan(spec, doc, host, data, adapter, analyses, choices.reporters)

@@ -142,10 +142,10 @@ def format_validation_errors(error: ValidationError, doc: LocatedDocument, prefi
         loc = prefix + tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         loc = tuple(p for p in loc if p not in ("str", "literal['all']", "SelectorSpec", "list[str]"))
         path = ".".join(str(p) for p in loc) or "(top level)"
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden" and model is not None:
             owner = _submodel_at(model, tuple(item["loc"])[:-1])
-            message = f"unknown key '{loc[-1]}'" + (did_you_mean(loc[-1], owner.model_fields) if owner else "")
+            message = f"unknown key '{loc[-1]}'." + (did_you_mean(loc[-1], owner.model_fields) if owner else "")
         elif item["type"] == "missing":
             message = "required key is missing"
         messages.append(f"{doc.where(loc)}: {path}: {message}")
@@ -164,11 +164,10 @@ def parse_spec(doc: LocatedDocument, base_dir: Path) -> Spec:
     return spec
 
 
-def load_spec(source: str | os.PathLike | dict) -> tuple[Spec, LocatedDocument]:
-    """Load a spec from a YAML file path or a plain dict (the Python API)."""
+def read_document(source: str | os.PathLike | dict) -> tuple[LocatedDocument, Path]:
+    """Parse a spec file (or take a dict from Python); return it with the folder paths are relative to."""
     if isinstance(source, dict):
-        doc = LocatedDocument(data=source, filename="<spec>")
-        return parse_spec(doc, Path.cwd()), doc
+        return LocatedDocument(data=source, filename="<spec>"), Path.cwd()
     path = Path(source)
     try:
         text = path.read_text(encoding="utf-8")
@@ -176,5 +175,10 @@ def load_spec(source: str | os.PathLike | dict) -> tuple[Spec, LocatedDocument]:
         raise SpecError([f"{path}: spec file not found"]) from None
     except (OSError, UnicodeDecodeError) as error:
         raise SpecError([f"{path}: cannot read the spec: {error}"]) from None
-    doc = load_yaml(text, str(path))
-    return parse_spec(doc, path.resolve().parent), doc
+    return load_yaml(text, str(path)), path.resolve().parent
+
+
+def load_spec(source: str | os.PathLike | dict) -> tuple[Spec, LocatedDocument]:
+    """Load and structurally validate a spec from a YAML file path or a plain dict."""
+    doc, base_dir = read_document(source)
+    return parse_spec(doc, base_dir), doc

@@ -43,16 +43,23 @@ def _position(mark) -> Position:
     return Position(mark.line + 1, mark.column + 1)
 
 
+_COLLECTION_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+
+
 def _build(node, path: tuple, loader: yaml.SafeLoader, doc: LocatedDocument) -> Any:
-    doc.positions[path] = _position(node.start_mark)
+    doc.positions.setdefault(path, _position(node.start_mark))
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _COLLECTION_TAGS:
+        mark = node.start_mark
+        raise SpecError([f"{doc.filename}:{mark.line + 1}:{mark.column + 1}: invalid YAML: tag {node.tag} is not allowed"])
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves YAML merge keys (<<)
         result: dict = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
             where = f"{doc.filename}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}"
-            if not isinstance(key, (str, int, float, bool)):
+            if not isinstance(key_node, yaml.ScalarNode):
                 raise SpecError([f"{where}: mapping keys must be plain scalars"])
+            key = key_node.value  # keys stay text as written: YAML 1.1 would turn `on:` into True
+            doc.positions[path + (key,)] = _position(key_node.start_mark)  # errors point at the key
             if key in result:
                 raise SpecError([f"{where}: duplicate key '{key}'"])
             result[key] = _build(value_node, path + (key,), loader, doc)

@@ -1,0 +1,137 @@
+"""Every user error exits 2 with one clear message and leaves no results.json."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from layerscope.cli import main
+
+from .conftest import write_spec
+
+SPEC = """\
+version: 1
+model: {{source: {model}}}
+data: {data}
+analyses:
+  - id: ent
+    estimator: activation_entropy
+{extra}outputs: {{dir: {out}}}
+"""
+
+
+def run_cli(tmp_path, capsys, model="tiny.onnx", data="{source: digits, limit: 50}", extra="", command="run"):
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path, SPEC.format(model=model, data=data, extra=extra, out=out))
+    code = main([command, str(spec)])
+    return code, capsys.readouterr().err, out
+
+
+def assert_user_error(code, err, out, *needles):
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.startswith("layerscope: error:")
+    for needle in needles:
+        assert needle in err, err
+    assert not (out / "results.json").exists()
+
+
+def test_ok_run_writes_results(tmp_path, capsys, tiny_onnx):
+    code, err, out = run_cli(tmp_path, capsys)
+    assert code == 0, err
+    assert (out / "results.json").exists() and (out / "records.csv").exists()
+
+
+def test_unknown_key_and_type_errors_all_at_once(tmp_path, capsys, tiny_onnx):
+    spec = write_spec(tmp_path, "model: {source: tiny.onnx, sorce: x}\ndata: {batch_size: zero}\n"
+                                "analyses:\n  - {id: a, estimator: activation_entropy, params: {varient: binary}}\n")
+    code = main(["validate", str(spec)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "spec.yaml:1:28: model.sorce: unknown key 'sorce'. Did you mean 'source'?" in err
+    assert "spec.yaml:2:8: data.batch_size:" in err
+    assert "spec.yaml:4:53: analyses.0.params.varient: unknown key 'varient'. Did you mean 'variant'?" in err
+
+
+def test_unknown_estimator_did_you_mean(tmp_path, capsys, tiny_onnx):
+    spec = write_spec(tmp_path, "model: {source: tiny.onnx}\nanalyses:\n  - id: a\n    estimator: activation_entrpy\n")
+    assert main(["run", str(spec)]) == 2
+    assert "spec.yaml:4:5: analyses.0.estimator: unknown estimator 'activation_entrpy'. " \
+           "Did you mean 'activation_entropy'?" in capsys.readouterr().err
+
+
+def test_invalid_yaml(tmp_path, capsys):
+    spec = write_spec(tmp_path, "model: {source: [unclosed\n")
+    assert main(["validate", str(spec)]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+
+
+def test_yaml_cannot_construct_python_objects(tmp_path, capsys):
+    spec = write_spec(tmp_path, "model: !!python/object/apply:os.system ['echo pwned']\n")
+    assert main(["validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid YAML" in err and "pwned" not in capsys.readouterr().out
+
+
+def test_missing_spec_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "spec file not found" in capsys.readouterr().err
+
+
+def test_missing_model_file(tmp_path, capsys):
+    assert_user_error(*run_cli(tmp_path, capsys, model="missing.onnx"), "file not found", "missing.onnx")
+
+
+def test_non_onnx_bytes(tmp_path, capsys):
+    (tmp_path / "fake.onnx").write_text("this is not a protobuf, it is a text file pretending")
+    assert_user_error(*run_cli(tmp_path, capsys, model="fake.onnx"), "fake.onnx", "not")
+
+
+def test_npz_without_x(tmp_path, capsys, tiny_onnx):
+    np.savez(tmp_path / "data.npz", features=np.zeros((10, 64), np.float32))
+    assert_user_error(*run_cli(tmp_path, capsys, data="{source: npz, path: data.npz}"),
+                      "has no array 'x'", "features")
+
+
+def test_nan_in_data(tmp_path, capsys, tiny_onnx):
+    x = np.random.default_rng(0).standard_normal((20, 64)).astype(np.float32)
+    x[7, 3] = np.nan
+    np.savez(tmp_path / "data.npz", x=x)
+    assert_user_error(*run_cli(tmp_path, capsys, data="{source: npz, path: data.npz, shuffle: false}"),
+                      "sample 7 contains NaN or Inf")
+
+
+def test_selector_matching_nothing(tmp_path, capsys, tiny_onnx):
+    code, err, out = run_cli(tmp_path, capsys, extra="    on: {op_type: Sigmoidd}\n")
+    assert_user_error(code, err, out, "analyses.0.on", "matches no tensor")
+
+
+def test_validate_checks_selectors_with_the_model(tmp_path, capsys, tiny_onnx):
+    code, err, out = run_cli(tmp_path, capsys, extra="    on: {name: nope}\n", command="validate")
+    assert_user_error(code, err, out, "spec.yaml:7:5: analyses.0.on", "matches no tensor")
+
+
+def test_wrong_input_shape(tmp_path, capsys, tiny_onnx):
+    np.savez(tmp_path / "data.npz", x=np.zeros((10, 7), np.float32))
+    assert_user_error(*run_cli(tmp_path, capsys, data="{source: npz, path: data.npz}"), "shape [7]", "expects [64]")
+
+
+def test_unknown_demo_model(tmp_path, capsys):
+    assert_user_error(*run_cli(tmp_path, capsys, model="demo:digits-cn"), "Did you mean 'digits-cnn'")
+
+
+def test_memory_budget_below_one_sample(tmp_path, capsys, tiny_onnx):
+    code, err, out = run_cli(tmp_path, capsys, extra="", data="{source: digits, limit: 20}")
+    assert code == 0
+    spec = write_spec(tmp_path, SPEC.format(model="tiny.onnx", data="{source: digits}", extra="", out=out)
+                      + "runtime: {memory_budget: 16}\n", name="small.yaml")
+    (out / "results.json").unlink()
+    assert main(["run", str(spec)]) == 2
+    assert "memory_budget" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+
+
+@pytest.mark.skipif(__import__("glob").glob("/dev/nvidia[0-9]*"), reason="a GPU is present")
+def test_cuda_requested_without_gpu(tmp_path, capsys, tiny_onnx):
+    code, err, out = run_cli(tmp_path, capsys, extra="runtime: {device: cuda}\n")
+    assert_user_error(code, err, out, "runtime.device: cuda")

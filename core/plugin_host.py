@@ -16,6 +16,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .errors import UserError
 from .registry import Registry
 
 ENTRY_POINT_GROUP = "layerscope"
@@ -85,7 +86,10 @@ def load_plugins(extra: tuple[Any, ...] = ()) -> PluginHost:
         host.versions[entry_point.name] = entry_point.dist.version if entry_point.dist else None
     for plugin in extra:
         pm.register(plugin)
-    pm.check_pending()
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as error:
+        raise UserError(f"plugin '{pm.get_name(error.plugin)}' implements an unknown hook: {error}") from None
     _collect(host)
     return host
 

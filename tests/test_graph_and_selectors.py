@@ -1,0 +1,106 @@
+"""Graph description (observability rules of design §8) and tensor selectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from layerscope.errors import UserError
+from layerscope.graph import describe_tensors
+from layerscope.selectors import SelectorSpec, resolve
+
+from .conftest import tiny_mlp_proto
+
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def model(nodes, inputs, outputs, initializers=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def by_name(tensors):
+    return {t.name: t for t in tensors}
+
+
+def test_mlp_tensors_shapes_and_roles():
+    tensors = by_name(describe_tensors(tiny_mlp_proto()))
+    assert tensors["x"].role == "input" and tensors["logits"].role == "output"
+    assert tensors["a1"].shape == ("N", 16) and tensors["a1"].dtype == "float32"
+    assert tensors["a1"].bytes_per_sample() == 64
+    assert tensors["a1"].layer == "act1" and tensors["a1"].op_type == "Relu"
+
+
+def test_constants_and_shape_arithmetic_are_not_observable():
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Constant", [], ["minus_one"], value=numpy_helper.from_array(np.array([-1], np.int64))),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),
+        helper.make_node("Concat", ["batch", "minus_one"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["flat"]),
+        helper.make_node("Relu", ["flat"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array([1], np.int64), "one")]
+    proto = model(nodes, [helper.make_tensor_value_info("x", FLOAT, ["N", 2, 3])],
+                  [helper.make_tensor_value_info("y", FLOAT, None)], inits)
+    tensors = by_name(describe_tensors(proto))
+    assert tensors["minus_one"].reason == "constant"
+    assert {tensors[n].reason for n in ("shape", "batch", "target")} == {"shape arithmetic"}
+    assert tensors["flat"].observable and tensors["y"].observable
+    assert tensors["flat"].shape[0] == "N" and tensors["flat"].bytes_per_sample() is None  # -1 is not propagated
+    from layerscope.runner import Runner
+
+    runner = Runner(proto, list(tensors.values()), [("flat",), ("y",)], "cpu", 200, 5)  # one batch of each is 120 bytes
+    fetched = dict(kv for _, group in runner.run(np.ones((5, 2, 3), np.float32)) for kv in group.items())
+    assert fetched["flat"].shape == (5, 6) and runner._sizes["flat"] == 24  # measured on one sample
+    assert [g.names for g in runner.groups] == [["flat"], ["y"]]
+
+
+def test_if_body_tensors_are_reported_not_observable():
+    then_graph = helper.make_graph([helper.make_node("Relu", ["x"], ["inner_relu"])], "then", [],
+                                   [helper.make_tensor_value_info("inner_relu", FLOAT, ["N", 3])])
+    else_graph = helper.make_graph([helper.make_node("Neg", ["x"], ["inner_neg"])], "else", [],
+                                   [helper.make_tensor_value_info("inner_neg", FLOAT, ["N", 3])])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph)]
+    proto = model(nodes, [helper.make_tensor_value_info("x", FLOAT, ["N", 3])],
+                  [helper.make_tensor_value_info("y", FLOAT, ["N", 3])],
+                  [numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    tensors = by_name(describe_tensors(proto))
+    assert not tensors["inner_relu"].observable
+    assert "inside the If body of node 'branch'" in tensors["inner_relu"].reason
+    assert tensors["y"].observable
+    with pytest.raises(UserError, match="cannot be observed"):
+        resolve(SelectorSpec(op_type="Relu"), list(tensors.values()))
+
+
+def test_sequence_values_are_not_tensors():
+    nodes = [helper.make_node("SequenceConstruct", ["x", "x"], ["seq"]),
+             helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=0)]
+    proto = model(nodes, [helper.make_tensor_value_info("x", FLOAT, ["N", 3])],
+                  [helper.make_tensor_value_info("y", FLOAT, None)])
+    seq = by_name(describe_tensors(proto))["seq"]
+    assert not seq.observable and "sequence" in seq.reason
+
+
+def test_selectors_and_or_semantics():
+    tensors = describe_tensors(tiny_mlp_proto())
+    names = lambda selector: [t.name for t in resolve(selector, tensors)]  # noqa: E731
+    assert names(SelectorSpec(op_type=["Relu", "Tanh"])) == ["a1", "a2"]
+    assert names(SelectorSpec(glob="fc*")) == ["h1", "h2"]
+    assert names(SelectorSpec(glob="*", op_type="Gemm")) == ["h1", "h2", "logits"]
+    assert names(SelectorSpec(layer="act2")) == ["a2"]
+    assert names(SelectorSpec(name=["a1", "logits"])) == ["a1", "logits"]
+    with pytest.raises(UserError, match="matches no tensor"):
+        resolve(SelectorSpec(glob="fc*", op_type="Relu"), tensors)
+    assert [t.name for t in resolve("all", tensors)] == ["x", "h1", "a1", "h2", "a2", "logits"]
+    with pytest.raises(UserError, match="Did you mean 'a1'"):
+        resolve(SelectorSpec(name="a11"), tensors)
+
+
+def test_empty_selector_rejected():
+    with pytest.raises(ValueError):
+        SelectorSpec()

@@ -73,10 +73,11 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
     loaded = plan.adapter.load(checkpoint, plan.spec, example)
     estimators, tensors = build_estimators(plan, loaded)
     passes = max(est.passes for _, est in estimators)
-    provider, groups = "", 0
+    provider, groups = "", []
     for pass_index in range(passes):
         active = [(aid, est) for aid, est in estimators if est.passes > pass_index]
-        provider, groups = _feed_pass(plan, active, tensors, loaded, order, progress)
+        provider, group_count = _feed_pass(plan, active, tensors, loaded, order, progress)
+        groups.append(group_count)
     records, warnings = [], []
     by_id = {p.section.id: p for p in plan.analyses}
     for analysis_id, estimator in estimators:

@@ -43,6 +43,9 @@ def plan_groups(atomic: Sequence[tuple[str, ...]], bytes_per_sample: dict[str, i
             if not all(n in splittable for n in unit) or per_sample > budget:
                 raise UserError(f"runtime.memory_budget ({budget} bytes) is smaller than one batch of "
                                 f"{', '.join(unit)} ({unit_bytes} bytes); raise the budget or lower data.batch_size")
+            if current:
+                groups.append(FetchGroup(current))
+                current, current_bytes = [], 0
             groups.append(FetchGroup(list(unit), micro_batch=max(1, budget // per_sample)))
             continue
         if current and current_bytes + unit_bytes > budget:

@@ -1,0 +1,49 @@
+"""Fetch groups under the memory budget give the same numbers as one big fetch."""
+
+from __future__ import annotations
+
+import pytest
+
+import layerscope
+from layerscope.errors import UserError
+from layerscope.runner import plan_groups
+from layerscope.testing import assert_records_close
+
+
+def test_plan_groups_packs_in_order():
+    sizes = {"a": 10, "b": 10, "c": 30, "d": 5}
+    groups = plan_groups([("a",), ("b",), ("c",), ("d",)], sizes, batch_size=2, budget=60, splittable=set())
+    assert [g.names for g in groups] == [["a", "b"], ["c"], ["d"]]
+    assert all(g.micro_batch is None for g in groups)
+
+
+def test_plan_groups_keeps_atomic_groups_together_and_splits_large_ones():
+    sizes = {"x": 8, "y": 8, "big": 100}
+    groups = plan_groups([("x", "y"), ("big",)], sizes, batch_size=10, budget=400, splittable={"big"})
+    assert [g.names for g in groups] == [["x", "y"], ["big"]]
+    assert groups[1].micro_batch == 4
+    with pytest.raises(UserError, match="memory_budget"):
+        plan_groups([("big",)], sizes, batch_size=10, budget=400, splittable=set())
+
+
+def quickstart(budget: str, limit: int = 300):
+    spec = {"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "limit": limit, "batch_size": 100},
+            "analyses": [{"id": "bin", "estimator": "activation_entropy", "on": "all"},
+                         {"id": "hist", "estimator": "activation_entropy", "params": {"variant": "histogram"}}],
+            "runtime": {"memory_budget": budget}}
+    return layerscope.run(spec, write=False, progress=False)
+
+
+def test_budget_groups_and_micro_batches_match_unbounded_run():
+    unbounded = quickstart("1GiB")
+    assert unbounded.models[0]["fetch_groups"] == [1, 1]
+    # one batch of every tensor is ~190 KiB; 40 KiB forces several groups and micro-batches of relu_1 (16×8×8 floats)
+    bounded = quickstart("40KiB")
+    assert bounded.models[0]["fetch_groups"][0] > 3
+    assert bounded.models[0]["passes"] == 2
+    assert_records_close(bounded.records, unbounded.records, rtol=1e-12, atol=1e-12)
+
+
+def test_results_are_deterministic_for_a_seed():
+    first, second = quickstart("1GiB", 200), quickstart("1GiB", 200)
+    assert first.records == second.records

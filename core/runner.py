@@ -1,8 +1,12 @@
-"""The runner: one onnxruntime session, batches in, requested tensors out as torch tensors.
+"""The runner: onnxruntime sessions, batches in, requested tensors out as torch tensors.
 
 Only the tensors the analyses need are exposed. They are fetched in groups whose bytes
 for one batch stay within ``runtime.memory_budget``; a group that alone exceeds the
-budget is fetched in micro-batches when its consumers accept that. Outputs are bound
+budget is fetched in micro-batches when its consumers accept that. onnxruntime keeps
+every graph output of a run alive until the run ends, fetched or not (measured: a
+session exposing all tensors of the demo CNN holds them all even when one is fetched),
+so each fetch group gets its own session whose outputs are exactly that group; when
+everything fits, that is one session and one forward pass per batch. Outputs are bound
 with I/O binding on the session's device and handed to torch through DLPack, without a
 copy.
 """
@@ -68,10 +72,11 @@ class Runner:
             raise UserError(f"the model has {len(graph_inputs)} inputs ({', '.join(i.name for i in graph_inputs)}); "
                             "layerscope currently analyses single-input models")
         self.input = next(t for t in tensors if t.role == "input")
-        by_name = {t.name: t for t in tensors}
-        fetched = [by_name[n] for unit in atomic_groups for n in unit if n != self.input.name]
-        self.session, self.provider = create_session(expose(model, fetched), device)
-        self.device_type = "cuda" if self.provider == CUDA else "cpu"
+        self.model, self.device = model, device
+        self._by_name = {t.name: t for t in tensors}
+        fetched = [self._by_name[n] for unit in atomic_groups for n in unit if n != self.input.name]
+        self.provider = "none (no tensor fetched)"
+        self._sessions: list = []
         self.memory_budget = memory_budget
         self.batch_size = batch_size
         self.input_requested = any(self.input.name in unit for unit in atomic_groups)
@@ -95,30 +100,37 @@ class Runner:
                         f"expects {list(shape[1:])}")
 
     # --- fetching --------------------------------------------------------------------
-    def _fetch(self, x: np.ndarray, names: list[str]) -> dict[str, torch.Tensor]:
-        binding = self.session.io_binding()
+    def _session_for(self, names: list[str]):
+        session, self.provider = create_session(expose(self.model, [self._by_name[n] for n in names], only=True),
+                                                self.device)
+        return session
+
+    def _fetch(self, session, x: np.ndarray, names: list[str]) -> dict[str, torch.Tensor]:
+        binding = session.io_binding()
         binding.bind_cpu_input(self.input.name, x)
+        device_type = "cuda" if self.provider == CUDA else "cpu"
         for name in names:
-            binding.bind_output(name, self.device_type)
-        self.session.run_with_iobinding(binding)
+            binding.bind_output(name, device_type)
+        session.run_with_iobinding(binding)
         return {name: torch.from_dlpack(value) for name, value in zip(names, binding.get_outputs())}
 
     def _plan(self, x: np.ndarray) -> list[FetchGroup]:
         unknown = [n for n, size in self._sizes.items() if size is None]
         if unknown:  # non-batch dims only known at run time: measure them on one sample
-            for name, value in self._fetch(x[:1], unknown).items():
+            for name, value in self._fetch(self._session_for(unknown), x[:1], unknown).items():
                 self._sizes[name] = value.numel() * value.element_size()
-        return plan_groups(self._atomic, self._sizes, self.batch_size, self.memory_budget, self._splittable)
+        groups = plan_groups(self._atomic, self._sizes, self.batch_size, self.memory_budget, self._splittable)
+        self._sessions = [self._session_for(group.names) for group in groups]
+        return groups
 
     def run(self, x: np.ndarray) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
-        """Yield ``(sample slice, tensors)`` for each fetch group of the batch *x*."""
-        x = self.prepare(x)
+        """Yield ``(sample slice, tensors)`` for each fetch group of the batch *x* (already :meth:`prepare`-d)."""
         if self.groups is None:
             self.groups = self._plan(x)
         if self.input_requested:
             yield slice(0, len(x)), {self.input.name: torch.from_numpy(x)}
-        for group in self.groups:
+        for group, session in zip(self.groups, self._sessions):
             step = group.micro_batch or len(x)
             for start in range(0, len(x), step):
                 part = slice(start, min(start + step, len(x)))
-                yield part, self._fetch(x[part], group.names)
+                yield part, self._fetch(session, x[part], group.names)

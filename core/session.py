@@ -33,10 +33,20 @@ def requested_providers(device: str) -> list[str]:
     return [CPU]
 
 
-def expose(model: onnx.ModelProto, tensors: Iterable[TensorInfo]) -> onnx.ModelProto:
-    """A copy of *model* whose graph outputs also include *tensors* (dtype/shape from inference)."""
+def expose(model: onnx.ModelProto, tensors: Iterable[TensorInfo], only: bool = False) -> onnx.ModelProto:
+    """A copy of *model* whose graph outputs include *tensors* (dtype/shape from inference).
+
+    With ``only=True`` the graph outputs are exactly *tensors*: onnxruntime then neither
+    computes what they do not depend on nor holds buffers for the model's own outputs.
+    """
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
+    tensors = list(tensors)
+    if only:
+        wanted = {t.name for t in tensors}
+        kept = [o for o in exposed.graph.output if o.name in wanted]
+        del exposed.graph.output[:]
+        exposed.graph.output.extend(kept)
     present = {o.name for o in exposed.graph.output} | {i.name for i in exposed.graph.input}
     for info in tensors:
         if info.name in present:
@@ -47,11 +57,30 @@ def expose(model: onnx.ModelProto, tensors: Iterable[TensorInfo]) -> onnx.ModelP
     return exposed
 
 
+_SHARED_ARENA: list[bool] = []
+
+
+def _use_shared_cpu_arena(options) -> None:
+    """Make the session allocate CPU memory from one arena shared by every session of the process.
+
+    Fetch groups run one session each; with private arenas every session would keep its
+    own high-water mark of intermediate buffers.
+    """
+    import onnxruntime as ort
+
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _SHARED_ARENA.append(True)
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
 def create_session(model: onnx.ModelProto, device: str):
     """An ``InferenceSession`` for *model* on *device*; returns (session, provider that runs)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    _use_shared_cpu_arena(options)
     options.log_severity_level = 3
     ort.set_default_logger_severity(4)  # a missing CUDA library is reported by us, not as an ORT error dump
     try:

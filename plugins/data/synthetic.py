@@ -1,7 +1,7 @@
 """The ``synthetic`` data source: seeded standard-Gaussian samples with optional labels.
 
-Sample *i* is drawn from a generator seeded with ``(seed, i)``, so any subset, order or
-shard reads the same values. With ``classes: k`` the label is the argmax of a fixed
+Sample *i* is drawn from its own generator (``SeedSequence(seed, spawn_key=(0, i))``), so
+any subset, order or shard reads the same values. With ``classes: k`` the label is the argmax of a fixed
 random linear projection, so labels depend on the data.
 """
 
@@ -29,7 +29,8 @@ class SyntheticSource(DataSource):
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)
         features = int(np.prod(params.shape))
-        self.projection = np.random.default_rng((seed, -1)).standard_normal((features, max(params.classes, 1)))
+        projection_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+        self.projection = projection_rng.standard_normal((features, max(params.classes, 1)))
 
     def __len__(self) -> int:
         return self.params.samples
@@ -40,7 +41,8 @@ class SyntheticSource(DataSource):
 
     def read(self, indices):
         p = self.params
-        x = np.stack([np.random.default_rng((self.seed, int(i))).standard_normal(p.shape) for i in indices])
+        x = np.stack([np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(0, int(i)))).standard_normal(p.shape)
+                      for i in indices])
         x = (p.mean + p.std * x).astype(np.float32)
         y = (x.reshape(len(x), -1) @ self.projection).argmax(axis=1) if p.classes > 0 else None
         return x, y

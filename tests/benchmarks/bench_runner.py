@@ -1,0 +1,185 @@
+"""Runner benchmark on the demo CNN at batch 256 (issue: engine foundation).
+
+(a) time and peak memory of the runner fetching every observable tensor, as a ratio to
+    plain onnxruntime inference of the same model (target ≤ 2.0× time);
+(b) peak memory of a run with ``memory_budget`` = a quarter of one batch's tensors, against
+    budget + the session's own footprint;
+(c) peak memory of a run over 10× more samples (target: ≤ 10 % growth).
+
+Memory is measured in a fresh process per figure: the kernel's resident-set high-water
+mark is reset once the modules are imported and the model is loaded, and the figure is
+the peak minus the resident set at that moment (Linux ``/proc/self/clear_refs``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+BATCH = 256
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's resident-set high-water mark (Linux ≥ 4.0) and return the current RSS."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status_bytes("VmRSS")
+
+
+def _peak_rss_bytes() -> int:
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _digits_batches(repeat: int = 1):
+    import numpy as np
+
+    from layerscope.plugins.data.digits import load_digits_split
+
+    x = np.concatenate([load_digits_split("all")[0]] * repeat).reshape(-1, 1, 8, 8)
+    return [x[i:i + BATCH] for i in range(0, len(x) - BATCH + 1, BATCH)]
+
+
+def _model():
+    import onnx
+
+    from layerscope.adapters.demo_zoo import EPOCHS, ensure_trained, epoch_label
+
+    return onnx.load(str(ensure_trained("digits-cnn") / f"{epoch_label(EPOCHS)}.onnx"))
+
+
+def _all_tensors(proto):
+    from layerscope.graph import describe_tensors
+
+    tensors = describe_tensors(proto)
+    return tensors, [t for t in tensors if t.observable and t.role != "input"]
+
+
+def worker(mode: str, arg: str) -> dict:
+    """One measurement in this (fresh) process."""
+    from layerscope.runner import Runner
+    from layerscope.session import create_session
+
+    import onnxruntime  # noqa: F401  (library loading is not the session's footprint)
+    import torch
+
+    import layerscope
+
+    proto = _model()
+    batches = _digits_batches(4)
+    float(torch.ones(8).sum())  # torch's first-op set-up is not ours to count
+    baseline = _reset_peak_rss()
+    if mode == "plain":
+        session, _ = create_session(proto, "cpu")
+        sessions = _status_bytes("VmRSS") - baseline
+        for x in batches:
+            session.run(None, {"x": x})
+        return {"peak_delta": _peak_rss_bytes() - baseline, "sessions": sessions}
+    if mode == "fetch_all":
+        tensors, fetch = _all_tensors(proto)
+        runner = Runner(proto, tensors, [(t.name,) for t in fetch], "cpu", int(arg), BATCH, {t.name for t in fetch})
+        runner.groups = runner._plan(runner.prepare(batches[0]))
+        sessions = _status_bytes("VmRSS") - baseline
+        largest_fetch = 0
+        for x in batches:
+            for _, fetched in runner.run(runner.prepare(x)):
+                largest_fetch = max(largest_fetch, sum(v.numel() * v.element_size() for v in fetched.values()))
+                for value in fetched.values():
+                    float(value.sum())  # touch the data, as an estimator would
+                del fetched
+        return {"peak_delta": _peak_rss_bytes() - baseline, "groups": len(runner.groups), "sessions": sessions,
+                "largest_fetch": largest_fetch}
+    if mode == "run":
+        samples = int(arg)
+        spec = {"model": {"source": "demo:digits-cnn"},
+                "data": {"source": "synthetic", "samples": samples, "shape": [1, 8, 8], "batch_size": BATCH},
+                "analyses": [{"id": "e", "estimator": "activation_entropy", "on": "all"}],
+                "runtime": {"memory_budget": "1GiB"}}
+        layerscope.run(spec, write=False, progress=False)
+        return {"peak_delta": _peak_rss_bytes() - baseline}
+    raise ValueError(mode)
+
+
+def measure(mode: str, arg: str = "0") -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", mode, arg], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def time_side_by_side(repeats: int = 7) -> dict:
+    """Median seconds per pass over the data: plain inference vs runner fetching every tensor."""
+    from layerscope.runner import Runner
+    from layerscope.session import create_session
+
+    proto = _model()
+    batches = _digits_batches(4)
+    session, _ = create_session(proto, "cpu")
+    tensors, fetch = _all_tensors(proto)
+    runner = Runner(proto, tensors, [(t.name,) for t in fetch], "cpu", 2**40, BATCH)
+
+    def plain():
+        for x in batches:
+            session.run(None, {"x": x})
+
+    def fetch_all():
+        for x in batches:
+            for _ in runner.run(runner.prepare(x)):
+                pass
+
+    plain(), fetch_all()  # warm-up
+    timings = {"plain": [], "fetch_all": []}
+    for _ in range(repeats):
+        for name, fn in (("plain", plain), ("fetch_all", fetch_all)):
+            start = time.perf_counter()
+            fn()
+            timings[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in timings.items()} | {
+        "samples_per_pass": len(batches) * BATCH, "tensors": len(fetch)}
+
+
+def main() -> None:
+    from layerscope.units import format_bytes
+
+    proto = _model()
+    _, fetch = _all_tensors(proto)
+    batch_bytes = sum(t.bytes_per_sample() for t in fetch) * BATCH
+    quarter = batch_bytes // 4
+
+    timing = time_side_by_side()
+    plain_mem = measure("plain")
+    all_mem = measure("fetch_all", str(2**40))
+    budget_mem = measure("fetch_all", str(quarter))
+    small = measure("run", str(10 * BATCH))
+    large = measure("run", str(100 * BATCH))
+
+    print(f"demo CNN, batch {BATCH}, {timing['tensors']} observable tensors, one batch of them = {format_bytes(batch_bytes)}")
+    print(f"(a) time per pass ({timing['samples_per_pass']} samples): plain {timing['plain'] * 1e3:.1f} ms, "
+          f"fetch-all {timing['fetch_all'] * 1e3:.1f} ms → ratio {timing['fetch_all'] / timing['plain']:.2f}× (target ≤ 2.0×)")
+    print(f"    peak memory over baseline: plain {format_bytes(plain_mem['peak_delta'])}, fetch-all "
+          f"{format_bytes(all_mem['peak_delta'])} → ratio {all_mem['peak_delta'] / max(plain_mem['peak_delta'], 1):.2f}×")
+    limit = plain_mem["peak_delta"] + quarter
+    print(f"(b) budget {format_bytes(quarter)} (quarter batch) → {budget_mem['groups']} fetch groups (one session "
+          f"each), largest fetch held {format_bytes(budget_mem['largest_fetch'])} "
+          f"({'within' if budget_mem['largest_fetch'] <= quarter else 'OVER'} budget); peak "
+          f"{format_bytes(budget_mem['peak_delta'])} vs plain inference + budget {format_bytes(limit)}: "
+          f"{'OK' if budget_mem['peak_delta'] <= limit else 'OVER'}; sessions alone: "
+          f"{format_bytes(budget_mem['sessions'])} vs {format_bytes(plain_mem['sessions'])} for the plain one")
+    growth = large["peak_delta"] / max(small["peak_delta"], 1) - 1
+    print(f"(c) full run peak over baseline: {10 * BATCH} samples {format_bytes(small['peak_delta'])}, "
+          f"{100 * BATCH} samples {format_bytes(large['peak_delta'])} → growth {growth * 100:+.1f}% (target ≤ 10%)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(sys.argv[2], sys.argv[3])))
+    else:
+        main()

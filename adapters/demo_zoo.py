@@ -129,8 +129,12 @@ def ensure_trained(name: str) -> Path:
     folder = cache_dir() / "demo" / f"{name}-v{VERSION}"
     if all((folder / f"{epoch_label(e)}.onnx").exists() for e in range(1, EPOCHS + 1)):
         return folder
+    import sys
+
     from .torch_export import export_to_onnx
 
+    print(f"layerscope: training demo:{name} on the digits training split ({EPOCHS} epochs, cached in {folder})…",
+          file=sys.stderr, flush=True)
     model, states, accuracies, shape = train(name)
     exported = export_to_onnx(model, np.zeros((2, *shape), dtype=np.float32))
     for epoch, (state, accuracy) in enumerate(zip(states, accuracies), start=1):

@@ -6,7 +6,7 @@ import onnx
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError
-from layerscope.model import onnx_from_bytes_or_file
+from layerscope.model import load_onnx_file
 
 from .checkpoints import file_checkpoints
 
@@ -29,7 +29,7 @@ class OnnxFileAdapter(Adapter):
     def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
         if isinstance(checkpoint.ref, onnx.ModelProto):
             return LoadedModel(checkpoint.ref, checkpoint.label, "<onnx.ModelProto>")
-        proto = onnx_from_bytes_or_file(checkpoint.ref)
+        proto = load_onnx_file(checkpoint.ref)
         if not proto.HasField("graph") or not proto.graph.node:
             raise UserError(f"model.source: {checkpoint.ref} is not an ONNX model (no graph inside)")
         return LoadedModel(proto, checkpoint.label, str(checkpoint.ref))

@@ -159,9 +159,4 @@ class Estimator:
                 "value": float(value), "unit": unit, **keys}
 
 
-def fresh_copy(estimator: Estimator) -> Estimator:
-    """A new estimator with the same parameters and tensors but empty state."""
-    return type(estimator)(estimator.params, list(estimator.tensors.values()))
-
-
-__all__ = ["Estimator", "NoParams", "TensorBatch", "fresh_copy"]
+__all__ = ["Estimator", "NoParams", "TensorBatch"]

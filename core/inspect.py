@@ -25,6 +25,7 @@ def load_for_inspection(source: str):
         example = plan.data.read(order[:2])[0]
         adapter = plan.adapter
     else:
+        # A model source alone: a minimal spec (its analysis is never run) gives the adapter its paths.
         spec = Spec.model_validate({"model": {"source": source}, "analyses": [{"id": "inspect", "estimator": "-"}]})
         adapter, example = find_adapter(spec.model, load_plugins().adapters), None
     checkpoints = adapter.checkpoints(spec.model, spec)

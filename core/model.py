@@ -7,6 +7,7 @@ An adapter claims a model section (``claims``), lists the checkpoints it names
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
@@ -68,10 +69,8 @@ def find_adapter(section: "ModelSection", adapters) -> Adapter:
                     f"adapters: {', '.join(n for n, _ in adapters.items())})")
 
 
-def onnx_from_bytes_or_file(path) -> onnx.ModelProto:
+def load_onnx_file(path: Path) -> onnx.ModelProto:
     """Load an ONNX file (external data beside it is loaded too) with user-level errors."""
-    from pathlib import Path
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"model.source: file not found: {path}")

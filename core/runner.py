@@ -2,11 +2,14 @@
 
 Only the tensors the analyses need are exposed. They are fetched in groups whose bytes
 for one batch stay within ``runtime.memory_budget``; a group that alone exceeds the
-budget is fetched in micro-batches when its consumers accept that. onnxruntime keeps
-every graph output of a run alive until the run ends, fetched or not (measured: a
-session exposing all tensors of the demo CNN holds them all even when one is fetched),
-so each fetch group gets its own session whose outputs are exactly that group; when
-everything fits, that is one session and one forward pass per batch. Outputs are bound
+budget is fetched in micro-batches when its consumers accept that. When every consumer
+accepts micro-batches, the whole set stays in one session and the batch is split
+instead (no extra session, and onnxruntime's working memory shrinks with the
+micro-batch). onnxruntime keeps every graph output of a run alive until the run ends,
+fetched or not (measured: a session exposing all tensors of the demo CNN holds them
+all even when one is fetched), so each fetch group gets its own session whose outputs
+are exactly that group; when everything fits, that is one session and one forward
+pass per batch. Outputs are bound
 with I/O binding on the session's device and handed to torch through DLPack, without a
 copy.
 """
@@ -36,6 +39,24 @@ class FetchGroup:
 
 def plan_groups(atomic: Sequence[tuple[str, ...]], bytes_per_sample: dict[str, int], batch_size: int,
                 budget: int, splittable: set[str]) -> list[FetchGroup]:
+    """Fetch groups whose bytes held at once stay within *budget*.
+
+    Everything in one group when a batch of it fits; otherwise, when every tensor accepts
+    micro-batches, still one group (one session, one forward pass per micro-batch) over
+    micro-batches that fit; otherwise atomic groups packed in order, each group with its
+    own session.
+    """
+    names = list(dict.fromkeys(n for unit in atomic for n in unit))
+    per_sample = sum(bytes_per_sample[n] for n in names)
+    if per_sample * batch_size <= budget:
+        return [FetchGroup(names)] if names else []
+    if all(n in splittable for n in names) and per_sample <= budget:
+        return [FetchGroup(names, micro_batch=budget // per_sample)]
+    return _pack(atomic, bytes_per_sample, batch_size, budget, splittable)
+
+
+def _pack(atomic: Sequence[tuple[str, ...]], bytes_per_sample: dict[str, int], batch_size: int,
+          budget: int, splittable: set[str]) -> list[FetchGroup]:
     """Pack atomic tensor groups, in order, into fetch groups of at most *budget* bytes per batch."""
     groups: list[FetchGroup] = []
     current: list[str] = []

@@ -81,6 +81,9 @@ def create_session(model: onnx.ModelProto, device: str):
 
     options = ort.SessionOptions()
     _use_shared_cpu_arena(options)
+    # Memory patterns pre-allocate one block per session and run; with a session per fetch
+    # group that raised the peak by ~1 MiB on the demo CNN (tests/benchmarks/bench_runner.py).
+    options.enable_mem_pattern = False
     options.log_severity_level = 3
     ort.set_default_logger_severity(4)  # a missing CUDA library is reported by us, not as an ORT error dump
     try:

@@ -57,7 +57,7 @@ def _cmd_report(args) -> int:
     host = load_plugins()
     formats = dict.fromkeys(["json", *results.spec.get("outputs", {}).get("formats", [])])
     results.artifacts = []
-    write_outputs(results, [host.reporters.get(f)() for f in formats], Path(args.run_dir))
+    write_outputs(results, [host.reporters.get(f)(host) for f in formats], Path(args.run_dir))
     print(f"reports rebuilt in {args.run_dir}: {', '.join(['results.json', *results.artifacts])}")
     return EXIT_OK
 

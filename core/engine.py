@@ -33,7 +33,7 @@ def build_estimators(plan: RunPlan, loaded: LoadedModel) -> tuple[list[tuple[str
     for planned in plan.analyses:
         selector = planned.section.on or planned.estimator_class.selector()
         try:
-            chosen = resolve(selector, tensors)
+            chosen = resolve(selector, tensors, strict=planned.section.on is not None)
         except UserError as error:
             path = ("analyses", planned.index, "on") if planned.section.on else ("analyses", planned.index, "estimator")
             raise UserError(f"{plan.where(*path)}: {error} (model {loaded.label})") from None
@@ -68,10 +68,19 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
 
 
 def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray, example: np.ndarray,
-                       progress: Progress) -> tuple[list[dict], list[str], dict]:
-    """Records and warnings of every analysis for one model checkpoint."""
+                       progress: Progress, previous: dict[str, Estimator]) -> tuple[list[dict], list[str], dict]:
+    """Records and warnings of every analysis for one model checkpoint.
+
+    *previous* maps analysis ids to the estimators of the previous checkpoint; it is
+    updated with this checkpoint's estimators.
+    """
     loaded = plan.adapter.load(checkpoint, plan.spec, example)
     estimators, tensors = build_estimators(plan, loaded)
+
+    for analysis_id, estimator in estimators:
+        if analysis_id in previous:
+            estimator.carry_over(previous[analysis_id])
+    previous.update(estimators)
     passes = max(est.passes for _, est in estimators)
     provider, groups = "", []
     for pass_index in range(passes):
@@ -84,7 +93,7 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
         for record in estimator.finalize():
             records.append({"analysis": analysis_id, "estimator": by_id[analysis_id].section.estimator,
                             "model": loaded.label, **record})
-        warnings += [f"{analysis_id} ({loaded.label}): {w}" for w in dict.fromkeys(estimator.warnings)]
+        warnings += [f"{analysis_id} ({loaded.label}): {w}" for w in estimator.collect_warnings()]
     model_info = {"label": loaded.label, "source": loaded.source, "framework": loaded.framework,
                   "sha256": hashlib.sha256(loaded.proto.SerializeToString()).hexdigest(), "provider": provider,
                   "fetch_groups": groups, "passes": passes, **loaded.details}
@@ -101,9 +110,11 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True) -> 
     plan.host.hook.before_run(spec=spec, models=[c.label for c in checkpoints])
     passes = max(p.estimator_class.passes_for(p.params) for p in plan.analyses)
     records, warnings, models = [], [], []
+    previous: dict[str, Estimator] = {}
     with Progress(len(order) * passes * len(checkpoints), enabled=show_progress) as progress:
         for checkpoint in checkpoints:
-            model_records, model_warnings, model_info = analyse_checkpoint(plan, checkpoint, order, example, progress)
+            model_records, model_warnings, model_info = analyse_checkpoint(plan, checkpoint, order, example, progress,
+                                                                           previous)
             records += model_records
             warnings += model_warnings
             models.append(model_info)

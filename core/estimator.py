@@ -86,7 +86,8 @@ class Estimator:
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
-    default_selector: ClassVar[dict | str] = "all"
+    #: A selector dict, a list of them (union), or "all".
+    default_selector: ClassVar[dict | list[dict] | str] = "all"
     needs_labels: ClassVar[bool] = False
     #: True when the method is defined per data batch, so the runner must not split batches.
     per_batch: ClassVar[bool] = False
@@ -106,8 +107,11 @@ class Estimator:
 
     # --- declaration -------------------------------------------------------------
     @classmethod
-    def selector(cls) -> SelectorSpec | str:
-        return cls.default_selector if isinstance(cls.default_selector, str) else SelectorSpec(**cls.default_selector)
+    def selector(cls) -> SelectorSpec | list[SelectorSpec] | str:
+        default = cls.default_selector
+        if isinstance(default, str):
+            return default
+        return [SelectorSpec(**d) for d in default] if isinstance(default, list) else SelectorSpec(**default)
 
     @classmethod
     def passes_for(cls, params: BaseModel) -> int:
@@ -130,8 +134,15 @@ class Estimator:
     def update(self, batch: TensorBatch) -> None:
         raise NotImplementedError
 
+    def carry_over(self, previous: "Estimator") -> None:
+        """Receive the finished estimator of the previous checkpoint (e.g. to smooth a kernel width)."""
+
     def end_pass(self) -> None:
-        """Called after each pass over the data (for multi-pass estimators)."""
+        """Called after each pass over the data, on the merged state when the run is sharded.
+
+        Multi-pass estimators turn the pass's statistics into what the next pass needs
+        here (and reset sums that shards would otherwise count twice); call ``super()``.
+        """
         self.pass_index += 1
 
     def merge(self, other: "Estimator") -> "Estimator":
@@ -144,10 +155,23 @@ class Estimator:
         """Pure function of the state returning tidy records (``layer``, ``tensor``, ``metric``, ``value`` …)."""
         raise NotImplementedError
 
+    def collect_warnings(self) -> list[str]:
+        """The warnings to put in ``results.json`` (those recorded with :meth:`warn`, once each)."""
+        return list(dict.fromkeys(self.warnings))
+
+    @classmethod
+    def plot(cls, records: list[dict]):
+        """A matplotlib figure of this estimator's records, or None for the default plot."""
+        return None
+
     def warn(self, message: str) -> None:
         """Record a warning that will appear in ``results.json``."""
         if message not in self.warnings:
             self.warnings.append(message)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle everything but per-batch caches (attributes named ``_cache*``)."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_cache")}
 
     def state_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._states}

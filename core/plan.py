@@ -97,7 +97,7 @@ def check_plugins(doc: LocatedDocument, host: PluginHost, errors: list[str]) -> 
         path = ("outputs", "formats", formats.index(fmt)) if fmt in formats else ("outputs",)
         reporter = _lookup(host.reporters, fmt, doc, path, errors)
         if reporter is not None:
-            choices.reporters.append(reporter())
+            choices.reporters.append(reporter(host))
     return choices
 
 
@@ -122,4 +122,9 @@ def build_plan(spec: Spec | None, doc: LocatedDocument, host: PluginHost, errors
     data = choices.data_source(choices.data_params, spec.base_dir, spec.runtime.seed)
     if len(data) == 0:
         raise UserError(f"{doc.where(('data',))}: data: the data source '{spec.data.source}' has no samples")
+    for planned in analyses:
+        if planned.estimator_class.needs_labels and not data.has_labels:
+            raise UserError(f"{doc.where(('analyses', planned.index, 'estimator'))}: analyses.{planned.index}.estimator: "
+                            f"'{planned.section.estimator}' needs labels, but the data source '{spec.data.source}' "
+                            "has none")
     return RunPlan(spec, doc, host, data, adapter, analyses, choices.reporters)

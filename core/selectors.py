@@ -1,10 +1,11 @@
 """Tensor selectors: which tensors of a model an analysis reads.
 
 A selector names tensors by ONNX tensor name (``name``), by a shell-style pattern over
-tensor or layer names (``glob``), by the user's layer name (``layer``) or by the op type
-that produces them (``op_type``). Keys given together must all match (AND); a list
-within one key matches any of its entries (OR). ``"all"`` selects every observable
-tensor.
+tensor or layer names (``glob``), by the user's layer name (``layer``), by the op type
+that produces them (``op_type``) or by their ``role`` in the graph (``input``,
+``output``, ``intermediate``). Keys given together must all match (AND); a list within
+one key matches any of its entries (OR); a list of selectors selects the union, in
+graph order. ``"all"`` selects every observable tensor.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ class SelectorSpec(BaseModel):
     glob: str | list[str] | None = None
     layer: str | list[str] | None = None
     op_type: str | list[str] | None = None
+    role: Literal["input", "output", "intermediate"] | list[Literal["input", "output", "intermediate"]] | None = None
 
     @model_validator(mode="after")
     def _not_empty(self) -> "SelectorSpec":
-        if not any(getattr(self, key) for key in ("name", "glob", "layer", "op_type")):
-            raise ValueError("a selector needs at least one of name, glob, layer, op_type (or use 'all')")
+        if not any(getattr(self, key) for key in ("name", "glob", "layer", "op_type", "role")):
+            raise ValueError("a selector needs at least one of name, glob, layer, op_type, role (or use 'all')")
         return self
 
     def describe(self) -> str:
@@ -60,6 +62,8 @@ def matches(selector: SelectorSpec, tensor: "TensorInfo") -> bool:
         return False
     if layers and tensor.layer not in layers:
         return False
+    if _as_list(selector.role) and tensor.role not in _as_list(selector.role):
+        return False
     return not (op_types and tensor.op_type not in op_types)
 
 
@@ -72,8 +76,25 @@ def _hint(selector: SelectorSpec, tensors: Sequence["TensorInfo"]) -> str:
     return ""
 
 
-def resolve(selector: SelectorSpec | Literal["all"], tensors: Sequence["TensorInfo"]) -> list["TensorInfo"]:
-    """The observable tensors *selector* picks, in graph order; :class:`UserError` if none."""
+Selection = SelectorSpec | list[SelectorSpec] | Literal["all"]
+
+
+def resolve(selector: Selection, tensors: Sequence["TensorInfo"], strict: bool = True) -> list["TensorInfo"]:
+    """The observable tensors *selector* picks, in graph order; :class:`UserError` if none.
+
+    For a list of selectors, *strict* requires every one to match; otherwise only the union
+    must be non-empty (estimators' defaults such as "activations or the model output").
+    """
+    if isinstance(selector, list):
+        chosen, errors = set(), []
+        for item in selector:
+            try:
+                chosen.update(t.name for t in resolve(item, tensors))
+            except UserError as error:
+                errors.append(str(error))
+        if (strict and errors) or not chosen:
+            raise UserError("; ".join(errors))
+        return [t for t in tensors if t.name in chosen]
     if selector == "all":
         chosen = [t for t in tensors if t.observable]
         if not chosen:

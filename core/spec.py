@@ -57,7 +57,7 @@ class DataSection(BaseModel):
 class AnalysisSection(StrictModel):
     id: str = Field(min_length=1)
     estimator: str
-    on: SelectorSpec | Literal["all"] | None = None
+    on: SelectorSpec | list[SelectorSpec] | Literal["all"] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -140,7 +140,8 @@ def format_validation_errors(error: ValidationError, doc: LocatedDocument, prefi
     messages = []
     for item in error.errors():
         loc = prefix + tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        loc = tuple(p for p in loc if p not in ("str", "literal['all']", "SelectorSpec", "list[str]"))
+        loc = tuple(p for p in loc if p not in ("str", "literal['all']", "SelectorSpec", "list[str]",
+                                                "list[SelectorSpec]"))
         path = ".".join(str(p) for p in loc) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden" and model is not None:

@@ -104,3 +104,14 @@ def test_selectors_and_or_semantics():
 def test_empty_selector_rejected():
     with pytest.raises(ValueError):
         SelectorSpec()
+
+
+def test_selector_lists_and_roles():
+    tensors = describe_tensors(tiny_mlp_proto())
+    union = [SelectorSpec(op_type="Tanh"), SelectorSpec(role="output")]
+    assert [t.name for t in resolve(union, tensors)] == ["a2", "logits"]
+    assert [t.name for t in resolve(SelectorSpec(role="input"), tensors)] == ["x"]
+    with pytest.raises(UserError, match="matches no tensor"):
+        resolve([SelectorSpec(op_type="Sigmoid"), SelectorSpec(role="output")], tensors)
+    assert [t.name for t in resolve([SelectorSpec(op_type="Sigmoid"), SelectorSpec(role="output")], tensors,
+                                    strict=False)] == ["logits"]

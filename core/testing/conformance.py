@@ -8,8 +8,10 @@
 - ``finalize`` is pure and idempotent.
 
 Multi-pass estimators are run as the engine runs them on shards: after every pass but
-the last, the shards' merged state is handed back to every shard (so state filled in an
-earlier pass must use idempotent reductions such as min and max).
+the last, the shards are merged, ``end_pass`` runs on the merged estimator, and every
+shard continues from a copy of it. So ``end_pass`` must turn the pass's statistics into
+what the next pass needs and reset sums that would otherwise be counted once per shard
+(min/max state may simply stay).
 """
 
 from __future__ import annotations
@@ -51,10 +53,13 @@ def run_sharded(make: Factory, shards: Sequence[Sequence[TensorBatch]],
         for estimator, shard in zip(estimators, shards):
             for batch in shard:
                 estimator.update(batch)
-            estimator.end_pass()
         if pass_index < passes - 1:
             merged = _merge_all(estimators)
+            merged.end_pass()
             estimators = [copy.deepcopy(merged) for _ in shards]
+        else:
+            for estimator in estimators:
+                estimator.end_pass()
     order = list(order) if order is not None else list(range(len(shards)))
     return _merge_all([estimators[i] for i in order])
 

@@ -1,0 +1,230 @@
+"""Known answers (methods.md §5), a from-the-formula NumPy cross-check, and conformance."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import layerscope
+from layerscope.graph import TensorInfo
+from layerscope.plugins.information_plane import InformationPlane
+from layerscope.plugins.matrix_entropy import (
+    alignment_curve,
+    gaussian_gram,
+    joint_entropy,
+    kernel_alignment,
+    label_gram,
+    mutual_information,
+    normalise,
+    pairwise_sq_distances,
+    renyi_entropy,
+)
+from layerscope.testing import check_conformance, feed, make_batches, tensor_infos
+
+ALPHAS = (1.0, 1.01, 2.0)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_identity_gram_gives_log2_n(alpha):
+    assert renyi_entropy(torch.eye(100, dtype=torch.float64) / 100, alpha) == pytest.approx(math.log2(100), abs=1e-9)
+    assert math.log2(100) == pytest.approx(6.6439, abs=1e-4)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_identical_samples_give_zero(alpha):
+    x = torch.ones(50, 7)
+    a = normalise(gaussian_gram(pairwise_sq_distances(x), 1.0))
+    assert renyi_entropy(a, alpha) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_balanced_block_labels_give_log2_classes(alpha):
+    labels = torch.arange(10).repeat_interleave(10)
+    a_y = normalise(label_gram(labels, 0.1))
+    assert renyi_entropy(a_y, alpha) == pytest.approx(math.log2(10), abs=1e-9)
+    assert math.log2(10) == pytest.approx(3.3219, abs=1e-4)
+
+
+def random_kernels(seed=0, n=60):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=generator, dtype=torch.float64)
+    t = torch.tanh(x @ torch.randn(5, 8, generator=generator, dtype=torch.float64))
+    return (normalise(gaussian_gram(pairwise_sq_distances(x), 2.0)),
+            normalise(gaussian_gram(pairwise_sq_distances(t), 1.5)))
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_joint_entropy_and_mutual_information_bounds(alpha, seed):
+    a, b = random_kernels(seed)
+    s_a, s_b, s_ab = renyi_entropy(a, alpha), renyi_entropy(b, alpha), joint_entropy(a, b, alpha)
+    assert max(s_a, s_b) - 1e-9 <= s_ab <= s_a + s_b + 1e-9
+    mi = mutual_information(a, b, alpha)
+    assert -1e-9 <= mi <= min(s_a, s_b) + 1e-9
+
+
+def test_permutation_and_scale_invariance():
+    a, b = random_kernels(3)
+    order = torch.randperm(a.shape[0], generator=torch.Generator().manual_seed(0))
+    permuted_a, permuted_b = a[order][:, order], b[order][:, order]
+    assert mutual_information(permuted_a, permuted_b, 1.01) == pytest.approx(mutual_information(a, b, 1.01), abs=1e-9)
+    assert renyi_entropy(normalise(7.5 * a), 1.01) == pytest.approx(renyi_entropy(a, 1.01), abs=1e-12)
+
+
+def test_tensor_kernel_equals_flattened_and_hadamard_of_channel_kernels():
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 3, 4, 4, generator=generator, dtype=torch.float64)
+    sigma = 6.0
+    tensor_kernel = gaussian_gram(pairwise_sq_distances(x), sigma)
+    flat = x.reshape(40, -1)
+    direct = torch.exp(-torch.cdist(flat, flat) ** 2 / sigma**2)
+    per_channel = torch.ones(40, 40, dtype=torch.float64)
+    for channel in range(3):
+        per_channel = per_channel * gaussian_gram(pairwise_sq_distances(x[:, channel]), sigma)
+    torch.testing.assert_close(tensor_kernel, direct, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(tensor_kernel, per_channel, atol=1e-10, rtol=1e-10)
+
+
+def test_alignment_curve_matches_direct_alignment():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 4, generator=generator, dtype=torch.float64)
+    labels = torch.arange(3).repeat(10)
+    d2, k_y = pairwise_sq_distances(x), label_gram(labels, 0.1)
+    sigmas = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    curve = alignment_curve(d2, k_y, sigmas)
+    expected = [kernel_alignment(gaussian_gram(d2, float(s)), k_y) for s in sigmas]
+    assert curve.tolist() == pytest.approx(expected, abs=1e-12)
+
+
+# --- from the formula, in NumPy, the way the paper's code does it ---------------------------
+
+def numpy_entropy(gram, alpha):
+    a = gram / np.trace(gram)
+    eigenvalues = np.clip(np.linalg.eigvalsh(a), 0, None)
+    eigenvalues = eigenvalues[eigenvalues > 0]
+    if alpha == 1:
+        return float(-(eigenvalues * np.log2(eigenvalues)).sum())
+    return float(np.log2((eigenvalues**alpha).sum()) / (1 - alpha))
+
+
+def numpy_rbf(x, sigma):
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    d2 = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(-1)
+    return np.exp(-d2 / sigma**2)
+
+
+def numpy_information_plane(x, t, y, sigma_x, sigma_t, sigma_y, alpha):
+    k_x, k_t = numpy_rbf(x, sigma_x), numpy_rbf(t, sigma_t)
+    one_hot = np.eye(int(y.max()) + 1)[y]
+    k_y = numpy_rbf(one_hot, sigma_y)
+    h = {name: numpy_entropy(k, alpha) for name, k in (("x", k_x), ("t", k_t), ("y", k_y))}
+    i_xt = h["x"] + h["t"] - numpy_entropy(k_x * k_t, alpha)
+    i_ty = h["t"] + h["y"] - numpy_entropy(k_t * k_y, alpha)
+    return i_xt, i_ty, h["t"]
+
+
+def ip_batches(n=300, batch=50, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 6)).astype(np.float32)
+    hidden = np.maximum(x @ rng.standard_normal((6, 2, 3, 3)).reshape(6, -1), 0).reshape(n, 2, 3, 3).astype(np.float32)
+    y = rng.integers(0, 4, n)
+    return x, hidden, y, make_batches({"h": hidden}, y, batch_size=batch, inputs=x)
+
+
+def build(batches, **params):
+    return InformationPlane(InformationPlane.Params(**params), tensor_infos(batches))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.01])
+def test_matches_numpy_from_the_formula(alpha):
+    x, hidden, y, batches = ip_batches()
+    records = feed(build(batches, alpha=alpha, sigma=3.0, sigma_x=2.5, batch_size=50), batches).finalize()
+    got = {r["metric"]: r["value"] for r in records if r["tensor"] == "h"}
+    per_batch = np.array([numpy_information_plane(x[s:s + 50], hidden[s:s + 50], y[s:s + 50], 2.5, 3.0, 0.1, alpha)
+                          for s in range(0, 300, 50)])
+    assert got["I_XT"] == pytest.approx(per_batch[:, 0].mean(), abs=1e-8)
+    assert got["I_TY"] == pytest.approx(per_batch[:, 1].mean(), abs=1e-8)
+    assert got["H_T"] == pytest.approx(per_batch[:, 2].mean(), abs=1e-8)
+    assert got["I_XT_std"] == pytest.approx(per_batch[:, 0].std(), abs=1e-8)
+    assert got["sigma"] == 3.0
+
+
+def test_alignment_width_is_the_argmax_and_smoothed_across_checkpoints():
+    x, hidden, y, batches = ip_batches()
+    first = feed(build(batches, batch_size=50, sigma_grid=50), batches)
+    # σ* from the summed alignment curves, recomputed directly
+    grid = torch.linspace(0.03, 10.0, 50, dtype=torch.float64)
+    curves, distances = 0, []
+    for s in range(0, 300, 50):
+        d2 = pairwise_sq_distances(torch.from_numpy(hidden[s:s + 50]))
+        mean_distance = float(d2.sqrt().sum() / (50 * 49))
+        distances.append(mean_distance)
+        curves = curves + alignment_curve(d2, label_gram(torch.from_numpy(y[s:s + 50]), 0.1), grid * mean_distance)
+    expected = float(grid[int(torch.argmax(curves))]) * float(np.mean(distances))
+    assert first.sigma_optimal["h"] == pytest.approx(expected, rel=1e-12)
+    assert first.sigma_used["h"] == first.sigma_optimal["h"]
+    # sigma_x defaults to the mean pairwise input distance
+    input_distances = [float(pairwise_sq_distances(torch.from_numpy(x[s:s + 50])).sqrt().sum() / (50 * 49))
+                       for s in range(0, 300, 50)]
+    assert first.sigma_x_used["input"] == pytest.approx(np.mean(input_distances), rel=1e-12)
+    # the next checkpoint smooths: σ = 0.9 σ_prev + 0.1 σ*
+    shifted = make_batches({"h": hidden * 2.0}, y, batch_size=50, inputs=x)
+    second = build(shifted, batch_size=50, sigma_grid=50)
+    second.carry_over(first)
+    feed(second, shifted)
+    assert second.sigma_used["h"] == pytest.approx(0.9 * first.sigma_used["h"] + 0.1 * second.sigma_optimal["h"])
+
+
+def test_softmax_is_applied_to_the_model_output():
+    logits = torch.randn(10, 4, dtype=torch.float64)
+    output = TensorInfo("logits", "Gemm", "out", "float32", ("N", 4), True, role="output")
+    estimator = InformationPlane(InformationPlane.Params(sigma=1.0, sigma_x=1.0), [output])
+    torch.testing.assert_close(estimator._tensor_distances("logits", logits),
+                               pairwise_sq_distances(torch.softmax(logits, dim=1)))
+    plain = InformationPlane(InformationPlane.Params(sigma=1.0, sigma_x=1.0, softmax_output=False), [output])
+    torch.testing.assert_close(plain._tensor_distances("logits", logits), pairwise_sq_distances(logits))
+
+
+def test_incomplete_batches_are_not_used_and_warned():
+    _, _, _, batches = ip_batches(n=130, batch=65)
+    estimator = feed(build(batches, sigma=2.0, sigma_x=2.0, batch_size=50), batches)
+    (n_batches,) = {r["batches"] for r in estimator.finalize() if r["metric"] == "I_XT"}
+    assert n_batches == 2
+    assert any("30 samples outside full batches of 50" in w for w in estimator.collect_warnings())
+
+
+@pytest.mark.parametrize("sigma", [3.0, "alignment"])
+def test_conformance(sigma):
+    _, _, _, batches = ip_batches(n=200, batch=50)
+    check_conformance(lambda: build(batches, sigma=sigma, batch_size=50, sigma_grid=40), batches, rtol=1e-9, atol=1e-9)
+
+
+def test_spec_run_over_checkpoints(tmp_path):
+    spec = {"model": {"source": "demo:digits-mlp", "checkpoints": ["epoch_01", "epoch_05", "epoch_10"]},
+            "data": {"source": "digits", "split": "train", "limit": 400},
+            "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 60}}],
+            "outputs": {"dir": str(tmp_path / "ip"), "formats": ["json", "plots"]}}
+    results = layerscope.run(spec, progress=False)
+    assert [m["label"] for m in results.models] == ["epoch_01", "epoch_05", "epoch_10"]
+    layers = {r["layer"] for r in results.select(metric="I_XT")}
+    assert layers == {"relu1", "relu2", "relu3", "out"}
+    for record in results.select(metric="I_TY"):
+        assert 0 <= record["value"] <= math.log2(10) + 1e-9
+    for record in results.select(metric="I_XT"):
+        assert 0 <= record["value"] <= math.log2(100) + 1e-9
+    sigmas = {r["model"]: r["value"] for r in results.select(metric="sigma", layer="relu1")}
+    optimal = {r["model"]: r["value"] for r in results.select(metric="sigma_optimal", layer="relu1")}
+    assert sigmas["epoch_05"] == pytest.approx(0.9 * sigmas["epoch_01"] + 0.1 * optimal["epoch_05"])
+    assert (tmp_path / "ip" / "plots" / "ip.png").stat().st_size > 10_000
+    assert "plots/ip.svg" in results.artifacts
+
+
+def test_needs_labels(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((10, 64), np.float32))
+    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "npz", "path": str(tmp_path / "d.npz")},
+            "analyses": [{"id": "ip", "estimator": "information_plane"}]}
+    with pytest.raises(layerscope.UserError, match="needs labels"):
+        layerscope.run(spec, write=False, progress=False)

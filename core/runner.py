@@ -129,7 +129,8 @@ class Runner:
     def _fetch(self, session, x: np.ndarray, names: list[str]) -> dict[str, torch.Tensor]:
         binding = session.io_binding()
         binding.bind_cpu_input(self.input.name, x)
-        device_type = "cuda" if self.provider == CUDA else "cpu"
+        # outputs stay on the GPU when torch can take them there; a CPU-only torch gets host copies
+        device_type = "cuda" if self.provider == CUDA and torch.cuda.is_available() else "cpu"
         for name in names:
             binding.bind_output(name, device_type)
         session.run_with_iobinding(binding)

@@ -135,15 +135,17 @@ class InformationPlane(Estimator):
         if batch.labels is None:
             raise ValueError("information_plane needs labels")
         final_pass = self.pass_index == self.passes - 1
+        device = next(iter(batch.tensors.values())).device  # the runner's device (CUDA tensors stay there)
         for chunk, chunk_start in self._chunks(batch):
-            labels = batch.labels[chunk].to(batch.inputs.device)
+            labels = batch.labels[chunk].to(device)
             if final_pass:
                 self._estimate(batch, chunk, chunk_start, labels)
             else:
                 self._collect_widths(batch, chunk, chunk_start, labels)
 
     def _collect_widths(self, batch: TensorBatch, chunk: slice, chunk_start: int, labels: torch.Tensor) -> None:
-        self.input_distances[chunk_start] = mean_pairwise_distance(pairwise_sq_distances(batch.inputs[chunk]))
+        self.input_distances[chunk_start] = mean_pairwise_distance(
+            pairwise_sq_distances(batch.inputs[chunk].to(labels.device)))
         if self.params.sigma != "alignment":
             return
         label_kernel = label_gram(labels, self.params.sigma_y)
@@ -180,11 +182,12 @@ class InformationPlane(Estimator):
         p = self.params
         cache = getattr(self, "_cache_chunk", None)
         if cache is None or cache[0] != chunk_start:
-            a_x = normalise(gaussian_gram(pairwise_sq_distances(batch.inputs[chunk]), self.sigma_x_used[INPUT_KEY]))
+            inputs = batch.inputs[chunk].to(labels.device)
+            a_x = normalise(gaussian_gram(pairwise_sq_distances(inputs), self.sigma_x_used[INPUT_KEY]))
             a_y = normalise(label_gram(labels, p.sigma_y))
             cache = (chunk_start, a_x, a_y, renyi_entropy(a_x, p.alpha), renyi_entropy(a_y, p.alpha))
             self._cache_chunk = cache
-            self.reference_entropies[chunk_start] = torch.tensor(cache[3:], dtype=torch.float64)
+            self.reference_entropies[chunk_start] = torch.tensor(cache[3:], dtype=torch.float64)  # on the CPU
         _, a_x, a_y, h_x, h_y = cache
         for name, values in batch.tensors.items():
             sigma = self.sigma_used.get(name)

@@ -37,7 +37,12 @@ def build_estimators(plan: RunPlan, loaded: LoadedModel) -> tuple[list[tuple[str
         except UserError as error:
             path = ("analyses", planned.index, "on") if planned.section.on else ("analyses", planned.index, "estimator")
             raise UserError(f"{plan.where(*path)}: {error} (model {loaded.label})") from None
-        built.append((planned.section.id, planned.estimator_class(planned.params, chosen)))
+        estimator = planned.estimator_class(planned.params, chosen)
+        try:
+            estimator.bind_graph(tensors)
+        except UserError as error:
+            raise UserError(f"{plan.where('analyses', planned.index, 'on')}: {error} (model {loaded.label})") from None
+        built.append((planned.section.id, estimator))
     return built, tensors
 
 
@@ -46,17 +51,18 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
     """One pass over the data for *active* estimators; returns (provider that ran, fetch groups)."""
     spec = plan.spec
     atomic = list(dict.fromkeys(group for _, est in active for group in est.fetch_groups()))
-    splittable = ({name for _, est in active if not est.per_batch for name in est.tensors}
-                  - {name for _, est in active if est.per_batch for name in est.tensors})
+    splittable = ({name for _, est in active if not est.per_batch for group in est.fetch_groups() for name in group}
+                  - {name for _, est in active if est.per_batch for group in est.fetch_groups() for name in group})
     runner = Runner(loaded.proto, tensors, atomic, spec.runtime.device, spec.runtime.memory_budget,
                     spec.data.batch_size, splittable)
+    wanted = [{name for group in est.fetch_groups() for name in group} for _, est in active]
     for batch_index, (start, x, y) in enumerate(iter_batches(plan.data, order, spec.data.batch_size)):
         x = runner.prepare(x)
         inputs = torch.from_numpy(x)
         labels = torch.from_numpy(np.asarray(y)) if y is not None else None
         for part, fetched in runner.run(x):
-            for _, estimator in active:
-                mine = {name: value for name, value in fetched.items() if name in estimator.tensors}
+            for (_, estimator), names in zip(active, wanted):
+                mine = {name: value for name, value in fetched.items() if name in names}
                 if mine:
                     estimator.update(TensorBatch(mine, inputs[part], None if labels is None else labels[part],
                                                  start + (part.start or 0)))

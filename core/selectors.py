@@ -2,8 +2,9 @@
 
 A selector names tensors by ONNX tensor name (``name``), by a shell-style pattern over
 tensor or layer names (``glob``), by the user's layer name (``layer``), by the op type
-that produces them (``op_type``) or by their ``role`` in the graph (``input``,
-``output``, ``intermediate``). Keys given together must all match (AND); a list within
+that produces them (``op_type``), by their ``role`` in the graph (``input``,
+``output``, ``intermediate``) or as the ``activation: output`` / ``activation: input`` of an
+activation function, single op or decomposed pattern (:mod:`layerscope.activations`). Keys given together must all match (AND); a list within
 one key matches any of its entries (OR); a list of selectors selects the union, in
 graph order. ``"all"`` selects every observable tensor.
 """
@@ -35,11 +36,13 @@ class SelectorSpec(BaseModel):
     layer: str | list[str] | None = None
     op_type: str | list[str] | None = None
     role: Literal["input", "output", "intermediate"] | list[Literal["input", "output", "intermediate"]] | None = None
+    activation: Literal["input", "output"] | None = None
 
     @model_validator(mode="after")
     def _not_empty(self) -> "SelectorSpec":
-        if not any(getattr(self, key) for key in ("name", "glob", "layer", "op_type", "role")):
-            raise ValueError("a selector needs at least one of name, glob, layer, op_type, role (or use 'all')")
+        if not any(getattr(self, key) for key in ("name", "glob", "layer", "op_type", "role", "activation")):
+            raise ValueError("a selector needs at least one of name, glob, layer, op_type, role, activation "
+                             "(or use 'all')")
         return self
 
     def describe(self) -> str:
@@ -52,8 +55,11 @@ def _as_list(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def matches(selector: SelectorSpec, tensor: "TensorInfo") -> bool:
-    """True when *tensor* satisfies every key of *selector*."""
+def matches(selector: SelectorSpec, tensor: "TensorInfo", activation_ends: set[str] | None = None) -> bool:
+    """True when *tensor* satisfies every key of *selector* (*activation_ends*: the tensors an
+    ``activation`` key accepts)."""
+    if selector.activation and tensor.name not in (activation_ends or set()):
+        return False
     names, globs = _as_list(selector.name), _as_list(selector.glob)
     layers, op_types = _as_list(selector.layer), _as_list(selector.op_type)
     if names and tensor.name not in names:
@@ -100,7 +106,12 @@ def resolve(selector: Selection, tensors: Sequence["TensorInfo"], strict: bool =
         if not chosen:
             raise UserError("selector 'all' matches no observable tensor")
         return chosen
-    matched = [t for t in tensors if matches(selector, t)]
+    ends = None
+    if selector.activation:
+        from .activations import find_activations
+
+        ends = {getattr(a, selector.activation) for a in find_activations(tensors)}
+    matched = [t for t in tensors if matches(selector, t, ends)]
     chosen = [t for t in matched if t.observable]
     if chosen:
         return chosen

@@ -1,0 +1,117 @@
+"""The affinity score of Bouniot et al. (CVPR 2025; arXiv 2310.11439), as pure functions.
+
+For samples X of an activation's input and Y = φ(X) of its output (n × d):
+
+1. Gaussian fits N(m_x, Σ_x), N(m_y, Σ_y): sample means, unbiased covariances + 1e-6·I
+   (or Ledoit–Wolf shrinkage);
+2. the closed-form Monge map T(x) = m_y + A(x − m_x) with
+   A = Σ_y^{1/2} (Σ_y^{1/2} Σ_x Σ_y^{1/2})^{−1/2} Σ_y^{1/2} (symmetric PSD; the reference
+   code's form, which needs only Σ_y well conditioned); A = 0 when tr Σ_y ≤ 2e-6·d;
+3. W2² between the empirical measures {T(x_i)} and {y_i}, uniform weights, exact;
+4. ρ_aff = 1 − sqrt(W2² / (2 tr Σ_y)).
+
+Matrix square roots come from float64 symmetric eigendecompositions; non-positive
+eigenvalues are replaced by small distinct constants linspace(1e-7, 1e-6, k) as in the
+reference ``torch_sqrtm``. Side metrics as logged by the reference: linear CKA, R² of a
+least-squares fit, sparsity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+JITTER = 1e-6
+DEGENERATE_TRACE = 2e-6  # per dimension
+
+
+def _eigen_power(matrix: np.ndarray, power: float) -> np.ndarray:
+    """matrix^power for a symmetric PSD matrix (float64 eigh; non-positive eigenvalues → tiny constants)."""
+    eigenvalues, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    bad = eigenvalues <= 0
+    if bad.any():
+        eigenvalues = eigenvalues.copy()
+        eigenvalues[bad] = np.linspace(1e-7, 1e-6, int(bad.sum()))
+    return (vectors * eigenvalues**power) @ vectors.T
+
+
+def sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
+    """Σ^{1/2} of a symmetric PSD matrix."""
+    return _eigen_power(matrix, 0.5)
+
+
+def inv_sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
+    """Σ^{−1/2} of a symmetric PSD matrix."""
+    return _eigen_power(matrix, -0.5)
+
+
+def covariance(samples: np.ndarray, method: str = "empirical") -> np.ndarray:
+    """Unbiased sample covariance + 1e-6·I, or sklearn's Ledoit–Wolf shrinkage estimate + 1e-6·I."""
+    if method == "ledoit_wolf":
+        from sklearn.covariance import LedoitWolf
+
+        cov = LedoitWolf().fit(samples).covariance_
+    else:
+        cov = np.atleast_2d(np.cov(samples, rowvar=False, ddof=1))
+    return cov + JITTER * np.eye(cov.shape[0])
+
+
+def degenerate_output(cov_y: np.ndarray) -> bool:
+    """True when the output is (nearly) constant: tr Σ_y ≤ 2e-6·d (the reference code's test)."""
+    return bool(np.trace(cov_y) <= DEGENERATE_TRACE * cov_y.shape[0])
+
+
+def monge_map(cov_x: np.ndarray, cov_y: np.ndarray) -> np.ndarray:
+    """A = Σ_y^{1/2} (Σ_y^{1/2} Σ_x Σ_y^{1/2})^{−1/2} Σ_y^{1/2}; zero for a (near-)constant output."""
+    if degenerate_output(cov_y):
+        return np.zeros_like(cov_y)
+    root_y = sqrtm_psd(cov_y)
+    return root_y @ inv_sqrtm_psd(root_y @ cov_x @ root_y) @ root_y
+
+
+def exact_w2_squared(source: np.ndarray, target: np.ndarray, solver: str = "emd") -> float:
+    """Exact W2² between two equal-size empirical measures with uniform weights.
+
+    ``emd``: POT's network simplex (``ot.emd2``); ``assignment``: scipy's linear sum
+    assignment, exact here because the optimal plan between equal uniform measures is a
+    permutation.
+    """
+    import ot
+
+    cost = ot.dist(source, target)  # squared Euclidean
+    if solver == "assignment":
+        from scipy.optimize import linear_sum_assignment
+
+        rows, cols = linear_sum_assignment(cost)
+        return float(cost[rows, cols].mean())
+    weights = np.full(len(source), 1.0 / len(source))
+    return float(ot.emd2(weights, weights, cost, numItermax=10_000_000))
+
+
+def affinity_score(x: np.ndarray, y: np.ndarray, covariance_method: str = "empirical",
+                   solver: str = "emd") -> tuple[float, bool]:
+    """(ρ_aff, degenerate) for input samples *x* and output samples *y* (n × d each)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    cov_x, cov_y = covariance(x, covariance_method), covariance(y, covariance_method)
+    a = monge_map(cov_x, cov_y)
+    mapped = y.mean(axis=0) + (x - x.mean(axis=0)) @ a  # A is symmetric
+    w2 = exact_w2_squared(mapped, y, solver)
+    return 1.0 - float(np.sqrt(w2 / (2.0 * np.trace(cov_y)))), not a.any()
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA: ‖Yᶜᵀ Xᶜ‖_F² / (‖Xᶜᵀ Xᶜ‖_F ‖Yᶜᵀ Yᶜ‖_F) on column-centred samples."""
+    xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+    denominator = np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)
+    return float(np.linalg.norm(yc.T @ xc) ** 2 / denominator) if denominator > 0 else 0.0
+
+
+def linear_r2(x: np.ndarray, y: np.ndarray) -> float:
+    """R² (uniform average over outputs) of sklearn's LinearRegression from *x* to *y*."""
+    from sklearn.linear_model import LinearRegression
+
+    return float(LinearRegression().fit(x, y).score(x, y))
+
+
+def sparsity(y: np.ndarray, tolerance: float = 1e-3) -> float:
+    """Fraction of output values with |y| ≤ 1e-3."""
+    return float((np.abs(y) <= tolerance).mean())

@@ -1,0 +1,147 @@
+"""Estimator ``nonlinearity_signature``: the affinity score of every activation function.
+
+Method: Bouniot, Redko, Mallasto, Laclau, Struckmeier, Arndt, Habrard, "From Alexnet to
+Transformers: Measuring the Non-linearity of Deep Neural Networks with Affine Optimal
+Transport" (CVPR 2025; arXiv 2310.11439), after the authors' code (methods.md §4); the
+maths is in :mod:`layerscope.plugins.affinity`.
+
+Every selected activation (default: every activation function, single op or decomposed
+pattern, see :mod:`layerscope.activations`) is paired with its input. The first
+``samples`` samples of the stream (2048, the reference batch; accumulated across data
+batches, kept by sample index so shards merge exactly) are reduced as the reference
+does — 4-D (N,C,H,W) averaged over H×W, 3-D averaged over ``reduce_axis`` (default the
+last axis, i.e. tokens become the features, as in the reference code), 2-D as is — and
+ρ_aff is computed once per activation. The ordered scores are the network's
+non-linearity signature. Side metrics: ``linear_cka``, ``r2`` (least-squares fit),
+``sparsity``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from layerscope import Estimator, TensorBatch, hookimpl
+from layerscope.activations import Activation, find_activations
+from layerscope.errors import UserError
+
+from .affinity import affinity_score, covariance, degenerate_output, linear_cka, linear_r2, sparsity
+
+
+class NonlinearitySignatureParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    samples: int = Field(2048, ge=3, description="samples per activation (the first ones of the stream)")
+    reduce_axis: Literal[1, 2, -1] = Field(-1, description="axis averaged away for 3-D tensors")
+    covariance: Literal["empirical", "ledoit_wolf"] = "empirical"
+    solver: Literal["emd", "assignment"] = Field("emd", description="exact OT: POT's ot.emd2 or scipy's assignment")
+
+
+def reduce_features(values: torch.Tensor, reduce_axis: int) -> torch.Tensor:
+    """(N, features): 4-D and higher averaged over the spatial axes, 3-D over *reduce_axis*, 2-D as is."""
+    if values.ndim >= 4:
+        return values.flatten(2).mean(dim=2)
+    if values.ndim == 3:
+        return values.mean(dim=reduce_axis)
+    return values.reshape(values.shape[0], -1)
+
+
+class NonlinearitySignature(Estimator):
+    """Affinity score ρ_aff of every activation, in forward order."""
+
+    name = "nonlinearity_signature"
+    Params = NonlinearitySignatureParams
+    default_selector = {"activation": "output"}
+
+    def setup(self) -> None:
+        self.pairs: list[Activation] = []
+        self.add_state("kept", {}, self._keep_first)  # output -> (sample indices, x rows, y rows)
+
+    def _keep_first(self, a: tuple, b: tuple) -> tuple:
+        """Merge two sample sets keeping the ``samples`` lowest sample indices (order-free)."""
+        indices, x, y = (torch.cat([p, q]) for p, q in zip(a, b))
+        order = torch.argsort(indices)[: self.params.samples]
+        return indices[order], x[order], y[order]
+
+    def bind_graph(self, tensors) -> None:
+        activations = {a.output: a for a in find_activations(tensors)}
+        unknown = [name for name in self.tensors if name not in activations]
+        if unknown:
+            raise UserError(f"nonlinearity_signature needs activation outputs; not an activation output: "
+                            f"{', '.join(unknown)}")
+        self.pairs = sorted((activations[name] for name in self.tensors), key=lambda a: a.order)
+
+    def fetch_groups(self) -> list[tuple[str, ...]]:
+        return [(pair.input, pair.output) for pair in self.pairs]
+
+    def update(self, batch: TensorBatch) -> None:
+        for pair in self.pairs:
+            if pair.output not in batch.tensors:
+                continue
+            stored = self.kept.get(pair.output)
+            if stored is not None and len(stored[0]) >= self.params.samples and stored[0].max() < batch.start:
+                continue  # already holds the first `samples` samples
+            x = reduce_features(batch.tensors[pair.input], self.params.reduce_axis).to(torch.float64).cpu()
+            y = reduce_features(batch.tensors[pair.output], self.params.reduce_axis).to(torch.float64).cpu()
+            indices = torch.arange(batch.start, batch.start + len(x))
+            if stored is None:
+                stored = (indices[:0], x[:0], y[:0])
+            self.kept[pair.output] = self._keep_first(stored, (indices, x, y))
+
+    def finalize(self) -> list[dict]:
+        p = self.params
+        records = []
+        for position, pair in enumerate(self.pairs):
+            if pair.output not in self.kept:
+                continue
+            _, x, y = (t.numpy() for t in self.kept[pair.output])
+            score, _ = affinity_score(x, y, p.covariance, p.solver)
+            keys = {"op_type": pair.kind, "position": position, "samples": len(x), "input_tensor": pair.input}
+            records.append(self.record(pair.output, "affinity_score", score, "", **keys))
+            records.append(self.record(pair.output, "linear_cka", linear_cka(x, y), "", **keys))
+            records.append(self.record(pair.output, "r2", linear_r2(x, y), "", **keys))
+            records.append(self.record(pair.output, "sparsity", sparsity(y), "", **keys))
+        return records
+
+    def collect_warnings(self) -> list[str]:
+        warnings = super().collect_warnings()
+        counts = {len(self.kept[pair.output][0]) for pair in self.pairs if pair.output in self.kept}
+        if counts and min(counts) < self.params.samples:
+            warnings.append(f"only {min(counts)} of the {self.params.samples} requested samples were available")
+        for pair in self.pairs:
+            if pair.output in self.kept:
+                if degenerate_output(covariance(self.kept[pair.output][2].numpy(), self.params.covariance)):
+                    warnings.append(f"{pair.layer}: the output is nearly constant (tr Σ_Y ≤ 2e-6·d); as in the "
+                                    "reference code the map is set to 0, so the score reflects only the output's spread")
+        return warnings
+
+    @classmethod
+    def plot(cls, records: list[dict]):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        scores = [r for r in records if r["metric"] == "affinity_score"]
+        figure, axes = plt.subplots(figsize=(max(6.4, 0.45 * len({r["position"] for r in scores}) + 2), 4.0),
+                                    layout="constrained")
+        for model in dict.fromkeys(r["model"] for r in scores):
+            mine = sorted((r for r in scores if r["model"] == model), key=lambda r: r["position"])
+            axes.plot([r["position"] for r in mine], [r["value"] for r in mine], marker="o", label=str(model))
+        first = sorted({(r["position"], f"{r['layer']} ({r['op_type']})") for r in scores})
+        axes.set_xticks([p for p, _ in first], [label for _, label in first], rotation=45, ha="right",
+                        fontsize="small")
+        axes.set_ylim(min(0.0, min((r["value"] for r in scores), default=0.0)), 1.02)
+        axes.set_xlabel("activation (forward order)")
+        axes.set_ylabel("affinity score ρ_aff")
+        axes.set_title("Non-linearity signature")
+        if len({r["model"] for r in scores}) > 1:
+            axes.legend(fontsize="small")
+        return figure
+
+
+@hookimpl
+def register_estimators(register):
+    register(NonlinearitySignature)

@@ -49,10 +49,12 @@ def sample_order(length: int, limit: int | None, shuffle: bool, seed: int) -> np
     return order[:limit] if limit is not None else order
 
 
-def iter_batches(source: DataSource, order: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-    """Yield ``(start, x, y)`` batches in *order*; NaN/Inf inputs are a user error."""
+def iter_batches(source: DataSource, order: np.ndarray, batch_size: int,
+                 lookahead: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Yield ``(start, x, y)`` batches in *order* (with up to *lookahead* samples of the next
+    batch appended); NaN/Inf inputs are a user error."""
     for start in range(0, len(order), batch_size):
-        x, y = source.read(order[start:start + batch_size])
+        x, y = source.read(order[start:start + batch_size + lookahead])
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0, 0])
             raise UserError(f"data source '{source.describe()}': sample {int(order[start + bad])} contains NaN or Inf")

@@ -16,7 +16,7 @@ import torch
 from . import __version__
 from .data import iter_batches, sample_order
 from .errors import UserError
-from .estimator import Estimator, TensorBatch
+from .estimator import DataBatch, Estimator, TensorBatch
 from .graph import describe_tensors
 from .model import Checkpoint, LoadedModel
 from .plan import RunPlan
@@ -60,6 +60,9 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
         x = runner.prepare(x)
         inputs = torch.from_numpy(x)
         labels = torch.from_numpy(np.asarray(y)) if y is not None else None
+        for (_, estimator), names in zip(active, wanted):
+            if not names:  # reads only the data this pass (e.g. to fit a basis)
+                estimator.update(TensorBatch({}, inputs, labels, start))
         for part, fetched in runner.run(x):
             for (_, estimator), names in zip(active, wanted):
                 mine = {name: value for name, value in fetched.items() if name in names}
@@ -70,6 +73,31 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
         progress.advance(len(x), f"{loaded.label}")
     for _, estimator in active:
         estimator.end_pass()
+    return runner.provider, len(runner.groups or [])
+
+
+def _feed_plan(plan: RunPlan, estimator: Estimator, loaded: LoadedModel, tensors, order: np.ndarray,
+               progress: Progress) -> tuple[str, int]:
+    """The input-plan pass of one estimator: its plan batches, evaluated by the runner."""
+    spec = plan.spec
+    model = estimator.transform_model(loaded.proto)
+    if model is not loaded.proto:
+        tensors = describe_tensors(model, loaded.layer_of)
+    groups = estimator.fetch_groups()
+    splittable = set() if estimator.per_batch else {name for group in groups for name in group}
+    runner = Runner(model, tensors, groups, spec.runtime.device, spec.runtime.memory_budget,
+                    estimator.plan_rows(spec.data.batch_size), splittable)
+    batches = iter_batches(plan.data, order, spec.data.batch_size, estimator.lookahead)
+    for batch_index, (start, x, y) in enumerate(batches):
+        size = min(spec.data.batch_size, len(order) - start)
+        for plan_batch in estimator.input_plan(DataBatch(x, y, start, size)):
+            rows = runner.prepare(plan_batch.inputs)
+            inputs = torch.from_numpy(rows)
+            for part, fetched in runner.run(rows):
+                estimator.update(TensorBatch(fetched, inputs[part], None, start, plan=plan_batch, rows=part))
+        plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=size)
+        progress.advance(size, f"{loaded.label} ({estimator.name})")
+    estimator.end_pass()
     return runner.provider, len(runner.groups or [])
 
 
@@ -90,9 +118,14 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
     passes = max(est.passes for _, est in estimators)
     provider, groups = "", []
     for pass_index in range(passes):
-        active = [(aid, est) for aid, est in estimators if est.passes > pass_index]
-        provider, group_count = _feed_pass(plan, active, tensors, loaded, order, progress)
-        groups.append(group_count)
+        planned = [est for _, est in estimators if est.reads_plan and est.passes == pass_index + 1]
+        active = [(aid, est) for aid, est in estimators if est.passes > pass_index and est not in planned]
+        if active:
+            provider, group_count = _feed_pass(plan, active, tensors, loaded, order, progress)
+            groups.append(group_count)
+        for estimator in planned:
+            provider, group_count = _feed_plan(plan, estimator, loaded, tensors, order, progress)
+            groups.append(group_count)
     records, warnings = [], []
     by_id = {p.section.id: p for p in plan.analyses}
     for analysis_id, estimator in estimators:

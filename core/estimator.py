@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
@@ -41,10 +42,33 @@ class TensorBatch:
     inputs: torch.Tensor
     labels: torch.Tensor | None = None
     start: int = 0
+    #: For estimators that evaluate their own input plan: the :class:`PlanBatch` these rows
+    #: belong to and which of its rows they are (the runner may split a plan batch).
+    plan: "PlanBatch | None" = None
+    rows: slice | None = None
 
     @property
     def size(self) -> int:
         return int(self.inputs.shape[0])
+
+
+@dataclass
+class DataBatch:
+    """A batch of the data stream as an input plan sees it: ``x``/``y`` hold the batch's
+    ``size`` samples followed by up to ``lookahead`` samples of the next batch."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    start: int
+    size: int
+
+
+@dataclass
+class PlanBatch:
+    """Model inputs an estimator asks the runner to evaluate, with what it needs to read the outputs."""
+
+    inputs: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _combine(a: Any, b: Any, reduction: Reduction) -> Any:
@@ -93,6 +117,11 @@ class Estimator:
     per_batch: ClassVar[bool] = False
     #: Number of passes over the data (e.g. 2 when a first pass finds histogram ranges).
     passes: ClassVar[int] = 1
+    #: True when the last pass evaluates the estimator's own inputs (:meth:`input_plan`)
+    #: instead of reading the model's tensors on the data; ``lookahead`` extra samples of
+    #: the next batch come with every data batch.
+    reads_plan: ClassVar[bool] = False
+    lookahead: ClassVar[int] = 0
     #: Set when the method was reconstructed rather than checked against the paper/code.
     reconstructed: ClassVar[str | None] = None
 
@@ -133,6 +162,19 @@ class Estimator:
     def fetch_groups(self) -> list[tuple[str, ...]]:
         """Tensors that must arrive in the same batch; by default each tensor on its own."""
         return [(name,) for name in self.tensors]
+
+    # --- input plans (estimators with ``reads_plan``) ------------------------------
+    def transform_model(self, model):
+        """The model the plan is evaluated on (e.g. with a layer prepended); the model itself by default."""
+        return model
+
+    def input_plan(self, data: DataBatch):
+        """Yield :class:`PlanBatch` objects of inputs derived from one data batch."""
+        raise NotImplementedError
+
+    def plan_rows(self, batch_size: int) -> int:
+        """The largest number of rows one plan batch has, for memory planning."""
+        return batch_size
 
     # --- lifecycle ---------------------------------------------------------------
     def update(self, batch: TensorBatch) -> None:
@@ -187,4 +229,4 @@ class Estimator:
                 "value": float(value), "unit": unit, **keys}
 
 
-__all__ = ["Estimator", "NoParams", "TensorBatch"]
+__all__ = ["DataBatch", "Estimator", "NoParams", "PlanBatch", "TensorBatch"]

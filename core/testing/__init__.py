@@ -17,10 +17,10 @@ from .conformance import (
     feed,
     run_sharded,
 )
-from .samplers import exact_on_pattern, make_batches, tensor_infos
+from .samplers import exact_on_pattern, make_batches, plan_batches, tensor_infos
 
 __all__ = [
     "assert_records_close", "check_conformance", "check_finalize_idempotent", "check_merge_order",
     "check_pickle_roundtrip", "check_streaming_equals_one_shot", "exact_on_pattern", "feed", "make_batches",
-    "run_sharded", "tensor_infos",
+    "plan_batches", "run_sharded", "tensor_infos",
 ]

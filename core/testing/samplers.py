@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from ..estimator import TensorBatch
+from ..estimator import DataBatch, Estimator, TensorBatch
 from ..graph import TensorInfo
 
 
@@ -44,3 +44,21 @@ def exact_on_pattern(on_fractions: list[float], samples: int, seed: int = 0) -> 
         column[: int(round(fraction * samples))] = 1.0
         columns.append(rng.permutation(column))
     return np.stack(columns, axis=1)
+
+
+def plan_batches(estimator: Estimator, x: np.ndarray, y: np.ndarray | None, function, batch_size: int = 32,
+                 parts: int = 1) -> list[TensorBatch]:
+    """Evaluate *estimator*'s input plan over data *x* (labels *y*) with *function* (rows → dict of
+    named output arrays), as the engine does; each plan batch is delivered in *parts* row slices."""
+    batches = []
+    for start in range(0, len(x), batch_size):
+        stop = start + batch_size + estimator.lookahead
+        data = DataBatch(x[start:stop], None if y is None else y[start:stop], start, min(batch_size, len(x) - start))
+        for plan in estimator.input_plan(data):
+            outputs = function(plan.inputs)
+            edges = np.linspace(0, len(plan.inputs), parts + 1).astype(int)
+            for begin, end in zip(edges[:-1], edges[1:]):
+                batches.append(TensorBatch(
+                    tensors={name: torch.as_tensor(np.ascontiguousarray(v[begin:end])) for name, v in outputs.items()},
+                    inputs=torch.as_tensor(plan.inputs[begin:end]), start=start, plan=plan, rows=slice(begin, end)))
+    return batches

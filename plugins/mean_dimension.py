@@ -1,0 +1,266 @@
+"""Estimator ``mean_dimension``: given-data total indices and the mean dimension, layer by layer.
+
+Method: Hahn, Feinauer & Borgonovo, "The Mean Dimension of Neural Networks" (arXiv
+2207.04890), after the authors' code (methods.md §2); maths in
+:mod:`layerscope.plugins.sensitivity`.
+
+The data stream (shuffled with the run's seed) is walked in consecutive pairs
+(x_j, x_{j+1}), j < ``pairs``; for every pair and feature group u the network is
+evaluated on x_j and on x_j with u taken from x_{j+1}. These inputs are this
+estimator's *input plan*: the runner evaluates them in large batches (at most
+``plan_rows`` rows) with the same session and memory budget, and every selected tensor
+(any layer) comes back in the same pass. Each data batch carries the first sample of the
+next one, so pairs across batch boundaries are kept and shards of whole batches merge
+exactly.
+
+``basis: pca`` perturbs uncorrelated principal components instead: a first pass fits
+PCA on the standardised inputs, and the model is rewritten with the inverse-PCA layer
+(:mod:`layerscope.adapters.inverse_pca`) — the network is not retrained. ``nll: true``
+adds the per-sample loss −log softmax(output)[label] as an output of its own (the
+reference's heatmap target).
+
+Records: ``mean_dimension`` per tensor (the mean over its output nodes of Σ_u T_u; nodes
+with zero variance are left out), ``total_index`` per feature group (mean over nodes, with
+``feature`` and its ``position`` in the input), and with ``per_node`` the per-node values.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from layerscope import ACTIVATION_OPS, Estimator, TensorBatch, hookimpl
+from layerscope.errors import UserError
+from layerscope.estimator import DataBatch, PlanBatch
+
+from .sensitivity import FeatureGroups, feature_groups, perturbed_rows, total_indices
+
+NLL = "nll"
+RELATIVE_VARIANCE_FLOOR = 1e-10  # nodes whose Var f is below this fraction of the largest are constant
+
+
+class MeanDimensionParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pairs: int = Field(1000, ge=2, description="consecutive pairs walked")
+    features: str = Field("pixels", description="elements | pixels | channels | patches:k")
+    estimator: Literal["variance", "half_mean_square"] = "variance"
+    basis: Literal["input", "pca"] = "input"
+    nll: bool = Field(False, description="also the per-sample loss of the model output against the labels")
+    per_node: bool = False
+    plan_rows: int = Field(8192, ge=1, description="largest number of rows in one evaluation of the plan")
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, value: str) -> str:
+        if value in ("elements", "pixels", "channels"):
+            return value
+        if value.startswith("patches:") and value.split(":", 1)[1].isdigit() and int(value.split(":", 1)[1]) > 0:
+            return value
+        raise ValueError("features must be elements, pixels, channels or patches:k (k a positive integer)")
+
+    @model_validator(mode="after")
+    def _pca_features(self):
+        if self.basis == "pca" and self.features not in ("elements", "pixels"):
+            raise ValueError("basis: pca perturbs principal components one by one; use features: elements")
+        return self
+
+
+class MeanDimension(Estimator):
+    """Given-data total indices and mean dimension of every selected tensor."""
+
+    name = "mean_dimension"
+    Params = MeanDimensionParams
+    default_selector = [{"op_type": list(ACTIVATION_OPS)}, {"role": "output"}]
+    reads_plan = True
+    lookahead = 1
+
+    @classmethod
+    def passes_for(cls, params) -> int:
+        return 2 if params.basis == "pca" else 1
+
+    def setup(self) -> None:
+        self.groups: FeatureGroups | None = None
+        self.output_name: str | None = None
+        self.pca = None
+        self.add_state("moments", {}, "sum")  # PCA fit: count, Σx, Σxxᵀ (reset once fitted)
+        for name in ("counts", "f_sums", "f_squares", "delta_sums", "delta_squares"):
+            self.add_state(name, {}, "sum")
+
+    # --- declaration -----------------------------------------------------------------
+    def bind_graph(self, tensors) -> None:
+        model_input = next(t for t in tensors if t.role == "input")
+        shape = tuple(model_input.shape[1:]) if model_input.shape is not None else ()
+        if not shape or not all(isinstance(d, int) for d in shape):
+            raise UserError(f"mean_dimension needs a static input shape, not {model_input.shape}")
+        self.sample_shape = shape
+        outputs = [t for t in tensors if t.role == "output"]
+        self.output_name = outputs[0].name if outputs else None
+        if self.params.basis == "input":
+            try:
+                self.groups = feature_groups(shape, self.params.features)
+            except ValueError as error:
+                raise UserError(str(error)) from None
+
+    def fetch_groups(self) -> list[tuple[str, ...]]:
+        if self.pass_index < self.passes - 1:
+            return []  # the PCA pass reads the data only
+        names = list(self.tensors)
+        if self.params.nll and self.output_name and self.output_name not in names:
+            names.append(self.output_name)
+        return [(name,) for name in names]
+
+    def plan_rows(self, batch_size: int) -> int:
+        return min(self.params.plan_rows, batch_size * (len(self.groups) + 1))
+
+    # --- the PCA pass ------------------------------------------------------------------
+    def update(self, batch: TensorBatch) -> None:
+        if batch.plan is None:
+            self._collect_moments(batch.inputs)
+            return
+        for name, values in batch.tensors.items():
+            f = values.reshape(values.shape[0], -1).to(torch.float64).cpu()
+            if name in self.tensors:
+                self._accumulate(name, f, batch)
+            if self.params.nll and name == self.output_name:
+                self._accumulate(NLL, self._nll(f, batch), batch)
+
+    def _collect_moments(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(inputs.shape[0], -1).to(torch.float64).cpu()
+        update = {"count": torch.tensor(float(len(x)), dtype=torch.float64), "total": x.sum(0), "outer": x.T @ x}
+        for key, value in update.items():
+            self.moments[key] = self.moments[key] + value if key in self.moments else value
+
+    def end_pass(self) -> None:
+        if self.pass_index < self.passes - 1 and self.params.basis == "pca":
+            from layerscope.adapters.inverse_pca import fit_standardised_pca
+
+            m = self.moments
+            self.pca = fit_standardised_pca(float(m["count"]), m["total"].numpy(), m["outer"].numpy())
+            self.groups = feature_groups((len(self.pca.mean),), "elements")
+            self.moments = {}
+        super().end_pass()
+
+    def transform_model(self, model):
+        if self.params.basis != "pca":
+            return model
+        from layerscope.adapters.inverse_pca import prepend_inverse_pca
+
+        return prepend_inverse_pca(model, self.pca)
+
+    # --- the plan --------------------------------------------------------------------------
+    def input_plan(self, data: DataBatch):
+        """Per data batch: base rows x_j of every pair, then x_j with each group from x_{j+1}."""
+        x = data.x.reshape(len(data.x), -1).astype(np.float64)
+        if self.pca is not None:
+            x = self.pca.transform(x)
+        local = np.arange(data.size)
+        local = local[(data.start + local < self.params.pairs) & (local + 1 < len(x))]
+        per_chunk = max(1, self.params.plan_rows // (len(self.groups) + 1))
+        for begin in range(0, len(local), per_chunk):
+            pairs = local[begin:begin + per_chunk]
+            base, neighbours = x[pairs], x[pairs + 1]
+            rows = np.concatenate([base, perturbed_rows(base, neighbours, self.groups)]).astype(np.float32)
+            labels = None if data.y is None else np.asarray(data.y)[pairs]
+            yield PlanBatch(rows, {"pairs": len(pairs), "labels": labels})
+
+    def _nll(self, logits: torch.Tensor, batch: TensorBatch) -> torch.Tensor:
+        labels = batch.plan.meta["labels"]
+        if labels is None:
+            raise UserError("mean_dimension with nll: true needs labels in the data")
+        pair_of_row = self._pair_of_rows(batch)
+        targets = torch.as_tensor(labels, dtype=torch.int64)[pair_of_row]
+        return -torch.log_softmax(logits, dim=1).gather(1, targets[:, None])
+
+    def _pair_of_rows(self, batch: TensorBatch) -> torch.Tensor:
+        pairs = batch.plan.meta["pairs"]
+        rows = torch.arange(batch.rows.start, batch.rows.start + batch.size)
+        return torch.where(rows < pairs, rows, (rows - pairs) // len(self.groups))
+
+    def _accumulate(self, key: str, f: torch.Tensor, batch: TensorBatch) -> None:
+        """Fold rows of one plan batch into the sums: base rows give f, perturbed rows Δ = f − f(base)."""
+        pairs, groups = batch.plan.meta["pairs"], len(self.groups)
+        rows = torch.arange(batch.rows.start, batch.rows.start + len(f))
+        cache = getattr(self, "_cache_base", {})
+        self._cache_base = cache
+        if cache.get(key, (None,))[0] is not batch.plan:
+            cache[key] = (batch.plan, torch.zeros(pairs, f.shape[1], dtype=torch.float64))
+        base = cache[key][1]
+        is_base = rows < pairs
+        if is_base.any():
+            base_rows = f[is_base]
+            base[rows[is_base]] = base_rows
+            self._add("counts", key, torch.tensor(float(len(base_rows)), dtype=torch.float64))
+            self._add("f_sums", key, base_rows.sum(0))
+            self._add("f_squares", key, (base_rows**2).sum(0))
+        if (~is_base).any():
+            offset = rows[~is_base] - pairs
+            delta = f[~is_base] - base[offset // groups]
+            group = offset % groups
+            zeros = torch.zeros(groups, f.shape[1], dtype=torch.float64)
+            self._add("delta_sums", key, zeros.index_add(0, group, delta))
+            self._add("delta_squares", key, zeros.index_add(0, group, delta**2))
+
+    def _add(self, state: str, key: str, value: torch.Tensor) -> None:
+        store = getattr(self, state)
+        store[key] = store[key] + value if key in store else value
+
+    # --- results -------------------------------------------------------------------------
+    def _indices(self, key: str):
+        count = float(self.counts[key])
+        t, variance_f = total_indices(count, self.f_sums[key], self.f_squares[key], self.delta_sums[key],
+                                      self.delta_squares[key], self.params.estimator)
+        valid = variance_f > RELATIVE_VARIANCE_FLOOR * float(variance_f.max().clamp(min=0))
+        return t, valid, count
+
+    def finalize(self) -> list[dict]:
+        records = []
+        keys = [name for name in self.tensors if name in self.counts] + ([NLL] if NLL in self.counts else [])
+        for key in keys:
+            t, valid, count = self._indices(key)
+            if not bool(valid.any()):
+                continue
+            kept = t[:, valid]
+            common = {"pairs": int(count), "nodes": int(valid.sum())}
+            record = self._record_for(key)
+            records.append(record("mean_dimension", float(kept.sum(0).mean()), **common))
+            grid = list(self.groups.grid)
+            for u, position in enumerate(self.groups.positions):
+                records.append(record("total_index", float(kept[u].mean()), feature=u,
+                                      position=[int(p) for p in position], grid=grid, pairs=int(count)))
+            if self.params.per_node:
+                for node, value in zip(torch.nonzero(valid).flatten().tolist(), kept.sum(0).tolist()):
+                    records.append(record("node_mean_dimension", value, node=node, pairs=int(count)))
+        return records
+
+    def _record_for(self, key: str):
+        def make(metric: str, value: float, **keys):
+            built = self.record(key, metric, value, "", basis=self.params.basis, **keys)
+            if key == NLL:
+                built["layer"] = "loss (nll)"
+            return built
+        return make
+
+    def collect_warnings(self) -> list[str]:
+        warnings = super().collect_warnings()
+        for key in self.counts:
+            _, valid, count = self._indices(key)
+            if count < self.params.pairs:
+                warnings.append(f"{key}: only {int(count)} of the {self.params.pairs} pairs were available")
+            constant = int((~valid).sum())
+            if constant:
+                warnings.append(f"{key}: {constant} output nodes with zero variance left out of the mean dimension")
+        return list(dict.fromkeys(warnings))
+
+    @classmethod
+    def plot(cls, records: list[dict]):
+        from .mean_dimension_plot import plot_mean_dimension
+
+        return plot_mean_dimension(records)
+
+
+@hookimpl
+def register_estimators(register):
+    register(MeanDimension)

@@ -1,0 +1,203 @@
+"""Known answers (methods.md §2) through specs on small ONNX graphs, the PCA rewrite, and conformance."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import layerscope
+from layerscope.adapters.inverse_pca import fit_standardised_pca, prepend_inverse_pca
+from layerscope.graph import TensorInfo
+from layerscope.plugins.mean_dimension import MeanDimension
+from layerscope.plugins.sensitivity import feature_groups
+from layerscope.testing import check_conformance, feed, plan_batches
+
+from .conftest import tiny_mlp_proto
+
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def model_file(folder, name, nodes, features, initializers):
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", FLOAT, ["N", features])],
+                              [helper.make_tensor_value_info("y", FLOAT, None)], initializers)
+    path = folder / f"{name}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
+    return path
+
+
+def const(name, value):
+    return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+
+def columns(features):
+    nodes = [helper.make_node("Gather", ["x", f"i{k}"], [f"x{k + 1}"], axis=1) for k in range(features)]
+    return nodes, [numpy_helper.from_array(np.array([k], np.int64), f"i{k}") for k in range(features)]
+
+
+def run_md(tmp_path, model, samples, pairs, **params):
+    np.savez(tmp_path / "data.npz", x=samples.astype(np.float32))
+    spec = {"model": {"source": str(model)}, "data": {"source": "npz", "path": str(tmp_path / "data.npz"),
+                                                      "batch_size": 2000},
+            "analyses": [{"id": "md", "estimator": "mean_dimension", "on": {"role": "output"},
+                          "params": {"pairs": pairs, "features": "elements", **params}}]}
+    results = layerscope.run(spec, write=False, progress=False)
+    (md,) = results.select(metric="mean_dimension")
+    totals = [r["value"] for r in sorted(results.select(metric="total_index"), key=lambda r: r["feature"])]
+    return md["value"], totals
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_ishigami(tmp_path, rng):
+    nodes, inits = columns(3)
+    nodes += [helper.make_node("Sin", ["x1"], ["s1"]), helper.make_node("Sin", ["x2"], ["s2"]),
+              helper.make_node("Mul", ["s2", "s2"], ["s2sq"]), helper.make_node("Mul", ["s2sq", "a"], ["t2"]),
+              helper.make_node("Pow", ["x3", "four"], ["x3p"]), helper.make_node("Mul", ["x3p", "b"], ["t3a"]),
+              helper.make_node("Mul", ["t3a", "s1"], ["t3"]), helper.make_node("Add", ["s1", "t2"], ["u"]),
+              helper.make_node("Add", ["u", "t3"], ["y"])]
+    model = model_file(tmp_path, "ishigami", nodes, 3, inits + [const("a", 7.0), const("b", 0.1), const("four", 4.0)])
+    md, totals = run_md(tmp_path, model, rng.uniform(-math.pi, math.pi, (30001, 3)), 30000)
+    assert totals == pytest.approx([0.5576, 0.4424, 0.2437], abs=0.02)
+    assert md == pytest.approx(1.2437, abs=0.02)
+
+
+def test_sobol_g_function(tmp_path, rng):
+    a = np.array([0, 1, 4.5, 9, 99, 99, 99, 99], dtype=np.float32)
+    nodes = [helper.make_node("Mul", ["x", "four"], ["m"]), helper.make_node("Sub", ["m", "two"], ["s"]),
+             helper.make_node("Abs", ["s"], ["abs"]), helper.make_node("Add", ["abs", "a"], ["num"]),
+             helper.make_node("Div", ["num", "den"], ["factors"]),
+             helper.make_node("ReduceProd", ["factors"], ["y"], axes=[1], keepdims=1)]
+    model = model_file(tmp_path, "gfun", nodes, 8, [const("four", 4.0), const("two", 2.0), const("a", a),
+                                                     const("den", 1 + a)])
+    md, totals = run_md(tmp_path, model, rng.uniform(0, 1, (30001, 8)), 30000)
+    assert totals[:4] == pytest.approx([0.7871, 0.2422, 0.0343, 0.0105], abs=0.02)
+    assert md == pytest.approx(1.0745, abs=0.03)
+
+
+def test_additive_function_has_mean_dimension_one(tmp_path, rng):
+    nodes, inits = columns(3)
+    nodes += [helper.make_node("Sin", ["x1"], ["s"]), helper.make_node("Mul", ["x2", "x2"], ["q"]),
+              helper.make_node("Add", ["s", "q"], ["u"]), helper.make_node("Add", ["u", "x3"], ["y"])]
+    md, _ = run_md(tmp_path, model_file(tmp_path, "additive", nodes, 3, inits), rng.uniform(-2, 2, (20001, 3)), 20000)
+    assert md == pytest.approx(1.0, abs=0.03)
+
+
+def test_product_of_zero_mean_factors_has_mean_dimension_d(tmp_path, rng):
+    nodes = [helper.make_node("ReduceProd", ["x"], ["y"], axes=[1], keepdims=1)]
+    md, totals = run_md(tmp_path, model_file(tmp_path, "product", nodes, 3, []), rng.uniform(-1, 1, (40001, 3)), 40000)
+    assert md == pytest.approx(3.0, abs=0.15)
+    assert totals == pytest.approx([1.0, 1.0, 1.0], abs=0.06)
+
+
+def test_ignored_feature_has_zero_index(tmp_path, rng):
+    nodes, inits = columns(2)
+    nodes += [helper.make_node("Mul", ["x1", "x2"], ["y"])]
+    _, totals = run_md(tmp_path, model_file(tmp_path, "ignores", nodes, 3, inits), rng.uniform(-1, 1, (2001, 3)), 2000,
+                       estimator="half_mean_square")
+    assert totals[2] == 0.0
+    assert totals[0] > 0.5 and totals[1] > 0.5
+
+
+def test_pca_rewrite_reproduces_outputs_exactly():
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((400, 64)) @ rng.standard_normal((64, 64)) * 0.3).astype(np.float32)
+    x[:, 0] = 0.0  # a constant feature keeps scale 1
+    pca = fit_standardised_pca(len(x), x.astype(np.float64).sum(0), x.astype(np.float64).T @ x.astype(np.float64))
+    model = tiny_mlp_proto()
+    original = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    rewritten = prepend_inverse_pca(model, pca)
+    z = pca.transform(x).astype(np.float32)
+    np.testing.assert_allclose(pca.components @ pca.components.T, np.eye(64), atol=1e-10)
+    np.testing.assert_allclose(ort.InferenceSession(rewritten.SerializeToString()).run(None, {"pca_z": z})[0],
+                               original, atol=2e-5, rtol=1e-4)
+    assert [n.op_type for n in rewritten.graph.node[:2]] == ["MatMul", "Add"]
+
+
+def test_feature_groups():
+    assert len(feature_groups((64,), "pixels")) == 64
+    pixels = feature_groups((3, 4, 4), "pixels")
+    assert len(pixels) == 16 and pixels.indices[5].tolist() == [5, 21, 37] and pixels.grid == (4, 4)
+    patches = feature_groups((1, 8, 8), "patches:4")
+    assert len(patches) == 4 and len(patches.indices[0]) == 16 and patches.positions[3] == [1, 1]
+    assert [len(g) for g in feature_groups((2, 3, 3), "channels").indices] == [9, 9]
+    with pytest.raises(ValueError):
+        feature_groups((64,), "channels")
+
+
+def infos():
+    x = TensorInfo("x", "Input", "x", "float32", ("N", 3), True, role="input")
+    hidden = TensorInfo("h", "Tanh", "hidden", "float32", ("N", 2), True, order=0, inputs=("x",))
+    out = TensorInfo("out", "Gemm", "out", "float32", ("N", 4), True, order=1, inputs=("h",), role="output")
+    return [x, hidden, out]
+
+
+def network(rows):
+    weights = np.array([[1.0, -0.5], [0.3, 2.0], [-1.0, 0.7]])
+    hidden = np.tanh(rows.astype(np.float64) @ weights)
+    return {"h": hidden, "out": hidden @ np.array([[1.0, 0, -1, 2], [0.5, 1, 1, 0]])}
+
+
+def build(**params):
+    estimator = MeanDimension(MeanDimension.Params(features="elements", **params), infos()[1:])
+    estimator.bind_graph(infos())
+    return estimator
+
+
+def test_conformance_and_row_slices():
+    rng = np.random.default_rng(2)
+    x, y = rng.uniform(-1, 1, (160, 3)), rng.integers(0, 4, 160)
+    batches = plan_batches(build(pairs=150, nll=True), x, y, network, batch_size=40)
+    check_conformance(lambda: build(pairs=150, nll=True), batches)
+    split = plan_batches(build(pairs=150, nll=True), x, y, network, batch_size=40, parts=3)
+    from layerscope.testing import assert_records_close
+
+    assert_records_close(feed(build(pairs=150, nll=True), split).finalize(),
+                         feed(build(pairs=150, nll=True), batches).finalize())
+    records = feed(build(pairs=150, nll=True), batches).finalize()
+    (count,) = {r["pairs"] for r in records if r["metric"] == "mean_dimension"}
+    assert count == 150 and {r["layer"] for r in records} == {"hidden", "out", "loss (nll)"}
+
+
+def test_digits_cnn_layer_by_layer_with_heatmap(tmp_path):
+    spec = {"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "batch_size": 100},
+            "analyses": [{"id": "md", "estimator": "mean_dimension",
+                          "params": {"pairs": 150, "features": "pixels", "nll": True}}],
+            "outputs": {"dir": str(tmp_path), "formats": ["json", "plots"]}}
+    results = layerscope.run(spec, progress=False)
+    layers = [r["layer"] for r in results.select(metric="mean_dimension")]
+    assert layers == ["relu1", "relu2", "relu3", "fc2", "loss (nll)"]
+    for record in results.select(metric="mean_dimension"):
+        assert 0.0 < record["value"] < 20.0  # generalised indices of correlated pixels may sum below 1
+    heat = results.select(metric="total_index", tensor="nll")
+    assert len(heat) == 64 and heat[9]["position"] == [1, 1] and heat[0]["grid"] == [8, 8]
+    assert (tmp_path / "plots" / "md.png").exists()
+
+
+def test_pca_basis_through_a_spec():
+    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "digits", "batch_size": 100},
+            "analyses": [{"id": "md", "estimator": "mean_dimension", "on": {"role": "output"},
+                          "params": {"pairs": 100, "basis": "pca", "features": "elements"}}]}
+    results = layerscope.run(spec, write=False, progress=False)
+    (md,) = results.select(metric="mean_dimension")
+    assert md["basis"] == "pca" and 0.5 < md["value"] < 10.0
+    assert len(results.select(metric="total_index")) == 64
+    assert results.models[0]["passes"] == 2
+
+
+def test_bad_feature_grouping_is_a_user_error():
+    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "digits"},
+            "analyses": [{"id": "md", "estimator": "mean_dimension", "params": {"features": "channels"}}]}
+    with pytest.raises(layerscope.UserError, match="channel or spatial axis"):
+        layerscope.run(spec, write=False, progress=False)
+    spec["analyses"][0]["params"] = {"basis": "pca", "features": "patches:2"}
+    with pytest.raises(layerscope.SpecError, match="basis: pca"):
+        layerscope.run(spec, write=False, progress=False)

@@ -36,7 +36,7 @@ from layerscope import ACTIVATION_OPS, Estimator, TensorBatch, hookimpl
 from layerscope.errors import UserError
 from layerscope.estimator import DataBatch, PlanBatch
 
-from .sensitivity import FeatureGroups, feature_groups, perturbed_rows, total_indices
+from .sensitivity import FeatureGroups, feature_groups, plan_rows, total_indices
 
 NLL = "nll"
 RELATIVE_VARIANCE_FLOOR = 1e-10  # nodes whose Var f is below this fraction of the largest are constant
@@ -121,7 +121,8 @@ class MeanDimension(Estimator):
             self._collect_moments(batch.inputs)
             return
         for name, values in batch.tensors.items():
-            f = values.reshape(values.shape[0], -1).to(torch.float64).cpu()
+            # per plan batch in the tensor's own precision; every sum accumulates in float64
+            f = values.reshape(values.shape[0], -1).cpu()
             if name in self.tensors:
                 self._accumulate(name, f, batch)
             if self.params.nll and name == self.output_name:
@@ -153,16 +154,14 @@ class MeanDimension(Estimator):
     # --- the plan --------------------------------------------------------------------------
     def input_plan(self, data: DataBatch):
         """Per data batch: base rows x_j of every pair, then x_j with each group from x_{j+1}."""
-        x = data.x.reshape(len(data.x), -1).astype(np.float64)
-        if self.pca is not None:
-            x = self.pca.transform(x)
+        x = data.x.reshape(len(data.x), -1)
+        x = self.pca.transform(x.astype(np.float64)) if self.pca is not None else x.astype(np.float32, copy=False)
         local = np.arange(data.size)
         local = local[(data.start + local < self.params.pairs) & (local + 1 < len(x))]
         per_chunk = max(1, self.params.plan_rows // (len(self.groups) + 1))
         for begin in range(0, len(local), per_chunk):
             pairs = local[begin:begin + per_chunk]
-            base, neighbours = x[pairs], x[pairs + 1]
-            rows = np.concatenate([base, perturbed_rows(base, neighbours, self.groups)]).astype(np.float32)
+            rows = plan_rows(x[pairs], x[pairs + 1], self.groups).astype(np.float32, copy=False)
             labels = None if data.y is None else np.asarray(data.y)[pairs]
             yield PlanBatch(rows, {"pairs": len(pairs), "labels": labels})
 
@@ -182,26 +181,33 @@ class MeanDimension(Estimator):
     def _accumulate(self, key: str, f: torch.Tensor, batch: TensorBatch) -> None:
         """Fold rows of one plan batch into the sums: base rows give f, perturbed rows Δ = f − f(base)."""
         pairs, groups = batch.plan.meta["pairs"], len(self.groups)
-        rows = torch.arange(batch.rows.start, batch.rows.start + len(f))
+        first = batch.rows.start
         cache = getattr(self, "_cache_base", {})
         self._cache_base = cache
         if cache.get(key, (None,))[0] is not batch.plan:
-            cache[key] = (batch.plan, torch.zeros(pairs, f.shape[1], dtype=torch.float64))
+            cache[key] = (batch.plan, torch.zeros(pairs, f.shape[1], dtype=f.dtype))
         base = cache[key][1]
-        is_base = rows < pairs
-        if is_base.any():
-            base_rows = f[is_base]
-            base[rows[is_base]] = base_rows
-            self._add("counts", key, torch.tensor(float(len(base_rows)), dtype=torch.float64))
-            self._add("f_sums", key, base_rows.sum(0))
-            self._add("f_squares", key, (base_rows**2).sum(0))
-        if (~is_base).any():
-            offset = rows[~is_base] - pairs
-            delta = f[~is_base] - base[offset // groups]
-            group = offset % groups
-            zeros = torch.zeros(groups, f.shape[1], dtype=torch.float64)
-            self._add("delta_sums", key, zeros.index_add(0, group, delta))
-            self._add("delta_squares", key, zeros.index_add(0, group, delta**2))
+        n_base = min(max(pairs - first, 0), len(f))
+        if n_base:
+            base_rows = f[:n_base]
+            base[first:first + n_base] = base_rows
+            self._add("counts", key, torch.tensor(float(n_base), dtype=torch.float64))
+            self._add("f_sums", key, base_rows.sum(0, dtype=torch.float64))
+            self._add("f_squares", key, (base_rows.double() ** 2).sum(0))
+        perturbed = f[n_base:]
+        if len(perturbed):
+            offset = max(first, pairs) - pairs  # position of the first perturbed row among them
+            if offset % groups == 0 and len(perturbed) % groups == 0:  # whole pairs: (pairs, groups, nodes)
+                pair = offset // groups
+                delta = perturbed.view(-1, groups, f.shape[1]) - base[pair:pair + len(perturbed) // groups, None, :]
+                self._add("delta_sums", key, delta.sum(0, dtype=torch.float64))
+                self._add("delta_squares", key, (delta * delta).sum(0, dtype=torch.float64))
+            else:  # a part that cuts through pairs
+                index = torch.arange(offset, offset + len(perturbed))
+                delta = (perturbed - base[index // groups]).double()
+                zeros = torch.zeros(groups, f.shape[1], dtype=torch.float64)
+                self._add("delta_sums", key, zeros.index_add(0, index % groups, delta))
+                self._add("delta_squares", key, zeros.index_add(0, index % groups, delta * delta))
 
     def _add(self, state: str, key: str, value: torch.Tensor) -> None:
         store = getattr(self, state)

@@ -58,13 +58,18 @@ def feature_groups(sample_shape: tuple[int, ...], features: str) -> FeatureGroup
     return FeatureGroups(indices, positions, (math.ceil(height / k), math.ceil(width / k)))
 
 
-def perturbed_rows(base: np.ndarray, neighbours: np.ndarray, groups: FeatureGroups) -> np.ndarray:
-    """(P·G, D) rows: for each pair p (pair-major) and group u, base_p with u taken from neighbour_p."""
+def plan_rows(base: np.ndarray, neighbours: np.ndarray, groups: FeatureGroups) -> np.ndarray:
+    """(P·(G+1), D) rows: the P base rows, then for each pair p (pair-major) and group u, base_p
+    with u taken from neighbour_p. Built in one allocation and one scattered assignment."""
     pairs, features = base.shape
-    rows = np.repeat(base[:, None, :], len(groups), axis=1)  # (P, G, D)
-    for u, index in enumerate(groups.indices):
-        rows[:, u, index] = neighbours[:, index]
-    return rows.reshape(pairs * len(groups), features)
+    rows = np.empty((pairs * (len(groups) + 1), features), dtype=base.dtype)
+    rows[:pairs] = base
+    perturbed = rows[pairs:].reshape(pairs, len(groups), features)
+    perturbed[:] = base[:, None, :]
+    group_of = np.concatenate([np.full(len(index), u) for u, index in enumerate(groups.indices)])
+    feature_of = np.concatenate(groups.indices)
+    perturbed[:, group_of, feature_of] = neighbours[:, feature_of]
+    return rows
 
 
 def total_indices(count: float, f_sum: torch.Tensor, f_squares: torch.Tensor, delta_sum: torch.Tensor,

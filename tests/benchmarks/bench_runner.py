@@ -86,7 +86,7 @@ def worker(mode: str, arg: str) -> dict:
     proto = _model()
     batches = _digits_batches(4)
     tensors, fetch = _all_tensors(proto)  # shape inference happens before any run; not counted
-    float(torch.ones(8).sum())  # torch's first-op set-up is not ours to count
+    float(torch.ones(2**20).sum())  # torch's first parallel op starts its thread pool: not ours to count
     baseline = _reset_peak_rss()
     if mode == "plain":
         session, _ = create_session(proto, "cpu")

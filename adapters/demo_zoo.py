@@ -71,7 +71,27 @@ def _cnn():
     return DigitsCNN(), (1, 8, 8)
 
 
-DEMOS = {"digits-mlp": _mlp, "digits-cnn": _cnn}
+def _gap_cnn():
+    from torch import nn
+
+    class DigitsGapCNN(nn.Module):
+        """conv 16-32 (3×3), global average pooling, FC 10: an aggregation layer for aggregation_distribution."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.relu1 = nn.Conv2d(1, 16, 3, padding=1), nn.ReLU()
+            self.conv2, self.relu2 = nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+            return self.fc(self.pool(x).flatten(1))
+
+    return DigitsGapCNN(), (1, 8, 8)
+
+
+DEMOS = {"digits-mlp": _mlp, "digits-cnn": _cnn, "digits-gap": _gap_cnn}
 
 
 def cache_dir() -> Path:

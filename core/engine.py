@@ -39,7 +39,7 @@ def build_estimators(plan: RunPlan, loaded: LoadedModel) -> tuple[list[tuple[str
             raise UserError(f"{plan.where(*path)}: {error} (model {loaded.label})") from None
         estimator = planned.estimator_class(planned.params, chosen)
         try:
-            estimator.bind_graph(tensors)
+            estimator.bind_graph(tensors, loaded.proto)
         except UserError as error:
             raise UserError(f"{plan.where('analyses', planned.index, 'on')}: {error} (model {loaded.label})") from None
         built.append((planned.section.id, estimator))

@@ -155,9 +155,9 @@ class Estimator:
         self._states[name] = _State(default, reduction)
         setattr(self, name, copy.deepcopy(default))
 
-    def bind_graph(self, tensors: Sequence[TensorInfo]) -> None:
-        """Receive every tensor of the model before the run (for estimators that read more than
-        their selected tensors, e.g. the inputs of selected activations)."""
+    def bind_graph(self, tensors: Sequence[TensorInfo], model=None) -> None:
+        """Receive every tensor of the model (and the ``onnx.ModelProto``) before the run, for
+        estimators that read more than their selected tensors (e.g. the inputs of activations)."""
 
     def fetch_groups(self) -> list[tuple[str, ...]]:
         """Tensors that must arrive in the same batch; by default each tensor on its own."""

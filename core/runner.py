@@ -100,7 +100,10 @@ class Runner:
         self._sessions: list = []
         self.memory_budget = memory_budget
         self.batch_size = batch_size
-        self.input_requested = any(self.input.name in unit for unit in atomic_groups)
+        # the model input alone is yielded once per batch; with other tensors it travels in their group
+        self.input_requested = any(unit == (self.input.name,) for unit in atomic_groups)
+        self._with_input = {n for unit in atomic_groups if self.input.name in unit and len(unit) > 1
+                            for n in unit if n != self.input.name}
         self._atomic = [tuple(n for n in unit if n != self.input.name) for unit in atomic_groups]
         self._atomic = [unit for unit in self._atomic if unit]
         self._splittable = splittable or set()
@@ -153,6 +156,10 @@ class Runner:
             yield slice(0, len(x)), {self.input.name: torch.from_numpy(x)}
         for group, session in zip(self.groups, self._sessions):
             step = group.micro_batch or len(x)
+            attach = bool(self._with_input.intersection(group.names))
             for start in range(0, len(x), step):
                 part = slice(start, min(start + step, len(x)))
-                yield part, self._fetch(session, x[part], group.names)
+                fetched = self._fetch(session, x[part], group.names)
+                if attach:
+                    fetched[self.input.name] = torch.from_numpy(x[part])
+                yield part, fetched

@@ -90,7 +90,7 @@ class MeanDimension(Estimator):
             self.add_state(name, {}, "sum")
 
     # --- declaration -----------------------------------------------------------------
-    def bind_graph(self, tensors) -> None:
+    def bind_graph(self, tensors, model=None) -> None:
         model_input = next(t for t in tensors if t.role == "input")
         shape = tuple(model_input.shape[1:]) if model_input.shape is not None else ()
         if not shape or not all(isinstance(d, int) for d in shape):

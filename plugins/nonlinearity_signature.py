@@ -65,7 +65,7 @@ class NonlinearitySignature(Estimator):
         order = torch.argsort(indices)[: self.params.samples]
         return indices[order], x[order], y[order]
 
-    def bind_graph(self, tensors) -> None:
+    def bind_graph(self, tensors, model=None) -> None:
         activations = {a.output: a for a in find_activations(tensors)}
         unknown = [name for name in self.tensors if name not in activations]
         if unknown:

@@ -46,8 +46,35 @@ def build_estimators(plan: RunPlan, loaded: LoadedModel) -> tuple[list[tuple[str
     return built, tensors
 
 
+class Isolation:
+    """Runs estimator code so that one failing plugin does not take the run down.
+
+    A :class:`UserError` still ends the run; any other exception marks that analysis as
+    failed (recorded with the plugin that contributed the estimator) and it is skipped from
+    then on, while the other analyses complete.
+    """
+
+    def __init__(self, plan: RunPlan, model: str):
+        self.plan, self.model = plan, model
+        self.failures: dict[str, dict] = {}
+
+    def call(self, analysis_id: str, estimator: Estimator, phase: str, function, *args):
+        if analysis_id in self.failures:
+            return None
+        try:
+            return function(*args)
+        except UserError:
+            raise
+        except Exception as error:  # a bug in the estimator's plugin
+            plugin = self.plan.host.estimators.origin.get(estimator.name, "?")
+            self.failures[analysis_id] = {
+                "analysis": analysis_id, "estimator": estimator.name, "plugin": plugin, "model": self.model,
+                "phase": phase, "error": f"{type(error).__name__}: {error}"}
+            return None
+
+
 def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, loaded: LoadedModel,
-               order: np.ndarray, progress: Progress) -> tuple[str, int]:
+               order: np.ndarray, progress: Progress, isolation: Isolation) -> tuple[str, int]:
     """One pass over the data for *active* estimators; returns (provider that ran, fetch groups)."""
     spec = plan.spec
     atomic = list(dict.fromkeys(group for _, est in active for group in est.fetch_groups()))
@@ -60,24 +87,25 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
         x = runner.prepare(x)
         inputs = torch.from_numpy(x)
         labels = torch.from_numpy(np.asarray(y)) if y is not None else None
-        for (_, estimator), names in zip(active, wanted):
+        for (aid, estimator), names in zip(active, wanted):
             if not names:  # reads only the data this pass (e.g. to fit a basis)
-                estimator.update(TensorBatch({}, inputs, labels, start))
+                isolation.call(aid, estimator, "update", estimator.update, TensorBatch({}, inputs, labels, start))
         for part, fetched in runner.run(x):
-            for (_, estimator), names in zip(active, wanted):
+            for (aid, estimator), names in zip(active, wanted):
                 mine = {name: value for name, value in fetched.items() if name in names}
                 if mine:
-                    estimator.update(TensorBatch(mine, inputs[part], None if labels is None else labels[part],
-                                                 start + (part.start or 0)))
+                    batch = TensorBatch(mine, inputs[part], None if labels is None else labels[part],
+                                        start + (part.start or 0))
+                    isolation.call(aid, estimator, "update", estimator.update, batch)
         plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=len(x))
         progress.advance(len(x), f"{loaded.label}")
-    for _, estimator in active:
-        estimator.end_pass()
+    for aid, estimator in active:
+        isolation.call(aid, estimator, "end_pass", estimator.end_pass)
     return runner.provider, len(runner.groups or [])
 
 
-def _feed_plan(plan: RunPlan, estimator: Estimator, loaded: LoadedModel, tensors, order: np.ndarray,
-               progress: Progress) -> tuple[str, int]:
+def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, loaded: LoadedModel, tensors,
+               order: np.ndarray, progress: Progress, isolation: Isolation) -> tuple[str, int]:
     """The input-plan pass of one estimator: its plan batches, evaluated by the runner."""
     spec = plan.spec
     model = estimator.transform_model(loaded.proto)
@@ -90,19 +118,23 @@ def _feed_plan(plan: RunPlan, estimator: Estimator, loaded: LoadedModel, tensors
     batches = iter_batches(plan.data, order, spec.data.batch_size, estimator.lookahead)
     for batch_index, (start, x, y) in enumerate(batches):
         size = min(spec.data.batch_size, len(order) - start)
-        for plan_batch in estimator.input_plan(DataBatch(x, y, start, size)):
+        plans = isolation.call(analysis_id, estimator, "input_plan", list,
+                               estimator.input_plan(DataBatch(x, y, start, size))) or []
+        for plan_batch in plans:
             rows = runner.prepare(plan_batch.inputs)
             inputs = torch.from_numpy(rows)
             for part, fetched in runner.run(rows):
-                estimator.update(TensorBatch(fetched, inputs[part], None, start, plan=plan_batch, rows=part))
+                batch = TensorBatch(fetched, inputs[part], None, start, plan=plan_batch, rows=part)
+                isolation.call(analysis_id, estimator, "update", estimator.update, batch)
         plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=size)
         progress.advance(size, f"{loaded.label} ({estimator.name})")
-    estimator.end_pass()
+    isolation.call(analysis_id, estimator, "end_pass", estimator.end_pass)
     return runner.provider, len(runner.groups or [])
 
 
 def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray, example: np.ndarray,
-                       progress: Progress, previous: dict[str, Estimator]) -> tuple[list[dict], list[str], dict]:
+                       progress: Progress, previous: dict[str, Estimator]
+                       ) -> tuple[list[dict], list[str], dict, list[dict]]:
     """Records and warnings of every analysis for one model checkpoint.
 
     *previous* maps analysis ids to the estimators of the previous checkpoint; it is
@@ -117,26 +149,35 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
     previous.update(estimators)
     passes = max(est.passes for _, est in estimators)
     provider, groups = "", []
+    isolation = Isolation(plan, loaded.label)
     for pass_index in range(passes):
-        planned = [est for _, est in estimators if est.reads_plan and est.passes == pass_index + 1]
-        active = [(aid, est) for aid, est in estimators if est.passes > pass_index and est not in planned]
+        planned = [(aid, est) for aid, est in estimators if est.reads_plan and est.passes == pass_index + 1]
+        active = [(aid, est) for aid, est in estimators
+                  if est.passes > pass_index and (aid, est) not in planned and aid not in isolation.failures]
         if active:
-            provider, group_count = _feed_pass(plan, active, tensors, loaded, order, progress)
+            provider, group_count = _feed_pass(plan, active, tensors, loaded, order, progress, isolation)
             groups.append(group_count)
-        for estimator in planned:
-            provider, group_count = _feed_plan(plan, estimator, loaded, tensors, order, progress)
-            groups.append(group_count)
+        for analysis_id, estimator in planned:
+            if analysis_id not in isolation.failures:
+                provider, group_count = _feed_plan(plan, analysis_id, estimator, loaded, tensors, order, progress,
+                                                   isolation)
+                groups.append(group_count)
     records, warnings = [], []
     by_id = {p.section.id: p for p in plan.analyses}
     for analysis_id, estimator in estimators:
-        for record in estimator.finalize():
-            records.append({"analysis": analysis_id, "estimator": by_id[analysis_id].section.estimator,
-                            "model": loaded.label, **record})
-        warnings += [f"{analysis_id} ({loaded.label}): {w}" for w in estimator.collect_warnings()]
+        finished = isolation.call(analysis_id, estimator, "finalize", estimator.finalize) or []
+        records += [{"analysis": analysis_id, "estimator": by_id[analysis_id].section.estimator,
+                     "model": loaded.label, **record} for record in finished]
+        if analysis_id not in isolation.failures:
+            warnings += [f"{analysis_id} ({loaded.label}): {w}" for w in estimator.collect_warnings()]
+    for failure in isolation.failures.values():
+        warnings.append(f"{failure['analysis']} ({loaded.label}): estimator '{failure['estimator']}' of plugin "
+                        f"'{failure['plugin']}' failed in {failure['phase']}: {failure['error']}; "
+                        "its results are missing, the other analyses completed")
     model_info = {"label": loaded.label, "source": loaded.source, "framework": loaded.framework,
                   "sha256": hashlib.sha256(loaded.proto.SerializeToString()).hexdigest(), "provider": provider,
                   "fetch_groups": groups, "passes": passes, **loaded.details}
-    return records, warnings, model_info
+    return records, warnings, model_info, list(isolation.failures.values())
 
 
 def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True) -> Results:
@@ -148,13 +189,14 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True) -> 
     checkpoints = plan.adapter.checkpoints(spec.model, spec)
     plan.host.hook.before_run(spec=spec, models=[c.label for c in checkpoints])
     passes = max(p.estimator_class.passes_for(p.params) for p in plan.analyses)
-    records, warnings, models = [], [], []
+    records, warnings, models, failures = [], [], [], []
     previous: dict[str, Estimator] = {}
     with Progress(len(order) * passes * len(checkpoints), enabled=show_progress) as progress:
         for checkpoint in checkpoints:
-            model_records, model_warnings, model_info = analyse_checkpoint(plan, checkpoint, order, example, progress,
-                                                                           previous)
+            model_records, model_warnings, model_info, model_failures = analyse_checkpoint(
+                plan, checkpoint, order, example, progress, previous)
             records += model_records
+            failures += model_failures
             warnings += model_warnings
             models.append(model_info)
     records = finite_records(records, warnings)
@@ -166,7 +208,7 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True) -> 
         runtime={"provider": models[-1]["provider"], "device": spec.runtime.device,
                  "seconds": round(time.perf_counter() - started, 3), "samples": int(len(order)),
                  "seed": spec.runtime.seed, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
-        models=models, records=records, warnings=warnings,
+        models=models, records=records, warnings=plan.host.load_warnings() + warnings, failures=failures,
         analyses=[{"id": p.section.id, "estimator": p.section.estimator, "params": p.params.model_dump(mode="json"),
                    **({"reconstructed": p.estimator_class.reconstructed} if p.estimator_class.reconstructed else {})}
                   for p in plan.analyses],

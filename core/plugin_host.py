@@ -44,6 +44,10 @@ class PluginHost:
     def hook(self):
         return self.pm.hook
 
+    def load_warnings(self) -> list[str]:
+        """One line per plugin that could not be used, naming it (for results.json)."""
+        return [f"plugin '{name}' was not loaded: {error}" for name, error in sorted(self.load_errors.items())]
+
     def describe(self) -> list[dict[str, Any]]:
         """One entry per plugin: name, version, hooks implemented and what it contributes."""
         described = []
@@ -86,12 +90,27 @@ def load_plugins(extra: tuple[Any, ...] = ()) -> PluginHost:
         host.versions[entry_point.name] = entry_point.dist.version if entry_point.dist else None
     for plugin in extra:
         pm.register(plugin)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as error:
-        raise UserError(f"plugin '{pm.get_name(error.plugin)}' implements an unknown hook: {error}") from None
+    _drop_misspelt(host)
     _collect(host)
     return host
+
+
+def _drop_misspelt(host: PluginHost) -> None:
+    """Unregister plugins that implement a hook no spec declares (pluggy's ``check_pending``,
+    per plugin), naming them loudly on stderr and in ``results.json``, so the others still run."""
+    for name in dir(host.pm.hook):
+        caller = getattr(host.pm.hook, name)
+        if name.startswith("_") or not hasattr(caller, "has_spec") or caller.has_spec():
+            continue
+        for impl in caller.get_hookimpls():
+            if impl.optionalhook:
+                continue
+            plugin_name = impl.plugin_name
+            message = f"implements '{name}', which is not a layerscope hook (misspelt?)"
+            host.load_errors[plugin_name] = message
+            print(f"layerscope: warning: plugin '{plugin_name}' {message}; it is not loaded", file=sys.stderr)
+            if host.pm.has_plugin(plugin_name):
+                host.pm.unregister(name=plugin_name)
 
 
 def _collect(host: PluginHost) -> None:
@@ -104,4 +123,10 @@ def _collect(host: PluginHost) -> None:
             def register(item, _plugin=plugin_name, _registry=registry):
                 _registry.add(getattr(item, "name", None), item, _plugin)
 
-            impl.function(register=register)
+            try:
+                impl.function(register=register)
+            except UserError:
+                raise
+            except Exception as error:  # a broken plugin: name it and carry on without it
+                host.load_errors[plugin_name] = f"{hook_name} raised {type(error).__name__}: {error}"
+                print(f"layerscope: warning: plugin '{plugin_name}' failed in {hook_name}: {error}", file=sys.stderr)

@@ -39,6 +39,7 @@ class Results:
     warnings: list[str] = field(default_factory=list)
     artifacts: list[str] = field(default_factory=list)
     analyses: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,7 +73,8 @@ class Results:
             raise UserError(f"{path}: no results.json in this run directory") from None
         except (OSError, json.JSONDecodeError) as error:
             raise UserError(f"{path}: cannot read results: {error}") from None
-        known = {k: data[k] for k in ("layerscope", "spec", "runtime", "models", "records", "warnings", "artifacts", "analyses") if k in data}
+        known = {k: data[k] for k in ("layerscope", "spec", "runtime", "models", "records", "warnings", "artifacts", "analyses",
+                                         "failures") if k in data}
         return cls(**known, out_dir=Path(run_dir))
 
 

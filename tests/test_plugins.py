@@ -76,8 +76,45 @@ def test_duplicate_estimator_name_is_an_error():
         load_plugins((plugin,))
 
 
-def test_misspelt_hook_fails_loudly():
+def test_misspelt_hook_is_named_and_the_plugin_left_out(capsys):
     plugin = types.ModuleType("typo_plugin")
-    plugin.register_estimatorz = hookimpl(lambda register: None)
-    with pytest.raises(UserError, match="typo_plugin.*unknown hook"):
-        load_plugins((plugin,))
+    plugin.register_estimatorz = hookimpl(lambda register: register(Counting))
+    host = load_plugins((plugin,))
+    assert "typo_plugin" in capsys.readouterr().err
+    assert "register_estimatorz" in host.load_errors["typo_plugin"]
+    assert "sample_count" not in host.estimators and "activation_entropy" in host.estimators
+    assert any("typo_plugin" in line for line in host.load_warnings())
+
+
+class Exploding(Counting):
+    name = "exploding"
+
+    def update(self, batch):
+        raise RuntimeError("boom")
+
+
+def test_an_estimator_raising_in_update_leaves_the_other_analyses_complete(tmp_path):
+    plugin = types.ModuleType("fragile_plugin")
+    plugin.register_estimators = hookimpl(lambda register: register(Exploding))
+    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "digits", "limit": 200},
+            "analyses": [{"id": "bad", "estimator": "exploding"}, {"id": "good", "estimator": "activation_entropy"}],
+            "outputs": {"dir": str(tmp_path)}}
+    results = layerscope.run(spec, progress=False, plugins=(plugin,))
+    assert {r["analysis"] for r in results.records} == {"good"}
+    (failure,) = results.failures
+    assert failure["analysis"] == "bad" and failure["plugin"] == "fragile_plugin" and failure["phase"] == "update"
+    assert "RuntimeError: boom" in failure["error"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["failures"] == results.failures
+    assert any("fragile_plugin" in w for w in saved["warnings"])
+
+
+def test_a_plugin_raising_while_registering_is_named():
+    def broken(register):
+        raise ImportError("missing dependency xyz")
+
+    plugin = types.ModuleType("needy_plugin")
+    plugin.register_estimators = hookimpl(broken)
+    host = load_plugins((plugin,))
+    assert "missing dependency xyz" in host.load_errors["needy_plugin"]
+    assert "activation_entropy" in host.estimators

@@ -118,3 +118,59 @@ def test_a_plugin_raising_while_registering_is_named():
     host = load_plugins((plugin,))
     assert "missing dependency xyz" in host.load_errors["needy_plugin"]
     assert "activation_entropy" in host.estimators
+
+
+def test_third_party_adapter_data_source_reporter_and_error_hook(tmp_path):
+    import numpy as np
+
+    from layerscope import Adapter, Checkpoint, DataSource, LoadedModel, Reporter
+    from layerscope.testing.models import tiny_mlp
+
+    class TinyAdapter(Adapter):
+        name = "tiny"
+
+        def claims(self, section):
+            return section.source == "tiny:mlp"
+
+        def checkpoints(self, section, spec):
+            return [Checkpoint("tiny", None)]
+
+        def load(self, checkpoint, spec, example):
+            return LoadedModel(tiny_mlp(), checkpoint.label, "tiny:mlp", framework="test")
+
+    class Ramp(DataSource):
+        name = "ramp"
+
+        def __len__(self):
+            return 40
+
+        @property
+        def has_labels(self):
+            return False
+
+        def read(self, indices):
+            return np.linspace(-1, 1, 64, dtype=np.float32)[None, :] * (np.asarray(indices)[:, None] - 20) / 20, None
+
+    class Lines(Reporter):
+        name = "lines"
+
+        def write(self, results, out_dir):
+            (out_dir / "lines.txt").write_text("\n".join(f"{r['metric']} {r['value']}" for r in results.records))
+            return ["lines.txt"]
+
+    errors = []
+    plugin = types.ModuleType("kit_plugin")
+    plugin.register_adapters = hookimpl(lambda register: register(TinyAdapter))
+    plugin.register_data_sources = hookimpl(lambda register: register(Ramp))
+    plugin.register_reporters = hookimpl(lambda register: register(Lines))
+    plugin.on_run_error = hookimpl(lambda error: errors.append(error))
+    spec = {"model": {"source": "tiny:mlp"}, "data": {"source": "ramp", "batch_size": 16},
+            "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+            "outputs": {"dir": str(tmp_path), "formats": ["json", "lines"]}}
+    results = layerscope.run(spec, progress=False, plugins=(plugin,))
+    assert results.models[0]["framework"] == "test" and results.runtime["samples"] == 40
+    assert "lines.txt" in results.artifacts and (tmp_path / "lines.txt").read_text().startswith("entropy")
+    spec["analyses"][0]["on"] = {"name": "nothing"}
+    with pytest.raises(UserError):
+        layerscope.run(spec, progress=False, plugins=(plugin,))
+    assert len(errors) == 1 and "matches no tensor" in str(errors[0])

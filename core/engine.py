@@ -142,7 +142,6 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
     """
     loaded = plan.adapter.load(checkpoint, plan.spec, example)
     estimators, tensors = build_estimators(plan, loaded)
-
     for analysis_id, estimator in estimators:
         if analysis_id in previous:
             estimator.carry_over(previous[analysis_id])
@@ -174,9 +173,13 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
         warnings.append(f"{failure['analysis']} ({loaded.label}): estimator '{failure['estimator']}' of plugin "
                         f"'{failure['plugin']}' failed in {failure['phase']}: {failure['error']}; "
                         "its results are missing, the other analyses completed")
+    analysed = {name: info for _, est in estimators for name, info in est.tensors.items()}
     model_info = {"label": loaded.label, "source": loaded.source, "framework": loaded.framework,
                   "sha256": hashlib.sha256(loaded.proto.SerializeToString()).hexdigest(), "provider": provider,
-                  "fetch_groups": groups, "passes": passes, **loaded.details}
+                  "fetch_groups": groups, "passes": passes, **loaded.details,
+                  "tensors": [{k: v for k, v in info.to_dict().items() if k in ("name", "layer", "op_type", "shape")}
+                              | {"analyses": [aid for aid, est in estimators if name in est.tensors]}
+                              for name, info in sorted(analysed.items(), key=lambda item: item[1].order)]}
     return records, warnings, model_info, list(isolation.failures.values())
 
 

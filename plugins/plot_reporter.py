@@ -37,27 +37,42 @@ def default_plot(records: list[dict]):
     return figure
 
 
+def analysis_figures(results: Results, host, formats: tuple[str, ...] = ("png", "svg")):
+    """Yield ``(analysis, {format: bytes})`` for every analysis with records: the estimator's own
+    plot when its plugin is loaded and provides one, else :func:`default_plot`. The bytes carry
+    no creation date, so rebuilding from ``results.json`` gives identical files."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    matplotlib.rcParams["svg.hashsalt"] = "layerscope"  # stable element ids in SVG output
+    for analysis in results.analyses:
+        records = [r for r in results.records if r["analysis"] == analysis["id"]]
+        if not records:
+            continue
+        estimator = host.estimators.get(analysis["estimator"]) if host and analysis["estimator"] in host.estimators \
+            else None
+        figure = (estimator.plot(records) if estimator else None) or default_plot(records)
+        figure.suptitle(f"{analysis['id']} ({analysis['estimator']})", fontsize="medium")
+        rendered = {}
+        for suffix in formats:
+            buffer = io.BytesIO()
+            metadata = {"Date": None} if suffix == "svg" else {"Software": None}
+            figure.savefig(buffer, format=suffix, dpi=120, metadata=metadata)
+            rendered[suffix] = buffer.getvalue()
+        plt.close(figure)
+        yield analysis, rendered
+
+
 class PlotReporter(Reporter):
     name = "plots"
 
     def write(self, results: Results, out_dir: Path) -> list[str]:
-        import matplotlib.pyplot as plt
-
         written = []
-        for analysis in results.analyses:
-            records = [r for r in results.records if r["analysis"] == analysis["id"]]
-            if not records:
-                continue
-            estimator = self.host.estimators.get(analysis["estimator"]) if self.host else None
-            figure = (estimator.plot(records) if estimator else None) or default_plot(records)
-            figure.suptitle(f"{analysis['id']} ({analysis['estimator']})", fontsize="medium")
-            for suffix in ("png", "svg"):
-                buffer = io.BytesIO()
-                figure.savefig(buffer, format=suffix, dpi=120)
+        for analysis, rendered in analysis_figures(results, self.host):
+            for suffix, data in rendered.items():
                 relative = f"plots/{analysis['id']}.{suffix}"
-                atomic_write(out_dir / relative, buffer.getvalue())
+                atomic_write(out_dir / relative, data)
                 written.append(relative)
-            plt.close(figure)
         return written
 
 

@@ -22,7 +22,7 @@ from .model import Checkpoint, LoadedModel
 from .plan import RunPlan
 from .progress import Progress
 from .results import RESULTS_FILE, Results, finite_records
-from .runner import Runner
+from .runner import Runner, to_torch
 from .selectors import resolve
 
 
@@ -57,6 +57,7 @@ class Isolation:
     def __init__(self, plan: RunPlan, model: str):
         self.plan, self.model = plan, model
         self.failures: dict[str, dict] = {}
+        self.warnings: list[str] = []  # about the model's tensors (e.g. NaN activations)
 
     def call(self, analysis_id: str, estimator: Estimator, phase: str, function, *args):
         if analysis_id in self.failures:
@@ -83,14 +84,17 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
     runner = Runner(loaded.proto, tensors, atomic, spec.runtime.device, spec.runtime.memory_budget,
                     spec.data.batch_size, splittable)
     wanted = [{name for group in est.fetch_groups() for name in group} for _, est in active]
+    nonfinite: set[str] = set()
     for batch_index, (start, x, y) in enumerate(iter_batches(plan.data, order, spec.data.batch_size)):
         x = runner.prepare(x)
-        inputs = torch.from_numpy(x)
+        inputs = to_torch(x)
         labels = torch.from_numpy(np.asarray(y)) if y is not None else None
         for (aid, estimator), names in zip(active, wanted):
             if not names:  # reads only the data this pass (e.g. to fit a basis)
                 isolation.call(aid, estimator, "update", estimator.update, TensorBatch({}, inputs, labels, start))
         for part, fetched in runner.run(x):
+            nonfinite.update(name for name, value in fetched.items()
+                             if value.is_floating_point() and not bool(torch.isfinite(value).all()))
             for (aid, estimator), names in zip(active, wanted):
                 mine = {name: value for name, value in fetched.items() if name in names}
                 if mine:
@@ -101,6 +105,9 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
         progress.advance(len(x), f"{loaded.label}")
     for aid, estimator in active:
         isolation.call(aid, estimator, "end_pass", estimator.end_pass)
+    for name in sorted(nonfinite):
+        isolation.warnings.append(f"tensor '{name}' of {loaded.label} contains NaN or Inf values; estimates that read "
+                                  "it may be meaningless")
     return runner.provider, len(runner.groups or [])
 
 
@@ -122,7 +129,7 @@ def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, loaded: Lo
                                estimator.input_plan(DataBatch(x, y, start, size))) or []
         for plan_batch in plans:
             rows = runner.prepare(plan_batch.inputs)
-            inputs = torch.from_numpy(rows)
+            inputs = to_torch(rows)
             for part, fetched in runner.run(rows):
                 batch = TensorBatch(fetched, inputs[part], None, start, plan=plan_batch, rows=part)
                 isolation.call(analysis_id, estimator, "update", estimator.update, batch)
@@ -169,6 +176,7 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
                      "model": loaded.label, **record} for record in finished]
         if analysis_id not in isolation.failures:
             warnings += [f"{analysis_id} ({loaded.label}): {w}" for w in estimator.collect_warnings()]
+    warnings += list(dict.fromkeys(isolation.warnings))
     for failure in isolation.failures.values():
         warnings.append(f"{failure['analysis']} ({loaded.label}): estimator '{failure['estimator']}' of plugin "
                         f"'{failure['plugin']}' failed in {failure['phase']}: {failure['error']}; "

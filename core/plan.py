@@ -93,7 +93,8 @@ def check_plugins(doc: LocatedDocument, host: PluginHost, errors: list[str]) -> 
                 choices.estimators[index] = (estimator, params)
     outputs = raw.get("outputs") if isinstance(raw.get("outputs"), dict) else {}
     formats = outputs.get("formats") if isinstance(outputs.get("formats"), list) else ["csv"]
-    for index, fmt in enumerate(dict.fromkeys([ALWAYS_WRITTEN, *formats])):
+    formats = [f for f in formats if isinstance(f, str)]  # other entries: the structural check reports them
+    for fmt in dict.fromkeys([ALWAYS_WRITTEN, *formats]):
         path = ("outputs", "formats", formats.index(fmt)) if fmt in formats else ("outputs",)
         reporter = _lookup(host.reporters, fmt, doc, path, errors)
         if reporter is not None:

@@ -29,6 +29,13 @@ from .graph import TensorInfo
 from .session import CUDA, create_session, expose
 
 
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """A torch view of *array*, including ml_dtypes' bfloat16 (which ``torch.from_numpy`` refuses)."""
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 @dataclass
 class FetchGroup:
     """Tensors fetched by one ``session.run``, in micro-batches of ``micro_batch`` samples (None: whole batch)."""
@@ -112,7 +119,10 @@ class Runner:
 
     # --- inputs --------------------------------------------------------------------
     def prepare(self, x: np.ndarray) -> np.ndarray:
-        """Cast *x* to the model's input dtype and reshape samples to its input shape when sizes agree."""
+        """Cast *x* to the model's input dtype and reshape samples to its input shape when sizes agree.
+
+        A model with a fixed batch size (say 1) is run in chunks of that size.
+        """
         x = np.ascontiguousarray(x, dtype=np.dtype(self.input.dtype))
         shape = self.input.shape
         if shape is None or len(shape) == x.ndim and all(not isinstance(d, int) or d == s for d, s in zip(shape[1:], x.shape[1:])):
@@ -129,7 +139,17 @@ class Runner:
                                                 self.device)
         return session
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The model's batch size when its input fixes one (e.g. 1), else None."""
+        first = self.input.shape[0] if self.input.shape else None
+        return first if isinstance(first, int) and first > 0 else None
+
     def _fetch(self, session, x: np.ndarray, names: list[str]) -> dict[str, torch.Tensor]:
+        fixed = self.fixed_batch
+        if fixed is not None and len(x) != fixed:  # pad the last chunk by repeating a sample, drop the extra rows
+            padded = np.concatenate([x, np.repeat(x[-1:], fixed - len(x), axis=0)])
+            return {name: value[: len(x)] for name, value in self._fetch(session, padded, names).items()}
         binding = session.io_binding()
         binding.bind_cpu_input(self.input.name, x)
         # outputs stay on the GPU when torch can take them there; a CPU-only torch gets host copies
@@ -153,13 +173,13 @@ class Runner:
         if self.groups is None:
             self.groups = self._plan(x)
         if self.input_requested:
-            yield slice(0, len(x)), {self.input.name: torch.from_numpy(x)}
+            yield slice(0, len(x)), {self.input.name: to_torch(x)}
         for group, session in zip(self.groups, self._sessions):
-            step = group.micro_batch or len(x)
+            step = min(group.micro_batch or len(x), self.fixed_batch or len(x))
             attach = bool(self._with_input.intersection(group.names))
             for start in range(0, len(x), step):
                 part = slice(start, min(start + step, len(x)))
                 fetched = self._fetch(session, x[part], group.names)
                 if attach:
-                    fetched[self.input.name] = torch.from_numpy(x[part])
+                    fetched[self.input.name] = to_torch(x[part])
                 yield part, fetched

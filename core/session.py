@@ -91,7 +91,9 @@ def create_session(model: onnx.ModelProto, device: str):
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=requested_providers(device))
     except Exception as error:
-        raise UserError(f"onnxruntime cannot run the model: {error}") from None
+        hint = (" (the execution provider has no kernel for that op and element type)"
+                if "NOT_IMPLEMENTED" in str(error) else "")
+        raise UserError(f"onnxruntime cannot run the model: {error}{hint}") from None
     finally:
         ort.set_default_logger_severity(2)
     provider = session.get_providers()[0]

@@ -55,7 +55,8 @@ class DataSection(BaseModel):
 
 
 class AnalysisSection(StrictModel):
-    id: str = Field(min_length=1)
+    # ids name output files (plots/<id>.png): letters, digits, '_', '-', '.', never a path
+    id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     estimator: str
     on: SelectorSpec | list[SelectorSpec] | Literal["all"] | None = None
     params: dict[str, Any] = Field(default_factory=dict)

@@ -14,7 +14,7 @@ _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 def parse_bytes(value: int | float | str) -> int:
     """Convert ``2GiB``, ``512 MB``, ``1e6`` or an integer to a number of bytes."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError("expected a size such as 2GiB")
     if isinstance(value, (int, float)):
         size = int(value)

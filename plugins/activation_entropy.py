@@ -12,7 +12,8 @@ which it is on. Variants:
   ``entropy_sum`` = Σ_j H_b(p_j) is recorded too.
 - ``histogram``: Shannon entropy (bits) of the histogram of all activation values of the
   layer for class c, ``bins`` equal bins over ``range`` (default: the layer's [min, max]
-  over all samples, found in a first pass; values outside a given range are clamped).
+  over all samples, found in a first pass; values outside a given range are clamped; NaN
+  and Inf values are left out, and the engine warns about such tensors).
 - ``pattern``: Shannon entropy (bits) of the empirical distribution of whole binary
   on/off vectors; it saturates at log2 N_c.
 
@@ -115,8 +116,10 @@ class ActivationEntropy(Estimator):
         for name, values in batch.tensors.items():
             matrix = neuron_matrix(values, p.neurons).to(torch.float64)
             if p.variant == "histogram" and self.pass_index < self.passes - 1:
-                self.low[name] = min(self.low.get(name, math.inf), float(matrix.min()))
-                self.high[name] = max(self.high.get(name, -math.inf), float(matrix.max()))
+                finite = matrix[torch.isfinite(matrix)]  # NaN/Inf values are left out (the engine warns)
+                if finite.numel():
+                    self.low[name] = min(self.low.get(name, math.inf), float(finite.min()))
+                    self.high[name] = max(self.high.get(name, -math.inf), float(finite.max()))
                 continue
             for key, mask in class_keys(batch.labels, matrix.shape[0]):
                 rows = matrix[mask.to(matrix.device)]
@@ -139,10 +142,13 @@ class ActivationEntropy(Estimator):
                 pattern = row.tobytes()
                 seen[pattern] = seen.get(pattern, 0) + 1
         else:
+            if p.range is None and name not in self.low:
+                return  # no finite value anywhere in this layer
             low, high = p.range if p.range is not None else (self.low[name], self.high[name])
             if high <= low:
                 high = low + 1.0  # a constant layer: every value falls in one bin
-            hist = torch.histc(rows.clamp(low, high), bins=p.bins, min=low, max=high).to(torch.float64).cpu()
+            finite = rows[torch.isfinite(rows)]
+            hist = torch.histc(finite.clamp(low, high), bins=p.bins, min=low, max=high).to(torch.float64).cpu()
             store = self.histograms.setdefault(name, {})
             store[key] = store[key] + hist if key in store else hist
 
@@ -160,7 +166,7 @@ class ActivationEntropy(Estimator):
                     distribution = list(self.patterns[name][key].values())
                     records.append(self.record(name, "entropy", counts_entropy_bits(distribution), "bits", **extra))
                     records.append(self.record(name, "distinct_patterns", len(distribution), "", **extra))
-                else:
+                elif key in self.histograms.get(name, {}):
                     records.append(self.record(name, "entropy", counts_entropy_bits(self.histograms[name][key]),
                                                "bits", **extra))
         return records

@@ -1,0 +1,212 @@
+"""Awkward real-world models, hostile specs, numerical hygiene, security and a memory soak."""
+
+from __future__ import annotations
+
+import gc
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+
+import layerscope
+from layerscope.api import prepare
+from layerscope.errors import SpecError, UserError
+from layerscope.testing.models import tiny_mlp
+
+from .conftest import write_spec
+
+REPO = Path(__file__).resolve().parents[1]
+FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+
+
+def run(model: onnx.ModelProto | str, tmp_path, data=None, **analysis):
+    path = model if isinstance(model, str) else str(tmp_path / "model.onnx")
+    if not isinstance(model, str):
+        onnx.save(model, path)
+    spec = {"model": {"source": path}, "data": data or {"source": "digits", "limit": 120, "shuffle": False},
+            "analyses": [{"id": "e", "estimator": "activation_entropy", **analysis}]}
+    return layerscope.run(spec, write=False, progress=False)
+
+
+def with_input_shape(model: onnx.ModelProto, dims) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.input[:]
+    copy.graph.input.append(helper.make_tensor_value_info("x", FLOAT, dims))
+    del copy.graph.output[:]
+    copy.graph.output.append(helper.make_tensor_value_info("logits", FLOAT, [dims[0], 10]))
+    return copy
+
+
+# --- models ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_fixed_batch_models_match_the_dynamic_one(tmp_path, batch):
+    dynamic = run(tiny_mlp(), tmp_path)
+    fixed = run(with_input_shape(tiny_mlp(), [batch, 64]), tmp_path)
+    assert fixed.records == dynamic.records
+
+
+def test_multi_input_model_is_refused_naming_its_inputs(tmp_path):
+    import silero_vad
+
+    source = str(Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx")
+    with pytest.raises(UserError, match=r"matches only tensors that cannot be observed.*inside the If body"):
+        run(source, tmp_path, on={"op_type": "Sigmoid"})  # its activations live in If bodies
+    with pytest.raises(UserError, match=r"3 inputs \(input, state, sr\)"):
+        run(source, tmp_path, on={"role": "output"})
+
+
+def test_inspect_shows_what_is_observable_in_a_model_with_if_bodies():
+    import silero_vad
+
+    from layerscope.graph import describe_tensors
+
+    model = onnx.load(str(Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx"))
+    tensors = describe_tensors(model)
+    hidden = [t for t in tensors if "inside the If body" in t.reason]
+    assert len(hidden) > 50 and not any(t.observable for t in hidden)
+    assert any(t.observable and t.role == "output" for t in tensors)
+
+
+def test_fp16_model_is_analysed(tmp_path):
+    weight = numpy_helper.from_array((np.random.default_rng(0).standard_normal((64, 8)) * 0.3).astype(np.float16), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["a"])],
+                              "f16", [helper.make_tensor_value_info("x", FLOAT16, ["N", 64])],
+                              [helper.make_tensor_value_info("a", FLOAT16, ["N", 8])], [weight])
+    results = run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), tmp_path)
+    assert all(np.isfinite(r["value"]) for r in results.records) and results.select(metric="entropy")
+
+
+def test_bf16_model_on_the_cpu_provider_is_refused_naming_the_op(tmp_path):
+    import ml_dtypes
+
+    values = (np.random.default_rng(0).standard_normal((64, 8)) * 0.3).astype(ml_dtypes.bfloat16)
+    weight = helper.make_tensor("w", onnx.TensorProto.BFLOAT16, [64, 8], values.view(np.uint16).ravel().tolist())
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["a"])],
+                              "bf16", [helper.make_tensor_value_info("x", onnx.TensorProto.BFLOAT16, ["N", 64])],
+                              [helper.make_tensor_value_info("a", onnx.TensorProto.BFLOAT16, ["N", 8])], [weight])
+    with pytest.raises(UserError, match=r"MatMul.*no kernel for that op and element type"):
+        run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), tmp_path)
+
+
+def test_int8_qdq_model_is_analysed(tmp_path):
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "scale"),
+             numpy_helper.from_array(np.array(0, np.int8), "zero"),
+             numpy_helper.from_array((np.random.default_rng(1).standard_normal((64, 8)) * 0.3).astype(np.float32), "w")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "scale", "zero"], ["xd"]),
+             helper.make_node("MatMul", ["xd", "w"], ["h"]), helper.make_node("Relu", ["h"], ["a"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("a", FLOAT, ["N", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    results = run(model, tmp_path)
+    assert results.select(metric="entropy", layer=results.records[0]["layer"])
+    quantised = run(model, tmp_path, on={"name": "xq"})  # the int8 tensor itself is observable
+    assert all(np.isfinite(r["value"]) for r in quantised.records)
+
+
+# --- numerical hygiene --------------------------------------------------------------------------
+
+def test_nan_activations_are_warned_and_never_reported_as_nan(tmp_path):
+    nodes = [helper.make_node("Log", ["x"], ["logx"]), helper.make_node("Relu", ["logx"], ["a"])]
+    graph = helper.make_graph(nodes, "nan", [helper.make_tensor_value_info("x", FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("a", FLOAT, ["N", 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((50, 64)).astype(np.float32))
+    results = run(model, tmp_path, data={"source": "npz", "path": str(tmp_path / "d.npz")},
+                  on={"op_type": ["Log", "Relu"]}, params={"variant": "histogram"})
+    assert any("tensor 'logx'" in w and "NaN or Inf" in w for w in results.warnings)
+    assert results.records
+    assert all(np.isfinite(r["value"]) for r in results.records)
+    assert not results.failures
+
+
+def test_classes_with_one_sample_and_constant_features(tmp_path):
+    x = np.zeros((30, 64), np.float32)
+    x[:, 0] = np.arange(30)
+    y = np.array([0] * 29 + [1])
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    results = run(tiny_mlp(), tmp_path, data={"source": "npz", "path": str(tmp_path / "d.npz")})
+    assert {r["class"] for r in results.records} == {"all", 0, 1}
+    assert all(np.isfinite(r["value"]) for r in results.records)
+
+
+# --- hostile specs ---------------------------------------------------------------------------------
+
+LOCATED = re.compile(r"^.+:\d+:\d+: ")
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=12))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                      max_leaves=8)
+BASE = {"version": 1, "model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "batch_size": 100},
+        "analyses": [{"id": "e", "estimator": "activation_entropy", "params": {"variant": "binary"}}],
+        "runtime": {"device": "cpu", "memory_budget": "1GiB", "seed": 0}, "outputs": {"dir": "results"}}
+
+
+def _check_spec(tmp_path, text: str) -> None:
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        prepare(str(path))
+    except SpecError as error:
+        assert error.messages and all(LOCATED.match(m) for m in error.messages), error.messages
+    except UserError as error:
+        assert str(error)  # a named problem (e.g. an unreadable data file)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from([("model",), ("model", "source"), ("data",), ("data", "batch_size"), ("analyses",),
+                             ("analyses", 0), ("analyses", 0, "params"), ("analyses", 0, "on"), ("runtime",),
+                             ("runtime", "memory_budget"), ("outputs", "formats"), ("version",), ("extra",)]),
+       value=VALUES)
+def test_mutated_specs_validate_or_fail_with_a_location(tmp_path, path, value):
+    import copy
+
+    import yaml
+
+    spec = copy.deepcopy(BASE)
+    target = spec
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    _check_spec(tmp_path, yaml.safe_dump(spec, allow_unicode=True))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.lists(st.sampled_from(list("abc:-[]{}'\"#&*!|>%@`,?\n\t 01.")
+                                    + ["!!python/object ", "on:", "model:", "analyses:", "\n  - ", "id: "]),
+                    max_size=40).map("".join))
+def test_arbitrary_text_never_crashes_the_loader(tmp_path, text):
+    _check_spec(tmp_path, text)
+
+
+def test_analysis_ids_cannot_escape_the_output_folder(tmp_path):
+    spec = write_spec(tmp_path, "model: {source: demo:digits-cnn}\n"
+                                "analyses: [{id: ../../escape, estimator: activation_entropy}]\n")
+    with pytest.raises(SpecError, match=r"analyses\.0\.id"):
+        prepare(str(spec))
+
+
+# --- a soak -------------------------------------------------------------------------------------------
+
+def _rss() -> int:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+
+
+def test_quickstart_twenty_times_in_one_process_does_not_grow():
+    spec = str(REPO / "specs" / "quickstart.yaml")
+    resident = []
+    for _ in range(20):
+        layerscope.run(spec, write=False, progress=False)
+        gc.collect()
+        resident.append(_rss())
+    settled = resident[4]  # after warm-up (imports, arenas, caches)
+    assert resident[-1] - settled < 24 * 2**20, [r // 2**20 for r in resident]

@@ -28,19 +28,20 @@ def prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...] = ()):
 
 
 def run(spec: str | os.PathLike | dict, out: str | os.PathLike | None = None, *, write: bool = True,
-        plugins: tuple[Any, ...] = (), progress: bool = True) -> Results:
+        plugins: tuple[Any, ...] = (), progress: bool = True, resume: bool = False) -> Results:
     """Run a spec (a YAML path or a dict) and return its :class:`Results`.
 
     Outputs go to *out* (or the spec's ``outputs.dir``, relative to the current folder);
     ``write=False`` computes the results without writing files. *plugins* are extra
-    plugin objects registered next to the installed ones.
+    plugin objects registered next to the installed ones. ``resume=True`` continues an
+    interrupted multi-checkpoint run from the checkpoints it saved in the output folder.
     """
     from .engine import execute
 
     plan = prepare(spec, plugins)
     out_dir = Path(out) if out is not None else Path(plan.spec.outputs.dir)
     try:
-        return execute(plan, out_dir if write else None, show_progress=progress)
+        return execute(plan, out_dir if write else None, show_progress=progress, resume=resume)
     except BaseException as error:
         plan.host.hook.on_run_error(error=error)
         raise

@@ -19,7 +19,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 def _cmd_run(args) -> int:
     from .api import run
 
-    results = run(args.spec, out=args.out, progress=not args.quiet)
+    results = run(args.spec, out=args.out, progress=not args.quiet, resume=args.resume)
     from .summary import print_summary
 
     print_summary(results, Path(args.out) if args.out else Path(results.spec["outputs"]["dir"]))
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="YAML spec file")
     run.add_argument("--out", help="output folder (overrides outputs.dir)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted multi-checkpoint run from the checkpoints it already finished")
     run.set_defaults(handler=_cmd_run)
 
     validate = commands.add_parser(
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layerscope: error: {error}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
-        print("layerscope: interrupted; no results were written", file=sys.stderr)
+        print("layerscope: interrupted; no results.json was written (a multi-checkpoint run continues from its "
+              "finished checkpoints with: layerscope run SPEC --resume)", file=sys.stderr)
         return 130
     except Exception:
         traceback.print_exc()

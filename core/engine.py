@@ -22,6 +22,7 @@ from .model import Checkpoint, LoadedModel
 from .plan import RunPlan
 from .progress import Progress
 from .results import RESULTS_FILE, Results, finite_records
+from .resume import ResumeStore
 from .runner import Runner, to_torch
 from .selectors import resolve
 
@@ -191,8 +192,12 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
     return records, warnings, model_info, list(isolation.failures.values())
 
 
-def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True) -> Results:
-    """Run every analysis of *plan* on every checkpoint and write the requested outputs."""
+def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, resume: bool = False) -> Results:
+    """Run every analysis of *plan* on every checkpoint and write the requested outputs.
+
+    With *out_dir*, each finished checkpoint of a multi-checkpoint run is saved so that an
+    interrupted run continues with *resume* (see :mod:`layerscope.resume`).
+    """
     spec = plan.spec
     started = time.perf_counter()
     order = sample_order(len(plan.data), spec.data.limit, spec.data.shuffle, spec.runtime.seed)
@@ -202,10 +207,20 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True) -> 
     passes = max(p.estimator_class.passes_for(p.params) for p in plan.analyses)
     records, warnings, models, failures = [], [], [], []
     previous: dict[str, Estimator] = {}
+    store = ResumeStore(out_dir, spec_to_dict(spec), resume) if out_dir is not None and len(checkpoints) > 1 else None
     with Progress(len(order) * passes * len(checkpoints), enabled=show_progress) as progress:
-        for checkpoint in checkpoints:
-            model_records, model_warnings, model_info, model_failures = analyse_checkpoint(
-                plan, checkpoint, order, example, progress, previous)
+        for index, checkpoint in enumerate(checkpoints):
+            saved = store.load(index, checkpoint.label) if store else None
+            if saved is not None:
+                model_records, model_warnings, model_info, model_failures = saved["outcome"]
+                previous = saved["estimators"]
+                progress.advance(len(order) * passes, f"{checkpoint.label} (resumed)")
+            else:
+                model_records, model_warnings, model_info, model_failures = analyse_checkpoint(
+                    plan, checkpoint, order, example, progress, previous)
+                if store:
+                    store.save(index, checkpoint.label, {"estimators": previous, "outcome": (
+                        model_records, model_warnings, model_info, model_failures)})
             records += model_records
             failures += model_failures
             warnings += model_warnings
@@ -226,6 +241,8 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True) -> 
     )
     if out_dir is not None:
         write_outputs(results, plan.reporters, out_dir)
+    if store:
+        store.clear()
     plan.host.hook.after_run(results=results)
     return results
 

@@ -210,3 +210,64 @@ def test_quickstart_twenty_times_in_one_process_does_not_grow():
         resident.append(_rss())
     settled = resident[4]  # after warm-up (imports, arenas, caches)
     assert resident[-1] - settled < 24 * 2**20, [r // 2**20 for r in resident]
+
+
+# --- interrupted runs ---------------------------------------------------------------------------------
+
+IP_SPEC = {"model": {"source": "demo:digits-mlp", "checkpoints": ["epoch_01", "epoch_05", "epoch_10"]},
+           "data": {"source": "digits", "split": "train", "limit": 300},
+           "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 30}},
+                        {"id": "e", "estimator": "activation_entropy"}]}
+
+
+def test_resume_continues_an_interrupted_run_with_identical_records(tmp_path):
+    import types
+
+    from layerscope import hookimpl
+
+    reference = layerscope.run({**IP_SPEC, "outputs": {"dir": str(tmp_path / "ref")}}, progress=False)
+    seen = []
+
+    def interrupt(model, batch_index, samples):
+        seen.append(model)
+        if model == "epoch_05":
+            raise KeyboardInterrupt
+
+    plugin = types.ModuleType("interrupter")
+    plugin.after_batch = hookimpl(interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        layerscope.run({**IP_SPEC, "outputs": {"dir": str(out)}}, progress=False, plugins=(plugin,))
+    assert not (out / "results.json").exists()
+    assert sorted(p.name for p in (out / ".layerscope-resume").iterdir()) == ["checkpoint-0000.pkl"]
+    computed = []
+    counter = types.ModuleType("counter")
+    counter.after_batch = hookimpl(lambda model, batch_index, samples: computed.append(model))
+    resumed = layerscope.run({**IP_SPEC, "outputs": {"dir": str(out)}}, progress=False, resume=True, plugins=(counter,))
+    assert "epoch_01" not in computed and "epoch_05" in computed  # the first checkpoint was not recomputed
+    assert resumed.records == reference.records
+    assert (out / "results.json").exists() and not (out / ".layerscope-resume").exists()
+
+
+def test_ctrl_c_leaves_no_results_json(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(tmp_path, "model: {source: demo:digits-cnn, checkpoints: all}\n"
+                                "data: {source: digits}\n"
+                                "analyses: [{id: ip, estimator: information_plane}]\n"
+                                f"outputs: {{dir: {tmp_path / 'out'}}}\n")
+    layerscope.run({"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "limit": 10},
+                    "analyses": [{"id": "e", "estimator": "activation_entropy"}]}, write=False, progress=False)
+    process = subprocess.Popen([sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "out" / ".layerscope-resume").exists() and time.time() < deadline:
+        time.sleep(0.2)  # interrupt once the first checkpoint is saved, mid-run
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "results.json").exists()

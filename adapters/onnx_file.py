@@ -29,10 +29,10 @@ class OnnxFileAdapter(Adapter):
     def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
         if isinstance(checkpoint.ref, onnx.ModelProto):
             return LoadedModel(checkpoint.ref, checkpoint.label, "<onnx.ModelProto>")
-        proto = load_onnx_file(checkpoint.ref)
+        proto, external_dir = load_onnx_file(checkpoint.ref)
         if not proto.HasField("graph") or not proto.graph.node:
             raise UserError(f"model.source: {checkpoint.ref} is not an ONNX model (no graph inside)")
-        return LoadedModel(proto, checkpoint.label, str(checkpoint.ref))
+        return LoadedModel(proto, checkpoint.label, str(checkpoint.ref), external_dir=external_dir)
 
 
 @hookimpl

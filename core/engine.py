@@ -83,7 +83,7 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
     splittable = ({name for _, est in active if not est.per_batch for group in est.fetch_groups() for name in group}
                   - {name for _, est in active if est.per_batch for group in est.fetch_groups() for name in group})
     runner = Runner(loaded.proto, tensors, atomic, spec.runtime.device, spec.runtime.memory_budget,
-                    spec.data.batch_size, splittable)
+                    spec.data.batch_size, splittable, loaded.external_dir)
     wanted = [{name for group in est.fetch_groups() for name in group} for _, est in active]
     nonfinite: set[str] = set()
     for batch_index, (start, x, y) in enumerate(iter_batches(plan.data, order, spec.data.batch_size)):
@@ -122,7 +122,7 @@ def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, loaded: Lo
     groups = estimator.fetch_groups()
     splittable = set() if estimator.per_batch else {name for group in groups for name in group}
     runner = Runner(model, tensors, groups, spec.runtime.device, spec.runtime.memory_budget,
-                    estimator.plan_rows(spec.data.batch_size), splittable)
+                    estimator.plan_rows(spec.data.batch_size), splittable, loaded.external_dir)
     batches = iter_batches(plan.data, order, spec.data.batch_size, estimator.lookahead)
     for batch_index, (start, x, y) in enumerate(batches):
         size = min(spec.data.batch_size, len(order) - start)
@@ -185,6 +185,9 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
     analysed = {name: info for _, est in estimators for name, info in est.tensors.items()}
     model_info = {"label": loaded.label, "source": loaded.source, "framework": loaded.framework,
                   "sha256": hashlib.sha256(loaded.proto.SerializeToString()).hexdigest(), "provider": provider,
+                  **({"external_data": "memory-mapped into onnxruntime (the hash covers the graph and the data "
+                                        "references)"}
+                     if loaded.external_dir else {}),
                   "fetch_groups": groups, "passes": passes, **loaded.details,
                   "tensors": [{k: v for k, v in info.to_dict().items() if k in ("name", "layer", "op_type", "shape")}
                               | {"analyses": [aid for aid, est in estimators if name in est.tensors]}

@@ -30,6 +30,10 @@ class LoadedModel:
     framework: str = "onnx"
     layer_of: Callable[[onnx.NodeProto], str] = layer_name
     details: dict[str, Any] = field(default_factory=dict)
+    #: Set for models over 2 GB: their initializers stay in external files in this folder
+    #: (the proto holds only references) and are handed to onnxruntime from memory maps
+    #: (onnxruntime may still copy them into its own memory).
+    external_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -69,14 +73,35 @@ def find_adapter(section: "ModelSection", adapters) -> Adapter:
                     f"adapters: {', '.join(n for n, _ in adapters.items())})")
 
 
-def load_onnx_file(path: Path) -> onnx.ModelProto:
-    """Load an ONNX file (external data beside it is loaded too) with user-level errors."""
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def external_data_bytes(model: onnx.ModelProto) -> int:
+    """Bytes the model's initializers keep in external files (from the references' lengths)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        if onnx.external_data_helper.uses_external_data(tensor):
+            entries = {e.key: e.value for e in tensor.external_data}
+            total += int(entries.get("length", 0))
+    return total
+
+
+def load_onnx_file(path: Path) -> tuple[onnx.ModelProto, Path | None]:
+    """Load an ONNX file with user-level errors; returns (model, external-data folder or None).
+
+    External data beside the file is loaded into the proto, unless the model would pass
+    protobuf's 2 GB limit: then the proto keeps the references and the folder is returned.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"model.source: file not found: {path}")
     if path.is_dir():
         raise UserError(f"model.source: {path} is a directory, not an ONNX file")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
+        if external_data_bytes(model) + model.ByteSize() > PROTOBUF_LIMIT:
+            return model, path.parent
+        onnx.load_external_data_for_model(model, str(path.parent))
+        return model, None
     except Exception as error:  # protobuf DecodeError, missing external data, ...
         raise UserError(f"model.source: {path} is not a readable ONNX model ({type(error).__name__}: {error})") from None

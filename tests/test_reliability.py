@@ -271,3 +271,34 @@ def test_ctrl_c_leaves_no_results_json(tmp_path):
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_model_over_2gb_with_external_data(tmp_path):
+    """A 2.2 GB initializer in a sparse external file (nothing written but the graph) is memory-mapped."""
+    rows = 550_000_000 // 8  # 2.2 GB of float32 in an (rows, 8) table
+    data = tmp_path / "big.bin"
+    with open(data, "wb") as handle:
+        handle.truncate(rows * 8 * 4)  # sparse: reads as zeros
+    table = onnx.TensorProto(name="table", data_type=FLOAT, dims=[rows, 8], data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", "big.bin"), ("offset", "0"), ("length", str(rows * 8 * 4))):
+        table.external_data.add(key=key, value=value)
+    weight = numpy_helper.from_array((np.random.default_rng(0).standard_normal((64, 8)) * 0.3).astype(np.float32), "w")
+    index = numpy_helper.from_array(np.arange(3, dtype=np.int64), "index")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Gather", ["table", "index"], ["rows3"]),
+             helper.make_node("ReduceMean", ["rows3"], ["offset"], keepdims=1, axes=[0]),
+             helper.make_node("Add", ["h", "offset"], ["shifted"]), helper.make_node("Relu", ["shifted"], ["a"])]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("a", FLOAT, ["N", 8])], [weight, index, table])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10),
+              str(tmp_path / "big.onnx"))
+    assert (tmp_path / "big.onnx").stat().st_size < 10_000 and data.stat().st_blocks * 512 < 10**6
+    results = run(str(tmp_path / "big.onnx"), tmp_path)
+    assert results.models[0]["external_data"].startswith("memory-mapped")
+    small = onnx.load(str(tmp_path / "big.onnx"), load_external_data=False)
+    del small.graph.initializer[2:]
+    small.graph.initializer.append(numpy_helper.from_array(np.zeros((3, 8), np.float32), "table"))
+    small.graph.node[2].input[0] = "table"  # the same model with a tiny all-zero table gives the same numbers
+    del small.graph.node[1]
+    small.graph.node[1].input[0] = "table"
+    strip = lambda records: [{k: v for k, v in r.items() if k != "model"} for r in records]  # noqa: E731
+    assert strip(results.records) == strip(run(small, tmp_path).records)

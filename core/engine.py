@@ -189,7 +189,7 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
                                         "references)"}
                      if loaded.external_dir else {}),
                   "fetch_groups": groups, "passes": passes, **loaded.details,
-                  "tensors": [{k: v for k, v in info.to_dict().items() if k in ("name", "layer", "op_type", "shape")}
+                  "tensors": [{k: v for k, v in info.to_dict().items() if k in ("name", "layer", "op_type", "shape", "layout")}
                               | {"analyses": [aid for aid, est in estimators if name in est.tensors]}
                               for name, info in sorted(analysed.items(), key=lambda item: item[1].order)]}
     return records, warnings, model_info, list(isolation.failures.values())

@@ -38,6 +38,11 @@ class TensorInfo:
     node: str = ""
     inputs: tuple[str, ...] = ()  # the producer's input tensors
     role: str = "intermediate"  # input | output | intermediate
+    layout: str | None = None  # NCHW or NHWC for 4-D maps (see infer_layouts)
+
+    def channels_first(self, values):
+        """*values* (a torch batch of this tensor) with channels on axis 1, whatever the tensor's layout."""
+        return values.permute(0, 3, 1, 2) if self.layout == "NHWC" and values.ndim == 4 else values
 
     def bytes_per_sample(self) -> int | None:
         """Bytes of one sample (axis 0 is the batch axis); None if a non-batch dim is unknown."""
@@ -51,7 +56,37 @@ class TensorInfo:
     def to_dict(self) -> dict:
         return {"name": self.name, "op_type": self.op_type, "layer": self.layer, "dtype": self.dtype,
                 "shape": list(self.shape) if self.shape is not None else None,
-                "observable": self.observable, "reason": self.reason, "role": self.role}
+                "observable": self.observable, "reason": self.reason, "role": self.role, "layout": self.layout}
+
+
+INPUT_LAYOUT_KEY = "layerscope.input_layout"  # model metadata set by adapters whose framework is NHWC
+CHANNELS_FIRST_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+                      "BatchNormalization", "InstanceNormalization", "LRN"}
+LAYOUT_PRESERVING_OPS = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "Tanh", "Gelu",
+                         "Softplus", "Softsign", "HardSwish", "Mish", "Clip", "Add", "Sub", "Mul", "Div", "Identity",
+                         "Dropout", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Pow", "Cast", "Max", "Min"}
+
+
+def infer_layouts(model: onnx.ModelProto) -> dict[str, str]:
+    """The axis order of 4-D tensors: the input's from the model metadata (NCHW unless an adapter
+    says NHWC, as Keras does), NCHW after channels-first ops (Conv, pooling …), what a Transpose
+    with perm (0,2,3,1) / (0,3,1,2) produces, and unchanged through element-wise ops."""
+    metadata = {p.key: p.value for p in model.metadata_props}
+    initializers = {i.name for i in model.graph.initializer}
+    layouts = {i.name: metadata.get(INPUT_LAYOUT_KEY, "NCHW") for i in model.graph.input if i.name not in initializers}
+    for node in model.graph.node:
+        if node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            layout = {(0, 2, 3, 1): "NHWC", (0, 3, 1, 2): "NCHW"}.get(tuple(perm or ()))
+        elif node.op_type in CHANNELS_FIRST_OPS:
+            layout = "NCHW"
+        elif node.op_type in LAYOUT_PRESERVING_OPS:
+            layout = next((layouts[i] for i in node.input if i in layouts), None)
+        else:
+            layout = None
+        if layout:
+            layouts.update({output: layout for output in node.output if output})
+    return layouts
 
 
 def _numpy_dtype(elem_type: int) -> str | None:
@@ -109,6 +144,7 @@ def describe_tensors(model: onnx.ModelProto,
     """Every tensor of *model* (inputs, node outputs, subgraph values) with observability."""
     inferred = infer_shapes(model)
     types = _value_types(inferred)
+    layouts = infer_layouts(model)
     graph = inferred.graph
     initializers = {i.name for i in graph.initializer} | {i.values.name for i in graph.sparse_initializer}
     outputs = {o.name for o in graph.output}
@@ -119,7 +155,8 @@ def describe_tensors(model: onnx.ModelProto,
         if value.name in initializers:
             continue
         dtype, shape, reason = _tensor_type(value.type)
-        tensors.append(TensorInfo(value.name, "Input", value.name, dtype, shape, not reason, reason, role="input"))
+        tensors.append(TensorInfo(value.name, "Input", value.name, dtype, shape, not reason, reason, role="input",
+                                  layout=layouts.get(value.name) if shape is not None and len(shape) == 4 else None))
 
     for order, node in enumerate(graph.node):
         inputs = tuple(i for i in node.input if i)
@@ -138,8 +175,10 @@ def describe_tensors(model: onnx.ModelProto,
             if why:
                 static[output] = why
             reason = why or type_reason
+            layout = layouts.get(output, "NCHW") if shape is not None and len(shape) == 4 else None
             tensors.append(TensorInfo(output, node.op_type, layer_of(node), dtype, shape, not reason, reason,
-                                      order, node.name, inputs, "output" if output in outputs else "intermediate"))
+                                      order, node.name, inputs, "output" if output in outputs else "intermediate",
+                                      layout))
         if node.op_type in SUBGRAPH_OPS:
             tensors += _subgraph_tensors(node, layer_of)
     return tensors

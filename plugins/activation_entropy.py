@@ -114,7 +114,8 @@ class ActivationEntropy(Estimator):
     def update(self, batch: TensorBatch) -> None:
         p = self.params
         for name, values in batch.tensors.items():
-            matrix = neuron_matrix(values, p.neurons).to(torch.float64)
+            info = self.tensors.get(name)
+            matrix = neuron_matrix(info.channels_first(values) if info else values, p.neurons).to(torch.float64)
             if p.variant == "histogram" and self.pass_index < self.passes - 1:
                 finite = matrix[torch.isfinite(matrix)]  # NaN/Inf values are left out (the engine warns)
                 if finite.numel():

@@ -100,7 +100,7 @@ class MeanDimension(Estimator):
         self.output_name = outputs[0].name if outputs else None
         if self.params.basis == "input":
             try:
-                self.groups = feature_groups(shape, self.params.features)
+                self.groups = feature_groups(shape, self.params.features, model_input.layout == "NHWC")
             except ValueError as error:
                 raise UserError(str(error)) from None
 

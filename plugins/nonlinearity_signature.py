@@ -57,6 +57,7 @@ class NonlinearitySignature(Estimator):
 
     def setup(self) -> None:
         self.pairs: list[Activation] = []
+        self.layouts: dict = {}
         self.add_state("kept", {}, self._keep_first)  # output -> (sample indices, x rows, y rows)
 
     def _keep_first(self, a: tuple, b: tuple) -> tuple:
@@ -72,9 +73,16 @@ class NonlinearitySignature(Estimator):
             raise UserError(f"nonlinearity_signature needs activation outputs; not an activation output: "
                             f"{', '.join(unknown)}")
         self.pairs = sorted((activations[name] for name in self.tensors), key=lambda a: a.order)
+        by_name = {t.name: t for t in tensors}
+        self.layouts = {name: by_name[name] for pair in self.pairs for name in (pair.input, pair.output)
+                        if name in by_name}
 
     def fetch_groups(self) -> list[tuple[str, ...]]:
         return [(pair.input, pair.output) for pair in self.pairs]
+
+    def _channels_first(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        info = self.layouts.get(name)
+        return info.channels_first(values) if info is not None else values
 
     def update(self, batch: TensorBatch) -> None:
         for pair in self.pairs:
@@ -83,8 +91,8 @@ class NonlinearitySignature(Estimator):
             stored = self.kept.get(pair.output)
             if stored is not None and len(stored[0]) >= self.params.samples and stored[0].max() < batch.start:
                 continue  # already holds the first `samples` samples
-            x = reduce_features(batch.tensors[pair.input], self.params.reduce_axis).to(torch.float64).cpu()
-            y = reduce_features(batch.tensors[pair.output], self.params.reduce_axis).to(torch.float64).cpu()
+            x, y = (reduce_features(self._channels_first(name, batch.tensors[name]), self.params.reduce_axis)
+                    .to(torch.float64).cpu() for name in (pair.input, pair.output))
             indices = torch.arange(batch.start, batch.start + len(x))
             if stored is None:
                 stored = (indices[:0], x[:0], y[:0])

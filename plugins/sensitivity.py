@@ -32,13 +32,18 @@ class FeatureGroups:
         return len(self.indices)
 
 
-def feature_groups(sample_shape: tuple[int, ...], features: str) -> FeatureGroups:
+def feature_groups(sample_shape: tuple[int, ...], features: str, channels_last: bool = False) -> FeatureGroups:
     """Groups for ``elements`` | ``pixels`` | ``channels`` | ``patches:k`` over a (C,H,W), (H,W) or flat sample.
 
     ``pixels`` are spatial positions with all their channels; ``channels`` the slices along
-    the first axis; ``patches:k`` k×k spatial blocks with all channels.
+    the channel axis; ``patches:k`` k×k spatial blocks with all channels. With
+    *channels_last* the sample is (H,W,C) (a Keras input): indices still address the flat
+    sample as stored, positions are given as for (C,H,W).
     """
     flat = np.arange(math.prod(sample_shape)).reshape(sample_shape)
+    if channels_last and len(sample_shape) == 3:
+        flat = np.moveaxis(flat, -1, 0)
+        sample_shape = flat.shape
     if features == "elements" or (features == "pixels" and len(sample_shape) < 3):
         return FeatureGroups([np.array([i]) for i in flat.ravel()],
                              [list(np.unravel_index(i, sample_shape)) for i in range(flat.size)], sample_shape)

@@ -115,3 +115,38 @@ def test_selector_lists_and_roles():
         resolve([SelectorSpec(op_type="Sigmoid"), SelectorSpec(role="output")], tensors)
     assert [t.name for t in resolve([SelectorSpec(op_type="Sigmoid"), SelectorSpec(role="output")], tensors,
                                     strict=False)] == ["logits"]
+
+
+def test_nhwc_tensors_are_moved_channels_first_by_the_estimators(tmp_path):
+    """The same maps stored NHWC (input marked by an adapter, as Keras is) and NCHW give the same numbers."""
+    import layerscope
+    from layerscope.graph import INPUT_LAYOUT_KEY, infer_layouts
+
+    def model(shape, layout):
+        nodes = [helper.make_node("Mul", ["x", "scale"], ["scaled"]), helper.make_node("Relu", ["scaled"], ["a"])]
+        graph = helper.make_graph(nodes, "maps", [helper.make_tensor_value_info("x", FLOAT, ["N", *shape])],
+                                  [helper.make_tensor_value_info("a", FLOAT, ["N", *shape])],
+                                  [numpy_helper.from_array(np.array(1.5, np.float32), "scale")])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+        onnx.helper.set_model_props(proto, {INPUT_LAYOUT_KEY: layout})
+        return proto
+
+    rng = np.random.default_rng(0)
+    maps = rng.standard_normal((300, 3, 4, 4)).astype(np.float32) + np.array([-1.0, 0.0, 1.0])[None, :, None, None]
+    results = {}
+    for name, shape, layout, data in (("nchw", (3, 4, 4), "NCHW", maps),
+                                      ("nhwc", (4, 4, 3), "NHWC", maps.transpose(0, 2, 3, 1).copy())):
+        proto = model(shape, layout)
+        assert infer_layouts(proto)["a"] == layout
+        onnx.save(proto, str(tmp_path / f"{name}.onnx"))
+        np.savez(tmp_path / f"{name}.npz", x=data)
+        spec = {"model": {"source": str(tmp_path / f"{name}.onnx")},
+                "data": {"source": "npz", "path": str(tmp_path / f"{name}.npz"), "shuffle": False},
+                "analyses": [{"id": "ch", "estimator": "activation_entropy", "on": {"name": "a"},
+                              "params": {"neurons": "channels"}},
+                             {"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 300}}]}
+        run = layerscope.run(spec, write=False, progress=False)
+        results[name] = {(r["analysis"], r["metric"], str(r.get("class"))): r["value"] for r in run.records}
+    assert results["nchw"].keys() == results["nhwc"].keys()
+    for key, value in results["nchw"].items():
+        assert results["nhwc"][key] == pytest.approx(value, abs=1e-6), key

@@ -1,0 +1,208 @@
+"""Adapter for TensorFlow and Keras models: Keras 3 ``.keras`` files, TensorFlow SavedModel
+directories, and (from Python) a live ``keras.Model`` or ``tf.function``.
+
+TensorFlow graphs are converted with tf2onnx (``tf2onnx.convert.from_function`` on a
+``tf.function`` that calls the model, which works for Sequential and Functional Keras models
+alike; tf2onnx's ``from_keras`` fails on Sequential models) at opset 17 (tf2onnx supports
+≤ 18; the opset used is recorded in the results). A Keras model on the torch backend is a
+``torch.nn.Module`` and goes through torch's exporter instead. Layer names in results are
+the Keras layer names, read back from the converted node names
+(``…/functional_1/conv1_1/Relu`` → ``conv1``).
+
+Layout: Keras tensors are NHWC; tf2onnx turns convolutions into ONNX's NCHW with
+transposes around them. The converted model is marked as having an NHWC input, and
+:func:`layerscope.graph.infer_layouts` follows the layout through the graph, so every 4-D
+tensor carries ``layout`` (NCHW or NHWC, shown by ``inspect`` and in ``results.json``'s
+model tensors) and estimators that reduce over spatial axes move channels first
+(``TensorInfo.channels_first``). Requires the ``layerscope[tensorflow]`` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
+from layerscope.errors import UserError
+from layerscope.graph import INPUT_LAYOUT_KEY
+
+OPSET = 17
+_CALL_SUFFIX = re.compile(r"_\d+$")
+_WRAPPERS = {"StatefulPartitionedCall", "PartitionedCall"}
+
+
+def _tensorflow():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import tensorflow as tf
+        import tf2onnx  # noqa: F401
+    except ImportError:
+        raise UserError("model.source: TensorFlow/Keras models need the extra: pip install 'layerscope[tensorflow]'") \
+            from None
+    return tf
+
+
+def is_saved_model(path: Path) -> bool:
+    return path.is_dir() and (path / "saved_model.pb").exists()
+
+
+def keras_layer_name(known: set[str]):
+    """The layer-name rule for converted graphs: the scope component after the model's own
+    (Keras appends ``_<n>`` to call scopes; known layer names win over stripping)."""
+
+    def layer_of(node: onnx.NodeProto) -> str:
+        parts = [p for p in node.name.split("/") if p not in _WRAPPERS]
+        for part in parts:
+            if part in known:
+                return part
+            if _CALL_SUFFIX.sub("", part) in known:
+                return _CALL_SUFFIX.sub("", part)
+        if len(parts) >= 3:  # model scope / layer scope / op
+            return _CALL_SUFFIX.sub("", parts[1])
+        return node.name or (node.output[0] if node.output else node.op_type)
+
+    return layer_of
+
+
+@contextlib.contextmanager
+def _quiet():
+    logger = logging.getLogger("tf2onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _convert(function, spec) -> onnx.ModelProto:
+    import tf2onnx
+
+    try:
+        with _quiet():
+            proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec], opset=OPSET)
+    except Exception as error:
+        raise UserError(f"model.source: tf2onnx could not convert the model: {type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    return proto
+
+
+def _keras_model_to_onnx(model, example):
+    """(proto, layer names, framework) for a live Keras model (either backend)."""
+    import keras
+
+    names = {layer.name for layer in model.layers}
+    if keras.config.backend() == "torch":
+        from .torch_export import export_to_onnx
+
+        return export_to_onnx(model, example), names, "keras (torch backend)"
+    tf = _tensorflow()
+    shape = [None, *model.inputs[0].shape[1:]] if getattr(model, "inputs", None) else [None, *example.shape[1:]]
+    spec = tf.TensorSpec(shape, model.inputs[0].dtype if getattr(model, "inputs", None) else tf.float32, name="x")
+
+    @tf.function(autograph=False)
+    def call(x):
+        return model(x, training=False)
+
+    return _convert(call, spec), names, "keras"
+
+
+def _saved_model_to_onnx(path: Path):
+    tf = _tensorflow()
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as error:
+        raise UserError(f"model.source: {path} is not a loadable TensorFlow SavedModel: {error}") from None
+    signature = loaded.signatures.get("serving_default")
+    if signature is None:
+        raise UserError(f"model.source: {path} has no 'serving_default' signature")
+    inputs = signature.structured_input_signature[1]
+    if len(inputs) != 1:
+        raise UserError(f"model.source: the SavedModel takes {len(inputs)} inputs ({', '.join(inputs)}); "
+                        "layerscope currently analyses single-input models")
+    (name, spec), = inputs.items()
+
+    @tf.function(autograph=False)
+    def call(x):
+        outputs = signature(**{name: x})
+        return outputs[sorted(outputs)[0]]
+
+    return _convert(call, tf.TensorSpec(spec.shape, spec.dtype, name="x")), set(), "tensorflow (SavedModel)"
+
+
+def _is_keras_model(source) -> bool:
+    keras = sys.modules.get("keras")
+    return keras is not None and isinstance(source, keras.Model)
+
+
+def _is_tf_function(source) -> bool:
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and hasattr(tf, "types") and isinstance(source, tf.types.experimental.PolymorphicFunction)
+
+
+class TensorFlowAdapter(Adapter):
+    name = "tensorflow"
+
+    def claims(self, section) -> bool:
+        source = section.source
+        if isinstance(source, str):
+            return source.endswith(".keras") or is_saved_model(Path(source)) or source.rstrip("/").endswith("saved_model")
+        return _is_keras_model(source) or _is_tf_function(source)
+
+    def checkpoints(self, section, spec) -> list[Checkpoint]:
+        source = section.source
+        if not isinstance(source, str):
+            return [Checkpoint("model", source)]
+        path = spec.resolve_path(source)
+        return [Checkpoint(path.stem if path.suffix else path.name, path)]
+
+    def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
+        ref = checkpoint.ref
+        if isinstance(ref, Path):
+            if not ref.exists():
+                raise UserError(f"model.source: not found: {ref}")
+            if ref.suffix == ".keras":
+                _tensorflow()
+                import keras
+
+                try:
+                    model = keras.saving.load_model(str(ref), safe_mode=True)  # no arbitrary code from the file
+                except Exception as error:
+                    raise UserError(f"model.source: {ref} is not a loadable Keras model: {error}") from None
+                proto, names, framework = _keras_model_to_onnx(model, example)
+            else:
+                proto, names, framework = _saved_model_to_onnx(ref)
+            source = str(ref)
+        elif _is_keras_model(ref):
+            proto, names, framework = _keras_model_to_onnx(ref, example)
+            source = f"<{type(ref).__name__}>"
+        else:
+            tf = _tensorflow()
+            signature = ref.input_signature
+            spec_ = signature[0] if signature else tf.TensorSpec([None, *np.shape(example)[1:]], tf.float32, name="x")
+            proto, names, framework = _convert(ref, spec_), set(), "tensorflow (tf.function)"
+            source = "<tf.function>"
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if "torch" not in framework:  # Keras/TF inputs are channels-last
+            onnx.helper.set_model_props(proto, {INPUT_LAYOUT_KEY: "NHWC"})
+        layer_of = keras_layer_name(names) if "torch" not in framework else None
+        loaded = LoadedModel(proto, checkpoint.label, source, framework=framework, details={"opset": opset})
+        if layer_of is not None:
+            loaded.layer_of = layer_of
+        return loaded
+
+
+@hookimpl
+def register_adapters(register):
+    register(TensorFlowAdapter)

@@ -19,13 +19,9 @@ model tensors) and estimators that reduce over spatial axes move channels first
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +30,8 @@ import onnx
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError
 from layerscope.graph import INPUT_LAYOUT_KEY
+
+from .quiet import quiet
 
 OPSET = 17
 _CALL_SUFFIX = re.compile(r"_\d+$")
@@ -73,24 +71,11 @@ def keras_layer_name(known: set[str]):
     return layer_of
 
 
-@contextlib.contextmanager
-def _quiet():
-    logger = logging.getLogger("tf2onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def _convert(function, spec) -> onnx.ModelProto:
     import tf2onnx
 
     try:
-        with _quiet():
+        with quiet("tf2onnx"):
             proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec], opset=OPSET)
     except Exception as error:
         raise UserError(f"model.source: tf2onnx could not convert the model: {type(error).__name__}: "

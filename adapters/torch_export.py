@@ -8,12 +8,8 @@ when a torch model is actually loaded.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import io
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +19,10 @@ from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError
 
 from .checkpoints import file_checkpoints
+from .quiet import quiet
 
 #: Node metadata that only bloats the graph (source stack traces, FX text).
 _DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """Silence the exporter's progress prints, warnings and log lines (errors still raise)."""
-    loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.export", "onnxscript")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def _strip_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -68,7 +49,7 @@ def export_to_onnx(model, example: np.ndarray | None = None) -> onnx.ModelProto:
         dynamic_shapes = ({0: torch.export.Dim("batch")},)
         model = model.eval()
     try:
-        with _quiet_exporter():
+        with quiet("torch", "torch.onnx", "torch.export", "onnxscript"):
             program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
                                         external_data=False, verbose=False)
     except Exception as error:

@@ -76,8 +76,8 @@ class Isolation:
 
 
 def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, loaded: LoadedModel,
-               order: np.ndarray, progress: Progress, isolation: Isolation) -> tuple[str, int]:
-    """One pass over the data for *active* estimators; returns (provider that ran, fetch groups)."""
+               order: np.ndarray, progress: Progress, isolation: Isolation) -> tuple[str, dict]:
+    """One pass over the data for *active* estimators; returns (provider that ran, fetch statistics)."""
     spec = plan.spec
     atomic = list(dict.fromkeys(group for _, est in active for group in est.fetch_groups()))
     splittable = ({name for _, est in active if not est.per_batch for group in est.fetch_groups() for name in group}
@@ -109,11 +109,11 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
     for name in sorted(nonfinite):
         isolation.warnings.append(f"tensor '{name}' of {loaded.label} contains NaN or Inf values; estimates that read "
                                   "it may be meaningless")
-    return runner.provider, len(runner.groups or [])
+    return runner.provider, {"groups": len(runner.groups or []), "peak_fetched_bytes": runner.peak_fetched_bytes}
 
 
 def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, loaded: LoadedModel, tensors,
-               order: np.ndarray, progress: Progress, isolation: Isolation) -> tuple[str, int]:
+               order: np.ndarray, progress: Progress, isolation: Isolation) -> tuple[str, dict]:
     """The input-plan pass of one estimator: its plan batches, evaluated by the runner."""
     spec = plan.spec
     model = estimator.transform_model(loaded.proto)
@@ -137,7 +137,7 @@ def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, loaded: Lo
         plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=size)
         progress.advance(size, f"{loaded.label} ({estimator.name})")
     isolation.call(analysis_id, estimator, "end_pass", estimator.end_pass)
-    return runner.provider, len(runner.groups or [])
+    return runner.provider, {"groups": len(runner.groups or []), "peak_fetched_bytes": runner.peak_fetched_bytes}
 
 
 def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray, example: np.ndarray,
@@ -162,13 +162,13 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
         active = [(aid, est) for aid, est in estimators
                   if est.passes > pass_index and (aid, est) not in planned and aid not in isolation.failures]
         if active:
-            provider, group_count = _feed_pass(plan, active, tensors, loaded, order, progress, isolation)
-            groups.append(group_count)
+            provider, fetch = _feed_pass(plan, active, tensors, loaded, order, progress, isolation)
+            groups.append(fetch)
         for analysis_id, estimator in planned:
             if analysis_id not in isolation.failures:
-                provider, group_count = _feed_plan(plan, analysis_id, estimator, loaded, tensors, order, progress,
-                                                   isolation)
-                groups.append(group_count)
+                provider, fetch = _feed_plan(plan, analysis_id, estimator, loaded, tensors, order, progress,
+                                             isolation)
+                groups.append(fetch)
     records, warnings = [], []
     by_id = {p.section.id: p for p in plan.analyses}
     for analysis_id, estimator in estimators:
@@ -188,7 +188,8 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
                   **({"external_data": "memory-mapped into onnxruntime (the hash covers the graph and the data "
                                         "references)"}
                      if loaded.external_dir else {}),
-                  "fetch_groups": groups, "passes": passes, **loaded.details,
+                  "fetch_groups": [g["groups"] for g in groups], "passes": passes,
+                  "peak_fetched_bytes": max((g["peak_fetched_bytes"] for g in groups), default=0), **loaded.details,
                   "tensors": [{k: v for k, v in info.to_dict().items() if k in ("name", "layer", "op_type", "shape", "layout")}
                               | {"analyses": [aid for aid, est in estimators if name in est.tensors]}
                               for name, info in sorted(analysed.items(), key=lambda item: item[1].order)]}

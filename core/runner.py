@@ -117,6 +117,7 @@ class Runner:
         self._splittable = splittable or set()
         self._sizes = {t.name: t.bytes_per_sample() for t in fetched}
         self.groups: list[FetchGroup] | None = None
+        self.peak_fetched_bytes = 0  # the most bytes of fetched tensors yielded at once
 
     # --- inputs --------------------------------------------------------------------
     def prepare(self, x: np.ndarray) -> np.ndarray:
@@ -181,6 +182,8 @@ class Runner:
             for start in range(0, len(x), step):
                 part = slice(start, min(start + step, len(x)))
                 fetched = self._fetch(session, x[part], group.names)
+                held = sum(value.numel() * value.element_size() for value in fetched.values())
+                self.peak_fetched_bytes = max(self.peak_fetched_bytes, held)
                 if attach:
                     fetched[self.input.name] = to_torch(x[part])
                 yield part, fetched

@@ -54,3 +54,23 @@ def test_budget_groups_and_micro_batches_match_unbounded_run():
 def test_results_are_deterministic_for_a_seed():
     first, second = quickstart("1GiB", 200), quickstart("1GiB", 200)
     assert first.records == second.records
+
+
+def test_densenet121_within_the_memory_budget():
+    """The real densenet121 graph the onnx package ships (1,746 nodes, fixed batch 1): every Relu output,
+    fetched under a budget smaller than one sample's activations, gives the unbounded run's records."""
+    import os
+
+    import onnx
+
+    path = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", "light_densenet121.onnx")
+    spec = {"model": {"source": path},
+            "data": {"source": "synthetic", "samples": 3, "shape": [3, 224, 224], "classes": 2, "batch_size": 3},
+            "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
+    unbounded = layerscope.run({**spec, "runtime": {"memory_budget": "1GiB"}}, write=False, progress=False)
+    budget = 16 * 2**20  # one sample's 121 Relu outputs are 62.7 MB
+    bounded = layerscope.run({**spec, "runtime": {"memory_budget": budget}}, write=False, progress=False)
+    assert bounded.models[0]["peak_fetched_bytes"] <= budget < unbounded.models[0]["peak_fetched_bytes"]
+    assert bounded.models[0]["fetch_groups"][0] > 3
+    assert len({r["layer"] for r in bounded.records}) == 121
+    assert_records_close(bounded.records, unbounded.records, rtol=0, atol=0)

@@ -166,7 +166,8 @@ class Runner:
         if unknown:  # non-batch dims only known at run time: measure them on one sample
             for name, value in self._fetch(self._session_for(unknown), x[:1], unknown).items():
                 self._sizes[name] = value.numel() * value.element_size()
-        groups = plan_groups(self._atomic, self._sizes, self.batch_size, self.memory_budget, self._splittable)
+        rows = min(self.batch_size, self.fixed_batch or self.batch_size)  # a fixed-batch model runs that many at once
+        groups = plan_groups(self._atomic, self._sizes, rows, self.memory_budget, self._splittable)
         self._sessions = [self._session_for(group.names) for group in groups]
         return groups
 

@@ -1,10 +1,10 @@
 """The analysis spec: typed models for every section and loading with located errors.
 
-Validation happens in two stages. :func:`load_spec` parses YAML safely and checks the
-structure of every section (unknown keys, types, ranges). :func:`check_against_plugins`
-then checks names that only the loaded plugins know (estimators, data sources,
-reporters, estimator parameters). Both report every problem at once as
-``file:line:col: key.path: message``.
+:func:`read_document` parses YAML safely (keeping positions) and :func:`parse_spec` checks
+the structure of every section (unknown keys, types, ranges);
+:func:`layerscope.plan.build_plan` then checks what only the loaded plugins know
+(estimators, data sources, reporters, their parameters). Every problem is reported at
+once as ``file:line:col: key.path: message``.
 """
 
 from __future__ import annotations
@@ -178,9 +178,3 @@ def read_document(source: str | os.PathLike | dict) -> tuple[LocatedDocument, Pa
     except (OSError, UnicodeDecodeError) as error:
         raise SpecError([f"{path}: cannot read the spec: {error}"]) from None
     return load_yaml(text, str(path)), path.resolve().parent
-
-
-def load_spec(source: str | os.PathLike | dict) -> tuple[Spec, LocatedDocument]:
-    """Load and structurally validate a spec from a YAML file path or a plain dict."""
-    doc, base_dir = read_document(source)
-    return parse_spec(doc, base_dir), doc

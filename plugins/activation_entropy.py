@@ -30,7 +30,7 @@ import scipy.stats
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from layerscope import ACTIVATION_OPS, Estimator, TensorBatch, hookimpl
+from layerscope import Estimator, TensorBatch, hookimpl
 
 ALL = "all"
 LN2 = math.log(2.0)
@@ -95,7 +95,7 @@ class ActivationEntropy(Estimator):
 
     name = "activation_entropy"
     Params = ActivationEntropyParams
-    default_selector = {"op_type": list(ACTIVATION_OPS)}
+    default_selector = {"activation": "output"}  # activation ops and decomposed forms (SiLU, GELU …)
     reconstructed = ("Wang et al. 2019 (arXiv 1905.08618, withdrawn): reconstructed from the abstract; "
                      "entropy definition, threshold and binning are our choices (methods.md §3)")
 

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from layerscope import ACTIVATION_OPS, Estimator, TensorBatch, hookimpl
+from layerscope import Estimator, TensorBatch, hookimpl
 
 from .matrix_entropy import (
     alignment_curve,
@@ -84,7 +84,7 @@ class InformationPlane(Estimator):
 
     name = "information_plane"
     Params = InformationPlaneParams
-    default_selector = [{"op_type": list(ACTIVATION_OPS)}, {"role": "output"}]
+    default_selector = [{"activation": "output"}, {"role": "output"}]
     needs_labels = True
     per_batch = True
 

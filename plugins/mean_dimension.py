@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from layerscope import ACTIVATION_OPS, Estimator, TensorBatch, hookimpl
+from layerscope import Estimator, TensorBatch, hookimpl
 from layerscope.errors import UserError
 from layerscope.estimator import DataBatch, PlanBatch
 
@@ -73,7 +73,7 @@ class MeanDimension(Estimator):
 
     name = "mean_dimension"
     Params = MeanDimensionParams
-    default_selector = [{"op_type": list(ACTIVATION_OPS)}, {"role": "output"}]
+    default_selector = [{"activation": "output"}, {"role": "output"}]
     reads_plan = True
     lookahead = 1
 

@@ -60,3 +60,11 @@ def test_inspect_command(repo):
     assert proc.returncode == 0, proc.stderr
     tensors = {t["name"]: t for t in json.loads(proc.stdout)["tensors"]}
     assert tensors["relu"]["layer"] == "relu1" and tensors["relu"]["shape"] == ["batch", 8, 8, 8]
+
+
+def test_every_example_spec_validates_against_its_model(repo):
+    specs = sorted((repo / "specs").glob("*.yaml"))
+    assert len(specs) >= 5
+    for spec in specs:
+        checked = layerscope.validate(spec)
+        assert any("selects" in line for line in checked), spec

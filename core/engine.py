@@ -104,8 +104,6 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
                     isolation.call(aid, estimator, "update", estimator.update, batch)
         plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=len(x))
         progress.advance(len(x), f"{loaded.label}")
-    for aid, estimator in active:
-        isolation.call(aid, estimator, "end_pass", estimator.end_pass)
     for name in sorted(nonfinite):
         isolation.warnings.append(f"tensor '{name}' of {loaded.label} contains NaN or Inf values; estimates that read "
                                   "it may be meaningless")
@@ -136,64 +134,98 @@ def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, loaded: Lo
                 isolation.call(analysis_id, estimator, "update", estimator.update, batch)
         plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=size)
         progress.advance(size, f"{loaded.label} ({estimator.name})")
-    isolation.call(analysis_id, estimator, "end_pass", estimator.end_pass)
     return runner.provider, {"groups": len(runner.groups or []), "peak_fetched_bytes": runner.peak_fetched_bytes}
+
+
+class CheckpointRun:
+    """The analyses of one model checkpoint, as steps: passes over the data (which may run in a
+    worker process), the ends of passes (in checkpoint order, after ``carry_over``), and the
+    records."""
+
+    def __init__(self, plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray, example: np.ndarray,
+                 estimators: list[tuple[str, Estimator]] | None = None):
+        self.plan, self.order = plan, order
+        self.loaded = plan.adapter.load(checkpoint, plan.spec, example)
+        built, self.tensors = build_estimators(plan, self.loaded)
+        self.estimators = estimators if estimators is not None else built
+        self.passes = max(est.passes for _, est in self.estimators)
+        self.isolation = Isolation(plan, self.loaded.label)
+        self.provider, self.groups = "", []
+
+    def carry_over(self, previous: dict[str, Estimator]) -> None:
+        for analysis_id, estimator in self.estimators:
+            if analysis_id in previous:
+                estimator.carry_over(previous[analysis_id])
+
+    def _active(self, pass_index: int) -> tuple[list, list]:
+        planned = [(aid, est) for aid, est in self.estimators if est.reads_plan and est.passes == pass_index + 1
+                   and aid not in self.isolation.failures]
+        active = [(aid, est) for aid, est in self.estimators
+                  if est.passes > pass_index and (aid, est) not in planned and aid not in self.isolation.failures]
+        return active, planned
+
+    def run_pass(self, pass_index: int, progress: Progress) -> None:
+        """Feed pass *pass_index* of the data (or of the input plans) to the estimators that need it."""
+        active, planned = self._active(pass_index)
+        if active:
+            self.provider, fetch = _feed_pass(self.plan, active, self.tensors, self.loaded, self.order, progress,
+                                              self.isolation)
+            self.groups.append(fetch)
+        for analysis_id, estimator in planned:
+            self.provider, fetch = _feed_plan(self.plan, analysis_id, estimator, self.loaded, self.tensors,
+                                              self.order, progress, self.isolation)
+            self.groups.append(fetch)
+
+    def end_pass(self, pass_index: int) -> None:
+        active, planned = self._active(pass_index)
+        for analysis_id, estimator in active + planned:
+            self.isolation.call(analysis_id, estimator, "end_pass", estimator.end_pass)
+
+    def finish(self) -> tuple[list[dict], list[str], dict, list[dict]]:
+        """(records, warnings, model details, failures) of this checkpoint."""
+        loaded, isolation, estimators = self.loaded, self.isolation, self.estimators
+        records, warnings = [], []
+        by_id = {p.section.id: p for p in self.plan.analyses}
+        for analysis_id, estimator in estimators:
+            finished = isolation.call(analysis_id, estimator, "finalize", estimator.finalize) or []
+            records += [{"analysis": analysis_id, "estimator": by_id[analysis_id].section.estimator,
+                         "model": loaded.label, **record} for record in finished]
+            if analysis_id not in isolation.failures:
+                warnings += [f"{analysis_id} ({loaded.label}): {w}" for w in estimator.collect_warnings()]
+        warnings += list(dict.fromkeys(isolation.warnings))
+        for failure in isolation.failures.values():
+            warnings.append(f"{failure['analysis']} ({loaded.label}): estimator '{failure['estimator']}' of plugin "
+                            f"'{failure['plugin']}' failed in {failure['phase']}: {failure['error']}; "
+                            "its results are missing, the other analyses completed")
+        analysed = {name: info for _, est in estimators for name, info in est.tensors.items()}
+        model_info = {
+            "label": loaded.label, "source": loaded.source, "framework": loaded.framework,
+            "sha256": hashlib.sha256(loaded.proto.SerializeToString()).hexdigest(), "provider": self.provider,
+            **({"external_data": "memory-mapped into onnxruntime (the hash covers the graph and the data "
+                                 "references)"} if loaded.external_dir else {}),
+            "fetch_groups": [g["groups"] for g in self.groups], "passes": self.passes,
+            "peak_fetched_bytes": max((g["peak_fetched_bytes"] for g in self.groups), default=0), **loaded.details,
+            "tensors": [{k: v for k, v in info.to_dict().items() if k in ("name", "layer", "op_type", "shape", "layout")}
+                        | {"analyses": [aid for aid, est in estimators if name in est.tensors]}
+                        for name, info in sorted(analysed.items(), key=lambda item: item[1].order)]}
+        return records, warnings, model_info, list(isolation.failures.values())
 
 
 def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray, example: np.ndarray,
                        progress: Progress, previous: dict[str, Estimator]
                        ) -> tuple[list[dict], list[str], dict, list[dict]]:
-    """Records and warnings of every analysis for one model checkpoint.
+    """Records and warnings of every analysis for one model checkpoint, in this process.
 
     *previous* maps analysis ids to the estimators of the previous checkpoint; it is
     updated with this checkpoint's estimators.
     """
-    loaded = plan.adapter.load(checkpoint, plan.spec, example)
-    estimators, tensors = build_estimators(plan, loaded)
-    for analysis_id, estimator in estimators:
-        if analysis_id in previous:
-            estimator.carry_over(previous[analysis_id])
-    previous.update(estimators)
-    passes = max(est.passes for _, est in estimators)
-    provider, groups = "", []
-    isolation = Isolation(plan, loaded.label)
-    for pass_index in range(passes):
-        planned = [(aid, est) for aid, est in estimators if est.reads_plan and est.passes == pass_index + 1]
-        active = [(aid, est) for aid, est in estimators
-                  if est.passes > pass_index and (aid, est) not in planned and aid not in isolation.failures]
-        if active:
-            provider, fetch = _feed_pass(plan, active, tensors, loaded, order, progress, isolation)
-            groups.append(fetch)
-        for analysis_id, estimator in planned:
-            if analysis_id not in isolation.failures:
-                provider, fetch = _feed_plan(plan, analysis_id, estimator, loaded, tensors, order, progress,
-                                             isolation)
-                groups.append(fetch)
-    records, warnings = [], []
-    by_id = {p.section.id: p for p in plan.analyses}
-    for analysis_id, estimator in estimators:
-        finished = isolation.call(analysis_id, estimator, "finalize", estimator.finalize) or []
-        records += [{"analysis": analysis_id, "estimator": by_id[analysis_id].section.estimator,
-                     "model": loaded.label, **record} for record in finished]
-        if analysis_id not in isolation.failures:
-            warnings += [f"{analysis_id} ({loaded.label}): {w}" for w in estimator.collect_warnings()]
-    warnings += list(dict.fromkeys(isolation.warnings))
-    for failure in isolation.failures.values():
-        warnings.append(f"{failure['analysis']} ({loaded.label}): estimator '{failure['estimator']}' of plugin "
-                        f"'{failure['plugin']}' failed in {failure['phase']}: {failure['error']}; "
-                        "its results are missing, the other analyses completed")
-    analysed = {name: info for _, est in estimators for name, info in est.tensors.items()}
-    model_info = {"label": loaded.label, "source": loaded.source, "framework": loaded.framework,
-                  "sha256": hashlib.sha256(loaded.proto.SerializeToString()).hexdigest(), "provider": provider,
-                  **({"external_data": "memory-mapped into onnxruntime (the hash covers the graph and the data "
-                                        "references)"}
-                     if loaded.external_dir else {}),
-                  "fetch_groups": [g["groups"] for g in groups], "passes": passes,
-                  "peak_fetched_bytes": max((g["peak_fetched_bytes"] for g in groups), default=0), **loaded.details,
-                  "tensors": [{k: v for k, v in info.to_dict().items() if k in ("name", "layer", "op_type", "shape", "layout")}
-                              | {"analyses": [aid for aid, est in estimators if name in est.tensors]}
-                              for name, info in sorted(analysed.items(), key=lambda item: item[1].order)]}
-    return records, warnings, model_info, list(isolation.failures.values())
+    run = CheckpointRun(plan, checkpoint, order, example)
+    run.carry_over(previous)
+    previous.update(run.estimators)
+    for pass_index in range(run.passes):
+        run.run_pass(pass_index, progress)
+        run.end_pass(pass_index)
+    return run.finish()
 
 
 def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, resume: bool = False) -> Results:

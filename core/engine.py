@@ -244,8 +244,19 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, res
     records, warnings, models, failures = [], [], [], []
     previous: dict[str, Estimator] = {}
     store = ResumeStore(out_dir, spec_to_dict(spec), resume) if out_dir is not None and len(checkpoints) > 1 else None
+    parallel = spec.runtime.workers > 1 and len(checkpoints) > 1 and not plan.host.extra_plugins
+    if spec.runtime.workers > 1 and plan.host.extra_plugins:
+        warnings.append("runtime.workers is ignored when plugin objects are passed from Python (workers load "
+                        "installed plugins only); the checkpoints ran one after another")
     with Progress(len(order) * passes * len(checkpoints), enabled=show_progress) as progress:
-        for index, checkpoint in enumerate(checkpoints):
+        if parallel:
+            from .parallel import analyse_in_parallel
+
+            outcomes = analyse_in_parallel(plan, checkpoints, order, example, spec.runtime.workers, progress)
+            for model_records, model_warnings, model_info, model_failures in outcomes:
+                records, failures, warnings = records + model_records, failures + model_failures, warnings + model_warnings
+                models.append(model_info)
+        for index, checkpoint in enumerate(checkpoints if not parallel else []):
             saved = store.load(index, checkpoint.label) if store else None
             if saved is not None:
                 model_records, model_warnings, model_info, model_failures = saved["outcome"]

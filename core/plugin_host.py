@@ -39,6 +39,7 @@ class PluginHost:
     reporters: Registry = field(default_factory=lambda: Registry("reporter"))
     versions: dict[str, str] = field(default_factory=dict)
     load_errors: dict[str, str] = field(default_factory=dict)
+    extra_plugins: tuple = ()  # plugin objects given from Python rather than installed
 
     @property
     def hook(self):
@@ -90,6 +91,7 @@ def load_plugins(extra: tuple[Any, ...] = ()) -> PluginHost:
         host.versions[entry_point.name] = entry_point.dist.version if entry_point.dist else None
     for plugin in extra:
         pm.register(plugin)
+    host.extra_plugins = tuple(extra)
     _drop_misspelt(host)
     _collect(host)
     return host

@@ -19,6 +19,7 @@ from .graph import TensorInfo
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+THREADS: int | None = None  # onnxruntime intra-op threads (set in worker processes); None: its default
 
 
 def _nvidia_device_present() -> bool:
@@ -111,6 +112,8 @@ def create_session(model: onnx.ModelProto, device: str, external_dir: Path | Non
     # group that raised the peak by ~1 MiB on the demo CNN (tests/benchmarks/bench_runner.py).
     options.enable_mem_pattern = False
     options.log_severity_level = 3
+    if THREADS:
+        options.intra_op_num_threads = THREADS
     ort.set_default_logger_severity(4)  # a missing CUDA library is reported by us, not as an ORT error dump
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=requested_providers(device))

@@ -67,6 +67,7 @@ class RuntimeSection(StrictModel):
     engine: Literal["local"] = "local"
     memory_budget: int = Field(2 * 2**30, description="bytes of fetched tensors held at once")
     seed: int = 0
+    workers: int = Field(1, ge=1, le=64, description="processes analysing checkpoints side by side")
 
     @field_validator("memory_budget", mode="before")
     @classmethod

@@ -52,7 +52,7 @@ def validate(spec: str | os.PathLike | dict, *, plugins: tuple[Any, ...] = (), w
 
     Returns a short description of what was checked; raises a ``UserError`` on the first failing stage.
     """
-    from .engine import build_estimators
+    from .checkpoint_run import build_estimators
     from .data import sample_order
 
     plan = prepare(spec, plugins)

@@ -49,13 +49,28 @@ def sample_order(length: int, limit: int | None, shuffle: bool, seed: int) -> np
     return order[:limit] if limit is not None else order
 
 
-def iter_batches(source: DataSource, order: np.ndarray, batch_size: int,
-                 lookahead: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+def iter_batches(source: DataSource, order: np.ndarray, batch_size: int, lookahead: int = 0,
+                 span: tuple[int, int] | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Yield ``(start, x, y)`` batches in *order* (with up to *lookahead* samples of the next
-    batch appended); NaN/Inf inputs are a user error."""
-    for start in range(0, len(order), batch_size):
-        x, y = source.read(order[start:start + batch_size + lookahead])
+    batch appended, read past the span's end too); NaN/Inf inputs are a user error.
+
+    *span* ``(first, stop)`` restricts the batches to those starting in ``first..stop-1``
+    (a data shard; *first* is a multiple of *batch_size*); ``start`` stays the index in the
+    whole stream.
+    """
+    first, stop = span if span is not None else (0, len(order))
+    for start in range(first, stop, batch_size):
+        x, y = source.read(order[start:min(start + batch_size, stop) + lookahead])
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0, 0])
             raise UserError(f"data source '{source.describe()}': sample {int(order[start + bad])} contains NaN or Inf")
         yield start, x, y
+
+
+def shard_spans(samples: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
+    """Split a stream of *samples* into at most *shards* contiguous ``(first, stop)`` spans of
+    whole batches, their batch counts differing by at most one."""
+    batches = -(-samples // batch_size)
+    shards = max(1, min(shards, batches))
+    bounds = [index * batches // shards for index in range(shards + 1)]
+    return [(low * batch_size, min(high * batch_size, samples)) for low, high in zip(bounds, bounds[1:])]

@@ -181,7 +181,12 @@ class Estimator:
         raise NotImplementedError
 
     def carry_over(self, previous: "Estimator") -> None:
-        """Receive the finished estimator of the previous checkpoint (e.g. to smooth a kernel width)."""
+        """Receive the estimator of the previous checkpoint (e.g. to smooth a kernel width).
+
+        Called before this checkpoint's first pass ends; *previous* has ended at least its
+        first pass (in sharded runs it is the merged state, and the shards' updates ran
+        before this call, so ``update`` must not depend on it).
+        """
 
     def end_pass(self) -> None:
         """Called after each pass over the data, on the merged state when the run is sharded.

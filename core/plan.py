@@ -6,6 +6,7 @@ structural error and, say, a misspelt estimator reports both in one message.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +118,9 @@ def build_plan(spec: Spec | None, doc: LocatedDocument, host: PluginHost, errors
             adapter = find_adapter(spec.model, host.adapters)
         except UserError as error:
             errors.append(f"{doc.where(('model', 'source'))}: {error}")
+    if spec is not None and spec.runtime.engine == "ray" and importlib.util.find_spec("ray") is None:
+        errors.append(f"{doc.where(('runtime', 'engine'))}: runtime.engine: the ray engine needs Ray: "
+                      "pip install \"layerscope[ray]\"")
     if errors or spec is None:
         raise SpecError(sorted(dict.fromkeys(errors), key=_position_key))
     analyses = [PlannedAnalysis(i, section, *choices.estimators[i]) for i, section in enumerate(spec.analyses)]

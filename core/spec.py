@@ -64,15 +64,26 @@ class AnalysisSection(StrictModel):
 
 class RuntimeSection(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    engine: Literal["local"] = "local"
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="engine ray: the cluster to join ('auto', 'ray://head:10001'); "
+                                                  "a local cluster when omitted")
     memory_budget: int = Field(2 * 2**30, description="bytes of fetched tensors held at once")
     seed: int = 0
-    workers: int = Field(1, ge=1, le=64, description="processes analysing checkpoints side by side")
+    workers: int = Field(1, ge=1, le=1024, description="processes (local) or Ray actors running shard tasks "
+                                                       "side by side; engine ray: the cluster's CPUs when omitted")
+    shards: PositiveInt | Literal["auto"] = Field("auto", description="data shards per checkpoint in parallel runs; "
+                                                                     "auto: enough to give every worker a task")
 
     @field_validator("memory_budget", mode="before")
     @classmethod
     def _parse_budget(cls, value: Any) -> int:
         return parse_bytes(value)
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> "RuntimeSection":
+        if self.address is not None and self.engine != "ray":
+            raise ValueError("address is only used with engine: ray")
+        return self
 
 
 class OutputsSection(StrictModel):

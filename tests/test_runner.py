@@ -74,16 +74,3 @@ def test_densenet121_within_the_memory_budget():
     assert bounded.models[0]["fetch_groups"][0] > 3
     assert len({r["layer"] for r in bounded.records}) == 121
     assert_records_close(bounded.records, unbounded.records, rtol=0, atol=0)
-
-
-def test_worker_processes_give_the_single_process_records():
-    """Checkpoints in 2 spawned workers, pass by pass, with the σ smoothing across checkpoints in order."""
-    spec = {"model": {"source": "demo:digits-mlp", "checkpoints": ["epoch_01", "epoch_04", "epoch_10"]},
-            "data": {"source": "digits", "split": "train", "limit": 300},
-            "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 40}},
-                         {"id": "e", "estimator": "activation_entropy", "params": {"variant": "histogram"}},
-                         {"id": "md", "estimator": "mean_dimension", "params": {"pairs": 40, "features": "elements"}}]}
-    single = layerscope.run({**spec, "runtime": {"workers": 1}}, write=False, progress=False)
-    parallel = layerscope.run({**spec, "runtime": {"workers": 2}}, write=False, progress=False)
-    assert [m["label"] for m in parallel.models] == ["epoch_01", "epoch_04", "epoch_10"]
-    assert_records_close(parallel.records, single.records, rtol=0, atol=1e-9)  # thread counts change last bits only

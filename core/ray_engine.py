@@ -1,0 +1,93 @@
+"""``runtime.engine: ray``: the shard tasks of :mod:`layerscope.sharding` run by Ray actors.
+
+Each actor is a :class:`~layerscope.sharding.ShardWorker` that claims ``threads`` CPUs of
+the cluster; Ray's ``ActorPool`` hands the (checkpoint × shard) tasks of a pass to idle
+actors, and the driver merges what they return. ``runtime.address`` joins an existing
+cluster (its nodes need layerscope and the plugins installed, and the spec's model and
+data paths readable at the same place); without it a local cluster is started for the run
+and stopped after it. A process that already called ``ray.init`` keeps its cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import numpy as np
+
+from .errors import UserError
+from .model import Checkpoint
+from .plan import RunPlan
+from .progress import Progress
+from .sharding import Outcome, ShardWorker, analyse_sharded, auto_shards, worker_arguments
+
+
+def _check_reachable(plan: RunPlan, address: str) -> None:
+    """Fail fast when ``host:port`` (or ``ray://host:port``) does not accept connections (Ray
+    itself keeps retrying for minutes); ``auto`` and other forms are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise UserError(f"{plan.where('runtime', 'address')}: cannot join the Ray cluster at '{address}': "
+                        f"{error.strerror or error}") from None
+
+
+def _connect(plan: RunPlan) -> bool:
+    """Start or join the cluster; True when this run started it (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime = plan.spec.runtime
+    if runtime.address:
+        _check_reachable(plan, runtime.address)
+    local = {"num_cpus": runtime.workers if "workers" in runtime.model_fields_set else None}
+    ray_logger = logging.getLogger("ray")
+    level = ray_logger.level
+    ray_logger.setLevel(logging.ERROR)  # start-up notices would garble the run's output
+    try:
+        ray.init(address=runtime.address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 **({} if runtime.address else local))
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise UserError(f"{plan.where('runtime', 'address')}: cannot join the Ray cluster at "
+                        f"'{runtime.address}': {error}") from None
+    finally:
+        ray_logger.setLevel(level)
+    return True
+
+
+def analyse_on_ray(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarray, example: np.ndarray,
+                   progress: Progress, warnings: list[str]) -> list[Outcome]:
+    """The outcome of every checkpoint, its shard tasks run by Ray actors (see module docstring)."""
+    import ray
+    from ray.util import ActorPool
+
+    started = _connect(plan)
+    actors = []
+    try:
+        runtime = plan.spec.runtime
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        workers = runtime.workers if "workers" in runtime.model_fields_set else cpus
+        if workers > cpus:
+            warnings.append(f"runtime.workers is {workers} but the Ray cluster has {cpus} CPUs; "
+                            f"{cpus} actors ran the tasks")
+            workers = cpus
+        threads = max(1, cpus // workers)
+        actor_class = ray.remote(num_cpus=threads)(ShardWorker)
+        arguments = worker_arguments(plan, order, example, threads)
+        actors = [actor_class.remote(*arguments) for _ in range(workers)]
+        pool = ActorPool(actors)
+
+        def run_tasks(tasks):
+            return pool.map(lambda actor, task: actor.run.remote(task), tasks)
+
+        shards = auto_shards(runtime.shards, workers, len(checkpoints))
+        return analyse_sharded(plan, checkpoints, order, shards, run_tasks, progress)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()

@@ -1,6 +1,6 @@
 """``runtime.engine: ray``: the shard tasks of :mod:`layerscope.sharding` run by Ray actors.
 
-Each actor is a :class:`~layerscope.sharding.ShardWorker` that claims ``threads`` CPUs of
+Each actor holds a :class:`~layerscope.sharding.ShardWorker` and claims ``threads`` CPUs of
 the cluster; Ray's ``ActorPool`` hands the (checkpoint × shard) tasks of a pass to idle
 actors, and the driver merges what they return. ``runtime.address`` joins an existing
 cluster (its nodes need layerscope and the plugins installed, and the spec's model and
@@ -19,7 +19,17 @@ from .errors import UserError
 from .model import Checkpoint
 from .plan import RunPlan
 from .progress import Progress
-from .sharding import Outcome, ShardWorker, analyse_sharded, auto_shards, worker_arguments
+from .sharding import Outcome, ShardOutcome, ShardTask, analyse_sharded, auto_shards, start_worker, worker_arguments
+
+
+class _ShardActor:
+    """A Ray actor holding a :class:`~layerscope.sharding.ShardWorker` rebuilt from the spec document."""
+
+    def __init__(self, *arguments):
+        self.worker = start_worker(*arguments)
+
+    def run(self, task: ShardTask) -> ShardOutcome:
+        return self.worker.run(task)
 
 
 def _check_reachable(plan: RunPlan, address: str) -> None:
@@ -76,7 +86,7 @@ def analyse_on_ray(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarr
                             f"{cpus} actors ran the tasks")
             workers = cpus
         threads = max(1, cpus // workers)
-        actor_class = ray.remote(num_cpus=threads)(ShardWorker)
+        actor_class = ray.remote(num_cpus=threads)(_ShardActor)
         arguments = worker_arguments(plan, order, example, threads)
         actors = [actor_class.remote(*arguments) for _ in range(workers)]
         pool = ActorPool(actors)

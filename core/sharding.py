@@ -12,17 +12,18 @@ therefore equal a single process's up to the order of floating-point sums.
 
 Workers rebuild the plan from the spec document and load the installed plugins, so plugin
 objects passed to ``layerscope.run(plugins=…)`` keep a run in one process. Two backends
-run the tasks: spawned worker processes on this machine (``runtime.workers``) and Ray
-actors (:mod:`layerscope.ray_engine`).
+run the tasks: this process with spawned worker processes on this machine
+(``runtime.workers``), and Ray actors (:mod:`layerscope.ray_engine`).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import multiprocessing
 import os
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+import pickle
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,25 +67,10 @@ class ShardOutcome:
 
 
 class ShardWorker:
-    """What runs in a worker: the plan rebuilt from the spec document, and the sample order."""
+    """Runs shard tasks of one plan over one sample order."""
 
-    def __init__(self, document: dict, filename: str, base_dir: str, threads: int | None, order: np.ndarray,
-                 example: np.ndarray):
-        """*threads*: onnxruntime and torch threads of this process (None: leave them as they are)."""
-        import torch
-
-        from . import session
-        from .plan import build_plan
-        from .plugin_host import load_plugins
-        from .spec import parse_spec
-        from .yaml_locations import LocatedDocument
-
-        if threads is not None:
-            session.THREADS = threads
-            torch.set_num_threads(threads)
-        doc = LocatedDocument(data=document, filename=filename)
-        self.plan = build_plan(parse_spec(doc, Path(base_dir)), doc, load_plugins())
-        self.order, self.example = order, example
+    def __init__(self, plan: RunPlan, order: np.ndarray, example: np.ndarray):
+        self.plan, self.order, self.example = plan, order, example
 
     def run(self, task: ShardTask) -> ShardOutcome:
         try:
@@ -97,8 +83,35 @@ class ShardWorker:
 
 
 def worker_arguments(plan: RunPlan, order: np.ndarray, example: np.ndarray, threads: int | None) -> tuple:
-    """The arguments of :class:`ShardWorker` for this run."""
+    """What a worker process needs to rebuild this run's :class:`ShardWorker` (:func:`start_worker`)."""
     return plan.doc.data, plan.doc.filename, str(plan.spec.base_dir), threads, order, example
+
+
+def start_worker(document: dict, filename: str, base_dir: str, threads: int | None, order: np.ndarray,
+                 example: np.ndarray) -> ShardWorker:
+    """In a worker process: the plan rebuilt from the spec document with the installed plugins,
+    and onnxruntime and torch set to *threads* threads (None: left as they are)."""
+    from .plan import build_plan
+    from .plugin_host import load_plugins
+    from .spec import parse_spec
+    from .yaml_locations import LocatedDocument
+
+    if threads is not None:
+        _set_threads(threads)
+    doc = LocatedDocument(data=document, filename=filename)
+    return ShardWorker(build_plan(parse_spec(doc, Path(base_dir)), doc, load_plugins()), order, example)
+
+
+def _set_threads(threads: int | None) -> int | None:
+    """Set the threads of onnxruntime sessions created from now on and of torch; return the old setting."""
+    import torch
+
+    from . import session
+
+    previous = session.THREADS
+    session.THREADS = threads
+    torch.set_num_threads(threads or torch.get_num_threads())
+    return previous
 
 
 def auto_shards(requested: int | str, workers: int, checkpoints: int) -> int:
@@ -167,9 +180,9 @@ def analyse_sharded(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndar
 _WORKER: ShardWorker | None = None  # in a worker process of the pool
 
 
-def _start_worker(*arguments) -> None:
+def _start_pool_worker(*arguments) -> None:
     global _WORKER
-    _WORKER = ShardWorker(*arguments)
+    _WORKER = start_worker(*arguments)
 
 
 def _run_in_worker(task: ShardTask) -> ShardOutcome:
@@ -178,19 +191,47 @@ def _run_in_worker(task: ShardTask) -> ShardOutcome:
 
 def analyse_in_processes(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarray, example: np.ndarray,
                          workers: int, progress: Progress) -> list[Outcome]:
-    """Shard tasks run by *workers* spawned processes on this machine (forking a process whose
-    torch and onnxruntime thread pools already run deadlocks the child), each with
-    ``cpu_count // workers`` threads."""
+    """Shard tasks run by this process and ``workers - 1`` spawned ones, each with
+    ``cpu_count // workers`` threads (see :func:`_share_tasks`). Workers are spawned:
+    forking a process whose torch and onnxruntime thread pools already run deadlocks the child."""
+    import torch
+
     threads = max(1, (os.cpu_count() or 1) // workers)
     shards = auto_shards(plan.spec.runtime.shards, workers, len(checkpoints))
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=worker_arguments(plan, order, example, threads)) as pool:
-        def run_tasks(tasks: list[ShardTask]) -> Iterator[ShardOutcome]:
-            return pool.map(_run_in_worker, tasks)
+    here = ShardWorker(plan, order, example)
+    torch_threads, onnxruntime_threads = torch.get_num_threads(), _set_threads(threads)
+    try:
+        with ProcessPoolExecutor(workers - 1, mp_context=context, initializer=_start_pool_worker,
+                                 initargs=worker_arguments(plan, order, example, threads)) as pool:
+            try:
+                return analyse_sharded(plan, checkpoints, order, shards,
+                                       lambda tasks: _share_tasks(tasks, pool, workers - 1, here), progress)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+    finally:
+        _set_threads(onnxruntime_threads)
+        torch.set_num_threads(torch_threads)
 
-        try:
-            return analyse_sharded(plan, checkpoints, order, shards, run_tasks, progress)
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+
+def _share_tasks(tasks: list[ShardTask], pool: ProcessPoolExecutor, processes: int,
+                 here: ShardWorker) -> list[ShardOutcome]:
+    """Outcomes of *tasks* in order: the pool's *processes* take tasks from the front (two
+    queued each, so none idles), while this process takes them from the back (it starts at
+    once, while the spawned processes are still starting up). A task runs on a copy, as in
+    a worker process."""
+    outcomes: list[ShardOutcome | None] = [None] * len(tasks)
+    waiting = collections.deque(enumerate(tasks))
+    running: dict = {}
+    while waiting or running:
+        while waiting and len(running) < 2 * processes:
+            index, task = waiting.popleft()
+            running[pool.submit(_run_in_worker, task)] = index
+        if waiting:
+            index, task = waiting.pop()
+            outcomes[index] = here.run(pickle.loads(pickle.dumps(task)))
+        done, _ = wait(running, timeout=0 if waiting else None, return_when=FIRST_COMPLETED)
+        for future in done:
+            outcomes[running.pop(future)] = future.result()
+    return outcomes

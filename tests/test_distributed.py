@@ -90,12 +90,12 @@ def test_the_order_in_which_the_driver_merges_shards_does_not_change_records(sin
     from layerscope.api import prepare
     from layerscope.data import sample_order
     from layerscope.progress import Progress
-    from layerscope.sharding import ShardWorker, analyse_sharded, worker_arguments
+    from layerscope.sharding import ShardWorker, analyse_sharded
 
     plan = prepare(EVERY_ESTIMATOR)
     spec = plan.spec
     order = sample_order(len(plan.data), spec.data.limit, spec.data.shuffle, spec.runtime.seed)
-    worker = ShardWorker(*worker_arguments(plan, order, plan.data.read(order[:2])[0], threads=None))
+    worker = ShardWorker(plan, order, plan.data.read(order[:2])[0])
     checkpoints = plan.adapter.checkpoints(spec.model, spec)
     for permutation in [(0, 1, 2), (2, 0, 1), (1, 2, 0)]:
         def run_tasks(tasks, permutation=permutation):

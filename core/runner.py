@@ -161,12 +161,23 @@ class Runner:
         session.run_with_iobinding(binding)
         return {name: torch.from_dlpack(value) for name, value in zip(names, binding.get_outputs())}
 
+    def _fetch_rows(self, session, x: np.ndarray, names: list[str]) -> dict[str, torch.Tensor]:
+        """:meth:`_fetch` for any number of rows: a fixed-batch model runs in chunks of its batch size,
+        concatenated."""
+        fixed = self.fixed_batch
+        if fixed is None or len(x) <= fixed:
+            return self._fetch(session, x, names)
+        chunks = [self._fetch(session, x[start:start + fixed], names) for start in range(0, len(x), fixed)]
+        return {name: torch.cat([chunk[name] for chunk in chunks]) for name in names}
+
     def _plan(self, x: np.ndarray) -> list[FetchGroup]:
         unknown = [n for n, size in self._sizes.items() if size is None]
         if unknown:  # non-batch dims only known at run time: measure them on one sample
             for name, value in self._fetch(self._session_for(unknown), x[:1], unknown).items():
                 self._sizes[name] = value.numel() * value.element_size()
-        rows = min(self.batch_size, self.fixed_batch or self.batch_size)  # a fixed-batch model runs that many at once
+        # a fixed-batch model runs that many rows at once; consumers that need whole batches hold them all
+        splittable = all(n in self._splittable for unit in self._atomic for n in unit)
+        rows = min(self.batch_size, self.fixed_batch or self.batch_size) if splittable else self.batch_size
         groups = plan_groups(self._atomic, self._sizes, rows, self.memory_budget, self._splittable)
         self._sessions = [self._session_for(group.names) for group in groups]
         return groups
@@ -180,9 +191,11 @@ class Runner:
         for group, session in zip(self.groups, self._sessions):
             step = min(group.micro_batch or len(x), self.fixed_batch or len(x))
             attach = bool(self._with_input.intersection(group.names))
+            if not set(group.names) <= self._splittable:  # its consumers need the whole batch
+                step = len(x)
             for start in range(0, len(x), step):
                 part = slice(start, min(start + step, len(x)))
-                fetched = self._fetch(session, x[part], group.names)
+                fetched = self._fetch_rows(session, x[part], group.names)
                 held = sum(value.numel() * value.element_size() for value in fetched.values())
                 self.peak_fetched_bytes = max(self.peak_fetched_bytes, held)
                 if attach:

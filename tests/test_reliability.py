@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 import layerscope
 from layerscope.api import prepare
 from layerscope.errors import SpecError, UserError
+from layerscope.testing import assert_records_close
 from layerscope.testing.models import tiny_mlp
 
 from .conftest import write_spec
@@ -50,6 +51,22 @@ def test_fixed_batch_models_match_the_dynamic_one(tmp_path, batch):
     dynamic = run(tiny_mlp(), tmp_path)
     fixed = run(with_input_shape(tiny_mlp(), [batch, 64]), tmp_path)
     assert fixed.records == dynamic.records
+
+
+def test_a_fixed_batch_model_gives_per_batch_estimators_whole_batches(tmp_path):
+    """A batch-1 model runs sample by sample, but the information plane still sees batches of 40."""
+    spec = {"data": {"source": "digits", "limit": 120, "batch_size": 40},
+            "analyses": [{"id": "ip", "estimator": "information_plane",
+                          "params": {"batch_size": 40, "sigma": 2.0, "sigma_x": 4.0}}]}
+    results = []
+    for name, model in [("dynamic", tiny_mlp()), ("fixed", with_input_shape(tiny_mlp(), [1, 64]))]:
+        (tmp_path / name).mkdir()
+        onnx.save(model, tmp_path / name / "model.onnx")
+        results.append(layerscope.run({**spec, "model": {"source": str(tmp_path / name / "model.onnx")}},
+                                      write=False, progress=False))
+    dynamic, fixed = results
+    assert not fixed.warnings and {r["metric"] for r in fixed.records} >= {"I_XT", "I_TY"}
+    assert_records_close(fixed.records, dynamic.records, rtol=0, atol=1e-9)
 
 
 def test_multi_input_model_is_refused_naming_its_inputs(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 import layerscope
@@ -74,3 +76,30 @@ def test_densenet121_within_the_memory_budget():
     assert bounded.models[0]["fetch_groups"][0] > 3
     assert len({r["layer"] for r in bounded.records}) == 121
     assert_records_close(bounded.records, unbounded.records, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vgg19", "inception_v1", "inception_v2"])
+def test_real_architectures_are_inspected_and_run_within_the_budget(name, capsys):
+    """The graphs the onnx package ships: `layerscope inspect` lists them, and every activation
+    output is analysed with 16 MiB of fetched tensors held at most (several fetch groups where
+    one sample's activations exceed it)."""
+    import json
+    import os
+
+    import onnx
+
+    from layerscope.cli import main
+
+    path = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", f"light_{name}.onnx")
+    assert main(["inspect", path, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["tensors"]
+    budget = 16 * 2**20
+    spec = {"model": {"source": path}, "runtime": {"memory_budget": budget},
+            "data": {"source": "synthetic", "samples": 1, "shape": [3, 224, 224], "classes": 2, "batch_size": 1},
+            "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
+    model = layerscope.run(spec, write=False, progress=False).models[0]
+    activations = [t for t in listed if t["observable"] and t["op_type"] == "Relu"]
+    assert len(model["tensors"]) == len(activations) > 0
+    assert 0 < model["peak_fetched_bytes"] <= budget
+    one_sample = sum(4 * math.prod(t["shape"][1:]) for t in activations)
+    assert model["fetch_groups"][0] >= one_sample // budget + (one_sample > budget)

@@ -43,7 +43,8 @@ def before_run(spec, models):
 
 @hookspec
 def after_batch(model, batch_index, samples):
-    """Called after every data batch of every model has been fed to the estimators."""
+    """Called after every data batch of every model has been fed to the estimators (in a
+    parallel run, in the worker that fed it; *batch_index* counts the batches of that shard)."""
 
 
 @hookspec

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .results import Results
+from .units import format_bytes
 
 
 def print_summary(results: Results, out_dir: Path, max_rows: int = 40) -> None:
@@ -31,6 +32,11 @@ def print_summary(results: Results, out_dir: Path, max_rows: int = 40) -> None:
     console.print(table)
     if rows > max_rows:
         console.print(f"… {rows - max_rows} more rows")
+    groups = max((g for model in results.models for g in model.get("fetch_groups", [])), default=1)
+    if groups > 1:
+        peak = max(model.get("peak_fetched_bytes", 0) for model in results.models)
+        console.print(f"runtime.memory_budget: tensors fetched in up to {groups} groups (forward passes per batch), "
+                      f"at most {format_bytes(peak)} held at once")
     for warning in results.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     console.print(f"{len(results.records)} records → {out_dir / 'results.json'}")

@@ -79,10 +79,10 @@ def test_densenet121_within_the_memory_budget():
 
 
 @pytest.mark.parametrize("name", ["resnet50", "vgg19", "inception_v1", "inception_v2"])
-def test_real_architectures_are_inspected_and_run_within_the_budget(name, capsys):
-    """The graphs the onnx package ships: `layerscope inspect` lists them, and every activation
-    output is analysed with 16 MiB of fetched tensors held at most (several fetch groups where
-    one sample's activations exceed it)."""
+def test_real_architectures_are_inspected_and_run_within_the_budget(name, capsys, tmp_path):
+    """The graphs the onnx package ships: `layerscope inspect` lists them, and `layerscope run`
+    analyses every activation output with 16 MiB of fetched tensors held at most (several
+    fetch groups, which the summary reports, where one sample's activations exceed it)."""
     import json
     import os
 
@@ -97,9 +97,13 @@ def test_real_architectures_are_inspected_and_run_within_the_budget(name, capsys
     spec = {"model": {"source": path}, "runtime": {"memory_budget": budget},
             "data": {"source": "synthetic", "samples": 1, "shape": [3, 224, 224], "classes": 2, "batch_size": 1},
             "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
-    model = layerscope.run(spec, write=False, progress=False).models[0]
+    (tmp_path / "spec.yaml").write_text(json.dumps(spec))  # JSON is YAML
+    assert main(["run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")]) == 0
+    model = json.loads((tmp_path / "out" / "results.json").read_text())["models"][0]
     activations = [t for t in listed if t["observable"] and t["op_type"] == "Relu"]
     assert len(model["tensors"]) == len(activations) > 0
     assert 0 < model["peak_fetched_bytes"] <= budget
     one_sample = sum(4 * math.prod(t["shape"][1:]) for t in activations)
     assert model["fetch_groups"][0] >= one_sample // budget + (one_sample > budget)
+    summary = capsys.readouterr().out
+    assert (f"fetched in up to {model['fetch_groups'][0]} groups" in summary) == (model["fetch_groups"][0] > 1)

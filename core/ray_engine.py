@@ -1,8 +1,9 @@
 """``runtime.engine: ray``: the shard tasks of :mod:`layerscope.sharding` run by Ray actors.
 
 Each actor holds a :class:`~layerscope.sharding.ShardWorker` and claims ``threads`` CPUs of
-the cluster; Ray's ``ActorPool`` hands the (checkpoint × shard) tasks of a pass to idle
-actors, and the driver merges what they return. ``runtime.address`` joins an existing
+the cluster (and its share of the cluster's GPUs unless ``device: cpu``); Ray's
+``ActorPool`` hands the (checkpoint × shard) tasks of a pass to idle actors, and the
+driver merges what they return. ``runtime.address`` joins an existing
 cluster (its nodes need layerscope and the plugins installed, and the spec's model and
 data paths readable at the same place); without it a local cluster is started for the run
 and stopped after it. A process that already called ``ray.init`` keeps its cluster.
@@ -11,6 +12,7 @@ and stopped after it. A process that already called ``ray.init`` keeps its clust
 from __future__ import annotations
 
 import logging
+import math
 import socket
 
 import numpy as np
@@ -69,6 +71,22 @@ def _connect(plan: RunPlan) -> bool:
     return True
 
 
+def _gpu_share(plan: RunPlan, workers: int) -> float:
+    """GPUs each actor claims: Ray hides the GPUs from actors that claim none, so with
+    ``device: auto`` or ``cuda`` the cluster's GPUs are shared out among the actors (fractions
+    of one GPU when there are more actors than GPUs)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    device = plan.spec.runtime.device
+    if device == "cuda" and not gpus:
+        raise UserError(f"{plan.where('runtime', 'device')}: cuda was requested but the Ray cluster has no GPUs")
+    if device == "cpu" or not gpus:
+        return 0
+    share = gpus / workers
+    return math.floor(share) if share >= 1 else math.floor(share * 1000) / 1000
+
+
 def analyse_on_ray(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarray, example: np.ndarray,
                    progress: Progress, warnings: list[str]) -> list[Outcome]:
     """The outcome of every checkpoint, its shard tasks run by Ray actors (see module docstring)."""
@@ -86,7 +104,7 @@ def analyse_on_ray(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarr
                             f"{cpus} actors ran the tasks")
             workers = cpus
         threads = max(1, cpus // workers)
-        actor_class = ray.remote(num_cpus=threads)(_ShardActor)
+        actor_class = ray.remote(num_cpus=threads, num_gpus=_gpu_share(plan, workers))(_ShardActor)
         arguments = worker_arguments(plan, order, example, threads)
         actors = [actor_class.remote(*arguments) for _ in range(workers)]
         pool = ActorPool(actors)

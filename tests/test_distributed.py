@@ -119,6 +119,14 @@ def test_a_user_error_in_a_ray_worker_ends_the_run_with_its_message(tmp_path, ra
         layerscope.run(spec, write=False, progress=False)
 
 
+def test_cuda_on_a_ray_cluster_without_gpus_is_a_user_error(ray_cluster):
+    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "digits", "limit": 100},
+            "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+            "runtime": {"engine": "ray", "device": "cuda"}}
+    with pytest.raises(UserError, match="runtime.device: cuda was requested but the Ray cluster has no GPUs"):
+        layerscope.run(spec, write=False, progress=False)
+
+
 def test_runtime_errors_name_the_key(monkeypatch):
     base = {"model": {"source": "demo:digits-mlp"}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
     with pytest.raises(SpecError, match="runtime: address is only used with engine: ray"):

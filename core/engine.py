@@ -97,6 +97,8 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, res
     passes = max(p.estimator_class.passes_for(p.params) for p in plan.analyses)
     warnings: list[str] = []
     store = ResumeStore(out_dir, spec_to_dict(spec), resume) if out_dir is not None and len(checkpoints) > 1 else None
+    if resume and (spec.runtime.engine == "ray" or spec.runtime.workers > 1):
+        warnings.append("--resume continues runs made in one process; this parallel run analysed every checkpoint")
     with Progress(len(order) * passes * len(checkpoints), enabled=show_progress) as progress:
         outcomes = _analyse(plan, checkpoints, order, example, progress, store, warnings)
     records, failures, models = [], [], []

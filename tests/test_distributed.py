@@ -69,8 +69,9 @@ def test_a_shard_reads_the_look_ahead_past_its_end():
 
 def test_worker_processes_with_data_shards_give_the_single_process_records(single_process):
     spec = {**EVERY_ESTIMATOR, "runtime": {"workers": 2, "shards": 3}}
-    parallel = layerscope.run(spec, write=False, progress=False)
+    parallel = layerscope.run(spec, write=False, progress=False, resume=True)
     assert [m["label"] for m in parallel.models] == ["epoch_02", "epoch_10"]
+    assert any(w.startswith("--resume continues runs made in one process") for w in parallel.warnings)
     assert_records_close(parallel.records, single_process.records, rtol=0, atol=1e-9)
 
 

@@ -51,6 +51,8 @@ class ShardTask:
     estimators: list[tuple[str, Estimator]] | None = None
     #: Also return the model details (asked of one shard per checkpoint).
     describe: bool = False
+    #: Analyses that failed in earlier passes (skipped from then on), by id.
+    failures: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class ShardWorker:
     def run(self, task: ShardTask) -> ShardOutcome:
         try:
             run = CheckpointRun(self.plan, task.checkpoint, self.order, self.example, task.estimators)
+            run.isolation.failures.update(task.failures)
             run.run_pass(task.pass_index, Progress(0, enabled=False), task.span)
         except UserError as error:
             return ShardOutcome(task.checkpoint.label, error=str(error))
@@ -127,7 +130,8 @@ def _merge_shards(plan: RunPlan, state: CheckpointAnalyses | None, outcomes: lis
     if state is None:
         state = CheckpointAnalyses(plan, first.label, first.estimators)
     for outcome in outcomes:
-        state.isolation.failures.update(outcome.failures)
+        for analysis_id, failure in outcome.failures.items():
+            state.isolation.failures.setdefault(analysis_id, failure)  # the first failure stands
         state.isolation.warnings += outcome.warnings
     merged = []
     for index, (analysis_id, estimator) in enumerate(first.estimators):
@@ -157,8 +161,10 @@ def analyse_sharded(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndar
     for pass_index in range(passes):
         jobs = [(c, s) for c, state in enumerate(states) if state is None or state.passes > pass_index
                 for s in range(len(spans))]
-        tasks = [ShardTask(checkpoints[c], spans[s], pass_index, None if states[c] is None else states[c].estimators,
-                           describe=pass_index == 0 and s == 0) for c, s in jobs]
+        tasks = [ShardTask(checkpoints[c], spans[s], pass_index, describe=pass_index == 0 and s == 0)
+                 if states[c] is None else
+                 ShardTask(checkpoints[c], spans[s], pass_index, states[c].estimators,
+                           failures=states[c].isolation.failures) for c, s in jobs]
         by_checkpoint: dict[int, list[ShardOutcome]] = {}
         for (c, s), outcome in zip(jobs, run_tasks(tasks)):
             if outcome.error is not None:

@@ -65,7 +65,8 @@ class AggregationParams(BaseModel):
 def _sums(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """(count, Σv, Σv²) per column over *rows* of a (samples, columns, positions) tensor."""
     chosen = values[rows]
-    count = torch.full((values.shape[1],), float(chosen.shape[0] * chosen.shape[2]), dtype=torch.float64)
+    count = torch.full((values.shape[1],), float(chosen.shape[0] * chosen.shape[2]), dtype=torch.float64,
+                       device=values.device)
     return torch.stack([count, chosen.sum(dim=(0, 2)), (chosen * chosen).sum(dim=(0, 2))])
 
 
@@ -108,7 +109,8 @@ class AggregationDistribution(Estimator):
 
     # --- streaming ---------------------------------------------------------------------
     def _parts(self, s: Aggregation, batch: TensorBatch) -> dict[str, torch.Tensor]:
-        """(samples, columns, positions) float64 views of z, a, g, y for one aggregation."""
+        """(samples, columns, positions) float64 views of z, a, g, y for one aggregation, on the
+        tensors' device (only the statistics computed from them move to the host)."""
         t = batch.tensors
         n = t[s.input].shape[0]
         parts = {"a": t[s.input].reshape(n, t[s.input].shape[1], -1), "g": t[s.output].reshape(n, -1, 1)}
@@ -116,7 +118,7 @@ class AggregationDistribution(Estimator):
             parts["z"] = t[s.activation_input].reshape(n, t[s.activation_input].shape[1], -1)
         if s.linear_output:
             parts["y"] = t[s.linear_output].reshape(n, -1, 1)
-        return {k: v.to(torch.float64).cpu() for k, v in parts.items()}
+        return {k: v.to(torch.float64) for k, v in parts.items()}
 
     def update(self, batch: TensorBatch) -> None:
         labels = batch.labels.reshape(-1).cpu() if batch.labels is not None else None
@@ -129,19 +131,20 @@ class AggregationDistribution(Estimator):
                 key = (index, part)
                 if self.pass_index == 0:  # value ranges only: min/max merge idempotently across shards
                     if part in ("g", "y"):
-                        low, high = values.amin(dim=(0, 2)), values.amax(dim=(0, 2))
+                        low, high = values.amin(dim=(0, 2)).cpu(), values.amax(dim=(0, 2)).cpu()
                         self.low[key] = torch.minimum(self.low[key], low) if key in self.low else low
                         self.high[key] = torch.maximum(self.high[key], high) if key in self.high else high
                     continue
                 for cls in classes:
                     rows = torch.ones(len(values), dtype=torch.bool) if cls == ALL else labels == cls
+                    rows = rows.to(values.device)
                     self._add("moments", (index, part, cls), _sums(values, rows))
                     if part in ("g", "y"):
                         self._add("histograms", (index, part, cls), self._histogram(key, values[rows][:, :, 0]))
 
     def _histogram(self, key, values: torch.Tensor) -> torch.Tensor:
         low, high = self._edges(key)
-        counts = torch.zeros(values.shape[1], self.params.bins, dtype=torch.float64)
+        counts = torch.zeros(values.shape[1], self.params.bins, dtype=torch.float64, device=values.device)
         for column in range(values.shape[1]):
             counts[column] = torch.histc(values[:, column], self.params.bins, float(low[column]), float(high[column]))
         return counts
@@ -153,7 +156,7 @@ class AggregationDistribution(Estimator):
         return low, high
 
     def _add(self, state: str, key, value: torch.Tensor) -> None:
-        store = getattr(self, state)
+        store, value = getattr(self, state), value.cpu()  # state lives on the host
         store[key] = store[key] + value if key in store else value
 
     # --- predictions ---------------------------------------------------------------------

@@ -121,8 +121,8 @@ class MeanDimension(Estimator):
             self._collect_moments(batch.inputs)
             return
         for name, values in batch.tensors.items():
-            # per plan batch in the tensor's own precision; every sum accumulates in float64
-            f = values.reshape(values.shape[0], -1).cpu()
+            # per plan batch in the tensor's own precision, on its device; every sum accumulates in float64
+            f = values.reshape(values.shape[0], -1)
             if name in self.tensors:
                 self._accumulate(name, f, batch)
             if self.params.nll and name == self.output_name:
@@ -170,7 +170,7 @@ class MeanDimension(Estimator):
         if labels is None:
             raise UserError("mean_dimension with nll: true needs labels in the data")
         pair_of_row = self._pair_of_rows(batch)
-        targets = torch.as_tensor(labels, dtype=torch.int64)[pair_of_row]
+        targets = torch.as_tensor(labels, dtype=torch.int64)[pair_of_row].to(logits.device)
         return -torch.log_softmax(logits, dim=1).gather(1, targets[:, None])
 
     def _pair_of_rows(self, batch: TensorBatch) -> torch.Tensor:
@@ -185,7 +185,7 @@ class MeanDimension(Estimator):
         cache = getattr(self, "_cache_base", {})
         self._cache_base = cache
         if cache.get(key, (None,))[0] is not batch.plan:
-            cache[key] = (batch.plan, torch.zeros(pairs, f.shape[1], dtype=f.dtype))
+            cache[key] = (batch.plan, torch.zeros(pairs, f.shape[1], dtype=f.dtype, device=f.device))
         base = cache[key][1]
         n_base = min(max(pairs - first, 0), len(f))
         if n_base:
@@ -203,14 +203,14 @@ class MeanDimension(Estimator):
                 self._add("delta_sums", key, delta.sum(0, dtype=torch.float64))
                 self._add("delta_squares", key, (delta * delta).sum(0, dtype=torch.float64))
             else:  # a part that cuts through pairs
-                index = torch.arange(offset, offset + len(perturbed))
+                index = torch.arange(offset, offset + len(perturbed), device=f.device)
                 delta = (perturbed - base[index // groups]).double()
-                zeros = torch.zeros(groups, f.shape[1], dtype=torch.float64)
+                zeros = torch.zeros(groups, f.shape[1], dtype=torch.float64, device=f.device)
                 self._add("delta_sums", key, zeros.index_add(0, index % groups, delta))
                 self._add("delta_squares", key, zeros.index_add(0, index % groups, delta * delta))
 
     def _add(self, state: str, key: str, value: torch.Tensor) -> None:
-        store = getattr(self, state)
+        store, value = getattr(self, state), value.cpu()  # per-node sums: the state lives on the host
         store[key] = store[key] + value if key in store else value
 
     # --- results -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 
 import numpy as np
@@ -61,11 +62,13 @@ def _connect(plan: RunPlan) -> bool:
     level = ray_logger.level
     ray_logger.setLevel(logging.ERROR)  # start-up notices would garble the run's output
     try:
-        ray.init(address=runtime.address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **({} if runtime.address else local))
+        ray.init(address=runtime.address or "local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, **({} if runtime.address else local))
     except (ConnectionError, RuntimeError, ValueError) as error:
+        hint = ("; a cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token and its "
+                "token (RAY_AUTH_TOKEN or ~/.ray/auth_token)" if "RAY_AUTH_MODE" not in os.environ else "")
         raise UserError(f"{plan.where('runtime', 'address')}: cannot join the Ray cluster at "
-                        f"'{runtime.address}': {error}") from None
+                        f"'{runtime.address}': {error}{hint}") from None
     finally:
         ray_logger.setLevel(level)
     return True

@@ -41,7 +41,7 @@ def single_process():
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local 2-CPU cluster shared by this module's Ray runs (a run keeps a cluster it did not start)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -161,3 +161,44 @@ def test_cli_run_on_a_local_ray_cluster_and_a_cluster_that_is_not_there(tmp_path
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "runtime.address: cannot join the Ray cluster at '127.0.0.1:9'" in done.stderr
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_cli_joins_an_existing_cluster_with_token_authentication(tmp_path):
+    """`runtime.address` joins a head started with `ray start` (token authentication, Ray's default)."""
+    import os
+    import secrets
+    import shutil
+    import socket
+    import tempfile
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # its own temp folder (short: it holds sockets), so no address file outlives it in /tmp/ray
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
+                             f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=false"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(240):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        spec = tmp_path / "spec.yaml"
+        spec.write_text("model: {source: demo:digits-mlp, checkpoints: [epoch_01, epoch_02]}\n"
+                        "data: {source: digits, limit: 200}\n"
+                        "analyses: [{id: e, estimator: activation_entropy}]\n"
+                        f"runtime: {{engine: ray, address: '127.0.0.1:{port}'}}\n")
+        done = subprocess.run([sys.executable, "-m", "layerscope", "run", str(spec), "--out", str(tmp_path / "out"),
+                               "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        results = json.loads((tmp_path / "out" / "results.json").read_text())
+        assert [m["label"] for m in results["models"]] == ["epoch_01", "epoch_02"] and results["records"]
+    finally:
+        head.terminate()
+        head.wait(120)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -38,7 +38,7 @@ def main() -> None:
         for label, (workers, engine) in variants.items():
             seconds, results[label] = run(workers, engine)
             times.setdefault(label, []).append(seconds)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     label = "Ray, 2-CPU cluster already running"
     for _ in range(ROUNDS):
         seconds, results[label] = run(2, "ray")

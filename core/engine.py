@@ -47,13 +47,12 @@ def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray,
 def _analyse_in_process(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarray, example: np.ndarray,
                         progress: Progress, store: ResumeStore | None) -> list[Outcome]:
     """Every checkpoint in this process, in training order, each saved to *store* once finished."""
-    passes = max(p.estimator_class.passes_for(p.params) for p in plan.analyses)
     outcomes, previous = [], {}
     for index, checkpoint in enumerate(checkpoints):
         saved = store.load(index, checkpoint.label) if store else None
         if saved is not None:
             outcome, previous = saved["outcome"], saved["estimators"]
-            progress.advance(len(order) * passes, f"{checkpoint.label} (resumed)")
+            progress.advance(len(order) * plan.passes, f"{checkpoint.label} (resumed)")
         else:
             outcome = analyse_checkpoint(plan, checkpoint, order, example, progress, previous)
             if store:
@@ -66,8 +65,7 @@ def _analyse(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarray, ex
              progress: Progress, store: ResumeStore | None, warnings: list[str]) -> list[Outcome]:
     """Every checkpoint's outcome from the engine the spec asks for (``runtime.engine``, ``runtime.workers``)."""
     runtime = plan.spec.runtime
-    sharded = runtime.engine == "ray" or runtime.workers > 1
-    if sharded and plan.host.extra_plugins:
+    if runtime.parallel and plan.host.extra_plugins:
         warnings.append(f"runtime.{'engine: ray' if runtime.engine == 'ray' else 'workers'} is ignored when plugin "
                         "objects are passed from Python (workers load installed plugins only); the run stayed in "
                         "this process")
@@ -94,12 +92,11 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, res
     example = plan.data.read(order[: min(2, len(order))])[0]
     checkpoints = plan.adapter.checkpoints(spec.model, spec)
     plan.host.hook.before_run(spec=spec, models=[c.label for c in checkpoints])
-    passes = max(p.estimator_class.passes_for(p.params) for p in plan.analyses)
     warnings: list[str] = []
     store = ResumeStore(out_dir, spec_to_dict(spec), resume) if out_dir is not None and len(checkpoints) > 1 else None
-    if resume and (spec.runtime.engine == "ray" or spec.runtime.workers > 1):
+    if resume and spec.runtime.parallel:
         warnings.append("--resume continues runs made in one process; this parallel run analysed every checkpoint")
-    with Progress(len(order) * passes * len(checkpoints), enabled=show_progress) as progress:
+    with Progress(len(order) * plan.passes * len(checkpoints), enabled=show_progress) as progress:
         outcomes = _analyse(plan, checkpoints, order, example, progress, store, warnings)
     records, failures, models = [], [], []
     for model_records, model_warnings, model_info, model_failures in outcomes:

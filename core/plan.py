@@ -45,6 +45,11 @@ class RunPlan:
     def where(self, *path: Any) -> str:
         return f"{self.doc.where(tuple(path))}: {'.'.join(str(p) for p in path)}"
 
+    @property
+    def passes(self) -> int:
+        """Passes over the data the run makes: the most that any analysis needs."""
+        return max(p.estimator_class.passes_for(p.params) for p in self.analyses)
+
 
 @dataclass
 class PluginChoices:

@@ -74,13 +74,10 @@ def _connect(plan: RunPlan) -> bool:
     return True
 
 
-def _gpu_share(plan: RunPlan, workers: int) -> float:
-    """GPUs each actor claims: Ray hides the GPUs from actors that claim none, so with
-    ``device: auto`` or ``cuda`` the cluster's GPUs are shared out among the actors (fractions
+def _gpu_share(plan: RunPlan, gpus: float, workers: int) -> float:
+    """GPUs each actor claims of the cluster's *gpus*: Ray hides the GPUs from actors that claim
+    none, so with ``device: auto`` or ``cuda`` they are shared out among the actors (fractions
     of one GPU when there are more actors than GPUs)."""
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
     device = plan.spec.runtime.device
     if device == "cuda" and not gpus:
         raise UserError(f"{plan.where('runtime', 'device')}: cuda was requested but the Ray cluster has no GPUs")
@@ -100,14 +97,15 @@ def analyse_on_ray(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarr
     actors = []
     try:
         runtime = plan.spec.runtime
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        resources = ray.cluster_resources()
+        cpus = max(1, int(resources.get("CPU", 1)))
         workers = runtime.workers if "workers" in runtime.model_fields_set else cpus
         if workers > cpus:
             warnings.append(f"runtime.workers is {workers} but the Ray cluster has {cpus} CPUs; "
                             f"{cpus} actors ran the tasks")
             workers = cpus
         threads = max(1, cpus // workers)
-        actor_class = ray.remote(num_cpus=threads, num_gpus=_gpu_share(plan, workers))(_ShardActor)
+        actor_class = ray.remote(num_cpus=threads, num_gpus=_gpu_share(plan, resources.get("GPU", 0), workers))(_ShardActor)
         arguments = worker_arguments(plan, order, example, threads)
         actors = [actor_class.remote(*arguments) for _ in range(workers)]
         pool = ActorPool(actors)

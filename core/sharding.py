@@ -100,20 +100,21 @@ def start_worker(document: dict, filename: str, base_dir: str, threads: int | No
     from .yaml_locations import LocatedDocument
 
     if threads is not None:
-        _set_threads(threads)
+        _set_threads(threads, threads)
     doc = LocatedDocument(data=document, filename=filename)
     return ShardWorker(build_plan(parse_spec(doc, Path(base_dir)), doc, load_plugins()), order, example)
 
 
-def _set_threads(threads: int | None) -> int | None:
-    """Set the threads of onnxruntime sessions created from now on and of torch; return the old setting."""
+def _set_threads(onnxruntime_threads: int | None, torch_threads: int) -> tuple[int | None, int]:
+    """Set the threads of onnxruntime sessions created from now on (None: its default) and of
+    torch; return the previous settings, in the same order."""
     import torch
 
     from . import session
 
-    previous = session.THREADS
-    session.THREADS = threads
-    torch.set_num_threads(threads or torch.get_num_threads())
+    previous = session.THREADS, torch.get_num_threads()
+    session.THREADS = onnxruntime_threads
+    torch.set_num_threads(torch_threads)
     return previous
 
 
@@ -156,9 +157,8 @@ def analyse_sharded(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndar
     """The outcome of every checkpoint, its passes run as shard tasks by *run_tasks* (a function
     mapping a list of :class:`ShardTask` to their :class:`ShardOutcome`, in order)."""
     spans = shard_spans(len(order), plan.spec.data.batch_size, shards)
-    passes = max(p.estimator_class.passes_for(p.params) for p in plan.analyses)
     states: list[CheckpointAnalyses | None] = [None] * len(checkpoints)
-    for pass_index in range(passes):
+    for pass_index in range(plan.passes):
         jobs = [(c, s) for c, state in enumerate(states) if state is None or state.passes > pass_index
                 for s in range(len(spans))]
         tasks = [ShardTask(checkpoints[c], spans[s], pass_index, describe=pass_index == 0 and s == 0)
@@ -200,13 +200,11 @@ def analyse_in_processes(plan: RunPlan, checkpoints: list[Checkpoint], order: np
     """Shard tasks run by this process and ``workers - 1`` spawned ones, each with
     ``cpu_count // workers`` threads (see :func:`_share_tasks`). Workers are spawned:
     forking a process whose torch and onnxruntime thread pools already run deadlocks the child."""
-    import torch
-
     threads = max(1, (os.cpu_count() or 1) // workers)
     shards = auto_shards(plan.spec.runtime.shards, workers, len(checkpoints))
     context = multiprocessing.get_context("spawn")
     here = ShardWorker(plan, order, example)
-    torch_threads, onnxruntime_threads = torch.get_num_threads(), _set_threads(threads)
+    previous_threads = _set_threads(threads, threads)
     try:
         with ProcessPoolExecutor(workers - 1, mp_context=context, initializer=_start_pool_worker,
                                  initargs=worker_arguments(plan, order, example, threads)) as pool:
@@ -217,8 +215,7 @@ def analyse_in_processes(plan: RunPlan, checkpoints: list[Checkpoint], order: np
                 pool.shutdown(cancel_futures=True)
                 raise
     finally:
-        _set_threads(onnxruntime_threads)
-        torch.set_num_threads(torch_threads)
+        _set_threads(*previous_threads)
 
 
 def _share_tasks(tasks: list[ShardTask], pool: ProcessPoolExecutor, processes: int,

@@ -79,6 +79,11 @@ class RuntimeSection(StrictModel):
     def _parse_budget(cls, value: Any) -> int:
         return parse_bytes(value)
 
+    @property
+    def parallel(self) -> bool:
+        """True when shard tasks run outside this process (worker processes or Ray)."""
+        return self.engine == "ray" or self.workers > 1
+
     @model_validator(mode="after")
     def _address_needs_ray(self) -> "RuntimeSection":
         if self.address is not None and self.engine != "ray":

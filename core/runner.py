@@ -44,6 +44,30 @@ class FetchGroup:
     micro_batch: int | None = None
 
 
+def connected_units(units: Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Units that share a tensor joined into one, in order of first appearance.
+
+    Estimators declare tuples of tensors that must arrive in the same batch (an activation's
+    input and output, say). Two declarations can overlap — one analysis reads an activation's
+    output alone, another reads it with its input — and packing them separately could put the
+    shared tensor in an earlier fetch group than its partner, so that the second estimator
+    never sees the pair together. Joining overlapping units (the connected components of
+    the "shares a tensor" relation) keeps every declared tuple inside one fetch group.
+    """
+    components: list[list[str]] = []
+    for unit in units:
+        touching = [i for i, component in enumerate(components) if any(name in component for name in unit)]
+        if not touching:
+            components.append(list(dict.fromkeys(unit)))
+            continue
+        first = touching[0]  # the joined unit keeps the place of the earliest one it touches
+        for index in touching[1:]:
+            components[first] += [n for n in components[index] if n not in components[first]]
+        components[first] += [n for n in unit if n not in components[first]]
+        components = [c for i, c in enumerate(components) if i not in touching[1:]]
+    return [tuple(c) for c in components]
+
+
 def plan_groups(atomic: Sequence[tuple[str, ...]], bytes_per_sample: dict[str, int], batch_size: int,
                 budget: int, splittable: set[str]) -> list[FetchGroup]:
     """Fetch groups whose bytes held at once stay within *budget*.
@@ -112,8 +136,8 @@ class Runner:
         self.input_requested = any(unit == (self.input.name,) for unit in atomic_groups)
         self._with_input = {n for unit in atomic_groups if self.input.name in unit and len(unit) > 1
                             for n in unit if n != self.input.name}
-        self._atomic = [tuple(n for n in unit if n != self.input.name) for unit in atomic_groups]
-        self._atomic = [unit for unit in self._atomic if unit]
+        self._atomic = connected_units([tuple(n for n in unit if n != self.input.name) for unit in atomic_groups
+                                        if any(n != self.input.name for n in unit)])
         self._splittable = splittable or set()
         self._sizes = {t.name: t.bytes_per_sample() for t in fetched}
         self.groups: list[FetchGroup] | None = None

@@ -8,7 +8,7 @@ import pytest
 
 import layerscope
 from layerscope.errors import UserError
-from layerscope.runner import plan_groups
+from layerscope.runner import connected_units, plan_groups
 from layerscope.testing import assert_records_close
 
 
@@ -33,6 +33,15 @@ def test_plan_groups_keeps_atomic_groups_together_and_splits_large_ones():
     assert groups[1].micro_batch == 4
     with pytest.raises(UserError, match="memory_budget"):
         plan_groups([("big",)], sizes, batch_size=10, budget=400, splittable=set())
+
+
+def test_overlapping_units_are_joined_so_a_pair_never_straddles_two_groups():
+    units = [("relu",), ("relu_1",), ("conv", "relu"), ("conv_1", "relu_1"), ("gap",), ("relu", "conv")]
+    assert connected_units(units) == [("relu", "conv"), ("relu_1", "conv_1"), ("gap",)]
+    assert connected_units([("a", "b"), ("c", "d"), ("b", "c")]) == [("a", "b", "c", "d")]
+    sizes = {"relu": 10, "relu_1": 10, "conv": 10, "conv_1": 10, "gap": 1}
+    groups = plan_groups(connected_units(units), sizes, batch_size=1, budget=25, splittable=set())
+    assert [g.names for g in groups] == [["relu", "conv"], ["relu_1", "conv_1", "gap"]]
 
 
 def quickstart(budget: str, limit: int = 300):
@@ -107,3 +116,56 @@ def test_real_architectures_are_inspected_and_run_within_the_budget(name, capsys
     assert model["fetch_groups"][0] >= one_sample // budget + (one_sample > budget)
     summary = capsys.readouterr().out
     assert (f"fetched in up to {model['fetch_groups'][0]} groups" in summary) == (model["fetch_groups"][0] > 1)
+
+
+# --- every budget gives the unbounded run's records (issue: an activation's output packed apart from its input) ---
+
+COMBINATIONS = {
+    "entropy+signature+plane": ["activation_entropy", "nonlinearity_signature", "information_plane"],
+    "signature+entropy": ["nonlinearity_signature", "activation_entropy"],
+    "plane+histogram+signature": ["information_plane", "histogram", "nonlinearity_signature"],
+}
+ANALYSES = {
+    "activation_entropy": {"id": "ent", "estimator": "activation_entropy"},
+    "histogram": {"id": "hist", "estimator": "activation_entropy", "params": {"variant": "histogram"}},
+    "nonlinearity_signature": {"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 100}},
+    "information_plane": {"id": "ip", "estimator": "information_plane",
+                          "params": {"batch_size": 50, "sigma_grid": 20}},
+}
+
+
+def run_with_budget(names: list[str], budget: int):
+    spec = {"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "limit": 100, "batch_size": 50},
+            "analyses": [ANALYSES[name] for name in names], "runtime": {"memory_budget": budget}}
+    return layerscope.run(spec, write=False, progress=False)
+
+
+def smallest_legal_budget(names: list[str], low: int, high: int) -> int:
+    """Bisect the smallest budget (to 1 KiB) the run accepts; below it planning refuses the run."""
+    while high - low > 1024:
+        middle = (low + high) // 2
+        try:
+            run_with_budget(names, middle)
+            high = middle
+        except UserError as error:
+            assert "memory_budget" in str(error)
+            low = middle
+    return high
+
+
+@pytest.mark.parametrize("combination", list(COMBINATIONS))
+def test_every_budget_gives_the_unbounded_records(combination):
+    names = COMBINATIONS[combination]
+    unbounded = run_with_budget(names, 2**30)
+    assert unbounded.models[0]["fetch_groups"][0] == 1 and not unbounded.failures
+    assert {r["analysis"] for r in unbounded.records} == {ANALYSES[n]["id"] for n in names}
+    floor = smallest_legal_budget(names, 1024, 2**20)
+    budgets = [floor, *(int(floor * 2 ** (k / 2)) for k in range(1, 6))]
+    groups = set()
+    for budget in budgets:
+        bounded = run_with_budget(names, budget)
+        assert not bounded.failures, (budget, bounded.failures)
+        assert bounded.models[0]["peak_fetched_bytes"] <= budget
+        assert_records_close(bounded.records, unbounded.records, rtol=0, atol=1e-9)
+        groups.add(max(bounded.models[0]["fetch_groups"]))
+    assert len(groups) >= 2 and max(groups) > 1, groups  # the budgets force several fetch groups

@@ -29,6 +29,7 @@ import onnx
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError
+from layerscope.files import regular_file
 from layerscope.graph import INPUT_LAYOUT_KEY
 
 from .quiet import quiet
@@ -155,9 +156,8 @@ class TensorFlowAdapter(Adapter):
     def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
         ref = checkpoint.ref
         if isinstance(ref, Path):
-            if not ref.exists():
-                raise UserError(f"model.source: not found: {ref}")
             if ref.suffix == ".keras":
+                regular_file(ref, "model.source")
                 _tensorflow()
                 import keras
 
@@ -166,6 +166,8 @@ class TensorFlowAdapter(Adapter):
                 except Exception as error:
                     raise UserError(f"model.source: {ref} is not a loadable Keras model: {error}") from None
                 proto, names, framework = _keras_model_to_onnx(model, example)
+            elif not ref.is_dir():
+                raise UserError(f"model.source: SavedModel folder not found: {ref}")
             else:
                 proto, names, framework = _saved_model_to_onnx(ref)
             source = str(ref)

@@ -17,6 +17,7 @@ import onnx
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError
+from layerscope.files import regular_file
 
 from .checkpoints import file_checkpoints
 from .quiet import quiet
@@ -76,9 +77,7 @@ def _load_factory(reference: str, weights: str | None, spec):
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"model.python: '{reference}' returned {type(model).__name__}, not a torch.nn.Module")
     if weights:
-        path = spec.resolve_path(weights)
-        if not path.exists():
-            raise UserError(f"model.weights: file not found: {path}")
+        path = regular_file(spec.resolve_path(weights), "model.weights")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
@@ -90,8 +89,7 @@ def _load_factory(reference: str, weights: str | None, spec):
 def _load_pt2(path: Path):
     import torch
 
-    if not path.exists():
-        raise UserError(f"model.source: file not found: {path}")
+    regular_file(path, "model.source")
     try:
         return torch.export.load(str(path))
     except Exception as error:

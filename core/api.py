@@ -53,14 +53,13 @@ def validate(spec: str | os.PathLike | dict, *, plugins: tuple[Any, ...] = (), w
     Returns a short description of what was checked; raises a ``UserError`` on the first failing stage.
     """
     from .checkpoint_run import build_estimators
-    from .data import sample_order
 
     plan = prepare(spec, plugins)
-    checked = ["spec structure", "estimator, data source and reporter names and parameters"]
+    checked = ["spec structure", "estimator, data source and reporter names and parameters",
+               *(["labels"] if plan.classes is not None else [])]
     if with_model:
         spec_model = plan.spec
-        order = sample_order(len(plan.data), spec_model.data.limit, spec_model.data.shuffle, spec_model.runtime.seed)
-        example = plan.data.read(order[: min(2, len(order))])[0]
+        example = plan.example()
         for checkpoint in plan.adapter.checkpoints(spec_model.model, spec_model):
             estimators, _ = build_estimators(plan, plan.adapter.load(checkpoint, spec_model, example))
             checked.append(f"model {checkpoint.label}: " + ", ".join(

@@ -21,6 +21,7 @@ from .graph import describe_tensors
 from .model import Checkpoint, LoadedModel
 from .plan import RunPlan
 from .progress import Progress
+from .results import records_in_range
 from .runner import Runner, to_torch
 from .selectors import resolve
 
@@ -86,7 +87,8 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
                     spec.data.batch_size, splittable, loaded.external_dir)
     wanted = [{name for group in est.fetch_groups() for name in group} for _, est in active]
     nonfinite: set[str] = set()
-    for batch_index, (start, x, y) in enumerate(iter_batches(plan.data, order, spec.data.batch_size, span=span)):
+    for batch_index, (start, x, y) in enumerate(iter_batches(plan.data, order, spec.data.batch_size, span=span,
+                                                                         classes=plan.classes)):
         x = runner.prepare(x)
         inputs = to_torch(x)
         labels = torch.from_numpy(np.asarray(y)) if y is not None else None
@@ -121,7 +123,7 @@ def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, loaded: Lo
     splittable = set() if estimator.per_batch else {name for group in groups for name in group}
     runner = Runner(model, tensors, groups, spec.runtime.device, spec.runtime.memory_budget,
                     estimator.plan_rows(spec.data.batch_size), splittable, loaded.external_dir)
-    batches = iter_batches(plan.data, order, spec.data.batch_size, estimator.lookahead, span)
+    batches = iter_batches(plan.data, order, spec.data.batch_size, estimator.lookahead, span, plan.classes)
     for batch_index, (start, x, y) in enumerate(batches):
         size = min(spec.data.batch_size, span[1] - start)
         plans = isolation.call(analysis_id, estimator, "input_plan", list,
@@ -175,6 +177,10 @@ class CheckpointAnalyses:
         for analysis_id, estimator in active + planned:
             self.isolation.call(analysis_id, estimator, "end_pass", estimator.end_pass)
 
+    def _named_class(self, record: dict) -> dict:
+        """A record's ``class`` as the data names it (estimators see class codes; see layerscope.labels)."""
+        return {"class": self.plan.classes.decode(record["class"])} if "class" in record and self.plan.classes else {}
+
     def finish(self) -> tuple[list[dict], list[str], dict, list[dict]]:
         """(records, warnings, model details, failures) of this checkpoint."""
         isolation, estimators = self.isolation, self.estimators
@@ -182,8 +188,9 @@ class CheckpointAnalyses:
         by_id = {p.section.id: p for p in self.plan.analyses}
         for analysis_id, estimator in estimators:
             finished = isolation.call(analysis_id, estimator, "finalize", estimator.finalize) or []
+            finished = records_in_range(finished, estimator.value_range, warnings, f"{analysis_id} ({self.label})")
             records += [{"analysis": analysis_id, "estimator": by_id[analysis_id].section.estimator,
-                         "model": self.label, **record} for record in finished]
+                         "model": self.label, **record, **self._named_class(record)} for record in finished]
             if analysis_id not in isolation.failures:
                 warnings += [f"{analysis_id} ({self.label}): {w}" for w in estimator.collect_warnings()]
         warnings += list(dict.fromkeys(isolation.warnings))

@@ -6,6 +6,7 @@ with the run's seed, apply ``limit`` and stream batches without holding more tha
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -15,6 +16,8 @@ from pydantic import BaseModel
 
 from .errors import UserError
 from .estimator import NoParams
+from .labels import ClassLabels, labels_where
+from .units import format_bytes
 
 
 class DataSource:
@@ -39,8 +42,32 @@ class DataSource:
         """Samples (first axis = sample) and labels (or None) at *indices*."""
         raise NotImplementedError
 
+    def read_labels(self, indices: np.ndarray) -> np.ndarray | None:
+        """The labels at *indices* (the run checks them all before it starts); override when
+        labels can be read without the samples."""
+        return self.read(indices)[1]
+
     def describe(self) -> str:
         return self.name
+
+    def describe_labels(self) -> str:
+        """Where the labels come from, for error messages (e.g. an npz key)."""
+        return "labels"
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_allocation(nbytes: int, what: str) -> None:
+    """A user error naming *what* when *nbytes* exceed this machine's memory (checked before allocating)."""
+    total = physical_memory()
+    if total is not None and nbytes > total:
+        raise UserError(f"{what} needs {format_bytes(nbytes)}, more than this machine's memory ({format_bytes(total)})")
 
 
 def sample_order(length: int, limit: int | None, shuffle: bool, seed: int) -> np.ndarray:
@@ -50,9 +77,11 @@ def sample_order(length: int, limit: int | None, shuffle: bool, seed: int) -> np
 
 
 def iter_batches(source: DataSource, order: np.ndarray, batch_size: int, lookahead: int = 0,
-                 span: tuple[int, int] | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+                 span: tuple[int, int] | None = None, classes: ClassLabels | None = None
+                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Yield ``(start, x, y)`` batches in *order* (with up to *lookahead* samples of the next
-    batch appended, read past the span's end too); NaN/Inf inputs are a user error.
+    batch appended, read past the span's end too), labels as *classes* codes; NaN/Inf inputs
+    are a user error.
 
     *span* ``(first, stop)`` restricts the batches to those starting in ``first..stop-1``
     (a data shard; *first* is a multiple of *batch_size*); ``start`` stays the index in the
@@ -60,7 +89,10 @@ def iter_batches(source: DataSource, order: np.ndarray, batch_size: int, lookahe
     """
     first, stop = span if span is not None else (0, len(order))
     for start in range(first, stop, batch_size):
-        x, y = source.read(order[start:min(start + batch_size, stop) + lookahead])
+        indices = order[start:min(start + batch_size, stop) + lookahead]
+        x, y = source.read(indices)
+        if y is not None:
+            y = (classes or ClassLabels()).encode(y, labels_where(source), indices)
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0, 0])
             raise UserError(f"data source '{source.describe()}': sample {int(order[start + bad])} contains NaN or Inf")

@@ -16,7 +16,6 @@ import torch
 
 from . import __version__
 from .checkpoint_run import CheckpointRun
-from .data import sample_order
 from .estimator import Estimator
 from .model import Checkpoint
 from .plan import RunPlan
@@ -88,8 +87,8 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, res
     """
     spec = plan.spec
     started = time.perf_counter()
-    order = sample_order(len(plan.data), spec.data.limit, spec.data.shuffle, spec.runtime.seed)
-    example = plan.data.read(order[: min(2, len(order))])[0]
+    order = plan.order
+    example = plan.example()
     checkpoints = plan.adapter.checkpoints(spec.model, spec)
     plan.host.hook.before_run(spec=spec, models=[c.label for c in checkpoints])
     warnings: list[str] = []

@@ -124,6 +124,9 @@ class Estimator:
     lookahead: ClassVar[int] = 0
     #: Set when the method was reconstructed rather than checked against the paper/code.
     reconstructed: ClassVar[str | None] = None
+    #: The closed interval each metric lies in mathematically, e.g. ``{"affinity_score": (0, 1)}``;
+    #: a value outside it (beyond round-off) is never recorded (see :meth:`value_range`).
+    metric_ranges: ClassVar[dict[str, tuple[float, float]]] = {}
 
     def __init__(self, params: BaseModel | None = None, tensors: Sequence[TensorInfo] = ()):
         self.params = params if params is not None else self.Params()
@@ -205,6 +208,12 @@ class Estimator:
     def finalize(self) -> list[dict]:
         """Pure function of the state returning tidy records (``layer``, ``tensor``, ``metric``, ``value`` …)."""
         raise NotImplementedError
+
+    def value_range(self, record: dict) -> tuple[float, float] | None:
+        """The range *record*'s value must lie in (default: ``metric_ranges`` by metric; None: any).
+        The engine drops a record outside it, with a warning, and sets one past a bound by
+        round-off to the bound."""
+        return self.metric_ranges.get(record["metric"])
 
     def collect_warnings(self) -> list[str]:
         """The warnings to put in ``results.json`` (those recorded with :meth:`warn`, once each)."""

@@ -12,7 +12,6 @@ from .graph import describe_tensors
 def load_for_inspection(source: str):
     """Load the first checkpoint of *source* (a model source, or a spec file whose model is used)."""
     from .api import prepare
-    from .data import sample_order
     from .model import find_adapter
     from .plugin_host import load_plugins
     from .spec import Spec
@@ -20,8 +19,7 @@ def load_for_inspection(source: str):
     if source.endswith((".yaml", ".yml")):
         plan = prepare(source)
         spec = plan.spec
-        order = sample_order(len(plan.data), spec.data.limit, spec.data.shuffle, spec.runtime.seed)
-        example = plan.data.read(order[:2])[0]
+        example = plan.example()
         adapter = plan.adapter
     else:
         # A model source alone: a minimal spec (its analysis is never run) gives the adapter its paths.

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from .errors import UserError
+from .files import regular_file
 from .layer_names import layer_name
 
 if TYPE_CHECKING:
@@ -92,11 +93,7 @@ def load_onnx_file(path: Path) -> tuple[onnx.ModelProto, Path | None]:
     External data beside the file is loaded into the proto, unless the model would pass
     protobuf's 2 GB limit: then the proto keeps the references and the folder is returned.
     """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"model.source: file not found: {path}")
-    if path.is_dir():
-        raise UserError(f"model.source: {path} is a directory, not an ONNX file")
+    path = regular_file(path, "model.source")
     try:
         model = onnx.load(str(path), load_external_data=False)
         if external_data_bytes(model) + model.ByteSize() > PROTOBUF_LIMIT:

@@ -11,11 +11,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from .data import DataSource
+from .data import DataSource, check_allocation, sample_order
 from .errors import SpecError, UserError
 from .estimator import Estimator
+from .labels import ClassLabels, scan_labels
 from .model import Adapter, find_adapter
 from .plugin_host import PluginHost
 from .spec import AnalysisSection, DataSection, Spec, format_validation_errors
@@ -41,9 +43,21 @@ class RunPlan:
     adapter: Adapter
     analyses: list[PlannedAnalysis]
     reporters: list[Any]
+    #: The indices of the samples the run reads, in order (shuffled with the seed, cut at ``limit``).
+    order: np.ndarray
+    #: How labels become class codes (:mod:`layerscope.labels`); None when the data has no labels.
+    classes: ClassLabels | None
 
     def where(self, *path: Any) -> str:
         return f"{self.doc.where(tuple(path))}: {'.'.join(str(p) for p in path)}"
+
+    def example(self) -> np.ndarray:
+        """The first two samples of the data source (what adapters trace a model with); also checks
+        that a batch of such samples can be allocated at all."""
+        example = self.data.read(np.arange(min(2, len(self.data))))[0]
+        check_allocation(example[:1].nbytes * self.spec.data.batch_size,
+                         f"{self.where('data', 'batch_size')}: a batch of {self.spec.data.batch_size} samples")
+        return example
 
     @property
     def passes(self) -> int:
@@ -137,4 +151,5 @@ def build_plan(spec: Spec | None, doc: LocatedDocument, host: PluginHost, errors
             raise UserError(f"{doc.where(('analyses', planned.index, 'estimator'))}: analyses.{planned.index}.estimator: "
                             f"'{planned.section.estimator}' needs labels, but the data source '{spec.data.source}' "
                             "has none")
-    return RunPlan(spec, doc, host, data, adapter, analyses, choices.reporters)
+    order = sample_order(len(data), spec.data.limit, spec.data.shuffle, spec.runtime.seed)
+    return RunPlan(spec, doc, host, data, adapter, analyses, choices.reporters, order, scan_labels(data, order))

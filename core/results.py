@@ -85,6 +85,29 @@ class Results:
         return cls(**known, out_dir=Path(run_dir))
 
 
+ROUND_OFF = 1e-9  # how far past a bound a value may be and still count as on it
+
+
+def records_in_range(records: list[dict[str, Any]], value_range, warnings: list[str], context: str
+                     ) -> list[dict[str, Any]]:
+    """Records whose value lies in its metric's mathematical range (``value_range(record)`` gives
+    (low, high), or None when unbounded). A value past a bound by round-off (≤ 1e-9·max(1, |bound|))
+    is set to the bound; any other value outside is a numerical failure: dropped, with a warning."""
+    kept = []
+    for record in records:
+        bounds, value = value_range(record), record.get("value")
+        if bounds is None or not isinstance(value, float) or not math.isfinite(value):
+            kept.append(record)
+            continue
+        low, high = bounds
+        if low - ROUND_OFF * max(1.0, abs(low)) <= value <= high + ROUND_OFF * max(1.0, abs(high)):
+            kept.append({**record, "value": min(max(value, low), high)})
+        else:
+            warnings.append(f"{context}: {record.get('metric')} of '{record.get('layer')}' came out as {value:.6g}, "
+                            f"outside its range [{low:g}, {high:g}]; record dropped (a numerical failure)")
+    return kept
+
+
 def finite_records(records: list[dict[str, Any]], warnings: list[str]) -> list[dict[str, Any]]:
     """Drop records whose value is NaN/Inf, recording a warning for each (never a silent NaN)."""
     kept = []

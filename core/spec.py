@@ -15,10 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import SpecError, did_you_mean
+from .errors import SpecError, UserError, did_you_mean
+from .files import regular_file
 from .selectors import SelectorSpec
 from .units import parse_bytes
 from .yaml_locations import LocatedDocument, load_yaml
+
+
+MAX_SPEC_BYTES = 2**20  # a spec is a page of YAML; a larger file is not one
 
 
 class StrictModel(BaseModel):
@@ -188,10 +192,15 @@ def read_document(source: str | os.PathLike | dict) -> tuple[LocatedDocument, Pa
     if isinstance(source, dict):
         return LocatedDocument(data=source, filename="<spec>"), Path.cwd()
     path = Path(source)
+    if not path.exists():
+        raise SpecError([f"{path}: spec file not found"])
     try:
+        size = regular_file(path, "spec").stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise UserError(f"the file has {size} bytes; a spec has at most {MAX_SPEC_BYTES // 2**20} MiB")
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([f"{path}: spec file not found"]) from None
+    except UserError as error:
+        raise SpecError([f"{path}: {error}"]) from None
     except (OSError, UnicodeDecodeError) as error:
         raise SpecError([f"{path}: cannot read the spec: {error}"]) from None
     return load_yaml(text, str(path)), path.resolve().parent

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import scipy.stats
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from layerscope import Estimator, TensorBatch, hookimpl
 
@@ -80,7 +80,7 @@ class ActivationEntropyParams(BaseModel):
     threshold: float = Field(0.0, description="a neuron is on when its value exceeds this")
     neurons: Literal["elements", "channels"] = Field(
         "elements", description="elements: every tensor element is a neuron; channels: axis 1, averaged over the rest")
-    bins: PositiveInt = 100
+    bins: int = Field(100, ge=1, le=100_000, description="histogram bins")
     range: tuple[float, float] | None = Field(None, description="histogram range; default: the layer's [min, max]")
 
     @model_validator(mode="after")
@@ -152,6 +152,15 @@ class ActivationEntropy(Estimator):
             hist = torch.histc(finite.clamp(low, high), bins=p.bins, min=low, max=high).to(torch.float64).cpu()
             store = self.histograms.setdefault(name, {})
             store[key] = store[key] + hist if key in store else hist
+
+    def value_range(self, record: dict) -> tuple[float, float]:
+        """Binary entropy per neuron: [0, 1] bit; a histogram's: [0, log2 bins]; a pattern distribution's:
+        [0, log2 samples]; sums and counts: non-negative."""
+        if record["metric"] != "entropy":
+            return 0.0, math.inf
+        variant = record["variant"]
+        return 0.0, (1.0 if variant == "binary" else math.log2(self.params.bins) if variant == "histogram"
+                     else math.log2(record["samples"]))
 
     def finalize(self) -> list[dict]:
         p = self.params

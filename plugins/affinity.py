@@ -10,6 +10,15 @@ For samples X of an activation's input and Y = φ(X) of its output (n × d):
 3. W2² between the empirical measures {T(x_i)} and {y_i}, uniform weights, exact;
 4. ρ_aff = 1 − sqrt(W2² / (2 tr Σ_y)).
 
+Scale. ρ_aff is invariant to scaling an activation's input and output together, but the
+reference code's constants (the 1e-6 jitter, the 2e-6 "nearly constant" threshold, the
+eigenvalue floor) are absolute, chosen for unit-scale activations, and the exact OT solver
+has absolute tolerances too. So both samples are first divided by √s_x, s_x = tr Σ̂_x / d_x
+the input's mean variance: the constants then act at the scale they were chosen for, and an
+activation scaled by 1e-30 or 1e30 gets the score of the unscaled one. For inputs of unit
+variance nothing changes. A constant input is left as it is (the map is then 0 and, the
+output being constant too, ρ_aff = 1: a point mass onto a point mass is affine).
+
 Matrix square roots come from float64 symmetric eigendecompositions; non-positive
 eigenvalues are replaced by small distinct constants linspace(1e-7, 1e-6, k) as in the
 reference ``torch_sqrtm``. Side metrics as logged by the reference: linear CKA, R² of a
@@ -44,6 +53,13 @@ def inv_sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
     return _eigen_power(matrix, -0.5)
 
 
+def unit_scale(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) / √s_x, s_x = tr Σ̂_x / d_x the input's mean unbiased variance (unchanged when s_x = 0)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    scale = float(np.var(x, axis=0, ddof=1).mean()) if len(x) > 1 else 0.0
+    return (x / np.sqrt(scale), y / np.sqrt(scale)) if scale > 0 else (x, y)
+
+
 def covariance(samples: np.ndarray, method: str = "empirical") -> np.ndarray:
     """Unbiased sample covariance + 1e-6·I, or sklearn's Ledoit–Wolf shrinkage estimate + 1e-6·I."""
     if method == "ledoit_wolf":
@@ -58,6 +74,11 @@ def covariance(samples: np.ndarray, method: str = "empirical") -> np.ndarray:
 def degenerate_output(cov_y: np.ndarray) -> bool:
     """True when the output is (nearly) constant: tr Σ_y ≤ 2e-6·d (the reference code's test)."""
     return bool(np.trace(cov_y) <= DEGENERATE_TRACE * cov_y.shape[0])
+
+
+def is_nearly_constant(x: np.ndarray, y: np.ndarray, covariance_method: str = "empirical") -> bool:
+    """True when the output of this pair is (nearly) constant at unit input scale, so the map is set to 0."""
+    return degenerate_output(covariance(unit_scale(x, y)[1], covariance_method))
 
 
 def monge_map(cov_x: np.ndarray, cov_y: np.ndarray) -> np.ndarray:
@@ -89,8 +110,9 @@ def exact_w2_squared(source: np.ndarray, target: np.ndarray, solver: str = "emd"
 
 def affinity_score(x: np.ndarray, y: np.ndarray, covariance_method: str = "empirical",
                    solver: str = "emd") -> tuple[float, bool]:
-    """(ρ_aff, degenerate) for input samples *x* and output samples *y* (n × d each)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    """(ρ_aff, degenerate) for input samples *x* and output samples *y* (n × d each), computed at unit
+    input scale (see the module docstring)."""
+    x, y = unit_scale(x, y)
     cov_x, cov_y = covariance(x, covariance_method), covariance(y, covariance_method)
     a = monge_map(cov_x, cov_y)
     mapped = y.mean(axis=0) + (x - x.mean(axis=0)) @ a  # A is symmetric

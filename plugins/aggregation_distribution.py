@@ -28,6 +28,7 @@ and nodes, which the plot draws.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -58,8 +59,8 @@ class AggregationParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fit: Literal["input", "output"] = Field("input", description="fit μ, s from the activation's input or its output")
     effective_m: Literal["auto", "independent"] | float = "auto"
-    bins: int = Field(60, ge=5)
-    plot_channels: int = Field(4, ge=0, description="channels and output nodes whose histograms are recorded")
+    bins: int = Field(60, ge=5, le=10_000)
+    plot_channels: int = Field(4, ge=0, le=1000, description="channels and output nodes whose histograms are recorded")
 
 
 def _sums(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,10 @@ class AggregationDistribution(Estimator):
     default_selector = {"op_type": sorted(AGGREGATION_OPS)}
     reconstructed = RECONSTRUCTED
     passes = 2
+    metric_ranges = {"effective_m": (1.0, math.inf), "predicted_var": (0.0, math.inf),
+                     "empirical_var": (0.0, math.inf), "node_predicted_var": (0.0, math.inf),
+                     "node_empirical_var": (0.0, math.inf), "fit_kl": (0.0, math.inf),
+                     "kl_predicted": (0.0, math.inf), "kl_empirical": (0.0, math.inf), "histogram": (0.0, math.inf)}
 
     def setup(self) -> None:
         self.structures: list[Aggregation] = []
@@ -150,9 +155,14 @@ class AggregationDistribution(Estimator):
         return counts
 
     def _edges(self, key):
+        """Histogram ranges per column; a constant column gets the widest range of its layer (or its
+        value's magnitude), so binning does not depend on the activations' scale."""
         low, high = self.low[key].clone(), self.high[key].clone()
         flat = high <= low
-        high[flat] = low[flat] + 1.0
+        if flat.any():
+            width = float((high - low).max())
+            width = width if width > 0 else float(low.abs().max()) or 1.0  # all exactly 0: any width
+            high[flat] = low[flat] + width
         return low, high
 
     def _add(self, state: str, key, value: torch.Tensor) -> None:
@@ -209,18 +219,15 @@ class AggregationDistribution(Estimator):
 
     def _predict(self, index: int, s: Aggregation, cls, effective_m: float):
         """E[g], Var g per channel and (E[y], Var y) per node for one class (or ALL without labels)."""
+        fitted = self._moments(index, "z" if self.params.fit == "input" else "a", cls)
+        if fitted is None:
+            return None
+        _, mean, second = fitted
+        scale = np.sqrt(max(float(second.max()), np.finfo(np.float64).tiny))  # the layer's RMS: floors are relative
         if self.params.fit == "input":
-            fitted = self._moments(index, "z", cls)
-            if fitted is None:
-                return None
-            _, mean_z, second_z = fitted
-            mu, sd = mean_z, np.sqrt(np.maximum(second_z - mean_z**2, 1e-24))
-        else:
-            fitted = self._moments(index, "a", cls)
-            if fitted is None:
-                return None
-            _, mean_a, second_a = fitted
-            inverted = [invert_rectified_moments(m, q) if m > 0 else (-10.0, 1.0) for m, q in zip(mean_a, second_a)]
+            mu, sd = mean, np.sqrt(np.maximum(second - mean**2, (1e-12 * scale) ** 2))
+        else:  # a channel that is never positive is fitted as far below zero
+            inverted = [invert_rectified_moments(m, q) if m > 0 else (-10.0 * scale, scale) for m, q in zip(mean, second)]
             mu, sd = np.array([p[0] for p in inverted]), np.array([p[1] for p in inverted])
         mean_a, var_a = rectified_gaussian_moments(mu, sd)
         mean_g, var_g = aggregated_moments(mean_a, var_a, s.positions, effective_m, s.kind, mu, sd)

@@ -42,7 +42,7 @@ def invert_rectified_moments(mean: float, second: float) -> tuple[float, float]:
     """(μ, s) of the rectified Gaussian with E[a] = *mean* and E[a²] = *second* (moment inversion)."""
     ratio = second / mean**2
     if ratio <= 1.0 + 1e-12:
-        return mean, 1e-12  # (nearly) constant positive output
+        return mean, 1e-12 * mean  # (nearly) constant positive output
     with np.errstate(divide="ignore", over="ignore"):
         t = optimize.brentq(lambda u: _ratio(u) - ratio, -30.0, 1e6, xtol=1e-12)
     s = mean / (t * stats.norm.cdf(t) + stats.norm.pdf(t))

@@ -55,12 +55,12 @@ INPUT_KEY, LABELS_KEY = "input", "labels"
 class InformationPlaneParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     alpha: float = Field(1.01, gt=0, description="Rényi order; 1 gives the von Neumann limit")
-    batch_size: int = Field(100, ge=2, description="samples per estimate (the paper's training batch)")
+    batch_size: int = Field(100, ge=2, le=20_000, description="samples per estimate (the paper's training batch)")
     sigma: float | Literal["alignment"] = Field("alignment", description="hidden-layer kernel width")
     sigma_x: float | None = Field(None, gt=0, description="input kernel width; default: mean pairwise distance")
     sigma_y: float = Field(0.1, gt=0, description="label kernel width on one-hot labels")
     softmax_output: bool = True
-    sigma_grid: int = Field(300, ge=2)
+    sigma_grid: int = Field(300, ge=2, le=100_000)
     grid_range: tuple[float, float] = (0.03, 10.0)
     smoothing: float = Field(0.9, ge=0, lt=1, description="weight of the previous checkpoint's sigma")
 
@@ -228,6 +228,13 @@ class InformationPlane(Estimator):
             records.append({"layer": INPUT_KEY, "tensor": INPUT_KEY, "metric": "sigma",
                             "value": self.sigma_x_used[INPUT_KEY], "unit": ""})
         return records
+
+    def value_range(self, record: dict) -> tuple[float, float]:
+        """Entropies and mutual informations (and their spreads) of a trace-one N×N Gram matrix lie in
+        [0, log2 N], N = ``batch_size``; kernel widths are positive."""
+        if record["metric"].startswith(("I_", "H_")):
+            return 0.0, math.log2(self.params.batch_size)
+        return 0.0, math.inf
 
     def collect_warnings(self) -> list[str]:
         warnings = super().collect_warnings()

@@ -26,6 +26,7 @@ with zero variance are left out), ``total_index`` per feature group (mean over n
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -76,6 +77,8 @@ class MeanDimension(Estimator):
     default_selector = [{"activation": "output"}, {"role": "output"}]
     reads_plan = True
     lookahead = 1
+    metric_ranges = {"mean_dimension": (0.0, math.inf), "total_index": (0.0, math.inf),
+                     "node_mean_dimension": (0.0, math.inf)}
 
     @classmethod
     def passes_for(cls, params) -> int:
@@ -171,6 +174,10 @@ class MeanDimension(Estimator):
             raise UserError("mean_dimension with nll: true needs labels in the data")
         pair_of_row = self._pair_of_rows(batch)
         targets = torch.as_tensor(labels, dtype=torch.int64)[pair_of_row].to(logits.device)
+        if bool(((targets < 0) | (targets >= logits.shape[1])).any()):
+            raise UserError(f"mean_dimension with nll: true reads the labels as indices of the model's "
+                            f"{logits.shape[1]} outputs, but a label's class index is "
+                            f"{int(targets[(targets < 0) | (targets >= logits.shape[1])][0])}")
         return -torch.log_softmax(logits, dim=1).gather(1, targets[:, None])
 
     def _pair_of_rows(self, batch: TensorBatch) -> torch.Tensor:
@@ -199,9 +206,10 @@ class MeanDimension(Estimator):
             offset = max(first, pairs) - pairs  # position of the first perturbed row among them
             if offset % groups == 0 and len(perturbed) % groups == 0:  # whole pairs: (pairs, groups, nodes)
                 pair = offset // groups
-                delta = perturbed.view(-1, groups, f.shape[1]) - base[pair:pair + len(perturbed) // groups, None, :]
-                self._add("delta_sums", key, delta.sum(0, dtype=torch.float64))
-                self._add("delta_squares", key, (delta * delta).sum(0, dtype=torch.float64))
+                delta = (perturbed.view(-1, groups, f.shape[1])
+                         - base[pair:pair + len(perturbed) // groups, None, :]).double()  # squares of tiny or huge
+                self._add("delta_sums", key, delta.sum(0))                                  # values stay finite
+                self._add("delta_squares", key, (delta * delta).sum(0))
             else:  # a part that cuts through pairs
                 index = torch.arange(offset, offset + len(perturbed), device=f.device)
                 delta = (perturbed - base[index // groups]).double()

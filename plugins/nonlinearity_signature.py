@@ -18,6 +18,7 @@ non-linearity signature. Side metrics: ``linear_cka``, ``r2`` (least-squares fit
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -27,12 +28,13 @@ from layerscope import Estimator, TensorBatch, hookimpl
 from layerscope.activations import Activation, find_activations
 from layerscope.errors import UserError
 
-from .affinity import affinity_score, covariance, degenerate_output, linear_cka, linear_r2, sparsity
+from .affinity import affinity_score, is_nearly_constant, linear_cka, linear_r2, sparsity
 
 
 class NonlinearitySignatureParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    samples: int = Field(2048, ge=3, description="samples per activation (the first ones of the stream)")
+    samples: int = Field(2048, ge=3, le=50_000, description="samples per activation (the first ones of the stream; "
+                                                             "exact OT holds a samples² cost matrix)")
     reduce_axis: Literal[1, 2, -1] = Field(-1, description="axis averaged away for 3-D tensors")
     covariance: Literal["empirical", "ledoit_wolf"] = "empirical"
     solver: Literal["emd", "assignment"] = Field("emd", description="exact OT: POT's ot.emd2 or scipy's assignment")
@@ -53,6 +55,8 @@ class NonlinearitySignature(Estimator):
     name = "nonlinearity_signature"
     Params = NonlinearitySignatureParams
     default_selector = {"activation": "output"}
+    metric_ranges = {"affinity_score": (0.0, 1.0), "linear_cka": (0.0, 1.0), "r2": (-math.inf, 1.0),
+                     "sparsity": (0.0, 1.0)}
 
     def setup(self) -> None:
         self.pairs: list[Activation] = []
@@ -119,9 +123,11 @@ class NonlinearitySignature(Estimator):
             warnings.append(f"only {min(counts)} of the {self.params.samples} requested samples were available")
         for pair in self.pairs:
             if pair.output in self.kept:
-                if degenerate_output(covariance(self.kept[pair.output][2].numpy(), self.params.covariance)):
-                    warnings.append(f"{pair.layer}: the output is nearly constant (tr Σ_Y ≤ 2e-6·d); as in the "
-                                    "reference code the map is set to 0, so the score reflects only the output's spread")
+                _, x, y = (t.numpy() for t in self.kept[pair.output])
+                if is_nearly_constant(x, y, self.params.covariance):
+                    warnings.append(f"{pair.layer}: the output is nearly constant (tr Σ_Y ≤ 2e-6·d at unit input "
+                                    "scale); as in the reference code the map is set to 0, so the score reflects "
+                                    "only the output's spread")
         return warnings
 
     @classmethod

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pytest
 
@@ -135,3 +138,55 @@ def test_memory_budget_below_one_sample(tmp_path, capsys, tiny_onnx):
 def test_cuda_requested_without_gpu(tmp_path, capsys, tiny_onnx):
     code, err, out = run_cli(tmp_path, capsys, extra="runtime: {device: cuda}\n")
     assert_user_error(code, err, out, "runtime.device: cuda")
+
+
+# --- denial of service from a spec or a file: bounded, located, never a hang ------------------------------------------
+
+def run_subprocess(*args, timeout=120):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "layerscope", *args], capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stderr
+
+
+def billion_laughs() -> str:
+    text = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        text += f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]\n"
+    return text
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: {source: demo:digits-cnn}\nanalyses: [{id: e, estimator: activation_entropy}]\n" + billion_laughs(),
+     r"spec.yaml:\d+:\d+: the spec has more than 100000 values once aliases are expanded"),
+    ("model: {source: demo:digits-cnn}\nanalyses: [{id: e, estimator: activation_entropy}]\nunknown:\n  "
+     + billion_laughs().replace("\n", "\n  "), r"more than 100000 values once aliases are expanded"),
+    ("model: " + "[" * 100_000 + "]" * 100_000 + "\n", r"spec.yaml:1:1: the spec has more than 50 levels of nesting"),
+    ("model: {source: demo:digits-cnn}\nanalyses: [{id: e\x01, estimator: activation_entropy}]\n",
+     r"spec.yaml:2:18: invalid YAML: character 0x0001 is not allowed"),
+    ("model: {source: \x1b[31mdemo}\nanalyses: [{id: e, estimator: activation_entropy}]\n",
+     r"spec.yaml:1:17: invalid YAML: character 0x001b is not allowed"),
+    ("model: {source: demo:digits-cnn}\nanalyses: [{id: e, estimator: activation_entropy, params: "
+     "{variant: histogram, bins: 100000000000}}]\n", r"spec.yaml:2:\d+: analyses.0.params.bins: .*less than or equal"),
+    ("# " + "x" * 2**21 + "\nmodel: {source: demo:digits-cnn}\n", r"spec.yaml: the file has \d+ bytes; a spec has at most"),
+], ids=["alias-bomb", "alias-bomb-under-unknown-key", "nested-brackets", "control-character", "escape-code",
+        "absurd-bins", "huge-file"])
+def test_hostile_specs_fail_fast_with_a_location(tmp_path, text, message):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text, encoding="utf-8")
+    code, err = run_subprocess("validate", str(spec))
+    assert code == 2 and "Traceback" not in err, err
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("where", ["model", "data", "spec"])
+def test_a_fifo_is_refused_not_read(tmp_path, tiny_onnx, where):
+    fifo = tmp_path / ("pipe.onnx" if where == "model" else "pipe.npz" if where == "data" else "pipe.yaml")
+    os.mkfifo(fifo)
+    model, data = (fifo, "{source: digits}") if where == "model" else (tiny_onnx, f"{{source: npz, path: {fifo}}}")
+    spec = fifo if where == "spec" else write_spec(tmp_path, SPEC.format(model=model, data=data, extra="",
+                                                                         out=tmp_path / "out"))
+    code, err = run_subprocess("run", str(spec), timeout=60)
+    assert code == 2 and "Traceback" not in err, err
+    assert "is not a regular file" in err and "pipe" in err, err

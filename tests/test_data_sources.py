@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from layerscope.data import iter_batches, sample_order
+from layerscope.errors import UserError
 from layerscope.plugins.data.digits import DigitsSource
 from layerscope.plugins.data.npz import NpzSource
 from layerscope.plugins.data.synthetic import SyntheticSource
@@ -45,3 +47,47 @@ def test_sample_order_and_batches():
     source = SyntheticSource(SyntheticSource.Params(samples=10, classes=0), Path("."))
     starts = [(start, len(x), y) for start, x, y in iter_batches(source, order, 3)]
     assert starts == [(0, 3, None), (3, 3, None), (6, 1, None)]
+
+
+# --- npz arrays are read lazily and checked from their headers ------------------------------------------------------
+
+def _rss() -> int:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_reads_rows_lazily_equal_to_numpy(tmp_path, compressed):
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((3000, 2, 5, 7)).astype(np.float32), rng.integers(0, 9, 3000)
+    (np.savez_compressed if compressed else np.savez)(tmp_path / "d.npz", x=x, y=y)
+    source = NpzSource(NpzSource.Params(path="d.npz"), tmp_path)
+    assert len(source) == 3000 and source.x.shape == (3000, 2, 5, 7)
+    for indices in (np.array([0, 1]), np.array([2999, 5, 17]), np.arange(3000)[::-7]):
+        got_x, got_y = source.read(indices)
+        np.testing.assert_array_equal(got_x, x[indices])
+        np.testing.assert_array_equal(got_y, y[indices])
+
+
+def test_a_compressed_npz_bomb_is_never_held_in_memory(tmp_path):
+    """256 MiB of zeros compress to a few hundred KiB; opening, reading the first and a late batch stay flat."""
+    rows = 2**16
+    np.savez_compressed(tmp_path / "bomb.npz", x=np.zeros((rows, 1024), np.float32), y=np.zeros(rows, np.int64))
+    assert (tmp_path / "bomb.npz").stat().st_size < 2**20
+    before = _rss()
+    source = NpzSource(NpzSource.Params(path="bomb.npz"), tmp_path)
+    assert source.read(np.array([0, 1]))[0].shape == (2, 1024)
+    assert _rss() - before < 64 * 2**20  # the prefix only
+    assert source.read(np.arange(rows - 100, rows))[0].shape == (100, 1024)
+    assert _rss() - before < 64 * 2**20  # decompressed to a memory-mapped temporary file, not into memory
+
+
+def test_npz_object_arrays_are_refused_without_unpickling(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 64), np.float32), y=np.array(["a", 1, None, 2.5], dtype=object))
+    with pytest.raises(UserError, match=r"array 'y' .* holds Python objects \(dtype object\)"):
+        NpzSource(NpzSource.Params(path="d.npz"), tmp_path)
+
+
+def test_synthetic_sizes_are_checked_before_allocation():
+    with pytest.raises(UserError, match=r"data.shape: one sample of shape \[100000, 100000\] needs 37.3 GiB"):
+        SyntheticSource(SyntheticSource.Params(samples=2, shape=[100_000, 100_000]), Path("."))

@@ -61,8 +61,14 @@ class DigitsSource(DataSource):
             x = x.reshape(len(indices), 1, 8, 8)
         return x, self.y[indices]
 
+    def read_labels(self, indices):
+        return self.y[indices]
+
     def describe(self) -> str:
         return f"digits ({self.params.split})"
+
+    def describe_labels(self) -> str:
+        return "the digit"
 
 
 @hookimpl

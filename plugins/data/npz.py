@@ -1,14 +1,21 @@
-"""The ``npz`` data source: arrays from a NumPy ``.npz`` file (``x`` and optional ``y``)."""
+"""The ``npz`` data source: arrays from a NumPy ``.npz`` file (``x`` and optional ``y``).
+
+Arrays are opened by their headers and read batch by batch (:mod:`.npz_arrays`): shapes,
+dtypes and the label count are checked before any data is read, and memory stays flat
+whatever the archive expands to. Object arrays are refused (reading them would unpickle).
+"""
 
 from __future__ import annotations
 
 import zipfile
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from layerscope import DataSource, hookimpl
 from layerscope.errors import UserError
+from layerscope.files import regular_file
+
+from .npz_arrays import NpyMember
 
 
 class NpzParams(BaseModel):
@@ -24,24 +31,29 @@ class NpzSource(DataSource):
 
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)
-        path = base_dir / params.path
-        if not path.exists():
-            raise UserError(f"data.path: file not found: {path}")
+        self.path = regular_file(base_dir / params.path, "data.path")
         try:
-            archive = np.load(path, allow_pickle=False)
+            with zipfile.ZipFile(self.path) as archive:
+                keys = [name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy")]
+                if params.x_key not in keys:
+                    raise UserError(f"data.x_key: {self.path} has no array '{params.x_key}' "
+                                    f"(it has: {', '.join(keys) or 'none'})")
+                self.x = NpyMember(self.path, archive, params.x_key)
+                self.y = NpyMember(self.path, archive, params.y_key) if params.y_key in keys else None
         except (OSError, ValueError, zipfile.BadZipFile) as error:
-            raise UserError(f"data.path: {path} is not a readable .npz file ({error})") from None
-        if params.x_key not in archive.files:
-            raise UserError(f"data.x_key: {path} has no array '{params.x_key}' (it has: {', '.join(archive.files) or 'none'})")
-        self.x = archive[params.x_key]
-        self.y = archive[params.y_key] if params.y_key in archive.files else None
-        if self.x.ndim < 2:
-            raise UserError(f"data: '{params.x_key}' in {path} must have a sample axis and features (shape {self.x.shape})")
-        if not (np.issubdtype(self.x.dtype, np.number) or self.x.dtype == np.bool_):
-            raise UserError(f"data: '{params.x_key}' in {path} is not numeric (dtype {self.x.dtype})")
+            raise UserError(f"data.path: {self.path} is not a readable .npz file ({error})") from None
+        for key, array in ((params.x_key, self.x), (params.y_key, self.y)):
+            if array is not None and array.dtype.hasobject:
+                raise UserError(f"data: array '{key}' in {self.path} holds Python objects (dtype object), which "
+                                "layerscope does not read (unpickling runs code); save numbers or fixed-width "
+                                "strings, e.g. np.array(labels, dtype=str)")
+        if len(self.x.shape) < 2:
+            raise UserError(f"data: '{params.x_key}' in {self.path} must have a sample axis and features "
+                            f"(shape {self.x.shape})")
+        if self.x.dtype.kind not in "biuf":
+            raise UserError(f"data: '{params.x_key}' in {self.path} is not numeric (dtype {self.x.dtype})")
         if self.y is not None and len(self.y) != len(self.x):
-            raise UserError(f"data: '{params.y_key}' has {len(self.y)} labels for {len(self.x)} samples in {path}")
-        self.path = path
+            raise UserError(f"data: '{params.y_key}' has {len(self.y)} labels for {len(self.x)} samples in {self.path}")
 
     def __len__(self) -> int:
         return len(self.x)
@@ -51,10 +63,16 @@ class NpzSource(DataSource):
         return self.y is not None
 
     def read(self, indices):
-        return self.x[indices], (self.y[indices] if self.y is not None else None)
+        return self.x[indices], self.read_labels(indices)
+
+    def read_labels(self, indices):
+        return self.y[indices] if self.y is not None else None
 
     def describe(self) -> str:
         return f"npz {self.path}"
+
+    def describe_labels(self) -> str:
+        return f"key '{self.params.y_key}'"
 
 
 @hookimpl

@@ -7,10 +7,13 @@ random linear projection, so labels depend on the data.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from layerscope import DataSource, hookimpl
+from layerscope.data import check_allocation
 
 
 class SyntheticParams(BaseModel):
@@ -28,7 +31,10 @@ class SyntheticSource(DataSource):
 
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)
-        features = int(np.prod(params.shape))
+        features = math.prod(params.shape)
+        check_allocation(features * 4, f"data.shape: one sample of shape {params.shape}")
+        check_allocation(features * max(params.classes, 1) * 8, f"data.classes: the labelling projection of "
+                                                                f"{features} features onto {params.classes} classes")
         projection_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
         self.projection = projection_rng.standard_normal((features, max(params.classes, 1)))
 

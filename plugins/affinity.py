@@ -28,6 +28,7 @@ least-squares fit, sparsity.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 JITTER = 1e-6
 DEGENERATE_TRACE = 2e-6  # per dimension
@@ -134,6 +135,7 @@ def linear_r2(x: np.ndarray, y: np.ndarray) -> float:
     return float(LinearRegression().fit(x, y).score(x, y))
 
 
-def sparsity(y: np.ndarray, tolerance: float = 1e-3) -> float:
-    """Fraction of output values with |y| ≤ 1e-3."""
-    return float((np.abs(y) <= tolerance).mean())
+def sparsity_per_sample(values, tolerance: float = 1e-3):
+    """Per sample (axis 0), the fraction of its values with |y| ≤ 1e-3 (a torch tensor, float64): the
+    sparsity of a set of samples of one tensor is the mean of these fractions."""
+    return (values.abs() <= tolerance).flatten(1).to(torch.float64).mean(dim=1)

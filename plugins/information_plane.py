@@ -20,11 +20,13 @@ data (a first pass). Hidden layers use ``sigma: alignment`` by default: the widt
 maximises the kernel alignment ⟨K_σ, K_Y⟩/(‖K_σ‖‖K_Y‖) with the label kernel over a grid.
 The paper searches ``linspace(0.3, 10·d̄)`` per training batch; here the grid is
 ``f·d̄`` with f on ``linspace(*grid_range, sigma_grid)`` and d̄ the batch's mean pairwise
-distance, the alignment curves are summed over the batches of a first pass, and the
-chosen σ* is smoothed across checkpoints with the paper's moving average
-σ_t = 0.9·σ_{t−1} + 0.1·σ*_t (``smoothing``), the first checkpoint taking σ* itself.
-Both σ* (``sigma_optimal``) and the smoothed σ (``sigma``) are recorded per layer and
-checkpoint. A model output is passed through a softmax before its kernel (``softmax_output``).
+distance, the alignment curves are summed over the batches of a first pass, and every
+checkpoint uses its own σ*. The paper smooths σ* with a moving average
+σ_t = 0.9·σ_{t−1} + 0.1·σ*_t over *training iterations*, a few steps apart; across saved
+checkpoints, epochs apart, the same average would still carry 39 % of checkpoint 1's width
+at checkpoint 10 (0.9⁹), so it is off by default (``smoothing: 0``) and available as
+``smoothing`` (the weight of the previous checkpoint's σ). Both σ* (``sigma_optimal``) and the
+σ used (``sigma``) are recorded per layer and checkpoint. A model output is passed through a softmax before its kernel (``softmax_output``).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class InformationPlaneParams(BaseModel):
     softmax_output: bool = True
     sigma_grid: int = Field(300, ge=2, le=100_000)
     grid_range: tuple[float, float] = (0.03, 10.0)
-    smoothing: float = Field(0.9, ge=0, lt=1, description="weight of the previous checkpoint's sigma")
+    smoothing: float = Field(0.0, ge=0, lt=1, description="weight of the previous checkpoint's sigma "
+                                                          "(0: every checkpoint uses its own; the paper: 0.9 per "
+                                                          "training iteration)")
 
     @model_validator(mode="after")
     def _check(self):

@@ -12,8 +12,9 @@ batches, kept by sample index so shards merge exactly) are reduced as the refere
 does — 4-D (N,C,H,W) averaged over H×W, 3-D averaged over ``reduce_axis`` (default the
 last axis, i.e. tokens become the features, as in the reference code), 2-D as is — and
 ρ_aff is computed once per activation. The ordered scores are the network's
-non-linearity signature. Side metrics: ``linear_cka``, ``r2`` (least-squares fit),
-``sparsity``.
+non-linearity signature. Side metrics: ``linear_cka`` and ``r2`` (least-squares fit) on the
+reduced samples, and ``sparsity``, the fraction of the unreduced output's values with
+|y| ≤ 1e-3 (as the reference code computes it, before any pooling).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from layerscope import Estimator, TensorBatch, hookimpl
 from layerscope.activations import Activation, find_activations
 from layerscope.errors import UserError
 
-from .affinity import affinity_score, is_nearly_constant, linear_cka, linear_r2, sparsity
+from .affinity import affinity_score, is_nearly_constant, linear_cka, linear_r2, sparsity_per_sample
 
 
 class NonlinearitySignatureParams(BaseModel):
@@ -61,13 +62,14 @@ class NonlinearitySignature(Estimator):
     def setup(self) -> None:
         self.pairs: list[Activation] = []
         self.layouts: dict = {}
-        self.add_state("kept", {}, self._keep_first)  # output -> (sample indices, x rows, y rows)
+        # output -> (sample indices, x rows, y rows, per-sample fraction of unreduced output values near 0)
+        self.add_state("kept", {}, self._keep_first)
 
     def _keep_first(self, a: tuple, b: tuple) -> tuple:
         """Merge two sample sets keeping the ``samples`` lowest sample indices (order-free)."""
-        indices, x, y = (torch.cat([p, q]) for p, q in zip(a, b))
-        order = torch.argsort(indices)[: self.params.samples]
-        return indices[order], x[order], y[order]
+        merged = [torch.cat([p, q]) for p, q in zip(a, b)]
+        order = torch.argsort(merged[0])[: self.params.samples]
+        return tuple(values[order] for values in merged)
 
     def bind_graph(self, tensors, model=None) -> None:
         activations = {a.output: a for a in find_activations(tensors)}
@@ -96,10 +98,11 @@ class NonlinearitySignature(Estimator):
                 continue  # already holds the first `samples` samples
             x, y = (reduce_features(self._channels_first(name, batch.tensors[name]), self.params.reduce_axis)
                     .to(torch.float64).cpu() for name in (pair.input, pair.output))
+            near_zero = sparsity_per_sample(batch.tensors[pair.output]).cpu()
             indices = torch.arange(batch.start, batch.start + len(x))
             if stored is None:
-                stored = (indices[:0], x[:0], y[:0])
-            self.kept[pair.output] = self._keep_first(stored, (indices, x, y))
+                stored = (indices[:0], x[:0], y[:0], near_zero[:0])
+            self.kept[pair.output] = self._keep_first(stored, (indices, x, y, near_zero))
 
     def finalize(self) -> list[dict]:
         p = self.params
@@ -107,13 +110,13 @@ class NonlinearitySignature(Estimator):
         for position, pair in enumerate(self.pairs):
             if pair.output not in self.kept:
                 continue
-            _, x, y = (t.numpy() for t in self.kept[pair.output])
+            _, x, y, near_zero = (t.numpy() for t in self.kept[pair.output])
             score, _ = affinity_score(x, y, p.covariance, p.solver)
             keys = {"op_type": pair.kind, "position": position, "samples": len(x), "input_tensor": pair.input}
             records.append(self.record(pair.output, "affinity_score", score, "", **keys))
             records.append(self.record(pair.output, "linear_cka", linear_cka(x, y), "", **keys))
             records.append(self.record(pair.output, "r2", linear_r2(x, y), "", **keys))
-            records.append(self.record(pair.output, "sparsity", sparsity(y), "", **keys))
+            records.append(self.record(pair.output, "sparsity", float(near_zero.mean()), "", **keys))
         return records
 
     def collect_warnings(self) -> list[str]:
@@ -123,7 +126,7 @@ class NonlinearitySignature(Estimator):
             warnings.append(f"only {min(counts)} of the {self.params.samples} requested samples were available")
         for pair in self.pairs:
             if pair.output in self.kept:
-                _, x, y = (t.numpy() for t in self.kept[pair.output])
+                _, x, y, _ = (t.numpy() for t in self.kept[pair.output])
                 if is_nearly_constant(x, y, self.params.covariance):
                     warnings.append(f"{pair.layer}: the output is nearly constant (tr Σ_Y ≤ 2e-6·d at unit input "
                                     "scale); as in the reference code the map is set to 0, so the score reflects "

@@ -27,7 +27,7 @@ EVERY_ESTIMATOR = {
     "analyses": [
         {"id": "binary", "estimator": "activation_entropy"},
         {"id": "hist", "estimator": "activation_entropy", "params": {"variant": "histogram", "bins": 12}},
-        {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 30}},
+        {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 30, "smoothing": 0.9}},
         {"id": "nls", "estimator": "nonlinearity_signature"},
         {"id": "md", "estimator": "mean_dimension", "params": {"pairs": 60, "features": "channels"}},
         {"id": "agg", "estimator": "aggregation_distribution", "params": {"bins": 20}}]}

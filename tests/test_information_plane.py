@@ -170,12 +170,15 @@ def test_alignment_width_is_the_argmax_and_smoothed_across_checkpoints():
     input_distances = [float(pairwise_sq_distances(torch.from_numpy(x[s:s + 50])).sqrt().sum() / (50 * 49))
                        for s in range(0, 300, 50)]
     assert first.sigma_x_used["input"] == pytest.approx(np.mean(input_distances), rel=1e-12)
-    # the next checkpoint smooths: σ = 0.9 σ_prev + 0.1 σ*
+    # the next checkpoint uses its own σ* by default, and with smoothing: σ = 0.9 σ_prev + 0.1 σ*
     shifted = make_batches({"h": hidden * 2.0}, y, batch_size=50, inputs=x)
-    second = build(shifted, batch_size=50, sigma_grid=50)
-    second.carry_over(first)
-    feed(second, shifted)
-    assert second.sigma_used["h"] == pytest.approx(0.9 * first.sigma_used["h"] + 0.1 * second.sigma_optimal["h"])
+    for smoothing in (0.0, 0.9):
+        second = build(shifted, batch_size=50, sigma_grid=50, **({"smoothing": smoothing} if smoothing else {}))
+        second.carry_over(first)
+        feed(second, shifted)
+        assert second.sigma_optimal["h"] == pytest.approx(2.0 * first.sigma_optimal["h"], rel=1e-9)
+        expected = smoothing * first.sigma_used["h"] + (1 - smoothing) * second.sigma_optimal["h"]
+        assert second.sigma_used["h"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_softmax_is_applied_to_the_model_output():
@@ -217,7 +220,7 @@ def test_spec_run_over_checkpoints(tmp_path):
         assert 0 <= record["value"] <= math.log2(100) + 1e-9
     sigmas = {r["model"]: r["value"] for r in results.select(metric="sigma", layer="relu1")}
     optimal = {r["model"]: r["value"] for r in results.select(metric="sigma_optimal", layer="relu1")}
-    assert sigmas["epoch_05"] == pytest.approx(0.9 * sigmas["epoch_01"] + 0.1 * optimal["epoch_05"])
+    assert sigmas == optimal  # no smoothing across checkpoints by default
     assert (tmp_path / "ip" / "plots" / "ip.png").stat().st_size > 10_000
     assert "plots/ip.svg" in results.artifacts
 

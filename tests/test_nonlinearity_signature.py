@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 import layerscope
 from layerscope.activations import find_activations
 from layerscope.graph import TensorInfo, describe_tensors
-from layerscope.plugins.affinity import affinity_score, exact_w2_squared, linear_cka, linear_r2, sparsity
+from layerscope.plugins.affinity import affinity_score, exact_w2_squared, linear_cka, linear_r2, sparsity_per_sample
 from layerscope.plugins.nonlinearity_signature import NonlinearitySignature, reduce_features
 from layerscope.testing import check_conformance, feed, make_batches
 
@@ -85,7 +85,8 @@ def test_side_metrics():
     x = rng.standard_normal((500, 3))
     assert linear_cka(x, 3 * x + 1) == pytest.approx(1.0)
     assert linear_r2(x, x @ rng.standard_normal((3, 2))) == pytest.approx(1.0)
-    assert sparsity(np.array([0.0, 0.0005, 0.5, -2.0])) == 0.5
+    values = torch.tensor([[0.0, 0.0005, 0.5, -2.0], [1.0, 1.0, 1.0, -0.001]])
+    assert sparsity_per_sample(values).tolist() == [0.5, 0.25]
 
 
 def test_reductions_follow_the_reference():
@@ -129,6 +130,19 @@ def test_estimator_uses_the_first_samples_of_the_stream():
     assert got[("act", "affinity_score")]["value"] == pytest.approx(expected, abs=1e-12)
     assert got[("act", "affinity_score")]["position"] == 0 and got[("relu", "affinity_score")]["position"] == 1
     assert got[("relu", "affinity_score")]["op_type"] == "Relu" and got[("act", "r2")]["samples"] == 150
+
+
+def test_sparsity_is_measured_before_spatial_pooling():
+    """Each sample's conv output is zero at half its positions; pooled channel means are never zero."""
+    batches, _ = pair_batches()
+    for batch in batches:
+        positive = batch.tensors["cpost"].abs() + 0.5
+        positive[:, :, 0, :] = 0.0  # half of every feature map
+        batch.tensors["cpost"] = positive
+    got = {(r["layer"], r["metric"]): r["value"] for r in feed(build(samples=150), batches).finalize()}
+    assert got[("relu", "sparsity")] == pytest.approx(0.5, abs=1e-12)
+    pre = np.concatenate([b.tensors["pre"].numpy() for b in batches])[:150]
+    assert got[("act", "sparsity")] == pytest.approx(float((np.abs(np.tanh(pre)) <= 1e-3).mean()), abs=1e-12)
 
 
 def test_conformance():

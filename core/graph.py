@@ -9,14 +9,14 @@ sequence- and map-typed values are not tensors.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import onnx
 
 from .errors import UserError
-from .layer_names import layer_name
+from .layer_names import call_labels, layer_name
 
 Dim = int | str | None
 SHAPE_OPS = {"Shape", "Size"}
@@ -29,7 +29,8 @@ class TensorInfo:
 
     name: str
     op_type: str  # op that produces it; "Input" for a model input
-    layer: str  # the user's layer name (module path), or the node name
+    layer: str  # a label unique in the model: the user's layer name (module path, or the node name),
+    #             "#k" for the k-th call of a reused module, "/<tensor>" for a call's inner tensors
     dtype: str | None  # numpy dtype name
     shape: tuple[Dim, ...] | None
     observable: bool
@@ -39,6 +40,7 @@ class TensorInfo:
     inputs: tuple[str, ...] = ()  # the producer's input tensors
     role: str = "intermediate"  # input | output | intermediate
     layout: str | None = None  # NCHW or NHWC for 4-D maps (see infer_layouts)
+    module: str = ""  # the layer name as the model gives it, shared by every call of a reused module
 
     def channels_first(self, values):
         """*values* (a torch batch of this tensor) with channels on axis 1, whatever the tensor's layout."""
@@ -54,7 +56,8 @@ class TensorInfo:
         return math.prod(dims) * np.dtype(self.dtype).itemsize
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "op_type": self.op_type, "layer": self.layer, "dtype": self.dtype,
+        return {"name": self.name, "op_type": self.op_type, "layer": self.layer, "module": self.module,
+                "dtype": self.dtype,
                 "shape": list(self.shape) if self.shape is not None else None,
                 "observable": self.observable, "reason": self.reason, "role": self.role, "layout": self.layout}
 
@@ -141,7 +144,8 @@ def _subgraph_tensors(node: onnx.NodeProto, layer_of: Callable[[onnx.NodeProto],
 
 def describe_tensors(model: onnx.ModelProto,
                      layer_of: Callable[[onnx.NodeProto], str] = layer_name) -> list[TensorInfo]:
-    """Every tensor of *model* (inputs, node outputs, subgraph values) with observability."""
+    """Every tensor of *model* (inputs, node outputs, subgraph values) with observability and a
+    unique layer label (:func:`layerscope.layer_names.call_labels`)."""
     inferred = infer_shapes(model)
     types = _value_types(inferred)
     layouts = infer_layouts(model)
@@ -156,7 +160,9 @@ def describe_tensors(model: onnx.ModelProto,
             continue
         dtype, shape, reason = _tensor_type(value.type)
         tensors.append(TensorInfo(value.name, "Input", value.name, dtype, shape, not reason, reason, role="input",
-                                  layout=layouts.get(value.name) if shape is not None and len(shape) == 4 else None))
+                                  layout=layouts.get(value.name) if shape is not None and len(shape) == 4 else None,
+                                  module=value.name))
+    calls: list[tuple[str, list[tuple[str, bool]]]] = []  # (layer, outputs) per node, for call_labels
 
     for order, node in enumerate(graph.node):
         inputs = tuple(i for i in node.input if i)
@@ -168,6 +174,7 @@ def describe_tensors(model: onnx.ModelProto,
             why = "shape arithmetic" if any(static[i] == "shape arithmetic" for i in inputs) else "constant"
         else:
             why = ""
+        produced: list[TensorInfo] = []
         for output in node.output:
             if not output:
                 continue  # an omitted optional output
@@ -176,9 +183,14 @@ def describe_tensors(model: onnx.ModelProto,
                 static[output] = why
             reason = why or type_reason
             layout = layouts.get(output, "NCHW") if shape is not None and len(shape) == 4 else None
-            tensors.append(TensorInfo(output, node.op_type, layer_of(node), dtype, shape, not reason, reason,
-                                      order, node.name, inputs, "output" if output in outputs else "intermediate",
-                                      layout))
+            produced.append(TensorInfo(output, node.op_type, layer_of(node), dtype, shape, not reason, reason,
+                                       order, node.name, inputs, "output" if output in outputs else "intermediate",
+                                       layout))
+        tensors += produced
+        if any(t.observable for t in produced):  # constants and shape arithmetic may sit anywhere: not calls
+            calls.append((layer_of(node), [(t.name, t.observable) for t in produced]))
         if node.op_type in SUBGRAPH_OPS:
             tensors += _subgraph_tensors(node, layer_of)
-    return tensors
+    labels = call_labels(calls)
+    return [replace(t, layer=labels[t.name], module=t.layer) if t.name in labels else
+            replace(t, module=t.module or t.layer) for t in tensors]

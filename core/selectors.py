@@ -64,9 +64,10 @@ def matches(selector: SelectorSpec, tensor: "TensorInfo", activation_ends: set[s
     layers, op_types = _as_list(selector.layer), _as_list(selector.op_type)
     if names and tensor.name not in names:
         return False
-    if globs and not any(fnmatch.fnmatchcase(tensor.name, g) or fnmatch.fnmatchcase(tensor.layer, g) for g in globs):
+    if globs and not any(fnmatch.fnmatchcase(value, g) for g in globs
+                         for value in (tensor.name, tensor.layer, tensor.module)):
         return False
-    if layers and tensor.layer not in layers:
+    if layers and tensor.layer not in layers and tensor.module not in layers:  # a module: every call of it
         return False
     if _as_list(selector.role) and tensor.role not in _as_list(selector.role):
         return False
@@ -74,7 +75,7 @@ def matches(selector: SelectorSpec, tensor: "TensorInfo", activation_ends: set[s
 
 
 def _hint(selector: SelectorSpec, tensors: Sequence["TensorInfo"]) -> str:
-    for key, pool in (("name", [t.name for t in tensors]), ("layer", [t.layer for t in tensors]),
+    for key, pool in (("name", [t.name for t in tensors]), ("layer", [t.layer for t in tensors] + [t.module for t in tensors]),
                       ("op_type", [t.op_type for t in tensors])):
         for wanted in _as_list(getattr(selector, key)):
             if wanted not in pool:

@@ -185,12 +185,16 @@ class AggregationDistribution(Estimator):
         return sorted({k[2] for k in self.moments if k[0] == index and k[2] != ALL})
 
     def _effective_m(self, index: int, s: Aggregation) -> float:
-        """M_eff: given, M, or (auto) the median over classes and channels of Var a / Var g (× M² for a sum)."""
+        """M_eff: given, M, or (auto) the data's estimate (:meth:`_estimated_m`) clipped to [1, M]."""
         setting = self.params.effective_m
         if setting == "independent" or (s.kind == "max" and setting == "auto"):
             return float(s.positions)
         if setting != "auto":
             return float(setting)
+        return float(np.clip(self._estimated_m(index, s), 1.0, s.positions))
+
+    def _estimated_m(self, index: int, s: Aggregation) -> float:
+        """The median over classes and channels of Var a / Var g (× M² for a sum); M without usable channels."""
         ratios = []
         for cls in self._classes(index) or [ALL]:
             _, mean_a, second_a = self._moments(index, "a", cls)
@@ -200,8 +204,7 @@ class AggregationDistribution(Estimator):
             ratios += list(var_a[usable] / var_g[usable])
         if not ratios:
             return float(s.positions)
-        scale = s.positions**2 if s.kind == "sum" else 1.0
-        return float(np.clip(scale * np.median(ratios), 1.0, s.positions))
+        return float((s.positions**2 if s.kind == "sum" else 1.0) * np.median(ratios))
 
     def _mixture(self, index: int, s: Aggregation, classes: list, effective_m: float):
         """E[g], Var g and (E[y], Var y) of the mixture of *classes*' predictions, weighted by class size."""
@@ -332,6 +335,18 @@ class AggregationDistribution(Estimator):
             warnings.append("no linear layer follows some aggregations: output-node predictions are skipped there")
         if any(s.kind == "max" for s in self.structures):
             warnings.append("max aggregation: predicted from the order statistics of M iid rectified Gaussians")
+        if self.params.effective_m == "auto":
+            for index, s in enumerate(self.structures):
+                if s.kind == "max" or not any(k[0] == index for k in self.moments):
+                    continue
+                estimate = self._estimated_m(index, s)
+                if not 1.0 <= estimate <= s.positions:
+                    why = (f"the aggregate varies less than {s.positions} independent positions would "
+                           "(negatively correlated positions)" if estimate > s.positions else
+                           "the aggregate varies more than a single position does")
+                    warnings.append(f"{s.layer}: effective_m was estimated as {estimate:.4g}, outside [1, "
+                                    f"{s.positions}] ({s.positions} positions are aggregated): {why}; the "
+                                    f"predictions use {min(max(estimate, 1.0), s.positions):g}")
         return warnings
 
     @classmethod

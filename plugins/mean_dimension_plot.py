@@ -7,19 +7,22 @@ import math
 import numpy as np
 
 
-def _heatmap_grid(records: list[dict]) -> np.ndarray:
-    """Total indices laid out on the input grid (a flat square input is drawn as a square)."""
+def total_index_layout(records: list[dict]) -> tuple[str, np.ndarray]:
+    """("bars", one value per feature) or ("image", a 2-D map) for the total indices of one tensor.
+
+    Principal components (``basis: pca``) and flat inputs whose size is not a square are features
+    without a spatial layout: one bar each. A flat square input (digits' 64 pixels) is drawn as a
+    square image, (H, W) grids as they are, and (C, H, W) elements summed over the channels.
+    """
     grid = list(records[0]["grid"])
-    if len(grid) == 1 and math.isqrt(grid[0]) ** 2 == grid[0]:
-        side = math.isqrt(grid[0])
-        values = np.zeros(grid[0])
-        for r in records:
-            values[r["position"][0]] = r["value"]
-        return values.reshape(side, side)
     values = np.zeros(grid)
     for r in records:
         values[tuple(r["position"])] = r["value"]
-    return values if values.ndim == 2 else values.reshape(values.shape[0], -1).sum(axis=0, keepdims=True)
+    if values.ndim == 1:
+        side = math.isqrt(len(values))
+        square = side * side == len(values) and records[0].get("basis", "input") == "input"
+        return ("image", values.reshape(side, side)) if square else ("bars", values)
+    return "image", values if values.ndim == 2 else values.reshape(values.shape[0], *values.shape[-2:]).sum(axis=0)
 
 
 def plot_mean_dimension(records: list[dict]):
@@ -45,12 +48,13 @@ def plot_mean_dimension(records: list[dict]):
         tensors = list(dict.fromkeys(r["tensor"] for r in totals if r["model"] == last_model))
         target = "nll" if "nll" in tensors else tensors[-1]
         chosen = [r for r in totals if r["model"] == last_model and r["tensor"] == target]
-        grid = _heatmap_grid(chosen)
-        if grid.shape[0] == 1:
-            right.bar(range(grid.shape[1]), grid[0])
-            right.set_xlabel("feature")
+        kind, values = total_index_layout(chosen)
+        if kind == "bars":
+            right.bar(range(len(values)), values)
+            right.set_xlabel("principal component" if chosen[0].get("basis") == "pca" else "feature")
+            right.set_ylabel("total index")
         else:
-            image = right.imshow(grid, cmap="magma")
+            image = right.imshow(values, cmap="magma")
             figure.colorbar(image, ax=right, label="total index")
         right.set_title(f"Total indices of {chosen[0]['layer']} ({last_model}, basis {chosen[0].get('basis', 'input')})",
                         fontsize="medium")

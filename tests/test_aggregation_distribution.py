@@ -170,6 +170,22 @@ def test_demo_cnn_has_no_aggregation_to_analyse():
         layerscope.run(spec, write=False, progress=False)
 
 
+def test_an_effective_m_clipped_to_the_positions_is_warned(tmp_path):
+    """Positions with different means and little noise: Var a / Var g far exceeds M = 49."""
+    onnx.save(gap_model(), str(tmp_path / "gap.onnx"))
+    rng = np.random.default_rng(1)
+    offsets = np.where(np.arange(SIDE * SIDE).reshape(SIDE, SIDE) % 2 == 0, 2.0, -2.0)
+    z = (offsets + 0.05 * rng.standard_normal((400, CHANNELS, SIDE, SIDE))).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=z)
+    results = layerscope.run({"model": {"source": str(tmp_path / "gap.onnx")},
+                              "data": {"source": "npz", "path": str(tmp_path / "d.npz"), "batch_size": 200},
+                              "analyses": [{"id": "agg", "estimator": "aggregation_distribution"}]},
+                             write=False, progress=False)
+    assert results.select(metric="effective_m")[0]["value"] == 49
+    (warning,) = [w for w in results.warnings if "effective_m" in w]
+    assert "outside [1, 49]" in warning and "negatively correlated" in warning and "use 49" in warning
+
+
 def test_conformance():
     model = gap_model()
     tensors = describe_tensors(model)

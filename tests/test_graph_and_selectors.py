@@ -150,3 +150,77 @@ def test_nhwc_tensors_are_moved_channels_first_by_the_estimators(tmp_path):
     assert results["nchw"].keys() == results["nhwc"].keys()
     for key, value in results["nchw"].items():
         assert results["nhwc"][key] == pytest.approx(value, abs=1e-6), key
+
+
+# --- a unique label per tensor, even when a module is called twice ----------------------------------------------
+
+def test_call_labels_number_calls_and_name_a_calls_inner_tensors():
+    from layerscope.layer_names import call_labels
+
+    nodes = [("stem", [("c0", True)]),
+             ("block.c1", [("c1", True)]), ("block.relu", [("r1", True)]), ("block.c2", [("c2", True)]),
+             ("block", [("add", True)]),  # the block's own op: same call as its children's
+             ("block.relu", [("r2", True)]),  # the ReLU module again: its second call
+             ("block", [("add2", True), ("aux", False)]),
+             ("head", [("h", True)]), ("block.relu", [("r3", True)])]
+    assert call_labels(nodes) == {"c0": "stem", "c1": "block.c1", "r1": "block.relu", "c2": "block.c2",
+                                  "add": "block/add", "r2": "block.relu#2", "add2": "block", "aux": "block/aux",
+                                  "h": "head", "r3": "block.relu#3"}
+    assert call_labels([("a", [("x", True)]), ("a#2", [("y", True)]), ("b", [("z", True)]),
+                        ("a", [("w", True)])])["w"] == "a#2/w"  # a layer named like a label: still unique
+
+
+class ReusingBlock(__import__("torch").nn.Module):
+    """A torchvision-style block: one ReLU module applied twice."""
+
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+
+class ReusingNet(__import__("torch").nn.Module):
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.layer1 = torch.nn.Sequential(ReusingBlock(), ReusingBlock())
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.layer1(self.stem(x)).mean(dim=(2, 3)))
+
+
+def test_reused_modules_get_one_label_per_tensor_in_records_plots_and_selectors(tmp_path):
+    import matplotlib.pyplot as plt
+    import torch
+
+    import layerscope
+    from layerscope.plugins.plot_reporter import default_plot
+    from layerscope.plugins.information_plane_plot import plot_information_plane
+
+    torch.manual_seed(0)
+    spec = {"model": {"source": ReusingNet()}, "data": {"source": "digits", "layout": "image", "limit": 100},
+            "analyses": [{"id": "ent", "estimator": "activation_entropy"},
+                         {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 10}},
+                         {"id": "second", "estimator": "activation_entropy", "on": {"layer": "layer1.0.relu#2"}},
+                         {"id": "module", "estimator": "activation_entropy", "on": {"layer": "layer1.1.relu"}}]}
+    results = layerscope.run(spec, write=False, progress=False)
+    layers = lambda analysis: [r["layer"] for r in results.select(analysis=analysis, metric="entropy")  # noqa: E731
+                               if r["class"] == "all"]
+    assert layers("ent") == ["layer1.0.relu", "layer1.0.relu#2", "layer1.1.relu", "layer1.1.relu#2"]
+    assert layers("second") == ["layer1.0.relu#2"]
+    assert layers("module") == ["layer1.1.relu", "layer1.1.relu#2"]  # a module path selects every call
+    assert [t["layer"] for t in results.models[0]["tensors"]][:4] == layers("ent")
+    figure = default_plot([r for r in results.records if r["analysis"] == "ent"])
+    assert len(figure.axes[0].lines[0].get_xdata()) == 4  # four points, none overwritten
+    plt.close(figure)
+    figure = plot_information_plane([r for r in results.records if r["analysis"] == "ip"])
+    assert len(figure.axes[0].collections) == 5  # four ReLU trajectories and the output, none merged
+    plt.close(figure)

@@ -201,3 +201,36 @@ def test_bad_feature_grouping_is_a_user_error():
     spec["analyses"][0]["params"] = {"basis": "pca", "features": "patches:2"}
     with pytest.raises(layerscope.SpecError, match="basis: pca"):
         layerscope.run(spec, write=False, progress=False)
+
+
+# --- the figure -----------------------------------------------------------------------------------------------
+
+def total_records(grid, basis="input"):
+    positions = [list(p) for p in np.ndindex(*grid)]
+    base = {"analysis": "md", "estimator": "mean_dimension", "model": "m", "layer": "out", "tensor": "out",
+            "unit": "", "basis": basis}
+    return ([{**base, "metric": "mean_dimension", "value": 1.2, "pairs": 9}]
+            + [{**base, "metric": "total_index", "value": 0.1 * (i + 1), "feature": i, "position": p,
+                "grid": list(grid), "pairs": 9} for i, p in enumerate(positions)])
+
+
+@pytest.mark.parametrize("grid, basis, kind, shape", [
+    ((10,), "input", "bars", (10,)),  # a flat input of 10 features: ten bars, not one
+    ((64,), "pca", "bars", (64,)),  # principal components have no spatial layout
+    ((64,), "input", "image", (8, 8)),  # digits' flat 64 pixels
+    ((8, 8), "input", "image", (8, 8)),
+    ((2, 4, 4), "input", "image", (4, 4)),  # (C, H, W) elements: summed over channels
+])
+def test_total_index_panel_follows_the_features(grid, basis, kind, shape):
+    import matplotlib.pyplot as plt
+
+    from layerscope.plugins.mean_dimension_plot import plot_mean_dimension, total_index_layout
+
+    records = total_records(grid, basis)
+    got_kind, values = total_index_layout([r for r in records if r["metric"] == "total_index"])
+    assert (got_kind, values.shape) == (kind, shape)
+    assert values.sum() == pytest.approx(sum(r["value"] for r in records if r["metric"] == "total_index"))
+    figure = plot_mean_dimension(records)
+    right = figure.axes[1]
+    assert len(right.patches) == (shape[0] if kind == "bars" else 0) and len(right.images) == (kind == "image")
+    plt.close(figure)

@@ -9,6 +9,7 @@ when a torch model is actually loaded.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
-from layerscope.errors import UserError
+from layerscope.errors import ANSI_ESCAPES, UserError, exception_summary
 from layerscope.files import regular_file
 
 from .checkpoints import file_checkpoints
@@ -54,9 +55,27 @@ def export_to_onnx(model, example: np.ndarray | None = None) -> onnx.ModelProto:
             program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
                                         external_data=False, verbose=False)
     except Exception as error:
-        raise UserError(f"model.source: torch.onnx.export could not export the model: "
-                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+        raise UserError(f"model.source: torch.onnx.export could not export the model: {export_failure(error)}; "
+                        "change the model so that torch.export can trace it, or export it to ONNX yourself and "
+                        "give the .onnx file") from None
     return _strip_metadata(program.model_proto)
+
+
+def export_failure(error: BaseException) -> str:
+    """The cause of a failed export in one line: the innermost exception's type and first line, and the
+    user's code it names (torch reports it as 'File "…", line N, in f' followed by the line)."""
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    lines = [line.strip() for line in ANSI_ESCAPES.sub("", str(root)).splitlines() if line.strip()]
+    summary = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+    frames = [(index, match) for index, line in enumerate(lines)
+              if (match := re.match(r'File "(.+)", line (\d+), in (\S+)', line))]
+    if frames:
+        index, match = frames[-1]
+        code = f": {lines[index + 1]}" if index + 1 < len(lines) else ""
+        summary += f" (at {match.group(1)}:{match.group(2)} in {match.group(3)}{code})"
+    return summary
 
 
 def _load_factory(reference: str, weights: str | None, spec):
@@ -68,12 +87,18 @@ def _load_factory(reference: str, weights: str | None, spec):
         raise UserError(f"model.python: '{reference}' must look like 'package.module:factory'")
     sys.path.insert(0, str(spec.base_dir))
     try:
-        factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise UserError(f"model.python: cannot import '{reference}': {error}") from None
+        module = importlib.import_module(module_name)
+    except Exception as error:  # the user's module raised while importing (or is missing)
+        raise UserError(f"model.python: importing '{module_name}' failed: {exception_summary(error)}") from None
     finally:
         sys.path.remove(str(spec.base_dir))
-    model = factory()
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise UserError(f"model.python: '{module_name}' has no function '{attribute}'")
+    try:
+        model = factory()
+    except Exception as error:
+        raise UserError(f"model.python: calling '{reference}' failed: {exception_summary(error)}") from None
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"model.python: '{reference}' returned {type(model).__name__}, not a torch.nn.Module")
     if weights:

@@ -26,10 +26,16 @@ from .runner import Runner, to_torch
 from .selectors import resolve
 
 Span = tuple[int, int]
+Outcome = tuple[list[dict], list[str], dict, list[dict]]  # a checkpoint's records, warnings, model details, failures
 
 
 def build_estimators(plan: RunPlan, loaded: LoadedModel) -> tuple[list[tuple[str, Estimator]], list]:
-    """Instantiate every analysis on the tensors its selector picks in *loaded*."""
+    """Instantiate every analysis on the tensors its selector picks in *loaded* (a single-input model)."""
+    initializers = {t.name for t in loaded.proto.graph.initializer}
+    inputs = [i.name for i in loaded.proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise UserError(f"{plan.where('model', 'source')}: model.source: the model has {len(inputs)} inputs "
+                        f"({', '.join(inputs)}); layerscope currently analyses single-input models (model {loaded.label})")
     tensors = describe_tensors(loaded.proto, loaded.layer_of)
     built = []
     for planned in plan.analyses:
@@ -181,7 +187,7 @@ class CheckpointAnalyses:
         """A record's ``class`` as the data names it (estimators see class codes; see layerscope.labels)."""
         return {"class": self.plan.classes.decode(record["class"])} if "class" in record and self.plan.classes else {}
 
-    def finish(self) -> tuple[list[dict], list[str], dict, list[dict]]:
+    def finish(self) -> Outcome:
         """(records, warnings, model details, failures) of this checkpoint."""
         isolation, estimators = self.isolation, self.estimators
         records, warnings = [], []
@@ -234,6 +240,6 @@ class CheckpointRun(CheckpointAnalyses):
                                               self.order, span, progress, self.isolation)
             self.groups.append(fetch)
 
-    def finish(self) -> tuple[list[dict], list[str], dict, list[dict]]:
+    def finish(self) -> Outcome:
         self.model_info = describe_model(self.loaded)
         return super().finish()

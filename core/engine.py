@@ -15,20 +15,19 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint_run import CheckpointRun
+from .checkpoint_run import CheckpointRun, Outcome
 from .estimator import Estimator
 from .model import Checkpoint
 from .plan import RunPlan
 from .progress import Progress
-from .results import RESULTS_FILE, Results, finite_records
+from .outputs import output_folder, write_outputs
+from .results import Results, finite_records
 from .resume import ResumeStore
 
-Outcome = tuple[list[dict], list[str], dict, list[dict]]  # records, warnings, model details, failures
 
 
 def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray, example: np.ndarray,
-                       progress: Progress, previous: dict[str, Estimator]
-                       ) -> tuple[list[dict], list[str], dict, list[dict]]:
+                       progress: Progress, previous: dict[str, Estimator]) -> Outcome:
     """Records and warnings of every analysis for one model checkpoint, in this process.
 
     *previous* maps analysis ids to the estimators of the previous checkpoint; it is
@@ -48,14 +47,14 @@ def _analyse_in_process(plan: RunPlan, checkpoints: list[Checkpoint], order: np.
     """Every checkpoint in this process, in training order, each saved to *store* once finished."""
     outcomes, previous = [], {}
     for index, checkpoint in enumerate(checkpoints):
-        saved = store.load(index, checkpoint.label) if store else None
+        saved = store.load(index, checkpoint.label, plan) if store else None
         if saved is not None:
-            outcome, previous = saved["outcome"], saved["estimators"]
+            outcome, previous = saved
             progress.advance(len(order) * plan.passes, f"{checkpoint.label} (resumed)")
         else:
             outcome = analyse_checkpoint(plan, checkpoint, order, example, progress, previous)
             if store:
-                store.save(index, checkpoint.label, {"estimators": previous, "outcome": outcome})
+                store.save(index, checkpoint.label, outcome, previous)
         outcomes.append(outcome)
     return outcomes
 
@@ -82,9 +81,18 @@ def _analyse(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarray, ex
 def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, resume: bool = False) -> Results:
     """Run every analysis of *plan* on every checkpoint and write the requested outputs.
 
-    With *out_dir*, each finished checkpoint of a multi-checkpoint run in this process is
-    saved so that an interrupted run continues with *resume* (see :mod:`layerscope.resume`).
+    With *out_dir*, the run holds the folder's lock throughout, writes its files only once
+    every record exists (:mod:`layerscope.outputs`), and saves each finished checkpoint of a
+    multi-checkpoint run in this process so that an interrupted run continues with *resume*
+    (see :mod:`layerscope.resume`).
     """
+    if out_dir is None:
+        return _execute(plan, None, show_progress, resume)
+    with output_folder(out_dir):
+        return _execute(plan, out_dir, show_progress, resume)
+
+
+def _execute(plan: RunPlan, out_dir: Path | None, show_progress: bool, resume: bool) -> Results:
     spec = plan.spec
     started = time.perf_counter()
     order = plan.order
@@ -97,6 +105,7 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, res
         warnings.append("--resume continues runs made in one process; this parallel run analysed every checkpoint")
     with Progress(len(order) * plan.passes * len(checkpoints), enabled=show_progress) as progress:
         outcomes = _analyse(plan, checkpoints, order, example, progress, store, warnings)
+    warnings += store.warnings if store else []
     records, failures, models = [], [], []
     for model_records, model_warnings, model_info, model_failures in outcomes:
         records, failures, warnings = records + model_records, failures + model_failures, warnings + model_warnings
@@ -122,15 +131,6 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, res
         store.clear()
     plan.host.hook.after_run(results=results)
     return results
-
-
-def write_outputs(results: Results, reporters, out_dir: Path) -> None:
-    """Run every reporter; ``results.json`` (the json reporter) goes last so it lists all artifacts."""
-    results.out_dir = out_dir
-    ordered = sorted(reporters, key=lambda r: r.name == "json")
-    for reporter in ordered:
-        artifacts = reporter.write(results, out_dir)
-        results.artifacts += [a for a in artifacts if a != RESULTS_FILE]
 
 
 def spec_to_dict(spec) -> dict:

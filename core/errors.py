@@ -8,7 +8,14 @@ data); the CLI prints its message and exits 2. Anything else is an internal erro
 from __future__ import annotations
 
 import difflib
+import re
+import sysconfig
+import traceback
 from collections.abc import Iterable
+from pathlib import Path
+
+#: Terminal control sequences (colours) that libraries put in exception messages.
+ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class UserError(Exception):
@@ -21,6 +28,18 @@ class SpecError(UserError):
     def __init__(self, messages: list[str]):
         self.messages = list(messages)
         super().__init__("\n".join(self.messages))
+
+
+def exception_summary(error: BaseException) -> str:
+    """``Type: first line of the message (file:line)`` for an exception raised by the user's code, the
+    location being the innermost frame of its traceback outside Python's own library and
+    layerscope; terminal colour codes removed."""
+    lines = [line.strip() for line in ANSI_ESCAPES.sub("", str(error)).splitlines() if line.strip()]
+    summary = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    ours = (sysconfig.get_paths()["stdlib"], str(Path(__file__).resolve().parents[1]))
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith("<") and not str(Path(f.filename).resolve()).startswith(ours)]
+    return f"{summary} ({frames[-1].filename}:{frames[-1].lineno})" if frames else summary
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

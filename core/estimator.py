@@ -188,7 +188,9 @@ class Estimator:
 
         Called before this checkpoint's first pass ends; *previous* has ended at least its
         first pass (in sharded runs it is the merged state, and the shards' updates ran
-        before this call, so ``update`` must not depend on it).
+        before this call, so ``update`` must not depend on it). Read only *previous*'s declared
+        state (:meth:`add_state`) and parameters: a resumed run hands over an estimator rebuilt
+        from its saved state.
         """
 
     def end_pass(self) -> None:
@@ -234,7 +236,15 @@ class Estimator:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_cache")}
 
     def state_dict(self) -> dict[str, Any]:
+        """The declared state (see :meth:`add_state`), by name."""
         return {name: getattr(self, name) for name in self._states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set the declared state from :meth:`state_dict` output (exactly the declared names)."""
+        if set(state) != set(self._states):
+            raise ValueError(f"state has {sorted(state)}, {self.name} declares {sorted(self._states)}")
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def record(self, tensor: str, metric: str, value: float, unit: str = "", **keys: Any) -> dict:
         """Build one tidy record for *tensor* (the layer name is filled in)."""

@@ -22,7 +22,8 @@ from .errors import UserError
 from .model import Checkpoint
 from .plan import RunPlan
 from .progress import Progress
-from .sharding import Outcome, ShardOutcome, ShardTask, analyse_sharded, auto_shards, start_worker, worker_arguments
+from .checkpoint_run import Outcome
+from .sharding import ShardOutcome, ShardTask, analyse_sharded, auto_shards, start_worker, worker_arguments
 
 
 class _ShardActor:

@@ -120,10 +120,6 @@ class Runner:
     def __init__(self, model: onnx.ModelProto, tensors: Sequence[TensorInfo], atomic_groups: Sequence[tuple[str, ...]],
                  device: str, memory_budget: int, batch_size: int, splittable: set[str] | None = None,
                  external_dir=None):
-        graph_inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-        if len(graph_inputs) != 1:
-            raise UserError(f"the model has {len(graph_inputs)} inputs ({', '.join(i.name for i in graph_inputs)}); "
-                            "layerscope currently analyses single-input models")
         self.input = next(t for t in tensors if t.role == "input")
         self.model, self.device, self.external_dir = model, device, external_dir
         self._by_name = {t.name: t for t in tensors}

@@ -23,13 +23,15 @@ import itertools
 import multiprocessing
 import os
 import pickle
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint_run import CheckpointAnalyses, CheckpointRun, Span, describe_model
+from .checkpoint_run import CheckpointAnalyses, CheckpointRun, Outcome, Span, describe_model
 from .data import shard_spans
 from .errors import UserError
 from .estimator import Estimator
@@ -37,7 +39,6 @@ from .model import Checkpoint
 from .plan import RunPlan
 from .progress import Progress
 
-Outcome = tuple[list[dict], list[str], dict, list[dict]]
 
 
 @dataclass
@@ -188,7 +189,25 @@ _WORKER: ShardWorker | None = None  # in a worker process of the pool
 
 def _start_pool_worker(*arguments) -> None:
     global _WORKER
+    _exit_with_parent()
     _WORKER = start_worker(*arguments)
+
+
+def _exit_with_parent(interval: float = 0.5) -> None:
+    """End this worker process as soon as the driver that spawned it is gone.
+
+    A driver killed outright (``kill -9``) cannot shut its pool down, and a worker busy with a
+    task would run on for minutes; a daemon thread notices that the process was handed to
+    another parent and exits at once.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="layerscope-exit-with-parent", daemon=True).start()
 
 
 def _run_in_worker(task: ShardTask) -> ShardOutcome:

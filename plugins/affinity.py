@@ -27,6 +27,8 @@ least-squares fit, sparsity.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -90,6 +92,16 @@ def monge_map(cov_x: np.ndarray, cov_y: np.ndarray) -> np.ndarray:
     return root_y @ inv_sqrtm_psd(root_y @ cov_x @ root_y) @ root_y
 
 
+def import_pot():
+    """POT, without the TensorFlow, JAX and CuPy backends it would otherwise import when installed
+    (TensorFlow alone costs seconds and prints its start-up log): these samples are numpy arrays."""
+    for framework in ("TENSORFLOW", "JAX", "CUPY"):
+        os.environ.setdefault(f"POT_BACKEND_DISABLE_{framework}", "1")
+    import ot
+
+    return ot
+
+
 def exact_w2_squared(source: np.ndarray, target: np.ndarray, solver: str = "emd") -> float:
     """Exact W2² between two equal-size empirical measures with uniform weights.
 
@@ -97,8 +109,7 @@ def exact_w2_squared(source: np.ndarray, target: np.ndarray, solver: str = "emd"
     assignment, exact here because the optimal plan between equal uniform measures is a
     permutation.
     """
-    import ot
-
+    ot = import_pot()
     cost = ot.dist(source, target)  # squared Euclidean
     if solver == "assignment":
         from scipy.optimize import linear_sum_assignment

@@ -121,10 +121,59 @@ def test_python_factory_with_weights(tmp_path):
     assert got == pytest.approx(expected, abs=1e-9)
 
 
-def test_python_factory_import_error(tmp_path):
-    spec = write_spec(tmp_path, "model: {python: 'nowhere:make'}\nanalyses: [{id: e, estimator: activation_entropy}]\n")
-    with pytest.raises(layerscope.UserError, match="cannot import 'nowhere:make'"):
-        layerscope.run(spec, write=False, progress=False)
+USER_MODULE = """\
+import torch
+
+SCALE = 1 / 0 if __name__.endswith("broken") else 1
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def data_dependent():
+    return DataDependent()
+
+
+def raising():
+    return {}["missing"]
+"""
+
+
+@pytest.mark.parametrize("reference, message", [
+    ("nowhere:make", r"model.python: importing 'nowhere' failed: ModuleNotFoundError: No module named 'nowhere'$"),
+    ("usermodels_broken:data_dependent",
+     r"model.python: importing 'usermodels_broken' failed: ZeroDivisionError: division by zero \(.*usermodels_broken.py:3\)$"),
+    ("usermodels:raising", r"model.python: calling 'usermodels:raising' failed: KeyError: 'missing' \(.*usermodels.py:22\)$"),
+    ("usermodels:absent", r"model.python: 'usermodels' has no function 'absent'$"),
+    ("usermodels:data_dependent", r"model.source: torch.onnx.export could not export the model: "
+                                  r"GuardOnDataDependentSymNode: Could not guard on data-dependent expression .* "
+                                  r"\(at .*usermodels.py:12 in forward: if x.sum\(\) > 0:\); change the model so that"),
+])
+def test_failures_in_the_users_model_code_are_one_clear_message(tmp_path, reference, message):
+    """Run as users run it: in a process of its own, where torch's prints and logs would reach the terminal."""
+    import re
+    import subprocess
+    import sys
+
+    (tmp_path / "usermodels.py").write_text(USER_MODULE)
+    (tmp_path / "usermodels_broken.py").write_text(USER_MODULE)
+    spec = write_spec(tmp_path, f"model: {{python: '{reference}'}}\ndata: {{source: digits, limit: 20}}\n"
+                                f"analyses: [{{id: e, estimator: activation_entropy}}]\noutputs: {{dir: {tmp_path}}}\n")
+    done = subprocess.run([sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"], capture_output=True,
+                          text=True, timeout=300)
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1 and not out.strip(), err
+    assert "\x1b" not in err and "Traceback" not in err
+    assert re.search(message, err.strip().removeprefix("layerscope: error: ")), err
 
 
 def test_onnx_external_data_and_checkpoints(tmp_path):

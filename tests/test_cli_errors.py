@@ -190,3 +190,71 @@ def test_a_fifo_is_refused_not_read(tmp_path, tiny_onnx, where):
     code, err = run_subprocess("run", str(spec), timeout=60)
     assert code == 2 and "Traceback" not in err, err
     assert "is not a regular file" in err and "pipe" in err, err
+
+
+# --- the outputs folder: one run at a time, all files or none -------------------------------------------------------
+
+def test_a_second_run_on_a_locked_folder_is_refused(tmp_path, capsys, tiny_onnx):
+    from filelock import FileLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(out / ".layerscope.lock", timeout=0):  # what a running layerscope holds
+        assert_user_error(*run_cli(tmp_path, capsys), "another layerscope run is writing to", "--out")
+    code, err, _ = run_cli(tmp_path, capsys)
+    assert code == 0, err
+
+
+def test_two_concurrent_runs_on_one_folder(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(tmp_path, "model: {source: demo:digits-mlp, checkpoints: all}\n"
+                                "analyses: [{id: ip, estimator: information_plane}]\n"
+                                f"outputs: {{dir: {tmp_path / 'out'}}}\n", name="slow.yaml")
+    first = subprocess.Popen([sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"], stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "out" / ".layerscope-resume").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.1)  # its first checkpoint is saved: the run is under way and holds the folder's lock
+    assert first.poll() is None
+    assert main(["run", str(spec), "--quiet"]) == 2
+    assert "another layerscope run is writing to" in capsys.readouterr().err
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert len(__import__("json").loads((tmp_path / "out" / "results.json").read_text())["models"]) == 10
+
+
+@pytest.mark.parametrize("out, cause", [("/sys/kernel", r"Permission denied|Operation not permitted"),
+                                        ("{tmp}/a-file/out", r"Not a directory|File exists")])
+def test_an_unwritable_outputs_folder_is_a_user_error_before_the_run(tmp_path, capsys, tiny_onnx, out, cause):
+    (tmp_path / "a-file").write_text("in the way")
+    spec = write_spec(tmp_path, SPEC.format(model="tiny.onnx", data="{source: digits, limit: 50}", extra="",
+                                            out=out.format(tmp=tmp_path)))
+    assert main(["run", str(spec), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(rf"outputs.dir: cannot write to .*: ({cause})", err), err
+
+
+def test_a_write_failing_midway_leaves_the_previous_results_intact(tmp_path, capsys, tiny_onnx):
+    """A file-size limit makes the OS refuse the writes of the second run part-way (EFBIG, as a full disk
+    refuses with ENOSPC): the first run's files stay byte for byte, and nothing of the second appears."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    first = write_spec(tmp_path, SPEC.format(model="tiny.onnx", data="{source: digits, limit: 50}", extra="",
+                                             out=f"{out}, formats: [json, csv, plots]"), name="first.yaml")
+    assert main(["run", str(first), "--quiet"]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    second = write_spec(tmp_path, SPEC.format(model="tiny.onnx", data="{source: digits}",
+                                              extra="    params: {variant: histogram}\n",
+                                              out=f"{out}, formats: [json, csv, plots]"), name="second.yaml")
+    limit = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)); "
+             "from layerscope.cli import main; sys.exit(main(['run', sys.argv[1], '--quiet']))")
+    done = subprocess.run([sys.executable, "-c", limit, str(second)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert re.search(r"outputs.dir: cannot write to .*: File too large", done.stderr), done.stderr
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # no staging folder left, no file replaced

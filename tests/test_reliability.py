@@ -69,14 +69,13 @@ def test_a_fixed_batch_model_gives_per_batch_estimators_whole_batches(tmp_path):
     assert_records_close(fixed.records, dynamic.records, rtol=0, atol=1e-9)
 
 
-def test_multi_input_model_is_refused_naming_its_inputs(tmp_path):
+def test_multi_input_model_is_refused_naming_its_inputs_before_any_selector(tmp_path):
     import silero_vad
 
     source = str(Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx")
-    with pytest.raises(UserError, match=r"matches only tensors that cannot be observed.*inside the If body"):
-        run(source, tmp_path, on={"op_type": "Sigmoid"})  # its activations live in If bodies
-    with pytest.raises(UserError, match=r"3 inputs \(input, state, sr\)"):
-        run(source, tmp_path, on={"role": "output"})
+    for selector in ({"op_type": "Sigmoid"}, {"role": "output"}, {"name": "no-such-tensor"}):
+        with pytest.raises(UserError, match=r"model.source: the model has 3 inputs \(input, state, sr\)"):
+            run(source, tmp_path, on=selector)
 
 
 def test_inspect_shows_what_is_observable_in_a_model_with_if_bodies():
@@ -233,7 +232,7 @@ def test_quickstart_twenty_times_in_one_process_does_not_grow():
 
 IP_SPEC = {"model": {"source": "demo:digits-mlp", "checkpoints": ["epoch_01", "epoch_05", "epoch_10"]},
            "data": {"source": "digits", "split": "train", "limit": 300},
-           "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 30}},
+           "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 30, "smoothing": 0.9}},
                         {"id": "e", "estimator": "activation_entropy"}]}
 
 
@@ -256,7 +255,7 @@ def test_resume_continues_an_interrupted_run_with_identical_records(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         layerscope.run({**IP_SPEC, "outputs": {"dir": str(out)}}, progress=False, plugins=(plugin,))
     assert not (out / "results.json").exists()
-    assert sorted(p.name for p in (out / ".layerscope-resume").iterdir()) == ["checkpoint-0000.pkl"]
+    assert sorted(p.name for p in (out / ".layerscope-resume").iterdir()) == ["checkpoint-0000.pt"]
     computed = []
     counter = types.ModuleType("counter")
     counter.after_batch = hookimpl(lambda model, batch_index, samples: computed.append(model))
@@ -264,6 +263,64 @@ def test_resume_continues_an_interrupted_run_with_identical_records(tmp_path):
     assert "epoch_01" not in computed and "epoch_05" in computed  # the first checkpoint was not recomputed
     assert resumed.records == reference.records
     assert (out / "results.json").exists() and not (out / ".layerscope-resume").exists()
+
+
+class _Planted:
+    """Unpickling this runs a shell command: what a hostile resume file would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _interrupted_run(tmp_path):
+    """Output folder of a run interrupted after its first checkpoint (its resume file saved)."""
+    import types
+
+    from layerscope import hookimpl
+
+    def interrupt(model, batch_index, samples):
+        if model == "epoch_05":
+            raise KeyboardInterrupt
+
+    plugin = types.ModuleType("interrupter")
+    plugin.after_batch = hookimpl(interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        layerscope.run({**IP_SPEC, "outputs": {"dir": str(out)}}, progress=False, plugins=(plugin,))
+    return out
+
+
+@pytest.mark.parametrize("planting", ["torch.save", "raw pickle", "garbage", "other spec"])
+def test_a_planted_or_foreign_resume_file_never_runs_code_and_is_recomputed(tmp_path, planting):
+    import pickle
+
+    import torch
+
+    reference = layerscope.run({**IP_SPEC, "outputs": {"dir": str(tmp_path / "ref")}}, progress=False)
+    out = _interrupted_run(tmp_path)
+    saved = out / ".layerscope-resume" / "checkpoint-0000.pt"
+    marker = tmp_path / "pwned"
+    if planting == "torch.save":
+        torch.save({"key": "x", "label": "epoch_01", "outcome": _Planted(marker)}, saved)
+    elif planting == "raw pickle":
+        saved.write_bytes(pickle.dumps(_Planted(marker)))
+    elif planting == "garbage":
+        saved.write_bytes(b"PK\x03\x04 not really a zip file" * 10)
+    else:
+        state = torch.load(saved, weights_only=True)
+        torch.save({**state, "key": "0" * 64}, saved)
+    (out / ".layerscope-resume" / "checkpoint-0000.pkl").write_bytes(pickle.dumps(_Planted(marker)))  # old name
+    resumed = layerscope.run({**IP_SPEC, "outputs": {"dir": str(out)}}, progress=False, resume=True)
+    assert not marker.exists()
+    assert resumed.records == reference.records
+    expected = "another spec, checkpoint or layerscope version" if planting == "other spec" else \
+        "could not be read as a resume file"
+    assert any(expected in w and "checkpoint epoch_01 was recomputed" in w for w in resumed.warnings), resumed.warnings
 
 
 def test_ctrl_c_leaves_no_results_json(tmp_path):
@@ -288,6 +345,53 @@ def test_ctrl_c_leaves_no_results_json(tmp_path):
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def _worker_processes(parent: int) -> list[int]:
+    """Pids of the multiprocessing workers *parent* spawned (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if entry.name.isdigit() and int(fields[1]) == parent and b"spawn_main" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_worker_processes_end_when_the_driver_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(tmp_path, "model: {source: demo:digits-cnn}\ndata: {source: digits}\n"
+                                "analyses: [{id: ip, estimator: information_plane, params: {sigma_grid: 20000}}]\n"
+                                f"runtime: {{workers: 2, shards: 2}}\noutputs: {{dir: {tmp_path / 'out'}}}\n")
+    layerscope.run({"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "limit": 10},
+                    "analyses": [{"id": "e", "estimator": "activation_entropy"}]}, write=False, progress=False)
+    driver = subprocess.Popen([sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not _worker_processes(driver.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    workers = _worker_processes(driver.pid)
+    assert workers
+    time.sleep(6)  # the worker has started its shard task (a width pass of some 15 s)
+    assert driver.poll() is None
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 5
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                 and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "a worker outlived its killed driver"
 
 
 def test_model_over_2gb_with_external_data(tmp_path):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import __version__
+from .files import regular_file
 from .results import atomic_write
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class ResumeStore:
         if not path.exists():
             return None
         try:
+            regular_file(path, "resume file")  # a FIFO planted here would block the read forever
             with warnings.catch_warnings():  # torch's notes on odd files: this store says what went wrong
                 warnings.simplefilter("ignore")
                 saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -85,10 +87,16 @@ class ResumeStore:
             self.warnings.append(f"checkpoint {label} was not saved for --resume: an estimator's state is not "
                                  f"plain data and tensors ({type(error).__name__})")
             return
-        atomic_write(self._path(index), buffer.getvalue())
+        try:
+            atomic_write(self._path(index), buffer.getvalue())
+        except OSError as error:  # the run goes on; only --resume loses this checkpoint
+            self.warnings.append(f"checkpoint {label} was not saved for --resume: {error.strerror or error}")
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder.is_dir() and not self.folder.is_symlink():
+            shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            self.folder.unlink(missing_ok=True)
 
 
 def _restored(planned, state: dict[str, Any]) -> "Estimator":

@@ -258,3 +258,43 @@ def test_a_write_failing_midway_leaves_the_previous_results_intact(tmp_path, cap
     assert re.search(r"outputs.dir: cannot write to .*: File too large", done.stderr), done.stderr
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # no staging folder left, no file replaced
+
+
+def write_npz_bomb(path, rows: int, features: int) -> None:
+    """An .npz whose float32 'x' (rows × features zeros) is deflated as it is written: a few MiB on disk,
+    rows·features·4 bytes once inflated, and never in this process's memory."""
+    import zipfile
+
+    header = {"descr": "<f4", "fortran_order": False, "shape": (rows, features)}
+    chunk = bytes(features * 4 * 1024)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, header)
+            for _ in range(rows // 1024):
+                member.write(chunk)
+        with archive.open("y.npy", "w") as member:
+            np.save(member, np.zeros(rows, np.int64))
+
+
+def test_a_spec_error_is_reported_before_a_compressed_npz_is_inflated(tmp_path, tiny_onnx):
+    import subprocess
+    import sys
+
+    write_npz_bomb(tmp_path / "bomb.npz", rows=2**18, features=1024)  # 1 GiB of float32 once inflated
+    np.savez(tmp_path / "small.npz", x=np.zeros((64, 1024), np.float32), y=np.zeros(64, np.int64))
+    assert (tmp_path / "bomb.npz").stat().st_size < 8 * 2**20
+
+    def peak_rss(data: str) -> tuple[int, int, str]:
+        spec = write_spec(tmp_path, SPEC.format(model="tiny.onnx", data=f"{{source: npz, path: {data}}}",
+                                                extra="    on: {name: no-such-tensor}\n", out=tmp_path / "out"),
+                          name=f"{data}.yaml")
+        report = ("import resource, sys\nfrom layerscope.cli import main\ntry:\n    code = main(['run', sys.argv[1]])\n"
+                  "finally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\nsys.exit(code)\n")
+        done = subprocess.run([sys.executable, "-c", report, str(spec)], capture_output=True, text=True, timeout=300)
+        return done.returncode, int(done.stdout.split()[-1]), done.stderr
+
+    code, small_peak, err = peak_rss("small.npz")
+    assert code == 2 and "matches no tensor" in err, err
+    code, bomb_peak, err = peak_rss("bomb.npz")
+    assert code == 2 and "matches no tensor" in err and "Traceback" not in err, err
+    assert bomb_peak - small_peak < 128 * 2**20, (small_peak, bomb_peak)  # not the 1 GiB array

@@ -295,7 +295,7 @@ def _interrupted_run(tmp_path):
     return out
 
 
-@pytest.mark.parametrize("planting", ["torch.save", "raw pickle", "garbage", "other spec"])
+@pytest.mark.parametrize("planting", ["torch.save", "raw pickle", "garbage", "other spec", "fifo"])
 def test_a_planted_or_foreign_resume_file_never_runs_code_and_is_recomputed(tmp_path, planting):
     import pickle
 
@@ -311,6 +311,9 @@ def test_a_planted_or_foreign_resume_file_never_runs_code_and_is_recomputed(tmp_
         saved.write_bytes(pickle.dumps(_Planted(marker)))
     elif planting == "garbage":
         saved.write_bytes(b"PK\x03\x04 not really a zip file" * 10)
+    elif planting == "fifo":
+        saved.unlink()
+        __import__("os").mkfifo(saved)
     else:
         state = torch.load(saved, weights_only=True)
         torch.save({**state, "key": "0" * 64}, saved)
@@ -321,6 +324,15 @@ def test_a_planted_or_foreign_resume_file_never_runs_code_and_is_recomputed(tmp_
     expected = "another spec, checkpoint or layerscope version" if planting == "other spec" else \
         "could not be read as a resume file"
     assert any(expected in w and "checkpoint epoch_01 was recomputed" in w for w in resumed.warnings), resumed.warnings
+
+
+def test_a_resume_folder_that_is_a_file_does_not_stop_the_run(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".layerscope-resume").write_text("not a folder")
+    results = layerscope.run({**IP_SPEC, "outputs": {"dir": str(out)}}, progress=False, resume=True)
+    assert len(results.models) == 3 and (out / "results.json").exists()
+    assert not (out / ".layerscope-resume").exists()
 
 
 def test_ctrl_c_leaves_no_results_json(tmp_path):

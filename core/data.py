@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from .errors import UserError
 from .estimator import NoParams
-from .labels import ClassLabels, labels_where
+from .labels import ClassLabels, classes_of
 from .units import format_bytes
 
 
@@ -53,6 +53,22 @@ class DataSource:
     def describe_labels(self) -> str:
         """Where the labels come from, for error messages (e.g. an npz key)."""
         return "labels"
+
+
+LABEL_CHUNK = 65_536  # labels read at once while checking them
+
+
+def labels_where(source: DataSource) -> str:
+    """How error messages name a data source's labels."""
+    return f"labels ({source.describe_labels()}) of data source '{source.describe()}'"
+
+
+def scan_labels(source: DataSource, order: np.ndarray) -> ClassLabels | None:
+    """Check the labels of the samples in *order* and fix their classes (None: the source has none)."""
+    if not source.has_labels:
+        return None
+    chunks = [order[start:start + LABEL_CHUNK] for start in range(0, len(order), LABEL_CHUNK)]
+    return classes_of((source.read_labels(chunk) for chunk in chunks), labels_where(source), chunks)
 
 
 def physical_memory() -> int | None:

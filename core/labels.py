@@ -11,27 +11,21 @@ Every estimator receives labels as int64 *class codes*, one per sample:
   records name the class by its string;
 - labels must be one per sample (shape ``(N,)`` or ``(N, 1)``); object arrays are refused.
 
-:func:`scan_labels` reads the labels of a run's samples before any model work, so a bad
-label stops the run before it starts, and the codes of string classes are fixed for every
-shard, worker and checkpoint of the run.
+:func:`classes_of` checks the labels of a run's samples before any model work
+(:func:`layerscope.data.scan_labels`), so a bad label stops the run before it starts, and the
+codes of string classes are fixed for every shard, worker and checkpoint of the run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import UserError
-
-if TYPE_CHECKING:
-    from .data import DataSource
-
-SCAN_CHUNK = 65_536  # labels read at once while scanning
-
 
 @dataclass(frozen=True)
 class ClassLabels:
@@ -98,26 +92,18 @@ def _numeric_codes(values: np.ndarray, where: str, sample_ids: Sequence[int] | N
     return values.astype(np.int64)
 
 
-def labels_where(source: "DataSource") -> str:
-    """How error messages name a data source's labels."""
-    return f"labels ({source.describe_labels()}) of data source '{source.describe()}'"
-
-
-def scan_labels(source: "DataSource", order: np.ndarray) -> ClassLabels | None:
-    """Check the labels of the samples in *order* and fix their classes (None: the source has none)."""
-    if not source.has_labels:
-        return None
-    where = labels_where(source)
+def classes_of(label_batches: Iterable[Any], where: str, sample_ids: Iterable[Sequence[int]]) -> ClassLabels:
+    """Check every label of *label_batches* (the sample ids of each batch name a bad one) and fix the
+    run's classes: the sorted distinct strings for string labels, else none (codes are the labels)."""
     strings: set[str] = set()
     kinds = set()
-    for start in range(0, len(order), SCAN_CHUNK):
-        indices = order[start:start + SCAN_CHUNK]
-        values = _one_per_sample(source.read_labels(indices), where)
+    for labels, ids in zip(label_batches, sample_ids):
+        values = _one_per_sample(labels, where)
         kinds.add("string" if values.dtype.kind in "US" else "number")
         if values.dtype.kind in "US":
             strings.update(_as_strings(values).tolist())
         else:
-            _numeric_codes(values, where, indices)
+            _numeric_codes(values, where, ids)
     if len(kinds) > 1:
         raise UserError(f"{where}: mixes string and numeric labels")
     return ClassLabels(tuple(sorted(strings)) if "string" in kinds else None)

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from .data import DataSource, check_allocation, sample_order
+from .data import DataSource, check_allocation, sample_order, scan_labels
 from .errors import SpecError, UserError
 from .estimator import Estimator
-from .labels import ClassLabels, scan_labels
+from .labels import ClassLabels
 from .model import Adapter, find_adapter
 from .plugin_host import PluginHost
 from .spec import AnalysisSection, DataSection, Spec, format_validation_errors

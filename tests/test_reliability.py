@@ -236,16 +236,13 @@ IP_SPEC = {"model": {"source": "demo:digits-mlp", "checkpoints": ["epoch_01", "e
                         {"id": "e", "estimator": "activation_entropy"}]}
 
 
-def test_resume_continues_an_interrupted_run_with_identical_records(tmp_path):
+def _interrupted_run(tmp_path):
+    """Output folder of a run interrupted after its first checkpoint (its resume file saved)."""
     import types
 
     from layerscope import hookimpl
 
-    reference = layerscope.run({**IP_SPEC, "outputs": {"dir": str(tmp_path / "ref")}}, progress=False)
-    seen = []
-
     def interrupt(model, batch_index, samples):
-        seen.append(model)
         if model == "epoch_05":
             raise KeyboardInterrupt
 
@@ -254,6 +251,16 @@ def test_resume_continues_an_interrupted_run_with_identical_records(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         layerscope.run({**IP_SPEC, "outputs": {"dir": str(out)}}, progress=False, plugins=(plugin,))
+    return out
+
+
+def test_resume_continues_an_interrupted_run_with_identical_records(tmp_path):
+    import types
+
+    from layerscope import hookimpl
+
+    reference = layerscope.run({**IP_SPEC, "outputs": {"dir": str(tmp_path / "ref")}}, progress=False)
+    out = _interrupted_run(tmp_path)
     assert not (out / "results.json").exists()
     assert sorted(p.name for p in (out / ".layerscope-resume").iterdir()) == ["checkpoint-0000.pt"]
     computed = []
@@ -275,24 +282,6 @@ class _Planted:
         import os
 
         return os.system, (f"touch {self.marker}",)
-
-
-def _interrupted_run(tmp_path):
-    """Output folder of a run interrupted after its first checkpoint (its resume file saved)."""
-    import types
-
-    from layerscope import hookimpl
-
-    def interrupt(model, batch_index, samples):
-        if model == "epoch_05":
-            raise KeyboardInterrupt
-
-    plugin = types.ModuleType("interrupter")
-    plugin.after_batch = hookimpl(interrupt)
-    out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        layerscope.run({**IP_SPEC, "outputs": {"dir": str(out)}}, progress=False, plugins=(plugin,))
-    return out
 
 
 @pytest.mark.parametrize("planting", ["torch.save", "raw pickle", "garbage", "other spec", "fifo"])

@@ -82,6 +82,14 @@ class Isolation:
             return None
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """True when no element is NaN or ±Inf. A sum is NaN or Inf whenever an element is, and costs one
+    pass without a temporary; only a sum that is not finite (or overflowed) is checked element-wise."""
+    if not values.is_floating_point():
+        return True
+    return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
+
+
 def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, loaded: LoadedModel,
                order: np.ndarray, span: Span, progress: Progress, isolation: Isolation) -> tuple[str, dict]:
     """One pass over the batches of *span* for *active* estimators; returns (provider that ran, fetch statistics)."""
@@ -102,14 +110,16 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
             if not names:  # reads only the data this pass (e.g. to fit a basis)
                 isolation.call(aid, estimator, "update", estimator.update, TensorBatch({}, inputs, labels, start))
         for part, fetched in runner.run(x):
-            nonfinite.update(name for name, value in fetched.items()
-                             if value.is_floating_point() and not bool(torch.isfinite(value).all()))
+            nonfinite.update(name for name, value in fetched.items() if not all_finite(value))
             for (aid, estimator), names in zip(active, wanted):
                 mine = {name: value for name, value in fetched.items() if name in names}
                 if mine:
                     batch = TensorBatch(mine, inputs[part], None if labels is None else labels[part],
                                         start + (part.start or 0))
                     isolation.call(aid, estimator, "update", estimator.update, batch)
+                    del batch
+                del mine
+            del fetched  # released before the runner fetches the next group (one group's tensors at a time)
         plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=len(x))
         progress.advance(len(x), f"{loaded.label}")
     for name in sorted(nonfinite):
@@ -140,6 +150,7 @@ def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, loaded: Lo
             for part, fetched in runner.run(rows):
                 batch = TensorBatch(fetched, inputs[part], None, start, plan=plan_batch, rows=part)
                 isolation.call(analysis_id, estimator, "update", estimator.update, batch)
+                del batch, fetched  # released before the runner fetches the next rows
         plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=size)
         progress.advance(size, f"{loaded.label} ({estimator.name})")
     return runner.provider, {"groups": len(runner.groups or []), "peak_fetched_bytes": runner.peak_fetched_bytes}

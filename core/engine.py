@@ -22,6 +22,7 @@ from .plan import RunPlan
 from .progress import Progress
 from .outputs import output_folder, write_outputs
 from .results import Results, finite_records
+from .threads import run_threads
 from .resume import ResumeStore
 
 
@@ -86,10 +87,11 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, res
     multi-checkpoint run in this process so that an interrupted run continues with *resume*
     (see :mod:`layerscope.resume`).
     """
-    if out_dir is None:
-        return _execute(plan, None, show_progress, resume)
-    with output_folder(out_dir):
-        return _execute(plan, out_dir, show_progress, resume)
+    with run_threads():
+        if out_dir is None:
+            return _execute(plan, None, show_progress, resume)
+        with output_folder(out_dir):
+            return _execute(plan, out_dir, show_progress, resume)
 
 
 def _execute(plan: RunPlan, out_dir: Path | None, show_progress: bool, resume: bool) -> Results:

@@ -221,3 +221,4 @@ class Runner:
                 if attach:
                     fetched[self.input.name] = to_torch(x[part])
                 yield part, fetched
+                del fetched  # before the next fetch: at most one group's tensors are held at once

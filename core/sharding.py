@@ -38,6 +38,7 @@ from .estimator import Estimator
 from .model import Checkpoint
 from .plan import RunPlan
 from .progress import Progress
+from .threads import run_threads, set_threads
 
 
 
@@ -94,29 +95,15 @@ def worker_arguments(plan: RunPlan, order: np.ndarray, example: np.ndarray, thre
 def start_worker(document: dict, filename: str, base_dir: str, threads: int | None, order: np.ndarray,
                  example: np.ndarray) -> ShardWorker:
     """In a worker process: the plan rebuilt from the spec document with the installed plugins,
-    and onnxruntime and torch set to *threads* threads (None: left as they are)."""
+    onnxruntime set to *threads* threads (None: its default) and torch to one (:mod:`layerscope.threads`)."""
     from .plan import build_plan
     from .plugin_host import load_plugins
     from .spec import parse_spec
     from .yaml_locations import LocatedDocument
 
-    if threads is not None:
-        _set_threads(threads, threads)
+    set_threads(threads)
     doc = LocatedDocument(data=document, filename=filename)
     return ShardWorker(build_plan(parse_spec(doc, Path(base_dir)), doc, load_plugins()), order, example)
-
-
-def _set_threads(onnxruntime_threads: int | None, torch_threads: int) -> tuple[int | None, int]:
-    """Set the threads of onnxruntime sessions created from now on (None: its default) and of
-    torch; return the previous settings, in the same order."""
-    import torch
-
-    from . import session
-
-    previous = session.THREADS, torch.get_num_threads()
-    session.THREADS = onnxruntime_threads
-    torch.set_num_threads(torch_threads)
-    return previous
 
 
 def auto_shards(requested: int | str, workers: int, checkpoints: int) -> int:
@@ -223,18 +210,14 @@ def analyse_in_processes(plan: RunPlan, checkpoints: list[Checkpoint], order: np
     shards = auto_shards(plan.spec.runtime.shards, workers, len(checkpoints))
     context = multiprocessing.get_context("spawn")
     here = ShardWorker(plan, order, example)
-    previous_threads = _set_threads(threads, threads)
-    try:
-        with ProcessPoolExecutor(workers - 1, mp_context=context, initializer=_start_pool_worker,
-                                 initargs=worker_arguments(plan, order, example, threads)) as pool:
-            try:
-                return analyse_sharded(plan, checkpoints, order, shards,
-                                       lambda tasks: _share_tasks(tasks, pool, workers - 1, here), progress)
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
-    finally:
-        _set_threads(*previous_threads)
+    with run_threads(threads), ProcessPoolExecutor(workers - 1, mp_context=context, initializer=_start_pool_worker,
+                                                  initargs=worker_arguments(plan, order, example, threads)) as pool:
+        try:
+            return analyse_sharded(plan, checkpoints, order, shards,
+                                   lambda tasks: _share_tasks(tasks, pool, workers - 1, here), progress)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def _share_tasks(tasks: list[ShardTask], pool: ProcessPoolExecutor, processes: int,

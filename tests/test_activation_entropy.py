@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from layerscope.plugins.activation_entropy import (
     ActivationEntropy,
@@ -119,3 +121,17 @@ def test_conformance(variant):
     labels = rng.integers(0, 4, size=230)
     batches = make_batches({"conv": relu, "fc": dense}, labels, batch_size=40)
     check_conformance(lambda: build(batches, variant=variant, bins=20), batches)
+
+
+@settings(max_examples=200, deadline=None)
+@given(threshold=st.floats(-1e6, 1e6, allow_nan=False), seed=st.integers(0, 2**16))
+def test_the_float32_threshold_is_the_exact_real_comparison(threshold, seed):
+    """Values at and around the threshold's float32 neighbours compare as they would in float64."""
+    from layerscope.plugins.activation_entropy import strictly_above
+
+    near = np.float32(threshold)
+    neighbours = [np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))]
+    random = np.random.default_rng(seed).normal(threshold, abs(threshold) * 1e-6 + 1e-3, 64).astype(np.float32)
+    values = torch.from_numpy(np.concatenate([np.array(neighbours, np.float32), random, [np.nan, np.inf, -np.inf]]))
+    assert torch.equal(strictly_above(values, threshold), values.double() > threshold)
+    assert torch.equal(strictly_above(values.half().float(), threshold), values.half().float().double() > threshold)

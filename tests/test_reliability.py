@@ -424,3 +424,16 @@ def test_model_over_2gb_with_external_data(tmp_path):
     small.graph.node[1].input[0] = "table"
     strip = lambda records: [{k: v for k, v in r.items() if k != "model"} for r in records]  # noqa: E731
     assert strip(results.records) == strip(run(small, tmp_path).records)
+
+
+def test_the_finiteness_check_tells_overflowing_sums_from_real_nan_and_inf():
+    import torch
+
+    from layerscope.checkpoint_run import all_finite
+
+    huge = torch.full((1000,), 3e38, dtype=torch.float32)  # the sum overflows, every value is finite
+    assert all_finite(huge) and all_finite(torch.zeros(3, dtype=torch.bfloat16)) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        values = torch.ones(4, 5)
+        values[2, 3] = bad
+        assert not all_finite(values)

@@ -26,7 +26,6 @@ import math
 from typing import Literal
 
 import numpy as np
-import scipy.stats
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -45,13 +44,20 @@ def binary_entropy_bits(p: torch.Tensor) -> torch.Tensor:
 
 
 def mean_binary_entropy_bits(on_counts: torch.Tensor, samples: int) -> tuple[float, float]:
-    """(mean, sum) over neurons of H_b(on_count_j / samples)."""
-    entropies = binary_entropy_bits(on_counts.to(torch.float64) / samples)
+    """(mean, sum) over neurons of H_b(on_count_j / samples). A count is an integer in 0..samples, so
+    H_b is computed once per possible count and looked up (the same values, far fewer logarithms)."""
+    if on_counts.dtype.is_floating_point or samples >= on_counts.numel():
+        entropies = binary_entropy_bits(on_counts.to(torch.float64) / samples)
+    else:
+        table = binary_entropy_bits(torch.arange(samples + 1, dtype=torch.float64) / samples)
+        entropies = table[on_counts.to(torch.int64)]
     return float(entropies.mean()), float(entropies.sum())
 
 
 def counts_entropy_bits(counts) -> float:
     """Shannon entropy in bits of the distribution given by non-negative *counts* (scipy.stats.entropy)."""
+    import scipy.stats  # 1.3 s to import: only the histogram and pattern variants need it
+
     counts = np.asarray(counts, dtype=np.float64)
     return float(scipy.stats.entropy(counts, base=2)) if counts.sum() > 0 else 0.0
 
@@ -77,30 +83,26 @@ def strictly_above(values: torch.Tensor, threshold: float) -> torch.Tensor:
     return values > bound.to(values.device)
 
 
-def column_counts(on: torch.Tensor) -> torch.Tensor:
-    """Per column, how many rows of a (rows, columns) boolean matrix are True (int64). Summed 255 rows
-    at a time in uint8 (exact: 255 booleans cannot overflow a byte), 8× faster than a wider
-    accumulator on the CPU."""
-    total = torch.zeros(on.shape[1], dtype=torch.int64, device=on.device)
+def on_counts_by_class(on: torch.Tensor, labels: torch.Tensor | None):
+    """Yield ``(class key, samples, per-neuron on-counts)`` for ``"all"`` and every class present in
+    blocks of at most 255 rows of a (samples, neurons) on/off matrix, the counts as uint8 on the
+    host (add them to wider totals). One ``index_add`` of the matrix viewed as bytes counts every
+    class of a block at once, and their sum is the pooled count: exact, as 255 booleans cannot
+    overflow a byte; no float copy and no loop over the classes' rows."""
+    rows = torch.zeros(on.shape[0], dtype=torch.int64, device=on.device) if labels is None else \
+        labels.reshape(-1).to(on.device)
+    classes, row_class = torch.unique(rows, return_inverse=True)
+    keys = classes.tolist()
+    block = torch.empty(len(keys), on.shape[1], dtype=torch.uint8, device=on.device)
     for start in range(0, on.shape[0], 255):
-        total += on[start:start + 255].sum(dim=0, dtype=torch.uint8)
-    return total
-
-
-def on_counts_by_class(on: torch.Tensor, labels: torch.Tensor | None) -> list[tuple[object, int, torch.Tensor]]:
-    """(class key, samples, per-neuron int64 on-counts on the host) for ``"all"`` and every class present,
-    from a (samples, neurons) on/off matrix: the rows are gathered by class once (a byte per value)
-    and each class's block is counted with :func:`column_counts`; no float copy."""
-    if labels is None:
-        return [(ALL, on.shape[0], column_counts(on).cpu())]
-    labels = labels.reshape(-1).to(on.device)
-    order = torch.argsort(labels, stable=True)
-    classes, sizes = torch.unique_consecutive(labels[order], return_counts=True)
-    grouped = on.index_select(0, order)
-    bounds = [0, *torch.cumsum(sizes, 0).tolist()]
-    counts = [column_counts(grouped[low:high]).cpu() for low, high in zip(bounds, bounds[1:])]
-    return [(ALL, on.shape[0], column_counts(on).cpu())] + [
-        (int(c), int(size), row) for c, size, row in zip(classes.tolist(), sizes.tolist(), counts)]
+        chunk = row_class[start:start + 255]
+        block.zero_().index_add_(0, chunk, on[start:start + 255].view(torch.uint8))
+        counts = block.cpu()
+        yield ALL, len(chunk), counts.sum(dim=0, dtype=torch.uint8)
+        if labels is not None:
+            for index, size in enumerate(torch.bincount(chunk, minlength=len(keys)).tolist()):
+                if size:
+                    yield int(keys[index]), size, counts[index]
 
 
 def class_keys(labels: torch.Tensor | None, size: int) -> list[tuple[object, torch.Tensor]]:
@@ -145,7 +147,7 @@ class ActivationEntropy(Estimator):
 
     def setup(self) -> None:
         self.add_state("samples", {}, "sum")  # tensor -> class -> sample count
-        self.add_state("on_counts", {}, "sum")  # tensor -> class -> (neurons,) int64 on counts
+        self.add_state("on_counts", {}, "sum")  # tensor -> class -> (neurons,) int32 on counts
         self.add_state("patterns", {}, "sum")  # tensor -> class -> packed on/off vector -> count
         self.add_state("low", {}, "min")  # tensor -> minimum value (histogram range pass)
         self.add_state("high", {}, "max")
@@ -180,9 +182,9 @@ class ActivationEntropy(Estimator):
         for key, size, on in on_counts_by_class(strictly_above(matrix, self.params.threshold), labels):
             samples[key] = samples.get(key, 0) + size
             if key in counts:
-                counts[key] += on  # this estimator's own int64 state: exact, in place
+                counts[key] += on  # into this estimator's own int32 state (up to 2^31 samples), in place
             else:
-                counts[key] = on
+                counts[key] = on.to(torch.int32)
 
     def _accumulate(self, name: str, key, rows: torch.Tensor) -> None:
         p = self.params

@@ -34,7 +34,6 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from scipy import stats
 
 from layerscope import Estimator, TensorBatch, hookimpl
 from layerscope.aggregations import AGGREGATION_OPS, Aggregation, find_aggregations
@@ -254,6 +253,8 @@ class AggregationDistribution(Estimator):
     def _channel_records(self, index: int, s: Aggregation, effective_m: float) -> list[dict]:
         """Per channel and class, and pooled over classes (the prediction then is the mixture of the
         class Gammas, weighted by class size)."""
+        from scipy import stats  # imported when used (see layerscope.plugins.aggregation_math)
+
         records = []
         low, high = self._edges((index, "g"))
         classes = self._classes(index)

@@ -13,16 +13,20 @@ available; these are the modelling choices of methods §1, kept as parameters.
 - Output node y = wᵀg + b ~ N(wᵀE[g] + b, Σ_c w_c² Var g_c) (independent channels).
 - KL(N1‖N2) = ln(s2/s1) + (s1² + (μ1 − μ2)²)/(2 s2²) − ½, and between Gammas
   KL = (k1 − k2)ψ(k1) − lnΓ(k1) + lnΓ(k2) + k2(ln θ2 − ln θ1) + k1(θ1 − θ2)/θ2.
+
+scipy is imported inside the functions that use it: ``scipy.stats`` takes over a second to
+import, and every run loads this plugin whether it analyses aggregations or not.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy import optimize, special, stats
 
 
 def rectified_gaussian_moments(mu, s):
     """(E[a], Var a) of a = max(0, z), z ~ N(μ, s²) (elementwise over arrays)."""
+    from scipy import stats
+
     mu, s = np.asarray(mu, dtype=np.float64), np.asarray(s, dtype=np.float64)
     t = mu / s
     cdf, pdf = stats.norm.cdf(t), stats.norm.pdf(t)
@@ -33,6 +37,8 @@ def rectified_gaussian_moments(mu, s):
 
 def _ratio(t: float) -> float:
     """E[a²]/E[a]² of a rectified standard Gaussian shifted by t (decreasing from ∞ to 1)."""
+    from scipy import stats
+
     first = t * stats.norm.cdf(t) + stats.norm.pdf(t)
     second = (t**2 + 1) * stats.norm.cdf(t) + t * stats.norm.pdf(t)
     return second / first**2
@@ -40,6 +46,8 @@ def _ratio(t: float) -> float:
 
 def invert_rectified_moments(mean: float, second: float) -> tuple[float, float]:
     """(μ, s) of the rectified Gaussian with E[a] = *mean* and E[a²] = *second* (moment inversion)."""
+    from scipy import optimize, stats
+
     ratio = second / mean**2
     if ratio <= 1.0 + 1e-12:
         return mean, 1e-12 * mean  # (nearly) constant positive output
@@ -51,6 +59,8 @@ def invert_rectified_moments(mean: float, second: float) -> tuple[float, float]:
 
 def max_moments(mu: float, s: float, positions: float) -> tuple[float, float]:
     """(E, Var) of the max of *positions* iid rectified Gaussians: CDF Φ((x−μ)/s)^M on x ≥ 0."""
+    from scipy import stats
+
     upper = max(mu, 0.0) + 12.0 * s
     x = np.linspace(0.0, upper, 4001)
     survival = 1.0 - stats.norm.cdf((x - mu) / s) ** positions
@@ -88,6 +98,8 @@ def gaussian_kl(mean1, var1, mean2, var2):
 
 def gamma_kl(k1, theta1, k2, theta2):
     """KL(Γ(k1, θ1) ‖ Γ(k2, θ2)) in nats (shape–scale parametrisation)."""
+    from scipy import special
+
     return ((k1 - k2) * special.digamma(k1) - special.gammaln(k1) + special.gammaln(k2)
             + k2 * (np.log(theta2) - np.log(theta1)) + k1 * (theta1 - theta2) / theta2)
 
@@ -95,6 +107,8 @@ def gamma_kl(k1, theta1, k2, theta2):
 def histogram_kl(p_counts, q_counts, smoothing: float = 0.5) -> float:
     """KL(p ‖ q) in nats between two histograms on one binning (scipy.stats.entropy), with
     *smoothing* added to every bin of both (Jeffreys' ½ for counts), so empty bins stay finite."""
+    from scipy import stats
+
     p = np.asarray(p_counts, dtype=np.float64) + smoothing
     q = np.asarray(q_counts, dtype=np.float64) + smoothing
     return float(stats.entropy(p / p.sum(), q / q.sum()))

@@ -135,3 +135,11 @@ def test_the_float32_threshold_is_the_exact_real_comparison(threshold, seed):
     values = torch.from_numpy(np.concatenate([np.array(neighbours, np.float32), random, [np.nan, np.inf, -np.inf]]))
     assert torch.equal(strictly_above(values, threshold), values.double() > threshold)
     assert torch.equal(strictly_above(values.half().float(), threshold), values.half().float().double() > threshold)
+
+
+def test_entropy_lookup_by_count_equals_the_direct_computation():
+    from layerscope.plugins.activation_entropy import binary_entropy_bits, mean_binary_entropy_bits
+
+    counts = torch.from_numpy(np.random.default_rng(3).integers(0, 38, 100_000))
+    direct = binary_entropy_bits(counts.to(torch.float64) / 37)
+    assert mean_binary_entropy_bits(counts, 37) == (float(direct.mean()), float(direct.sum()))

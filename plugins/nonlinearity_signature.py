@@ -39,6 +39,7 @@ class NonlinearitySignatureParams(BaseModel):
     reduce_axis: Literal[1, 2, -1] = Field(-1, description="axis averaged away for 3-D tensors")
     covariance: Literal["empirical", "ledoit_wolf"] = "empirical"
     solver: Literal["emd", "assignment"] = Field("emd", description="exact OT: POT's ot.emd2 or scipy's assignment")
+    side_metrics: bool = Field(True, description="also the reference's linear_cka, r2 and sparsity")
 
 
 def reduce_features(values: torch.Tensor, reduce_axis: int) -> torch.Tensor:
@@ -114,9 +115,10 @@ class NonlinearitySignature(Estimator):
             score, _ = affinity_score(x, y, p.covariance, p.solver)
             keys = {"op_type": pair.kind, "position": position, "samples": len(x), "input_tensor": pair.input}
             records.append(self.record(pair.output, "affinity_score", score, "", **keys))
-            records.append(self.record(pair.output, "linear_cka", linear_cka(x, y), "", **keys))
-            records.append(self.record(pair.output, "r2", linear_r2(x, y), "", **keys))
-            records.append(self.record(pair.output, "sparsity", float(near_zero.mean()), "", **keys))
+            if p.side_metrics:
+                records.append(self.record(pair.output, "linear_cka", linear_cka(x, y), "", **keys))
+                records.append(self.record(pair.output, "r2", linear_r2(x, y), "", **keys))
+                records.append(self.record(pair.output, "sparsity", float(near_zero.mean()), "", **keys))
         return records
 
     def collect_warnings(self) -> list[str]:

@@ -89,6 +89,22 @@ def test_side_metrics():
     assert sparsity_per_sample(values).tolist() == [0.5, 0.25]
 
 
+@pytest.mark.parametrize("case", ["random", "collinear inputs", "constant output", "more features than samples"])
+def test_r2_equals_sklearns_linear_regression_score(case):
+    from sklearn.linear_model import LinearRegression
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((200, 12))
+    if case == "collinear inputs":
+        x[:, 5] = 2 * x[:, 0] - x[:, 3]
+    if case == "more features than samples":
+        x = rng.standard_normal((20, 40))
+    y = np.tanh(x[:, :6] @ rng.standard_normal((6, 5))) + 0.1 * rng.standard_normal((len(x), 5))
+    if case == "constant output":
+        y[:, 2] = 3.0
+    assert linear_r2(x, y) == pytest.approx(float(LinearRegression().fit(x, y).score(x, y)), abs=1e-9)
+
+
 def test_reductions_follow_the_reference():
     values = torch.arange(2 * 3 * 2 * 2, dtype=torch.float64).reshape(2, 3, 2, 2)
     torch.testing.assert_close(reduce_features(values, -1), values.mean(dim=(2, 3)))
@@ -143,6 +159,12 @@ def test_sparsity_is_measured_before_spatial_pooling():
     assert got[("relu", "sparsity")] == pytest.approx(0.5, abs=1e-12)
     pre = np.concatenate([b.tensors["pre"].numpy() for b in batches])[:150]
     assert got[("act", "sparsity")] == pytest.approx(float((np.abs(np.tanh(pre)) <= 1e-3).mean()), abs=1e-12)
+
+
+def test_side_metrics_can_be_left_out():
+    batches, _ = pair_batches()
+    metrics = {r["metric"] for r in feed(build(samples=150, side_metrics=False), batches).finalize()}
+    assert metrics == {"affinity_score"}
 
 
 def test_conformance():

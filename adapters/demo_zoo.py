@@ -10,16 +10,16 @@ graph with their own weights (the exporter names initializers after the paramete
 from __future__ import annotations
 
 import fnmatch
-import os
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError, did_you_mean
 from layerscope.results import atomic_write
+
+from .export_cache import cache_dir, with_weights
 
 EPOCHS = 10
 BATCH_SIZE = 32
@@ -94,10 +94,6 @@ def _gap_cnn():
 DEMOS = {"digits-mlp": _mlp, "digits-cnn": _cnn, "digits-gap": _gap_cnn}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LAYERSCOPE_CACHE", Path.home() / ".cache" / "layerscope"))
-
-
 def epoch_label(epoch: int) -> str:
     return f"epoch_{epoch:02d}"
 
@@ -129,21 +125,6 @@ def train(name: str) -> tuple[object, list[dict], list[float], tuple[int, ...]]:
     return model, states, accuracies, shape
 
 
-def with_weights(proto: onnx.ModelProto, state: dict) -> onnx.ModelProto:
-    """A copy of *proto* whose initializers named after parameters take the values in *state*."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    replaced = set()
-    for index, initializer in enumerate(copy.graph.initializer):
-        if initializer.name in state:
-            copy.graph.initializer[index].CopyFrom(numpy_helper.from_array(state[initializer.name].numpy(), initializer.name))
-            replaced.add(initializer.name)
-    missing = set(state) - replaced
-    if missing:
-        raise RuntimeError(f"exported graph lacks initializers for {sorted(missing)}")
-    return copy
-
-
 def ensure_trained(name: str) -> Path:
     """The cache folder holding ``epoch_XX.onnx`` for every epoch of demo *name*, training it if needed."""
     folder = cache_dir() / "demo" / f"{name}-v{VERSION}"
@@ -159,6 +140,8 @@ def ensure_trained(name: str) -> Path:
     exported = export_to_onnx(model, np.zeros((2, *shape), dtype=np.float32))
     for epoch, (state, accuracy) in enumerate(zip(states, accuracies), start=1):
         proto = with_weights(exported, state)
+        if proto is None:
+            raise RuntimeError(f"the exported demo:{name} does not hold its parameters by name")
         onnx.helper.set_model_props(proto, {"layerscope.demo": name, "layerscope.epoch": str(epoch),
                                             "layerscope.test_accuracy": f"{accuracy:.4f}"})
         atomic_write(folder / f"{epoch_label(epoch)}.onnx", proto.SerializeToString())

@@ -21,6 +21,7 @@ from layerscope.errors import ANSI_ESCAPES, UserError, exception_summary
 from layerscope.files import regular_file
 
 from .checkpoints import file_checkpoints
+from .export_cache import cached_export, file_digest, state_digest, with_weights
 from .quiet import quiet
 
 #: Node metadata that only bloats the graph (source stack traces, FX text).
@@ -36,7 +37,28 @@ def _strip_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def export_to_onnx(model, example: np.ndarray | None = None) -> onnx.ModelProto:
-    """Export an ``nn.Module`` (traced on *example*, batch axis symbolic) or an ``ExportedProgram``."""
+    """Export an ``nn.Module`` (traced on *example*, batch axis symbolic) or an ``ExportedProgram``:
+    :func:`export_unoptimized` then :func:`optimized`, which is what ``torch.onnx.export`` does."""
+    return optimized(export_unoptimized(model, example))
+
+
+def optimized(raw: onnx.ModelProto) -> onnx.ModelProto:
+    """The exporter's own optimisation of an unoptimised export (constant folding — BatchNorm into the
+    convolution before it — and fusions): onnxscript's ``optimize_ir`` and ``onnx_fusions.fuse``,
+    the two steps ``torch.onnx.export(optimize=True)`` runs."""
+    import onnx_ir
+    import onnxscript
+
+    with quiet("onnxscript"):
+        model = onnx_ir.from_proto(raw)
+        onnxscript.optimizer.optimize_ir(model)
+        onnxscript.rewriter.onnx_fusions.fuse(model)
+        return _strip_metadata(onnx_ir.to_proto(model))
+
+
+def export_unoptimized(model, example: np.ndarray | None = None) -> onnx.ModelProto:
+    """The graph ``torch.onnx.export`` traces, before optimisation: its initializers are the model's
+    parameters and buffers under their own names (what :func:`.export_cache.with_weights` swaps)."""
     import torch
 
     args: tuple = ()
@@ -53,7 +75,7 @@ def export_to_onnx(model, example: np.ndarray | None = None) -> onnx.ModelProto:
     try:
         with quiet("torch", "torch.onnx", "torch.export", "onnxscript"):
             program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                        external_data=False, verbose=False)
+                                        external_data=False, verbose=False, optimize=False)
     except Exception as error:
         raise UserError(f"model.source: torch.onnx.export could not export the model: {export_failure(error)}; "
                         "change the model so that torch.export can trace it, or export it to ONNX yourself and "
@@ -147,7 +169,12 @@ class TorchAdapter(Adapter):
             return [Checkpoint(Path(section.weights).stem if section.weights else "model", (section.python, section.weights))]
         return [Checkpoint("model", section.source)]
 
+    def __init__(self):
+        self._graphs: dict[tuple, onnx.ModelProto] = {}  # an exported graph per architecture and input shape
+
     def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
+        """Export the checkpoint once: from the export cache, by swapping its weights into the graph of
+        an earlier checkpoint of the same factory, or by exporting it (see :mod:`.export_cache`)."""
         ref = checkpoint.ref
         if isinstance(ref, tuple):
             model, source = _load_factory(ref[0], ref[1], spec), f"python:{ref[0]}" + (f" + {ref[1]}" if ref[1] else "")
@@ -155,7 +182,68 @@ class TorchAdapter(Adapter):
             model, source = _load_pt2(ref), str(ref)
         else:
             model, source = ref, f"<{type(ref).__name__}>"
-        return LoadedModel(export_to_onnx(model, example), checkpoint.label, source, framework="pytorch")
+        return LoadedModel(cached_export(_export_key(model, ref, example), lambda: self._export(model, ref, example)),
+                           checkpoint.label, source, framework="pytorch")
+
+    def _export(self, model, ref, example) -> onnx.ModelProto:
+        """The optimised graph of *model*: its weights swapped into the unoptimised graph of an earlier
+        checkpoint of the same factory and input shape, optimised and checked against the model with
+        onnxruntime; or, failing that, a new trace."""
+        architecture = (ref[0] if isinstance(ref, tuple) else id(type(model)), tuple(np.shape(example)[1:]))
+        if architecture in self._graphs and not isinstance(ref, Path):
+            swapped = with_weights(self._graphs[architecture], model.state_dict(), unused=True)
+            if swapped is not None:
+                proto = optimized(swapped)
+                if _same_outputs(proto, model, example):
+                    return proto
+        raw = export_unoptimized(model, example)
+        self._graphs.setdefault(architecture, raw)
+        return optimized(raw)
+
+
+def _same_outputs(proto: onnx.ModelProto, model, example) -> bool:
+    """True when *proto* computes what *model* does on *example* (1e-4 relative), checked with
+    onnxruntime: a swapped graph is used only when it reproduces the model."""
+    import onnxruntime as ort
+    import torch
+
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        batch = np.ascontiguousarray(example, dtype=np.float32)
+        got = session.run(None, {session.get_inputs()[0].name: batch})
+        with torch.no_grad():
+            expected = model.eval()(torch.from_numpy(batch))
+        expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+        return len(got) == len(expected) and all(
+            np.allclose(g, e.numpy(), rtol=1e-4, atol=1e-5) for g, e in zip(got, expected))
+    except Exception:
+        return False
+
+
+def _export_key(model, ref, example) -> dict | None:
+    """What an export depends on (None: unknown, do not cache): the source files defining the model,
+    its weights (or the .pt2 file), the example's sample shape, and the versions of torch and
+    layerscope."""
+    import inspect
+
+    import torch
+
+    from layerscope import __version__
+
+    if isinstance(ref, Path):
+        code, weights = file_digest(ref), "in the program"
+    else:
+        try:
+            files = {inspect.getsourcefile(type(model))}
+        except TypeError:  # a class without a source file (defined interactively)
+            return None
+        if isinstance(ref, tuple):
+            files.add(getattr(sys.modules.get(ref[0].partition(":")[0]), "__file__", None))
+        code, weights = sorted(str(file_digest(f)) for f in files), state_digest(model.state_dict())
+    if code is None or "None" in code:
+        return None
+    return {"layerscope": __version__, "torch": torch.__version__, "code": code, "weights": weights,
+            "sample_shape": list(np.shape(example)[1:]) if example is not None else None}
 
 
 @hookimpl

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from .errors import UserError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # as a process killed by SIGPIPE
 
 
 def _cmd_run(args) -> int:
@@ -37,7 +39,23 @@ def _cmd_validate(args) -> int:
 def _cmd_plugins(args) -> int:
     from .plugin_host import load_plugins
 
-    print(json.dumps(load_plugins().describe(), indent=2))
+    host = load_plugins()
+    if args.name is None:
+        described = host.describe()
+    else:
+        from .plugin_info import describe_name
+
+        described = describe_name(host, args.name)
+    if args.json or not (args.table or sys.stdout.isatty()):
+        print(json.dumps(described, indent=2, default=str))
+        return EXIT_OK
+    from .plugin_info import print_contribution, print_plugins_table
+
+    if args.name is None:
+        print_plugins_table(described)
+    else:
+        for contribution in described:
+            print_contribution(contribution)
     return EXIT_OK
 
 
@@ -81,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--no-model", action="store_true", help="skip the checks that need the model")
     validate.set_defaults(handler=_cmd_validate)
 
-    plugins = commands.add_parser("plugins", help="list loaded plugins and their contributions as JSON")
+    plugins = commands.add_parser(
+        "plugins", help="list the loaded plugins (package, version, module, contributions), or describe one "
+                        "estimator, data source, adapter or reporter: parameters, defaults, a spec snippet")
+    plugins.add_argument("name", nargs="?", help="an estimator, data source, adapter, reporter or plugin")
+    output = plugins.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="JSON (the default when output is not a terminal)")
+    output.add_argument("--table", action="store_true", help="readable tables (the default on a terminal)")
     plugins.set_defaults(handler=_cmd_plugins)
 
     inspect = commands.add_parser("inspect", help="list a model's tensors: op type, layer, shape, observability")
@@ -103,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"layerscope: error: {error}", file=sys.stderr)
         return EXIT_USER
+    except BrokenPipeError:  # the reader stopped reading (`layerscope plugins | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("layerscope: interrupted; no results.json was written (a multi-checkpoint run continues from its "
               "finished checkpoints with: layerscope run SPEC --resume)", file=sys.stderr)

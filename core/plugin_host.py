@@ -37,7 +37,8 @@ class PluginHost:
     adapters: Registry = field(default_factory=lambda: Registry("adapter"))
     data_sources: Registry = field(default_factory=lambda: Registry("data source"))
     reporters: Registry = field(default_factory=lambda: Registry("reporter"))
-    versions: dict[str, str] = field(default_factory=dict)
+    #: plugin name -> {"distribution", "version", "module"}: the package that installed it
+    packages: dict[str, dict[str, str | None]] = field(default_factory=dict)
     load_errors: dict[str, str] = field(default_factory=dict)
     extra_plugins: tuple = ()  # plugin objects given from Python rather than installed
 
@@ -50,17 +51,21 @@ class PluginHost:
         return [f"plugin '{name}' was not loaded: {error}" for name, error in sorted(self.load_errors.items())]
 
     def describe(self) -> list[dict[str, Any]]:
-        """One entry per plugin: name, version, hooks implemented and what it contributes."""
+        """One entry per plugin: name, the distribution that installed it (its version and module),
+        hooks implemented and what it contributes; then the plugins that could not be used."""
         described = []
         for name, plugin in sorted(self.pm.list_name_plugin(), key=lambda item: item[0]):
-            entry: dict[str, Any] = {"name": name, "version": self.versions.get(name),
+            package = self.packages.get(name) or {"distribution": None, "version": None,
+                                                  "module": getattr(plugin, "__name__", type(plugin).__name__)}
+            entry: dict[str, Any] = {"name": name, **package,
                                      "hooks": sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])}
             for registry_name in CONTRIBUTION_HOOKS.values():
                 contributed = getattr(self, registry_name).by_plugin(name)
                 if contributed:
                     entry[registry_name] = contributed
             described.append(entry)
-        described += [{"name": name, "error": error} for name, error in sorted(self.load_errors.items())]
+        described += [{"name": name, **self.packages.get(name, {}), "error": error}
+                      for name, error in sorted(self.load_errors.items())]
         return described
 
 
@@ -81,6 +86,9 @@ def load_plugins(extra: tuple[Any, ...] = ()) -> PluginHost:
     for entry_point in _wanted_entry_points():
         if pm.has_plugin(entry_point.name):
             continue
+        host.packages[entry_point.name] = {"distribution": entry_point.dist.name if entry_point.dist else None,
+                                           "version": entry_point.dist.version if entry_point.dist else None,
+                                           "module": entry_point.value}
         try:
             plugin = entry_point.load()
         except Exception as error:  # a broken third-party package must not take the host down
@@ -88,7 +96,6 @@ def load_plugins(extra: tuple[Any, ...] = ()) -> PluginHost:
             print(f"layerscope: warning: plugin '{entry_point.name}' failed to load: {error}", file=sys.stderr)
             continue
         pm.register(plugin, name=entry_point.name)
-        host.versions[entry_point.name] = entry_point.dist.version if entry_point.dist else None
     for plugin in extra:
         pm.register(plugin)
     host.extra_plugins = tuple(extra)

@@ -57,8 +57,8 @@ RECONSTRUCTED = ("Ong, Husain & Bober (arXiv 2107.04458): reconstructed from the
 class AggregationParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fit: Literal["input", "output"] = Field("input", description="fit μ, s from the activation's input or its output")
-    effective_m: Literal["auto", "independent"] | float = "auto"
-    bins: int = Field(60, ge=5, le=10_000)
+    effective_m: Literal["auto", "independent"] | float = Field("auto", description='positions whose average g is: auto (estimated from the data, clipped to [1, M]), independent (M = H·W) or a number')
+    bins: int = Field(60, ge=5, le=10_000, description='histogram bins on the ranges found in a first pass')
     plot_channels: int = Field(4, ge=0, le=1000, description="channels and output nodes whose histograms are recorded")
 
 

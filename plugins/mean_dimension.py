@@ -47,10 +47,10 @@ class MeanDimensionParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pairs: int = Field(1000, ge=2, description="consecutive pairs walked")
     features: str = Field("pixels", description="elements | pixels | channels | patches:k")
-    estimator: Literal["variance", "half_mean_square"] = "variance"
-    basis: Literal["input", "pca"] = "input"
+    estimator: Literal["variance", "half_mean_square"] = Field("variance", description='variance: Var(Δ)/(2 Var f) (the reference code); half_mean_square: ½E[Δ²]/Var f (Jansen)')
+    basis: Literal["input", "pca"] = Field("input", description='input: perturb input features; pca: perturb principal components through an inverse-PCA layer')
     nll: bool = Field(False, description="also the per-sample loss of the model output against the labels")
-    per_node: bool = False
+    per_node: bool = Field(False, description='also record the mean dimension of every output node')
     plan_rows: int = Field(8192, ge=1, description="largest number of rows in one evaluation of the plan")
 
     @field_validator("features")

@@ -199,3 +199,101 @@ def test_demo_zoo_checkpoints_and_layer_names():
     assert [m["label"] for m in results.models] == ["epoch_01", "epoch_10"]
     assert results.models[-1]["test_accuracy"] > 0.9
     assert {r["layer"] for r in results.records} == {"relu1", "relu2", "relu3"}
+
+
+# --- exporting once --------------------------------------------------------------------------------------------
+
+FACTORIES = """\
+import torch
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+
+def with_batchnorm():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(256, 10))
+"""
+
+
+@pytest.fixture
+def counted_exports(monkeypatch, tmp_path):
+    """Counts real torch.onnx.export calls (each still runs); a private export cache."""
+    monkeypatch.setenv("LAYERSCOPE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = torch.onnx.export
+
+    def export(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    return calls
+
+
+def factory_spec(tmp_path, factory: str, checkpoints: int, layout: str = "flat") -> dict:
+    (tmp_path / "nets.py").write_text(FACTORIES)
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        nets = importlib.reload(importlib.import_module("nets"))
+    finally:
+        sys.path.remove(str(tmp_path))
+    for index in range(checkpoints):
+        model = getattr(nets, factory)()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.2 * index * torch.randn_like(parameter))
+        for buffer_name, buffer in model.named_buffers():
+            if buffer_name.endswith("running_mean"):
+                buffer.add_(0.05 * index)
+        torch.save(model.state_dict(), tmp_path / f"epoch_{index + 1}.pt")
+    return {"model": {"python": f"nets:{factory}", "checkpoints": str(tmp_path / "epoch_*.pt")},
+            "data": {"source": "digits", "limit": 60, "layout": layout},
+            "analyses": [{"id": "e", "estimator": "activation_entropy", "params": {"variant": "histogram"}}]}
+
+
+@pytest.mark.parametrize("factory, layout", [("mlp", "flat"), ("with_batchnorm", "image")])
+def test_checkpoints_of_one_factory_are_traced_once(tmp_path, counted_exports, monkeypatch, factory, layout):
+    """Weights swapped into the unoptimised graph and optimised (BatchNorm folded per checkpoint) give the
+    records of exporting every checkpoint on its own."""
+    spec = factory_spec(tmp_path, factory, checkpoints=4, layout=layout)
+    swapped = layerscope.run(spec, write=False, progress=False)
+    assert len(counted_exports) == 1 and len(swapped.models) == 4
+    monkeypatch.setenv("LAYERSCOPE_EXPORT_CACHE", "0")
+    monkeypatch.setattr("layerscope.adapters.torch_export.with_weights", lambda proto, state, unused: None)
+    separately = layerscope.run(spec, write=False, progress=False)  # every checkpoint traced on its own
+    assert len(counted_exports) == 5
+    assert swapped.records == separately.records
+    entropies = {r["model"]: r["value"] for r in swapped.select(metric="entropy", **{"class": "all"})
+                 if r["layer"] == swapped.records[0]["layer"]}
+    assert len(set(entropies.values())) == 4  # four different models, not one graph four times
+
+
+def test_a_second_run_reads_the_export_cache_and_a_code_change_invalidates_it(tmp_path, counted_exports):
+    spec = factory_spec(tmp_path, "mlp", checkpoints=1)
+    first = layerscope.run(spec, write=False, progress=False)
+    second = layerscope.run(spec, write=False, progress=False)
+    assert len(counted_exports) == 1 and second.records == first.records
+    assert len(list((tmp_path / "cache" / "exports").glob("*.onnx"))) == 1
+    (tmp_path / "nets.py").write_text(FACTORIES + "\n# edited\n")
+    layerscope.run(spec, write=False, progress=False)
+    assert len(counted_exports) == 2
+
+
+def test_weights_are_never_swapped_into_a_graph_with_folded_constants():
+    """An optimised export keeps a convolution's name for BatchNorm-folded weights: refused."""
+    from layerscope.adapters.export_cache import with_weights
+    from layerscope.adapters.torch_export import export_to_onnx, export_unoptimized
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    example = np.zeros((2, 1, 8, 8), np.float32)
+    state = model.state_dict()
+    assert with_weights(export_to_onnx(model, example), state) is None
+    assert with_weights(export_unoptimized(model, example), state, unused=True) is not None

@@ -24,6 +24,78 @@ def test_plugins_command_lists_builtins_and_contributions():
     assert listed["activation_entropy"]["estimators"] == ["activation_entropy"]
     assert listed["file_reporters"]["reporters"] == ["csv", "json"]
     assert listed["demo_zoo"]["adapters"] == ["demo"] and listed["digits"]["version"] == layerscope.__version__
+    assert listed["digits"]["distribution"] == "layerscope" and listed["digits"]["module"] == "layerscope.plugins.data.digits"
+    # the example third-party package appears under the distribution the user installed
+    assert {k: listed["linear_cka"][k] for k in ("distribution", "version", "module")} == \
+        {"distribution": "layerscope-cka", "version": "0.1.0", "module": "layerscope_cka"}
+
+
+def plugins_command(*args: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "layerscope", "plugins", *args], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})  # tables unwrapped
+
+
+def test_plugins_table_names_the_packages():
+    done = plugins_command("--table")
+    assert done.returncode == 0 and "layerscope-cka" in done.stdout and "linear_cka" in done.stdout, done.stderr
+
+
+def test_plugins_name_describes_an_estimators_parameters():
+    (entry,) = json.loads(plugins_command("activation_entropy").stdout)
+    assert entry["kind"] == "estimator" and entry["distribution"] == "layerscope"
+    assert entry["default_selector"] == {"activation": "output"} and entry["needs_labels"] is False
+    assert entry["passes"] == 1 and entry["reconstructed"].startswith("Wang et al. 2019")
+    parameters = {p["name"]: p for p in entry["parameters"]}
+    assert parameters["variant"] == {"name": "variant", "type": "binary | histogram | pattern", "default": "binary",
+                                     "description": parameters["variant"]["description"]}
+    assert parameters["range"]["type"] == "tuple[float, float] | None" and parameters["range"]["default"] is None
+    assert all(p.get("description") for p in entry["parameters"])
+    (ip,) = json.loads(plugins_command("information_plane").stdout)
+    assert ip["needs_labels"] is True and ip["passes"] == 2 and ip["reconstructed"] is None
+    table = plugins_command("activation_entropy", "--table").stdout
+    assert "tuple[float, float] | None" in table and "estimator: activation_entropy" in table
+
+
+@pytest.mark.parametrize("name, kind, snippet", [
+    ("npz", "data source", "data:\n  source: npz\n  path: <str>\n"),
+    ("json", "reporter", "outputs:\n  formats: [json, json]\n"),
+    ("onnx", "adapter", "model:\n  source: <a model this adapter claims>\n"),
+])
+def test_plugins_name_describes_data_sources_reporters_and_adapters(name, kind, snippet):
+    (entry,) = json.loads(plugins_command(name).stdout)
+    assert entry["kind"] == kind and entry["spec"] == snippet and entry["summary"]
+
+
+def test_plugins_name_of_a_plugin_lists_its_contributions_and_unknown_names_get_did_you_mean():
+    described = json.loads(plugins_command("file_reporters").stdout)
+    assert [d["name"] for d in described] == ["csv", "json"]
+    done = plugins_command("activation_entrop")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "Did you mean 'activation_entropy'?" in done.stderr
+
+
+def test_every_estimators_spec_snippet_runs():
+    import yaml
+
+    host = load_plugins()
+    from layerscope.plugin_info import describe_contribution
+
+    for name in host.estimators.names():
+        snippet = yaml.safe_load(describe_contribution(host, "estimators", name)["spec"])
+        spec = {"model": {"source": "demo:digits-gap"}, "data": {"source": "digits", "limit": 40, "batch_size": 20},
+                **snippet}
+        if name == "information_plane":
+            spec["analyses"][0]["params"] = {"batch_size": 20, "sigma_grid": 10}
+        results = layerscope.run(spec, write=False, progress=False)
+        assert results.records and not results.failures, name
+
+
+def test_a_closed_pipe_is_not_an_error():
+    done = subprocess.run(f"{sys.executable} -m layerscope plugins --table | head -c 10", shell=True,
+                          capture_output=True, text=True)
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr
 
 
 def test_load_plugins_env_selects_entry_points(monkeypatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zipfile
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope import DataSource, hookimpl
 from layerscope.errors import UserError
@@ -20,9 +20,9 @@ from .npz_arrays import NpyMember
 
 class NpzParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: str
-    x_key: str = "x"
-    y_key: str = "y"
+    path: str = Field(description="the .npz file, relative to the spec")
+    x_key: str = Field("x", description="the array of samples (first axis: sample)")
+    y_key: str = Field("y", description="the array of labels, one per sample (optional)")
 
 
 class NpzSource(DataSource):

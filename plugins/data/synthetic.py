@@ -18,11 +18,12 @@ from layerscope.data import check_allocation
 
 class SyntheticParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    samples: PositiveInt = 1000
-    shape: list[PositiveInt] = Field(default_factory=lambda: [64])
-    classes: int = Field(10, ge=0, description="0 for no labels")
-    mean: float = 0.0
-    std: float = Field(1.0, gt=0)
+    samples: PositiveInt = Field(1000, description="how many samples")
+    shape: list[PositiveInt] = Field(default_factory=lambda: [64], description="the shape of one sample")
+    classes: int = Field(10, ge=0, description="labels: the argmax of a fixed random projection onto this many "
+                                               "classes; 0 for no labels")
+    mean: float = Field(0.0, description="mean of the Gaussian")
+    std: float = Field(1.0, gt=0, description="standard deviation of the Gaussian")
 
 
 class SyntheticSource(DataSource):

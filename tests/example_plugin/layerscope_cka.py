@@ -13,14 +13,15 @@ jointly Gaussian X, Y with correlation ρ it is ρ².
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope import ACTIVATION_OPS, Estimator, TensorBatch, hookimpl
 
 
 class LinearCKAParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    pool: bool = True  # average 4-D (N, C, H, W) tensors over H×W first, as is usual for CKA on conv layers
+    pool: bool = Field(True, description="average 4-D (N, C, H, W) tensors over H×W first, as is usual for CKA "
+                                         "on conv layers")
 
 
 def features(values: torch.Tensor, pool: bool) -> torch.Tensor:

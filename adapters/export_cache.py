@@ -1,0 +1,105 @@
+"""Exporting a model once: a cache of exports on disk, and new weights swapped into an exported graph.
+
+Exporting a PyTorch model to ONNX takes seconds (2.7–6 s for ResNet-sized models). The
+exported graph of a model depends only on its code, its weights and the shape of its input,
+so :func:`cached_export` keeps every export under ``$LAYERSCOPE_CACHE/exports/`` (default
+``~/.cache/layerscope``) keyed by a hash of those: a second run of the same spec reads the
+graph instead of exporting it. The code is identified by the source files that define the
+model (the ``python:`` factory's module and the model's class); a change elsewhere that the
+model depends on is not seen, so ``LAYERSCOPE_EXPORT_CACHE=0`` turns the cache off.
+
+Checkpoints of one architecture share a graph: :func:`with_weights` puts a checkpoint's
+weights into the graph exported for another, by initializer name. That is only right when
+the graph holds every parameter and buffer as an initializer of its own name and shape and
+nothing derived from them — true of an unoptimised export, not of an optimised one
+(BatchNorm folded into a convolution renames nothing but changes the convolution's
+weights): :func:`with_weights` refuses a graph holding large float constants it does not
+know, and the torch adapter swaps into the unoptimised graph and optimises afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from layerscope.results import atomic_write
+
+SMALL_CONSTANT = 16  # elements: initializers up to this size may be the exporter's own constants
+
+
+def cache_dir() -> Path:
+    """layerscope's cache folder (``$LAYERSCOPE_CACHE``, default ``~/.cache/layerscope``)."""
+    return Path(os.environ.get("LAYERSCOPE_CACHE", Path.home() / ".cache" / "layerscope"))
+
+
+def state_digest(state: Mapping[str, object]) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and values."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_digest(path: str | os.PathLike | None) -> str | None:
+    """sha256 of a file's bytes (None when there is no readable file)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    except OSError:
+        return None
+
+
+def cached_export(key: Mapping[str, object] | None, export: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:
+    """The graph ``export()`` gives, read from the cache when *key* (everything the graph depends on)
+    was exported before; *key* None (or ``LAYERSCOPE_EXPORT_CACHE=0``) exports without caching."""
+    if key is None or os.environ.get("LAYERSCOPE_EXPORT_CACHE", "1") == "0":
+        return export()
+    name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    path = cache_dir() / "exports" / f"{name}.onnx"
+    if path.is_file():
+        try:
+            return onnx.load(str(path))
+        except Exception:  # a damaged cache entry is replaced
+            pass
+    proto = export()
+    try:
+        atomic_write(path, proto.SerializeToString())
+    except OSError:  # a read-only or full cache costs the next run an export, nothing else
+        pass
+    return proto
+
+
+def with_weights(proto: onnx.ModelProto, state: Mapping[str, object], unused: bool = False
+                 ) -> onnx.ModelProto | None:
+    """A copy of *proto* whose initializers take the values in *state* (parameters and buffers by name),
+    or None when the graph does not hold *state* one-to-one: a tensor of *state* reshaped or (unless
+    *unused*: an unoptimised export leaves out the buffers the forward never reads) missing, or a
+    float initializer larger than a constant that is not in *state* (what folding leaves). With
+    *unused*, a graph folded under the original names would pass: use it on unoptimised graphs only."""
+    initializers = {i.name: i for i in proto.graph.initializer}
+    for name, value in state.items():
+        found = initializers.get(name)
+        if (found is None and not unused) or (found is not None and tuple(found.dims) != tuple(value.shape)):
+            return None
+    for name, initializer in initializers.items():
+        floating = initializer.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                                              onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+        if floating and name not in state and int(np.prod(initializer.dims)) > SMALL_CONSTANT:
+            return None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for index, initializer in enumerate(copy.graph.initializer):
+        if initializer.name in state:
+            value = state[initializer.name].detach().cpu().numpy()
+            copy.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, initializer.name))
+    return copy

@@ -4,9 +4,10 @@ Exporting a PyTorch model to ONNX takes seconds (2.7–6 s for ResNet-sized mode
 exported graph of a model depends only on its code, its weights and the shape of its input,
 so :func:`cached_export` keeps every export under ``$LAYERSCOPE_CACHE/exports/`` (default
 ``~/.cache/layerscope``) keyed by a hash of those: a second run of the same spec reads the
-graph instead of exporting it. The code is identified by the source files that define the
-model (the ``python:`` factory's module and the model's class); a change elsewhere that the
-model depends on is not seen, so ``LAYERSCOPE_EXPORT_CACHE=0`` turns the cache off.
+graph instead of exporting it. The code is identified by the module tree (its ``repr``) and
+the source files of every module class in it and of the ``python:`` factory; a change to a
+helper function in another file is not seen, so ``LAYERSCOPE_EXPORT_CACHE=0`` turns the
+cache off.
 
 Checkpoints of one architecture share a graph: :func:`with_weights` puts a checkpoint's
 weights into the graph exported for another, by initializer name. That is only right when

@@ -151,6 +151,9 @@ def _is_torch_object(source) -> bool:
 class TorchAdapter(Adapter):
     name = "torch"
 
+    def __init__(self):
+        self._graphs: dict[tuple, onnx.ModelProto] = {}  # an unoptimised graph per architecture and input shape
+
     def claims(self, section) -> bool:
         source = section.source
         if isinstance(source, str):
@@ -168,9 +171,6 @@ class TorchAdapter(Adapter):
         if section.python:
             return [Checkpoint(Path(section.weights).stem if section.weights else "model", (section.python, section.weights))]
         return [Checkpoint("model", section.source)]
-
-    def __init__(self):
-        self._graphs: dict[tuple, onnx.ModelProto] = {}  # an exported graph per architecture and input shape
 
     def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
         """Export the checkpoint once: from the export cache, by swapping its weights into the graph of
@@ -221,9 +221,9 @@ def _same_outputs(proto: onnx.ModelProto, model, example) -> bool:
 
 
 def _export_key(model, ref, example) -> dict | None:
-    """What an export depends on (None: unknown, do not cache): the source files defining the model,
-    its weights (or the .pt2 file), the example's sample shape, and the versions of torch and
-    layerscope."""
+    """What an export depends on (None: unknown, do not cache): the ``.pt2`` file, or the module tree
+    (its ``repr``), the source files of every module class in it and of the ``python:`` factory,
+    and the weights; the example's sample shape; the versions of torch and layerscope."""
     import inspect
 
     import torch
@@ -231,18 +231,19 @@ def _export_key(model, ref, example) -> dict | None:
     from layerscope import __version__
 
     if isinstance(ref, Path):
-        code, weights = file_digest(ref), "in the program"
+        digests, structure = [file_digest(ref)], "torch.export program"
     else:
         try:
-            files = {inspect.getsourcefile(type(model))}
+            files = {inspect.getsourcefile(type(module)) for module in model.modules()}
         except TypeError:  # a class without a source file (defined interactively)
             return None
         if isinstance(ref, tuple):
             files.add(getattr(sys.modules.get(ref[0].partition(":")[0]), "__file__", None))
-        code, weights = sorted(str(file_digest(f)) for f in files), state_digest(model.state_dict())
-    if code is None or "None" in code:
+        digests = [file_digest(f) for f in sorted(files, key=str)]
+        structure = [repr(model), state_digest(model.state_dict())]
+    if any(digest is None for digest in digests):
         return None
-    return {"layerscope": __version__, "torch": torch.__version__, "code": code, "weights": weights,
+    return {"layerscope": __version__, "torch": torch.__version__, "code": digests, "model": structure,
             "sample_shape": list(np.shape(example)[1:]) if example is not None else None}
 
 

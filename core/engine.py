@@ -22,9 +22,8 @@ from .plan import RunPlan
 from .progress import Progress
 from .outputs import output_folder, write_outputs
 from .results import Results, finite_records
-from .threads import run_threads
 from .resume import ResumeStore
-
+from .threads import run_threads
 
 
 def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray, example: np.ndarray,

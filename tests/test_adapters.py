@@ -297,3 +297,17 @@ def test_weights_are_never_swapped_into_a_graph_with_folded_constants():
     state = model.state_dict()
     assert with_weights(export_to_onnx(model, example), state) is None
     assert with_weights(export_unoptimized(model, example), state, unused=True) is not None
+
+
+def test_live_modules_that_differ_only_in_an_activation_do_not_share_an_export(tmp_path, counted_exports):
+    """Same parameters, same container class: the module tree tells ReLU from Tanh."""
+    results = []
+    for activation in (torch.nn.ReLU, torch.nn.Tanh):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 8), activation(), torch.nn.Linear(8, 10))
+        spec = {"model": {"source": model}, "data": {"source": "digits", "limit": 30},
+                "analyses": [{"id": "e", "estimator": "activation_entropy", "on": "all"}]}
+        results.append(layerscope.run(spec, write=False, progress=False))
+    assert len(counted_exports) == 2
+    assert {r["tensor"] for r in results[0].records} != {r["tensor"] for r in results[1].records} or \
+        results[0].records != results[1].records

@@ -35,7 +35,8 @@ def build_estimators(plan: RunPlan, loaded: LoadedModel) -> tuple[list[tuple[str
     inputs = [i.name for i in loaded.proto.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise UserError(f"{plan.where('model', 'source')}: model.source: the model has {len(inputs)} inputs "
-                        f"({', '.join(inputs)}); layerscope currently analyses single-input models (model {loaded.label})")
+                        f"({', '.join(inputs)}); layerscope currently analyses single-input models "
+                        f"(model {loaded.label})")
     tensors = describe_tensors(loaded.proto, loaded.layer_of)
     built = []
     for planned in plan.analyses:

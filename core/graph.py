@@ -57,8 +57,7 @@ class TensorInfo:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "op_type": self.op_type, "layer": self.layer, "module": self.module,
-                "dtype": self.dtype,
-                "shape": list(self.shape) if self.shape is not None else None,
+                "dtype": self.dtype, "shape": list(self.shape) if self.shape is not None else None,
                 "observable": self.observable, "reason": self.reason, "role": self.role, "layout": self.layout}
 
 

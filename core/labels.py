@@ -87,7 +87,8 @@ def _numeric_codes(values: np.ndarray, where: str, sample_ids: Sequence[int] | N
         index = int(np.argmax(bad))
         sample = int(sample_ids[index]) if sample_ids is not None else index
         value = values[index].item()
-        why = "NaN or Inf" if not np.isfinite(value) else "not a whole number (float labels name classes: 0.0, 1.0, …)"
+        why = "NaN or Inf" if not np.isfinite(value) else \
+            "not a whole number (float labels name classes: 0.0, 1.0, …)"
         raise UserError(f"{where}: sample {sample} has label {value!r}, {why}")
     return values.astype(np.int64)
 

@@ -132,7 +132,8 @@ def print_plugins_table(described: list[dict[str, Any]]) -> None:
                                 if entry.get(key))
         if "error" in entry:
             contributes = f"[red]not loaded: {escape(entry['error'])}[/red]"
-        cells = (entry["name"], entry.get("distribution") or "-", entry.get("version") or "-", entry.get("module") or "-")
+        cells = (entry["name"], entry.get("distribution") or "-", entry.get("version") or "-",
+                 entry.get("module") or "-")
         table.add_row(*(escape(str(cell)) for cell in cells),
                       contributes or "hooks: " + ", ".join(entry.get("hooks", [])))
     Console().print(table)
@@ -161,7 +162,8 @@ def print_contribution(described: dict[str, Any]) -> None:
         for column in ("parameter", "type", "default", "description"):
             table.add_column(column)
         for p in described["parameters"]:
-            cells = (p["name"], p["type"], "required" if p.get("required") else repr(p["default"]), p.get("description", ""))
+            cells = (p["name"], p["type"], "required" if p.get("required") else repr(p["default"]),
+                     p.get("description", ""))
             table.add_row(*(escape(str(cell)) for cell in cells))
         console.print(table)
     console.print("spec:")

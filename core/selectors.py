@@ -75,7 +75,8 @@ def matches(selector: SelectorSpec, tensor: "TensorInfo", activation_ends: set[s
 
 
 def _hint(selector: SelectorSpec, tensors: Sequence["TensorInfo"]) -> str:
-    for key, pool in (("name", [t.name for t in tensors]), ("layer", [t.layer for t in tensors] + [t.module for t in tensors]),
+    for key, pool in (("name", [t.name for t in tensors]),
+                      ("layer", [t.layer for t in tensors] + [t.module for t in tensors]),
                       ("op_type", [t.op_type for t in tensors])):
         for wanted in _as_list(getattr(selector, key)):
             if wanted not in pool:

@@ -118,7 +118,9 @@ def class_keys(labels: torch.Tensor | None, size: int) -> list[tuple[object, tor
 
 class ActivationEntropyParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    variant: Literal["binary", "histogram", "pattern"] = Field("binary", description="binary: mean binary entropy of each neuron's on/off state; histogram: entropy of the layer's value histogram; pattern: entropy of whole on/off vectors")
+    variant: Literal["binary", "histogram", "pattern"] = Field(
+        "binary", description="binary: mean binary entropy of each neuron's on/off state; histogram: entropy of "
+                              "the layer's value histogram; pattern: entropy of whole on/off vectors")
     threshold: float = Field(0.0, description="a neuron is on when its value exceeds this")
     neurons: Literal["elements", "channels"] = Field(
         "elements", description="elements: every tensor element is a neuron; channels: axis 1, averaged over the rest")

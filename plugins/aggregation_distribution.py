@@ -57,8 +57,10 @@ RECONSTRUCTED = ("Ong, Husain & Bober (arXiv 2107.04458): reconstructed from the
 class AggregationParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fit: Literal["input", "output"] = Field("input", description="fit μ, s from the activation's input or its output")
-    effective_m: Literal["auto", "independent"] | float = Field("auto", description='positions whose average g is: auto (estimated from the data, clipped to [1, M]), independent (M = H·W) or a number')
-    bins: int = Field(60, ge=5, le=10_000, description='histogram bins on the ranges found in a first pass')
+    effective_m: Literal["auto", "independent"] | float = Field(
+        "auto", description="positions whose average g is: auto (estimated from the data, clipped to [1, M]), "
+                            "independent (M = H·W) or a number")
+    bins: int = Field(60, ge=5, le=10_000, description="histogram bins on the ranges found in a first pass")
     plot_channels: int = Field(4, ge=0, le=1000, description="channels and output nodes whose histograms are recorded")
 
 
@@ -229,7 +231,8 @@ class AggregationDistribution(Estimator):
         if self.params.fit == "input":
             mu, sd = mean, np.sqrt(np.maximum(second - mean**2, (1e-12 * scale) ** 2))
         else:  # a channel that is never positive is fitted as far below zero
-            inverted = [invert_rectified_moments(m, q) if m > 0 else (-10.0 * scale, scale) for m, q in zip(mean, second)]
+            inverted = [invert_rectified_moments(m, q) if m > 0 else (-10.0 * scale, scale)
+                        for m, q in zip(mean, second)]
             mu, sd = np.array([p[0] for p in inverted]), np.array([p[1] for p in inverted])
         mean_a, var_a = rectified_gaussian_moments(mu, sd)
         mean_g, var_g = aggregated_moments(mean_a, var_a, s.positions, effective_m, s.kind, mu, sd)

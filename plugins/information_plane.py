@@ -61,9 +61,11 @@ class InformationPlaneParams(BaseModel):
     sigma: float | Literal["alignment"] = Field("alignment", description="hidden-layer kernel width")
     sigma_x: float | None = Field(None, gt=0, description="input kernel width; default: mean pairwise distance")
     sigma_y: float = Field(0.1, gt=0, description="label kernel width on one-hot labels")
-    softmax_output: bool = Field(True, description='softmax on the model output before its kernel')
-    sigma_grid: int = Field(300, ge=2, le=100_000, description='widths searched by kernel alignment')
-    grid_range: tuple[float, float] = Field((0.03, 10.0), description='the searched widths are f·(mean pairwise distance) for f evenly spaced on this range')
+    softmax_output: bool = Field(True, description="softmax on the model output before its kernel")
+    sigma_grid: int = Field(300, ge=2, le=100_000, description="widths searched by kernel alignment")
+    grid_range: tuple[float, float] = Field(
+        (0.03, 10.0), description="the searched widths are f·(mean pairwise distance) for f evenly spaced on this "
+                                  "range")
     smoothing: float = Field(0.0, ge=0, lt=1, description="weight of the previous checkpoint's sigma "
                                                           "(0: every checkpoint uses its own; the paper: 0.9 per "
                                                           "training iteration)")

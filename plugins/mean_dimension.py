@@ -47,10 +47,14 @@ class MeanDimensionParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pairs: int = Field(1000, ge=2, description="consecutive pairs walked")
     features: str = Field("pixels", description="elements | pixels | channels | patches:k")
-    estimator: Literal["variance", "half_mean_square"] = Field("variance", description='variance: Var(Δ)/(2 Var f) (the reference code); half_mean_square: ½E[Δ²]/Var f (Jansen)')
-    basis: Literal["input", "pca"] = Field("input", description='input: perturb input features; pca: perturb principal components through an inverse-PCA layer')
+    estimator: Literal["variance", "half_mean_square"] = Field(
+        "variance", description="variance: Var(Δ)/(2 Var f) (the reference code); half_mean_square: ½E[Δ²]/Var f "
+                                "(Jansen)")
+    basis: Literal["input", "pca"] = Field(
+        "input", description="input: perturb input features; pca: perturb principal components through an "
+                             "inverse-PCA layer")
     nll: bool = Field(False, description="also the per-sample loss of the model output against the labels")
-    per_node: bool = Field(False, description='also record the mean dimension of every output node')
+    per_node: bool = Field(False, description="also record the mean dimension of every output node")
     plan_rows: int = Field(8192, ge=1, description="largest number of rows in one evaluation of the plan")
 
     @field_validator("features")
@@ -174,10 +178,10 @@ class MeanDimension(Estimator):
             raise UserError("mean_dimension with nll: true needs labels in the data")
         pair_of_row = self._pair_of_rows(batch)
         targets = torch.as_tensor(labels, dtype=torch.int64)[pair_of_row].to(logits.device)
-        if bool(((targets < 0) | (targets >= logits.shape[1])).any()):
+        outside = (targets < 0) | (targets >= logits.shape[1])
+        if bool(outside.any()):
             raise UserError(f"mean_dimension with nll: true reads the labels as indices of the model's "
-                            f"{logits.shape[1]} outputs, but a label's class index is "
-                            f"{int(targets[(targets < 0) | (targets >= logits.shape[1])][0])}")
+                            f"{logits.shape[1]} outputs, but a label's class index is {int(targets[outside][0])}")
         return -torch.log_softmax(logits, dim=1).gather(1, targets[:, None])
 
     def _pair_of_rows(self, batch: TensorBatch) -> torch.Tensor:
@@ -206,9 +210,10 @@ class MeanDimension(Estimator):
             offset = max(first, pairs) - pairs  # position of the first perturbed row among them
             if offset % groups == 0 and len(perturbed) % groups == 0:  # whole pairs: (pairs, groups, nodes)
                 pair = offset // groups
+                # in float64: squares of tiny or huge activations stay finite and non-zero
                 delta = (perturbed.view(-1, groups, f.shape[1])
-                         - base[pair:pair + len(perturbed) // groups, None, :]).double()  # squares of tiny or huge
-                self._add("delta_sums", key, delta.sum(0))                                  # values stay finite
+                         - base[pair:pair + len(perturbed) // groups, None, :]).double()
+                self._add("delta_sums", key, delta.sum(0))
                 self._add("delta_squares", key, (delta * delta).sum(0))
             else:  # a part that cuts through pairs
                 index = torch.arange(offset, offset + len(perturbed), device=f.device)

@@ -37,7 +37,9 @@ class NonlinearitySignatureParams(BaseModel):
     samples: int = Field(2048, ge=3, le=50_000, description="samples per activation (the first ones of the stream; "
                                                              "exact OT holds a samples² cost matrix)")
     reduce_axis: Literal[1, 2, -1] = Field(-1, description="axis averaged away for 3-D tensors")
-    covariance: Literal["empirical", "ledoit_wolf"] = Field("empirical", description="empirical (+1e-6·I at unit input scale) or ledoit_wolf (sklearn's shrinkage, the reference's corrected variant)")
+    covariance: Literal["empirical", "ledoit_wolf"] = Field(
+        "empirical", description="empirical (+1e-6·I at unit input scale) or ledoit_wolf (sklearn's shrinkage, the "
+                                 "reference's corrected variant)")
     solver: Literal["emd", "assignment"] = Field("emd", description="exact OT: POT's ot.emd2 or scipy's assignment")
     side_metrics: bool = Field(True, description="also the reference's linear_cka, r2 and sparsity")
 

@@ -36,8 +36,10 @@ def load_digits_split(split: str = "all") -> tuple[np.ndarray, np.ndarray]:
 
 class DigitsParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    split: Literal["all", "train", "test"] = Field("all", description='all samples, or the fixed stratified 75/25 train or test split (the demo models train on train)')
-    layout: Literal["flat", "image"] = Field("flat", description='flat 64-vectors or 1×8×8 images')
+    split: Literal["all", "train", "test"] = Field(
+        "all", description="all samples, or the fixed stratified 75/25 train or test split (the demo models "
+                           "train on train)")
+    layout: Literal["flat", "image"] = Field("flat", description="flat 64-vectors or 1×8×8 images")
 
 
 class DigitsSource(DataSource):

@@ -1,10 +1,10 @@
-"""The analyses of one model checkpoint: estimators fed pass by pass, then records.
+"""Feeding a checkpoint's estimators: the shard tasks of the engines (:mod:`layerscope.lifecycle`).
 
-:class:`CheckpointAnalyses` is what outlives a pass: the estimators, the failures, the
-fetch statistics. :class:`CheckpointRun` adds the loaded checkpoint, which feeds a pass of
-the data (or of a data shard) to the estimators. The local engine runs both in one
-process; sharded engines (worker processes, Ray) feed shards in workers and keep the
-merged :class:`CheckpointAnalyses` in the driver.
+:class:`ShardWorker` runs a :class:`~layerscope.lifecycle.ShardTask` of a run: it loads the
+checkpoint (keeping the last one loaded, so the passes of a checkpoint load it once),
+builds the analyses' estimators on the tensors their selectors pick (or takes the merged
+ones the task carries) and feeds them one pass over the task's data shard: the plain data
+stream through the runner, or an estimator's own input plan.
 """
 
 from __future__ import annotations
@@ -16,20 +16,19 @@ import torch
 
 from .data import iter_batches
 from .errors import UserError
-from .estimator import DataBatch, Estimator, TensorBatch
+from .estimator import DataBatch, TensorBatch
 from .graph import describe_tensors
+from .lifecycle import Estimators, Isolation, ShardOutcome, ShardTask, analyses_in_pass
 from .model import Checkpoint, LoadedModel
 from .plan import RunPlan
 from .progress import Progress
-from .results import records_in_range
 from .runner import Runner, to_torch
 from .selectors import resolve
 
 Span = tuple[int, int]
-Outcome = tuple[list[dict], list[str], dict, list[dict]]  # a checkpoint's records, warnings, model details, failures
 
 
-def build_estimators(plan: RunPlan, loaded: LoadedModel) -> tuple[list[tuple[str, Estimator]], list]:
+def build_estimators(plan: RunPlan, loaded: LoadedModel) -> tuple[Estimators, list]:
     """Instantiate every analysis on the tensors its selector picks in *loaded* (a single-input model)."""
     initializers = {t.name for t in loaded.proto.graph.initializer}
     inputs = [i.name for i in loaded.proto.graph.input if i.name not in initializers]
@@ -55,34 +54,6 @@ def build_estimators(plan: RunPlan, loaded: LoadedModel) -> tuple[list[tuple[str
     return built, tensors
 
 
-class Isolation:
-    """Runs estimator code so that one failing plugin does not take the run down.
-
-    A :class:`UserError` still ends the run; any other exception marks that analysis as
-    failed (recorded with the plugin that contributed the estimator) and it is skipped from
-    then on, while the other analyses complete.
-    """
-
-    def __init__(self, plan: RunPlan, model: str):
-        self.plan, self.model = plan, model
-        self.failures: dict[str, dict] = {}
-        self.warnings: list[str] = []  # about the model's tensors (e.g. NaN activations)
-
-    def call(self, analysis_id: str, estimator: Estimator, phase: str, function, *args):
-        if analysis_id in self.failures:
-            return None
-        try:
-            return function(*args)
-        except UserError:
-            raise
-        except Exception as error:  # a bug in the estimator's plugin
-            plugin = self.plan.host.estimators.origin.get(estimator.name, "?")
-            self.failures[analysis_id] = {
-                "analysis": analysis_id, "estimator": estimator.name, "plugin": plugin, "model": self.model,
-                "phase": phase, "error": f"{type(error).__name__}: {error}"}
-            return None
-
-
 def all_finite(values: torch.Tensor) -> bool:
     """True when no element is NaN or ±Inf. A sum is NaN or Inf whenever an element is, and costs one
     pass without a temporary; only a sum that is not finite (or overflowed) is checked element-wise."""
@@ -91,7 +62,7 @@ def all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
 
 
-def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, loaded: LoadedModel,
+def _feed_pass(plan: RunPlan, active: Estimators, tensors, loaded: LoadedModel,
                order: np.ndarray, span: Span, progress: Progress, isolation: Isolation) -> tuple[str, dict]:
     """One pass over the batches of *span* for *active* estimators; returns (provider that ran, fetch statistics)."""
     spec = plan.spec
@@ -129,7 +100,7 @@ def _feed_pass(plan: RunPlan, active: list[tuple[str, Estimator]], tensors, load
     return runner.provider, {"groups": len(runner.groups or []), "peak_fetched_bytes": runner.peak_fetched_bytes}
 
 
-def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, loaded: LoadedModel, tensors,
+def _feed_plan(plan: RunPlan, analysis_id: str, estimator, loaded: LoadedModel, tensors,
                order: np.ndarray, span: Span, progress: Progress, isolation: Isolation) -> tuple[str, dict]:
     """The input-plan pass of one estimator over the batches of *span*, evaluated by the runner."""
     spec = plan.spec
@@ -166,92 +137,48 @@ def describe_model(loaded: LoadedModel) -> dict:
             **loaded.details}
 
 
-class CheckpointAnalyses:
-    """The estimators of one checkpoint and what their passes recorded (failures, warnings,
-    provider, fetch statistics): the state kept between passes, ended in checkpoint order."""
-
-    def __init__(self, plan: RunPlan, label: str, estimators: list[tuple[str, Estimator]]):
-        self.plan, self.label, self.estimators = plan, label, estimators
-        self.passes = max(est.passes for _, est in estimators)
-        self.isolation = Isolation(plan, label)
-        self.provider, self.groups = "", []
-        self.model_info: dict = {}
-
-    def carry_over(self, previous: dict[str, Estimator]) -> None:
-        for analysis_id, estimator in self.estimators:
-            if analysis_id in previous:
-                estimator.carry_over(previous[analysis_id])
-
-    def active(self, pass_index: int) -> tuple[list, list]:
-        """(estimators fed by the data pass, estimators evaluating their input plan) in pass *pass_index*."""
-        planned = [(aid, est) for aid, est in self.estimators if est.reads_plan and est.passes == pass_index + 1
-                   and aid not in self.isolation.failures]
-        active = [(aid, est) for aid, est in self.estimators
-                  if est.passes > pass_index and (aid, est) not in planned and aid not in self.isolation.failures]
-        return active, planned
-
-    def end_pass(self, pass_index: int) -> None:
-        active, planned = self.active(pass_index)
-        for analysis_id, estimator in active + planned:
-            self.isolation.call(analysis_id, estimator, "end_pass", estimator.end_pass)
-
-    def _named_class(self, record: dict) -> dict:
-        """A record's ``class`` as the data names it (estimators see class codes; see layerscope.labels)."""
-        return {"class": self.plan.classes.decode(record["class"])} if "class" in record and self.plan.classes else {}
-
-    def finish(self) -> Outcome:
-        """(records, warnings, model details, failures) of this checkpoint."""
-        isolation, estimators = self.isolation, self.estimators
-        records, warnings = [], []
-        by_id = {p.section.id: p for p in self.plan.analyses}
-        for analysis_id, estimator in estimators:
-            finished = isolation.call(analysis_id, estimator, "finalize", estimator.finalize) or []
-            finished = records_in_range(finished, estimator.value_range, warnings, f"{analysis_id} ({self.label})")
-            records += [{"analysis": analysis_id, "estimator": by_id[analysis_id].section.estimator,
-                         "model": self.label, **record, **self._named_class(record)} for record in finished]
-            if analysis_id not in isolation.failures:
-                warnings += [f"{analysis_id} ({self.label}): {w}" for w in estimator.collect_warnings()]
-        warnings += list(dict.fromkeys(isolation.warnings))
-        for failure in isolation.failures.values():
-            warnings.append(f"{failure['analysis']} ({self.label}): estimator '{failure['estimator']}' of plugin "
-                            f"'{failure['plugin']}' failed in {failure['phase']}: {failure['error']}; "
-                            "its results are missing, the other analyses completed")
-        analysed = {name: info for _, est in estimators for name, info in est.tensors.items()}
-        model_info = {
-            **self.model_info, "provider": self.provider,
-            "fetch_groups": [g["groups"] for g in self.groups], "passes": self.passes,
-            "peak_fetched_bytes": max((g["peak_fetched_bytes"] for g in self.groups), default=0),
-            "tensors": [{k: v for k, v in info.to_dict().items() if k in ("name", "layer", "op_type", "shape", "layout")}
-                        | {"analyses": [aid for aid, est in estimators if name in est.tensors]}
-                        for name, info in sorted(analysed.items(), key=lambda item: item[1].order)]}
-        return records, warnings, model_info, list(isolation.failures.values())
 
 
-class CheckpointRun(CheckpointAnalyses):
-    """A loaded checkpoint with its analyses (fresh, or *estimators* handed over from a
-    previous pass), able to feed a pass of the data to them."""
+class ShardWorker:
+    """Runs the shard tasks of one run: *checkpoints* in training order, the data cut into *spans*
+    of the sample *order*; *example* is what adapters trace a model with."""
 
-    def __init__(self, plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray, example: np.ndarray,
-                 estimators: list[tuple[str, Estimator]] | None = None):
-        self.loaded = plan.adapter.load(checkpoint, plan.spec, example)
-        built, self.tensors = build_estimators(plan, self.loaded)
-        super().__init__(plan, self.loaded.label, estimators if estimators is not None else built)
-        self.order = order
+    def __init__(self, plan: RunPlan, checkpoints: list[Checkpoint], spans: list[Span], order: np.ndarray,
+                 example: np.ndarray, progress: Progress | None = None):
+        self.plan, self.checkpoints, self.spans, self.order, self.example = plan, checkpoints, spans, order, example
+        #: Advanced batch by batch (the in-process engine's live bar); off in workers, whose tasks the
+        #: driver counts as they return.
+        self.progress = progress or Progress(0, enabled=False)
+        self._loaded: tuple[int, LoadedModel, list] | None = None  # the last checkpoint loaded, its tensors
 
-    def run_pass(self, pass_index: int, progress: Progress, span: Span | None = None) -> None:
-        """Feed pass *pass_index* of the data (or of the input plans) to the estimators that need it,
-        over the batches of *span* (a data shard) or of the whole stream."""
-        span = span or (0, len(self.order))
-        active, planned = self.active(pass_index)
-        if active:
-            self.provider, fetch = _feed_pass(self.plan, active, self.tensors, self.loaded, self.order, span,
-                                              progress, self.isolation)
-            self.groups.append(fetch)
-        for analysis_id, estimator in planned:
-            self.provider, fetch = _feed_plan(self.plan, analysis_id, estimator, self.loaded, self.tensors,
-                                              self.order, span, progress, self.isolation)
-            self.groups.append(fetch)
+    def load(self, index: int) -> tuple[LoadedModel, list]:
+        """Checkpoint *index* loaded, with its tensors (the previous task's when it was the same)."""
+        if self._loaded is None or self._loaded[0] != index:
+            self._loaded = None  # the previous model is released before the next one loads
+            loaded = self.plan.adapter.load(self.checkpoints[index], self.plan.spec, self.example)
+            self._loaded = (index, loaded, describe_tensors(loaded.proto, loaded.layer_of))
+        return self._loaded[1], self._loaded[2]
 
-    def finish(self) -> Outcome:
-        self.model_info = describe_model(self.loaded)
-        return super().finish()
+    def run(self, task: ShardTask) -> ShardOutcome:
+        """Feed pass ``task.pass_index`` of shard ``task.shard`` to the task's estimators (fresh ones
+        when it carries none); a user error comes back as the outcome's ``error``."""
+        label = self.checkpoints[task.checkpoint].label
+        try:
+            loaded, tensors = self.load(task.checkpoint)
+            estimators = task.estimators if task.estimators is not None else build_estimators(self.plan, loaded)[0]
+            isolation = Isolation(loaded.label, self.plan.host.origin_of)
+            isolation.failures.update(task.failures)
+            span = self.spans[task.shard]
+            fed, planned = analyses_in_pass(estimators, task.pass_index, isolation.failures)
+            provider, fetches, progress = "", [], self.progress
+            if fed:
+                provider, fetch = _feed_pass(self.plan, fed, tensors, loaded, self.order, span, progress, isolation)
+                fetches.append(fetch)
+            for analysis_id, estimator in planned:
+                provider, fetch = _feed_plan(self.plan, analysis_id, estimator, loaded, tensors, self.order, span,
+                                             progress, isolation)
+                fetches.append(fetch)
+        except UserError as error:
+            return ShardOutcome(label, error=str(error))
+        return ShardOutcome(label, estimators, isolation.failures, isolation.warnings, provider, fetches,
+                            describe_model(loaded) if task.describe else None, samples=span[1] - span[0])

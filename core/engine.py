@@ -2,22 +2,25 @@
 
 Data flow (design §2): plan → adapter loads each checkpoint as ONNX → selectors pick
 tensors → the runner fetches them in budget-sized groups → estimators update → records.
-Checkpoints run in this process, or as shard tasks in worker processes or on Ray
-(:mod:`layerscope.sharding`).
+The passes of every checkpoint run as shard tasks (:mod:`layerscope.lifecycle`) in this process,
+in worker processes or on Ray.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint_run import CheckpointRun, Outcome
-from .estimator import Estimator
+from .checkpoint_run import ShardWorker
+from .lifecycle import Executor, Isolation, SequentialExecutor, drive
 from .model import Checkpoint
+from .outcomes import CheckpointOutcome, finish_checkpoint
 from .plan import RunPlan
 from .progress import Progress
 from .outputs import output_folder, write_outputs
@@ -26,56 +29,61 @@ from .resume import ResumeStore
 from .threads import run_threads
 
 
-def analyse_checkpoint(plan: RunPlan, checkpoint: Checkpoint, order: np.ndarray, example: np.ndarray,
-                       progress: Progress, previous: dict[str, Estimator]) -> Outcome:
-    """Records and warnings of every analysis for one model checkpoint, in this process.
-
-    *previous* maps analysis ids to the estimators of the previous checkpoint; it is
-    updated with this checkpoint's estimators.
-    """
-    run = CheckpointRun(plan, checkpoint, order, example)
-    run.carry_over(previous)
-    previous.update(run.estimators)
-    for pass_index in range(run.passes):
-        run.run_pass(pass_index, progress)
-        run.end_pass(pass_index)
-    return run.finish()
-
-
-def _analyse_in_process(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarray, example: np.ndarray,
-                        progress: Progress, store: ResumeStore | None) -> list[Outcome]:
-    """Every checkpoint in this process, in training order, each saved to *store* once finished."""
-    outcomes, previous = [], {}
-    for index, checkpoint in enumerate(checkpoints):
-        saved = store.load(index, checkpoint.label, plan) if store else None
-        if saved is not None:
-            outcome, previous = saved
-            progress.advance(len(order) * plan.passes, f"{checkpoint.label} (resumed)")
-        else:
-            outcome = analyse_checkpoint(plan, checkpoint, order, example, progress, previous)
-            if store:
-                store.save(index, checkpoint.label, outcome, previous)
-        outcomes.append(outcome)
-    return outcomes
-
-
-def _analyse(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarray, example: np.ndarray,
-             progress: Progress, store: ResumeStore | None, warnings: list[str]) -> list[Outcome]:
-    """Every checkpoint's outcome from the engine the spec asks for (``runtime.engine``, ``runtime.workers``)."""
+@contextmanager
+def open_executor(plan: RunPlan, checkpoints: list[Checkpoint], example: np.ndarray, progress: Progress,
+                  warnings: list[str]) -> Iterator[Executor]:
+    """The executor the spec asks for (``runtime.engine``, ``runtime.workers``): this process,
+    worker processes on this machine (:mod:`layerscope.process_pool`) or Ray actors
+    (:mod:`layerscope.ray_engine`)."""
     runtime = plan.spec.runtime
     if runtime.parallel and plan.host.extra_plugins:
         warnings.append(f"runtime.{'engine: ray' if runtime.engine == 'ray' else 'workers'} is ignored when plugin "
                         "objects are passed from Python (workers load installed plugins only); the run stayed in "
                         "this process")
     elif runtime.engine == "ray":
-        from .ray_engine import analyse_on_ray
+        from .ray_engine import ray_actors
 
-        return analyse_on_ray(plan, checkpoints, order, example, progress, warnings)
+        with ray_actors(plan, checkpoints, example, warnings) as executor:
+            yield executor
+        return
     elif runtime.workers > 1:
-        from .sharding import analyse_in_processes
+        from .process_pool import process_pool
 
-        return analyse_in_processes(plan, checkpoints, order, example, runtime.workers, progress)
-    return _analyse_in_process(plan, checkpoints, order, example, progress, store)
+        with process_pool(plan, checkpoints, example, runtime.workers) as executor:
+            yield executor
+        return
+    worker = ShardWorker(plan, checkpoints, [(0, len(plan.order))], plan.order, example, progress)
+    yield SequentialExecutor(worker.run)
+
+
+def analyse(plan: RunPlan, checkpoints: list[Checkpoint], example: np.ndarray, progress: Progress,
+            store: ResumeStore | None, warnings: list[str]) -> list[CheckpointOutcome]:
+    """Every checkpoint's outcome, its tasks run by the spec's executor (:func:`layerscope.lifecycle.drive`);
+    each finished checkpoint is saved to *store*, and checkpoints saved by an interrupted run are reused."""
+    outcomes: dict[int, CheckpointOutcome] = {}
+    samples = len(plan.order)
+
+    def restored(index: int):
+        saved = store.load(index, checkpoints[index].label, plan) if store else None
+        if saved is None:
+            return None
+        outcomes[index], estimators = saved
+        progress.advance(samples * plan.passes, f"{checkpoints[index].label} (resumed)")
+        return estimators
+
+    def finished(index: int, state) -> None:
+        outcomes[index] = finish_checkpoint(plan, state)
+        if store:
+            store.save(index, state.label, outcomes[index], dict(state.estimators))
+
+    with open_executor(plan, checkpoints, example, progress, warnings) as executor:
+        def advanced(outcome) -> None:  # tasks in this process advance the bar batch by batch
+            if executor.parallel:
+                progress.advance(outcome.samples, outcome.label)
+
+        drive(len(checkpoints), plan.passes, executor, lambda label: Isolation(label, plan.host.origin_of),
+              restored=restored, finished=finished, advanced=advanced)
+    return [outcomes[index] for index in range(len(checkpoints))]
 
 
 def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, resume: bool = False) -> Results:
@@ -102,16 +110,13 @@ def _execute(plan: RunPlan, out_dir: Path | None, show_progress: bool, resume: b
     plan.host.hook.before_run(spec=spec, models=[c.label for c in checkpoints])
     warnings: list[str] = []
     store = ResumeStore(out_dir, spec_to_dict(spec), resume) if out_dir is not None and len(checkpoints) > 1 else None
-    if resume and spec.runtime.parallel:
-        warnings.append("--resume continues runs made in one process; this parallel run analysed every checkpoint")
     with Progress(len(order) * plan.passes * len(checkpoints), enabled=show_progress) as progress:
-        outcomes = _analyse(plan, checkpoints, order, example, progress, store, warnings)
+        outcomes = analyse(plan, checkpoints, example, progress, store, warnings)
     warnings += store.warnings if store else []
-    records, failures, models = [], [], []
-    for model_records, model_warnings, model_info, model_failures in outcomes:
-        records, failures, warnings = records + model_records, failures + model_failures, warnings + model_warnings
-        models.append(model_info)
-    records = finite_records(records, warnings)
+    warnings += [w for outcome in outcomes for w in outcome.warnings]
+    records = finite_records([r for outcome in outcomes for r in outcome.records], warnings)
+    failures = [f for outcome in outcomes for f in outcome.failures]
+    models = [outcome.model for outcome in outcomes]
     import onnxruntime
 
     results = Results(

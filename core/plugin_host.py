@@ -46,6 +46,10 @@ class PluginHost:
     def hook(self):
         return self.pm.hook
 
+    def origin_of(self, estimator) -> str:
+        """The plugin that contributed *estimator*'s class ("?" when it is not registered)."""
+        return self.estimators.origin.get(estimator.name, "?")
+
     def load_warnings(self) -> list[str]:
         """One line per plugin that could not be used, naming it (for results.json)."""
         return [f"plugin '{name}' was not loaded: {error}" for name, error in sorted(self.load_errors.items())]

@@ -1,7 +1,7 @@
-"""``runtime.engine: ray``: the shard tasks of :mod:`layerscope.sharding` run by Ray actors.
+"""``runtime.engine: ray``: the shard tasks of a run (:mod:`layerscope.lifecycle`) run by Ray actors.
 
-Each actor holds a :class:`~layerscope.sharding.ShardWorker` and claims ``threads`` CPUs of
-the cluster (and its share of the cluster's GPUs unless ``device: cpu``); Ray's
+Each actor holds a :class:`~layerscope.checkpoint_run.ShardWorker` and claims ``threads`` CPUs
+of the cluster (and its share of the cluster's GPUs unless ``device: cpu``); Ray's
 ``ActorPool`` hands the (checkpoint × shard) tasks of a pass to idle actors, and the
 driver merges what they return. ``runtime.address`` joins an existing
 cluster (its nodes need layerscope and the plugins installed, and the spec's model and
@@ -15,19 +15,20 @@ import logging
 import math
 import os
 import socket
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 
 from .errors import UserError
+from .lifecycle import ShardOutcome, ShardTask
 from .model import Checkpoint
 from .plan import RunPlan
-from .progress import Progress
-from .checkpoint_run import Outcome
-from .sharding import ShardOutcome, ShardTask, analyse_sharded, auto_shards, start_worker, worker_arguments
+from .process_pool import run_spans, start_worker, worker_arguments
 
 
 class _ShardActor:
-    """A Ray actor holding a :class:`~layerscope.sharding.ShardWorker` rebuilt from the spec document."""
+    """A Ray actor holding a :class:`~layerscope.checkpoint_run.ShardWorker` rebuilt from the spec document."""
 
     def __init__(self, *arguments):
         self.worker = start_worker(*arguments)
@@ -88,11 +89,26 @@ def _gpu_share(plan: RunPlan, gpus: float, workers: int) -> float:
     return math.floor(share) if share >= 1 else math.floor(share * 1000) / 1000
 
 
-def analyse_on_ray(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarray, example: np.ndarray,
-                   progress: Progress, warnings: list[str]) -> list[Outcome]:
-    """The outcome of every checkpoint, its shard tasks run by Ray actors (see module docstring)."""
+class RayExecutor:
+    """Runs tasks on Ray actors, each task on the next idle actor."""
+
+    parallel = True
+
+    def __init__(self, actors: list, shards: int):
+        from ray.util import ActorPool
+
+        self.pool, self.shards = ActorPool(actors), shards
+
+    def run(self, tasks: list[ShardTask]) -> list[ShardOutcome]:
+        return list(self.pool.map(lambda actor, task: actor.run.remote(task), tasks))
+
+
+@contextmanager
+def ray_actors(plan: RunPlan, checkpoints: list[Checkpoint], example: np.ndarray,
+               warnings: list[str]) -> Iterator[RayExecutor]:
+    """An executor of ``runtime.workers`` actors (the cluster's CPUs when omitted), on a cluster
+    joined or started for the run (see module docstring)."""
     import ray
-    from ray.util import ActorPool
 
     started = _connect(plan)
     actors = []
@@ -107,15 +123,10 @@ def analyse_on_ray(plan: RunPlan, checkpoints: list[Checkpoint], order: np.ndarr
             workers = cpus
         threads = max(1, cpus // workers)
         actor_class = ray.remote(num_cpus=threads, num_gpus=_gpu_share(plan, resources.get("GPU", 0), workers))(_ShardActor)
-        arguments = worker_arguments(plan, order, example, threads)
+        spans = run_spans(plan, workers, len(checkpoints))
+        arguments = worker_arguments(plan, checkpoints, spans, plan.order, example, threads)
         actors = [actor_class.remote(*arguments) for _ in range(workers)]
-        pool = ActorPool(actors)
-
-        def run_tasks(tasks):
-            return pool.map(lambda actor, task: actor.run.remote(task), tasks)
-
-        shards = auto_shards(runtime.shards, workers, len(checkpoints))
-        return analyse_sharded(plan, checkpoints, order, shards, run_tasks, progress)
+        yield RayExecutor(actors, len(spans))
     finally:
         for actor in actors:
             ray.kill(actor)

@@ -30,8 +30,9 @@ from . import __version__
 from .files import regular_file
 from .results import atomic_write
 
+from .outcomes import CheckpointOutcome
+
 if TYPE_CHECKING:
-    from .checkpoint_run import Outcome
     from .estimator import Estimator
     from .plan import RunPlan
 
@@ -51,7 +52,7 @@ class ResumeStore:
     def _path(self, index: int) -> Path:
         return self.folder / f"checkpoint-{index:04d}.pt"
 
-    def load(self, index: int, label: str, plan: "RunPlan") -> tuple["Outcome", dict[str, "Estimator"]] | None:
+    def load(self, index: int, label: str, plan: "RunPlan") -> tuple[CheckpointOutcome, dict[str, "Estimator"]] | None:
         """The saved outcome and estimators of checkpoint *index*, or None (recompute it) when there is
         none or the file is unusable (then a warning says why)."""
         path = self._path(index)
@@ -66,7 +67,7 @@ class ResumeStore:
                 self.warnings.append(f"{path} was saved by another spec, checkpoint or layerscope version; "
                                      f"checkpoint {label} was recomputed")
                 return None
-            outcome = tuple(saved["outcome"])
+            outcome = CheckpointOutcome(**saved["outcome"])
             return outcome, {p.section.id: _restored(p, saved["estimators"][p.section.id])
                              for p in plan.analyses if p.section.id in saved["estimators"]}
         except Exception as error:  # the file is untrusted: whatever is wrong with it, recompute
@@ -75,11 +76,11 @@ class ResumeStore:
                                  f"checkpoint {label} was recomputed")
             return None
 
-    def save(self, index: int, label: str, outcome: "Outcome", estimators: dict[str, "Estimator"]) -> None:
+    def save(self, index: int, label: str, outcome: CheckpointOutcome, estimators: dict[str, "Estimator"]) -> None:
         """Write checkpoint *index*; skipped with a warning when an estimator's state holds something
         other than plain data and tensors (it could not be read back safely)."""
         buffer = io.BytesIO()
-        torch.save({"key": self.key, "label": label, "outcome": list(outcome),
+        torch.save({"key": self.key, "label": label, "outcome": outcome.to_dict(),
                     "estimators": {aid: est.state_dict() for aid, est in estimators.items()}}, buffer)
         try:
             torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)

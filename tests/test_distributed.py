@@ -3,9 +3,7 @@ single-process records; the driver's merge order does not matter."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import pickle
 import subprocess
 import sys
 
@@ -13,8 +11,7 @@ import numpy as np
 import pytest
 
 import layerscope
-from layerscope.data import iter_batches, shard_spans
-from layerscope.errors import SpecError, UserError
+from layerscope.errors import UserError
 from layerscope.testing import assert_records_close
 
 ray = pytest.importorskip("ray", reason="the ray extra is part of the test install")
@@ -46,35 +43,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_shard_spans_cover_the_stream_in_whole_batches():
-    for samples, batch, shards in itertools.product([1, 99, 100, 101, 1000, 1347], [1, 7, 100], [1, 2, 3, 8]):
-        spans = shard_spans(samples, batch, shards)
-        assert spans[0][0] == 0 and spans[-1][1] == samples
-        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-        assert all(first % batch == 0 for first, _ in spans)
-        sizes = [-(-(stop - first) // batch) for first, stop in spans]
-        assert len(spans) == min(shards, -(-samples // batch)) and max(sizes) - min(sizes) <= 1
-
-
-def test_a_shard_reads_the_look_ahead_past_its_end():
-    from layerscope.plugins.data.synthetic import SyntheticSource
-
-    source = SyntheticSource(SyntheticSource.Params(samples=10, shape=[2], classes=2), base_dir=None)
-    order = np.arange(10)
-    (first, *_), whole = shard_spans(10, 3, 2), list(iter_batches(source, order, 3, lookahead=2))
-    shard = list(iter_batches(source, order, 3, lookahead=2, span=(0, 6)))
-    assert [start for start, _, _ in shard] == [0, 3] and first == (0, 6)
-    assert np.array_equal(shard[1][1], whole[1][1]) and len(shard[1][1]) == 5  # 3 samples + 2 of the next shard
-
-
-def test_worker_processes_with_data_shards_give_the_single_process_records(single_process):
-    spec = {**EVERY_ESTIMATOR, "runtime": {"workers": 2, "shards": 3}}
-    parallel = layerscope.run(spec, write=False, progress=False, resume=True)
-    assert [m["label"] for m in parallel.models] == ["epoch_02", "epoch_10"]
-    assert any(w.startswith("--resume continues runs made in one process") for w in parallel.warnings)
-    assert_records_close(parallel.records, single_process.records, rtol=0, atol=1e-9)
-
-
 def test_ray_gives_the_local_records_for_every_builtin_estimator(single_process, ray_cluster):
     on_ray = layerscope.run({**EVERY_ESTIMATOR, "runtime": {"engine": "ray", "shards": 2}}, write=False,
                             progress=False)
@@ -84,29 +52,6 @@ def test_ray_gives_the_local_records_for_every_builtin_estimator(single_process,
                                                         "aggregation_distribution"}
     assert_records_close(on_ray.records, single_process.records, rtol=0, atol=1e-9)
     assert [m["sha256"] for m in on_ray.models] == [m["sha256"] for m in single_process.models]
-
-
-def test_the_order_in_which_the_driver_merges_shards_does_not_change_records(single_process):
-    """Shards of both checkpoints run in this process; the driver merges them in every order."""
-    from layerscope.api import prepare
-    from layerscope.data import sample_order
-    from layerscope.progress import Progress
-    from layerscope.sharding import ShardWorker, analyse_sharded
-
-    plan = prepare(EVERY_ESTIMATOR)
-    spec = plan.spec
-    order = sample_order(len(plan.data), spec.data.limit, spec.data.shuffle, spec.runtime.seed)
-    worker = ShardWorker(plan, order, plan.data.read(order[:2])[0])
-    checkpoints = plan.adapter.checkpoints(spec.model, spec)
-    for permutation in [(0, 1, 2), (2, 0, 1), (1, 2, 0)]:
-        def run_tasks(tasks, permutation=permutation):
-            # each task travels as a copy, as to a worker process; three shards per checkpoint, in job order
-            outcomes = [worker.run(pickle.loads(pickle.dumps(task))) for task in tasks]
-            return [outcomes[3 * (i // 3) + permutation[i % 3]] for i in range(len(outcomes))]
-
-        outcomes = analyse_sharded(plan, checkpoints, order, 3, run_tasks, Progress(0, enabled=False))
-        records = [r for outcome in outcomes for r in outcome[0]]
-        assert_records_close(records, single_process.records, rtol=0, atol=1e-9)
 
 
 def test_a_user_error_in_a_ray_worker_ends_the_run_with_its_message(tmp_path, ray_cluster):
@@ -126,20 +71,6 @@ def test_cuda_on_a_ray_cluster_without_gpus_is_a_user_error(ray_cluster):
             "runtime": {"engine": "ray", "device": "cuda"}}
     with pytest.raises(UserError, match="runtime.device: cuda was requested but the Ray cluster has no GPUs"):
         layerscope.run(spec, write=False, progress=False)
-
-
-def test_runtime_errors_name_the_key(monkeypatch):
-    base = {"model": {"source": "demo:digits-mlp"}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
-    with pytest.raises(SpecError, match="runtime: address is only used with engine: ray"):
-        layerscope.validate({**base, "runtime": {"address": "auto"}}, with_model=False)
-    with pytest.raises(SpecError, match="runtime.shards"):
-        layerscope.validate({**base, "runtime": {"shards": 0}}, with_model=False)
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
-    with pytest.raises(SpecError, match=r'runtime.engine: the ray engine needs Ray: pip install "layerscope\[ray\]"'):
-        layerscope.validate({**base, "runtime": {"engine": "ray"}}, with_model=False)
 
 
 def test_cli_run_on_a_local_ray_cluster_and_a_cluster_that_is_not_there(tmp_path):

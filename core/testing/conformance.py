@@ -1,22 +1,29 @@
-"""The conformance suite every estimator must pass.
+"""The conformance suite every estimator must pass, run by the engine's own driver.
+
+Estimators are fed prepared batches through :func:`layerscope.lifecycle.drive`, the driver
+every engine uses, so the kit checks what a run really does: every pass of every shard,
+shards merged in shard order, ``end_pass`` on the merged state, ``carry_over`` from the
+previous checkpoint, tasks shipped to workers as pickles.
 
 - streaming equals one shot: feeding batches one by one gives the records of feeding the
   whole data at once (for ``per_batch`` estimators, whose method is defined per batch, and
   for input-plan estimators, whose batches are plan batches, shard-wise instead);
 - merge order does not matter: shards merged in any order or tree shape agree;
+- the schedule does not matter: two checkpoints analysed one after the other in one
+  process, or side by side in shards by workers, give the same records (``carry_over``
+  sees the previous checkpoint after its first pass at least);
 - the state survives a pickle round-trip;
 - ``finalize`` is pure and idempotent.
 
-Multi-pass estimators are run as the engine runs them on shards: after every pass but
-the last, the shards are merged, ``end_pass`` runs on the merged estimator, and every
-shard continues from a copy of it. So ``end_pass`` must turn the pass's statistics into
-what the next pass needs and reset sums that would otherwise be counted once per shard
-(min/max state may simply stay).
+Multi-pass estimators see the same batches in every pass. After every pass the driver
+merges the shards and calls ``end_pass`` once on the merged estimator, and every shard of
+the next pass continues from a copy of it. So ``end_pass`` must turn the pass's statistics
+into what the next pass needs and reset sums that would otherwise be counted once per
+shard (min/max state may simply stay).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import pickle
 from collections.abc import Callable, Sequence
@@ -24,44 +31,62 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..estimator import Estimator, TensorBatch
+from ..lifecycle import Isolation, SequentialExecutor, ShardOutcome, ShardTask, copied, drive
 
 Factory = Callable[[], Estimator]
+ANALYSIS = "estimator"  # the analysis id the kit gives the estimator under test
+
+
+class _BatchFeeder:
+    """Runs a task of the kit: feeds the task's shard of prepared batches to its estimator (a fresh
+    one from *make* in the first pass)."""
+
+    def __init__(self, make: Factory, shards: Sequence[Sequence[TensorBatch]]):
+        self.make, self.shards = make, shards
+
+    def run(self, task: ShardTask) -> ShardOutcome:
+        estimators = task.estimators if task.estimators is not None else [(ANALYSIS, self.make())]
+        for _, estimator in estimators:
+            for batch in self.shards[task.shard]:
+                estimator.update(batch)
+        return ShardOutcome(f"checkpoint {task.checkpoint}", estimators)
+
+
+class _WorkerExecutor:
+    """Runs the kit's tasks side by side as worker processes would: each on a pickled copy."""
+
+    parallel = True
+
+    def __init__(self, feeder: _BatchFeeder):
+        self.feeder, self.shards = feeder, len(feeder.shards)
+
+    def run(self, tasks: list[ShardTask]) -> list[ShardOutcome]:
+        return [pickle.loads(pickle.dumps(self.feeder.run(pickle.loads(pickle.dumps(copied(task))))))
+                for task in tasks]
+
+
+def _drive(make: Factory, shards: Sequence[Sequence[TensorBatch]], checkpoints: int = 1,
+           in_workers: bool = False) -> list[Estimator]:
+    """The estimator of every checkpoint after the driver ran all its passes over *shards*."""
+    feeder = _BatchFeeder(make, shards)
+    executor = _WorkerExecutor(feeder) if in_workers else SequentialExecutor(feeder.run, len(shards))
+    states = drive(checkpoints, make().passes, executor, lambda label: Isolation(label, strict=True))
+    return [dict(states[index].estimators)[ANALYSIS] for index in range(checkpoints)]
 
 
 def feed(estimator: Estimator, batches: Sequence[TensorBatch]) -> Estimator:
-    """Run every pass of *estimator* over *batches*."""
-    for _ in range(estimator.passes):
-        for batch in batches:
-            estimator.update(batch)
-        estimator.end_pass()
-    return estimator
-
-
-def _merge_all(estimators: Sequence[Estimator]) -> Estimator:
-    merged = copy.deepcopy(estimators[0])
-    for other in estimators[1:]:
-        merged.merge(other)
-    return merged
+    """Run every pass of *estimator* over *batches* (as a run in one process does) and return it."""
+    (fed,) = _drive(lambda: estimator, [batches])
+    return fed
 
 
 def run_sharded(make: Factory, shards: Sequence[Sequence[TensorBatch]],
                 order: Sequence[int] | None = None) -> Estimator:
-    """Feed each shard to its own estimator, pass by pass, and merge them in *order*."""
-    estimators = [make() for _ in shards]
-    passes = estimators[0].passes
-    for pass_index in range(passes):
-        for estimator, shard in zip(estimators, shards):
-            for batch in shard:
-                estimator.update(batch)
-        if pass_index < passes - 1:
-            merged = _merge_all(estimators)
-            merged.end_pass()
-            estimators = [copy.deepcopy(merged) for _ in shards]
-        else:
-            for estimator in estimators:
-                estimator.end_pass()
+    """Feed each shard to its own estimator, pass by pass, and merge them in *order* (shard order
+    by default), as the driver does with the tasks of a sharded run."""
     order = list(order) if order is not None else list(range(len(shards)))
-    return _merge_all([estimators[i] for i in order])
+    (merged,) = _drive(make, [shards[index] for index in order], in_workers=True)
+    return merged
 
 
 def _record_key(record: dict) -> tuple:
@@ -103,6 +128,17 @@ def check_merge_order(make: Factory, batches: Sequence[TensorBatch], **tolerance
                          feed(make(), batches).finalize(), **tolerance)
 
 
+def check_schedule_independence(make: Factory, batches: Sequence[TensorBatch], **tolerance) -> None:
+    """Two checkpoints: one after the other in one process, or side by side in three shards run as
+    workers run them; the second checkpoint's records (which ``carry_over`` may shape) agree."""
+    one_by_one = _drive(make, [batches], checkpoints=2)[1].finalize()
+    shards = [batches[i::3] for i in range(3)]
+    if make().per_batch or make().reads_plan:  # batches are the method's units: keep them whole and in order
+        shards = [batches[:1], batches[1:2], batches[2:]]
+    side_by_side = _drive(make, [s for s in shards if s], checkpoints=2, in_workers=True)[1].finalize()
+    assert_records_close(side_by_side, one_by_one, **tolerance)
+
+
 def check_pickle_roundtrip(make: Factory, batches: Sequence[TensorBatch], **tolerance) -> None:
     estimator = feed(make(), batches)
     restored = pickle.loads(pickle.dumps(estimator))
@@ -121,5 +157,6 @@ def check_finalize_idempotent(make: Factory, batches: Sequence[TensorBatch], **t
 def check_conformance(make: Factory, batches: Sequence[TensorBatch], rtol: float = 1e-9, atol: float = 1e-9) -> None:
     """Run every conformance check on estimators built by *make* over *batches* (≥ 3 batches)."""
     assert len(batches) >= 3, "conformance needs at least three batches"
-    for check in (check_streaming_equals_one_shot, check_merge_order, check_pickle_roundtrip, check_finalize_idempotent):
+    for check in (check_streaming_equals_one_shot, check_merge_order, check_schedule_independence,
+                  check_pickle_roundtrip, check_finalize_idempotent):
         check(make, batches, rtol=rtol, atol=atol)

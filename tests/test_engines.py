@@ -1,0 +1,263 @@
+"""The lifecycle driver (pass scheduling, failure isolation, resume) tested directly, and the
+local engines (this process, worker processes) without Ray: shards and schedules give the
+single-process records."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import layerscope
+from layerscope import Estimator, TensorBatch
+from layerscope.data import iter_batches, shard_spans
+from layerscope.errors import SpecError, UserError
+from layerscope.lifecycle import Isolation, SequentialExecutor, ShardOutcome, ShardTask, copied, drive
+from layerscope.testing import assert_records_close
+
+# Every built-in estimator on two epochs of the demo GAP CNN (it has activations, a
+# global-average-pooling layer and an output), in one spec.
+EVERY_ESTIMATOR = {
+    "model": {"source": "demo:digits-gap", "checkpoints": ["epoch_02", "epoch_10"]},
+    "data": {"source": "digits", "split": "train", "limit": 500, "batch_size": 100},
+    "analyses": [
+        {"id": "binary", "estimator": "activation_entropy"},
+        {"id": "hist", "estimator": "activation_entropy", "params": {"variant": "histogram", "bins": 12}},
+        {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 30, "smoothing": 0.9}},
+        {"id": "nls", "estimator": "nonlinearity_signature"},
+        {"id": "md", "estimator": "mean_dimension", "params": {"pairs": 60, "features": "channels"}},
+        {"id": "agg", "estimator": "aggregation_distribution", "params": {"bins": 20}}]}
+
+
+# --- the driver, on a journal estimator ----------------------------------------------------------
+JOURNAL: list[tuple] = []  # (event, checkpoint, …) in the order the driver caused them
+
+
+class Journal(Estimator):
+    """Two passes; sums its shard's values, writes every lifecycle call into JOURNAL."""
+
+    name = "journal"
+    passes = 2
+    fail_in: str | None = None  # a phase that raises, for the isolation tests
+
+    def setup(self) -> None:
+        self.add_state("total", 0.0, "sum")
+        self.add_state("first_pass_total", 0.0, "max")
+        self.add_state("checkpoint", -1, "max")
+        self.carried = None
+
+    def _log(self, event: str, *details) -> None:
+        JOURNAL.append((event, self.checkpoint, self.pass_index, *details))
+        if event == self.fail_in:
+            raise RuntimeError(f"{event} broke")
+
+    def update(self, batch: TensorBatch) -> None:
+        self.total += float(batch.inputs.sum())
+        self._log("update", batch.start)
+
+    def merge(self, other: "Journal") -> "Journal":
+        self._log("merge")
+        return super().merge(other)
+
+    def carry_over(self, previous: "Journal") -> None:
+        self.carried = previous.first_pass_total
+        self._log("carry_over", previous.checkpoint, previous.pass_index)
+
+    def end_pass(self) -> None:
+        self._log("end_pass")
+        if self.pass_index == 0:
+            self.first_pass_total, self.total = self.total, 0.0
+        super().end_pass()
+
+    def finalize(self) -> list[dict]:
+        return [{"layer": "x", "tensor": "x", "metric": "total", "value": self.total}]
+
+
+class Feeder:
+    """Runs a driver task on batches of ones: checkpoint c's shard s holds `batches` batches starting at s·10."""
+
+    def __init__(self, shards: int, analyses=("a",)):
+        self.shards, self.analyses = shards, analyses
+
+    def run(self, task: ShardTask) -> ShardOutcome:
+        estimators = task.estimators
+        if estimators is None:
+            estimators = [(aid, Journal()) for aid in self.analyses]
+            for _, estimator in estimators:
+                estimator.checkpoint = task.checkpoint
+        isolation = Isolation(f"c{task.checkpoint}")
+        isolation.failures.update(task.failures)
+        for start in (10 * task.shard, 10 * task.shard + 5):
+            batch = TensorBatch({}, torch.full((5, 1), float(task.checkpoint + 1)), start=start)
+            for aid, estimator in estimators:
+                if estimator.passes > task.pass_index:
+                    isolation.call(aid, estimator, "update", estimator.update, batch)
+        return ShardOutcome(f"c{task.checkpoint}", estimators, isolation.failures, samples=10)
+
+
+class InProcessParallel(SequentialExecutor):
+    """Tasks side by side (every checkpoint in flight), each on its own copy as a worker would get."""
+
+    parallel = True
+
+    def run(self, tasks):
+        return [self.run_task(copied(task)) for task in tasks]
+
+
+def events(kind: str, checkpoint: int | None = None) -> list[tuple]:
+    return [e for e in JOURNAL if e[0] == kind and (checkpoint is None or e[1] == checkpoint)]
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_the_driver_runs_every_pass_of_every_shard_then_merges_then_ends_the_pass(parallel):
+    JOURNAL.clear()
+    feeder = Feeder(shards=3)
+    executor = InProcessParallel(feeder.run, 3) if parallel else SequentialExecutor(feeder.run, 3)
+    finished = []
+    states = drive(2, 2, executor, Isolation, finished=lambda index, state: finished.append(index))
+    assert finished == [0, 1] and sorted(states) == [0, 1]
+    for checkpoint in (0, 1):
+        # each pass: 3 shards × 2 batches, then shards 1 and 2 merged into shard 0, then one end_pass
+        for pass_index in (0, 1):
+            updates = [e for e in events("update", checkpoint) if e[2] == pass_index]
+            assert sorted(e[3] for e in updates) == [0, 5, 10, 15, 20, 25]
+            end = JOURNAL.index(("end_pass", checkpoint, pass_index))
+            assert all(JOURNAL.index(e) < end for e in updates)
+        assert len(events("merge", checkpoint)) == 4 and len(events("end_pass", checkpoint)) == 2
+        # sums are not counted once per shard: 30 samples of value c + 1, in each pass
+        assert dict(states[checkpoint].estimators)["a"].total == 30 * (checkpoint + 1)
+        assert dict(states[checkpoint].estimators)["a"].first_pass_total == 30 * (checkpoint + 1)
+    # carry_over: once, to checkpoint 1, before its first end_pass, from a predecessor past its first pass
+    (carry,) = events("carry_over")
+    assert carry[1] == 1 and carry[3] == 0 and carry[4] >= 1
+    assert JOURNAL.index(carry) < JOURNAL.index(("end_pass", 1, 0))
+    assert dict(states[1].estimators)["a"].carried == 30
+    first_update_of_1 = JOURNAL.index(events("update", 1)[0])
+    if parallel:  # both checkpoints in flight: checkpoint 1 starts before checkpoint 0's second pass
+        assert first_update_of_1 < JOURNAL.index(("end_pass", 0, 1))
+    else:  # one by one: a checkpoint's model is needed for one stretch only
+        assert first_update_of_1 > JOURNAL.index(("end_pass", 0, 1))
+
+
+def test_a_failing_estimator_is_isolated_from_then_on_and_the_others_complete():
+    JOURNAL.clear()
+    feeder = Feeder(shards=2, analyses=("good", "bad"))
+    original = feeder.run
+
+    def run(task):
+        outcome = original(task)
+        if task.estimators is None:
+            dict(outcome.estimators)["bad"].fail_in = "end_pass"  # fails once the first pass is merged
+        return outcome
+
+    states = drive(1, 2, SequentialExecutor(run, 2), lambda label: Isolation(label, lambda est: "journal-plugin"))
+    state = states[0]
+    assert list(state.isolation.failures) == ["bad"]
+    failure = state.isolation.failures["bad"]
+    assert failure["phase"] == "end_pass" and failure["plugin"] == "journal-plugin" and "end_pass broke" in failure["error"]
+    good, bad = dict(state.estimators)["good"], dict(state.estimators)["bad"]
+    assert good.total == 20 and good.pass_index == 2
+    assert bad.pass_index == 0  # it broke in its first end_pass
+    assert len([e for e in events("update") if e[2] == 1]) == 4  # the second pass fed only 'good' (2 shards × 2)
+
+
+def test_user_errors_end_the_run_and_strict_isolation_lets_bugs_through():
+    def broken(task):
+        return ShardOutcome("c0", error="data.path: sample 3 contains NaN")
+
+    with pytest.raises(UserError, match="sample 3 contains NaN"):
+        drive(1, 1, SequentialExecutor(broken), Isolation)
+    journal = Journal()
+    journal.fail_in = "end_pass"
+    with pytest.raises(RuntimeError, match="end_pass broke"):
+        drive(1, 2, SequentialExecutor(lambda task: ShardOutcome("c0", [("a", journal)])),
+              lambda label: Isolation(label, strict=True))
+
+
+def test_restored_checkpoints_are_skipped_and_handed_to_their_successor():
+    JOURNAL.clear()
+    saved = Journal()
+    saved.first_pass_total, saved.checkpoint, saved.pass_index = 123.0, 0, 2
+    feeder = Feeder(shards=1)
+    finished = []
+    states = drive(2, 2, SequentialExecutor(feeder.run), Isolation,
+                   restored=lambda index: {"a": saved} if index == 0 else None,
+                   finished=lambda index, state: finished.append(index))
+    assert sorted(states) == [1] and finished == [1] and not events("update", 0)
+    assert dict(states[1].estimators)["a"].carried == 123.0
+
+
+# --- the local engines on a real model --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def single_process():
+    return layerscope.run(EVERY_ESTIMATOR, write=False, progress=False)
+
+
+def test_worker_processes_with_data_shards_give_the_single_process_records(single_process, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # the local engine needs no Ray: importing it would fail
+    parallel = layerscope.run({**EVERY_ESTIMATOR, "runtime": {"workers": 2, "shards": 3}}, write=False,
+                              progress=False)
+    assert [m["label"] for m in parallel.models] == ["epoch_02", "epoch_10"]
+    assert_records_close(parallel.records, single_process.records, rtol=0, atol=1e-9)
+
+
+def test_the_order_in_which_the_driver_merges_shards_does_not_change_records(single_process):
+    """Shards of both checkpoints run in this process, as copies; the driver merges them in every order."""
+    from layerscope.api import prepare
+    from layerscope.checkpoint_run import ShardWorker
+    from layerscope.outcomes import finish_checkpoint
+
+    plan = prepare(EVERY_ESTIMATOR)
+    checkpoints = plan.adapter.checkpoints(plan.spec.model, plan.spec)
+    spans = shard_spans(len(plan.order), plan.spec.data.batch_size, 3)
+    worker = ShardWorker(plan, checkpoints, spans, plan.order, plan.example())
+    for permutation in [(0, 1, 2), (2, 0, 1), (1, 2, 0)]:
+        class Permuted:
+            parallel, shards = True, 3
+
+            def run(self, tasks, permutation=permutation):
+                outcomes = [worker.run(pickle.loads(pickle.dumps(task))) for task in tasks]
+                return [outcomes[3 * (i // 3) + permutation[i % 3]] for i in range(len(outcomes))]
+
+        states = drive(len(checkpoints), plan.passes, Permuted(), lambda label: Isolation(label, plan.host.origin_of))
+        records = [r for index in sorted(states) for r in finish_checkpoint(plan, states[index]).records]
+        assert_records_close(records, single_process.records, rtol=0, atol=1e-9)
+
+
+def test_shard_spans_cover_the_stream_in_whole_batches():
+    for samples, batch, shards in itertools.product([1, 99, 100, 101, 1000, 1347], [1, 7, 100], [1, 2, 3, 8]):
+        spans = shard_spans(samples, batch, shards)
+        assert spans[0][0] == 0 and spans[-1][1] == samples
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(first % batch == 0 for first, _ in spans)
+        sizes = [-(-(stop - first) // batch) for first, stop in spans]
+        assert len(spans) == min(shards, -(-samples // batch)) and max(sizes) - min(sizes) <= 1
+
+
+def test_a_shard_reads_the_look_ahead_past_its_end():
+    from layerscope.plugins.data.synthetic import SyntheticSource
+
+    source = SyntheticSource(SyntheticSource.Params(samples=10, shape=[2], classes=2), base_dir=None)
+    order = np.arange(10)
+    (first, *_), whole = shard_spans(10, 3, 2), list(iter_batches(source, order, 3, lookahead=2))
+    shard = list(iter_batches(source, order, 3, lookahead=2, span=(0, 6)))
+    assert [start for start, _, _ in shard] == [0, 3] and first == (0, 6)
+    assert np.array_equal(shard[1][1], whole[1][1]) and len(shard[1][1]) == 5  # 3 samples + 2 of the next shard
+
+
+def test_runtime_errors_name_the_key(monkeypatch):
+    base = {"model": {"source": "demo:digits-mlp"}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
+    with pytest.raises(SpecError, match="runtime: address is only used with engine: ray"):
+        layerscope.validate({**base, "runtime": {"address": "auto"}}, with_model=False)
+    with pytest.raises(SpecError, match="runtime.shards"):
+        layerscope.validate({**base, "runtime": {"shards": 0}}, with_model=False)
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    with pytest.raises(SpecError, match=r'runtime.engine: the ray engine needs Ray: pip install "layerscope\[ray\]"'):
+        layerscope.validate({**base, "runtime": {"engine": "ray"}}, with_model=False)

@@ -11,20 +11,12 @@ from .results import Results
 
 def prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...] = ()):
     """Load, validate and resolve a spec against the plugins; every error at once as one ``SpecError``."""
-    from .errors import SpecError
     from .plan import build_plan
     from .plugin_host import load_plugins
-    from .spec import parse_spec, read_document
+    from .spec import read_document
 
     doc, base_dir = read_document(spec)
-    host = load_plugins(plugins)
-    try:
-        return build_plan(parse_spec(doc, base_dir), doc, host)
-    except SpecError as error:
-        if any(m.startswith(f"{doc.filename}:1:1: the spec must be") for m in error.messages):
-            raise
-        structural = error.messages
-    return build_plan(None, doc, host, structural)
+    return build_plan(doc, base_dir, load_plugins(plugins))
 
 
 def run(spec: str | os.PathLike | dict, out: str | os.PathLike | None = None, *, write: bool = True,

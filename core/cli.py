@@ -69,11 +69,11 @@ def _cmd_inspect(args) -> int:
 def _cmd_report(args) -> int:
     from .outputs import output_folder, write_outputs
     from .plugin_host import load_plugins
-    from .results import Results
+    from .results import RESULTS_FORMAT, Results
 
     results = Results.load(args.run_dir)
     host = load_plugins()
-    formats = dict.fromkeys(["json", *results.spec.get("outputs", {}).get("formats", [])])
+    formats = dict.fromkeys(f for f in results.spec.get("outputs", {}).get("formats", []) if f != RESULTS_FORMAT)
     with output_folder(Path(args.run_dir)) as out_dir:
         write_outputs(results, [host.reporters.get(f)(host) for f in formats], out_dir)
     print(f"reports rebuilt in {args.run_dir}: {', '.join(['results.json', *results.artifacts])}")

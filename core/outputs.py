@@ -5,9 +5,10 @@
   run, so a second run writing the same folder is refused at once instead of silently
   overwriting the first one's files; the lock goes with the process, so a killed run never
   leaves the folder locked.
-- :func:`write_outputs` has every reporter write into a staging folder inside ``outputs.dir``
-  and moves the files into place only when all of them were written, ``results.json`` last:
-  a full disk or a failing reporter leaves the previous run's files as they were.
+- :func:`write_outputs` has every reporter write into a staging folder inside ``outputs.dir``,
+  then writes ``results.json`` itself (whatever ``outputs.formats`` lists), and moves the files
+  into place only when all of them were written, ``results.json`` last: a full disk or a
+  failing reporter leaves the previous run's files as they were.
 
 Failures of the file system (a read-only folder, a full disk, a file where the folder
 should be) are user errors naming the folder and the cause.
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
-from .results import RESULTS_FILE, Results
+from .results import RESULTS_FILE, Results, atomic_write
 
 LOCK_FILE = ".layerscope.lock"
 STAGING_PREFIX = ".layerscope-staging-"
@@ -56,8 +57,8 @@ def output_folder(out_dir: Path) -> Iterator[Path]:
 
 
 def write_outputs(results: Results, reporters, out_dir: Path) -> None:
-    """Run every reporter into a staging folder, then move their files into *out_dir*
-    (``results.json`` last, so it lists every artifact and appears only with them)."""
+    """Run every reporter into a staging folder, write ``results.json`` there, then move the files
+    into *out_dir* (``results.json`` last, so it lists every artifact and appears only with them)."""
     results.artifacts = []
     try:
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
@@ -65,9 +66,10 @@ def write_outputs(results: Results, reporters, out_dir: Path) -> None:
         raise _cannot_write(out_dir, error) from None
     try:
         results.out_dir = staging
-        for reporter in sorted(reporters, key=lambda r: r.name == "json"):
+        for reporter in reporters:
             artifacts = reporter.write(results, staging)
             results.artifacts += [a for a in artifacts if a != RESULTS_FILE]
+        atomic_write(staging / RESULTS_FILE, results.to_json())
         _move_into_place(staging, out_dir)
     except OSError as error:
         raise _cannot_write(out_dir, error) from None

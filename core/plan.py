@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,10 +21,9 @@ from .estimator import Estimator
 from .labels import ClassLabels
 from .model import Adapter, find_adapter
 from .plugin_host import PluginHost
-from .spec import AnalysisSection, DataSection, Spec, format_validation_errors
+from .results import RESULTS_FORMAT
+from .spec import AnalysisSection, DataSection, OutputsSection, Spec, check_structure, format_validation_errors
 from .yaml_locations import LocatedDocument
-
-ALWAYS_WRITTEN = "json"  # results.json is the contract; it is written whatever formats lists
 
 
 @dataclass
@@ -112,13 +112,15 @@ def check_plugins(doc: LocatedDocument, host: PluginHost, errors: list[str]) -> 
             if params is not None:
                 choices.estimators[index] = (estimator, params)
     outputs = raw.get("outputs") if isinstance(raw.get("outputs"), dict) else {}
-    formats = outputs.get("formats") if isinstance(outputs.get("formats"), list) else ["csv"]
-    formats = [f for f in formats if isinstance(f, str)]  # other entries: the structural check reports them
-    for fmt in dict.fromkeys([ALWAYS_WRITTEN, *formats]):
-        path = ("outputs", "formats", formats.index(fmt)) if fmt in formats else ("outputs",)
-        reporter = _lookup(host.reporters, fmt, doc, path, errors)
-        if reporter is not None:
-            choices.reporters.append(reporter(host))
+    if "formats" in outputs:
+        formats = outputs["formats"] if isinstance(outputs["formats"], list) else []  # the structural check reports it
+    else:  # the defaults, less a reporter no loaded plugin provides
+        formats = [f for f in OutputsSection().formats if f == RESULTS_FORMAT or f in host.reporters]
+    for index, fmt in enumerate(formats):
+        if isinstance(fmt, str) and fmt != RESULTS_FORMAT and fmt not in formats[:index]:
+            reporter = _lookup(host.reporters, fmt, doc, ("outputs", "formats", index), errors)
+            if reporter is not None:
+                choices.reporters.append(reporter(host))
     return choices
 
 
@@ -127,9 +129,10 @@ def _position_key(message: str) -> tuple:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
-def build_plan(spec: Spec | None, doc: LocatedDocument, host: PluginHost, errors: list[str] | None = None) -> RunPlan:
-    """Combine structural *errors* with plugin checks; raise one :class:`SpecError` or return the plan."""
-    errors = list(errors or [])
+def build_plan(doc: LocatedDocument, base_dir: Path, host: PluginHost) -> RunPlan:
+    """Check a parsed spec in one pass, structure (:func:`layerscope.spec.check_structure`) and what
+    the plugins know; raise one :class:`SpecError` with every problem, or return the plan."""
+    spec, errors = check_structure(doc, base_dir)
     choices = check_plugins(doc, host, errors)
     adapter = None
     if spec is not None:

@@ -45,13 +45,11 @@ def start_worker(document: dict, filename: str, base_dir: str, threads: int | No
     onnxruntime set to *threads* threads (None: its default) and torch to one (:mod:`layerscope.threads`)."""
     from .plan import build_plan
     from .plugin_host import load_plugins
-    from .spec import parse_spec
     from .yaml_locations import LocatedDocument
 
     set_threads(threads)
-    doc = LocatedDocument(data=document, filename=filename)
-    return ShardWorker(build_plan(parse_spec(doc, Path(base_dir)), doc, load_plugins()), checkpoints, spans,
-                       order, example)
+    plan = build_plan(LocatedDocument(data=document, filename=filename), Path(base_dir), load_plugins())
+    return ShardWorker(plan, checkpoints, spans, order, example)
 
 
 def auto_shards(requested: int | str, workers: int, checkpoints: int) -> int:

@@ -1,4 +1,4 @@
-"""The results contract (design §6): ``results.json`` with tidy records, written atomically."""
+"""The results contract: ``results.json`` with tidy records, written atomically by core."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_FILE = "results.json"
+RESULTS_FORMAT = "json"  # the ``outputs.formats`` entry of results.json, which core always writes
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:

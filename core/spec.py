@@ -1,10 +1,10 @@
 """The analysis spec: typed models for every section and loading with located errors.
 
-:func:`read_document` parses YAML safely (keeping positions) and :func:`parse_spec` checks
-the structure of every section (unknown keys, types, ranges);
-:func:`layerscope.plan.build_plan` then checks what only the loaded plugins know
-(estimators, data sources, reporters, their parameters). Every problem is reported at
-once as ``file:line:col: key.path: message``.
+:func:`read_document` parses YAML safely (keeping positions) and :func:`check_structure` checks
+the structure of every section (unknown keys, types, ranges); :func:`layerscope.plan.build_plan`
+adds what only the loaded plugins know (estimators, data sources, reporters, adapters, their
+parameters) in the same pass. Every problem is reported at once as
+``file:line:col: key.path: message``.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ class RuntimeSection(StrictModel):
 
 class OutputsSection(StrictModel):
     dir: str = "results"
-    formats: list[str] = Field(default_factory=lambda: ["json", "csv"])
+    formats: list[str] = Field(default_factory=lambda: ["json", "csv"],
+                               description="json: results.json, always written; every other entry names a reporter")
 
 
 class Spec(StrictModel):
@@ -175,16 +176,17 @@ def format_validation_errors(error: ValidationError, doc: LocatedDocument, prefi
     return messages
 
 
-def parse_spec(doc: LocatedDocument, base_dir: Path) -> Spec:
-    """Validate the structure of a parsed document; raise :class:`SpecError` with every problem."""
+def check_structure(doc: LocatedDocument, base_dir: Path) -> tuple[Spec | None, list[str]]:
+    """The spec of a parsed document, or None with one located error per structural problem
+    (unknown keys, types, ranges); a document that is not a mapping is a :class:`SpecError` at once."""
     if not isinstance(doc.data, dict):
         raise SpecError([f"{doc.where(())}: the spec must be a mapping with model, data and analyses"])
     try:
         spec = Spec.model_validate(doc.data)
     except ValidationError as error:
-        raise SpecError(format_validation_errors(error, doc, model=Spec)) from None
+        return None, format_validation_errors(error, doc, model=Spec)
     spec._base_dir = base_dir
-    return spec
+    return spec, []
 
 
 def read_document(source: str | os.PathLike | dict) -> tuple[LocatedDocument, Path]:

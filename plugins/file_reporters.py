@@ -1,4 +1,4 @@
-"""Reporters ``json`` (``results.json``, the contract) and ``csv`` (``records.csv``, one row per record)."""
+"""Reporter ``csv``: ``records.csv``, one row per record (core writes ``results.json`` itself)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,9 @@ import io
 from pathlib import Path
 
 from layerscope import Reporter, Results, hookimpl
-from layerscope.results import RESULTS_FILE, atomic_write
+from layerscope.results import atomic_write
 
 RECORD_COLUMNS = ("analysis", "estimator", "model", "layer", "tensor", "metric", "value", "unit")
-
-
-class JsonReporter(Reporter):
-    name = "json"
-
-    def write(self, results: Results, out_dir: Path) -> list[str]:
-        atomic_write(out_dir / RESULTS_FILE, results.to_json())
-        return [RESULTS_FILE]
 
 
 class CsvReporter(Reporter):
@@ -35,5 +27,4 @@ class CsvReporter(Reporter):
 
 @hookimpl
 def register_reporters(register):
-    register(JsonReporter)
     register(CsvReporter)

@@ -22,7 +22,7 @@ def test_plugins_command_lists_builtins_and_contributions():
     listed = {p["name"]: p for p in json.loads(out.stdout)}
     assert BUILTINS <= set(listed)
     assert listed["activation_entropy"]["estimators"] == ["activation_entropy"]
-    assert listed["file_reporters"]["reporters"] == ["csv", "json"]
+    assert listed["file_reporters"]["reporters"] == ["csv"]
     assert listed["demo_zoo"]["adapters"] == ["demo"] and listed["digits"]["version"] == layerscope.__version__
     assert listed["digits"]["distribution"] == "layerscope" and listed["digits"]["module"] == "layerscope.plugins.data.digits"
     # the example third-party package appears under the distribution the user installed
@@ -60,7 +60,7 @@ def test_plugins_name_describes_an_estimators_parameters():
 
 @pytest.mark.parametrize("name, kind, snippet", [
     ("npz", "data source", "data:\n  source: npz\n  path: <str>\n"),
-    ("json", "reporter", "outputs:\n  formats: [json, json]\n"),
+    ("csv", "reporter", "outputs:\n  formats: [json, csv]\n"),
     ("onnx", "adapter", "model:\n  source: <a model this adapter claims>\n"),
 ])
 def test_plugins_name_describes_data_sources_reporters_and_adapters(name, kind, snippet):
@@ -70,7 +70,7 @@ def test_plugins_name_describes_data_sources_reporters_and_adapters(name, kind, 
 
 def test_plugins_name_of_a_plugin_lists_its_contributions_and_unknown_names_get_did_you_mean():
     described = json.loads(plugins_command("file_reporters").stdout)
-    assert [d["name"] for d in described] == ["csv", "json"]
+    assert [d["name"] for d in described] == ["csv"]
     done = plugins_command("activation_entrop")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "Did you mean 'activation_entropy'?" in done.stderr
@@ -104,6 +104,20 @@ def test_load_plugins_env_selects_entry_points(monkeypatch):
     assert host.data_sources.names() == ["digits", "npz"] and host.estimators.names() == []
     monkeypatch.setenv("LAYERSCOPE_LOAD_PLUGINS", "")
     assert load_plugins().pm.get_plugins() == set()
+
+
+def test_results_json_is_written_by_core_without_any_reporter_plugin(monkeypatch, tmp_path):
+    monkeypatch.setenv("LAYERSCOPE_LOAD_PLUGINS", "demo_zoo,digits,activation_entropy")
+    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"limit": 100},
+            "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+            "outputs": {"dir": str(tmp_path), "formats": ["json"]}}
+    assert layerscope.validate(spec, with_model=False)
+    results = layerscope.run(spec, progress=False)
+    assert json.loads((tmp_path / "results.json").read_text())["records"] == results.records and results.records
+    with pytest.raises(layerscope.SpecError, match=r"outputs.formats.1: unknown reporter 'csv'"):
+        layerscope.validate({**spec, "outputs": {"formats": ["json", "csv"]}}, with_model=False)
+    # the default formats (json, csv) ask for csv only when a plugin provides it
+    assert layerscope.validate({k: v for k, v in spec.items() if k != "outputs"}, with_model=False)
 
 
 class Counting(Estimator):

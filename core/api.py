@@ -44,12 +44,12 @@ def validate(spec: str | os.PathLike | dict, *, plugins: tuple[Any, ...] = (), w
 
     Returns a short description of what was checked; raises a ``UserError`` on the first failing stage.
     """
-    from .checkpoint_run import build_estimators
-
     plan = prepare(spec, plugins)
     checked = ["spec structure", "estimator, data source and reporter names and parameters",
                *(["labels"] if plan.classes is not None else [])]
     if with_model:
+        from .checkpoint_run import build_estimators
+
         spec_model = plan.spec
         example = plan.example()
         for checkpoint in plan.adapter.checkpoints(spec_model.model, spec_model):

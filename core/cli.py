@@ -81,7 +81,10 @@ def _cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="layerscope", description="Measure what happens inside deep neural networks.")
+    parser.add_argument("--version", action="version", version=f"layerscope {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the analyses of a spec and write results")

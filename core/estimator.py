@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from .graph import TensorInfo
+from .lazy import lazy_module
 from .selectors import SelectorSpec
+
+torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 Reduction = str | Callable[[Any, Any], Any]
 
@@ -157,6 +159,22 @@ class Estimator:
         """Declare a piece of mergeable state, reset to a copy of *default*."""
         self._states[name] = _State(default, reduction)
         setattr(self, name, copy.deepcopy(default))
+
+    def accumulate(self, name: str, value: Any, *keys: Any) -> None:
+        """Fold *value* into state *name* with the state's declared reduction, as :meth:`merge` folds
+        a shard's state: at ``state[keys[0]][keys[1]]…`` (dicts created as needed) when *keys* are
+        given. ``accumulate("samples", n, tensor, cls)`` adds n to the count of one tensor and class.
+        *value* is kept, not copied: pass a value the caller no longer changes."""
+        reduction = self._states[name].reduction
+        if not keys:
+            current = getattr(self, name)
+            setattr(self, name, value if current is None else _combine(current, value, reduction))
+            return
+        store = getattr(self, name)
+        for key in keys[:-1]:
+            store = store.setdefault(key, {})
+        last = keys[-1]
+        store[last] = _combine(store[last], value, reduction) if last in store else value
 
     def bind_graph(self, tensors: Sequence[TensorInfo], model=None) -> None:
         """Receive every tensor of the model (and the ``onnx.ModelProto``) before the run, for

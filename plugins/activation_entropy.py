@@ -26,10 +26,12 @@ import math
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from layerscope import Estimator, TensorBatch, hookimpl
+from layerscope.lazy import lazy_module
+
+torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 ALL = "all"
 LN2 = math.log(2.0)
@@ -167,35 +169,33 @@ class ActivationEntropy(Estimator):
             if p.variant == "histogram" and self.pass_index < self.passes - 1:
                 finite = matrix[torch.isfinite(matrix)]  # NaN/Inf values are left out (the engine warns)
                 if finite.numel():
-                    self.low[name] = min(self.low.get(name, math.inf), float(finite.min()))
-                    self.high[name] = max(self.high.get(name, -math.inf), float(finite.max()))
+                    self.accumulate("low", float(finite.min()), name)
+                    self.accumulate("high", float(finite.max()), name)
                 continue
             for key, mask in class_keys(batch.labels, matrix.shape[0]):
                 rows = matrix[mask.to(matrix.device)]
                 if rows.shape[0] == 0:
                     continue
-                samples = self.samples.setdefault(name, {})
-                samples[key] = samples.get(key, 0) + rows.shape[0]
-                self._accumulate(name, key, rows)
+                self.accumulate("samples", rows.shape[0], name, key)
+                self._count(name, key, rows)
 
     def _count_on(self, name: str, matrix: torch.Tensor, labels: torch.Tensor | None) -> None:
         """The binary variant: on-counts of every class of the batch from one thresholding pass."""
-        samples, counts = self.samples.setdefault(name, {}), self.on_counts.setdefault(name, {})
+        counts = self.on_counts.setdefault(name, {})
         for key, size, on in on_counts_by_class(strictly_above(matrix, self.params.threshold), labels):
-            samples[key] = samples.get(key, 0) + size
+            self.accumulate("samples", size, name, key)
             if key in counts:
                 counts[key] += on  # into this estimator's own int32 state (up to 2^31 samples), in place
             else:
                 counts[key] = on.to(torch.int32)
 
-    def _accumulate(self, name: str, key, rows: torch.Tensor) -> None:
+    def _count(self, name: str, key, rows: torch.Tensor) -> None:
+        """The pattern and histogram variants: count the patterns or values of one class's rows."""
         p = self.params
         if p.variant == "pattern":
-            seen = self.patterns.setdefault(name, {}).setdefault(key, {})
             packed = np.packbits((rows > p.threshold).cpu().numpy(), axis=1)
             for row in packed:
-                pattern = row.tobytes()
-                seen[pattern] = seen.get(pattern, 0) + 1
+                self.accumulate("patterns", 1, name, key, row.tobytes())
         else:
             if p.range is None and name not in self.low:
                 return  # no finite value anywhere in this layer
@@ -204,8 +204,7 @@ class ActivationEntropy(Estimator):
                 high = low + 1.0  # a constant layer: every value falls in one bin
             finite = rows[torch.isfinite(rows)]
             hist = torch.histc(finite.clamp(low, high), bins=p.bins, min=low, max=high).to(torch.float64).cpu()
-            store = self.histograms.setdefault(name, {})
-            store[key] = store[key] + hist if key in store else hist
+            self.accumulate("histograms", hist, name, key)
 
     def value_range(self, record: dict) -> tuple[float, float]:
         """Binary entropy per neuron: [0, 1] bit; a histogram's: [0, log2 bins]; a pattern distribution's:

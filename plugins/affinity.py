@@ -30,7 +30,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
+
+from layerscope.lazy import lazy_module
+
+torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 JITTER = 1e-6
 DEGENERATE_TRACE = 2e-6  # per dimension

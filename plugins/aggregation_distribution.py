@@ -32,12 +32,12 @@ import math
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope import Estimator, TensorBatch, hookimpl
 from layerscope.aggregations import AGGREGATION_OPS, Aggregation, find_aggregations
 from layerscope.errors import UserError
+from layerscope.lazy import lazy_module
 
 from .aggregation_math import (
     aggregated_moments,
@@ -48,6 +48,8 @@ from .aggregation_math import (
     linear_output_moments,
     rectified_gaussian_moments,
 )
+
+torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 ALL = "all"
 RECONSTRUCTED = ("Ong, Husain & Bober (arXiv 2107.04458): reconstructed from the abstract (methods.md §1): "
@@ -167,8 +169,7 @@ class AggregationDistribution(Estimator):
         return low, high
 
     def _add(self, state: str, key, value: torch.Tensor) -> None:
-        store, value = getattr(self, state), value.cpu()  # state lives on the host
-        store[key] = store[key] + value if key in store else value
+        self.accumulate(state, value.cpu(), key)  # state lives on the host
 
     # --- predictions ---------------------------------------------------------------------
     def _moments(self, index: int, part: str, cls) -> tuple[float, np.ndarray, np.ndarray] | None:

@@ -34,10 +34,10 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from layerscope import Estimator, TensorBatch, hookimpl
+from layerscope.lazy import lazy_module
 
 from .matrix_entropy import (
     alignment_curve,
@@ -49,6 +49,8 @@ from .matrix_entropy import (
     pairwise_sq_distances,
     renyi_entropy,
 )
+
+torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 METRICS = ("I_XT", "I_TY", "H_T")
 INPUT_KEY, LABELS_KEY = "input", "labels"
@@ -161,9 +163,8 @@ class InformationPlane(Estimator):
             if mean_distance == 0.0:
                 continue  # a constant layer in this batch: every width gives the same kernel
             curve = alignment_curve(d2, label_kernel, self.grid.to(d2.device) * mean_distance).cpu()
-            self.alignment_sums[name] = self.alignment_sums.get(name, 0) + curve
-            count_and_sum = torch.tensor([1.0, mean_distance], dtype=torch.float64)
-            self.distance_sums[name] = self.distance_sums.get(name, 0) + count_and_sum
+            self.accumulate("alignment_sums", curve, name)
+            self.accumulate("distance_sums", torch.tensor([1.0, mean_distance], dtype=torch.float64), name)
 
     def end_pass(self) -> None:
         if self.pass_index < self.passes - 1:
@@ -204,9 +205,8 @@ class InformationPlane(Estimator):
             estimates = {"I_XT": h_x + h_t - joint_entropy(a_x, a_t, p.alpha),
                          "I_TY": h_t + h_y - joint_entropy(a_t, a_y, p.alpha),
                          "H_T": h_t}
-            store = self.moments.setdefault(name, {})
             for metric, value in estimates.items():
-                store[metric] = store[metric] + _moments([value]) if metric in store else _moments([value])
+                self.accumulate("moments", _moments([value]), name, metric)
 
     # --- results -------------------------------------------------------------------------
     def finalize(self) -> list[dict]:

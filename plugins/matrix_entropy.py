@@ -13,7 +13,9 @@ Pure torch functions, float64 throughout (methods.md §5):
 
 from __future__ import annotations
 
-import torch
+from layerscope.lazy import lazy_module
+
+torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 
 def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:

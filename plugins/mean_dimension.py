@@ -30,14 +30,16 @@ import math
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from layerscope import Estimator, TensorBatch, hookimpl
 from layerscope.errors import UserError
 from layerscope.estimator import DataBatch, PlanBatch
+from layerscope.lazy import lazy_module
 
 from .sensitivity import FeatureGroups, feature_groups, plan_rows, total_indices
+
+torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 NLL = "nll"
 RELATIVE_VARIANCE_FLOOR = 1e-10  # nodes whose Var f is below this fraction of the largest are constant
@@ -139,7 +141,7 @@ class MeanDimension(Estimator):
         x = inputs.reshape(inputs.shape[0], -1).to(torch.float64).cpu()
         update = {"count": torch.tensor(float(len(x)), dtype=torch.float64), "total": x.sum(0), "outer": x.T @ x}
         for key, value in update.items():
-            self.moments[key] = self.moments[key] + value if key in self.moments else value
+            self.accumulate("moments", value, key)
 
     def end_pass(self) -> None:
         if self.pass_index < self.passes - 1 and self.params.basis == "pca":
@@ -223,8 +225,7 @@ class MeanDimension(Estimator):
                 self._add("delta_squares", key, zeros.index_add(0, index % groups, delta * delta))
 
     def _add(self, state: str, key: str, value: torch.Tensor) -> None:
-        store, value = getattr(self, state), value.cpu()  # per-node sums: the state lives on the host
-        store[key] = store[key] + value if key in store else value
+        self.accumulate(state, value.cpu(), key)  # per-node sums: the state lives on the host
 
     # --- results -------------------------------------------------------------------------
     def _indices(self, key: str):

@@ -22,14 +22,16 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope import Estimator, TensorBatch, hookimpl
 from layerscope.activations import Activation, find_activations
 from layerscope.errors import UserError
+from layerscope.lazy import lazy_module
 
 from .affinity import affinity_score, is_nearly_constant, linear_cka, linear_r2, sparsity_per_sample
+
+torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 
 class NonlinearitySignatureParams(BaseModel):

@@ -17,7 +17,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+
+from layerscope.lazy import lazy_module
+
+torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,12 @@ jointly Gaussian X, Y with correlation ρ it is ρ².
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope import ACTIVATION_OPS, Estimator, TensorBatch, hookimpl
+from layerscope.lazy import lazy_module
+
+torch = lazy_module("torch")  # imported on first use, so `layerscope plugins` stays quick
 
 
 class LinearCKAParams(BaseModel):
@@ -62,9 +64,7 @@ class LinearCKA(Estimator):
                 y = features(batch.tensors[second], self.params.pool)
                 new = {"n": torch.tensor(float(len(x)), dtype=torch.float64), "sum_x": x.sum(0), "sum_y": y.sum(0),
                        "xx": x.T @ x, "yy": y.T @ y, "xy": x.T @ y}
-                key = f"{first}|{second}"
-                old = self.sums.get(key)
-                self.sums[key] = new if old is None else {k: old[k] + v for k, v in new.items()}
+                self.accumulate("sums", new, f"{first}|{second}")
 
     def finalize(self) -> list[dict]:
         records = []

@@ -5,8 +5,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from pydantic import Field
+
 from layerscope.errors import UserError
 from layerscope.model import Checkpoint
+
+CheckpointFiles = str | list[str] | None
+
+
+def checkpoint_files(suffixes: str):
+    """The ``checkpoints`` key of adapters that read model files: a glob or a list, analysed in order."""
+    return Field(None, description=f"glob (relative to the spec's folder) or list of {suffixes} files, analysed in "
+                                   "natural order (epoch_2 before epoch_10)")
 
 
 def natural_key(text: str) -> list:

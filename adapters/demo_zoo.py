@@ -15,8 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from pydantic import Field
+
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError, did_you_mean
+from layerscope.model import ModelParams
 from layerscope.results import atomic_write
 
 from .export_cache import cache_dir, with_weights
@@ -148,8 +151,17 @@ def ensure_trained(name: str) -> Path:
     return folder
 
 
+class DemoParams(ModelParams):
+    checkpoints: str | list[str] | None = Field(
+        None, description="epochs analysed in training order: a label (epoch_03), a glob (epoch_*), a list of "
+                          "them, or 'all'; the last epoch when omitted")
+
+
 class DemoZooAdapter(Adapter):
+    """The demo models demo:digits-mlp, demo:digits-cnn and demo:digits-gap, one checkpoint per training epoch."""
+
     name = "demo"
+    Params = DemoParams
 
     def claims(self, section) -> bool:
         return isinstance(section.source, str) and section.source.startswith("demo:")

@@ -6,13 +6,20 @@ import onnx
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError
-from layerscope.model import load_onnx_file
+from layerscope.model import ModelParams, load_onnx_file
 
-from .checkpoints import file_checkpoints
+from .checkpoints import CheckpointFiles, checkpoint_files, file_checkpoints
+
+
+class OnnxFileParams(ModelParams):
+    checkpoints: CheckpointFiles = checkpoint_files(".onnx")
 
 
 class OnnxFileAdapter(Adapter):
+    """ONNX files (.onnx, with external data beside them) and onnx.ModelProto objects from Python."""
+
     name = "onnx"
+    Params = OnnxFileParams
 
     def claims(self, section) -> bool:
         source = section.source

@@ -138,6 +138,8 @@ def _is_tf_function(source) -> bool:
 
 
 class TensorFlowAdapter(Adapter):
+    """Keras models (.keras files, keras.Model objects), SavedModel folders and tf.functions, converted to ONNX."""
+
     name = "tensorflow"
 
     def claims(self, section) -> bool:

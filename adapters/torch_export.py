@@ -16,11 +16,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from pydantic import Field, model_validator
+
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import ANSI_ESCAPES, UserError, exception_summary
 from layerscope.files import regular_file
+from layerscope.model import ModelParams
 
-from .checkpoints import file_checkpoints
+from .checkpoints import CheckpointFiles, checkpoint_files, file_checkpoints
 from .export_cache import cached_export, file_digest, state_digest, with_weights
 from .quiet import quiet
 
@@ -148,8 +151,27 @@ def _is_torch_object(source) -> bool:
     return torch is not None and isinstance(source, (torch.nn.Module, torch.export.ExportedProgram))
 
 
+class TorchParams(ModelParams):
+    python: str | None = Field(None, description="'package.module:factory' (relative to the spec's folder) returning "
+                                                 "a torch.nn.Module; also written source: python:package.module:factory")
+    weights: str | None = Field(None, description="a state_dict file for the python: factory, loaded with "
+                                                  "weights_only=True")
+    checkpoints: CheckpointFiles = checkpoint_files(".pt / .pth state_dict (with python:) or .pt2")
+
+    @model_validator(mode="after")
+    def _python_from_source(self) -> "TorchParams":
+        if self.python is None and isinstance(self.source, str) and self.source.startswith("python:"):
+            self.python = self.source.removeprefix("python:")
+        if self.weights and not self.python:
+            raise ValueError("weights: needs python: (the factory whose model the weights are loaded into)")
+        return self
+
+
 class TorchAdapter(Adapter):
+    """PyTorch models (an nn.Module from Python, a .pt2 file, or a python: factory with weights), exported to ONNX."""
+
     name = "torch"
+    Params = TorchParams
 
     def __init__(self):
         self._graphs: dict[tuple, onnx.ModelProto] = {}  # an unoptimised graph per architecture and input shape
@@ -158,9 +180,9 @@ class TorchAdapter(Adapter):
         source = section.source
         if isinstance(source, str):
             return source.endswith(".pt2") or source.startswith("python:")
-        return _is_torch_object(source)
+        return section.get("python") is not None if source is None else _is_torch_object(source)
 
-    def checkpoints(self, section, spec) -> list[Checkpoint]:
+    def checkpoints(self, section: TorchParams, spec) -> list[Checkpoint]:
         if isinstance(section.source, str) and section.source.endswith(".pt2"):
             if section.checkpoints:
                 return file_checkpoints(section.checkpoints, spec, (".pt2",))

@@ -52,7 +52,7 @@ def validate(spec: str | os.PathLike | dict, *, plugins: tuple[Any, ...] = (), w
 
         spec_model = plan.spec
         example = plan.example()
-        for checkpoint in plan.adapter.checkpoints(spec_model.model, spec_model):
+        for checkpoint in plan.adapter.checkpoints(plan.model, spec_model):
             estimators, _ = build_estimators(plan, plan.adapter.load(checkpoint, spec_model, example))
             checked.append(f"model {checkpoint.label}: " + ", ".join(
                 f"{aid} selects {len(est.tensors)} tensors" for aid, est in estimators))

@@ -106,7 +106,7 @@ def _execute(plan: RunPlan, out_dir: Path | None, show_progress: bool, resume: b
     started = time.perf_counter()
     order = plan.order
     example = plan.example()
-    checkpoints = plan.adapter.checkpoints(spec.model, spec)
+    checkpoints = plan.adapter.checkpoints(plan.model, spec)
     plan.host.hook.before_run(spec=spec, models=[c.label for c in checkpoints])
     warnings: list[str] = []
     store = ResumeStore(out_dir, spec_to_dict(spec), resume) if out_dir is not None and len(checkpoints) > 1 else None

@@ -18,14 +18,13 @@ def load_for_inspection(source: str):
 
     if source.endswith((".yaml", ".yml")):
         plan = prepare(source)
-        spec = plan.spec
-        example = plan.example()
-        adapter = plan.adapter
+        spec, adapter, params, example = plan.spec, plan.adapter, plan.model, plan.example()
     else:
         # A model source alone: a minimal spec (its analysis is never run) gives the adapter its paths.
         spec = Spec.model_validate({"model": {"source": source}, "analyses": [{"id": "inspect", "estimator": "-"}]})
         adapter, example = find_adapter(spec.model, load_plugins().adapters), None
-    checkpoints = adapter.checkpoints(spec.model, spec)
+        params = adapter.Params(source=source)
+    checkpoints = adapter.checkpoints(params, spec)
     if not checkpoints:
         raise UserError(f"model.source: '{source}' names no model")
     return adapter.load(checkpoints[-1], spec, example)

@@ -1,7 +1,9 @@
 """Model sources: adapters turn what the user names into an ONNX graph.
 
-An adapter claims a model section (``claims``), lists the checkpoints it names
-(``checkpoints``) and loads one of them to an :class:`onnx.ModelProto` (``load``).
+An adapter claims a model section (``claims``), validates the section's keys with its own
+``Params`` (a :class:`ModelParams`), lists the checkpoints it names (``checkpoints``) and
+loads one of them to an :class:`onnx.ModelProto` (``load``). Exactly one adapter may claim
+a section: two claims are an error naming both plugins.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
-import onnx
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import UserError
 from .files import regular_file
 from .layer_names import layer_name
+from .lazy import lazy_module
 
 if TYPE_CHECKING:
+    from .registry import Registry
     from .spec import ModelSection, Spec
+
+onnx = lazy_module("onnx")
 
 
 @dataclass
@@ -45,17 +51,28 @@ class Checkpoint:
     ref: Any
 
 
+class ModelParams(BaseModel):
+    """The model section as an adapter reads it: ``source`` and the adapter's own keys (an adapter's
+    ``Params`` subclasses this and adds fields; unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    source: Any = Field(None, description="the model: a path or name this adapter claims, or (from Python) an object")
+
+
 class Adapter:
     """Base class of adapter plugins."""
 
     name: ClassVar[str]
+    #: The model section's keys this adapter reads (validated from the spec, errors at file:line:col).
+    Params: ClassVar[type[ModelParams]] = ModelParams
 
     def claims(self, section: "ModelSection") -> bool:
-        """True when this adapter loads the model the section names."""
+        """True when this adapter loads the model the section names (``section.source``, ``section.get(key)``)."""
         raise NotImplementedError
 
-    def checkpoints(self, section: "ModelSection", spec: "Spec") -> list[Checkpoint]:
-        """The models to analyse, in order (a single one unless ``checkpoints`` is set)."""
+    def checkpoints(self, params: ModelParams, spec: "Spec") -> list[Checkpoint]:
+        """The models to analyse, in order, from the validated section (a single one unless the
+        adapter's parameters name several)."""
         raise NotImplementedError
 
     def load(self, checkpoint: Checkpoint, spec: "Spec", example: np.ndarray) -> LoadedModel:
@@ -63,15 +80,20 @@ class Adapter:
         raise NotImplementedError
 
 
-def find_adapter(section: "ModelSection", adapters) -> Adapter:
-    """The registered adapter that claims *section*, or a user error listing the accepted forms."""
-    for _, adapter_class in adapters.items():
-        adapter = adapter_class()
-        if adapter.claims(section):
-            return adapter
-    raise UserError(f"model.source: no adapter loads '{section.source}' (accepted: a .onnx or .pt2 file, "
-                    f"'demo:NAME', a python: factory, or a model object from Python; "
-                    f"adapters: {', '.join(n for n, _ in adapters.items())})")
+def find_adapter(section: "ModelSection", adapters: "Registry") -> Adapter:
+    """The registered adapter that claims *section*; a user error when none does (listing the accepted
+    forms) or when several do (naming their plugins)."""
+    claiming = [adapter for adapter in (adapter_class() for _, adapter_class in adapters.items())
+                if adapter.claims(section)]
+    if len(claiming) > 1:
+        named = ", ".join(f"'{a.name}' of plugin '{adapters.origin.get(a.name, '?')}'" for a in claiming)
+        raise UserError(f"model.source: {len(claiming)} adapters claim '{section.source}': {named}; uninstall one "
+                        "of the plugins or restrict loading with LAYERSCOPE_LOAD_PLUGINS")
+    if not claiming:
+        raise UserError(f"model.source: no adapter loads '{section.source}' (accepted: a .onnx, .pt2 or .keras "
+                        f"file, a SavedModel folder, 'demo:NAME', a python: factory, or a model object from Python; "
+                        f"adapters: {', '.join(n for n, _ in adapters.items())})")
+    return claiming[0]
 
 
 PROTOBUF_LIMIT = 2**31 - 1

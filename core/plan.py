@@ -19,10 +19,18 @@ from .data import DataSource, check_allocation, sample_order, scan_labels
 from .errors import SpecError, UserError
 from .estimator import Estimator
 from .labels import ClassLabels
-from .model import Adapter, find_adapter
+from .model import Adapter, ModelParams, find_adapter
 from .plugin_host import PluginHost
 from .results import RESULTS_FORMAT
-from .spec import AnalysisSection, DataSection, OutputsSection, Spec, check_structure, format_validation_errors
+from .spec import (
+    AnalysisSection,
+    DataSection,
+    ModelSection,
+    OutputsSection,
+    Spec,
+    check_structure,
+    format_validation_errors,
+)
 from .yaml_locations import LocatedDocument
 
 
@@ -41,6 +49,8 @@ class RunPlan:
     host: PluginHost
     data: DataSource
     adapter: Adapter
+    #: The model section as the adapter validated it (its ``Params``).
+    model: ModelParams
     analyses: list[PlannedAnalysis]
     reporters: list[Any]
     #: The indices of the samples the run reads, in order (shuffled with the seed, cut at ``limit``).
@@ -71,6 +81,8 @@ class PluginChoices:
 
     data_source: type[DataSource] | None = None
     data_params: BaseModel | None = None
+    adapter: Adapter | None = None
+    model: ModelParams | None = None
     estimators: dict[int, tuple[type[Estimator], BaseModel]] | None = None
     reporters: list[Any] | None = None
 
@@ -94,9 +106,12 @@ def _params(model: type[BaseModel], values: Any, doc: LocatedDocument, path: tup
 
 
 def check_plugins(doc: LocatedDocument, host: PluginHost, errors: list[str]) -> PluginChoices:
-    """Check every plugin name and parameter block in the raw document, appending located errors."""
+    """Check every plugin name and parameter block in the raw document (the adapter that claims the
+    model and its keys, the data source, the estimators, the reporters), appending located errors."""
     raw = doc.data if isinstance(doc.data, dict) else {}
     choices = PluginChoices(estimators={}, reporters=[])
+    if isinstance(raw.get("model"), dict):  # other values: the structural check reports them
+        choices.adapter, choices.model = _model_choice(raw["model"], doc, host, errors)
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     choices.data_source = _lookup(host.data_sources, data.get("source", "digits"), doc, ("data", "source"), errors)
     if choices.data_source is not None:
@@ -134,12 +149,6 @@ def build_plan(doc: LocatedDocument, base_dir: Path, host: PluginHost) -> RunPla
     the plugins know; raise one :class:`SpecError` with every problem, or return the plan."""
     spec, errors = check_structure(doc, base_dir)
     choices = check_plugins(doc, host, errors)
-    adapter = None
-    if spec is not None:
-        try:
-            adapter = find_adapter(spec.model, host.adapters)
-        except UserError as error:
-            errors.append(f"{doc.where(('model', 'source'))}: {error}")
     if spec is not None and spec.runtime.engine == "ray" and importlib.util.find_spec("ray") is None:
         errors.append(f"{doc.where(('runtime', 'engine'))}: runtime.engine: the ray engine needs Ray: "
                       "pip install \"layerscope[ray]\"")
@@ -155,4 +164,24 @@ def build_plan(doc: LocatedDocument, base_dir: Path, host: PluginHost) -> RunPla
                             f"'{planned.section.estimator}' needs labels, but the data source '{spec.data.source}' "
                             "has none")
     order = sample_order(len(data), spec.data.limit, spec.data.shuffle, spec.runtime.seed)
-    return RunPlan(spec, doc, host, data, adapter, analyses, choices.reporters, order, scan_labels(data, order))
+    return RunPlan(spec, doc, host, data, choices.adapter, choices.model, analyses, choices.reporters, order,
+                   scan_labels(data, order))
+
+
+def _model_choice(section: dict, doc: LocatedDocument, host: PluginHost,
+                  errors: list[str]) -> tuple[Adapter | None, ModelParams | None]:
+    """The adapter that claims the model *section* (raw) and the section as it validates it (its
+    ``Params``); problems are appended to *errors* at their place in the spec, naming the keys the
+    adapter reads."""
+    try:
+        adapter = find_adapter(ModelSection.model_validate(section), host.adapters)
+    except UserError as error:
+        errors.append(f"{doc.where(('model', 'source'))}: {error}")
+        return None, None
+    try:
+        return adapter, adapter.Params.model_validate(section)
+    except ValidationError as error:
+        keys = ", ".join(adapter.Params.model_fields)
+        errors.extend(f"{message} (the '{adapter.name}' adapter reads: {keys})" if "unknown key" in message else message
+                      for message in format_validation_errors(error, doc, prefix=("model",), model=adapter.Params))
+        return adapter, None

@@ -31,18 +31,16 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 
-class ModelSection(StrictModel):
-    source: Any = Field(description="a .onnx / .pt2 file, 'demo:NAME', or (from Python) a model object")
-    python: str | None = Field(None, description="'package.module:factory' returning a torch.nn.Module")
-    weights: str | None = Field(None, description="state_dict file for the python: factory (loaded weights_only)")
-    checkpoints: str | list[str] | None = Field(None, description="glob or list of checkpoints analysed in order")
+class ModelSection(BaseModel):
+    """Model section: ``source`` names the model; every other key belongs to the adapter that claims
+    it, which validates the whole section with its own ``Params`` (:func:`layerscope.model.model_params`)."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _python_implies_source(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("python") and "source" not in data:
-            data = {**data, "source": "python:" + str(data["python"])}
-        return data
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+    source: Any = Field(None, description="a .onnx / .pt2 / .keras file, 'demo:NAME', or (from Python) a model object")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of *key* in the section (``source`` or an adapter's key)."""
+        return self.source if key == "source" else (self.model_extra or {}).get(key, default)
 
 
 class DataSection(BaseModel):

@@ -11,7 +11,7 @@ import pytest
 
 import layerscope
 from layerscope import Estimator, hookimpl
-from layerscope.errors import UserError
+from layerscope.errors import SpecError, UserError
 from layerscope.plugin_host import load_plugins
 
 BUILTINS = {"activation_entropy", "demo_zoo", "digits", "file_reporters", "npz", "onnx_file", "synthetic", "torch"}
@@ -260,3 +260,69 @@ def test_third_party_adapter_data_source_reporter_and_error_hook(tmp_path):
     with pytest.raises(UserError):
         layerscope.run(spec, progress=False, plugins=(plugin,))
     assert len(errors) == 1 and "matches no tensor" in str(errors[0])
+
+
+def test_adapters_own_the_keys_of_the_model_section(tmp_path):
+    """A third-party adapter validates its own keys; built-in adapters name the keys they read."""
+    from pydantic import Field
+
+    from layerscope import Adapter, Checkpoint, LoadedModel
+    from layerscope.model import ModelParams
+    from layerscope.testing.models import tiny_mlp
+
+    class ZooParams(ModelParams):
+        variant: int = Field(1, ge=1, description="which tiny model")
+
+    class ZooAdapter(Adapter):
+        name = "zoo"
+        Params = ZooParams
+
+        def claims(self, section):
+            return section.source == "zoo"
+
+        def checkpoints(self, params, spec):
+            return [Checkpoint(f"zoo-{params.variant}", params.variant)]
+
+        def load(self, checkpoint, spec, example):
+            return LoadedModel(tiny_mlp(), checkpoint.label, "zoo", framework="test")
+
+    plugin = types.ModuleType("zoo_plugin")
+    plugin.register_adapters = hookimpl(lambda register: register(ZooAdapter))
+    base = {"data": {"source": "digits", "limit": 50}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
+    results = layerscope.run({**base, "model": {"source": "zoo", "variant": 3}}, write=False, progress=False,
+                             plugins=(plugin,))
+    assert [m["label"] for m in results.models] == ["zoo-3"]
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("model:\n  source: demo:digits-mlp\n  weights: net.pt\n"
+                    "analyses: [{id: e, estimator: activation_entropy}]\n")
+    with pytest.raises(SpecError) as error:
+        layerscope.validate(str(spec), with_model=False)
+    assert str(error.value) == (f"{spec}:3:3: model.weights: unknown key 'weights'. (the 'demo' adapter reads: source, "
+                                "checkpoints)")
+    spec.write_text("model:\n  python: nets:make\n  wieghts: net.pt\nanalyses: [{id: e, estimator: activation_entropy}]\n")
+    with pytest.raises(SpecError, match=r"spec.yaml:3:3: model.wieghts: unknown key 'wieghts'. Did you mean "
+                                        r"'weights'\? \(the 'torch' adapter reads: source, python, weights, checkpoints\)"):
+        layerscope.validate(str(spec), with_model=False)
+    spec.write_text("model: {source: demo:digits-mlp, weights: net.pt}\ndata: {batch_size: 0}\n"
+                    "analyses: [{id: e, estimator: activation_entropy}]\n")
+    with pytest.raises(SpecError) as error:  # with a structural error elsewhere, both are reported
+        layerscope.validate(str(spec), with_model=False)
+    assert "model.weights: unknown key" in str(error.value) and "data.batch_size" in str(error.value)
+
+
+def test_two_adapters_claiming_one_model_is_an_error_naming_both_plugins():
+    from layerscope import Adapter
+
+    class Greedy(Adapter):
+        name = "greedy"
+
+        def claims(self, section):
+            return True
+
+    plugin = types.ModuleType("greedy_plugin")
+    plugin.register_adapters = hookimpl(lambda register: register(Greedy))
+    spec = {"model": {"source": "demo:digits-mlp"}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
+    with pytest.raises(SpecError, match="model.source: 2 adapters claim 'demo:digits-mlp': 'demo' of plugin "
+                                        "'demo_zoo', 'greedy' of plugin 'greedy_plugin'"):
+        layerscope.validate(spec, plugins=(plugin,), with_model=False)

@@ -1,4 +1,4 @@
-"""The inverse-PCA layer (Hahn et al., methods.md §2): a graph rewrite that lets a network
+"""The inverse-PCA layer (Hahn et al.): a graph rewrite that lets a network
 be driven by uncorrelated PCA coordinates without retraining it.
 
 PCA is fitted on the standardised, flattened inputs: z = ((x − μ)/s)·Wᵀ with W the

@@ -62,15 +62,22 @@ def all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
 
 
+def splittable(estimators) -> set[str]:
+    """The tensors the runner may fetch in micro-batches (parts of a batch): those that no ``per_batch``
+    estimator reads, since a per-batch method must see each batch whole."""
+    def read_by(chosen) -> set[str]:
+        return {name for est in chosen for group in est.fetch_groups() for name in group}
+
+    return read_by([e for e in estimators if not e.per_batch]) - read_by([e for e in estimators if e.per_batch])
+
+
 def _feed_pass(plan: RunPlan, active: Estimators, tensors, loaded: LoadedModel,
                order: np.ndarray, span: Span, progress: Progress, isolation: Isolation) -> tuple[str, dict]:
     """One pass over the batches of *span* for *active* estimators; returns (provider that ran, fetch statistics)."""
     spec = plan.spec
     atomic = list(dict.fromkeys(group for _, est in active for group in est.fetch_groups()))
-    splittable = ({name for _, est in active if not est.per_batch for group in est.fetch_groups() for name in group}
-                  - {name for _, est in active if est.per_batch for group in est.fetch_groups() for name in group})
     runner = Runner(loaded.proto, tensors, atomic, spec.runtime.device, spec.runtime.memory_budget,
-                    spec.data.batch_size, splittable, loaded.external_dir)
+                    spec.data.batch_size, splittable([est for _, est in active]), loaded.external_dir)
     wanted = [{name for group in est.fetch_groups() for name in group} for _, est in active]
     nonfinite: set[str] = set()
     for batch_index, (start, x, y) in enumerate(iter_batches(plan.data, order, spec.data.batch_size, span=span,
@@ -107,10 +114,8 @@ def _feed_plan(plan: RunPlan, analysis_id: str, estimator, loaded: LoadedModel, 
     model = estimator.transform_model(loaded.proto)
     if model is not loaded.proto:
         tensors = describe_tensors(model, loaded.layer_of)
-    groups = estimator.fetch_groups()
-    splittable = set() if estimator.per_batch else {name for group in groups for name in group}
-    runner = Runner(model, tensors, groups, spec.runtime.device, spec.runtime.memory_budget,
-                    estimator.plan_rows(spec.data.batch_size), splittable, loaded.external_dir)
+    runner = Runner(model, tensors, estimator.fetch_groups(), spec.runtime.device, spec.runtime.memory_budget,
+                    estimator.plan_rows(spec.data.batch_size), splittable([estimator]), loaded.external_dir)
     batches = iter_batches(plan.data, order, spec.data.batch_size, estimator.lookahead, span, plan.classes)
     for batch_index, (start, x, y) in enumerate(batches):
         size = min(spec.data.batch_size, span[1] - start)

@@ -1,6 +1,6 @@
 """Running a plan: for each model, one forward pass per batch feeds every analysis.
 
-Data flow (design §2): plan → adapter loads each checkpoint as ONNX → selectors pick
+Data flow: plan → adapter loads each checkpoint as ONNX → selectors pick
 tensors → the runner fetches them in budget-sized groups → estimators update → records.
 The passes of every checkpoint run as shard tasks (:mod:`layerscope.lifecycle`) in this process,
 in worker processes or on Ray.

@@ -1,6 +1,6 @@
 """What a model's graph offers for observation: every tensor, its shape, and whether it can be fetched.
 
-Follows the rules measured in design §8: shapes and dtypes come from ONNX shape
+Follows these rules, measured on onnxruntime: shapes and dtypes come from ONNX shape
 inference (never guessed); Constant outputs and integer shape arithmetic are not worth
 fetching; tensors inside ``If``/``Loop``/``Scan`` bodies cannot be graph outputs;
 sequence- and map-typed values are not tensors.

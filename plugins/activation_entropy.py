@@ -2,7 +2,7 @@
 
 Method: Wang, Chen, Wang & Wang, "Layer-Wise Entropy Analysis and Visualization of
 Neurons Activation" (ChinaCom 2019; arXiv 1905.08618, withdrawn). **Reconstructed**
-from the paper's abstract (methods.md §3); neither full text nor code was available.
+from the paper's abstract; neither full text nor code was available.
 
 For class c and layer l with n neurons, neuron j is *on* for a sample when its value
 exceeds ``threshold`` (0 for ReLU), and p_j is the fraction of class-c samples for
@@ -143,7 +143,7 @@ class ActivationEntropy(Estimator):
     Params = ActivationEntropyParams
     default_selector = {"activation": "output"}  # activation ops and decomposed forms (SiLU, GELU …)
     reconstructed = ("Wang et al. 2019 (arXiv 1905.08618, withdrawn): reconstructed from the abstract; "
-                     "entropy definition, threshold and binning are our choices (methods.md §3)")
+                     "entropy definition, threshold and binning are our choices")
 
     @classmethod
     def passes_for(cls, params) -> int:

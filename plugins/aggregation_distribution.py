@@ -1,5 +1,5 @@
 """Estimator ``aggregation_distribution``: analytic distributions of global aggregation layers and the
-predicted KL-divergence of output nodes — a **reconstruction** of Ong, Husain & Bober (methods.md §1;
+predicted KL-divergence of output nodes — a **reconstruction** of Ong, Husain & Bober (arXiv 2107.04458;
 maths and modelling choices in :mod:`layerscope.plugins.aggregation_math`).
 
 For every global aggregation (found by :mod:`layerscope.activations`' sibling
@@ -52,7 +52,7 @@ from .aggregation_math import (
 torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 ALL = "all"
-RECONSTRUCTED = ("Ong, Husain & Bober (arXiv 2107.04458): reconstructed from the abstract (methods.md §1): "
+RECONSTRUCTED = ("Ong, Husain & Bober (arXiv 2107.04458): reconstructed from the abstract: "
                  "rectified-Gaussian activations, moment-matched Gamma aggregates, Gaussian output nodes")
 
 

@@ -1,4 +1,4 @@
-"""Analytic distributions of global aggregation layers — a **reconstruction** (methods.md §1).
+"""Analytic distributions of global aggregation layers — a **reconstruction**.
 
 Ong, Husain & Bober, "Understanding the Distributions of Aggregation Layers in Deep Neural
 Networks" (arXiv 2107.04458; IEEE TNNLS 2024): neither the full text nor code was

@@ -2,7 +2,7 @@
 
 Method: Wickstrøm, Løkse, Kampffmeyer, Yu, Príncipe & Jenssen, "Information Plane Analysis
 of Deep Neural Networks via Matrix-Based Rényi's Entropy and Tensor Kernels" (arXiv
-1909.11396; Entropy 25(6):899, 2023), after the authors' code (methods.md §5).
+1909.11396; Entropy 25(6):899, 2023), after the authors' code.
 
 On every batch of ``batch_size`` samples (default 100; samples outside full batches are
 not used, as with the paper's fixed-size training batches), for every selected tensor T:

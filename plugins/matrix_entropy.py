@@ -1,6 +1,6 @@
 """Matrix-based Rényi α-entropy (Sánchez Giraldo, Rao & Príncipe) with Gaussian tensor kernels.
 
-Pure torch functions, float64 throughout (methods.md §5):
+Pure torch functions, float64 throughout:
 
 - Gram matrix of the Gaussian kernel on flattened tensors, K_ij = exp(−‖x_i − x_j‖² / σ²)
   (the reference code's σ², no factor 2), from pairwise squared distances computed as

@@ -1,7 +1,7 @@
 """Estimator ``mean_dimension``: given-data total indices and the mean dimension, layer by layer.
 
 Method: Hahn, Feinauer & Borgonovo, "The Mean Dimension of Neural Networks" (arXiv
-2207.04890), after the authors' code (methods.md §2); maths in
+2207.04890), after the authors' code; maths in
 :mod:`layerscope.plugins.sensitivity`.
 
 The data stream (shuffled with the run's seed) is walked in consecutive pairs

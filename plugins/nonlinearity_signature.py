@@ -2,7 +2,7 @@
 
 Method: Bouniot, Redko, Mallasto, Laclau, Struckmeier, Arndt, Habrard, "From Alexnet to
 Transformers: Measuring the Non-linearity of Deep Neural Networks with Affine Optimal
-Transport" (CVPR 2025; arXiv 2310.11439), after the authors' code (methods.md §4); the
+Transport" (CVPR 2025; arXiv 2310.11439), after the authors' code; the
 maths is in :mod:`layerscope.plugins.affinity`.
 
 Every selected activation (default: every activation function, single op or decomposed

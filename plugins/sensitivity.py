@@ -1,4 +1,4 @@
-"""Given-data total Sobol indices and the mean dimension (Hahn, Feinauer & Borgonovo; methods.md §2).
+"""Given-data total Sobol indices and the mean dimension (Hahn, Feinauer & Borgonovo).
 
 For consecutive pairs (x_j, x_{j+1}) of a shuffled data stream and each feature group u,
 the finite change Δ_u^{(j)} = f(x_j with u taken from x_{j+1}) − f(x_j) estimates the

@@ -1,4 +1,4 @@
-"""Known answers (methods.md §3) and conformance for activation_entropy."""
+"""Known answers and conformance for activation_entropy."""
 
 from __future__ import annotations
 

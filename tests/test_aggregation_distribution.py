@@ -1,4 +1,4 @@
-"""Closed forms (methods.md §1), Monte-Carlo checks on a Relu→GlobalAveragePool→Gemm graph, detection, conformance."""
+"""Closed forms, Monte-Carlo checks on a Relu→GlobalAveragePool→Gemm graph, detection, conformance."""
 
 from __future__ import annotations
 

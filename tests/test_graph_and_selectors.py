@@ -1,4 +1,4 @@
-"""Graph description (observability rules of design §8) and tensor selectors."""
+"""Graph description (observability rules) and tensor selectors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Known answers (methods.md §5), a from-the-formula NumPy cross-check, and conformance."""
+"""Known answers, a from-the-formula NumPy cross-check, and conformance."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Known answers (methods.md §2) through specs on small ONNX graphs, the PCA rewrite, and conformance."""
+"""Known answers through specs on small ONNX graphs, the PCA rewrite, and conformance."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Known answers (methods.md §4), activation pattern detection, and conformance."""
+"""Known answers, activation pattern detection, and conformance."""
 
 from __future__ import annotations
 

@@ -157,6 +157,7 @@ def raising():
                                   r"GuardOnDataDependentSymNode: Could not guard on data-dependent expression .* "
                                   r"\(at .*usermodels.py:12 in forward: if x.sum\(\) > 0:\); change the model so that"),
 ])
+@pytest.mark.slow
 def test_failures_in_the_users_model_code_are_one_clear_message(tmp_path, reference, message):
     """Run as users run it: in a process of its own, where torch's prints and logs would reach the terminal."""
     import re
@@ -258,6 +259,7 @@ def factory_spec(tmp_path, factory: str, checkpoints: int, layout: str = "flat")
             "analyses": [{"id": "e", "estimator": "activation_entropy", "params": {"variant": "histogram"}}]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory, layout", [("mlp", "flat"), ("with_batchnorm", "image")])
 def test_checkpoints_of_one_factory_are_traced_once(tmp_path, counted_exports, monkeypatch, factory, layout):
     """Weights swapped into the unoptimised graph and optimised (BatchNorm folded per checkpoint) give the

@@ -205,6 +205,7 @@ def test_a_second_run_on_a_locked_folder_is_refused(tmp_path, capsys, tiny_onnx)
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_on_one_folder(tmp_path, capsys):
     import subprocess
     import sys
@@ -236,6 +237,7 @@ def test_an_unwritable_outputs_folder_is_a_user_error_before_the_run(tmp_path, c
     assert "Traceback" not in err and re.search(rf"outputs.dir: cannot write to .*: ({cause})", err), err
 
 
+@pytest.mark.slow
 def test_a_write_failing_midway_leaves_the_previous_results_intact(tmp_path, capsys, tiny_onnx):
     """A file-size limit makes the OS refuse the writes of the second run part-way (EFBIG, as a full disk
     refuses with ENOSPC): the first run's files stay byte for byte, and nothing of the second appears."""
@@ -276,6 +278,7 @@ def write_npz_bomb(path, rows: int, features: int) -> None:
             np.save(member, np.zeros(rows, np.int64))
 
 
+@pytest.mark.slow
 def test_a_spec_error_is_reported_before_a_compressed_npz_is_inflated(tmp_path, tiny_onnx):
     import subprocess
     import sys

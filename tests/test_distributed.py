@@ -15,6 +15,7 @@ from layerscope.errors import UserError
 from layerscope.testing import assert_records_close
 
 ray = pytest.importorskip("ray", reason="the ray extra is part of the test install")
+pytestmark = pytest.mark.slow  # every test starts or joins a Ray cluster
 
 # Every built-in estimator on two epochs of the demo GAP CNN (it has activations, a
 # global-average-pooling layer and an output), in one spec.

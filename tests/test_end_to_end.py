@@ -7,9 +7,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import layerscope
 
 
+@pytest.mark.slow
 def test_quickstart_cli(repo, tmp_path):
     out = tmp_path / "qs"
     proc = subprocess.run([sys.executable, "-m", "layerscope", "run", str(repo / "specs/quickstart.yaml"),
@@ -47,6 +50,7 @@ def test_python_api_and_pandas(tmp_path):
     assert loaded.records == results.records
 
 
+@pytest.mark.slow
 def test_validate_command_describes_checks(repo):
     proc = subprocess.run([sys.executable, "-m", "layerscope", "validate", str(repo / "specs/quickstart.yaml")],
                           capture_output=True, text=True)

@@ -197,6 +197,7 @@ def single_process():
     return layerscope.run(EVERY_ESTIMATOR, write=False, progress=False)
 
 
+@pytest.mark.slow
 def test_worker_processes_with_data_shards_give_the_single_process_records(single_process, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # the local engine needs no Ray: importing it would fail
     parallel = layerscope.run({**EVERY_ESTIMATOR, "runtime": {"workers": 2, "shards": 3}}, write=False,
@@ -205,6 +206,7 @@ def test_worker_processes_with_data_shards_give_the_single_process_records(singl
     assert_records_close(parallel.records, single_process.records, rtol=0, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_the_order_in_which_the_driver_merges_shards_does_not_change_records(single_process):
     """Shards of both checkpoints run in this process, as copies; the driver merges them in every order."""
     from layerscope.api import prepare

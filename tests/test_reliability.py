@@ -217,6 +217,7 @@ def _rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
 
 
+@pytest.mark.slow
 def test_quickstart_twenty_times_in_one_process_does_not_grow():
     spec = str(REPO / "specs" / "quickstart.yaml")
     resident = []
@@ -324,6 +325,7 @@ def test_a_resume_folder_that_is_a_file_does_not_stop_the_run(tmp_path):
     assert not (out / ".layerscope-resume").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_no_results_json(tmp_path):
     import signal
     import subprocess
@@ -361,6 +363,7 @@ def _worker_processes(parent: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_worker_processes_end_when_the_driver_is_killed(tmp_path):
     import os
     import signal
@@ -395,6 +398,7 @@ def test_worker_processes_end_when_the_driver_is_killed(tmp_path):
     assert not alive, "a worker outlived its killed driver"
 
 
+@pytest.mark.slow
 def test_model_over_2gb_with_external_data(tmp_path):
     """A 2.2 GB initializer in a sparse external file (nothing written but the graph) is memory-mapped."""
     rows = 550_000_000 // 8  # 2.2 GB of float32 in an (rows, 8) table

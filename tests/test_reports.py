@@ -38,6 +38,7 @@ def test_fixture_covers_every_estimator():
     assert analyses == ESTIMATORS
 
 
+@pytest.mark.slow
 def test_every_estimator_plot_from_stored_results(run_dir):
     done = report(run_dir)
     assert done.returncode == 0, done.stderr
@@ -50,6 +51,7 @@ def test_every_estimator_plot_from_stored_results(run_dir):
     assert (run_dir / "records.csv").exists()
 
 
+@pytest.mark.slow
 def test_rebuilding_gives_the_same_report(run_dir):
     assert report(run_dir).returncode == 0
     first = {p.name: p.read_bytes() for p in [run_dir / "report.html", *sorted((run_dir / "plots").iterdir())]}
@@ -65,6 +67,7 @@ def test_default_plot_for_an_estimator_without_its_plugin(run_dir, monkeypatch):
     assert (run_dir / "plots" / "ip.png").stat().st_size > 10_000  # the default metric-by-layer plot
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it)")
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert report(run_dir).returncode == 0

@@ -87,6 +87,7 @@ def test_densenet121_within_the_memory_budget():
     assert_records_close(bounded.records, unbounded.records, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "vgg19", "inception_v1", "inception_v2"])
 def test_real_architectures_are_inspected_and_run_within_the_budget(name, capsys, tmp_path):
     """The graphs the onnx package ships: `layerscope inspect` lists them, and `layerscope run`

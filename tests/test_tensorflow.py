@@ -10,6 +10,7 @@ import torch
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 tf = pytest.importorskip("tensorflow", reason="pip install 'layerscope[tensorflow]'")
 keras = pytest.importorskip("keras")
+pytestmark = pytest.mark.slow  # TensorFlow takes seconds to import and convert
 pytest.importorskip("tf2onnx")
 
 import layerscope  # noqa: E402

@@ -152,8 +152,9 @@ def _is_torch_object(source) -> bool:
 
 
 class TorchParams(ModelParams):
-    python: str | None = Field(None, description="'package.module:factory' (relative to the spec's folder) returning "
-                                                 "a torch.nn.Module; also written source: python:package.module:factory")
+    python: str | None = Field(None, description="'package.module:factory' (relative to the spec's folder) "
+                                                 "returning a torch.nn.Module; also written "
+                                                 "source: python:package.module:factory")
     weights: str | None = Field(None, description="a state_dict file for the python: factory, loaded with "
                                                   "weights_only=True")
     checkpoints: CheckpointFiles = checkpoint_files(".pt / .pth state_dict (with python:) or .pt2")

@@ -113,7 +113,8 @@ def check_plugins(doc: LocatedDocument, host: PluginHost, errors: list[str]) -> 
     if isinstance(raw.get("model"), dict):  # other values: the structural check reports them
         choices.adapter, choices.model = _model_choice(raw["model"], doc, host, errors)
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-    choices.data_source = _lookup(host.data_sources, data.get("source", "digits"), doc, ("data", "source"), errors)
+    source = data.get("source", DataSection().source)
+    choices.data_source = _lookup(host.data_sources, source, doc, ("data", "source"), errors)
     if choices.data_source is not None:
         own = {k: v for k, v in data.items() if k not in DataSection.model_fields}
         choices.data_params = _params(choices.data_source.Params, own, doc, ("data",), errors)

@@ -300,9 +300,10 @@ def test_adapters_own_the_keys_of_the_model_section(tmp_path):
         layerscope.validate(str(spec), with_model=False)
     assert str(error.value) == (f"{spec}:3:3: model.weights: unknown key 'weights'. (the 'demo' adapter reads: source, "
                                 "checkpoints)")
-    spec.write_text("model:\n  python: nets:make\n  wieghts: net.pt\nanalyses: [{id: e, estimator: activation_entropy}]\n")
-    with pytest.raises(SpecError, match=r"spec.yaml:3:3: model.wieghts: unknown key 'wieghts'. Did you mean "
-                                        r"'weights'\? \(the 'torch' adapter reads: source, python, weights, checkpoints\)"):
+    spec.write_text("model:\n  python: nets:make\n  wieghts: net.pt\n"
+                    "analyses: [{id: e, estimator: activation_entropy}]\n")
+    with pytest.raises(SpecError, match=r"spec.yaml:3:3: model.wieghts: unknown key 'wieghts'. Did you mean 'weights'"
+                                        r"\? \(the 'torch' adapter reads: source, python, weights, checkpoints\)"):
         layerscope.validate(str(spec), with_model=False)
     spec.write_text("model: {source: demo:digits-mlp, weights: net.pt}\ndata: {batch_size: 0}\n"
                     "analyses: [{id: e, estimator: activation_entropy}]\n")

@@ -1,5 +1,5 @@
-"""Sharded runs: (checkpoint × data shard) tasks in worker processes and on Ray give the
-single-process records; the driver's merge order does not matter."""
+"""Sharded runs on Ray: (checkpoint × data shard) tasks run by Ray actors give the single-process
+records; clusters started for a run, joined, or unreachable."""
 
 from __future__ import annotations
 
@@ -14,21 +14,10 @@ import layerscope
 from layerscope.errors import UserError
 from layerscope.testing import assert_records_close
 
+from .test_engines import EVERY_ESTIMATOR
+
 ray = pytest.importorskip("ray", reason="the ray extra is part of the test install")
 pytestmark = pytest.mark.slow  # every test starts or joins a Ray cluster
-
-# Every built-in estimator on two epochs of the demo GAP CNN (it has activations, a
-# global-average-pooling layer and an output), in one spec.
-EVERY_ESTIMATOR = {
-    "model": {"source": "demo:digits-gap", "checkpoints": ["epoch_02", "epoch_10"]},
-    "data": {"source": "digits", "split": "train", "limit": 500, "batch_size": 100},
-    "analyses": [
-        {"id": "binary", "estimator": "activation_entropy"},
-        {"id": "hist", "estimator": "activation_entropy", "params": {"variant": "histogram", "bins": 12}},
-        {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 30, "smoothing": 0.9}},
-        {"id": "nls", "estimator": "nonlinearity_signature"},
-        {"id": "md", "estimator": "mean_dimension", "params": {"pairs": 60, "features": "channels"}},
-        {"id": "agg", "estimator": "aggregation_distribution", "params": {"bins": 20}}]}
 
 
 @pytest.fixture(scope="module")

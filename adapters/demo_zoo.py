@@ -19,10 +19,11 @@ from pydantic import Field
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError, did_you_mean
+from layerscope.files import cache_dir
 from layerscope.model import ModelParams
 from layerscope.results import atomic_write
 
-from .export_cache import cache_dir, with_weights
+from .export_cache import with_weights
 
 EPOCHS = 10
 BATCH_SIZE = 32

@@ -30,14 +30,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from layerscope.files import cache_dir
 from layerscope.results import atomic_write
 
 SMALL_CONSTANT = 16  # elements: initializers up to this size may be the exporter's own constants
-
-
-def cache_dir() -> Path:
-    """layerscope's cache folder (``$LAYERSCOPE_CACHE``, default ``~/.cache/layerscope``)."""
-    return Path(os.environ.get("LAYERSCOPE_CACHE", Path.home() / ".cache" / "layerscope"))
 
 
 def state_digest(state: Mapping[str, object]) -> str:

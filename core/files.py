@@ -1,4 +1,4 @@
-"""Files a spec names are read only when they are regular files.
+"""Files a spec names are read only when they are regular files; layerscope's cache folder.
 
 Opening a FIFO, a socket or a character device blocks or never ends (a FIFO named as
 ``model.source`` used to hang a run forever), and a folder where a file is expected gives
@@ -12,6 +12,11 @@ import stat
 from pathlib import Path
 
 from .errors import UserError
+
+
+def cache_dir() -> Path:
+    """layerscope's cache folder (``$LAYERSCOPE_CACHE``, default ``~/.cache/layerscope``)."""
+    return Path(os.environ.get("LAYERSCOPE_CACHE", Path.home() / ".cache" / "layerscope"))
 
 
 def regular_file(path: str | os.PathLike, key: str) -> Path:

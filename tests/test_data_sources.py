@@ -91,3 +91,35 @@ def test_npz_object_arrays_are_refused_without_unpickling(tmp_path, capsys):
 def test_synthetic_sizes_are_checked_before_allocation():
     with pytest.raises(UserError, match=r"data.shape: one sample of shape \[100000, 100000\] needs 37.3 GiB"):
         SyntheticSource(SyntheticSource.Params(samples=2, shape=[100_000, 100_000]), Path("."))
+
+
+def test_digits_are_read_from_the_cache_without_scikit_learn(tmp_path):
+    """The first load caches every split as plain arrays; later processes read them without importing
+    scikit-learn, and a damaged cache file is rebuilt with the same values."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LAYERSCOPE_CACHE": str(tmp_path)}
+    probe = ("import sys; from layerscope.plugins.data.digits import load_digits_split; "
+             "x, y = load_digits_split('train'); print(x.shape, int(y.sum()), round(float(x.sum()), 3), "
+             "'sklearn' in sys.modules)")
+
+    def load() -> str:
+        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    first = load()
+    assert first[-1] == "True"  # built from scikit-learn
+    (cached,) = (tmp_path / "data").glob("digits-sklearn-*.npz")
+    assert load() == first[:-1] + ["False"]
+    cached.write_bytes(b"not an npz")
+    assert load() == first
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x_train, _, y_train, _ = train_test_split((digits.data / 16).astype(np.float32), digits.target, test_size=0.25,
+                                              stratify=digits.target, random_state=0)
+    assert first[:2] == [f"({len(x_train)},", "64)"]
+    assert int(first[2]) == int(y_train.sum()) and float(first[3]) == round(float(x_train.sum()), 3)

@@ -49,11 +49,13 @@ def validate(spec: str | os.PathLike | dict, *, plugins: tuple[Any, ...] = (), w
                *(["labels"] if plan.classes is not None else [])]
     if with_model:
         from .checkpoint_run import build_estimators
+        from .graph import describe_tensors
 
         spec_model = plan.spec
         example = plan.example()
         for checkpoint in plan.adapter.checkpoints(plan.model, spec_model):
-            estimators, _ = build_estimators(plan, plan.adapter.load(checkpoint, spec_model, example))
+            loaded = plan.adapter.load(checkpoint, spec_model, example)
+            estimators = build_estimators(plan, loaded, describe_tensors(loaded.proto, loaded.layer_of))
             checked.append(f"model {checkpoint.label}: " + ", ".join(
                 f"{aid} selects {len(est.tensors)} tensors" for aid, est in estimators))
     return checked

@@ -17,7 +17,7 @@ import torch
 from .data import iter_batches
 from .errors import UserError
 from .estimator import DataBatch, TensorBatch
-from .graph import describe_tensors
+from .graph import TensorInfo, describe_tensors
 from .lifecycle import Estimators, Isolation, ShardOutcome, ShardTask, analyses_in_pass
 from .model import Checkpoint, LoadedModel
 from .plan import RunPlan
@@ -28,15 +28,15 @@ from .selectors import resolve
 Span = tuple[int, int]
 
 
-def build_estimators(plan: RunPlan, loaded: LoadedModel) -> tuple[Estimators, list]:
-    """Instantiate every analysis on the tensors its selector picks in *loaded* (a single-input model)."""
+def build_estimators(plan: RunPlan, loaded: LoadedModel, tensors: list[TensorInfo]) -> Estimators:
+    """Instantiate every analysis on the tensors its selector picks among *tensors*, the description of
+    *loaded* (a single-input model)."""
     initializers = {t.name for t in loaded.proto.graph.initializer}
     inputs = [i.name for i in loaded.proto.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise UserError(f"{plan.where('model', 'source')}: model.source: the model has {len(inputs)} inputs "
                         f"({', '.join(inputs)}); layerscope currently analyses single-input models "
                         f"(model {loaded.label})")
-    tensors = describe_tensors(loaded.proto, loaded.layer_of)
     built = []
     for planned in plan.analyses:
         selector = planned.section.on or planned.estimator_class.selector()
@@ -51,7 +51,7 @@ def build_estimators(plan: RunPlan, loaded: LoadedModel) -> tuple[Estimators, li
         except UserError as error:
             raise UserError(f"{plan.where('analyses', planned.index, 'on')}: {error} (model {loaded.label})") from None
         built.append((planned.section.id, estimator))
-    return built, tensors
+    return built
 
 
 def all_finite(values: torch.Tensor) -> bool:
@@ -170,7 +170,9 @@ class ShardWorker:
         label = self.checkpoints[task.checkpoint].label
         try:
             loaded, tensors = self.load(task.checkpoint)
-            estimators = task.estimators if task.estimators is not None else build_estimators(self.plan, loaded)[0]
+            estimators = task.estimators
+            if estimators is None:  # the first pass: fresh estimators
+                estimators = build_estimators(self.plan, loaded, tensors)
             isolation = Isolation(loaded.label, self.plan.host.origin_of)
             isolation.failures.update(task.failures)
             span = self.spans[task.shard]

@@ -56,6 +56,7 @@ def prepare(name: str, folder: Path) -> tuple[Path, Path]:
 
 def measure_layerscope(model: Path, data: Path) -> float:
     import layerscope
+    import layerscope.engine  # noqa: F401  torch and onnxruntime, imported before timing as the others do
 
     spec = {"model": {"source": str(model)}, "data": {"source": "npz", "path": str(data), "batch_size": BATCH},
             "analyses": [{"id": "entropy", "estimator": "activation_entropy"}]}

@@ -68,21 +68,30 @@ def connected_units(units: Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
     return [tuple(c) for c in components]
 
 
+#: Bytes of fetched tensors a micro-batch holds at most when every tensor accepts micro-batches,
+#: whatever the budget. onnxruntime's arena hands the same memory to every micro-batch after the
+#: first, where a larger fetch writes fresh pages on every batch: measured on ResNet-50 (every
+#: activation, batch 32, 64 samples), a 2 GiB fetch ran the whole analysis in 9.3 s with a peak
+#: resident set of 2.7 GiB, micro-batches of at most 256 MiB in 4.7 s and 1.5 GiB.
+WORKING_SET = 256 * 2**20
+
+
 def plan_groups(atomic: Sequence[tuple[str, ...]], bytes_per_sample: dict[str, int], batch_size: int,
                 budget: int, splittable: set[str]) -> list[FetchGroup]:
     """Fetch groups whose bytes held at once stay within *budget*.
 
-    Everything in one group when a batch of it fits; otherwise, when every tensor accepts
-    micro-batches, still one group (one session, one forward pass per micro-batch) over
-    micro-batches that fit; otherwise atomic groups packed in order, each group with its
-    own session.
+    When every tensor accepts micro-batches: one group (one session, one forward pass per
+    micro-batch) over micro-batches of at most ``min(budget, WORKING_SET)`` bytes (the whole
+    batch when it fits). Otherwise everything in one group when a batch of it fits the budget,
+    else atomic groups packed in order, each group with its own session.
     """
     names = list(dict.fromkeys(n for unit in atomic for n in unit))
     per_sample = sum(bytes_per_sample[n] for n in names)
+    if all(n in splittable for n in names) and per_sample <= budget:
+        rows = max(1, min(budget, WORKING_SET) // per_sample) if per_sample else batch_size
+        return [FetchGroup(names, micro_batch=rows if rows < batch_size else None)] if names else []
     if per_sample * batch_size <= budget:
         return [FetchGroup(names)] if names else []
-    if all(n in splittable for n in names) and per_sample <= budget:
-        return [FetchGroup(names, micro_batch=budget // per_sample)]
     return _pack(atomic, bytes_per_sample, batch_size, budget, splittable)
 
 

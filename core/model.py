@@ -89,6 +89,8 @@ def find_adapter(section: "ModelSection", adapters: "Registry") -> Adapter:
         named = ", ".join(f"'{a.name}' of plugin '{adapters.origin.get(a.name, '?')}'" for a in claiming)
         raise UserError(f"model.source: {len(claiming)} adapters claim '{section.source}': {named}; uninstall one "
                         "of the plugins or restrict loading with LAYERSCOPE_LOAD_PLUGINS")
+    if not claiming and section.source is None:
+        raise UserError("model.source: required key is missing (the model: a file, 'demo:NAME', or a python: factory)")
     if not claiming:
         raise UserError(f"model.source: no adapter loads '{section.source}' (accepted: a .onnx, .pt2 or .keras "
                         f"file, a SavedModel folder, 'demo:NAME', a python: factory, or a model object from Python; "

@@ -310,6 +310,9 @@ def test_adapters_own_the_keys_of_the_model_section(tmp_path):
     with pytest.raises(SpecError) as error:  # with a structural error elsewhere, both are reported
         layerscope.validate(str(spec), with_model=False)
     assert "model.weights: unknown key" in str(error.value) and "data.batch_size" in str(error.value)
+    with pytest.raises(SpecError, match="model.source: required key is missing"):
+        layerscope.validate({"model": {}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]},
+                            with_model=False)
 
 
 def test_two_adapters_claiming_one_model_is_an_error_naming_both_plugins():

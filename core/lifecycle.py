@@ -176,16 +176,18 @@ def drive(checkpoints: int, passes: int, executor: Executor,
           new_isolation: Callable[[str], Isolation], *,
           restored: Callable[[int], dict[str, Estimator] | None] = lambda index: None,
           finished: Callable[[int, CheckpointState], None] = lambda index, state: None,
-          advanced: Callable[[ShardOutcome], None] = lambda outcome: None) -> dict[int, CheckpointState]:
+          advanced: Callable[[ShardOutcome], None] = lambda outcome: None) -> None:
     """Run *passes* passes of *checkpoints* checkpoints, each cut into ``executor.shards`` tasks, on *executor*
-    (module docstring); returns the merged state of every checkpoint that was analysed, by index.
+    (module docstring).
 
     *restored(i)* gives the saved estimators of checkpoint *i* when an earlier run finished it
     (it is then skipped; what it saved is handed to its successor's ``carry_over``);
-    *finished(i, state)* is called once checkpoint *i* has ended its last pass;
-    *advanced(outcome)* after every task. A task's user error ends the run with its message.
+    *finished(i, state)* receives checkpoint *i*'s merged state once it has ended its last pass
+    (the driver then keeps only what the next checkpoint's ``carry_over`` reads, so a long
+    series of checkpoints run one by one holds one checkpoint's state at a time);
+    *advanced(outcome)* is called after every task. A task's user error ends the run with its message.
     """
-    states: dict[int, CheckpointState] = {}
+    states: dict[int, CheckpointState] = {}  # the checkpoints in flight
     saved = {index: restored(index) for index in range(checkpoints)}
     pending = [index for index in range(checkpoints) if saved[index] is None]
     in_flight = [pending] if executor.parallel else [[index] for index in pending]
@@ -211,15 +213,19 @@ def drive(checkpoints: int, passes: int, executor: Executor,
             for index in window:  # in training order
                 if pass_index == 0:
                     states[index].carry_over(_predecessor(index, states, saved))
+                    saved.pop(index - 1, None)  # read by this checkpoint only
                 if states[index].passes > pass_index:
                     states[index].end_pass(pass_index)
         for index in window:
             finished(index, states[index])
-    return states
+        saved[window[-1]] = dict(states[window[-1]].estimators)  # what the next window's carry_over reads
+        for index in window:
+            del states[index]
 
 
 def _predecessor(index: int, states: dict[int, CheckpointState], saved: dict) -> dict[str, Estimator]:
-    """The estimators of checkpoint *index* − 1 (analysed now, or restored from an earlier run)."""
+    """The estimators of checkpoint *index* − 1 (in flight, finished in an earlier window, or restored
+    from an earlier run)."""
     if index - 1 in states:
         return dict(states[index - 1].estimators)
     return saved.get(index - 1) or {}

@@ -108,6 +108,13 @@ class InProcessParallel(SequentialExecutor):
         return [self.run_task(copied(task)) for task in tasks]
 
 
+def drive_all(*args, **keywords) -> dict:
+    """:func:`drive`, returning each checkpoint's final state by index, in the order they finished."""
+    states: dict = {}
+    drive(*args, finished=lambda index, state: states.__setitem__(index, state), **keywords)
+    return states
+
+
 def events(kind: str, checkpoint: int | None = None) -> list[tuple]:
     return [e for e in JOURNAL if e[0] == kind and (checkpoint is None or e[1] == checkpoint)]
 
@@ -117,9 +124,8 @@ def test_the_driver_runs_every_pass_of_every_shard_then_merges_then_ends_the_pas
     JOURNAL.clear()
     feeder = Feeder(shards=3)
     executor = InProcessParallel(feeder.run, 3) if parallel else SequentialExecutor(feeder.run, 3)
-    finished = []
-    states = drive(2, 2, executor, Isolation, finished=lambda index, state: finished.append(index))
-    assert finished == [0, 1] and sorted(states) == [0, 1]
+    states = drive_all(2, 2, executor, Isolation)
+    assert list(states) == [0, 1]
     for checkpoint in (0, 1):
         # each pass: 3 shards × 2 batches, then shards 1 and 2 merged into shard 0, then one end_pass
         for pass_index in (0, 1):
@@ -143,6 +149,22 @@ def test_the_driver_runs_every_pass_of_every_shard_then_merges_then_ends_the_pas
         assert first_update_of_1 > JOURNAL.index(("end_pass", 0, 1))
 
 
+def test_checkpoints_run_one_by_one_are_released_once_their_successor_has_them():
+    import gc
+    import weakref
+
+    alive = {}
+
+    def finished(index, state):
+        alive[index] = weakref.ref(dict(state.estimators)["a"])
+        gc.collect()
+        alive_now = [i for i, ref in alive.items() if ref() is not None]
+        assert alive_now == [index], (index, alive_now)  # the predecessor went once carried over
+
+    drive(4, 2, SequentialExecutor(Feeder(shards=1).run), Isolation, finished=finished)
+    assert len(alive) == 4
+
+
 def test_a_failing_estimator_is_isolated_from_then_on_and_the_others_complete():
     JOURNAL.clear()
     feeder = Feeder(shards=2, analyses=("good", "bad"))
@@ -154,7 +176,7 @@ def test_a_failing_estimator_is_isolated_from_then_on_and_the_others_complete():
             dict(outcome.estimators)["bad"].fail_in = "end_pass"  # fails once the first pass is merged
         return outcome
 
-    states = drive(1, 2, SequentialExecutor(run, 2), lambda label: Isolation(label, lambda est: "journal-plugin"))
+    states = drive_all(1, 2, SequentialExecutor(run, 2), lambda label: Isolation(label, lambda est: "journal-plugin"))
     state = states[0]
     assert list(state.isolation.failures) == ["bad"]
     failure = state.isolation.failures["bad"]
@@ -184,11 +206,9 @@ def test_restored_checkpoints_are_skipped_and_handed_to_their_successor():
     saved = Journal()
     saved.first_pass_total, saved.checkpoint, saved.pass_index = 123.0, 0, 2
     feeder = Feeder(shards=1)
-    finished = []
-    states = drive(2, 2, SequentialExecutor(feeder.run), Isolation,
-                   restored=lambda index: {"a": saved} if index == 0 else None,
-                   finished=lambda index, state: finished.append(index))
-    assert sorted(states) == [1] and finished == [1] and not events("update", 0)
+    states = drive_all(2, 2, SequentialExecutor(feeder.run), Isolation,
+                       restored=lambda index: {"a": saved} if index == 0 else None)
+    assert list(states) == [1] and not events("update", 0)
     assert dict(states[1].estimators)["a"].carried == 123.0
 
 
@@ -226,7 +246,8 @@ def test_the_order_in_which_the_driver_merges_shards_does_not_change_records(sin
                 outcomes = [worker.run(pickle.loads(pickle.dumps(task))) for task in tasks]
                 return [outcomes[3 * (i // 3) + permutation[i % 3]] for i in range(len(outcomes))]
 
-        states = drive(len(checkpoints), plan.passes, Permuted(), lambda label: Isolation(label, plan.host.origin_of))
+        states = drive_all(len(checkpoints), plan.passes, Permuted(),
+                           lambda label: Isolation(label, plan.host.origin_of))
         records = [r for index in sorted(states) for r in finish_checkpoint(plan, states[index]).records]
         assert_records_close(records, single_process.records, rtol=0, atol=1e-9)
 

@@ -70,8 +70,10 @@ def _drive(make: Factory, shards: Sequence[Sequence[TensorBatch]], checkpoints: 
     """The estimator of every checkpoint after the driver ran all its passes over *shards*."""
     feeder = _BatchFeeder(make, shards)
     executor = _WorkerExecutor(feeder) if in_workers else SequentialExecutor(feeder.run, len(shards))
-    states = drive(checkpoints, make().passes, executor, lambda label: Isolation(label, strict=True))
-    return [dict(states[index].estimators)[ANALYSIS] for index in range(checkpoints)]
+    ended: dict[int, Estimator] = {}
+    drive(checkpoints, make().passes, executor, lambda label: Isolation(label, strict=True),
+          finished=lambda index, state: ended.update({index: dict(state.estimators)[ANALYSIS]}))
+    return [ended[index] for index in range(checkpoints)]
 
 
 def feed(estimator: Estimator, batches: Sequence[TensorBatch]) -> Estimator:

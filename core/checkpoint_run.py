@@ -133,10 +133,10 @@ def _feed_plan(plan: RunPlan, analysis_id: str, estimator, loaded: LoadedModel, 
     return runner.provider, {"groups": len(runner.groups or []), "peak_fetched_bytes": runner.peak_fetched_bytes}
 
 
-def describe_model(loaded: LoadedModel) -> dict:
-    """The model details that ``results.json`` lists for a checkpoint (its hash included)."""
-    return {"label": loaded.label, "source": loaded.source, "framework": loaded.framework,
-            "sha256": hashlib.sha256(loaded.proto.SerializeToString()).hexdigest(),
+def describe_model(loaded: LoadedModel, sha256: str) -> dict:
+    """The model details that ``results.json`` lists for a checkpoint, with *sha256*, the hash of its
+    serialized graph."""
+    return {"label": loaded.label, "source": loaded.source, "framework": loaded.framework, "sha256": sha256,
             **({"external_data": "memory-mapped into onnxruntime (the hash covers the graph and the data "
                                  "references)"} if loaded.external_dir else {}),
             **loaded.details}
@@ -154,22 +154,25 @@ class ShardWorker:
         #: Advanced batch by batch (the in-process engine's live bar); off in workers, whose tasks the
         #: driver counts as they return.
         self.progress = progress or Progress(0, enabled=False)
-        self._loaded: tuple[int, LoadedModel, list] | None = None  # the last checkpoint loaded, its tensors
+        self._loaded: tuple | None = None  # the last checkpoint loaded: index, model, tensors, sha256
 
-    def load(self, index: int) -> tuple[LoadedModel, list]:
-        """Checkpoint *index* loaded, with its tensors (the previous task's when it was the same)."""
+    def load(self, index: int) -> tuple[LoadedModel, list[TensorInfo], str]:
+        """Checkpoint *index* loaded, with its tensors and the sha256 of its graph (the previous task's
+        when it was the same checkpoint); the graph is serialized once for both."""
         if self._loaded is None or self._loaded[0] != index:
             self._loaded = None  # the previous model is released before the next one loads
             loaded = self.plan.adapter.load(self.checkpoints[index], self.plan.spec, self.example)
-            self._loaded = (index, loaded, describe_tensors(loaded.proto, loaded.layer_of))
-        return self._loaded[1], self._loaded[2]
+            serialized = loaded.proto.SerializeToString()
+            self._loaded = (index, loaded, describe_tensors(loaded.proto, loaded.layer_of, serialized),
+                            hashlib.sha256(serialized).hexdigest())
+        return self._loaded[1:]
 
     def run(self, task: ShardTask) -> ShardOutcome:
         """Feed pass ``task.pass_index`` of shard ``task.shard`` to the task's estimators (fresh ones
         when it carries none); a user error comes back as the outcome's ``error``."""
         label = self.checkpoints[task.checkpoint].label
         try:
-            loaded, tensors = self.load(task.checkpoint)
+            loaded, tensors, sha256 = self.load(task.checkpoint)
             estimators = task.estimators
             if estimators is None:  # the first pass: fresh estimators
                 estimators = build_estimators(self.plan, loaded, tensors)
@@ -188,4 +191,4 @@ class ShardWorker:
         except UserError as error:
             return ShardOutcome(label, error=str(error))
         return ShardOutcome(label, estimators, isolation.failures, isolation.warnings, provider, fetches,
-                            describe_model(loaded) if task.describe else None, samples=span[1] - span[0])
+                            describe_model(loaded, sha256) if task.describe else None, samples=span[1] - span[0])

@@ -115,10 +115,12 @@ def _tensor_type(type_proto: onnx.TypeProto | None) -> tuple[str | None, tuple[D
     return dtype, shape, ""
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Run ONNX shape inference; a model it rejects is a user error naming the problem."""
+def infer_shapes(model: onnx.ModelProto, serialized: bytes | None = None) -> onnx.ModelProto:
+    """Run ONNX shape inference (on *serialized*, the model's bytes, when the caller has them: the
+    model is then not serialized again); a model it rejects is a user error naming the problem."""
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(model if serialized is None else serialized, strict_mode=False,
+                                                 data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
         raise UserError(f"ONNX shape inference failed on the model: {error}") from None
 
@@ -141,11 +143,12 @@ def _subgraph_tensors(node: onnx.NodeProto, layer_of: Callable[[onnx.NodeProto],
     return found
 
 
-def describe_tensors(model: onnx.ModelProto,
-                     layer_of: Callable[[onnx.NodeProto], str] = layer_name) -> list[TensorInfo]:
+def describe_tensors(model: onnx.ModelProto, layer_of: Callable[[onnx.NodeProto], str] = layer_name,
+                     serialized: bytes | None = None) -> list[TensorInfo]:
     """Every tensor of *model* (inputs, node outputs, subgraph values) with observability and a
-    unique layer label (:func:`layerscope.layer_names.call_labels`)."""
-    inferred = infer_shapes(model)
+    unique layer label (:func:`layerscope.layer_names.call_labels`); *serialized*: the model's bytes,
+    when the caller has them."""
+    inferred = infer_shapes(model, serialized)
     types = _value_types(inferred)
     layouts = infer_layouts(model)
     graph = inferred.graph

@@ -120,7 +120,7 @@ def load_onnx_file(path: Path) -> tuple[onnx.ModelProto, Path | None]:
     path = regular_file(path, "model.source")
     try:
         model = onnx.load(str(path), load_external_data=False)
-        if external_data_bytes(model) + model.ByteSize() > PROTOBUF_LIMIT:
+        if external_data_bytes(model) + path.stat().st_size > PROTOBUF_LIMIT:  # the file is the proto's bytes
             return model, path.parent
         onnx.load_external_data_for_model(model, str(path.parent))
         return model, None

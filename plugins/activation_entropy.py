@@ -85,19 +85,37 @@ def strictly_above(values: torch.Tensor, threshold: float) -> torch.Tensor:
     return values > bound.to(values.device)
 
 
+WIDE = 2**14  # neurons from which column_counts adds rows one by one
+
+
+def column_counts(on: torch.Tensor) -> torch.Tensor:
+    """Per-neuron count of a (samples, neurons) on/off matrix, as int32. torch's reduction over the
+    rows slows down sharply on wide matrices (measured on one thread: 54 ms for 32 × 802,816, against
+    4.5 ms adding the rows one by one; from 2^14 neurons on the rows are faster), so wide matrices
+    are added up row by row."""
+    if on.shape[1] < WIDE:
+        return on.sum(dim=0, dtype=torch.int32)
+    total = torch.zeros(on.shape[1], dtype=torch.int32, device=on.device)
+    for row in on:
+        total += row
+    return total
+
+
 def on_counts_by_class(on: torch.Tensor, labels: torch.Tensor | None):
     """Yield ``(class key, samples, per-neuron on-counts)`` for ``"all"`` and every class present in a
-    (samples, neurons) on/off matrix, the counts as int32 on the host. Each class's count is one
-    sum over its rows and the pooled count is their total: exact, with no float copy of the matrix
-    (on 32 rows of 50,176 neurons 4.7x faster than one ``index_add`` of the rows, 1.5x at 802,816)."""
+    (samples, neurons) on/off matrix, the counts as int32 on the host. Each class's count is the
+    :func:`column_counts` of its rows and the pooled count is their total: exact, with no float copy
+    of the matrix (on 32 rows of 50,176 neurons 4.7x faster than one ``index_add`` of the rows)."""
     if labels is None:
-        yield ALL, on.shape[0], on.sum(dim=0, dtype=torch.int32).cpu()
+        yield ALL, on.shape[0], column_counts(on).cpu()
         return
     labels = labels.reshape(-1).to(on.device)
     classes, sizes = torch.unique(labels, return_counts=True)
-    per_class = [(int(key), int(size), on[labels == key].sum(dim=0, dtype=torch.int32).cpu())
-                 for key, size in zip(classes, sizes)]
-    yield ALL, on.shape[0], torch.stack([counts for _, _, counts in per_class]).sum(dim=0, dtype=torch.int32)
+    per_class = [(int(key), int(size), column_counts(on[labels == key]).cpu()) for key, size in zip(classes, sizes)]
+    pooled = per_class[0][2].clone()
+    for _, _, counts in per_class[1:]:
+        pooled += counts
+    yield ALL, on.shape[0], pooled
     yield from per_class
 
 

@@ -143,3 +143,19 @@ def test_entropy_lookup_by_count_equals_the_direct_computation():
     counts = torch.from_numpy(np.random.default_rng(3).integers(0, 38, 100_000))
     direct = binary_entropy_bits(counts.to(torch.float64) / 37)
     assert mean_binary_entropy_bits(counts, 37) == (float(direct.mean()), float(direct.sum()))
+
+
+@pytest.mark.parametrize("neurons", [7, 2**14 - 1, 2**14, 40_000])
+def test_on_counts_by_class_are_exact_on_narrow_and_wide_matrices(neurons):
+    from layerscope.plugins.activation_entropy import on_counts_by_class
+
+    generator = torch.Generator().manual_seed(neurons)
+    on = torch.rand(37, neurons, generator=generator) > 0.3
+    labels = torch.randint(0, 4, (37,), generator=generator)
+    counted = {key: (size, counts) for key, size, counts in on_counts_by_class(on, labels)}
+    assert counted["all"][0] == 37 and torch.equal(counted["all"][1], on.sum(0).to(torch.int32))
+    for key in labels.unique().tolist():
+        assert counted[key][0] == int((labels == key).sum())
+        assert torch.equal(counted[key][1], on[labels == key].sum(0).to(torch.int32))
+    ((key, size, counts),) = on_counts_by_class(on, None)
+    assert key == "all" and size == 37 and torch.equal(counts, on.sum(0).to(torch.int32))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from layerscope.data import iter_batches, sample_order
 from layerscope.errors import UserError
@@ -123,3 +126,38 @@ def test_digits_are_read_from_the_cache_without_scikit_learn(tmp_path):
                                               stratify=digits.target, random_state=0)
     assert first[:2] == [f"({len(x_train)},", "64)"]
     assert int(first[2]) == int(y_train.sum()) and float(first[3]) == round(float(x_train.sum()), 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), width=st.sampled_from([(1,), (3,), (2, 5)]),
+       dtype=st.sampled_from(["float32", "int64", "bool", "float16"]), data=st.data())
+def test_rows_of_a_stored_npz_member_are_read_exactly(tmp_path_factory, rows, width, dtype, data):
+    """Shuffled, repeated, consecutive and negative indices read in place equal numpy's own reading."""
+    import zipfile
+
+    from layerscope.plugins.data.npz_arrays import NpyMember
+
+    array = (np.arange(rows * math.prod(width)).reshape(rows, *width) % 7).astype(dtype)
+    path = tmp_path_factory.mktemp("npz") / "a.npz"
+    np.savez(path, x=array)
+    indices = np.array(data.draw(st.lists(st.integers(-rows, rows - 1), max_size=3 * rows)), dtype=np.int64)
+    with zipfile.ZipFile(path) as archive:
+        member = NpyMember(path, archive, "x")
+    got = member[indices]
+    assert got.dtype == array.dtype and np.array_equal(got, array[indices])
+
+
+def test_a_truncated_stored_npz_is_a_user_error(tmp_path):
+    import zipfile
+
+    from layerscope.plugins.data.npz_arrays import NpyMember
+
+    path = tmp_path / "a.npz"
+    np.savez(path, x=np.ones((100, 64), np.float32))
+    with zipfile.ZipFile(path) as archive:
+        member = NpyMember(path, archive, "x")
+    with open(path, "r+b") as handle:
+        handle.truncate(member._data_offset() + 10 * 64 * 4)
+    assert np.array_equal(member[[0, 9]], np.ones((2, 64), np.float32))
+    with pytest.raises(UserError, match="data.path: .*a.npz ends before the data its header announces"):
+        member[[5, 50]]

@@ -101,6 +101,15 @@ def column_counts(on: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def class_keys(labels: torch.Tensor | None, size: int) -> list[tuple[object, torch.Tensor]]:
+    """(class key, row mask) pairs for every label present, plus ``"all"``."""
+    keys: list[tuple[object, torch.Tensor]] = [(ALL, torch.ones(size, dtype=torch.bool))]
+    if labels is not None:
+        labels = labels.reshape(size).cpu()
+        keys += [(int(c), labels == c) for c in torch.unique(labels).tolist()]
+    return keys
+
+
 def on_counts_by_class(on: torch.Tensor, labels: torch.Tensor | None):
     """Yield ``(class key, samples, per-neuron on-counts)`` for ``"all"`` and every class present in a
     (samples, neurons) on/off matrix, the counts as int32 on the host. Each class's count is the
@@ -109,23 +118,13 @@ def on_counts_by_class(on: torch.Tensor, labels: torch.Tensor | None):
     if labels is None:
         yield ALL, on.shape[0], column_counts(on).cpu()
         return
-    labels = labels.reshape(-1).to(on.device)
-    classes, sizes = torch.unique(labels, return_counts=True)
-    per_class = [(int(key), int(size), column_counts(on[labels == key]).cpu()) for key, size in zip(classes, sizes)]
+    per_class = [(key, int(mask.sum()), column_counts(on[mask.to(on.device)]).cpu())
+                 for key, mask in class_keys(labels, on.shape[0]) if key != ALL]
     pooled = per_class[0][2].clone()
     for _, _, counts in per_class[1:]:
         pooled += counts
     yield ALL, on.shape[0], pooled
     yield from per_class
-
-
-def class_keys(labels: torch.Tensor | None, size: int) -> list[tuple[object, torch.Tensor]]:
-    """(class key, row mask) pairs for every label present, plus ``"all"``."""
-    keys: list[tuple[object, torch.Tensor]] = [(ALL, torch.ones(size, dtype=torch.bool))]
-    if labels is not None:
-        labels = labels.reshape(size).cpu()
-        keys += [(int(c), labels == c) for c in torch.unique(labels).tolist()]
-    return keys
 
 
 # --- the estimator ----------------------------------------------------------------------

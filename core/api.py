@@ -48,14 +48,13 @@ def validate(spec: str | os.PathLike | dict, *, plugins: tuple[Any, ...] = (), w
     checked = ["spec structure", "estimator, data source and reporter names and parameters",
                *(["labels"] if plan.classes is not None else [])]
     if with_model:
-        from .checkpoint_run import build_estimators
-        from .graph import describe_tensors
+        from .checkpoint_run import ShardWorker, build_estimators
 
-        spec_model = plan.spec
-        example = plan.example()
-        for checkpoint in plan.adapter.checkpoints(plan.model, spec_model):
-            loaded = plan.adapter.load(checkpoint, spec_model, example)
-            estimators = build_estimators(plan, loaded, describe_tensors(loaded.proto, loaded.layer_of))
+        checkpoints = plan.adapter.checkpoints(plan.model, plan.spec)
+        worker = ShardWorker(plan, checkpoints, [(0, len(plan.order))], plan.order, plan.example())
+        for index, checkpoint in enumerate(checkpoints):
+            loaded, tensors, _ = worker.load(index)
+            estimators = build_estimators(plan, loaded, tensors)
             checked.append(f"model {checkpoint.label}: " + ", ".join(
                 f"{aid} selects {len(est.tensors)} tensors" for aid, est in estimators))
     return checked

@@ -16,7 +16,7 @@ import torch
 
 from .data import iter_batches
 from .errors import UserError
-from .estimator import DataBatch, TensorBatch
+from .estimator import DataBatch, Estimator, TensorBatch
 from .graph import TensorInfo, describe_tensors
 from .lifecycle import Estimators, Isolation, ShardOutcome, ShardTask, analyses_in_pass
 from .model import Checkpoint, LoadedModel
@@ -107,7 +107,7 @@ def _feed_pass(plan: RunPlan, active: Estimators, tensors, loaded: LoadedModel,
     return runner.provider, {"groups": len(runner.groups or []), "peak_fetched_bytes": runner.peak_fetched_bytes}
 
 
-def _feed_plan(plan: RunPlan, analysis_id: str, estimator, loaded: LoadedModel, tensors,
+def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, loaded: LoadedModel, tensors,
                order: np.ndarray, span: Span, progress: Progress, isolation: Isolation) -> tuple[str, dict]:
     """The input-plan pass of one estimator over the batches of *span*, evaluated by the runner."""
     spec = plan.spec
@@ -140,8 +140,6 @@ def describe_model(loaded: LoadedModel, sha256: str) -> dict:
             **({"external_data": "memory-mapped into onnxruntime (the hash covers the graph and the data "
                                  "references)"} if loaded.external_dir else {}),
             **loaded.details}
-
-
 
 
 class ShardWorker:

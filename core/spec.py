@@ -33,7 +33,7 @@ class StrictModel(BaseModel):
 
 class ModelSection(BaseModel):
     """Model section: ``source`` names the model; every other key belongs to the adapter that claims
-    it, which validates the whole section with its own ``Params`` (:func:`layerscope.model.model_params`)."""
+    it, which validates the whole section with its own ``Params`` (a :class:`layerscope.model.ModelParams`)."""
 
     model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
     source: Any = Field(None, description="a .onnx / .pt2 / .keras file, 'demo:NAME', or (from Python) a model object")

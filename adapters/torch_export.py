@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import onnx
 from pydantic import Field, model_validator
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
+from layerscope.data import Samples
 from layerscope.errors import ANSI_ESCAPES, UserError, exception_summary
 from layerscope.files import regular_file
 from layerscope.model import ModelParams
@@ -39,7 +42,7 @@ def _strip_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def export_to_onnx(model, example: np.ndarray | None = None) -> onnx.ModelProto:
+def export_to_onnx(model, example: Samples | None = None) -> onnx.ModelProto:
     """Export an ``nn.Module`` (traced on *example*, batch axis symbolic) or an ``ExportedProgram``:
     :func:`export_unoptimized` then :func:`optimized`, which is what ``torch.onnx.export`` does."""
     return optimized(export_unoptimized(model, example))
@@ -59,26 +62,75 @@ def optimized(raw: onnx.ModelProto) -> onnx.ModelProto:
         return _strip_metadata(onnx_ir.to_proto(model))
 
 
-def export_unoptimized(model, example: np.ndarray | None = None) -> onnx.ModelProto:
-    """The graph ``torch.onnx.export`` traces, before optimisation: its initializers are the model's
-    parameters and buffers under their own names (what :func:`.export_cache.with_weights` swaps)."""
+def tracing_inputs(example: Samples):
+    """``(args, kwargs, dynamic_shapes)`` to trace a module on *example*: one array is the positional
+    argument, a mapping the keyword arguments by input name. Element types are the data's (floats as
+    float32, integers as int64: token ids stay ids); the batch axis is symbolic, and so is the second
+    axis of integer inputs (the sequence of token ids and masks). A batch of one is doubled, since
+    torch.export would specialise a batch axis of size 1."""
     import torch
 
-    args: tuple = ()
-    dynamic_shapes = None
+    def tensor(array) -> torch.Tensor:
+        array = np.asarray(array)
+        dtype = np.float32 if array.dtype.kind == "f" else np.int64 if array.dtype.kind in "iu" else array.dtype
+        value = torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
+        return torch.cat([value, value]) if value.shape[0] < 2 else value
+
+    batch = torch.export.Dim("batch")
+
+    def dims(value: torch.Tensor) -> dict:
+        sequence = {1: torch.export.Dim.AUTO} if not value.is_floating_point() and value.ndim >= 2 else {}
+        return {0: batch, **sequence}
+
+    if isinstance(example, Mapping):
+        kwargs = {name: tensor(array) for name, array in example.items()}
+        return (), kwargs, {name: dims(value) for name, value in kwargs.items()}
+    value = tensor(example)
+    return (value,), {}, (dims(value),)
+
+
+@contextmanager
+def _without_cache(model):
+    """*model* with ``config.use_cache`` off while it is traced: Hugging Face decoders otherwise return
+    a key/value cache object, which the exporter cannot flatten (and an analysis never reads)."""
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached:
+        config.use_cache = False
+    try:
+        yield model
+    finally:
+        if cached:
+            config.use_cache = cached
+
+
+def export_unoptimized(model, example: Samples | None = None) -> onnx.ModelProto:
+    """The graph ``torch.onnx.export`` traces, before optimisation: its initializers are the model's
+    parameters and buffers under their own names (what :func:`.export_cache.with_weights` swaps).
+
+    When the exporter's own decomposition of the traced program fails (T5's attention, for one), the
+    program is decomposed with torch's default table instead and converted again; the graph then
+    holds the same computation in smaller ops, with the same module paths.
+    """
+    import torch
+
+    args, kwargs, dynamic_shapes = (), {}, None
     if isinstance(model, torch.nn.Module):
         if example is None:
             raise UserError("model.source: exporting a torch module needs example inputs; give a spec with data")
-        batch = torch.from_numpy(np.ascontiguousarray(example, dtype=np.float32))
-        if batch.shape[0] < 2:  # a batch of one would be specialised to a fixed size
-            batch = torch.cat([batch, batch])
-        args = (batch,)
-        dynamic_shapes = ({0: torch.export.Dim("batch")},)
+        args, kwargs, dynamic_shapes = tracing_inputs(example)
         model = model.eval()
     try:
-        with quiet("torch", "torch.onnx", "torch.export", "onnxscript"):
-            program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                        external_data=False, verbose=False, optimize=False)
+        with quiet("torch", "torch.onnx", "torch.export", "onnxscript"), _without_cache(model):
+            try:
+                program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                            external_data=False, verbose=False, optimize=False)
+            except Exception as error:
+                if "Failed to decompose" not in str(error) or not isinstance(model, torch.nn.Module):
+                    raise
+                decomposed = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
+                program = torch.onnx.export(decomposed, dynamo=True, external_data=False, verbose=False,
+                                            optimize=False)
     except Exception as error:
         raise UserError(f"model.source: torch.onnx.export could not export the model: {export_failure(error)}; "
                         "change the model so that torch.export can trace it, or export it to ONNX yourself and "
@@ -212,7 +264,7 @@ class TorchAdapter(Adapter):
         """The optimised graph of *model*: its weights swapped into the unoptimised graph of an earlier
         checkpoint of the same factory and input shape, optimised and checked against the model with
         onnxruntime; or, failing that, a new trace."""
-        architecture = (ref[0] if isinstance(ref, tuple) else id(type(model)), tuple(np.shape(example)[1:]))
+        architecture = (ref[0] if isinstance(ref, tuple) else id(type(model)), repr(example_signature(example)))
         if architecture in self._graphs and not isinstance(ref, Path):
             swapped = with_weights(self._graphs[architecture], model.state_dict(), unused=True)
             if swapped is not None:
@@ -224,7 +276,7 @@ class TorchAdapter(Adapter):
         return optimized(raw)
 
 
-def _same_outputs(proto: onnx.ModelProto, model, example) -> bool:
+def _same_outputs(proto: onnx.ModelProto, model, example: Samples) -> bool:
     """True when *proto* computes what *model* does on *example* (1e-4 relative), checked with
     onnxruntime: a swapped graph is used only when it reproduces the model."""
     import onnxruntime as ort
@@ -232,21 +284,30 @@ def _same_outputs(proto: onnx.ModelProto, model, example) -> bool:
 
     try:
         session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        batch = np.ascontiguousarray(example, dtype=np.float32)
-        got = session.run(None, {session.get_inputs()[0].name: batch})
-        with torch.no_grad():
-            expected = model.eval()(torch.from_numpy(batch))
-        expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+        args, kwargs, _ = tracing_inputs(example)
+        feeds = {name: v.numpy() for name, v in kwargs.items()} if kwargs else \
+            {i.name: v.numpy() for i, v in zip(session.get_inputs(), args)}
+        got = session.run(None, feeds)
+        with torch.no_grad(), _without_cache(model):
+            expected = torch.utils._pytree.tree_leaves(model.eval()(*args, **kwargs))
         return len(got) == len(expected) and all(
             np.allclose(g, e.numpy(), rtol=1e-4, atol=1e-5) for g, e in zip(got, expected))
     except Exception:
         return False
 
 
+def example_signature(example: Samples | None) -> list | None:
+    """What an export depends on in the example: each input's name, element kind and sample shape."""
+    if example is None:
+        return None
+    named = example.items() if isinstance(example, Mapping) else [(None, example)]
+    return [[name, np.asarray(a).dtype.kind, list(np.shape(a)[1:])] for name, a in named]
+
+
 def _export_key(model, ref, example) -> dict | None:
     """What an export depends on (None: unknown, do not cache): the ``.pt2`` file, or the module tree
     (its ``repr``), the source files of every module class in it and of the ``python:`` factory,
-    and the weights; the example's sample shape; the versions of torch and layerscope."""
+    and the weights; the example's inputs (:func:`example_signature`); the versions of torch and layerscope."""
     import inspect
 
     import torch
@@ -267,7 +328,7 @@ def _export_key(model, ref, example) -> dict | None:
     if any(digest is None for digest in digests):
         return None
     return {"layerscope": __version__, "torch": torch.__version__, "code": digests, "model": structure,
-            "sample_shape": list(np.shape(example)[1:]) if example is not None else None}
+            "inputs": example_signature(example)}
 
 
 @hookimpl

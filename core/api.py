@@ -53,8 +53,8 @@ def validate(spec: str | os.PathLike | dict, *, plugins: tuple[Any, ...] = (), w
         checkpoints = plan.adapter.checkpoints(plan.model, plan.spec)
         worker = ShardWorker(plan, checkpoints, [(0, len(plan.order))], plan.order, plan.example())
         for index, checkpoint in enumerate(checkpoints):
-            loaded, tensors, _ = worker.load(index)
-            estimators = build_estimators(plan, loaded, tensors)
-            checked.append(f"model {checkpoint.label}: " + ", ".join(
+            model = worker.load(index)  # checks the data against the model's inputs
+            estimators = build_estimators(plan, model.loaded, model.tensors)
+            checked.append(f"model {checkpoint.label}: inputs {model.feeds.describe()}; " + ", ".join(
                 f"{aid} selects {len(est.tensors)} tensors" for aid, est in estimators))
     return checked

@@ -10,13 +10,15 @@ stream through the runner, or an estimator's own input plan.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .data import iter_batches
+from .data import Samples, iter_batches
 from .errors import UserError
-from .estimator import DataBatch, Estimator, TensorBatch
+from .estimator import DataBatch, Estimator, PlanBatch, TensorBatch
+from .feeds import ModelFeeds
 from .graph import TensorInfo, describe_tensors
 from .lifecycle import Estimators, Isolation, ShardOutcome, ShardTask, analyses_in_pass
 from .model import Checkpoint, LoadedModel
@@ -28,15 +30,20 @@ from .selectors import resolve
 Span = tuple[int, int]
 
 
+@dataclass
+class CheckpointModel:
+    """A checkpoint loaded for a run: the graph, its tensors (constant inputs unobservable), the sha256
+    of the serialized graph and how batches feed it."""
+
+    loaded: LoadedModel
+    tensors: list[TensorInfo]
+    sha256: str
+    feeds: ModelFeeds
+
+
 def build_estimators(plan: RunPlan, loaded: LoadedModel, tensors: list[TensorInfo]) -> Estimators:
     """Instantiate every analysis on the tensors its selector picks among *tensors*, the description of
-    *loaded* (a single-input model)."""
-    initializers = {t.name for t in loaded.proto.graph.initializer}
-    inputs = [i.name for i in loaded.proto.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise UserError(f"{plan.where('model', 'source')}: model.source: the model has {len(inputs)} inputs "
-                        f"({', '.join(inputs)}); layerscope currently analyses single-input models "
-                        f"(model {loaded.label})")
+    *loaded*."""
     built = []
     for planned in plan.analyses:
         selector = planned.section.on or planned.estimator_class.selector()
@@ -71,61 +78,86 @@ def splittable(estimators) -> set[str]:
     return read_by([e for e in estimators if not e.per_batch]) - read_by([e for e in estimators if e.per_batch])
 
 
-def _feed_pass(plan: RunPlan, active: Estimators, tensors, loaded: LoadedModel,
-               order: np.ndarray, span: Span, progress: Progress, isolation: Isolation) -> tuple[str, dict]:
+class FedBatch:
+    """A prepared batch as estimators see it: the feeds as torch tensors, labels and token mask, cut to
+    the rows of a fetch."""
+
+    def __init__(self, model: CheckpointModel, samples: Samples, labels: np.ndarray | None, source: str):
+        feeds = model.feeds.prepare(samples, source)
+        self.arrays = feeds
+        self.feeds = {name: to_torch(array) for name, array in feeds.items()}
+        self.primary = self.feeds[model.feeds.primary.name]
+        mask = model.feeds.mask(feeds)
+        self.mask = torch.from_numpy(mask) if mask is not None else None
+        self.labels = torch.from_numpy(np.asarray(labels)) if labels is not None else None
+        self.size = len(self.primary)
+
+    def batch(self, tensors: dict, start: int, rows: slice = slice(None), plan: PlanBatch | None = None
+              ) -> TensorBatch:
+        """A :class:`TensorBatch` of *tensors* for *rows* of this batch; *start* is the first sample of the
+        data batch. A data batch's rows start at ``start + rows.start``; the rows of an input plan's batch
+        (*plan*) are recorded with it and keep *start*."""
+        return TensorBatch(tensors, self.primary[rows], None if self.labels is None else self.labels[rows],
+                           start if plan is not None else start + (rows.start or 0), plan=plan,
+                           rows=rows if plan is not None else None,
+                           feeds={n: v[rows] for n, v in self.feeds.items()},
+                           token_mask=None if self.mask is None else self.mask[rows])
+
+
+def _feed_pass(plan: RunPlan, active: Estimators, model: CheckpointModel, order: np.ndarray, span: Span,
+               progress: Progress, isolation: Isolation) -> tuple[str, dict]:
     """One pass over the batches of *span* for *active* estimators; returns (provider that ran, fetch statistics)."""
-    spec = plan.spec
+    spec, loaded = plan.spec, model.loaded
     atomic = list(dict.fromkeys(group for _, est in active for group in est.fetch_groups()))
-    runner = Runner(loaded.proto, tensors, atomic, spec.runtime.device, spec.runtime.memory_budget,
-                    spec.data.batch_size, splittable([est for _, est in active]), loaded.external_dir)
+    runner = Runner(loaded.proto, model.tensors, atomic, spec.runtime.device, spec.runtime.memory_budget,
+                    spec.data.batch_size, splittable([est for _, est in active]), loaded.external_dir, model.feeds)
     wanted = [{name for group in est.fetch_groups() for name in group} for _, est in active]
     nonfinite: set[str] = set()
     for batch_index, (start, x, y) in enumerate(iter_batches(plan.data, order, spec.data.batch_size, span=span,
                                                                          classes=plan.classes)):
-        x = runner.prepare(x)
-        inputs = to_torch(x)
-        labels = torch.from_numpy(np.asarray(y)) if y is not None else None
+        fed = FedBatch(model, x, y, plan.data.describe())
         for (aid, estimator), names in zip(active, wanted):
             if not names:  # reads only the data this pass (e.g. to fit a basis)
-                isolation.call(aid, estimator, "update", estimator.update, TensorBatch({}, inputs, labels, start))
-        for part, fetched in runner.run(x):
+                isolation.call(aid, estimator, "update", estimator.update, fed.batch({}, start))
+        for part, fetched in runner.run(fed.arrays):
             nonfinite.update(name for name, value in fetched.items() if not all_finite(value))
             for (aid, estimator), names in zip(active, wanted):
                 mine = {name: value for name, value in fetched.items() if name in names}
                 if mine:
-                    batch = TensorBatch(mine, inputs[part], None if labels is None else labels[part],
-                                        start + (part.start or 0))
+                    batch = fed.batch(mine, start, part)
                     isolation.call(aid, estimator, "update", estimator.update, batch)
                     del batch
                 del mine
             del fetched  # released before the runner fetches the next group (one group's tensors at a time)
-        plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=len(x))
-        progress.advance(len(x), f"{loaded.label}")
+        plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=fed.size)
+        progress.advance(fed.size, f"{loaded.label}")
     for name in sorted(nonfinite):
         isolation.warnings.append(f"tensor '{name}' of {loaded.label} contains NaN or Inf values; estimates that read "
                                   "it may be meaningless")
     return runner.provider, {"groups": len(runner.groups or []), "peak_fetched_bytes": runner.peak_fetched_bytes}
 
 
-def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, loaded: LoadedModel, tensors,
+def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, model: CheckpointModel,
                order: np.ndarray, span: Span, progress: Progress, isolation: Isolation) -> tuple[str, dict]:
     """The input-plan pass of one estimator over the batches of *span*, evaluated by the runner."""
-    spec = plan.spec
-    model = estimator.transform_model(loaded.proto)
-    if model is not loaded.proto:
-        tensors = describe_tensors(model, loaded.layer_of)
-    runner = Runner(model, tensors, estimator.fetch_groups(), spec.runtime.device, spec.runtime.memory_budget,
-                    estimator.plan_rows(spec.data.batch_size), splittable([estimator]), loaded.external_dir)
+    spec, loaded, tensors = plan.spec, model.loaded, model.tensors
+    proto = estimator.transform_model(loaded.proto)
+    if proto is not loaded.proto:  # new inputs (e.g. principal components in front of the model)
+        described = describe_tensors(proto, loaded.layer_of)
+        model = CheckpointModel(loaded, described, model.sha256, ModelFeeds.for_model(described, model.feeds.constants))
+        tensors = model.feeds.mark_constants(described)
+    runner = Runner(proto, tensors, estimator.fetch_groups(), spec.runtime.device, spec.runtime.memory_budget,
+                    estimator.plan_rows(spec.data.batch_size), splittable([estimator]), loaded.external_dir,
+                    model.feeds)
     batches = iter_batches(plan.data, order, spec.data.batch_size, estimator.lookahead, span, plan.classes)
     for batch_index, (start, x, y) in enumerate(batches):
         size = min(spec.data.batch_size, span[1] - start)
         plans = isolation.call(analysis_id, estimator, "input_plan", list,
                                estimator.input_plan(DataBatch(x, y, start, size))) or []
         for plan_batch in plans:
-            rows = runner.prepare(plan_batch.inputs)
-            inputs = to_torch(rows)
-            for part, fetched in runner.run(rows):
-                batch = TensorBatch(fetched, inputs[part], None, start, plan=plan_batch, rows=part)
+            fed = FedBatch(model, plan_batch.inputs, None, f"{estimator.name} input plan")
+            for part, fetched in runner.run(fed.arrays):
+                batch = fed.batch(fetched, start, part, plan=plan_batch)
                 isolation.call(analysis_id, estimator, "update", estimator.update, batch)
                 del batch, fetched  # released before the runner fetches the next rows
         plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=size)
@@ -133,10 +165,15 @@ def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, loaded: Lo
     return runner.provider, {"groups": len(runner.groups or []), "peak_fetched_bytes": runner.peak_fetched_bytes}
 
 
-def describe_model(loaded: LoadedModel, sha256: str) -> dict:
-    """The model details that ``results.json`` lists for a checkpoint, with *sha256*, the hash of its
-    serialized graph."""
-    return {"label": loaded.label, "source": loaded.source, "framework": loaded.framework, "sha256": sha256,
+def describe_model(model: CheckpointModel) -> dict:
+    """The model details that ``results.json`` lists for a checkpoint: provenance, the sha256 of its
+    serialized graph, its data inputs and token mask."""
+    loaded, feeds = model.loaded, model.feeds
+    return {"label": loaded.label, "source": loaded.source, "framework": loaded.framework, "sha256": model.sha256,
+            "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape) if t.shape is not None else None}
+                       for t in feeds.inputs],
+            **({"constants": sorted(feeds.constants)} if feeds.constants else {}),
+            **({"token_mask": feeds.token_mask} if feeds.token_mask else {}),
             **({"external_data": "memory-mapped into onnxruntime (the hash covers the graph and the data "
                                  "references)"} if loaded.external_dir else {}),
             **loaded.details}
@@ -147,46 +184,53 @@ class ShardWorker:
     of the sample *order*; *example* is what adapters trace a model with."""
 
     def __init__(self, plan: RunPlan, checkpoints: list[Checkpoint], spans: list[Span], order: np.ndarray,
-                 example: np.ndarray, progress: Progress | None = None):
+                 example: Samples, progress: Progress | None = None):
         self.plan, self.checkpoints, self.spans, self.order, self.example = plan, checkpoints, spans, order, example
         #: Advanced batch by batch (the in-process engine's live bar); off in workers, whose tasks the
         #: driver counts as they return.
         self.progress = progress or Progress(0, enabled=False)
-        self._loaded: tuple | None = None  # the last checkpoint loaded: index, model, tensors, sha256
+        self._loaded: tuple[int, CheckpointModel] | None = None  # the last checkpoint loaded
 
-    def load(self, index: int) -> tuple[LoadedModel, list[TensorInfo], str]:
-        """Checkpoint *index* loaded, with its tensors and the sha256 of its graph (the previous task's
-        when it was the same checkpoint); the graph is serialized once for both."""
+    def load(self, index: int) -> CheckpointModel:
+        """Checkpoint *index* loaded (the previous task's when it was the same checkpoint), its inputs
+        checked against the data's first samples; the graph is serialized once for its tensors and its hash."""
         if self._loaded is None or self._loaded[0] != index:
             self._loaded = None  # the previous model is released before the next one loads
+            data = self.plan.spec.data
             loaded = self.plan.adapter.load(self.checkpoints[index], self.plan.spec, self.example)
             serialized = loaded.proto.SerializeToString()
-            self._loaded = (index, loaded, describe_tensors(loaded.proto, loaded.layer_of, serialized),
-                            hashlib.sha256(serialized).hexdigest())
-        return self._loaded[1:]
+            tensors = describe_tensors(loaded.proto, loaded.layer_of, serialized)
+            try:
+                feeds = ModelFeeds.for_model(tensors, data.constants, data.token_mask)
+            except UserError as error:
+                raise UserError(f"{self.plan.doc.where(('data',))}: {error} (model {loaded.label})") from None
+            feeds.prepare(self.example, self.plan.data.describe())  # the data fits the inputs, before any selector
+            self._loaded = (index, CheckpointModel(loaded, feeds.mark_constants(tensors),
+                                                   hashlib.sha256(serialized).hexdigest(), feeds))
+        return self._loaded[1]
 
     def run(self, task: ShardTask) -> ShardOutcome:
         """Feed pass ``task.pass_index`` of shard ``task.shard`` to the task's estimators (fresh ones
         when it carries none); a user error comes back as the outcome's ``error``."""
         label = self.checkpoints[task.checkpoint].label
         try:
-            loaded, tensors, sha256 = self.load(task.checkpoint)
+            model = self.load(task.checkpoint)
             estimators = task.estimators
             if estimators is None:  # the first pass: fresh estimators
-                estimators = build_estimators(self.plan, loaded, tensors)
-            isolation = Isolation(loaded.label, self.plan.host.origin_of)
+                estimators = build_estimators(self.plan, model.loaded, model.tensors)
+            isolation = Isolation(model.loaded.label, self.plan.host.origin_of)
             isolation.failures.update(task.failures)
             span = self.spans[task.shard]
             fed, planned = analyses_in_pass(estimators, task.pass_index, isolation.failures)
             provider, fetches, progress = "", [], self.progress
             if fed:
-                provider, fetch = _feed_pass(self.plan, fed, tensors, loaded, self.order, span, progress, isolation)
+                provider, fetch = _feed_pass(self.plan, fed, model, self.order, span, progress, isolation)
                 fetches.append(fetch)
             for analysis_id, estimator in planned:
-                provider, fetch = _feed_plan(self.plan, analysis_id, estimator, loaded, tensors, self.order, span,
-                                             progress, isolation)
+                provider, fetch = _feed_plan(self.plan, analysis_id, estimator, model, self.order, span, progress,
+                                             isolation)
                 fetches.append(fetch)
         except UserError as error:
             return ShardOutcome(label, error=str(error))
         return ShardOutcome(label, estimators, isolation.failures, isolation.warnings, provider, fetches,
-                            describe_model(loaded, sha256) if task.describe else None, samples=span[1] - span[0])
+                            describe_model(model) if task.describe else None, samples=span[1] - span[0])

@@ -7,9 +7,9 @@ with the run's seed, apply ``limit`` and stream batches without holding more tha
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Union
 
 import numpy as np
 from pydantic import BaseModel
@@ -18,6 +18,35 @@ from .errors import UserError
 from .estimator import NoParams
 from .labels import ClassLabels, classes_of
 from .units import format_bytes
+
+#: A batch of samples as data sources yield it: one array, or arrays by model input name.
+Samples = Union[np.ndarray, Mapping[str, np.ndarray]]
+
+DEFAULT_TOKEN_MASK = "attention_mask"
+
+
+def sample_count(samples: Samples) -> int:
+    """Samples in a batch (the first axis of its arrays)."""
+    if isinstance(samples, Mapping):
+        return len(next(iter(samples.values()))) if samples else 0
+    return len(samples)
+
+
+def take(samples: Samples, rows) -> Samples:
+    """The *rows* (an index array or a slice) of every array of a batch."""
+    if isinstance(samples, Mapping):
+        return {name: array[rows] for name, array in samples.items()}
+    return samples[rows]
+
+
+def arrays(samples: Samples) -> dict[str | None, np.ndarray]:
+    """A batch as named arrays (the key None for a single unnamed array)."""
+    return dict(samples) if isinstance(samples, Mapping) else {None: samples}
+
+
+def nbytes(samples: Samples) -> int:
+    """Bytes of a batch's arrays."""
+    return sum(np.asarray(array).nbytes for array in arrays(samples).values())
 
 
 class DataSource:
@@ -38,8 +67,9 @@ class DataSource:
     def has_labels(self) -> bool:
         raise NotImplementedError
 
-    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Samples (first axis = sample) and labels (or None) at *indices*."""
+    def read(self, indices: np.ndarray) -> tuple[Samples, np.ndarray | None]:
+        """Samples (first axis = sample) and labels (or None) at *indices*: one array, or arrays by
+        model input name for a model with several inputs."""
         raise NotImplementedError
 
     def read_labels(self, indices: np.ndarray) -> np.ndarray | None:
@@ -94,7 +124,7 @@ def sample_order(length: int, limit: int | None, shuffle: bool, seed: int) -> np
 
 def iter_batches(source: DataSource, order: np.ndarray, batch_size: int, lookahead: int = 0,
                  span: tuple[int, int] | None = None, classes: ClassLabels | None = None
-                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+                 ) -> Iterator[tuple[int, Samples, np.ndarray | None]]:
     """Yield ``(start, x, y)`` batches in *order* (with up to *lookahead* samples of the next
     batch appended, read past the span's end too), labels as *classes* codes; NaN/Inf inputs
     are a user error.
@@ -109,9 +139,12 @@ def iter_batches(source: DataSource, order: np.ndarray, batch_size: int, lookahe
         x, y = source.read(indices)
         if y is not None:
             y = (classes or ClassLabels()).encode(y, labels_where(source), indices)
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0, 0])
-            raise UserError(f"data source '{source.describe()}': sample {int(order[start + bad])} contains NaN or Inf")
+        for name, array in arrays(x).items():
+            if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                bad = int(np.argwhere(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))[0, 0])
+                what = f" input '{name}'" if name is not None else ""
+                raise UserError(f"data source '{source.describe()}': sample {int(order[start + bad])}{what} "
+                                "contains NaN or Inf")
         yield start, x, y
 
 

@@ -13,24 +13,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import __version__
 from .checkpoint_run import ShardWorker
+from .data import Samples
 from .lifecycle import Executor, Isolation, SequentialExecutor, drive
 from .model import Checkpoint
 from .outcomes import CheckpointOutcome, finish_checkpoint
+from .outputs import output_folder, write_outputs
 from .plan import RunPlan
 from .progress import Progress
-from .outputs import output_folder, write_outputs
 from .results import Results, finite_records
 from .resume import ResumeStore
 from .threads import run_threads
 
 
 @contextmanager
-def open_executor(plan: RunPlan, checkpoints: list[Checkpoint], example: np.ndarray, progress: Progress,
+def open_executor(plan: RunPlan, checkpoints: list[Checkpoint], example: Samples, progress: Progress,
                   warnings: list[str]) -> Iterator[Executor]:
     """The executor the spec asks for (``runtime.engine``, ``runtime.workers``): this process,
     worker processes on this machine (:mod:`layerscope.process_pool`) or Ray actors
@@ -56,7 +56,7 @@ def open_executor(plan: RunPlan, checkpoints: list[Checkpoint], example: np.ndar
     yield SequentialExecutor(worker.run)
 
 
-def analyse(plan: RunPlan, checkpoints: list[Checkpoint], example: np.ndarray, progress: Progress,
+def analyse(plan: RunPlan, checkpoints: list[Checkpoint], example: Samples, progress: Progress,
             store: ResumeStore | None, warnings: list[str]) -> list[CheckpointOutcome]:
     """Every checkpoint's outcome, its tasks run by the spec's executor (:func:`layerscope.lifecycle.drive`);
     each finished checkpoint is saved to *store*, and checkpoints saved by an interrupted run are reused."""

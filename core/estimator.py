@@ -36,8 +36,11 @@ class TensorBatch:
 
     ``tensors`` holds some or all of the estimator's tensors for the same samples (the
     runner may fetch them in memory-budget groups); ``labels`` are the samples' labels
-    (or None), ``inputs`` the model input, ``start`` the index of the first sample in
-    the stream.
+    (or None), ``inputs`` the model's (first) data input, ``start`` the index of the first
+    sample in the stream. ``feeds`` holds every data input by name (models with several
+    inputs: ``input_ids``, ``attention_mask``, …) and ``token_mask`` marks each sample's
+    real tokens (True) against padding, sample × token, for models with a token mask
+    (:mod:`layerscope.feeds`).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -48,6 +51,8 @@ class TensorBatch:
     #: belong to and which of its rows they are (the runner may split a plan batch).
     plan: "PlanBatch | None" = None
     rows: slice | None = None
+    feeds: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_mask: torch.Tensor | None = None
 
     @property
     def size(self) -> int:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import UserError
@@ -21,6 +20,7 @@ from .layer_names import layer_name
 from .lazy import lazy_module
 
 if TYPE_CHECKING:
+    from .data import Samples
     from .registry import Registry
     from .spec import ModelSection, Spec
 
@@ -75,8 +75,9 @@ class Adapter:
         adapter's parameters name several)."""
         raise NotImplementedError
 
-    def load(self, checkpoint: Checkpoint, spec: "Spec", example: np.ndarray) -> LoadedModel:
-        """Load *checkpoint* as ONNX; *example* is a small input batch from the data."""
+    def load(self, checkpoint: Checkpoint, spec: "Spec", example: Samples) -> LoadedModel:
+        """Load *checkpoint* as ONNX; *example* is a small input batch from the data: one array, or arrays
+        by input name for a model with several inputs (their dtypes are the data's, e.g. int64 token ids)."""
         raise NotImplementedError
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from .data import DataSource, check_allocation, sample_order, scan_labels
+from .data import DataSource, Samples, check_allocation, nbytes, sample_order, scan_labels, take
 from .errors import SpecError, UserError
 from .estimator import Estimator
 from .labels import ClassLabels
@@ -61,11 +61,11 @@ class RunPlan:
     def where(self, *path: Any) -> str:
         return f"{self.doc.where(tuple(path))}: {'.'.join(str(p) for p in path)}"
 
-    def example(self) -> np.ndarray:
+    def example(self) -> Samples:
         """The first two samples of the data source (what adapters trace a model with); also checks
         that a batch of such samples can be allocated at all."""
         example = self.data.read(np.arange(min(2, len(self.data))))[0]
-        check_allocation(example[:1].nbytes * self.spec.data.batch_size,
+        check_allocation(nbytes(take(example, slice(0, 1))) * self.spec.data.batch_size,
                          f"{self.where('data', 'batch_size')}: a batch of {self.spec.data.batch_size} samples")
         return example
 

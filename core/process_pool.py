@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from .checkpoint_run import ShardWorker, Span
-from .data import shard_spans
+from .data import Samples, shard_spans
 from .lifecycle import ShardOutcome, ShardTask
 from .model import Checkpoint
 from .plan import RunPlan
@@ -34,13 +34,13 @@ from .threads import run_threads, set_threads
 
 
 def worker_arguments(plan: RunPlan, checkpoints: list[Checkpoint], spans: list[Span], order: np.ndarray,
-                     example: np.ndarray, threads: int | None) -> tuple:
+                     example: Samples, threads: int | None) -> tuple:
     """What a worker process needs to rebuild this run's :class:`ShardWorker` (:func:`start_worker`)."""
     return plan.doc.data, plan.doc.filename, str(plan.spec.base_dir), threads, checkpoints, spans, order, example
 
 
 def start_worker(document: dict, filename: str, base_dir: str, threads: int | None, checkpoints: list[Checkpoint],
-                 spans: list[Span], order: np.ndarray, example: np.ndarray) -> ShardWorker:
+                 spans: list[Span], order: np.ndarray, example: Samples) -> ShardWorker:
     """In a worker process: the plan rebuilt from the spec document with the installed plugins,
     onnxruntime set to *threads* threads (None: its default) and torch to one (:mod:`layerscope.threads`)."""
     from .plan import build_plan
@@ -123,7 +123,7 @@ class PoolExecutor:
 
 
 @contextmanager
-def process_pool(plan: RunPlan, checkpoints: list[Checkpoint], example: np.ndarray,
+def process_pool(plan: RunPlan, checkpoints: list[Checkpoint], example: Samples,
                  workers: int) -> Iterator[PoolExecutor]:
     """An executor of this process and ``workers - 1`` spawned ones, each with ``cpu_count // workers``
     threads. Workers are spawned: forking a process whose torch and onnxruntime thread pools already

@@ -18,8 +18,7 @@ import socket
 from contextlib import contextmanager
 from typing import Iterator
 
-import numpy as np
-
+from .data import Samples
 from .errors import UserError
 from .lifecycle import ShardOutcome, ShardTask
 from .model import Checkpoint
@@ -104,7 +103,7 @@ class RayExecutor:
 
 
 @contextmanager
-def ray_actors(plan: RunPlan, checkpoints: list[Checkpoint], example: np.ndarray,
+def ray_actors(plan: RunPlan, checkpoints: list[Checkpoint], example: Samples,
                warnings: list[str]) -> Iterator[RayExecutor]:
     """An executor of ``runtime.workers`` actors (the cluster's CPUs when omitted), on a cluster
     joined or started for the run (see module docstring)."""

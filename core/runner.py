@@ -16,7 +16,6 @@ copy.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,9 @@ import numpy as np
 import onnx
 import torch
 
+from .data import Samples, sample_count, take
 from .errors import UserError
+from .feeds import ModelFeeds
 from .graph import TensorInfo
 from .session import CUDA, create_session, expose
 
@@ -124,45 +125,41 @@ def _pack(atomic: Sequence[tuple[str, ...]], bytes_per_sample: dict[str, int], b
 
 
 class Runner:
-    """Runs a model over input batches and yields the requested tensors group by group."""
+    """Runs a model over input batches and yields the requested tensors group by group.
+
+    Requested model inputs are not fetched: they come from the batch's feeds, alone once per
+    batch or beside the fetched tensors they were declared with.
+    """
 
     def __init__(self, model: onnx.ModelProto, tensors: Sequence[TensorInfo], atomic_groups: Sequence[tuple[str, ...]],
                  device: str, memory_budget: int, batch_size: int, splittable: set[str] | None = None,
-                 external_dir=None):
-        self.input = next(t for t in tensors if t.role == "input")
+                 external_dir=None, feeds: ModelFeeds | None = None):
+        #: how batches feed the model (default: every input of *tensors* from the data, no token mask)
+        self.feeds = feeds or ModelFeeds.for_model(list(tensors))
         self.model, self.device, self.external_dir = model, device, external_dir
         self._by_name = {t.name: t for t in tensors}
-        fetched = [self._by_name[n] for unit in atomic_groups for n in unit if n != self.input.name]
+        inputs = set(self.feeds.names)
         self.provider = "none (no tensor fetched)"
         self._sessions: list = []
         self.memory_budget = memory_budget
         self.batch_size = batch_size
-        # the model input alone is yielded once per batch; with other tensors it travels in their group
-        self.input_requested = any(unit == (self.input.name,) for unit in atomic_groups)
-        self._with_input = {n for unit in atomic_groups if self.input.name in unit and len(unit) > 1
-                            for n in unit if n != self.input.name}
-        self._atomic = connected_units([tuple(n for n in unit if n != self.input.name) for unit in atomic_groups
-                                        if any(n != self.input.name for n in unit)])
+        # inputs requested alone are yielded once per batch; with other tensors they travel in their group
+        self._alone = list(dict.fromkeys(n for unit in atomic_groups if set(unit) <= inputs for n in unit))
+        self._units = [set(unit) for unit in atomic_groups]
+        self._atomic = connected_units([tuple(n for n in unit if n not in inputs) for unit in atomic_groups
+                                        if not set(unit) <= inputs])
         self._splittable = splittable or set()
-        self._sizes = {t.name: t.bytes_per_sample() for t in fetched}
+        self._sizes = {n: self._by_name[n].bytes_per_sample() for unit in self._atomic for n in unit}
         self.groups: list[FetchGroup] | None = None
         self.peak_fetched_bytes = 0  # the most bytes of fetched tensors yielded at once
 
-    # --- inputs --------------------------------------------------------------------
-    def prepare(self, x: np.ndarray) -> np.ndarray:
-        """Cast *x* to the model's input dtype and reshape samples to its input shape when sizes agree.
+    def _inputs_with(self, names: list[str]) -> list[str]:
+        """The model inputs declared in one unit with any of *names* (handed out beside them)."""
+        return [n for n in self.feeds.names if any(n in unit and unit & set(names) for unit in self._units)]
 
-        A model with a fixed batch size (say 1) is run in chunks of that size.
-        """
-        x = np.ascontiguousarray(x, dtype=np.dtype(self.input.dtype))
-        shape = self.input.shape
-        if shape is None or len(shape) == x.ndim and all(not isinstance(d, int) or d == s for d, s in zip(shape[1:], x.shape[1:])):
-            return x
-        target = shape[1:]
-        if all(isinstance(d, int) for d in target) and math.prod(target) == math.prod(x.shape[1:]):
-            return x.reshape((x.shape[0], *target))
-        raise UserError(f"data samples have shape {list(x.shape[1:])} but the model input '{self.input.name}' "
-                        f"expects {list(shape[1:])}")
+    def prepare(self, samples: Samples) -> dict[str, np.ndarray]:
+        """A batch as the model's feeds (:meth:`ModelFeeds.prepare`)."""
+        return self.feeds.prepare(samples, "data")
 
     # --- fetching --------------------------------------------------------------------
     def _session_for(self, names: list[str]):
@@ -172,17 +169,20 @@ class Runner:
 
     @property
     def fixed_batch(self) -> int | None:
-        """The model's batch size when its input fixes one (e.g. 1), else None."""
-        first = self.input.shape[0] if self.input.shape else None
+        """The model's batch size when its first data input fixes one (e.g. 1), else None."""
+        shape = self.feeds.primary.shape
+        first = shape[0] if shape else None
         return first if isinstance(first, int) and first > 0 else None
 
-    def _fetch(self, session, x: np.ndarray, names: list[str]) -> dict[str, torch.Tensor]:
+    def _fetch(self, session, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, torch.Tensor]:
+        rows = sample_count(feeds)
         fixed = self.fixed_batch
-        if fixed is not None and len(x) != fixed:  # pad the last chunk by repeating a sample, drop the extra rows
-            padded = np.concatenate([x, np.repeat(x[-1:], fixed - len(x), axis=0)])
-            return {name: value[: len(x)] for name, value in self._fetch(session, padded, names).items()}
+        if fixed is not None and rows != fixed:  # pad the last chunk by repeating a sample, drop the extra rows
+            padded = {n: np.concatenate([a, np.repeat(a[-1:], fixed - rows, axis=0)]) for n, a in feeds.items()}
+            return {name: value[:rows] for name, value in self._fetch(session, padded, names).items()}
         binding = session.io_binding()
-        binding.bind_cpu_input(self.input.name, x)
+        for name, array in (*feeds.items(), *self.feeds.constants.items()):
+            binding.bind_cpu_input(name, array)
         # outputs stay on the GPU when torch can take them there; a CPU-only torch gets host copies
         device_type = "cuda" if self.provider == CUDA and torch.cuda.is_available() else "cpu"
         for name in names:
@@ -190,19 +190,20 @@ class Runner:
         session.run_with_iobinding(binding)
         return {name: torch.from_dlpack(value) for name, value in zip(names, binding.get_outputs())}
 
-    def _fetch_rows(self, session, x: np.ndarray, names: list[str]) -> dict[str, torch.Tensor]:
+    def _fetch_rows(self, session, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, torch.Tensor]:
         """:meth:`_fetch` for any number of rows: a fixed-batch model runs in chunks of its batch size,
         concatenated."""
-        fixed = self.fixed_batch
-        if fixed is None or len(x) <= fixed:
-            return self._fetch(session, x, names)
-        chunks = [self._fetch(session, x[start:start + fixed], names) for start in range(0, len(x), fixed)]
+        fixed, rows = self.fixed_batch, sample_count(feeds)
+        if fixed is None or rows <= fixed:
+            return self._fetch(session, feeds, names)
+        chunks = [self._fetch(session, take(feeds, slice(start, start + fixed)), names)
+                  for start in range(0, rows, fixed)]
         return {name: torch.cat([chunk[name] for chunk in chunks]) for name in names}
 
-    def _plan(self, x: np.ndarray) -> list[FetchGroup]:
+    def _plan(self, feeds: dict[str, np.ndarray]) -> list[FetchGroup]:
         unknown = [n for n, size in self._sizes.items() if size is None]
         if unknown:  # non-batch dims only known at run time: measure them on one sample
-            for name, value in self._fetch(self._session_for(unknown), x[:1], unknown).items():
+            for name, value in self._fetch(self._session_for(unknown), take(feeds, slice(0, 1)), unknown).items():
                 self._sizes[name] = value.numel() * value.element_size()
         # a fixed-batch model runs that many rows at once; consumers that need whole batches hold them all
         splittable = all(n in self._splittable for unit in self._atomic for n in unit)
@@ -211,23 +212,24 @@ class Runner:
         self._sessions = [self._session_for(group.names) for group in groups]
         return groups
 
-    def run(self, x: np.ndarray) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
-        """Yield ``(sample slice, tensors)`` for each fetch group of the batch *x* (already :meth:`prepare`-d)."""
+    def run(self, feeds: dict[str, np.ndarray]) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
+        """Yield ``(sample slice, tensors)`` for each fetch group of the batch *feeds* (prepared by
+        :meth:`ModelFeeds.prepare`)."""
         if self.groups is None:
-            self.groups = self._plan(x)
-        if self.input_requested:
-            yield slice(0, len(x)), {self.input.name: to_torch(x)}
+            self.groups = self._plan(feeds)
+        rows = sample_count(feeds)
+        if self._alone:
+            yield slice(0, rows), {name: to_torch(feeds[name]) for name in self._alone}
         for group, session in zip(self.groups, self._sessions):
-            step = min(group.micro_batch or len(x), self.fixed_batch or len(x))
-            attach = bool(self._with_input.intersection(group.names))
+            step = min(group.micro_batch or rows, self.fixed_batch or rows)
+            attached = self._inputs_with(group.names)
             if not set(group.names) <= self._splittable:  # its consumers need the whole batch
-                step = len(x)
-            for start in range(0, len(x), step):
-                part = slice(start, min(start + step, len(x)))
-                fetched = self._fetch_rows(session, x[part], group.names)
+                step = rows
+            for start in range(0, rows, step):
+                part = slice(start, min(start + step, rows))
+                fetched = self._fetch_rows(session, take(feeds, part), group.names)
                 held = sum(value.numel() * value.element_size() for value in fetched.values())
                 self.peak_fetched_bytes = max(self.peak_fetched_bytes, held)
-                if attach:
-                    fetched[self.input.name] = to_torch(x[part])
+                fetched.update({name: to_torch(feeds[name][part]) for name in attached})
                 yield part, fetched
                 del fetched  # before the next fetch: at most one group's tensors are held at once

@@ -13,14 +13,22 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import SpecError, UserError, did_you_mean
 from .files import regular_file
 from .selectors import SelectorSpec
 from .units import parse_bytes
 from .yaml_locations import LocatedDocument, load_yaml
-
 
 MAX_SPEC_BYTES = 2**20  # a spec is a page of YAML; a larger file is not one
 
@@ -51,6 +59,10 @@ class DataSection(BaseModel):
     batch_size: PositiveInt = 100
     limit: PositiveInt | None = None
     shuffle: bool = True
+    constants: dict[str, Any] = Field(default_factory=dict, description="model inputs fed the same value in every "
+                                      "batch, without a sample axis (e.g. sr: 16000)")
+    token_mask: str | None = Field(None, description="the model input marking real tokens (1) against padding (0); "
+                                   "default: an input named attention_mask")
 
     def source_params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

@@ -65,7 +65,7 @@ def test_npz_reads_rows_lazily_equal_to_numpy(tmp_path, compressed):
     x, y = rng.standard_normal((3000, 2, 5, 7)).astype(np.float32), rng.integers(0, 9, 3000)
     (np.savez_compressed if compressed else np.savez)(tmp_path / "d.npz", x=x, y=y)
     source = NpzSource(NpzSource.Params(path="d.npz"), tmp_path)
-    assert len(source) == 3000 and source.x.shape == (3000, 2, 5, 7)
+    assert len(source) == 3000 and source.x[None].shape == (3000, 2, 5, 7)
     for indices in (np.array([0, 1]), np.array([2999, 5, 17]), np.arange(3000)[::-7]):
         got_x, got_y = source.read(indices)
         np.testing.assert_array_equal(got_x, x[indices])

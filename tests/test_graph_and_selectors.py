@@ -53,7 +53,7 @@ def test_constants_and_shape_arithmetic_are_not_observable():
     from layerscope.runner import Runner
 
     runner = Runner(proto, list(tensors.values()), [("flat",), ("y",)], "cpu", 200, 5)  # one batch of each is 120 bytes
-    fetched = dict(kv for _, group in runner.run(np.ones((5, 2, 3), np.float32)) for kv in group.items())
+    fetched = dict(kv for _, group in runner.run(runner.prepare(np.ones((5, 2, 3), np.float32))) for kv in group.items())
     assert fetched["flat"].shape == (5, 6) and runner._sizes["flat"] == 24  # measured on one sample
     assert [g.names for g in runner.groups] == [["flat"], ["y"]]
 

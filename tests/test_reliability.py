@@ -69,13 +69,30 @@ def test_a_fixed_batch_model_gives_per_batch_estimators_whole_batches(tmp_path):
     assert_records_close(fixed.records, dynamic.records, rtol=0, atol=1e-9)
 
 
-def test_multi_input_model_is_refused_naming_its_inputs_before_any_selector(tmp_path):
+def silero_spec(**analysis) -> dict:
+    """silero-vad's own ONNX (inputs: input, state, sr): audio chunks from the data, the recurrent state
+    and the sampling rate as constants (the state's batch axis is its second, so batches of one)."""
     import silero_vad
 
     source = str(Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx")
-    for selector in ({"op_type": "Sigmoid"}, {"role": "output"}, {"name": "no-such-tensor"}):
-        with pytest.raises(UserError, match=r"model.source: the model has 3 inputs \(input, state, sr\)"):
-            run(source, tmp_path, on=selector)
+    return {"model": {"source": source},
+            "data": {"source": "synthetic", "samples": 6, "shape": [512], "classes": 2, "std": 0.1, "batch_size": 1,
+                     "constants": {"state": np.zeros((2, 1, 128), np.float32).tolist(), "sr": 16000}},
+            "analyses": [{"id": "e", "estimator": "activation_entropy", **analysis}]}
+
+
+def test_a_stateful_model_with_constant_inputs_is_analysed_where_observable():
+    results = layerscope.run(silero_spec(on={"name": "output"}), write=False, progress=False)
+    assert {r["tensor"] for r in results.records} == {"output"} and results.records
+    assert results.models[0]["inputs"] == [{"name": "input", "dtype": "float32", "shape": [None, None]}]
+    assert results.models[0]["constants"] == ["sr", "state"]
+    # what lives inside its If bodies is refused by name, with the reason
+    with pytest.raises(UserError, match=r"inside the If body of node"):
+        layerscope.run(silero_spec(on={"op_type": "Sigmoid"}), write=False, progress=False)
+    bad = silero_spec()
+    del bad["data"]["constants"]["sr"]
+    with pytest.raises(UserError, match=r"the model has 2 data inputs \(input, sr\), but data source 'synthetic.*' gives one array"):
+        layerscope.run(bad, write=False, progress=False)
 
 
 def test_inspect_shows_what_is_observable_in_a_model_with_if_bodies():

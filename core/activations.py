@@ -16,6 +16,13 @@ pattern:
 
 The largest cone wins, and single ops inside an accepted cone (the Sigmoid of a SiLU) are
 not reported again.
+
+**Attention** (:func:`find_attention`) is the Softmax between two matrix products: its input,
+the scores, comes from a MatMul (Q·Kᵀ) through at most a few scaling, masking, bias or
+reshaping steps, and its output, the attention probabilities, reaches a MatMul (·V) the same
+way. Attention computed inside one fused op (ONNX ``Attention``, onnxruntime's
+``MultiHeadAttention``) and the gates of ``LSTM``/``GRU``/``RNN`` ops have no tensors of their own:
+:func:`fused_activations` lists those ops.
 """
 
 from __future__ import annotations
@@ -98,6 +105,59 @@ def _match(end: TensorInfo, by_name: dict[str, TensorInfo]) -> tuple[str, set[st
 
 def _pattern(ops: set[str]) -> str | None:
     return next((name for required, name in PATTERNS if required <= ops), None)
+
+
+#: Ops allowed between the Softmax of an attention and its matrix products.
+ATTENTION_STEPS = {"Add", "Sub", "Mul", "Div", "Where", "Reshape", "Cast", "Transpose", "Dropout", "Identity"}
+MAX_ATTENTION_STEPS = 3
+#: Ops that compute activations internally (op type -> what cannot be observed).
+FUSED_ACTIVATIONS = {"LSTM": "its gate activations (sigmoid, tanh)", "GRU": "its gate activations (sigmoid, tanh)",
+                     "RNN": "its activation", "Attention": "its attention softmax",
+                     "MultiHeadAttention": "its attention softmax", "GroupQueryAttention": "its attention softmax",
+                     "PackedMultiHeadAttention": "its attention softmax"}
+
+
+def _reaches(start: TensorInfo, step, target_op: str) -> bool:
+    """True when a tensor produced by *target_op* is reached from *start* within
+    :data:`MAX_ATTENTION_STEPS` hops of *step* (a function tensor -> neighbours) through ops of
+    :data:`ATTENTION_STEPS`."""
+    frontier = [start]
+    for _ in range(MAX_ATTENTION_STEPS + 1):
+        following = []
+        for tensor in frontier:
+            for neighbour in step(tensor):
+                if neighbour.op_type == target_op:
+                    return True
+                if neighbour.op_type in ATTENTION_STEPS:
+                    following.append(neighbour)
+        frontier = following
+    return False
+
+
+def find_attention(tensors: Sequence[TensorInfo]) -> list[Activation]:
+    """Every attention softmax of the graph (scores → probabilities), in forward order."""
+    by_name = {t.name: t for t in tensors}
+    consumers: dict[str, list[TensorInfo]] = {}
+    for tensor in tensors:
+        for name in tensor.inputs:
+            consumers.setdefault(name, []).append(tensor)
+    found = []
+    for tensor in tensors:
+        if tensor.op_type != "Softmax" or not tensor.inputs or tensor.inputs[0] not in by_name:
+            continue
+        scores = by_name[tensor.inputs[0]]
+        from_product = scores.op_type == "MatMul" or _reaches(scores, lambda t: _sources(t, by_name), "MatMul")
+        into_product = _reaches(tensor, lambda t: consumers.get(t.name, []), "MatMul")
+        if from_product and into_product:
+            found.append(Activation(scores.name, tensor.name, "attention softmax", tensor.layer, tensor.order))
+    return found
+
+
+def fused_activations(model) -> list[str]:
+    """One line per node of *model* (an ONNX ModelProto) that computes activations inside itself."""
+    return [f"{node.op_type} node '{node.name or node.output[0]}' computes {FUSED_ACTIVATIONS[node.op_type]} "
+            "inside the op: only its outputs can be observed"
+            for node in model.graph.node if node.op_type in FUSED_ACTIVATIONS]
 
 
 def find_activations(tensors: Sequence[TensorInfo]) -> list[Activation]:

@@ -54,7 +54,7 @@ def validate(spec: str | os.PathLike | dict, *, plugins: tuple[Any, ...] = (), w
         worker = ShardWorker(plan, checkpoints, [(0, len(plan.order))], plan.order, plan.example())
         for index, checkpoint in enumerate(checkpoints):
             model = worker.load(index)  # checks the data against the model's inputs
-            estimators = build_estimators(plan, model.loaded, model.tensors)
+            estimators = build_estimators(plan, model)
             checked.append(f"model {checkpoint.label}: inputs {model.feeds.describe()}; " + ", ".join(
                 f"{aid} selects {len(est.tensors)} tensors" for aid, est in estimators))
     return checked

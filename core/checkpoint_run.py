@@ -41,9 +41,9 @@ class CheckpointModel:
     feeds: ModelFeeds
 
 
-def build_estimators(plan: RunPlan, loaded: LoadedModel, tensors: list[TensorInfo]) -> Estimators:
-    """Instantiate every analysis on the tensors its selector picks among *tensors*, the description of
-    *loaded*."""
+def build_estimators(plan: RunPlan, model: CheckpointModel) -> Estimators:
+    """Instantiate every analysis on the tensors its selector picks among the tensors of *model*."""
+    loaded, tensors = model.loaded, model.tensors
     built = []
     for planned in plan.analyses:
         selector = planned.section.on or planned.estimator_class.selector()
@@ -53,6 +53,7 @@ def build_estimators(plan: RunPlan, loaded: LoadedModel, tensors: list[TensorInf
             path = ("analyses", planned.index, "on") if planned.section.on else ("analyses", planned.index, "estimator")
             raise UserError(f"{plan.where(*path)}: {error} (model {loaded.label})") from None
         estimator = planned.estimator_class(planned.params, chosen)
+        estimator.bind_tokens(tensors, model.feeds.token_mask)
         try:
             estimator.bind_graph(tensors, loaded.proto)
         except UserError as error:
@@ -217,7 +218,7 @@ class ShardWorker:
             model = self.load(task.checkpoint)
             estimators = task.estimators
             if estimators is None:  # the first pass: fresh estimators
-                estimators = build_estimators(self.plan, model.loaded, model.tensors)
+                estimators = build_estimators(self.plan, model)
             isolation = Isolation(model.loaded.label, self.plan.host.origin_of)
             isolation.failures.update(task.failures)
             span = self.spans[task.shard]

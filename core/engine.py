@@ -128,6 +128,7 @@ def _execute(plan: RunPlan, out_dir: Path | None, show_progress: bool, resume: b
                  "torch": torch.__version__},
         models=models, records=records, warnings=plan.host.load_warnings() + warnings, failures=failures,
         analyses=[{"id": p.section.id, "estimator": p.section.estimator, "params": p.params.model_dump(mode="json"),
+                   "tokens": p.estimator_class.tokens,
                    **({"reconstructed": p.estimator_class.reconstructed} if p.estimator_class.reconstructed else {})}
                   for p in plan.analyses],
     )

@@ -134,11 +134,16 @@ class Estimator:
     #: The closed interval each metric lies in mathematically, e.g. ``{"affinity_score": (0, 1)}``;
     #: a value outside it (beyond round-off) is never recorded (see :meth:`value_range`).
     metric_ranges: ClassVar[dict[str, tuple[float, float]]] = {}
+    #: How the method treats the token axes of a model with a token mask (:mod:`layerscope.tokens`),
+    #: recorded with the analysis in ``results.json``.
+    tokens: ClassVar[str] = "token axes are features like any other: padding counts as data"
 
     def __init__(self, params: BaseModel | None = None, tensors: Sequence[TensorInfo] = ()):
         self.params = params if params is not None else self.Params()
         self.tensors: dict[str, TensorInfo] = {t.name: t for t in tensors}
         self.pass_index = 0
+        #: tensor name -> its token axes (:func:`layerscope.tokens.token_axes`), set by :meth:`bind_tokens`
+        self.token_axes: dict[str, tuple[int, ...]] = {}
         self.passes = self.passes_for(self.params)
         self._states: dict[str, _State] = {}
         self.add_state("warnings", [], "cat")
@@ -184,6 +189,14 @@ class Estimator:
     def bind_graph(self, tensors: Sequence[TensorInfo], model=None) -> None:
         """Receive every tensor of the model (and the ``onnx.ModelProto``) before the run, for
         estimators that read more than their selected tensors (e.g. the inputs of activations)."""
+
+    def bind_tokens(self, tensors: Sequence[TensorInfo], token_mask: str | None) -> None:
+        """Record the token axes of every tensor of the model, given the name of the token-mask input
+        (None: the model has none); the batches' ``token_mask`` marks the real tokens."""
+        from .tokens import sequence_dims, token_axes
+
+        sequences = sequence_dims([t for t in tensors if t.role == "input"], token_mask)
+        self.token_axes = {t.name: axes for t in tensors if sequences and (axes := token_axes(t, sequences))}
 
     def fetch_groups(self) -> list[tuple[str, ...]]:
         """Tensors that must arrive in the same batch; by default each tensor on its own."""

@@ -9,6 +9,7 @@ sequence- and map-typed values are not tensors.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -194,5 +195,20 @@ def describe_tensors(model: onnx.ModelProto, layer_of: Callable[[onnx.NodeProto]
         if node.op_type in SUBGRAPH_OPS:
             tensors += _subgraph_tensors(node, layer_of)
     labels = call_labels(calls)
+    tensors = [_batch_axis_checked(t, tensors) for t in tensors]
     return [replace(t, layer=labels[t.name], module=t.layer) if t.name in labels else
             replace(t, module=t.module or t.layer) for t in tensors]
+
+
+def _batch_axis_checked(tensor: TensorInfo, tensors: list[TensorInfo]) -> TensorInfo:
+    """*tensor*, unobservable when its first axis is a symbolic expression of the inputs' batch axis other
+    than the batch axis itself (``2*batch``: batch and heads merged, as in torch's MultiheadAttention):
+    its rows are not samples."""
+    batch = {t.shape[0] for t in tensors if t.role == "input" and t.shape and isinstance(t.shape[0], str)}
+    first = tensor.shape[0] if tensor.shape else None
+    if not tensor.observable or not isinstance(first, str) or first in batch:
+        return tensor
+    if any(re.search(rf"\b{re.escape(symbol)}\b", first) for symbol in batch):
+        return replace(tensor, observable=False, reason=f"its first axis ({first}) is not the batch axis: "
+                                                         "rows are not samples")
+    return tensor

@@ -3,8 +3,10 @@
 A selector names tensors by ONNX tensor name (``name``), by a shell-style pattern over
 tensor or layer names (``glob``), by the user's layer name (``layer``), by the op type
 that produces them (``op_type``), by their ``role`` in the graph (``input``,
-``output``, ``intermediate``) or as the ``activation: output`` / ``activation: input`` of an
-activation function, single op or decomposed pattern (:mod:`layerscope.activations`). Keys given together must all match (AND); a list within
+``output``, ``intermediate``), as the ``activation: output`` / ``activation: input`` of an
+activation function, single op or decomposed pattern, or as the ``attention: probabilities`` /
+``attention: scores`` of an attention softmax (:mod:`layerscope.activations`). Keys given
+together must all match (AND); a list within
 one key matches any of its entries (OR); a list of selectors selects the union, in
 graph order. ``"all"`` selects every observable tensor.
 """
@@ -37,12 +39,14 @@ class SelectorSpec(BaseModel):
     op_type: str | list[str] | None = None
     role: Literal["input", "output", "intermediate"] | list[Literal["input", "output", "intermediate"]] | None = None
     activation: Literal["input", "output"] | None = None
+    attention: Literal["probabilities", "scores"] | None = None
 
     @model_validator(mode="after")
     def _not_empty(self) -> "SelectorSpec":
-        if not any(getattr(self, key) for key in ("name", "glob", "layer", "op_type", "role", "activation")):
-            raise ValueError("a selector needs at least one of name, glob, layer, op_type, role, activation "
-                             "(or use 'all')")
+        if not any(getattr(self, key) for key in ("name", "glob", "layer", "op_type", "role", "activation",
+                                                  "attention")):
+            raise ValueError("a selector needs at least one of name, glob, layer, op_type, role, activation, "
+                             "attention (or use 'all')")
         return self
 
     def describe(self) -> str:
@@ -56,9 +60,9 @@ def _as_list(value: str | list[str] | None) -> list[str]:
 
 
 def matches(selector: SelectorSpec, tensor: "TensorInfo", activation_ends: set[str] | None = None) -> bool:
-    """True when *tensor* satisfies every key of *selector* (*activation_ends*: the tensors an
-    ``activation`` key accepts)."""
-    if selector.activation and tensor.name not in (activation_ends or set()):
+    """True when *tensor* satisfies every key of *selector* (*activation_ends*: the tensors its
+    ``activation`` and ``attention`` keys accept)."""
+    if (selector.activation or selector.attention) and tensor.name not in (activation_ends or set()):
         return False
     names, globs = _as_list(selector.name), _as_list(selector.glob)
     layers, op_types = _as_list(selector.layer), _as_list(selector.op_type)
@@ -109,10 +113,14 @@ def resolve(selector: Selection, tensors: Sequence["TensorInfo"], strict: bool =
             raise UserError("selector 'all' matches no observable tensor")
         return chosen
     ends = None
-    if selector.activation:
-        from .activations import find_activations
+    if selector.activation or selector.attention:
+        from .activations import find_activations, find_attention
 
-        ends = {getattr(a, selector.activation) for a in find_activations(tensors)}
+        ends = {getattr(a, selector.activation) for a in find_activations(tensors)} if selector.activation else None
+        if selector.attention:
+            end = "output" if selector.attention == "probabilities" else "input"
+            attention = {getattr(a, end) for a in find_attention(tensors)}
+            ends = attention if ends is None else ends & attention
     matched = [t for t in tensors if matches(selector, t, ends)]
     chosen = [t for t in matched if t.observable]
     if chosen:

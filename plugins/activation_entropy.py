@@ -18,6 +18,12 @@ which it is on. Variants:
   on/off vectors; it saturates at log2 N_c.
 
 Records carry ``class`` (the label, or ``"all"`` for every sample pooled).
+
+Tokens (our choice; the method predates them): in a model with a token mask, every real
+token of a tensor with token axes is a sample of the layer's neurons (of an attention map:
+every real query-key pair, a sample of the heads), labelled with its sequence's label, and
+padded tokens are left out (:func:`layerscope.tokens.tokens_as_samples`); sample counts then
+count tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from layerscope import Estimator, TensorBatch, hookimpl
 from layerscope.lazy import lazy_module
+from layerscope.tokens import tokens_as_samples
 
 torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
@@ -168,13 +175,22 @@ class ActivationEntropy(Estimator):
         self.add_state("high", {}, "max")
         self.add_state("histograms", {}, "sum")  # tensor -> class -> (bins,) counts
 
+    def _samples(self, name: str, values: torch.Tensor, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(samples × neurons matrix, their labels) of tensor *name*: the batch's samples, or with a token
+        mask its real tokens."""
+        axes = self.token_axes.get(name, ())
+        if batch.token_mask is not None and axes:
+            rows, sample = tokens_as_samples(values, batch.token_mask.to(values.device), axes)
+            return rows, None if batch.labels is None else batch.labels[sample.cpu()]
+        info = self.tensors.get(name)
+        return neuron_matrix(info.channels_first(values) if info else values, self.params.neurons), batch.labels
+
     def update(self, batch: TensorBatch) -> None:
         p = self.params
         for name, values in batch.tensors.items():
-            info = self.tensors.get(name)
-            matrix = neuron_matrix(info.channels_first(values) if info else values, p.neurons)
+            matrix, labels = self._samples(name, values, batch)
             if p.variant == "binary":
-                self._count_on(name, matrix, batch.labels)
+                self._count_on(name, matrix, labels)
                 continue
             matrix = matrix.to(torch.float64)
             if p.variant == "histogram" and self.pass_index < self.passes - 1:
@@ -183,7 +199,7 @@ class ActivationEntropy(Estimator):
                     self.accumulate("low", float(finite.min()), name)
                     self.accumulate("high", float(finite.max()), name)
                 continue
-            for key, mask in class_keys(batch.labels, matrix.shape[0]):
+            for key, mask in class_keys(labels, matrix.shape[0]):
                 rows = matrix[mask.to(matrix.device)]
                 if rows.shape[0] == 0:
                     continue

@@ -27,6 +27,10 @@ checkpoints, epochs apart, the same average would still carry 39 % of checkpoint
 at checkpoint 10 (0.9⁹), so it is off by default (``smoothing: 0``) and available as
 ``smoothing`` (the weight of the previous checkpoint's σ). Both σ* (``sigma_optimal``) and the
 σ used (``sigma``) are recorded per layer and checkpoint. A model output is passed through a softmax before its kernel (``softmax_output``).
+
+Tokens: X is the model's first data input, so a model fed token ids (integers) is refused.
+In a model with a token mask, padded tokens of a layer are zeroed before its kernel, so
+extra padding changes no distance.
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from layerscope import Estimator, TensorBatch, hookimpl
+from layerscope.errors import UserError
 from layerscope.lazy import lazy_module
+from layerscope.tokens import zero_padding
 
 from .matrix_entropy import (
     alignment_curve,
@@ -87,6 +94,10 @@ def _moments(values: list[float]) -> torch.Tensor:
     return torch.stack([torch.tensor(float(len(values)), dtype=torch.float64), v.sum(), (v * v).sum()])
 
 
+def _rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if mask is None else mask[rows]
+
+
 class InformationPlane(Estimator):
     """I(X;T), I(T;Y) and H(T) per layer (matrix-based Rényi entropy, tensor kernels)."""
 
@@ -95,6 +106,7 @@ class InformationPlane(Estimator):
     default_selector = [{"activation": "output"}, {"role": "output"}]
     needs_labels = True
     per_batch = True
+    tokens = "with a token mask: padded tokens zeroed before the kernel (X must be a float input, not token ids)"
 
     @classmethod
     def passes_for(cls, params) -> int:
@@ -133,8 +145,19 @@ class InformationPlane(Estimator):
         for start in range(0, full, size):
             yield slice(start, start + size), batch.start + start
 
-    def _tensor_distances(self, name: str, values: torch.Tensor) -> torch.Tensor:
+    def bind_graph(self, tensors, model=None) -> None:
+        inputs = [t for t in tensors if t.role == "input" and t.observable]
+        if not inputs or not np.issubdtype(np.dtype(inputs[0].dtype or "float32"), np.floating):
+            raise UserError(f"information_plane: I(X;T) needs a float model input X (a kernel on its values); "
+                            f"this model's first data input is {inputs[0].name} ({inputs[0].dtype})" if inputs else
+                            "information_plane: the model has no data input")
+
+    def _tensor_distances(self, name: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pairwise squared distances of the samples of tensor *name* (padded tokens zeroed: extra padding
+        changes no distance)."""
         info = self.tensors.get(name)
+        if mask is not None and self.token_axes.get(name):
+            values = zero_padding(values, mask.to(values.device), self.token_axes[name])
         if self.params.softmax_output and info is not None and info.role == "output" and values.ndim == 2:
             values = torch.softmax(values.to(torch.float64), dim=1)
         return pairwise_sq_distances(values)
@@ -158,7 +181,7 @@ class InformationPlane(Estimator):
             return
         label_kernel = label_gram(labels, self.params.sigma_y)
         for name, values in batch.tensors.items():
-            d2 = self._tensor_distances(name, values[chunk])
+            d2 = self._tensor_distances(name, values[chunk], _rows(batch.token_mask, chunk))
             mean_distance = mean_pairwise_distance(d2)
             if mean_distance == 0.0:
                 continue  # a constant layer in this batch: every width gives the same kernel
@@ -200,7 +223,8 @@ class InformationPlane(Estimator):
             sigma = self.sigma_used.get(name)
             if sigma is None:
                 continue  # constant in every batch of the width pass: no kernel width (warned in finalize)
-            a_t = normalise(gaussian_gram(self._tensor_distances(name, values[chunk]), sigma))
+            a_t = normalise(gaussian_gram(self._tensor_distances(name, values[chunk], _rows(batch.token_mask, chunk)),
+                                         sigma))
             h_t = renyi_entropy(a_t, p.alpha)
             estimates = {"I_XT": h_x + h_t - joint_entropy(a_x, a_t, p.alpha),
                          "I_TY": h_t + h_y - joint_entropy(a_t, a_y, p.alpha),

@@ -100,7 +100,12 @@ class MeanDimension(Estimator):
 
     # --- declaration -----------------------------------------------------------------
     def bind_graph(self, tensors, model=None) -> None:
-        model_input = next(t for t in tensors if t.role == "input")
+        inputs = [t for t in tensors if t.role == "input" and t.observable]  # constant inputs are not perturbed
+        if len(inputs) != 1 or not np.issubdtype(np.dtype(inputs[0].dtype or "float32"), np.floating):
+            listed = ", ".join(f"{t.name} ({t.dtype})" for t in inputs)
+            raise UserError(f"mean_dimension perturbs the features of one float model input; this model's data "
+                            f"inputs are {listed} (token ids cannot be perturbed continuously)")
+        model_input = inputs[0]
         shape = tuple(model_input.shape[1:]) if model_input.shape is not None else ()
         if not shape or not all(isinstance(d, int) for d in shape):
             raise UserError(f"mean_dimension needs a static input shape, not {model_input.shape}")

@@ -6,15 +6,24 @@ Transport" (CVPR 2025; arXiv 2310.11439), after the authors' code; the
 maths is in :mod:`layerscope.plugins.affinity`.
 
 Every selected activation (default: every activation function, single op or decomposed
-pattern, see :mod:`layerscope.activations`) is paired with its input. The first
-``samples`` samples of the stream (2048, the reference batch; accumulated across data
-batches, kept by sample index so shards merge exactly) are reduced as the reference
-does — 4-D (N,C,H,W) averaged over H×W, 3-D averaged over ``reduce_axis`` (default the
-last axis, i.e. tokens become the features, as in the reference code), 2-D as is — and
-ρ_aff is computed once per activation. The ordered scores are the network's
+pattern, and every attention softmax, see :mod:`layerscope.activations`) is paired with its
+input. The first ``samples`` samples of the stream (2048, the reference batch; accumulated
+across data batches, kept by sample index so shards merge exactly) are reduced as the
+reference does — 4-D (N,C,H,W) averaged over H×W, 3-D averaged over ``reduce_axis``
+(default the last axis, i.e. tokens become the features, as in the reference code), 2-D as
+is — and ρ_aff is computed once per activation. The ordered scores are the network's
 non-linearity signature. Side metrics: ``linear_cka`` and ``r2`` (least-squares fit) on the
 reduced samples, and ``sparsity``, the fraction of the unreduced output's values with
 |y| ≤ 1e-3 (as the reference code computes it, before any pooling).
+
+Tokens (a choice of ours; the reference hooks no attention and has no padding): the
+reference's 4-D rule would average an attention map (sample × head × query × key) to a
+constant (each softmax row sums to 1), so an attention softmax's scores and probabilities
+are averaged over the query axis, giving head × key features. In a model with a token
+mask, padding cannot be a feature, so every tensor with token axes is averaged over each
+sample's real tokens (the query tokens of an attention map), positions of padded keys
+zeroed (:func:`layerscope.tokens.mean_over_tokens`), and ``sparsity`` counts real tokens only;
+``reduce_axis`` then does not apply to those tensors.
 """
 
 from __future__ import annotations
@@ -25,9 +34,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope import Estimator, TensorBatch, hookimpl
-from layerscope.activations import Activation, find_activations
+from layerscope.activations import Activation, find_activations, find_attention
 from layerscope.errors import UserError
 from layerscope.lazy import lazy_module
+from layerscope.tokens import mean_over_tokens, zero_padding
 
 from .affinity import affinity_score, is_nearly_constant, linear_cka, linear_r2, sparsity_per_sample
 
@@ -55,12 +65,22 @@ def reduce_features(values: torch.Tensor, reduce_axis: int) -> torch.Tensor:
     return values.reshape(values.shape[0], -1)
 
 
+def sparsity_of_real_tokens(values: torch.Tensor, mask: torch.Tensor, axes) -> torch.Tensor:
+    """Per sample, the fraction of its values at real tokens (along every token axis) with |y| ≤ 1e-3."""
+    real = zero_padding(torch.ones_like(values, dtype=torch.bool), mask, axes).flatten(1)
+    near = (values.abs() <= 1e-3).flatten(1) & real
+    return near.sum(dim=1).to(torch.float64) / real.sum(dim=1).clamp(min=1)
+
+
 class NonlinearitySignature(Estimator):
     """Affinity score ρ_aff of every activation, in forward order."""
 
     name = "nonlinearity_signature"
     Params = NonlinearitySignatureParams
-    default_selector = {"activation": "output"}
+    default_selector = [{"activation": "output"}, {"attention": "probabilities"}]
+    tokens = ("with a token mask: each sample's mean over its real tokens (attention maps: over real query "
+              "tokens, padded keys zeroed); without one: 3-D tensors averaged over reduce_axis, attention maps "
+              "over the query axis")
     metric_ranges = {"affinity_score": (0.0, 1.0), "linear_cka": (0.0, 1.0), "r2": (-math.inf, 1.0),
                      "sparsity": (0.0, 1.0)}
 
@@ -77,10 +97,10 @@ class NonlinearitySignature(Estimator):
         return tuple(values[order] for values in merged)
 
     def bind_graph(self, tensors, model=None) -> None:
-        activations = {a.output: a for a in find_activations(tensors)}
+        activations = {a.output: a for a in [*find_activations(tensors), *find_attention(tensors)]}
         unknown = [name for name in self.tensors if name not in activations]
         if unknown:
-            raise UserError(f"nonlinearity_signature needs activation outputs; not an activation output: "
+            raise UserError(f"nonlinearity_signature needs activation outputs or attention probabilities; not one: "
                             f"{', '.join(unknown)}")
         self.pairs = sorted((activations[name] for name in self.tensors), key=lambda a: a.order)
         by_name = {t.name: t for t in tensors}
@@ -94,6 +114,15 @@ class NonlinearitySignature(Estimator):
         info = self.layouts.get(name)
         return info.channels_first(values) if info is not None else values
 
+    def _reduced(self, pair: Activation, name: str, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(samples, features) of tensor *name* of *pair* (see the module docstring)."""
+        axes = self.token_axes.get(name, ())
+        if mask is not None and axes:
+            return mean_over_tokens(values, mask, axes)
+        if pair.kind == "attention softmax" and values.ndim >= 3:
+            return values.mean(dim=-2).reshape(len(values), -1)
+        return reduce_features(self._channels_first(name, values), self.params.reduce_axis)
+
     def update(self, batch: TensorBatch) -> None:
         for pair in self.pairs:
             if pair.output not in batch.tensors:
@@ -101,9 +130,12 @@ class NonlinearitySignature(Estimator):
             stored = self.kept.get(pair.output)
             if stored is not None and len(stored[0]) >= self.params.samples and stored[0].max() < batch.start:
                 continue  # already holds the first `samples` samples
-            x, y = (reduce_features(self._channels_first(name, batch.tensors[name]), self.params.reduce_axis)
-                    .to(torch.float64).cpu() for name in (pair.input, pair.output))
-            near_zero = sparsity_per_sample(batch.tensors[pair.output]).cpu()
+            x, y = (self._reduced(pair, name, batch.tensors[name], batch.token_mask).to(torch.float64).cpu()
+                    for name in (pair.input, pair.output))
+            axes = self.token_axes.get(pair.output, ())
+            output = batch.tensors[pair.output]
+            near_zero = (sparsity_of_real_tokens(output, batch.token_mask, axes) if batch.token_mask is not None
+                         and axes else sparsity_per_sample(output)).cpu()
             indices = torch.arange(batch.start, batch.start + len(x))
             if stored is None:
                 stored = (indices[:0], x[:0], y[:0], near_zero[:0])

@@ -175,7 +175,7 @@ def test_conformance():
 def test_non_activation_selection_is_rejected():
     infos = pair_infos()
     estimator = NonlinearitySignature(NonlinearitySignature.Params(), [infos[0]])
-    with pytest.raises(layerscope.UserError, match="not an activation output: pre"):
+    with pytest.raises(layerscope.UserError, match="activation outputs or attention probabilities; not one: pre"):
         estimator.bind_graph(infos)
 
 

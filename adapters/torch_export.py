@@ -89,6 +89,23 @@ def tracing_inputs(example: Samples):
     return (value,), {}, (dims(value),)
 
 
+def _check_arguments(model, args: tuple, kwargs: dict) -> None:
+    """A user error when the data's inputs do not fit the module's ``forward`` (a missing or unknown
+    argument), naming both."""
+    import inspect
+
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no signature to check against
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as error:
+        given = ", ".join(kwargs) if kwargs else "one array"
+        raise UserError(f"model.source: the data's inputs ({given}) do not fit the model's forward"
+                        f"{signature}: {error}") from None
+
+
 @contextmanager
 def _without_cache(model):
     """*model* with ``config.use_cache`` off while it is traced: Hugging Face decoders otherwise return
@@ -119,6 +136,7 @@ def export_unoptimized(model, example: Samples | None = None) -> onnx.ModelProto
         if example is None:
             raise UserError("model.source: exporting a torch module needs example inputs; give a spec with data")
         args, kwargs, dynamic_shapes = tracing_inputs(example)
+        _check_arguments(model, args, kwargs)
         model = model.eval()
     try:
         with quiet("torch", "torch.onnx", "torch.export", "onnxscript"), _without_cache(model):

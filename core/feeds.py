@@ -23,7 +23,7 @@ import numpy as np
 
 from .data import Samples
 from .errors import UserError
-from .graph import TensorInfo
+from .graph import TensorInfo, format_dims
 
 DEFAULT_TOKEN_MASK = "attention_mask"
 
@@ -100,9 +100,7 @@ class ModelFeeds:
 
     def describe(self) -> str:
         """The data inputs with element type and shape, e.g. ``input_ids (int64, batch×seq)``."""
-        def dims(info: TensorInfo) -> str:
-            return "?" if info.shape is None else "×".join(str(d) if d is not None else "?" for d in info.shape)
-        return ", ".join(f"{t.name} ({t.dtype}, {dims(t)})" for t in self.inputs)
+        return ", ".join(f"{t.name} ({t.dtype}, {format_dims(t.shape)})" for t in self.inputs)
 
     def mark_constants(self, tensors: list[TensorInfo]) -> list[TensorInfo]:
         """*tensors* with the constant inputs unobservable (they have no sample axis)."""
@@ -122,8 +120,7 @@ class ModelFeeds:
         unknown = [n for n in samples if n not in self.names]
         if missing or unknown:
             problems = ([f"no array for model input(s) {', '.join(missing)}"] if missing else []) + \
-                       ([f"'{', '.join(unknown)}' {'is' if len(unknown) == 1 else 'are'} not data inputs of the "
-                         "model"] if unknown else [])
+                       [f"'{name}' is not a data input of the model" for name in unknown]
             raise UserError(f"data source '{source}': {'; '.join(problems)} (model inputs: {self.describe()})")
         feeds = {}
         for info in self.inputs:

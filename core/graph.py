@@ -24,6 +24,11 @@ SHAPE_OPS = {"Shape", "Size"}
 SUBGRAPH_OPS = {"If", "Loop", "Scan"}
 
 
+def format_dims(shape: tuple[Dim, ...] | None) -> str:
+    """A shape as text, e.g. ``batch×128``; ``?`` for an unknown shape or dimension."""
+    return "?" if shape is None else "×".join(str(d) if d is not None else "?" for d in shape)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of the graph as the user sees it."""

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 from .errors import UserError
-from .graph import describe_tensors
+from .graph import describe_tensors, format_dims
 
 
 def load_for_inspection(source: str):
@@ -31,12 +31,19 @@ def load_for_inspection(source: str):
 
 
 def inspect_model(source: str, as_json: bool = False, show_all: bool = False) -> None:
-    """Print every tensor of the model: op type, layer, dtype, shape and why it is not observable."""
+    """Print the model's inputs and every tensor: op type, layer, dtype, shape and why it is not
+    observable; and the ops that compute activations out of sight (LSTM gates, fused attention)."""
+    from .activations import find_attention, fused_activations
+
     loaded = load_for_inspection(source)
     tensors = describe_tensors(loaded.proto, loaded.layer_of)
+    inputs = [t for t in tensors if t.role == "input"]
+    fused = fused_activations(loaded.proto)
+    attention = find_attention(tensors)
     if as_json:
         print(json.dumps({"model": loaded.source, "label": loaded.label, "framework": loaded.framework,
-                          "tensors": [t.to_dict() for t in tensors]}, indent=2))
+                          "inputs": [t.to_dict() for t in inputs], "attention": [a.output for a in attention],
+                          "fused_activations": fused, "tensors": [t.to_dict() for t in tensors]}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -46,10 +53,16 @@ def inspect_model(source: str, as_json: bool = False, show_all: bool = False) ->
     for column in ("tensor", "op type", "layer", "dtype", "shape", "observable"):
         table.add_column(column)
     for t in shown:
-        shape = "?" if t.shape is None else "×".join(str(d) if d is not None else "?" for d in t.shape)
-        table.add_row(t.name, t.op_type, t.layer, t.dtype or "?", shape, "yes" if t.observable else f"no: {t.reason}")
+        table.add_row(t.name, t.op_type, t.layer, t.dtype or "?", format_dims(t.shape),
+                      "yes" if t.observable else f"no: {t.reason}")
     console = Console()
     console.print(table)
+    console.print("inputs: " + ", ".join(f"{t.name} ({t.dtype}, {format_dims(t.shape)})" for t in inputs))
+    if attention:
+        console.print(f"attention softmaxes ({{attention: probabilities}}): {len(attention)}")
+    for line in fused:
+        console.print(line)
     hidden = Counter(t.reason for t in tensors if t not in shown)
     if hidden:
         console.print("not shown (use --all): " + ", ".join(f"{n} {reason}" for reason, n in hidden.items()))
+

@@ -162,6 +162,8 @@ class ActivationEntropy(Estimator):
     default_selector = {"activation": "output"}  # activation ops and decomposed forms (SiLU, GELU …)
     reconstructed = ("Wang et al. 2019 (arXiv 1905.08618, withdrawn): reconstructed from the abstract; "
                      "entropy definition, threshold and binning are our choices")
+    tokens = ("with a token mask: every real token (attention maps: real query-key pair) is a sample, labelled with "
+              "its sequence's label, padding left out; without one: token axes are neurons like any other")
 
     @classmethod
     def passes_for(cls, params) -> int:

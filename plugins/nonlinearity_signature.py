@@ -19,10 +19,12 @@ reduced samples, and ``sparsity``, the fraction of the unreduced output's values
 Tokens (a choice of ours; the reference hooks no attention and has no padding): the
 reference's 4-D rule would average an attention map (sample × head × query × key) to a
 constant (each softmax row sums to 1), so an attention softmax's scores and probabilities
-are averaged over the query axis, giving head × key features. In a model with a token
+are averaged over the query axis, giving head × key features; scores at masked positions
+(−∞ or below −1e30, as causal and padding masks add) count as 0. In a model with a token
 mask, padding cannot be a feature, so every tensor with token axes is averaged over each
 sample's real tokens (the query tokens of an attention map), positions of padded keys
-zeroed (:func:`layerscope.tokens.mean_over_tokens`), and ``sparsity`` counts real tokens only;
+zeroed (:func:`layerscope.tokens.mean_over_tokens`; keys that are padding in every kept sample
+are left out, so extra padding changes nothing), and ``sparsity`` counts real tokens only;
 ``reduce_axis`` then does not apply to those tensors.
 """
 
@@ -63,6 +65,10 @@ def reduce_features(values: torch.Tensor, reduce_axis: int) -> torch.Tensor:
     if values.ndim == 3:
         return values.mean(dim=reduce_axis)
     return values.reshape(values.shape[0], -1)
+
+
+#: Attention scores at or below this are masked positions (attention masks add -inf or the dtype's lowest value).
+MASKED_SCORE = -1e30
 
 
 def sparsity_of_real_tokens(values: torch.Tensor, mask: torch.Tensor, axes) -> torch.Tensor:
@@ -117,6 +123,8 @@ class NonlinearitySignature(Estimator):
     def _reduced(self, pair: Activation, name: str, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """(samples, features) of tensor *name* of *pair* (see the module docstring)."""
         axes = self.token_axes.get(name, ())
+        if pair.kind == "attention softmax" and name == pair.input:  # masked scores (-inf, finfo.min) count as 0
+            values = values.masked_fill(~(values > MASKED_SCORE), 0)
         if mask is not None and axes:
             return mean_over_tokens(values, mask, axes)
         if pair.kind == "attention softmax" and values.ndim >= 3:
@@ -148,6 +156,9 @@ class NonlinearitySignature(Estimator):
             if pair.output not in self.kept:
                 continue
             _, x, y, near_zero = (t.numpy() for t in self.kept[pair.output])
+            if self.token_axes.get(pair.output):  # keys that are padding in every kept sample are no features
+                used = (x != 0).any(axis=0) | (y != 0).any(axis=0)
+                x, y = x[:, used], y[:, used]
             score, _ = affinity_score(x, y, p.covariance, p.solver)
             keys = {"op_type": pair.kind, "position": position, "samples": len(x), "input_tensor": pair.input}
             records.append(self.record(pair.output, "affinity_score", score, "", **keys))

@@ -82,6 +82,8 @@ class AggregationDistribution(Estimator):
     default_selector = {"op_type": sorted(AGGREGATION_OPS)}
     reconstructed = RECONSTRUCTED
     passes = 2
+    tokens = ("models a global aggregation as the layer computes it: a pooling over tokens includes the padded "
+              "tokens the model itself pools")
     metric_ranges = {"effective_m": (1.0, math.inf), "predicted_var": (0.0, math.inf),
                      "empirical_var": (0.0, math.inf), "node_predicted_var": (0.0, math.inf),
                      "node_empirical_var": (0.0, math.inf), "fit_kl": (0.0, math.inf),

@@ -83,6 +83,8 @@ class MeanDimension(Estimator):
     default_selector = [{"activation": "output"}, {"role": "output"}]
     reads_plan = True
     lookahead = 1
+    tokens = ("perturbs one float model input: token ids are refused; the token axes of a float input are features "
+              "like any other")
     metric_ranges = {"mean_dimension": (0.0, math.inf), "total_index": (0.0, math.inf),
                      "node_mean_dimension": (0.0, math.inf)}
 

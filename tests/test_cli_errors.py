@@ -283,8 +283,8 @@ def test_a_spec_error_is_reported_before_a_compressed_npz_is_inflated(tmp_path, 
     import subprocess
     import sys
 
-    write_npz_bomb(tmp_path / "bomb.npz", rows=2**18, features=1024)  # 1 GiB of float32 once inflated
-    np.savez(tmp_path / "small.npz", x=np.zeros((64, 1024), np.float32), y=np.zeros(64, np.int64))
+    write_npz_bomb(tmp_path / "bomb.npz", rows=2**22, features=64)  # 1 GiB of float32 once inflated
+    np.savez(tmp_path / "small.npz", x=np.zeros((64, 64), np.float32), y=np.zeros(64, np.int64))
     assert (tmp_path / "bomb.npz").stat().st_size < 8 * 2**20
 
     def peak_rss(data: str) -> tuple[int, int, str]:

@@ -9,20 +9,24 @@ from typing import Any
 from .results import Results
 
 
-def prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...] = ()):
-    """Load, validate and resolve a spec against the plugins; every error at once as one ``SpecError``."""
+def prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...] = (), data: Any = None):
+    """Load, validate and resolve a spec against the plugins (reading *data* from Python when given);
+    every error at once as one ``SpecError``."""
     from .plan import build_plan
     from .plugin_host import load_plugins
-    from .spec import read_document
+    from .spec import read_document, with_python_data
 
     doc, base_dir = read_document(spec)
-    return build_plan(doc, base_dir, load_plugins(plugins))
+    return build_plan(with_python_data(doc, data), base_dir, load_plugins(plugins))
 
 
-def run(spec: str | os.PathLike | dict, out: str | os.PathLike | None = None, *, write: bool = True,
-        plugins: tuple[Any, ...] = (), progress: bool = True, resume: bool = False) -> Results:
+def run(spec: str | os.PathLike | dict, out: str | os.PathLike | None = None, *, data: Any = None,
+        write: bool = True, plugins: tuple[Any, ...] = (), progress: bool = True, resume: bool = False) -> Results:
     """Run a spec (a YAML path or a dict) and return its :class:`Results`.
 
+    *data* replaces the spec's data source with data from Python: an array, ``(x, y)``, a mapping
+    of named arrays (one per model input), a map-style torch ``Dataset`` or a ``DataLoader``
+    (the data section's batch_size, limit, shuffle, constants and token_mask still apply).
     Outputs go to *out* (or the spec's ``outputs.dir``, relative to the current folder);
     ``write=False`` computes the results without writing files. *plugins* are extra
     plugin objects registered next to the installed ones. ``resume=True`` continues an
@@ -30,7 +34,7 @@ def run(spec: str | os.PathLike | dict, out: str | os.PathLike | None = None, *,
     """
     from .engine import execute
 
-    plan = prepare(spec, plugins)
+    plan = prepare(spec, plugins, data)
     out_dir = Path(out) if out is not None else Path(plan.spec.outputs.dir)
     try:
         return execute(plan, out_dir if write else None, show_progress=progress, resume=resume)
@@ -39,12 +43,14 @@ def run(spec: str | os.PathLike | dict, out: str | os.PathLike | None = None, *,
         raise
 
 
-def validate(spec: str | os.PathLike | dict, *, plugins: tuple[Any, ...] = (), with_model: bool = True) -> list[str]:
-    """Check a spec: structure, plugin names and parameters, and (with the model) that every selector matches.
+def validate(spec: str | os.PathLike | dict, *, data: Any = None, plugins: tuple[Any, ...] = (),
+             with_model: bool = True) -> list[str]:
+    """Check a spec (with *data* as in :func:`run`): structure, plugin names and parameters, and (with
+    the model) that the data fits the model's inputs and every selector matches.
 
     Returns a short description of what was checked; raises a ``UserError`` on the first failing stage.
     """
-    plan = prepare(spec, plugins)
+    plan = prepare(spec, plugins, data)
     checked = ["spec structure", "estimator, data source and reporter names and parameters",
                *(["labels"] if plan.classes is not None else [])]
     if with_model:

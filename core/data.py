@@ -22,8 +22,6 @@ from .units import format_bytes
 #: A batch of samples as data sources yield it: one array, or arrays by model input name.
 Samples = Union[np.ndarray, Mapping[str, np.ndarray]]
 
-DEFAULT_TOKEN_MASK = "attention_mask"
-
 
 def sample_count(samples: Samples) -> int:
     """Samples in a batch (the first axis of its arrays)."""

@@ -5,7 +5,8 @@ input name → array, first axis the sample (``input_ids``, ``attention_mask``, 
 named in ``data.constants`` (``sr: 16000``) are fed as given, with no sample axis, to every
 run. :class:`ModelFeeds` checks a batch against the model's inputs, naming the input on a
 mismatch, and turns it into what onnxruntime is fed: every data input present, cast to its
-input's element type (integer inputs only from whole numbers), reshaped when the sizes agree.
+input's element type (integer inputs only from whole numbers), images moved between channel-first
+and channel-last to the input's layout, reshaped when only the sizes agree.
 
 The **token mask** is the input that marks real tokens (1) against padding (0): the input
 ``data.token_mask`` names, else an input called ``attention_mask``. Estimators read it as
@@ -41,13 +42,22 @@ def _cast(array: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=dtype)
 
 
+def _agrees(dims: list, sizes: tuple[int, ...]) -> bool:
+    """True when sample *sizes* fit the input's sample *dims* (a symbolic dim fits any size)."""
+    return len(dims) == len(sizes) and all(not isinstance(d, int) or d == s for d, s in zip(dims, sizes))
+
+
 def _shaped(array: np.ndarray, info: TensorInfo, what: str) -> np.ndarray:
     """*array* with the sample shape of input *info*: as is when its dims agree (symbolic dims agree
-    with any size), reshaped when only the static sizes agree."""
+    with any size); images moved between channel-first (N, C, H, W) and channel-last (N, H, W, C) when
+    only the moved axes agree; reshaped when only the static sizes agree."""
     shape = info.shape
-    if shape is None or len(shape) == array.ndim and all(
-            not isinstance(d, int) or d == s for d, s in zip(shape[1:], array.shape[1:])):
+    if shape is None or _agrees(shape[1:], array.shape[1:]):
         return array
+    if array.ndim == len(shape) == 4:
+        for axes in ((0, 3, 1, 2), (0, 2, 3, 1)):  # channel-last -> first, channel-first -> last
+            if _agrees(shape[1:], tuple(array.shape[a] for a in axes[1:])):
+                return np.ascontiguousarray(array.transpose(axes))
     target = shape[1:]
     if all(isinstance(d, int) for d in target) and math.prod(target) == math.prod(array.shape[1:]):
         return array.reshape((array.shape[0], *target))

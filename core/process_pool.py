@@ -31,24 +31,24 @@ from .lifecycle import ShardOutcome, ShardTask
 from .model import Checkpoint
 from .plan import RunPlan
 from .threads import run_threads, set_threads
+from .yaml_locations import LocatedDocument
 
 
 def worker_arguments(plan: RunPlan, checkpoints: list[Checkpoint], spans: list[Span], order: np.ndarray,
                      example: Samples, threads: int | None) -> tuple:
     """What a worker process needs to rebuild this run's :class:`ShardWorker` (:func:`start_worker`)."""
-    return plan.doc.data, plan.doc.filename, str(plan.spec.base_dir), threads, checkpoints, spans, order, example
+    return plan.doc, str(plan.spec.base_dir), threads, checkpoints, spans, order, example
 
 
-def start_worker(document: dict, filename: str, base_dir: str, threads: int | None, checkpoints: list[Checkpoint],
+def start_worker(document: LocatedDocument, base_dir: str, threads: int | None, checkpoints: list[Checkpoint],
                  spans: list[Span], order: np.ndarray, example: Samples) -> ShardWorker:
     """In a worker process: the plan rebuilt from the spec document with the installed plugins,
     onnxruntime set to *threads* threads (None: its default) and torch to one (:mod:`layerscope.threads`)."""
     from .plan import build_plan
     from .plugin_host import load_plugins
-    from .yaml_locations import LocatedDocument
 
     set_threads(threads)
-    plan = build_plan(LocatedDocument(data=document, filename=filename), Path(base_dir), load_plugins())
+    plan = build_plan(document, Path(base_dir), load_plugins())
     return ShardWorker(plan, checkpoints, spans, order, example)
 
 

@@ -199,10 +199,31 @@ def check_structure(doc: LocatedDocument, base_dir: Path) -> tuple[Spec | None, 
     return spec, []
 
 
+PYTHON_DATA = "python"  # the data source that reads objects handed over from Python
+
+
+def with_python_data(doc: LocatedDocument, data: Any = None) -> LocatedDocument:
+    """*doc* reading *data* (``data=`` of ``layerscope.run``) through the ``python`` data source, which
+    takes the place of the spec's data source and its parameters (the general keys of the data section,
+    batch_size, limit, shuffle, constants and token_mask, still apply). A dict spec may also give the
+    object as ``data.source``. The caller's dict is not changed."""
+    section = doc.data.get("data") if isinstance(doc.data, dict) else None
+    section = section if isinstance(section, dict) else {}
+    source = section.get("source")
+    if data is None and (source is None or isinstance(source, str)):
+        return doc
+    if data is None:  # an object as data.source in a dict spec: its other keys are for it
+        kept, data = {k: v for k, v in section.items() if k != "source"}, source
+    else:
+        kept = {k: v for k, v in section.items() if k in DataSection.model_fields and k != "source"}
+    return LocatedDocument({**doc.data, "data": {**kept, "source": PYTHON_DATA, "object": data}},
+                           doc.filename, doc.positions, doc.located)
+
+
 def read_document(source: str | os.PathLike | dict) -> tuple[LocatedDocument, Path]:
     """Parse a spec file (or take a dict from Python); return it with the folder paths are relative to."""
     if isinstance(source, dict):
-        return LocatedDocument(data=source, filename="<spec>"), Path.cwd()
+        return LocatedDocument(data=source, filename="<spec>", located=False), Path.cwd()
     path = Path(source)
     if not path.exists():
         raise SpecError([f"{path}: spec file not found"])

@@ -33,9 +33,14 @@ class LocatedDocument:
     data: Any
     filename: str
     positions: dict[tuple, Position] = field(default_factory=dict)
+    #: False for a dict spec from Python, which has no lines: messages name its key paths alone.
+    located: bool = True
 
     def where(self, path: tuple) -> str:
-        """``file:line:col`` of the longest prefix of *path* that has a known position."""
+        """``file:line:col`` of the longest prefix of *path* that has a known position; just the
+        file name for a document without lines (a dict spec from Python: its messages name the key path)."""
+        if not self.located:
+            return self.filename
         for end in range(len(path), -1, -1):
             position = self.positions.get(tuple(path[:end]))
             if position is not None:

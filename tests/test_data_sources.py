@@ -36,6 +36,24 @@ def test_synthetic_samples_do_not_depend_on_order_or_batching():
     assert not np.allclose(other_seed, x_all[:2])
 
 
+def test_synthetic_uniform_samples_lie_in_their_bounds_with_the_uniform_moments():
+    params = SyntheticSource.Params(samples=4000, shape=[5], classes=0, distribution="uniform", low=-2.0, high=6.0)
+    x = SyntheticSource(params, Path("."), seed=3).read(np.arange(4000))[0]
+    assert x.dtype == np.float32 and x.shape == (4000, 5) and -2.0 <= x.min() and x.max() < 6.0
+    assert abs(float(x.mean()) - 2.0) < 0.1 and abs(float(x.var()) - 8.0**2 / 12) < 0.2  # (b - a)² / 12
+    np.testing.assert_array_equal(SyntheticSource(params, Path("."), seed=3).read(np.array([7]))[0], x[[7]])
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"distribution": "uniform", "std": 2.0}, "std does not apply to distribution: uniform"),
+    ({"low": 1.0}, "low does not apply to distribution: normal"),
+    ({"distribution": "uniform", "low": 1.0, "high": 1.0}, r"low \(1.0\) must be below high"),
+])
+def test_synthetic_distribution_parameters_are_checked(params, message):
+    with pytest.raises(ValueError, match=message):
+        SyntheticSource.Params(**params)
+
+
 def test_npz_keys(tmp_path):
     np.savez(tmp_path / "d.npz", inputs=np.ones((6, 4), np.float32), targets=np.arange(6))
     source = NpzSource(NpzSource.Params(path="d.npz", x_key="inputs", y_key="targets"), tmp_path)

@@ -1,0 +1,179 @@
+"""The ``images`` data source: a folder of image files (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM/PGM).
+
+Samples are the image files under ``path`` (sub-folders included, sorted by their path), or the
+files a manifest lists. Labels (``labels``):
+
+- ``auto`` (default): the class folder when the images sit in sub-folders (``cat/001.png`` has
+  class ``cat``; string class names), none when they all sit in ``path`` itself;
+- ``folders``: the class folder, and every image must have one; ``none``: no labels;
+- ``manifest: labels.csv`` (or ``.json``), relative to the spec: the images and their labels,
+  one row per image in the manifest's order. A CSV has a header with ``file_column`` (default
+  ``file``, relative to ``path``) and ``label_column`` (default ``label``); a JSON file is an
+  object ``{file: label}`` or a list of objects with those two keys. Labels that are all whole
+  numbers are integer classes, others class names.
+
+Every image goes through the preprocessing of :mod:`.image_preprocessing` (``color``, ``resize``,
+``center_crop``, ``scale``, ``normalize``, ``layout``). Batches are decoded on ``threads`` threads
+(Pillow releases the GIL while it decodes) and nothing but the batch is held. Without
+``resize: [h, w]`` or ``center_crop`` every image must have the size of the first, which is
+checked from the files' headers before the run starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, PositiveInt
+
+from layerscope import DataSource, hookimpl
+from layerscope.errors import UserError
+from layerscope.files import regular_file
+
+from .image_preprocessing import ImagePreprocessing
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+
+class ImagesParams(ImagePreprocessing):
+    path: str = Field(description="the folder of images, relative to the spec")
+    labels: Literal["auto", "folders", "none"] = Field("auto", description="class sub-folders, none, or auto")
+    manifest: str | None = Field(None, description="a CSV or JSON file listing the images and their labels")
+    file_column: str = Field("file", description="manifest: the column of image paths (relative to path)")
+    label_column: str = Field("label", description="manifest: the column of labels")
+    threads: PositiveInt = Field(min(4, os.cpu_count() or 1), description="threads decoding a batch")
+
+
+def find_images(folder: Path) -> list[Path]:
+    """The image files under *folder*, sorted by path (hidden files and folders left out)."""
+    found = [path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+             and not any(part.startswith(".") for part in path.relative_to(folder).parts)]
+    return sorted(found, key=lambda path: path.relative_to(folder).parts)
+
+
+def read_manifest(path: Path, file_column: str, label_column: str) -> list[tuple[str, object]]:
+    """The (file, label) rows of a CSV or JSON manifest; labels that are all whole numbers become ints."""
+    where = f"data.manifest: {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{where}: cannot read it ({error})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{where}: not valid JSON ({error})") from None
+        if isinstance(content, dict):
+            rows = list(content.items())
+        elif isinstance(content, list) and all(isinstance(row, dict) for row in content):
+            missing = next((i for i, row in enumerate(content) if not {file_column, label_column} <= row.keys()), None)
+            if missing is not None:
+                raise UserError(f"{where}: entry {missing} lacks '{file_column}' or '{label_column}'")
+            rows = [(row[file_column], row[label_column]) for row in content]
+        else:
+            raise UserError(f"{where}: give an object {{file: label}} or a list of objects")
+    else:
+        table = list(csv.DictReader(text.splitlines()))
+        header = list(table[0]) if table else []
+        for column, key in ((file_column, "file_column"), (label_column, "label_column")):
+            if column not in header:
+                raise UserError(f"{where}: no column '{column}' (data.{key}; the columns: {', '.join(header) or 'none'})")
+        rows = [(row[file_column], row[label_column]) for row in table]
+    if not rows:
+        raise UserError(f"{where}: lists no images")
+    bad = next((i for i, (file, label) in enumerate(rows) if not isinstance(file, str) or label in (None, "")), None)
+    if bad is not None:
+        raise UserError(f"{where}: row {bad + 1} has no file or no label ({rows[bad]})")
+    labels = [str(label).strip() if not isinstance(label, int | float) else label for _, label in rows]
+    if all(isinstance(label, int) or isinstance(label, str) and label.lstrip("-").isdigit() for label in labels):
+        labels = [int(label) for label in labels]
+    return [(file, label) for (file, _), label in zip(rows, labels)]
+
+
+class ImagesSource(DataSource):
+    name = "images"
+    Params = ImagesParams
+
+    def __init__(self, params, base_dir, seed=0):
+        super().__init__(params, base_dir, seed)
+        self.folder = base_dir / params.path
+        if not self.folder.is_dir():
+            raise UserError(f"data.path: {self.folder} is not a folder")
+        if params.manifest is not None:
+            rows = read_manifest(regular_file(base_dir / params.manifest, "data.manifest"),
+                                 params.file_column, params.label_column)
+            self.files = [self.folder / file for file, _ in rows]
+            absent = next((f for f in self.files if not f.is_file()), None)
+            if absent is not None:
+                raise UserError(f"data.manifest: {absent} (listed in {params.manifest}) is not a file")
+            self.labels = np.asarray([label for _, label in rows])
+        else:
+            self.files = find_images(self.folder)
+            if not self.files:
+                raise UserError(f"data.path: {self.folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            self.labels = self._folder_labels(params.labels)
+        self._executor: ThreadPoolExecutor | None = None
+        if params.output_size is None:
+            self._check_one_size()
+
+    def _folder_labels(self, mode: str) -> np.ndarray | None:
+        """The class folder of each image (labels auto/folders), or None."""
+        parts = [f.relative_to(self.folder).parts for f in self.files]
+        nested = [len(p) > 1 for p in parts]
+        if mode == "none" or mode == "auto" and not any(nested):
+            return None
+        if not all(nested):
+            loose = self.files[nested.index(False)]
+            raise UserError(f"data.labels: {loose} sits outside any class folder of {self.folder}; move it into "
+                            "one, or set labels: none")
+        return np.asarray([p[0] for p in parts])
+
+    def _check_one_size(self) -> None:
+        """Every image has the first image's size (read from the headers), since no step fixes the size."""
+        from PIL import Image, UnidentifiedImageError
+
+        first = None
+        for path in self.files:
+            try:
+                with Image.open(path) as image:
+                    size = image.size
+            except (UnidentifiedImageError, OSError) as error:
+                raise UserError(f"data: {path} is not a readable image ({error})") from None
+            if first is None:
+                first = (path, size)
+            elif size != first[1]:
+                raise UserError(f"data: the images differ in size ({first[0]} is {first[1][0]}×{first[1][1]}, "
+                                f"{path} is {size[0]}×{size[1]}); set resize: [h, w] or center_crop to give "
+                                "every sample one shape")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def read(self, indices):
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.params.threads, thread_name_prefix="layerscope-images")
+        pixels = list(self._executor.map(self.params, [self.files[i] for i in indices]))
+        return np.stack(pixels) if pixels else np.zeros((0,), np.float32), self.read_labels(indices)
+
+    def read_labels(self, indices):
+        return self.labels[indices] if self.labels is not None else None
+
+    def describe(self) -> str:
+        return f"images {self.folder}"
+
+    def describe_labels(self) -> str:
+        return f"'{self.params.label_column}' of {self.params.manifest}" if self.params.manifest else "class folders"
+
+
+@hookimpl
+def register_data_sources(register):
+    register(ImagesSource)

@@ -1,0 +1,122 @@
+"""The ``table`` data source: CSV and Parquet rows streamed in chunks into the arrays a run reads;
+records equal npz's on the same values; bad tables are user errors naming the column and row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import layerscope
+from layerscope.errors import UserError
+from layerscope.plugins.data import table as table_module
+from layerscope.plugins.data.digits import load_digits_split
+from layerscope.plugins.data.table import TableSource
+
+NAMES = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+
+
+def _digits_table(count: int = 200) -> dict[str, np.ndarray]:
+    x, y = load_digits_split("test")
+    columns = {f"pixel_{i:02d}": x[:count, i] for i in range(64)}
+    return {"id": np.arange(count), **columns, "species": NAMES[y[:count]]}
+
+
+def _write(folder: Path, columns: dict[str, np.ndarray], kind: str) -> Path:
+    if kind == "parquet":
+        path = folder / "d.parquet"
+        pq.write_table(pa.table(columns), path, row_group_size=37)
+        return path
+    path = folder / ("d.tsv" if kind == "tsv" else "d.csv")
+    separator = "\t" if kind == "tsv" else ","
+    rows = zip(*[[repr(float(v)) if isinstance(v, np.floating) else str(v) for v in values] for values in columns.values()])
+    path.write_text(separator.join(columns) + "\n" + "".join(separator.join(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch):
+    """Chunks of a few rows, so that every test streams many chunks."""
+    monkeypatch.setattr(table_module, "CHUNK_ROWS", 16)
+    monkeypatch.setattr(table_module, "CSV_BLOCK_BYTES", 4096)
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "parquet"])
+def test_rows_read_back_equal_the_values_in_any_order(tmp_path, kind):
+    columns = _digits_table()
+    path = _write(tmp_path, columns, kind)
+    source = TableSource(TableSource.Params(path=path.name, features=["pixel_*"], label="species"), tmp_path)
+    expected = np.column_stack([columns[f"pixel_{i:02d}"] for i in range(64)]).astype(np.float32)
+    indices = np.random.default_rng(0).permutation(200)[:77]
+    x, y = source.read(indices)
+    assert len(source) == 200 and x.dtype == np.float32
+    np.testing.assert_array_equal(x, expected[indices])
+    assert y.tolist() == columns["species"][indices].tolist()
+
+
+def test_named_inputs_and_integer_labels(tmp_path):
+    columns = {"a1": np.arange(10.0), "a2": np.arange(10.0) * 2, "b": -np.arange(10.0), "cls": np.arange(10) % 3}
+    path = _write(tmp_path, columns, "csv")
+    source = TableSource(TableSource.Params(path=path.name, inputs={"left": ["a*"], "right": ["b"]}, label="cls"),
+                         tmp_path)
+    x, y = source.read(np.array([4, 1]))
+    assert x["left"].tolist() == [[4.0, 8.0], [1.0, 2.0]] and x["right"].tolist() == [[-4.0], [-1.0]]
+    assert y.dtype == np.int64 and y.tolist() == [1, 1]
+
+
+def test_table_records_equal_npz_records(tmp_path):
+    columns = _digits_table()
+    path = _write(tmp_path, columns, "csv")
+    x = np.column_stack([columns[f"pixel_{i:02d}"] for i in range(64)]).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=columns["species"])
+    analyses = [{"id": "entropy", "estimator": "activation_entropy"},
+                {"id": "signature", "estimator": "nonlinearity_signature"}]
+    common = {"batch_size": 30, "limit": 150, "shuffle": True}
+    records = [layerscope.run({"model": {"source": "demo:digits-mlp"}, "data": {**common, **data},
+                               "analyses": analyses}, write=False, progress=False).records
+               for data in ({"source": "npz", "path": str(tmp_path / "d.npz")},
+                            {"source": "table", "path": str(path), "features": ["pixel_*"], "label": "species"})]
+    assert len(records[0]) == len(records[1]) > 20
+    assert records[0] == records[1]
+
+
+def test_the_conversion_is_cached_until_the_file_changes(tmp_path, monkeypatch):
+    path = _write(tmp_path, {"a": np.arange(5.0), "b": np.ones(5)}, "csv")
+    params = TableSource.Params(path=path.name)
+    assert TableSource(params, tmp_path).read(np.array([3]))[0].tolist() == [[3.0, 1.0]]
+    calls = []
+    original = table_module.convert
+    monkeypatch.setattr(table_module, "convert", lambda *a: (calls.append(a), original(*a)))
+    TableSource(params, tmp_path)
+    assert calls == []
+    path.write_text("a,b\n7,8\n")
+    assert TableSource(params, tmp_path).read(np.array([0]))[0].tolist() == [[7.0, 8.0]] and len(calls) == 1
+
+
+@pytest.mark.parametrize("content, params, message", [
+    ("a,b\n1,2\n", {"label": "cls"}, r"data.label: .* has no column 'cls' \(the columns: a, b\)"),
+    ("a,b\n1,2\n", {"features": ["x*"]}, r"data.features: no column matches 'x\*' \(the columns: a, b\)"),
+    ("a,b,c\n1,2,x\n3,zz,y\n", {"label": "c"}, r"could not be read as csv: In column 'b': .*invalid value 'zz'"),
+    ("a,b\n1,2\n3,\n", {}, r"data: column 'b' has no value in row 2"),
+    ("a,b,c\n1,2,x\n3,4,\n", {"label": "c"}, r"data.label: column 'c' has no value in row 2"),
+    ("a,b\n", {}, r"has no rows"),
+    ("", {}, r"is empty \(a CSV needs a header row\)"),
+])
+def test_bad_tables_are_user_errors_naming_the_place(tmp_path, content, params, message):
+    (tmp_path / "d.csv").write_text(content)
+    with pytest.raises(UserError, match=message):
+        TableSource(TableSource.Params(path="d.csv", **params), tmp_path)
+
+
+def test_non_numeric_parquet_features_and_bad_files(tmp_path):
+    pq.write_table(pa.table({"a": [1.0, 2.0], "name": ["x", "y"]}), tmp_path / "d.parquet")
+    with pytest.raises(UserError, match=r"column 'name' is not numeric \(string\)"):
+        TableSource(TableSource.Params(path="d.parquet"), tmp_path)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(UserError, match=r"data.path: .*bad.parquet is not a readable parquet file"):
+        TableSource(TableSource.Params(path="bad.parquet"), tmp_path)
+    with pytest.raises(ValueError, match="either features .* or inputs"):
+        TableSource.Params(path="d.csv", features=["a"], inputs={"x": ["a"]})

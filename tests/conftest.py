@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,3 +45,20 @@ def write_spec(folder: Path, text: str, name: str = "spec.yaml") -> Path:
     path = folder / name
     path.write_text(text)
     return path
+
+
+def digit_image_folder(tmp_path: Path, count: int) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The first *count* test digits as grey PNGs in class folders (pixels 0..16 stored as 0..240), with
+    the pixels as float32 scaled by 1/240 and the class names, in the order the source reads them (sorted paths)."""
+    from PIL import Image
+
+    from layerscope.plugins.data.digits import load_digits_split
+
+    x, y = load_digits_split("test")
+    pixels = np.round(x[:count].reshape(-1, 8, 8) * 240).astype(np.uint8)
+    folder = tmp_path / "digits"
+    for index in range(count):
+        (folder / str(y[index])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[index]).save(folder / str(y[index]) / f"{index:04d}.png")
+    order = sorted(range(count), key=lambda i: (str(y[i]), f"{i:04d}"))
+    return folder, pixels[order, None].astype(np.float32) * np.float32(1 / 240), y[order].astype(str)

@@ -14,8 +14,9 @@ from PIL import Image
 
 import layerscope
 from layerscope.errors import SpecError, UserError
-from layerscope.plugins.data.digits import load_digits_split
 from layerscope.plugins.data.images import ImagesSource
+
+from .conftest import digit_image_folder
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -91,25 +92,13 @@ def test_resize_nearest_up_box_down_and_shorter_side(tmp_path):
     assert _read(tmp_path / "down", color="grey", resize=6).shape == (1, 1, 6, 8)  # shorter side 12 -> 6
 
 
-def _digit_folder(tmp_path: Path, count: int) -> tuple[Path, np.ndarray, np.ndarray]:
-    """The first *count* test digits as grey PNGs in class folders (pixels 0..16 stored as 0..240), with
-    the pixels as float32 scaled by 1/240 and the class names, in the order the source reads them (sorted paths)."""
-    x, y = load_digits_split("test")
-    pixels = np.round(x[:count].reshape(-1, 8, 8) * 240).astype(np.uint8)
-    folder = tmp_path / "digits"
-    for index in range(count):
-        _save(folder / str(y[index]) / f"{index:04d}.png", pixels[index])
-    order = sorted(range(count), key=lambda i: (str(y[i]), f"{i:04d}"))
-    return folder, pixels[order, None].astype(np.float32) * np.float32(1 / 240), y[order].astype(str)
-
-
 ANALYSES = [{"id": "entropy", "estimator": "activation_entropy"},
             {"id": "signature", "estimator": "nonlinearity_signature"},
             {"id": "plane", "estimator": "information_plane", "params": {"sigma": 1.0}}]
 
 
 def test_images_give_the_records_of_the_same_pixels_through_npz(tmp_path):
-    folder, x, y = _digit_folder(tmp_path, 160)
+    folder, x, y = digit_image_folder(tmp_path, 160)
     np.savez(tmp_path / "d.npz", x=x, y=y)
     common = {"batch_size": 40, "limit": 120, "shuffle": True}
     through = {source: layerscope.run({"model": {"source": "demo:digits-cnn"}, "data": {**common, **data},
@@ -129,7 +118,7 @@ def test_a_channel_last_model_receives_channel_last_images(tmp_path):
     axis moved, not reshaped: the same records as the channel-first model."""
     import torch
 
-    folder, _, _ = _digit_folder(tmp_path, 60)
+    folder, _, _ = digit_image_folder(tmp_path, 60)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
 

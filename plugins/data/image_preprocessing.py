@@ -107,13 +107,17 @@ class ImagePreprocessing(BaseModel):
 
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB" if self.channels == 3 else "L")
+                image = self.converted(image)
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise UserError(f"data: {path} is not a readable image ({error})") from None
         return self.process(image, path)
 
+    def converted(self, image):
+        """A PIL image in the color mode of step 1 (decoding it)."""
+        return image.convert("RGB" if self.channels == 3 else "L")
+
     def process(self, image, where: str | Path) -> np.ndarray:
-        """A decoded PIL image (in the right color mode) through steps 2-6."""
+        """A PIL image in the color mode of step 1 through steps 2-6."""
         from PIL import Image
 
         size = self.resized(*image.size)

@@ -29,6 +29,8 @@ KINDS = {"estimators": "estimator", "data_sources": "data source", "adapters": "
 def type_name(annotation: Any) -> str:
     """A readable type: ``binary | histogram | pattern`` for a Literal, ``float | None`` for a union."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:  # PositiveInt and the like: the type, its constraints in the description
+        return type_name(args[0])
     if origin is typing.Literal:
         return " | ".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):

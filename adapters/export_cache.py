@@ -27,11 +27,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
-
 from layerscope.files import cache_dir
+from layerscope.lazy import lazy_module
 from layerscope.results import atomic_write
+
+onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 SMALL_CONSTANT = 16  # elements: initializers up to this size may be the exporter's own constants
 
@@ -98,5 +98,5 @@ def with_weights(proto: onnx.ModelProto, state: Mapping[str, object], unused: bo
     for index, initializer in enumerate(copy.graph.initializer):
         if initializer.name in state:
             value = state[initializer.name].detach().cpu().numpy()
-            copy.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, initializer.name))
+            copy.graph.initializer[index].CopyFrom(onnx.numpy_helper.from_array(value, initializer.name))
     return copy

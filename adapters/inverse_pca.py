@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+from layerscope.lazy import lazy_module
+
+onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,12 @@ def prepend_inverse_pca(model: onnx.ModelProto, pca: StandardisedPCA, input_name
     dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
     dims = [d.dim_value if d.HasField("dim_value") else -1 for d in original.type.tensor_type.shape.dim]
     features = len(pca.mean)
-    weights = numpy_helper.from_array((pca.components * pca.scale).astype(dtype), "inverse_pca_weight")
-    bias = numpy_helper.from_array(pca.mean.astype(dtype), "inverse_pca_bias")
-    shape = numpy_helper.from_array(np.array([-1, *dims[1:]], dtype=np.int64), "inverse_pca_shape")
-    nodes = [helper.make_node("MatMul", [input_name, weights.name], ["inverse_pca_matmul"], name="inverse_pca/matmul"),
-             helper.make_node("Add", ["inverse_pca_matmul", bias.name], ["inverse_pca_flat"], name="inverse_pca/add"),
-             helper.make_node("Reshape", ["inverse_pca_flat", shape.name], [original.name], name="inverse_pca/reshape")]
+    weights = onnx.numpy_helper.from_array((pca.components * pca.scale).astype(dtype), "inverse_pca_weight")
+    bias = onnx.numpy_helper.from_array(pca.mean.astype(dtype), "inverse_pca_bias")
+    shape = onnx.numpy_helper.from_array(np.array([-1, *dims[1:]], dtype=np.int64), "inverse_pca_shape")
+    nodes = [onnx.helper.make_node("MatMul", [input_name, weights.name], ["inverse_pca_matmul"], name="inverse_pca/matmul"),
+             onnx.helper.make_node("Add", ["inverse_pca_matmul", bias.name], ["inverse_pca_flat"], name="inverse_pca/add"),
+             onnx.helper.make_node("Reshape", ["inverse_pca_flat", shape.name], [original.name], name="inverse_pca/reshape")]
     new_nodes = nodes + list(graph.node)
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -75,5 +76,5 @@ def prepend_inverse_pca(model: onnx.ModelProto, pca: StandardisedPCA, input_name
     del graph.input[position]
     batch = original.type.tensor_type.shape.dim[0]
     batch_dim = batch.dim_param or (batch.dim_value if batch.HasField("dim_value") else "batch")
-    graph.input.insert(position, helper.make_tensor_value_info(input_name, elem_type, [batch_dim, features]))
+    graph.input.insert(position, onnx.helper.make_tensor_value_info(input_name, elem_type, [batch_dim, features]))
     return rewritten

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import onnx
+import sys
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError
+from layerscope.lazy import lazy_module
 from layerscope.model import ModelParams, load_onnx_file
 
 from .checkpoints import CheckpointFiles, checkpoint_files, file_checkpoints
+
+onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 
 class OnnxFileParams(ModelParams):
@@ -23,7 +26,10 @@ class OnnxFileAdapter(Adapter):
 
     def claims(self, section) -> bool:
         source = section.source
-        return isinstance(source, onnx.ModelProto) or (isinstance(source, str) and source.lower().endswith(".onnx"))
+        if isinstance(source, str):
+            return source.lower().endswith(".onnx")
+        loaded = sys.modules.get("onnx")  # a ModelProto exists only once onnx is imported
+        return loaded is not None and isinstance(source, loaded.ModelProto)
 
     def checkpoints(self, section, spec) -> list[Checkpoint]:
         if section.checkpoints:

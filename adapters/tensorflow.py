@@ -25,14 +25,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
-
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError
 from layerscope.files import regular_file
 from layerscope.graph import INPUT_LAYOUT_KEY
+from layerscope.lazy import lazy_module
 
 from .quiet import quiet
+
+onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 OPSET = 17
 _CALL_SUFFIX = re.compile(r"_\d+$")

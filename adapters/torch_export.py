@@ -16,19 +16,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import onnx
-
-from pydantic import Field, model_validator
-
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.data import Samples
 from layerscope.errors import ANSI_ESCAPES, UserError, exception_summary
 from layerscope.files import regular_file
+from layerscope.lazy import lazy_module
 from layerscope.model import ModelParams
+from pydantic import Field, model_validator
 
 from .checkpoints import CheckpointFiles, checkpoint_files, file_checkpoints
 from .export_cache import cached_export, file_digest, state_digest, with_weights
 from .quiet import quiet
+
+onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 #: Node metadata that only bloats the graph (source stack traces, FX text).
 _DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
@@ -329,7 +329,6 @@ def _export_key(model, ref, example) -> dict | None:
     import inspect
 
     import torch
-
     from layerscope import __version__
 
     if isinstance(ref, Path):

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from .graph import TensorInfo
+from .lazy import lazy_module
 from .selectors import ACTIVATION_OPS
+
+onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 AGGREGATION_OPS = {"GlobalAveragePool": "mean", "GlobalMaxPool": "max", "ReduceMean": "mean", "ReduceSum": "sum",
                    "ReduceMax": "max"}
@@ -44,12 +45,12 @@ class Aggregation:
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attribute in node.attribute:
                 if attribute.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attribute.t)
+                    values[node.output[0]] = onnx.numpy_helper.to_array(attribute.t)
     return values
 
 

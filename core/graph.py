@@ -14,10 +14,12 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
-import onnx
 
 from .errors import UserError
 from .layer_names import call_labels, layer_name
+from .lazy import lazy_module
+
+onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 Dim = int | str | None
 SHAPE_OPS = {"Shape", "Size"}

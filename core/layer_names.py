@@ -12,7 +12,10 @@ from __future__ import annotations
 import ast
 from collections.abc import Sequence
 
-import onnx
+from .lazy import lazy_module
+
+onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
+
 
 TORCH_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 

@@ -159,4 +159,5 @@ def linear_r2(x: np.ndarray, y: np.ndarray) -> float:
 def sparsity_per_sample(values, tolerance: float = 1e-3):
     """Per sample (axis 0), the fraction of its values with |y| ≤ 1e-3 (a torch tensor, float64): the
     sparsity of a set of samples of one tensor is the mean of these fractions."""
-    return (values.abs() <= tolerance).flatten(1).to(torch.float64).mean(dim=1)
+    near_zero = (values.abs() <= tolerance).flatten(1)
+    return torch.count_nonzero(near_zero, dim=1).to(torch.float64) / max(near_zero.shape[1], 1)

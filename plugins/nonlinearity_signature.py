@@ -142,8 +142,12 @@ class NonlinearitySignature(Estimator):
                     for name in (pair.input, pair.output))
             axes = self.token_axes.get(pair.output, ())
             output = batch.tensors[pair.output]
-            near_zero = (sparsity_of_real_tokens(output, batch.token_mask, axes) if batch.token_mask is not None
-                         and axes else sparsity_per_sample(output)).cpu()
+            if not self.params.side_metrics:  # sparsity reads every value of the output: only when recorded
+                near_zero = torch.zeros(len(x), dtype=torch.float64)
+            elif batch.token_mask is not None and axes:
+                near_zero = sparsity_of_real_tokens(output, batch.token_mask, axes).cpu()
+            else:
+                near_zero = sparsity_per_sample(output).cpu()
             indices = torch.arange(batch.start, batch.start + len(x))
             if stored is None:
                 stored = (indices[:0], x[:0], y[:0], near_zero[:0])

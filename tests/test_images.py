@@ -152,6 +152,8 @@ def test_manifest_labels_csv_and_json(tmp_path):
     (tmp_path / "labels.json").write_text(json.dumps({"2.png": "cat", "0.png": "dog"}))
     source = ImagesSource(ImagesSource.Params(path="img", manifest="labels.json"), tmp_path)
     assert source.read_labels(np.arange(2)).tolist() == ["cat", "dog"]
+    with pytest.raises(ValueError, match="labels come from the manifest"):
+        ImagesSource.Params(path="img", manifest="labels.json", labels="folders")
 
 
 @pytest.mark.parametrize("case, message", [

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
 from layerscope import DataSource, hookimpl
 from layerscope.errors import UserError
@@ -47,6 +47,12 @@ class ImagesParams(ImagePreprocessing):
     file_column: str = Field("file", description="manifest: the column of image paths (relative to path)")
     label_column: str = Field("label", description="manifest: the column of labels")
     threads: PositiveInt = Field(min(4, os.cpu_count() or 1), description="threads decoding a batch")
+
+    @model_validator(mode="after")
+    def _labels_from_one_place(self) -> "ImagesParams":
+        if self.manifest is not None and "labels" in self.model_fields_set:
+            raise ValueError("labels come from the manifest when one is given; leave out labels")
+        return self
 
 
 def find_images(folder: Path) -> list[Path]:

@@ -10,12 +10,21 @@ synthetic 224×224 images with 10 classes, three ways of getting the same number
   one one-hot matrix product per activation call);
 - ``onnxruntime``: plain inference of the same graph, nothing fetched but the output.
 
-The statistic is activation entropy (binary, per class and pooled). Each measurement runs in
-a fresh process, ``ROUNDS`` rounds interleaved, medians reported as samples/s and ratios.
+``--estimator`` picks the statistic: ``activation_entropy`` (binary, per class and pooled; the
+default), ``nonlinearity_signature`` (the affinity score of every activation, side metrics off;
+the torch version keeps each activation's spatially averaged input and output through pre- and
+post-forward hooks, then per activation: covariances + 1e-6·I, matrix square roots by ``eigh``,
+the Monge map and POT's exact ``emd2``, as the paper's code does) or ``information_plane``
+(I(X;T) and I(T;Y) per batch of 32 with fixed widths σ = 50, σ_x = 400, σ_y = 0.1, α = 1.01,
+softmax on the output; the torch version computes Gram matrices exp(−‖a − b‖²/σ²) from ``cdist`` per hook call,
+normalises them and takes ``eigvalsh``, then averages over batches). For the last two the
+output also gives the largest difference between layerscope's values and the torch version's,
+matched in forward order. Each measurement runs in a fresh process, ``ROUNDS`` rounds
+interleaved, medians reported as samples/s and ratios.
 ``--threads 1`` sets OMP_NUM_THREADS=1 (and onnxruntime's and torch's threads) in the
 measured processes; ``--load 2`` runs two CPU-bound processes beside them.
 
-Run: ``python tests/benchmarks/bench_vs_hooks.py [--threads 1] [--load 2] [--models resnet18,...]``.
+Run: ``python tests/benchmarks/bench_vs_hooks.py [--estimator NAME] [--threads 1] [--load 2] [--models resnet18,...]``.
 """
 
 from __future__ import annotations
@@ -33,6 +42,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SAMPLES = {"resnet18": 128, "resnet50": 64, "mobilenet_v3_small": 256}
 BATCH, CLASSES, ROUNDS = 32, 10, 3
+ACTIVATIONS = ("ReLU", "Hardswish", "Hardsigmoid")
+ANALYSES = {
+    "activation_entropy": {"estimator": "activation_entropy"},
+    "nonlinearity_signature": {"estimator": "nonlinearity_signature", "params": {"side_metrics": False}},
+    "information_plane": {"estimator": "information_plane",
+                          "params": {"sigma": 50.0, "sigma_x": 400.0, "batch_size": BATCH}},
+}
 
 
 def prepare(name: str, folder: Path) -> tuple[Path, Path]:
@@ -54,15 +70,39 @@ def prepare(name: str, folder: Path) -> tuple[Path, Path]:
     return model, data
 
 
-def measure_layerscope(model: Path, data: Path) -> float:
+def measure_layerscope(estimator: str, model: Path, data: Path) -> tuple[float, dict[str, float]]:
+    """Seconds of the whole run, and the headline values by layer (signature: ρ_aff per activation;
+    information plane: I(X;T) and I(T;Y) per layer, the model output's under ``output``)."""
     import layerscope
     import layerscope.engine  # noqa: F401  torch and onnxruntime, imported before timing as the others do
 
-    spec = {"model": {"source": str(model)}, "data": {"source": "npz", "path": str(data), "batch_size": BATCH},
-            "analyses": [{"id": "entropy", "estimator": "activation_entropy"}]}
+    spec = {"model": {"source": str(model)}, "data": {"source": "npz", "path": str(data), "batch_size": BATCH,
+                                                     "shuffle": False},
+            "analyses": [{"id": "a", **ANALYSES[estimator]}]}
     started = time.perf_counter()
-    layerscope.run(spec, write=False, progress=False)
-    return time.perf_counter() - started
+    records = layerscope.run(spec, write=False, progress=False).records
+    seconds = time.perf_counter() - started
+    if estimator == "nonlinearity_signature":
+        return seconds, {r["layer"]: r["value"] for r in records if r["metric"] == "affinity_score"}
+    if estimator == "information_plane":
+        output = [r["layer"] for r in records if r["metric"] == "I_XT"][-1]  # the model output comes last
+        return seconds, {f"{'output' if r['layer'] == output else r['layer']}:{r['metric']}": r["value"]
+                         for r in records if r["metric"] in ("I_XT", "I_TY")}
+    return seconds, {}
+
+
+def call_labels(model) -> tuple[dict, list[str]]:
+    """Forward hooks' way of naming activation calls as layerscope does: the module path, ``#k`` for
+    its k-th call in one forward pass."""
+    names = {module: name for name, module in model.named_modules() if type(module).__name__ in ACTIVATIONS}
+    return names, []
+
+
+def label_call(names: dict, module, seen: list[str]) -> str:
+    name = names[module]
+    calls = seen.count(name)
+    seen.append(name)
+    return name if calls == 0 else f"{name}#{calls + 1}"
 
 
 def measure_onnxruntime(model: Path, data: Path) -> float:
@@ -78,7 +118,12 @@ def measure_onnxruntime(model: Path, data: Path) -> float:
     return time.perf_counter() - started
 
 
-def measure_hooks(name: str, data: Path) -> float:
+def measure_hooks(estimator: str, name: str, data: Path) -> tuple[float, dict[str, float]]:
+    return {"activation_entropy": hooks_entropy, "nonlinearity_signature": hooks_signature,
+            "information_plane": hooks_information_plane}[estimator](name, data)
+
+
+def hooks_entropy(name: str, data: Path) -> tuple[float, dict[str, float]]:
     import numpy as np
     import torch
 
@@ -99,7 +144,7 @@ def measure_hooks(name: str, data: Path) -> float:
         state["call"] += 1
 
     for module in model.modules():
-        if isinstance(module, (torch.nn.ReLU, torch.nn.Hardswish, torch.nn.Hardsigmoid)):
+        if type(module).__name__ in ACTIVATIONS:
             module.register_forward_hook(hook)
     started = time.perf_counter()
     with torch.no_grad():
@@ -111,23 +156,149 @@ def measure_hooks(name: str, data: Path) -> float:
         for p in (on.double() / samples[:, None], on.double().sum(0) / samples.sum()):
             p = p.clamp(0, 1)
             (torch.special.entr(p) + torch.special.entr(1 - p)).mean(-1)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, {}
 
 
-def _child(system: str, name: str, model: str, data: str) -> None:
-    seconds = {"layerscope": lambda: measure_layerscope(Path(model), Path(data)),
-               "onnxruntime": lambda: measure_onnxruntime(Path(model), Path(data)),
-               "hooks": lambda: measure_hooks(name, Path(data))}[system]()
-    print(json.dumps({"seconds": seconds}))
+def _sqrtm(matrix):
+    import torch
+
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
 
 
-def _run(system: str, name: str, model: Path, data: Path, threads: int | None) -> float:
+def affinity(x, y) -> float:
+    """ρ_aff as the paper's code computes it: Gaussian fits with 1e-6 jitter, the Monge map
+    Σ_y^½ (Σ_y^½ Σ_x Σ_y^½)^-½ Σ_y^½, exact OT between the mapped inputs and the outputs; both
+    samples first divided by the input's root mean variance, as layerscope does (the jitter then
+    acts at unit scale: spatially averaged activations of random images have variances near 1e-4)."""
+    import numpy as np
+    import ot
+    import torch
+
+    scale = float(x.var(dim=0).mean().sqrt())
+    x, y = (x / scale, y / scale) if scale > 0 else (x, y)
+
+    eye = torch.eye(x.shape[1], dtype=torch.float64)
+    cov_x, cov_y = torch.cov(x.T) + 1e-6 * eye, torch.cov(y.T) + 1e-6 * eye
+    root_y = _sqrtm(cov_y)
+    middle = _sqrtm(root_y @ cov_x @ root_y)
+    a = root_y @ torch.linalg.inv(middle) @ root_y
+    mapped = y.mean(0) + (x - x.mean(0)) @ a
+    cost = torch.cdist(mapped, y) ** 2
+    weights = np.full(len(x), 1 / len(x))
+    w2 = ot.emd2(weights, weights, cost.numpy(), numItermax=10_000_000)
+    return 1 - float(np.sqrt(w2 / (2 * torch.trace(cov_y))))
+
+
+def _forward_batches(model, x, before_batch=None):
+    import torch
+
+    with torch.no_grad():
+        for start in range(0, len(x), BATCH):
+            if before_batch is not None:
+                before_batch(start)
+            model(x[start:start + BATCH])
+
+
+def hooks_signature(name: str, data: Path) -> tuple[float, dict[str, float]]:
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from architectures import build
+
+    model = build(name)
+    x = torch.from_numpy(np.load(data)["x"])
+    kept: dict[str, tuple[list, list]] = {}
+    names, seen = call_labels(model)
+    state = {"label": None}
+
+    def reduce(t):
+        return (t.mean(dim=(2, 3)) if t.ndim == 4 else t.flatten(1)).double()
+
+    def before(module, inputs):  # ResNet's ReLU works in place: keep the input before it runs
+        state["label"] = label_call(names, module, seen)
+        kept.setdefault(state["label"], ([], []))[0].append(reduce(inputs[0]))
+
+    def after(module, inputs, output):
+        kept[state["label"]][1].append(reduce(output))
+
+    for module in names:
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)
+    started = time.perf_counter()
+    _forward_batches(model, x, lambda start: seen.clear())
+    scores = {label: affinity(torch.cat(a), torch.cat(b)) for label, (a, b) in kept.items()}
+    return time.perf_counter() - started, scores
+
+
+def renyi(gram, alpha: float = 1.01) -> float:
+    import torch
+
+    a = gram / torch.trace(gram)
+    values = torch.linalg.eigvalsh(a).clamp_min(0)
+    return float(torch.log2((values**alpha).sum()) / (1 - alpha))
+
+
+def hooks_information_plane(name: str, data: Path) -> tuple[float, dict[str, float]]:
+    """I(X;T), I(T;Y) per activation call and for the output, averaged over batches of 32."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from architectures import build
+
+    model = build(name)
+    archive = np.load(data)
+    x, y = torch.from_numpy(archive["x"]), torch.from_numpy(archive["y"])
+    sums: dict[str, np.ndarray] = {}
+    names, seen = call_labels(model)
+    state: dict = {}
+
+    def gram(t, sigma):
+        flat = t.flatten(1).double()
+        return torch.exp(-torch.cdist(flat, flat) ** 2 / sigma**2)  # the paper's K = exp(-‖a − b‖² / σ²)
+
+    def measure(t, key):
+        k_t = gram(t, 50.0)
+        pair = [renyi(state["k_x"]) + renyi(k_t) - renyi(state["k_x"] * k_t),
+                renyi(k_t) + renyi(state["k_y"]) - renyi(k_t * state["k_y"])]
+        sums[key] = sums.get(key, 0) + np.array(pair)
+
+    def hook(module, inputs, output):
+        measure(output, label_call(names, module, seen))
+
+    for module in names:
+        module.register_forward_hook(hook)
+    started = time.perf_counter()
+    batches = 0
+    with torch.no_grad():
+        for start in range(0, len(x), BATCH):
+            batch, labels = x[start:start + BATCH], y[start:start + BATCH]
+            one_hot = torch.nn.functional.one_hot(labels, CLASSES).double()
+            seen.clear()
+            state.update(k_x=gram(batch, 400.0), k_y=torch.exp(-torch.cdist(one_hot, one_hot) ** 2 / 0.01))
+            measure(torch.softmax(model(batch), dim=1), "output")
+            batches += 1
+    seconds = time.perf_counter() - started
+    return seconds, {f"{key}:{metric}": float(value) for key, pair in sums.items()
+                     for metric, value in zip(("I_XT", "I_TY"), pair / batches)}
+
+
+def _child(estimator: str, system: str, name: str, model: str, data: str) -> None:
+    seconds, values = {"layerscope": lambda: measure_layerscope(estimator, Path(model), Path(data)),
+                       "onnxruntime": lambda: (measure_onnxruntime(Path(model), Path(data)), {}),
+                       "hooks": lambda: measure_hooks(estimator, name, Path(data))}[system]()
+    print(json.dumps({"seconds": seconds, "values": values}))
+
+
+def _run(estimator: str, system: str, name: str, model: Path, data: Path, threads: int | None) -> dict:
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    done = subprocess.run([sys.executable, __file__, "--child", system, name, str(model), str(data)], env=env,
-                          capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    done = subprocess.run([sys.executable, __file__, "--child", estimator, system, name, str(model), str(data)],
+                          env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -135,7 +306,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the measured processes")
     parser.add_argument("--load", type=int, default=0, help="CPU-bound processes running beside the measurements")
     parser.add_argument("--models", default=",".join(SAMPLES))
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--estimator", default="activation_entropy", choices=list(ANALYSES))
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(*args.child)
@@ -143,20 +315,29 @@ def main() -> None:
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            print(f"threads: {args.threads or 'default'}, competing CPU-bound processes: {args.load}, "
-                  f"{os.cpu_count()} cores; medians of {ROUNDS} interleaved rounds")
+            print(f"{args.estimator}; threads: {args.threads or 'default'}, competing CPU-bound processes: "
+                  f"{args.load}, {os.cpu_count()} cores; medians of {ROUNDS} interleaved rounds")
             print(f"{'model':20s} {'samples':>7s} {'layerscope':>11s} {'onnxruntime':>12s} {'hooks':>8s}"
                   f" {'÷ ort':>7s} {'÷ hooks':>8s}   (samples/s)")
             for name in args.models.split(","):
                 model, data = prepare(name, Path(tmp))
                 times: dict[str, list[float]] = {"layerscope": [], "onnxruntime": [], "hooks": []}
+                values: dict[str, dict[str, float]] = {}
                 for _ in range(ROUNDS):
                     for system in times:
-                        times[system].append(_run(system, name, model, data, args.threads))
+                        measured = _run(args.estimator, system, name, model, data, args.threads)
+                        times[system].append(measured["seconds"])
+                        values[system] = measured["values"]
                 rate = {system: SAMPLES[name] / statistics.median(t) for system, t in times.items()}
+                agreement = ""
+                if values["hooks"]:
+                    ours, theirs = values["layerscope"], values["hooks"]
+                    gaps = sorted(abs(ours[k] - theirs[k]) for k in ours.keys() & theirs.keys())
+                    agreement = (f"   {len(gaps)} of {len(theirs)} values in both: |Δ| median "
+                                 f"{statistics.median(gaps):.1e}, max {gaps[-1]:.1e}") if gaps else "   no common values"
                 print(f"{name:20s} {SAMPLES[name]:7d} {rate['layerscope']:11.1f} {rate['onnxruntime']:12.1f} "
                       f"{rate['hooks']:8.1f} {rate['layerscope'] / rate['onnxruntime']:7.2f} "
-                      f"{rate['layerscope'] / rate['hooks']:8.2f}", flush=True)
+                      f"{rate['layerscope'] / rate['hooks']:8.2f}{agreement}", flush=True)
     finally:
         for process in load:
             process.kill()

@@ -27,6 +27,7 @@ import numpy as np
 
 from .checkpoint_run import ShardWorker, Span
 from .data import Samples, shard_spans
+from .errors import UserError
 from .lifecycle import ShardOutcome, ShardTask
 from .model import Checkpoint
 from .plan import RunPlan
@@ -64,12 +65,22 @@ def run_spans(plan: RunPlan, workers: int, checkpoints: int) -> list[Span]:
 
 
 _WORKER: ShardWorker | None = None  # in a worker process of the pool
+_START_ERROR: str | None = None  # why this worker process could not rebuild the run
 
 
-def _start_pool_worker(*arguments) -> None:
-    global _WORKER
+def _start_pool_worker(arguments: bytes) -> None:
+    """Rebuild the run from the pickled :func:`worker_arguments`; a failure (an object from Python
+    that a fresh process cannot import) is kept and handed back as every task's error, since a pool
+    whose initializer raises only reports that a process died."""
+    global _WORKER, _START_ERROR
     _exit_with_parent()
-    _WORKER = start_worker(*arguments)
+    try:
+        _WORKER = start_worker(*pickle.loads(arguments))
+    except Exception as error:  # any failure here is reported to the driver by message
+        _START_ERROR = (f"runtime.workers: a worker process could not rebuild the run ({type(error).__name__}: "
+                        f"{error}); a model or data given from Python must be importable by a fresh Python process "
+                        "(its classes defined in a module on the path, not in a script run as __main__), or use "
+                        "runtime.workers: 1")
 
 
 def _exit_with_parent(interval: float = 0.5) -> None:
@@ -90,6 +101,8 @@ def _exit_with_parent(interval: float = 0.5) -> None:
 
 
 def _run_in_worker(task: ShardTask) -> ShardOutcome:
+    if _WORKER is None:
+        return ShardOutcome(str(task.checkpoint), error=_START_ERROR)
     return _WORKER.run(task)
 
 
@@ -132,9 +145,14 @@ def process_pool(plan: RunPlan, checkpoints: list[Checkpoint], example: Samples,
     spans = run_spans(plan, workers, len(checkpoints))
     context = multiprocessing.get_context("spawn")
     here = ShardWorker(plan, checkpoints, spans, plan.order, example)
-    arguments = worker_arguments(plan, checkpoints, spans, plan.order, example, threads)
+    try:
+        arguments = pickle.dumps(worker_arguments(plan, checkpoints, spans, plan.order, example, threads))
+    except Exception as error:  # PicklingError, or TypeError/AttributeError for a lambda or a local class
+        raise UserError(f"runtime.workers: the run cannot be sent to worker processes ({type(error).__name__}: "
+                        f"{error}); give objects that pickle (no lambdas or local classes), or use "
+                        "runtime.workers: 1") from None
     with run_threads(threads), ProcessPoolExecutor(workers - 1, mp_context=context, initializer=_start_pool_worker,
-                                                  initargs=arguments) as pool:
+                                                  initargs=(arguments,)) as pool:
         try:
             yield PoolExecutor(pool, workers - 1, here)
         except BaseException:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 import layerscope
 from layerscope.errors import SpecError, UserError
@@ -120,6 +120,9 @@ class Ragged(PairDataset):
      r"reading item 3 of the dataset failed: KeyError: 'no such file: 3.png'"),
     (Ragged(np.zeros((10, 64), np.float32), np.zeros(10, np.int64)), r"differ in shape \(\[64\] and \[63\]"),
     (PairDataset(np.zeros((0, 64), np.float32), np.zeros(0, np.int64)), "the dataset has no samples"),
+    (DataLoader(PairDataset(np.zeros((10, 64), np.float32), np.zeros(10, np.int64)), collate_fn=lambda items: items),
+     r"a collated batch is a sequence of \d+ parts|the batch cannot be read as an array"),
+    ((np.zeros((4, 64)), [[1, 2], [3]] * 2), r"the labels cannot be read as an array"),
 ])
 def test_bad_python_data_is_a_user_error_naming_it(data, message):
     spec = {**_spec(shuffle=False), "analyses": [{"id": "entropy", "estimator": "activation_entropy"}]}
@@ -138,3 +141,23 @@ def test_dict_spec_errors_name_the_key_path_not_a_line():
         layerscope.validate({**_spec(), "data": {"batch_size": -1}}, with_model=False)
     assert str(caught.value).splitlines()[0].startswith("<spec>: data.batch_size: ")
     assert ":1:1" not in str(caught.value)
+
+
+class OpenedHere(PairDataset):
+    """A dataset that cannot be rebuilt in another process (as one holding an open handle)."""
+
+    def __setstate__(self, state):
+        raise RuntimeError("this dataset holds a handle that only its own process can use")
+
+
+@pytest.mark.slow
+def test_objects_worker_processes_cannot_take_are_user_errors(digits):
+    x, y = digits
+    spec = {**_spec(), "analyses": [{"id": "entropy", "estimator": "activation_entropy"}],
+            "runtime": {"workers": 2}}
+    with pytest.raises(UserError, match=r"runtime.workers: the run cannot be sent to worker processes \(.*lambda"):
+        layerscope.run(spec, data=DataLoader(PairDataset(x, y), collate_fn=lambda items: default_collate(items)),
+                       write=False, progress=False)
+    with pytest.raises(UserError, match=r"runtime.workers: a worker process could not rebuild the run "
+                                        r"\(RuntimeError: this dataset holds a handle"):
+        layerscope.run(spec, data=OpenedHere(x, y), write=False, progress=False)

@@ -40,7 +40,10 @@ def as_array(value: Any, what: str) -> np.ndarray:
         value = value.detach().cpu().numpy()
     elif hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # a TensorFlow tensor
         value = value.numpy()
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except ValueError as error:  # ragged nesting
+        raise UserError(f"{WHERE}: {what} cannot be read as an array ({error})") from None
     if array.dtype.hasobject:
         raise UserError(f"{WHERE}: {what} holds Python objects (dtype object); give numbers or strings")
     return array
@@ -68,6 +71,8 @@ class Split:
         """*value* as ``(inputs, labels)`` (labels None when it has none)."""
         if self.pair != (isinstance(value, tuple | list) and not isinstance(value, str)):
             raise UserError(f"{WHERE}: {what} is {type(value).__name__}, unlike the first item")
+        if self.pair and len(value) not in (1, 2):
+            raise UserError(f"{WHERE}: {what} is a sequence of {len(value)} parts; give x, (x, y) or a mapping")
         inputs, labels = (value[0], value[1] if len(value) == 2 else None) if self.pair else (value, None)
         if self.named:
             if not isinstance(inputs, Mapping):

@@ -58,7 +58,6 @@ def prepare(name: str, folder: Path) -> tuple[Path, Path]:
 
     sys.path.insert(0, str(HERE))
     from architectures import build
-
     from layerscope.adapters.torch_export import export_to_onnx
 
     rng = np.random.default_rng(0)
@@ -75,6 +74,9 @@ def measure_layerscope(estimator: str, model: Path, data: Path) -> tuple[float, 
     information plane: I(X;T) and I(T;Y) per layer, the model output's under ``output``)."""
     import layerscope
     import layerscope.engine  # noqa: F401  torch and onnxruntime, imported before timing as the others do
+    from layerscope.plugins.affinity import import_pot
+
+    import_pot()  # and POT
 
     spec = {"model": {"source": str(model)}, "data": {"source": "npz", "path": str(data), "batch_size": BATCH,
                                                      "shuffle": False},
@@ -123,16 +125,23 @@ def measure_hooks(estimator: str, name: str, data: Path) -> tuple[float, dict[st
             "information_plane": hooks_information_plane}[estimator](name, data)
 
 
-def hooks_entropy(name: str, data: Path) -> tuple[float, dict[str, float]]:
+def model_and_data(name: str, data: Path):
+    """The eager PyTorch model *name* (same random weights as the exported graph) and the samples and
+    labels of *data* as tensors."""
     import numpy as np
     import torch
 
     sys.path.insert(0, str(HERE))
     from architectures import build
 
-    model = build(name)
     archive = np.load(data)
-    x, y = torch.from_numpy(archive["x"]), torch.from_numpy(archive["y"])
+    return build(name), torch.from_numpy(archive["x"]), torch.from_numpy(archive["y"])
+
+
+def hooks_entropy(name: str, data: Path) -> tuple[float, dict[str, float]]:
+    import torch
+
+    model, x, y = model_and_data(name, data)
     counts: dict[int, torch.Tensor] = {}
     state = {"call": 0, "labels": None}
 
@@ -172,9 +181,10 @@ def affinity(x, y) -> float:
     samples first divided by the input's root mean variance, as layerscope does (the jitter then
     acts at unit scale: spatially averaged activations of random images have variances near 1e-4)."""
     import numpy as np
-    import ot
     import torch
+    from layerscope.plugins.affinity import import_pot
 
+    ot = import_pot()  # POT without its TensorFlow/JAX backends, imported before timing as layerscope's is
     scale = float(x.var(dim=0).mean().sqrt())
     x, y = (x / scale, y / scale) if scale > 0 else (x, y)
 
@@ -201,14 +211,11 @@ def _forward_batches(model, x, before_batch=None):
 
 
 def hooks_signature(name: str, data: Path) -> tuple[float, dict[str, float]]:
-    import numpy as np
     import torch
+    from layerscope.plugins.affinity import import_pot
 
-    sys.path.insert(0, str(HERE))
-    from architectures import build
-
-    model = build(name)
-    x = torch.from_numpy(np.load(data)["x"])
+    model, x, _ = model_and_data(name, data)
+    import_pot()  # imported before timing, like torch (POT would otherwise load TensorFlow: seconds)
     kept: dict[str, tuple[list, list]] = {}
     names, seen = call_labels(model)
     state = {"label": None}
@@ -245,12 +252,7 @@ def hooks_information_plane(name: str, data: Path) -> tuple[float, dict[str, flo
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(HERE))
-    from architectures import build
-
-    model = build(name)
-    archive = np.load(data)
-    x, y = torch.from_numpy(archive["x"]), torch.from_numpy(archive["y"])
+    model, x, y = model_and_data(name, data)
     sums: dict[str, np.ndarray] = {}
     names, seen = call_labels(model)
     state: dict = {}

@@ -115,3 +115,21 @@ def test_bad_datasets_are_user_errors(tmp_path):
             source.read(np.array([0, 1]))
     with pytest.raises(ValueError, match="either path .* or data_files"):
         HFDatasetSource.Params(inputs="a")
+
+
+def test_an_image_folder_through_the_imagefolder_builder(tmp_path, monkeypatch):
+    """Local image files read by datasets' imagefolder builder: class names from the folders, pixels
+    through the images preprocessing (the same arrays the images source gives)."""
+    monkeypatch.setenv("LAYERSCOPE_CACHE", str(tmp_path / "cache"))
+    from layerscope.plugins.data.images import ImagesSource
+
+    digit_image_folder(tmp_path, 30)
+    source = HFDatasetSource(HFDatasetSource.Params(data_files="digits/**", builder="imagefolder", inputs="image",
+                                                    label="label", color="grey", scale=1 / 240), tmp_path)
+    x, y = source.read(np.arange(len(source)))
+    images = ImagesSource(ImagesSource.Params(path="digits", color="grey", scale=1 / 240), tmp_path)
+    expected, expected_names = images.read(np.arange(len(images)))
+    order = np.lexsort((x.reshape(len(x), -1).T[::-1]))  # both sets sorted by pixels: the builders' orders differ
+    reference = np.lexsort((expected.reshape(len(expected), -1).T[::-1]))
+    np.testing.assert_array_equal(x[order], expected[reference])
+    assert y[order].tolist() == expected_names[reference].tolist() and len(source) == 30

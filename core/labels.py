@@ -56,6 +56,15 @@ class ClassLabels:
         return code
 
 
+def integers_from_text(values: Any) -> np.ndarray:
+    """Labels read as text (a CSV column, a manifest) as integer classes when every one spells a whole
+    number (``"3"``, ``" -1"``); otherwise as they are (strings name classes)."""
+    values = np.asarray(values)
+    if values.dtype.kind == "U" and all(v.strip().lstrip("-").isdigit() for v in np.unique(values)):
+        return values.astype(np.int64)
+    return values
+
+
 def _one_per_sample(labels: Any, where: str) -> np.ndarray:
     values = np.asarray(labels)
     if values.dtype == object:

@@ -22,6 +22,7 @@ Images of different sizes need ``resize: [h, w]`` or ``center_crop`` to give eve
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +37,19 @@ NORMALIZE_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 Size = PositiveInt | tuple[PositiveInt, PositiveInt]
+
+
+@contextmanager
+def opened_image(path: Path):
+    """The image file at *path*, opened by Pillow (its header read; pixels decoded on use); a file Pillow
+    cannot read, now or while decoding in the block, is a user error naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            yield image
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise UserError(f"data: {path} is not a readable image ({error})") from None
 
 
 class Normalization(BaseModel):
@@ -103,13 +117,8 @@ class ImagePreprocessing(BaseModel):
     def __call__(self, path: Path) -> np.ndarray:
         """The image file at *path* through every step, as float32 (C, H, W) or (H, W, C); an unreadable
         image or one smaller than the crop is a user error naming the file."""
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as image:
-                image = self.converted(image)
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise UserError(f"data: {path} is not a readable image ({error})") from None
+        with opened_image(path) as image:
+            image = self.converted(image)
         return self.process(image, path)
 
     def converted(self, image):

@@ -34,8 +34,9 @@ from pydantic import Field, PositiveInt, model_validator
 from layerscope import DataSource, hookimpl
 from layerscope.errors import UserError
 from layerscope.files import regular_file
+from layerscope.labels import integers_from_text
 
-from .image_preprocessing import ImagePreprocessing
+from .image_preprocessing import ImagePreprocessing, opened_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
@@ -62,8 +63,8 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(found, key=lambda path: path.relative_to(folder).parts)
 
 
-def read_manifest(path: Path, file_column: str, label_column: str) -> list[tuple[str, object]]:
-    """The (file, label) rows of a CSV or JSON manifest; labels that are all whole numbers become ints."""
+def read_manifest(path: Path, file_column: str, label_column: str) -> tuple[list[str], np.ndarray]:
+    """The files and labels of a CSV or JSON manifest; labels that are all whole numbers become ints."""
     where = f"data.manifest: {path}"
     try:
         text = path.read_text(encoding="utf-8")
@@ -95,10 +96,9 @@ def read_manifest(path: Path, file_column: str, label_column: str) -> list[tuple
     bad = next((i for i, (file, label) in enumerate(rows) if not isinstance(file, str) or label in (None, "")), None)
     if bad is not None:
         raise UserError(f"{where}: row {bad + 1} has no file or no label ({rows[bad]})")
-    labels = [str(label).strip() if not isinstance(label, int | float) else label for _, label in rows]
-    if all(isinstance(label, int) or isinstance(label, str) and label.lstrip("-").isdigit() for label in labels):
-        labels = [int(label) for label in labels]
-    return [(file, label) for (file, _), label in zip(rows, labels)]
+    labels = integers_from_text([str(label).strip() if not isinstance(label, int | float) else label
+                                 for _, label in rows])
+    return [file for file, _ in rows], labels
 
 
 class ImagesSource(DataSource):
@@ -111,13 +111,12 @@ class ImagesSource(DataSource):
         if not self.folder.is_dir():
             raise UserError(f"data.path: {self.folder} is not a folder")
         if params.manifest is not None:
-            rows = read_manifest(regular_file(base_dir / params.manifest, "data.manifest"),
-                                 params.file_column, params.label_column)
-            self.files = [self.folder / file for file, _ in rows]
+            files, self.labels = read_manifest(regular_file(base_dir / params.manifest, "data.manifest"),
+                                               params.file_column, params.label_column)
+            self.files = [self.folder / file for file in files]
             absent = next((f for f in self.files if not f.is_file()), None)
             if absent is not None:
                 raise UserError(f"data.manifest: {absent} (listed in {params.manifest}) is not a file")
-            self.labels = np.asarray([label for _, label in rows])
         else:
             self.files = find_images(self.folder)
             if not self.files:
@@ -141,15 +140,10 @@ class ImagesSource(DataSource):
 
     def _check_one_size(self) -> None:
         """Every image has the first image's size (read from the headers), since no step fixes the size."""
-        from PIL import Image, UnidentifiedImageError
-
         first = None
         for path in self.files:
-            try:
-                with Image.open(path) as image:
-                    size = image.size
-            except (UnidentifiedImageError, OSError) as error:
-                raise UserError(f"data: {path} is not a readable image ({error})") from None
+            with opened_image(path) as image:
+                size = image.size
             if first is None:
                 first = (path, size)
             elif size != first[1]:

@@ -11,10 +11,9 @@ random linear projection, so labels depend on the data.
 from __future__ import annotations
 
 import math
-
-import numpy as np
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from layerscope import DataSource, hookimpl
@@ -76,7 +75,7 @@ class SyntheticSource(DataSource):
     def read(self, indices):
         p = self.params
         x = np.stack([self._draw(np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(0, int(i)))))
-                      for i in indices]).reshape(len(indices), *p.shape).astype(np.float32)
+                      for i in indices]).astype(np.float32)
         y = (x.reshape(len(x), -1) @ self.projection).argmax(axis=1) if p.classes > 0 else None
         return x, y
 

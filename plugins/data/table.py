@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from layerscope import DataSource, hookimpl
 from layerscope.errors import UserError
 from layerscope.files import cache_dir, regular_file
+from layerscope.labels import integers_from_text
 
 CHUNK_ROWS = 65_536  # Parquet rows per chunk
 CSV_BLOCK_BYTES = 1 << 20  # CSV bytes per chunk
@@ -129,6 +130,14 @@ class Table:
                                                                             strings_can_be_null=True))
 
 
+def _check_filled(column, name: str, first_row: int, key: str = "data") -> None:
+    """A user error naming *key*, the column and the row (counted from 1 after the header) of the first
+    missing value of *column*, a chunk whose first row is *first_row* (0-based)."""
+    if column.null_count:
+        row = first_row + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0]) + 1
+        raise UserError(f"{key}: column '{name}' has no value in row {row}")
+
+
 def _feature_block(batch, columns: list[str], first_row: int) -> np.ndarray:
     """The *columns* of a record batch as a float32 (rows × columns) array; a missing or non-numeric
     value is a user error naming the column and the row."""
@@ -141,9 +150,7 @@ def _feature_block(batch, columns: list[str], first_row: int) -> np.ndarray:
                 or pa.types.is_boolean(column.type) or pa.types.is_decimal(column.type)):
             raise UserError(f"data: column '{name}' is not numeric ({column.type}); leave it out of the features "
                             "(or name it as the label)")
-        if column.null_count:
-            row = first_row + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0]) + 1
-            raise UserError(f"data: column '{name}' has no value in row {row}")
+        _check_filled(column, name, first_row)
         arrays.append(column.to_numpy(zero_copy_only=False).astype(np.float32))
     return np.column_stack(arrays) if arrays else np.zeros((batch.num_rows, 0), np.float32)
 
@@ -159,9 +166,7 @@ def convert(table: Table, target: Path) -> None:
                 handle.write(_feature_block(batch, table.groups[name], rows).tobytes())
             if table.params.label is not None:
                 column = batch.column(batch.schema.get_field_index(table.params.label))
-                if column.null_count:
-                    row = rows + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0]) + 1
-                    raise UserError(f"data.label: column '{table.params.label}' has no value in row {row}")
+                _check_filled(column, table.params.label, rows, "data.label")
                 labels.append(column.to_numpy(zero_copy_only=False))
             rows += batch.num_rows
     except UserError:
@@ -177,9 +182,7 @@ def convert(table: Table, target: Path) -> None:
     if labels:
         values = np.concatenate(labels)
         if values.dtype.kind in "OUS":
-            values = values.astype(str)
-            if all(v.strip().lstrip("-").isdigit() for v in np.unique(values)):
-                values = values.astype(np.int64)
+            values = integers_from_text(values.astype(str))
         np.save(target / "labels.npy", values, allow_pickle=False)
     meta = {"rows": rows, "inputs": [[name, columns] for name, columns in table.groups.items()]}
     (target / "meta.json").write_text(json.dumps(meta))

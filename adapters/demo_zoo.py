@@ -13,13 +13,14 @@ import fnmatch
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
+
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError, did_you_mean
 from layerscope.files import cache_dir
 from layerscope.lazy import lazy_module
 from layerscope.model import ModelParams
 from layerscope.results import atomic_write
-from pydantic import Field
 
 from .export_cache import with_weights
 
@@ -105,6 +106,7 @@ def epoch_label(epoch: int) -> str:
 def train(name: str) -> tuple[object, list[dict], list[float], tuple[int, ...]]:
     """Train demo *name*; return (model, state_dict per epoch, test accuracy per epoch, input shape)."""
     import torch
+
     from layerscope.plugins.data.digits import load_digits_split
 
     torch.manual_seed(SEED)

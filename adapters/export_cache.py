@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
+
 from layerscope.files import cache_dir
 from layerscope.lazy import lazy_module
 from layerscope.results import atomic_write

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from layerscope.lazy import lazy_module
 
 onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
@@ -65,9 +66,10 @@ def prepend_inverse_pca(model: onnx.ModelProto, pca: StandardisedPCA, input_name
     weights = onnx.numpy_helper.from_array((pca.components * pca.scale).astype(dtype), "inverse_pca_weight")
     bias = onnx.numpy_helper.from_array(pca.mean.astype(dtype), "inverse_pca_bias")
     shape = onnx.numpy_helper.from_array(np.array([-1, *dims[1:]], dtype=np.int64), "inverse_pca_shape")
-    nodes = [onnx.helper.make_node("MatMul", [input_name, weights.name], ["inverse_pca_matmul"], name="inverse_pca/matmul"),
-             onnx.helper.make_node("Add", ["inverse_pca_matmul", bias.name], ["inverse_pca_flat"], name="inverse_pca/add"),
-             onnx.helper.make_node("Reshape", ["inverse_pca_flat", shape.name], [original.name], name="inverse_pca/reshape")]
+    make_node = onnx.helper.make_node
+    nodes = [make_node("MatMul", [input_name, weights.name], ["inverse_pca_matmul"], name="inverse_pca/matmul"),
+             make_node("Add", ["inverse_pca_matmul", bias.name], ["inverse_pca_flat"], name="inverse_pca/add"),
+             make_node("Reshape", ["inverse_pca_flat", shape.name], [original.name], name="inverse_pca/reshape")]
     new_nodes = nodes + list(graph.node)
     del graph.node[:]
     graph.node.extend(new_nodes)

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.errors import UserError
 from layerscope.files import regular_file

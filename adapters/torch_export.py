@@ -16,13 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field, model_validator
+
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.data import Samples
 from layerscope.errors import ANSI_ESCAPES, UserError, exception_summary
 from layerscope.files import regular_file
 from layerscope.lazy import lazy_module
 from layerscope.model import ModelParams
-from pydantic import Field, model_validator
 
 from .checkpoints import CheckpointFiles, checkpoint_files, file_checkpoints
 from .export_cache import cached_export, file_digest, state_digest, with_weights
@@ -329,6 +330,7 @@ def _export_key(model, ref, example) -> dict | None:
     import inspect
 
     import torch
+
     from layerscope import __version__
 
     if isinstance(ref, Path):

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field
 
 from layerscope.errors import UserError
-from layerscope.model import Checkpoint
+from layerscope.model import Checkpoint, steps_from_labels
 
 CheckpointFiles = str | list[str] | None
 
@@ -25,7 +25,8 @@ def natural_key(text: str) -> list:
 
 
 def file_checkpoints(pattern: str | list[str], spec, suffixes: tuple[str, ...]) -> list[Checkpoint]:
-    """Checkpoints from a glob (relative to the spec's folder) or an explicit list, in natural order."""
+    """Checkpoints from a glob (relative to the spec's folder) or an explicit list, in natural order; the
+    last number in each file name is the checkpoint's step (:func:`layerscope.model.steps_from_labels`)."""
     if isinstance(pattern, list):
         paths = [spec.resolve_path(p) for p in pattern]
     else:
@@ -35,5 +36,5 @@ def file_checkpoints(pattern: str | list[str], spec, suffixes: tuple[str, ...]) 
     paths = [p for p in paths if p.name.endswith(suffixes)] if not isinstance(pattern, list) else paths
     if not paths:
         raise UserError(f"model.checkpoints: '{pattern}' matches no {'/'.join(suffixes)} file")
-    return [Checkpoint(label=p.name.removesuffix(next((s for s in suffixes if p.name.endswith(s)), "")), ref=p)
-            for p in paths]
+    labels = [p.name.removesuffix(next((s for s in suffixes if p.name.endswith(s)), "")) for p in paths]
+    return [Checkpoint(label, path, step) for label, path, step in zip(labels, paths, steps_from_labels(labels))]

@@ -10,6 +10,9 @@ graph with their own weights (the exporter names initializers after the paramete
 from __future__ import annotations
 
 import fnmatch
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -103,8 +106,10 @@ def epoch_label(epoch: int) -> str:
     return f"epoch_{epoch:02d}"
 
 
-def train(name: str) -> tuple[object, list[dict], list[float], tuple[int, ...]]:
-    """Train demo *name*; return (model, state_dict per epoch, test accuracy per epoch, input shape)."""
+def train(name: str, report: Callable[[int, float], None] = lambda epoch, accuracy: None
+          ) -> tuple[object, list[dict], list[float], tuple[int, ...]]:
+    """Train demo *name*, calling *report(epoch, test accuracy)* after each epoch; return (model, state_dict
+    per epoch, test accuracy per epoch, input shape)."""
     import torch
 
     from layerscope.plugins.data.digits import load_digits_split
@@ -127,6 +132,7 @@ def train(name: str) -> tuple[object, list[dict], list[float], tuple[int, ...]]:
         with torch.no_grad():
             accuracies.append(float((model(x_test).argmax(1) == y_test).float().mean()))
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        report(len(states), accuracies[-1])
     return model, states, accuracies, shape
 
 
@@ -135,13 +141,18 @@ def ensure_trained(name: str) -> Path:
     folder = cache_dir() / "demo" / f"{name}-v{VERSION}"
     if all((folder / f"{epoch_label(e)}.onnx").exists() for e in range(1, EPOCHS + 1)):
         return folder
-    import sys
-
     from .torch_export import export_to_onnx
 
     print(f"layerscope: training demo:{name} on the digits training split ({EPOCHS} epochs, cached in {folder})…",
           file=sys.stderr, flush=True)
-    model, states, accuracies, shape = train(name)
+    started = time.perf_counter()
+
+    def report(epoch: int, accuracy: float) -> None:
+        seconds = time.perf_counter() - started
+        print(f"layerscope:   epoch {epoch}/{EPOCHS}: test accuracy {accuracy:.3f} ({seconds:.1f} s)", file=sys.stderr,
+              flush=True)
+
+    model, states, accuracies, shape = train(name, report)
     exported = export_to_onnx(model, np.zeros((2, *shape), dtype=np.float32))
     for epoch, (state, accuracy) in enumerate(zip(states, accuracies), start=1):
         proto = with_weights(exported, state)
@@ -185,7 +196,7 @@ class DemoZooAdapter(Adapter):
         if not chosen:
             raise UserError(f"model.checkpoints: {section.checkpoints!r} matches none of the demo's checkpoints "
                             f"({labels[0]} … {labels[-1]})")
-        return [Checkpoint(label, (name, label)) for label in chosen]
+        return [Checkpoint(label, (name, label), int(label.removeprefix("epoch_"))) for label in chosen]
 
     def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
         name, label = checkpoint.ref

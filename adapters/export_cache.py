@@ -79,7 +79,8 @@ def cached_export(key: Mapping[str, object] | None, export: Callable[[], onnx.Mo
 
 def with_weights(proto: onnx.ModelProto, state: Mapping[str, object], unused: bool = False
                  ) -> onnx.ModelProto | None:
-    """A copy of *proto* whose initializers take the values in *state* (parameters and buffers by name),
+    """A copy of *proto* whose initializers take the values in *state* (parameters and buffers by name,
+    torch tensors or NumPy arrays),
     or None when the graph does not hold *state* one-to-one: a tensor of *state* reshaped or (unless
     *unused*: an unoptimised export leaves out the buffers the forward never reads) missing, or a
     float initializer larger than a constant that is not in *state* (what folding leaves). With
@@ -98,6 +99,7 @@ def with_weights(proto: onnx.ModelProto, state: Mapping[str, object], unused: bo
     copy.CopyFrom(proto)
     for index, initializer in enumerate(copy.graph.initializer):
         if initializer.name in state:
-            value = state[initializer.name].detach().cpu().numpy()
+            value = state[initializer.name]
+            value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
             copy.graph.initializer[index].CopyFrom(onnx.numpy_helper.from_array(value, initializer.name))
     return copy

@@ -32,6 +32,7 @@ from layerscope.files import regular_file
 from layerscope.graph import INPUT_LAYOUT_KEY
 from layerscope.lazy import lazy_module
 
+from .export_cache import with_weights
 from .quiet import quiet
 
 onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
@@ -75,11 +76,13 @@ def keras_layer_name(known: set[str]):
 
 
 def _convert(function, spec) -> onnx.ModelProto:
+    """*function* converted by tf2onnx for *spec* (one ``tf.TensorSpec``, or a list for several inputs)."""
     import tf2onnx
 
     try:
         with quiet("tf2onnx"):
-            proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec], opset=OPSET)
+            proto, _ = tf2onnx.convert.from_function(function, input_signature=spec if isinstance(spec, list)
+                                                     else [spec], opset=OPSET)
     except Exception as error:
         raise UserError(f"model.source: tf2onnx could not convert the model: {type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''}") from None
@@ -104,6 +107,46 @@ def _keras_model_to_onnx(model, example):
         return model(x, training=False)
 
     return _convert(call, spec), names, "keras"
+
+
+def _keras_graph_taking_weights(model, example) -> onnx.ModelProto:
+    """A live Keras model (TensorFlow backend) as ONNX whose weights are initializers named by the
+    variables' paths (``sequential/dense/kernel``): converted from ``model.stateless_call`` with the
+    weights as inputs, which then become initializers. A plain conversion freezes the weights into
+    constants that tf2onnx folds (biases into adds, BatchNorm into a scale); this graph takes new
+    weights by name (:func:`.export_cache.with_weights`), which is how :class:`layerscope.Monitor`
+    converts a Keras model once."""
+    tf = _tensorflow()
+    variables = [*model.trainable_variables, *model.non_trainable_variables]
+    trainable = len(model.trainable_variables)
+    shape = [None, *model.inputs[0].shape[1:]] if getattr(model, "inputs", None) else [None, *np.shape(example)[1:]]
+    signature = [tf.TensorSpec(shape, model.inputs[0].dtype if getattr(model, "inputs", None) else tf.float32,
+                               name="x")]
+    signature += [tf.TensorSpec(v.shape, v.dtype, name=f"weight_{i}") for i, v in enumerate(variables)]
+
+    @tf.function(autograph=False)
+    def call(x, *weights):
+        return model.stateless_call(list(weights[:trainable]), list(weights[trainable:]), x, training=False)[0]
+
+    proto = _convert(call, signature)
+    names = dict(zip((f"weight_{i}" for i in range(len(variables))), keras_weights(model)))
+    kept = [i for i in proto.graph.input if i.name not in names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    for node in proto.graph.node:
+        node.input[:] = [names.get(name, name) for name in node.input]
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(value, name)
+                                   for name, value in keras_weights(model).items())
+    return proto
+
+
+def keras_weights(model) -> dict[str, np.ndarray]:
+    """A Keras model's variables by the initializer names of :func:`_keras_graph_taking_weights`."""
+    variables = [*model.trainable_variables, *model.non_trainable_variables]
+    paths = [v.path for v in variables]
+    unique = len(set(paths)) == len(paths)
+    return {(path if unique else f"{path}:{i}"): np.asarray(v.numpy())
+            for i, (path, v) in enumerate(zip(paths, variables))}
 
 
 def _saved_model_to_onnx(path: Path):
@@ -143,6 +186,9 @@ class TensorFlowAdapter(Adapter):
     """Keras models (.keras files, keras.Model objects), SavedModel folders and tf.functions, converted to ONNX."""
 
     name = "tensorflow"
+
+    def __init__(self):
+        self._followed: dict[int, onnx.ModelProto] = {}  # a live Keras model's graph taking weights by name
 
     def claims(self, section) -> bool:
         source = section.source
@@ -184,14 +230,38 @@ class TensorFlowAdapter(Adapter):
             spec_ = signature[0] if signature else tf.TensorSpec([None, *np.shape(example)[1:]], tf.float32, name="x")
             proto, names, framework = _convert(ref, spec_), set(), "tensorflow (tf.function)"
             source = "<tf.function>"
-        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-        if "torch" not in framework:  # Keras/TF inputs are channels-last
-            onnx.helper.set_model_props(proto, {INPUT_LAYOUT_KEY: "NHWC"})
-        layer_of = keras_layer_name(names) if "torch" not in framework else None
-        loaded = LoadedModel(proto, checkpoint.label, source, framework=framework, details={"opset": opset})
-        if layer_of is not None:
-            loaded.layer_of = layer_of
-        return loaded
+        return _loaded(proto, names, framework, checkpoint.label, source)
+
+    def follow(self, model, label: str, spec, example) -> LoadedModel:
+        """A live Keras model (TensorFlow backend) converted once, by :func:`_keras_graph_taking_weights`,
+        then given its current weights by variable path at every call (0.3 s for a conversion, a
+        millisecond for a swap); other models are loaded as checkpoints."""
+        if not _is_keras_model(model) or "torch" in _keras_model_framework():
+            return super().follow(model, label, spec, example)
+        if id(model) not in self._followed:
+            self._followed[id(model)] = _keras_graph_taking_weights(model, example)
+        proto = with_weights(self._followed[id(model)], keras_weights(model))
+        if proto is None:  # the model gained or lost variables since it was converted
+            self._followed[id(model)] = proto = _keras_graph_taking_weights(model, example)
+        return _loaded(proto, {layer.name for layer in model.layers}, "keras", label, f"<{type(model).__name__}>")
+
+
+def _keras_model_framework() -> str:
+    import keras
+
+    return "keras (torch backend)" if keras.config.backend() == "torch" else "keras"
+
+
+def _loaded(proto: onnx.ModelProto, names: set[str], framework: str, label: str, source: str) -> LoadedModel:
+    """The converted *proto* as a loaded model: Keras/TF inputs marked channels-last, layer names read back
+    from the node names (:func:`keras_layer_name`), the opset recorded."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if "torch" not in framework:  # Keras/TF inputs are channels-last
+        onnx.helper.set_model_props(proto, {INPUT_LAYOUT_KEY: "NHWC"})
+    loaded = LoadedModel(proto, label, source, framework=framework, details={"opset": opset})
+    if "torch" not in framework:
+        loaded.layer_of = keras_layer_name(names)
+    return loaded
 
 
 @hookimpl

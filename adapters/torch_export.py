@@ -8,6 +8,7 @@ when a torch model is actually loaded.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import re
 import sys
@@ -247,6 +248,7 @@ class TorchAdapter(Adapter):
 
     def __init__(self):
         self._graphs: dict[tuple, onnx.ModelProto] = {}  # an unoptimised graph per architecture and input shape
+        self._checked: set[tuple] = set()  # architectures whose swapped graph reproduced a followed model
 
     def claims(self, section) -> bool:
         source = section.source
@@ -260,7 +262,7 @@ class TorchAdapter(Adapter):
                 return file_checkpoints(section.checkpoints, spec, (".pt2",))
             return [Checkpoint(Path(section.source).stem, spec.resolve_path(section.source))]
         if section.python and section.checkpoints:
-            return [Checkpoint(c.label, (section.python, str(c.ref)))
+            return [Checkpoint(c.label, (section.python, str(c.ref)), c.step)
                     for c in file_checkpoints(section.checkpoints, spec, (".pt", ".pth"))]
         if section.python:
             return [Checkpoint(Path(section.weights).stem if section.weights else "model", (section.python, section.weights))]
@@ -279,20 +281,56 @@ class TorchAdapter(Adapter):
         return LoadedModel(cached_export(_export_key(model, ref, example), lambda: self._export(model, ref, example)),
                            checkpoint.label, source, framework="pytorch")
 
+    def follow(self, model, label: str, spec, example) -> LoadedModel:
+        """The live *model*'s current weights in the graph exported for it at the first call, swapped in
+        by parameter name and optimised (10 ms for the demo CNN, against 0.7 s for an export). Nothing is
+        written to the export cache: a training run's weights are seen once. The first swap is checked
+        against the model with onnxruntime; a model whose graph does not take its weights by name is
+        exported again at every call. A model on a GPU is exported from a CPU copy; the model's
+        train/eval mode is left as it was."""
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            return super().follow(model, label, spec, example)
+        training = model.training
+        try:
+            on_cpu = model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
+            architecture = (id(type(model)), repr(example_signature(example)))
+            proto = self._swapped(architecture, on_cpu, example, check=architecture not in self._checked)
+            if proto is not None:
+                self._checked.add(architecture)
+            else:
+                raw = export_unoptimized(on_cpu, example)
+                self._graphs[architecture] = raw
+                proto = optimized(raw)
+        finally:
+            model.train(training)
+        return LoadedModel(proto, label, f"<{type(model).__name__}>", framework="pytorch")
+
     def _export(self, model, ref, example) -> onnx.ModelProto:
         """The optimised graph of *model*: its weights swapped into the unoptimised graph of an earlier
         checkpoint of the same factory and input shape, optimised and checked against the model with
         onnxruntime; or, failing that, a new trace."""
         architecture = (ref[0] if isinstance(ref, tuple) else id(type(model)), repr(example_signature(example)))
-        if architecture in self._graphs and not isinstance(ref, Path):
-            swapped = with_weights(self._graphs[architecture], model.state_dict(), unused=True)
-            if swapped is not None:
-                proto = optimized(swapped)
-                if _same_outputs(proto, model, example):
-                    return proto
+        if not isinstance(ref, Path):
+            proto = self._swapped(architecture, model, example, check=True)
+            if proto is not None:
+                return proto
         raw = export_unoptimized(model, example)
         self._graphs.setdefault(architecture, raw)
         return optimized(raw)
+
+    def _swapped(self, architecture: tuple, model, example, check: bool) -> onnx.ModelProto | None:
+        """*model*'s weights in the unoptimised graph exported earlier for *architecture*, optimised; None
+        when there is none, when the graph does not hold the weights by name, or (with *check*) when the
+        result does not reproduce the model."""
+        if architecture not in self._graphs:
+            return None
+        swapped = with_weights(self._graphs[architecture], model.state_dict(), unused=True)
+        if swapped is None:
+            return None
+        proto = optimized(swapped)
+        return proto if not check or _same_outputs(proto, model, example) else None
 
 
 def _same_outputs(proto: onnx.ModelProto, model, example: Samples) -> bool:

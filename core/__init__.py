@@ -1,6 +1,6 @@
 """layerscope: measure what happens inside deep neural networks, layer by layer.
 
-Public API: :func:`run`, :func:`validate`, :class:`Results`, the plugin base classes
+Public API: :func:`run`, :func:`validate`, :class:`Monitor`, :class:`Results`, the plugin base classes
 (:class:`Estimator`, :class:`DataSource`, :class:`Reporter`, :class:`Adapter`) and the
 ``hookimpl`` marker for plugins. Names are imported on first use (PEP 562), so that
 ``import layerscope`` and the command line's help start without torch or onnxruntime.
@@ -14,7 +14,7 @@ _EXPORTS = {
     "run": "api", "validate": "api", "DataSource": "data", "SpecError": "errors", "UserError": "errors",
     "Estimator": "estimator", "NoParams": "estimator", "TensorBatch": "estimator", "hookimpl": "hookspecs",
     "Adapter": "model", "Checkpoint": "model", "LoadedModel": "model", "Reporter": "reporting",
-    "Results": "results", "ACTIVATION_OPS": "selectors",
+    "Results": "results", "ACTIVATION_OPS": "selectors", "Monitor": "monitor",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

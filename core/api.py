@@ -56,7 +56,7 @@ def validate(spec: str | os.PathLike | dict, *, data: Any = None, plugins: tuple
     if with_model:
         from .checkpoint_run import ShardWorker, build_estimators
 
-        checkpoints = plan.adapter.checkpoints(plan.model, plan.spec)
+        checkpoints = plan.checkpoints()
         worker = ShardWorker(plan, checkpoints, [(0, len(plan.order))], plan.order, plan.example())
         for index, checkpoint in enumerate(checkpoints):
             model = worker.load(index)  # checks the data against the model's inputs

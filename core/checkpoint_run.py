@@ -10,6 +10,7 @@ stream through the runner, or an estimator's own input plan.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,8 +186,10 @@ class ShardWorker:
     of the sample *order*; *example* is what adapters trace a model with."""
 
     def __init__(self, plan: RunPlan, checkpoints: list[Checkpoint], spans: list[Span], order: np.ndarray,
-                 example: Samples, progress: Progress | None = None):
+                 example: Samples, progress: Progress | None = None, live: bool = False):
         self.plan, self.checkpoints, self.spans, self.order, self.example = plan, checkpoints, spans, order, example
+        #: The checkpoints' refs are live model objects (a monitor's), loaded with the adapter's ``follow``.
+        self.live = live
         #: Advanced batch by batch (the in-process engine's live bar); off in workers, whose tasks the
         #: driver counts as they return.
         self.progress = progress or Progress(0, enabled=False)
@@ -198,7 +201,10 @@ class ShardWorker:
         if self._loaded is None or self._loaded[0] != index:
             self._loaded = None  # the previous model is released before the next one loads
             data = self.plan.spec.data
-            loaded = self.plan.adapter.load(self.checkpoints[index], self.plan.spec, self.example)
+            checkpoint = self.checkpoints[index]
+            adapter = self.plan.adapter_of(checkpoint)
+            loaded = adapter.follow(checkpoint.ref, checkpoint.label, self.plan.spec, self.example) if self.live \
+                else adapter.load(checkpoint, self.plan.spec, self.example)
             serialized = loaded.proto.SerializeToString()
             tensors = describe_tensors(loaded.proto, loaded.layer_of, serialized)
             try:
@@ -227,11 +233,14 @@ class ShardWorker:
             if fed:
                 provider, fetch = _feed_pass(self.plan, fed, model, self.order, span, progress, isolation)
                 fetches.append(fetch)
-            for analysis_id, estimator in planned:
+            for analysis_id, estimator in planned:  # the whole input-plan pass is the analysis's time
+                started, before = time.perf_counter(), isolation.seconds.get(analysis_id, 0.0)
                 provider, fetch = _feed_plan(self.plan, analysis_id, estimator, model, self.order, span, progress,
                                              isolation)
+                isolation.seconds[analysis_id] = before + time.perf_counter() - started
                 fetches.append(fetch)
         except UserError as error:
             return ShardOutcome(label, error=str(error))
         return ShardOutcome(label, estimators, isolation.failures, isolation.warnings, provider, fetches,
-                            describe_model(model) if task.describe else None, samples=span[1] - span[0])
+                            describe_model(model) if task.describe else None, samples=span[1] - span[0],
+                            seconds=isolation.seconds)

@@ -1,4 +1,4 @@
-"""The ``layerscope`` command: run, validate, plugins, inspect, report.
+"""The ``layerscope`` command: run, validate, plugins, inspect, report, compare.
 
 Exit codes: 0 success, 2 user error (one message, no traceback), 1 internal error.
 """
@@ -69,15 +69,42 @@ def _cmd_inspect(args) -> int:
 def _cmd_report(args) -> int:
     from .outputs import output_folder, write_outputs
     from .plugin_host import load_plugins
-    from .results import RESULTS_FORMAT, Results
+    from .results import Results
 
     results = Results.load(args.run_dir)
     host = load_plugins()
-    formats = dict.fromkeys(f for f in results.spec.get("outputs", {}).get("formats", []) if f != RESULTS_FORMAT)
     with output_folder(Path(args.run_dir)) as out_dir:
-        write_outputs(results, [host.reporters.get(f)(host) for f in formats], out_dir)
+        write_outputs(results, _reporters(host, args.formats, results.spec.get("outputs", {}).get("formats", [])),
+                      out_dir)
     print(f"reports rebuilt in {args.run_dir}: {', '.join(['results.json', *results.artifacts])}")
     return EXIT_OK
+
+
+def _cmd_compare(args) -> int:
+    from .compare import combine, run_labels
+    from .outputs import output_folder, write_outputs
+    from .plugin_host import load_plugins
+    from .results import Results
+
+    folders = [Path(folder) for folder in args.run_dirs]
+    runs = [Results.load(folder) for folder in folders]
+    combined = combine(runs, run_labels(runs, folders))
+    host = load_plugins()
+    with output_folder(Path(args.out)) as out_dir:
+        write_outputs(combined, _reporters(host, args.formats, ["plots", "html"]), out_dir)
+    print(f"{len(runs)} runs compared in {args.out}: {', '.join(['results.json', *combined.artifacts])}")
+    return EXIT_OK
+
+
+def _reporters(host, chosen: str | None, default: list[str]) -> list:
+    """The reporters named by ``--formats`` (comma-separated), else by *default*; json is always written."""
+    from .results import RESULTS_FORMAT
+
+    names = [f.strip() for f in chosen.split(",") if f.strip()] if chosen is not None else default
+    try:
+        return [host.reporters.get(name)(host) for name in dict.fromkeys(names) if name != RESULTS_FORMAT]
+    except UserError as error:
+        raise UserError(f"--formats: {error}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,9 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--all", action="store_true", help="include constants and shape arithmetic")
     inspect.set_defaults(handler=_cmd_inspect)
 
-    report = commands.add_parser("report", help="rebuild the reports of a run from its results.json")
+    report = commands.add_parser("report", help="rebuild the reports of a run from its results.json, or write "
+                                                "other formats (--formats html,plots)")
     report.add_argument("run_dir")
+    report.add_argument("--formats", help="comma-separated reporters to write (default: the run's outputs.formats)")
     report.set_defaults(handler=_cmd_report)
+
+    compare = commands.add_parser("compare", help="draw several runs in the same figures (and one report), "
+                                                  "each run labelled by its spec's name")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", required=True, help="folder for the combined results.json, plots and report")
+    compare.add_argument("--formats", help="comma-separated reporters (default: plots,html)")
+    compare.set_defaults(handler=_cmd_compare)
     return parser
 
 

@@ -24,7 +24,7 @@ from .outcomes import CheckpointOutcome, finish_checkpoint
 from .outputs import output_folder, write_outputs
 from .plan import RunPlan
 from .progress import Progress
-from .results import Results, finite_records
+from .results import Results, finite_records, new_run_id
 from .resume import ResumeStore
 from .threads import run_threads
 
@@ -72,7 +72,7 @@ def analyse(plan: RunPlan, checkpoints: list[Checkpoint], example: Samples, prog
         return estimators
 
     def finished(index: int, state) -> None:
-        outcomes[index] = finish_checkpoint(plan, state)
+        outcomes[index] = finish_checkpoint(plan, state, checkpoints[index])
         if store:
             store.save(index, state.label, outcomes[index], dict(state.estimators))
 
@@ -82,7 +82,8 @@ def analyse(plan: RunPlan, checkpoints: list[Checkpoint], example: Samples, prog
                 progress.advance(outcome.samples, outcome.label)
 
         drive(len(checkpoints), plan.passes, executor, lambda label: Isolation(label, plan.host.origin_of),
-              restored=restored, finished=finished, advanced=advanced)
+              restored=restored, finished=finished, advanced=advanced,
+              continues=lambda index: checkpoints[index].network == checkpoints[index - 1].network)
     return [outcomes[index] for index in range(len(checkpoints))]
 
 
@@ -106,32 +107,14 @@ def _execute(plan: RunPlan, out_dir: Path | None, show_progress: bool, resume: b
     started = time.perf_counter()
     order = plan.order
     example = plan.example()
-    checkpoints = plan.adapter.checkpoints(plan.model, spec)
+    checkpoints = plan.checkpoints()
     plan.host.hook.before_run(spec=spec, models=[c.label for c in checkpoints])
     warnings: list[str] = []
     store = ResumeStore(out_dir, spec_to_dict(spec), resume) if out_dir is not None and len(checkpoints) > 1 else None
     with Progress(len(order) * plan.passes * len(checkpoints), enabled=show_progress) as progress:
         outcomes = analyse(plan, checkpoints, example, progress, store, warnings)
     warnings += store.warnings if store else []
-    warnings += [w for outcome in outcomes for w in outcome.warnings]
-    records = finite_records([r for outcome in outcomes for r in outcome.records], warnings)
-    failures = [f for outcome in outcomes for f in outcome.failures]
-    models = [outcome.model for outcome in outcomes]
-    import onnxruntime
-
-    results = Results(
-        layerscope=__version__,
-        spec=spec_to_dict(spec),
-        runtime={"provider": models[-1]["provider"], "device": spec.runtime.device,
-                 "seconds": round(time.perf_counter() - started, 3), "samples": int(len(order)),
-                 "seed": spec.runtime.seed, "engine": spec.runtime.engine, "onnxruntime": onnxruntime.__version__,
-                 "torch": torch.__version__},
-        models=models, records=records, warnings=plan.host.load_warnings() + warnings, failures=failures,
-        analyses=[{"id": p.section.id, "estimator": p.section.estimator, "params": p.params.model_dump(mode="json"),
-                   "tokens": p.estimator_class.tokens,
-                   **({"reconstructed": p.estimator_class.reconstructed} if p.estimator_class.reconstructed else {})}
-                  for p in plan.analyses],
-    )
+    results = assemble_results(plan, outcomes, warnings, started)
     if out_dir is not None:
         write_outputs(results, plan.reporters, out_dir)
     if store:
@@ -140,12 +123,41 @@ def _execute(plan: RunPlan, out_dir: Path | None, show_progress: bool, resume: b
     return results
 
 
+def assemble_results(plan: RunPlan, outcomes: list[CheckpointOutcome], warnings: list[str], started: float,
+                     **runtime) -> Results:
+    """The :class:`Results` of *plan* from its checkpoints' outcomes (in training order): records with
+    non-finite values dropped (with a warning), the run's provenance, and each analysis's parameters and
+    the seconds spent in its estimator code (summed over checkpoints); *runtime* adds entries to ``runtime``."""
+    import onnxruntime
+
+    spec = plan.spec
+    warnings = warnings + [w for outcome in outcomes for w in outcome.warnings]
+    records = finite_records([r for outcome in outcomes for r in outcome.records], warnings)
+    models = [outcome.model for outcome in outcomes]
+    return Results(
+        layerscope=__version__,
+        spec=spec_to_dict(spec),
+        runtime={"run_id": new_run_id(), "provider": models[-1]["provider"], "device": spec.runtime.device,
+                 "seconds": round(time.perf_counter() - started, 3), "samples": int(len(plan.order)),
+                 "seed": spec.runtime.seed, "engine": spec.runtime.engine, "onnxruntime": onnxruntime.__version__,
+                 "torch": torch.__version__, **runtime},
+        models=models, records=records, warnings=plan.host.load_warnings() + warnings,
+        failures=[f for outcome in outcomes for f in outcome.failures],
+        analyses=[{"id": p.section.id, "estimator": p.section.estimator, "params": p.params.model_dump(mode="json"),
+                   "tokens": p.estimator_class.tokens,
+                   "seconds": round(sum(o.seconds.get(p.section.id, 0.0) for o in outcomes), 3),
+                   **({"reconstructed": p.estimator_class.reconstructed} if p.estimator_class.reconstructed else {})}
+                  for p in plan.analyses],
+    )
+
+
 def spec_to_dict(spec) -> dict:
     """The resolved spec as JSON-ready data (a model object given from Python is named, not dumped)."""
     data = spec.model_dump(mode="python", exclude_none=True)
-    source = data["model"].get("source")
-    if not isinstance(source, (str, int, float)):
-        data["model"]["source"] = f"<{type(source).__module__}.{type(source).__name__} object>"
+    for section in [data["model"]] if "model" in data else data["models"]:
+        source = section.get("source")
+        if not isinstance(source, (str, int, float)):
+            section["source"] = f"<{type(source).__module__}.{type(source).__name__} object>"
     return _jsonable(data)
 
 

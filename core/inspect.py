@@ -10,7 +10,7 @@ from .graph import describe_tensors, format_dims
 
 
 def load_for_inspection(source: str):
-    """Load the first checkpoint of *source* (a model source, or a spec file whose model is used)."""
+    """Load the last checkpoint of *source* (a model source, or a spec file whose (first) model is used)."""
     from .api import prepare
     from .model import find_adapter
     from .plugin_host import load_plugins
@@ -18,7 +18,8 @@ def load_for_inspection(source: str):
 
     if source.endswith((".yaml", ".yml")):
         plan = prepare(source)
-        spec, adapter, params, example = plan.spec, plan.adapter, plan.model, plan.example()
+        spec, example = plan.spec, plan.example()
+        adapter, params = plan.networks[0].adapter, plan.networks[0].params
     else:
         # A model source alone: a minimal spec (its analysis is never run) gives the adapter its paths.
         spec = Spec.model_validate({"model": {"source": source}, "analyses": [{"id": "inspect", "estimator": "-"}]})

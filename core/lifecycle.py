@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -68,6 +69,8 @@ class ShardOutcome:
     #: The message of a user error (bad data, an unsupported model) met by the task.
     error: str | None = None
     samples: int = 0  # samples the task read (for progress)
+    #: Seconds the task spent in each analysis's estimator code (and its input plan's passes), by id.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Executor(Protocol):
@@ -95,10 +98,12 @@ class Isolation:
         self.model, self.origin, self.strict = model, origin, strict
         self.failures: dict[str, dict] = {}
         self.warnings: list[str] = []  # about the model's tensors (e.g. NaN activations)
+        self.seconds: dict[str, float] = {}  # time spent in each analysis's estimator code, by id
 
     def call(self, analysis_id: str, estimator: Estimator, phase: str, function, *args):
         if analysis_id in self.failures:
             return None
+        started = time.perf_counter()
         try:
             return function(*args)
         except UserError:
@@ -110,6 +115,8 @@ class Isolation:
                 "analysis": analysis_id, "estimator": estimator.name, "plugin": self.origin(estimator),
                 "model": self.model, "phase": phase, "error": f"{type(error).__name__}: {error}"}
             return None
+        finally:
+            self.seconds[analysis_id] = self.seconds.get(analysis_id, 0.0) + time.perf_counter() - started
 
 
 def analyses_in_pass(estimators: Estimators, pass_index: int, failures) -> tuple[Estimators, Estimators]:
@@ -144,6 +151,8 @@ class CheckpointState:
             for analysis_id, failure in outcome.failures.items():
                 self.isolation.failures.setdefault(analysis_id, failure)  # the first failure stands
             self.isolation.warnings += outcome.warnings
+            for analysis_id, seconds in outcome.seconds.items():
+                self.isolation.seconds[analysis_id] = self.isolation.seconds.get(analysis_id, 0.0) + seconds
         first, merged = outcomes[0], []
         for index, (analysis_id, estimator) in enumerate(first.estimators):
             if estimator.passes <= pass_index:  # finished in an earlier pass
@@ -175,6 +184,8 @@ class CheckpointState:
 def drive(checkpoints: int, passes: int, executor: Executor,
           new_isolation: Callable[[str], Isolation], *,
           restored: Callable[[int], dict[str, Estimator] | None] = lambda index: None,
+          predecessor: dict[str, Estimator] | None = None,
+          continues: Callable[[int], bool] = lambda index: True,
           finished: Callable[[int, CheckpointState], None] = lambda index, state: None,
           advanced: Callable[[ShardOutcome], None] = lambda outcome: None) -> None:
     """Run *passes* passes of *checkpoints* checkpoints, each cut into ``executor.shards`` tasks, on *executor*
@@ -182,6 +193,9 @@ def drive(checkpoints: int, passes: int, executor: Executor,
 
     *restored(i)* gives the saved estimators of checkpoint *i* when an earlier run finished it
     (it is then skipped; what it saved is handed to its successor's ``carry_over``);
+    *predecessor* are the estimators of the checkpoint before the first (a monitor's previous step),
+    handed to the first checkpoint's ``carry_over``; *continues(i)* is False when checkpoint *i* starts
+    a series of its own (the next model of a multi-model spec), which then carries nothing over;
     *finished(i, state)* receives checkpoint *i*'s merged state once it has ended its last pass
     (the driver then keeps only what the next checkpoint's ``carry_over`` reads, so a long
     series of checkpoints run one by one holds one checkpoint's state at a time);
@@ -189,6 +203,7 @@ def drive(checkpoints: int, passes: int, executor: Executor,
     """
     states: dict[int, CheckpointState] = {}  # the checkpoints in flight
     saved = {index: restored(index) for index in range(checkpoints)}
+    saved[-1] = predecessor
     pending = [index for index in range(checkpoints) if saved[index] is None]
     in_flight = [pending] if executor.parallel else [[index] for index in pending]
     for window in in_flight:
@@ -212,7 +227,8 @@ def drive(checkpoints: int, passes: int, executor: Executor,
                 states[index].merge(outcomes, pass_index)
             for index in window:  # in training order
                 if pass_index == 0:
-                    states[index].carry_over(_predecessor(index, states, saved))
+                    if index == 0 or continues(index):
+                        states[index].carry_over(_predecessor(index, states, saved))
                     saved.pop(index - 1, None)  # read by this checkpoint only
                 if states[index].passes > pass_index:
                     states[index].end_pass(pass_index)

@@ -8,6 +8,7 @@ a section: two claims are an error naming both plugins.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -45,10 +46,23 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One model to analyse: a label (e.g. ``epoch_03``) and what the adapter needs to load it."""
+    """One model to analyse: a label (e.g. ``epoch_03``), what the adapter needs to load it, and the
+    training step or epoch it was saved at when known (records then carry it as ``step``)."""
 
     label: str
     ref: Any
+    step: int | None = None
+    #: The label of the model it belongs to in a spec with several models (``models:``), else None.
+    network: str | None = None
+
+
+def steps_from_labels(labels: list[str]) -> list[int | None]:
+    """The training step of each checkpoint of a series named by number (``epoch_3``, ``step-1000.pt``:
+    the last number in the label); all None when the series has one checkpoint or a label without a number."""
+    numbers = [re.findall(r"\d+", label) for label in labels]
+    if len(labels) < 2 or not all(numbers):
+        return [None] * len(labels)
+    return [int(found[-1]) for found in numbers]
 
 
 class ModelParams(BaseModel):
@@ -79,6 +93,13 @@ class Adapter:
         """Load *checkpoint* as ONNX; *example* is a small input batch from the data: one array, or arrays
         by input name for a model with several inputs (their dtypes are the data's, e.g. int64 token ids)."""
         raise NotImplementedError
+
+    def follow(self, model: Any, label: str, spec: "Spec", example: Samples) -> LoadedModel:
+        """The current state of a live *model* object (one being trained, followed by
+        :class:`layerscope.Monitor`) as ONNX, labelled *label*. Adapters that can put new weights
+        into the graph they exported for the same object override this to export once; the default
+        loads it as a checkpoint, which may export it again."""
+        return self.load(Checkpoint(label, model), spec, example)
 
 
 def find_adapter(section: "ModelSection", adapters: "Registry") -> Adapter:

@@ -19,7 +19,7 @@ from .data import DataSource, Samples, check_allocation, nbytes, sample_order, s
 from .errors import SpecError, UserError
 from .estimator import Estimator
 from .labels import ClassLabels
-from .model import Adapter, ModelParams, find_adapter
+from .model import Adapter, Checkpoint, ModelParams, find_adapter
 from .plugin_host import PluginHost
 from .results import RESULTS_FORMAT
 from .spec import (
@@ -43,14 +43,23 @@ class PlannedAnalysis:
 
 
 @dataclass
+class Network:
+    """A model of the spec: its label (None for the spec's single ``model``), the adapter that claims
+    it, and its section as the adapter validated it (the adapter's ``Params``)."""
+
+    label: str | None
+    adapter: Adapter
+    params: ModelParams
+
+
+@dataclass
 class RunPlan:
     spec: Spec
     doc: LocatedDocument
     host: PluginHost
     data: DataSource
-    adapter: Adapter
-    #: The model section as the adapter validated it (its ``Params``).
-    model: ModelParams
+    #: The spec's model, or its ``models`` in order.
+    networks: list[Network]
     analyses: list[PlannedAnalysis]
     reporters: list[Any]
     #: The indices of the samples the run reads, in order (shuffled with the seed, cut at ``limit``).
@@ -69,6 +78,27 @@ class RunPlan:
                          f"{self.where('data', 'batch_size')}: a batch of {self.spec.data.batch_size} samples")
         return example
 
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every checkpoint of every model, in the spec's order. In a multi-model spec each is tagged
+        with its model's label (``network``) and labelled ``<label>`` (a model of one checkpoint) or
+        ``<label>/<checkpoint>``."""
+        listed = []
+        for index, network in enumerate(self.networks):
+            if network.label is None:
+                listed += network.adapter.checkpoints(network.params, self.spec)
+                continue
+            try:
+                checkpoints = network.adapter.checkpoints(network.params, self.spec)
+            except UserError as error:  # "model.source: …" of the index-th model
+                raise UserError(f"{self.where('models', index)}{str(error).removeprefix('model')}") from None
+            listed += [Checkpoint(network.label if len(checkpoints) == 1 else f"{network.label}/{c.label}", c.ref,
+                                  c.step, network.label) for c in checkpoints]
+        return listed
+
+    def adapter_of(self, checkpoint: Checkpoint) -> Adapter:
+        """The adapter that loads *checkpoint* (its model's)."""
+        return next(n.adapter for n in self.networks if n.label == checkpoint.network)
+
     @property
     def passes(self) -> int:
         """Passes over the data the run makes: the most that any analysis needs."""
@@ -81,8 +111,8 @@ class PluginChoices:
 
     data_source: type[DataSource] | None = None
     data_params: BaseModel | None = None
-    adapter: Adapter | None = None
-    model: ModelParams | None = None
+    #: (label, adapter, validated section) of each model; adapter and section None when they failed
+    networks: list[tuple[str | None, Adapter | None, ModelParams | None]] | None = None
     estimators: dict[int, tuple[type[Estimator], BaseModel]] | None = None
     reporters: list[Any] | None = None
 
@@ -109,9 +139,13 @@ def check_plugins(doc: LocatedDocument, host: PluginHost, errors: list[str]) -> 
     """Check every plugin name and parameter block in the raw document (the adapter that claims the
     model and its keys, the data source, the estimators, the reporters), appending located errors."""
     raw = doc.data if isinstance(doc.data, dict) else {}
-    choices = PluginChoices(estimators={}, reporters=[])
+    choices = PluginChoices(estimators={}, reporters=[], networks=[])
     if isinstance(raw.get("model"), dict):  # other values: the structural check reports them
-        choices.adapter, choices.model = _model_choice(raw["model"], doc, host, errors)
+        choices.networks.append((None, *_model_choice(raw["model"], doc, host, errors, ("model",))))
+    for index, entry in enumerate(raw.get("models") if isinstance(raw.get("models"), list) else []):
+        if isinstance(entry, dict):
+            section = {k: v for k, v in entry.items() if k != "label"}
+            choices.networks.append((entry.get("label"), *_model_choice(section, doc, host, errors, ("models", index))))
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     source = data.get("source", DataSection().source)
     choices.data_source = _lookup(host.data_sources, source, doc, ("data", "source"), errors)
@@ -165,24 +199,25 @@ def build_plan(doc: LocatedDocument, base_dir: Path, host: PluginHost) -> RunPla
                             f"'{planned.section.estimator}' needs labels, but the data source '{spec.data.source}' "
                             "has none")
     order = sample_order(len(data), spec.data.limit, spec.data.shuffle, spec.runtime.seed)
-    return RunPlan(spec, doc, host, data, choices.adapter, choices.model, analyses, choices.reporters, order,
-                   scan_labels(data, order))
+    networks = [Network(label, adapter, params) for label, adapter, params in choices.networks]
+    return RunPlan(spec, doc, host, data, networks, analyses, choices.reporters, order, scan_labels(data, order))
 
 
-def _model_choice(section: dict, doc: LocatedDocument, host: PluginHost,
-                  errors: list[str]) -> tuple[Adapter | None, ModelParams | None]:
-    """The adapter that claims the model *section* (raw) and the section as it validates it (its
-    ``Params``); problems are appended to *errors* at their place in the spec, naming the keys the
-    adapter reads."""
+def _model_choice(section: dict, doc: LocatedDocument, host: PluginHost, errors: list[str],
+                  path: tuple) -> tuple[Adapter | None, ModelParams | None]:
+    """The adapter that claims the model *section* (raw, at *path* in the spec: ``("model",)`` or
+    ``("models", i)``) and the section as it validates it (its ``Params``); problems are appended to
+    *errors* at their place in the spec, naming the keys the adapter reads."""
+    dotted = ".".join(map(str, path))
     try:
         adapter = find_adapter(ModelSection.model_validate(section), host.adapters)
     except UserError as error:
-        errors.append(f"{doc.where(('model', 'source'))}: {error}")
+        errors.append(f"{doc.where((*path, 'source'))}: {dotted}{str(error).removeprefix('model')}")
         return None, None
     try:
         return adapter, adapter.Params.model_validate(section)
     except ValidationError as error:
         keys = ", ".join(adapter.Params.model_fields)
         errors.extend(f"{message} (the '{adapter.name}' adapter reads: {keys})" if "unknown key" in message else message
-                      for message in format_validation_errors(error, doc, prefix=("model",), model=adapter.Params))
+                      for message in format_validation_errors(error, doc, prefix=path, model=adapter.Params))
         return adapter, None

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,11 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def new_run_id() -> str:
+    """A run's identifier: its UTC start time and 6 random hex digits (``20261203T2105-3fa2c1``)."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 def _umask() -> int:
@@ -59,12 +67,30 @@ class Results:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     def to_pandas(self):
-        """The records as a :class:`pandas.DataFrame` (one row per number)."""
+        """The records as a :class:`pandas.DataFrame`, one row per number, with the record fields and:
+
+        - ``run_id``: the run's identifier (``runtime.run_id``);
+        - ``checkpoint_index``: the position of the record's model in ``models`` (training order; sort
+          by it, not by the label, which sorts epoch_10 before epoch_2);
+        - ``step``: the checkpoint's training step or epoch when known (nullable integer);
+        - ``class``: text, ``"all"`` for records over every sample and the class name or number
+          otherwise, as an ordered categorical with ``"all"`` first and classes in natural order
+          (empty when the record has no class).
+        """
         try:
             import pandas as pd
         except ImportError as error:
             raise ImportError("Results.to_pandas() needs pandas: pip install pandas") from error
-        return pd.DataFrame.from_records(self.records)
+        frame = pd.DataFrame.from_records(self.records)
+        frame.insert(0, "run_id", self.runtime.get("run_id"))
+        index = {model.get("label"): position for position, model in enumerate(self.models)}
+        frame["checkpoint_index"] = pd.array([index.get(m) for m in frame.get("model", [])], dtype="Int64")
+        frame["step"] = pd.array(list(frame["step"]) if "step" in frame else [None] * len(frame), dtype="Int64")
+        if "class" in frame:
+            text = [None if pd.isna(c) else str(c) for c in frame["class"]]
+            named = sorted({c for c in text if c not in (None, "all")}, key=_natural)
+            frame["class"] = pd.Categorical(text, categories=["all", *named], ordered=True)
+        return frame
 
     def select(self, **keys: Any) -> list[dict[str, Any]]:
         """Records whose fields equal every given key, e.g. ``select(metric="entropy", layer="fc1")``."""
@@ -72,6 +98,9 @@ class Results:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> "Results":
+        """The results a run wrote to *run_dir* (its ``results.json``), e.g. to compare runs in pandas
+        or to rebuild reports; a missing or unreadable file is a user error naming it. Nothing in the
+        folder is executed: the file is JSON."""
         from .errors import UserError
 
         path = Path(run_dir) / RESULTS_FILE
@@ -84,6 +113,11 @@ class Results:
         known = {k: data[k] for k in ("layerscope", "spec", "runtime", "models", "records", "warnings", "artifacts", "analyses",
                                          "failures") if k in data}
         return cls(**known, out_dir=Path(run_dir))
+
+
+def _natural(text: str) -> list:
+    """Sort key: the numbers in *text* by value (class 2 before class 10)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
 
 
 ROUND_OFF = 1e-9  # how far past a bound a value may be and still count as on it

@@ -51,6 +51,18 @@ class ModelSection(BaseModel):
         return self.source if key == "source" else (self.model_extra or {}).get(key, default)
 
 
+class NamedModel(ModelSection):
+    """An entry of ``models:`` (several models analysed with the same data and estimators): a label
+    and the keys of a model section."""
+
+    label: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$",
+                       description="names the model in records (network) and figures")
+
+    def section(self) -> dict[str, Any]:
+        """The model section without the label (what the adapter validates)."""
+        return {"source": self.source, **(self.model_extra or {})}
+
+
 class DataSection(BaseModel):
     """Data section; keys beyond these are the data source's own parameters."""
 
@@ -107,14 +119,17 @@ class RuntimeSection(StrictModel):
 
 class OutputsSection(StrictModel):
     dir: str = "results"
-    formats: list[str] = Field(default_factory=lambda: ["json", "csv"],
-                               description="json: results.json, always written; every other entry names a reporter")
+    formats: list[str] = Field(default_factory=lambda: ["json", "csv", "plots", "html"],
+                               description="json: results.json, always written; every other entry names a reporter "
+                                           "(csv: records.csv, plots: plots/<analysis>.png and .svg, html: report.html)")
 
 
 class Spec(StrictModel):
     version: Literal[1] = 1
     name: str = "analysis"
-    model: ModelSection
+    model: ModelSection | None = None
+    models: list[NamedModel] | None = Field(None, min_length=1, description="several models, each with a label, "
+                                            "analysed with the same data and estimators (instead of model)")
     data: DataSection = Field(default_factory=DataSection)
     analyses: list[AnalysisSection] = Field(min_length=1)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
@@ -131,6 +146,15 @@ class Spec(StrictModel):
                 raise ValueError(f"analysis id '{analysis.id}' is used twice")
             seen.add(analysis.id)
         return analyses
+
+    @field_validator("models")
+    @classmethod
+    def _unique_labels(cls, models: list[NamedModel] | None) -> list[NamedModel] | None:
+        labels = [entry.label for entry in models or []]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"label '{repeated[0]}' is used twice")
+        return models
 
     def resolve_path(self, value: str | os.PathLike) -> Path:
         """Resolve a path written in the spec relative to the spec's folder."""
@@ -191,12 +215,19 @@ def check_structure(doc: LocatedDocument, base_dir: Path) -> tuple[Spec | None, 
     (unknown keys, types, ranges); a document that is not a mapping is a :class:`SpecError` at once."""
     if not isinstance(doc.data, dict):
         raise SpecError([f"{doc.where(())}: the spec must be a mapping with model, data and analyses"])
+    errors = []
+    if "model" in doc.data and "models" in doc.data:
+        errors.append(f"{doc.where(('models',))}: models: give model (one model) or models (labelled models), "
+                      "not both")
+    elif "model" not in doc.data and "models" not in doc.data:
+        errors.append(f"{doc.where(('model',))}: model: required key is missing (or models: a list of "
+                      "labelled models)")
     try:
         spec = Spec.model_validate(doc.data)
     except ValidationError as error:
-        return None, format_validation_errors(error, doc, model=Spec)
+        return None, errors + format_validation_errors(error, doc, model=Spec)
     spec._base_dir = base_dir
-    return spec, []
+    return (None, errors) if errors else (spec, [])
 
 
 PYTHON_DATA = "python"  # the data source that reads objects handed over from Python

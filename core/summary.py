@@ -40,3 +40,5 @@ def print_summary(results: Results, out_dir: Path, max_rows: int = 40) -> None:
     for warning in results.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     console.print(f"{len(results.records)} records → {out_dir / 'results.json'}")
+    if "report.html" in results.artifacts:
+        console.print(f"report → {out_dir / 'report.html'}")

@@ -188,27 +188,58 @@ class NonlinearitySignature(Estimator):
 
     @classmethod
     def plot(cls, records: list[dict]):
+        """ρ_aff against the activations in forward order, a line per model. Models whose activations
+        differ, or that are different networks (a multi-model spec, ``layerscope compare``), share a normalised depth
+        axis (0: first activation, 1: last), with each model's own layer names on a strip of its own."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         scores = [r for r in records if r["metric"] == "affinity_score"]
-        figure, axes = plt.subplots(figsize=(max(6.4, 0.45 * len({r["position"] for r in scores}) + 2), 4.0),
-                                    layout="constrained")
-        for model in dict.fromkeys(r["model"] for r in scores):
+        models = list(dict.fromkeys(r["model"] for r in scores))
+        positions = {m: sorted({r["position"] for r in scores if r["model"] == m}) for m in models}
+        names = {m: {r["position"]: f"{r['layer']} ({r['op_type']})" for r in scores if r["model"] == m}
+                 for m in models}
+        compared = len({tuple(names[m].items()) for m in models}) > 1 or len({r.get("network") for r in scores}) > 1
+        if not compared:
+            figure, axes = plt.subplots(figsize=(max(6.4, 0.45 * len(positions[models[0]]) + 2), 4.0),
+                                        layout="constrained")
+            strips = []
+        else:
+            figure, (axes, *strips) = plt.subplots(
+                1 + len(models), 1, figsize=(8.0, 4.0 + 0.9 * len(models)), layout="constrained",
+                gridspec_kw={"height_ratios": [4.0] + [0.35] * len(models)}, sharex=True)
+        for model in models:
             mine = sorted((r for r in scores if r["model"] == model), key=lambda r: r["position"])
-            axes.plot([r["position"] for r in mine], [r["value"] for r in mine], marker="o", label=str(model))
-        first = sorted({(r["position"], f"{r['layer']} ({r['op_type']})") for r in scores})
-        axes.set_xticks([p for p, _ in first], [label for _, label in first], rotation=45, ha="right",
-                        fontsize="small")
+            depth = _depths(positions[model]) if compared else {p: p for p in positions[model]}
+            axes.plot([depth[r["position"]] for r in mine], [r["value"] for r in mine], marker="o", label=str(model))
+        if compared:
+            axes.set_xlim(-0.03, 1.03)
+            for strip, model in zip(strips, models):
+                depth = _depths(positions[model])
+                strip.set_yticks([])
+                strip.set_ylabel(str(model), rotation=0, ha="right", va="center", fontsize="small")
+                for position in positions[model]:
+                    strip.text(depth[position], 0.5, names[model][position].split(" (")[0], rotation=90,
+                               ha="center", va="center", fontsize=6)
+            strips[-1].set_xlabel("relative depth (0: first activation, 1: last)")
+        else:
+            first = sorted(names[models[0]].items())
+            axes.set_xticks([p for p, _ in first], [label for _, label in first], rotation=45, ha="right",
+                            fontsize="small")
+            axes.set_xlabel("activation (forward order)")
         axes.set_ylim(min(0.0, min((r["value"] for r in scores), default=0.0)), 1.02)
-        axes.set_xlabel("activation (forward order)")
         axes.set_ylabel("affinity score ρ_aff")
         axes.set_title("Non-linearity signature")
-        if len({r["model"] for r in scores}) > 1:
+        if len(models) > 1:
             axes.legend(fontsize="small")
         return figure
+
+
+def _depths(positions: list[int]) -> dict[int, float]:
+    """Each activation's relative depth: its rank among the model's activations over (count − 1)."""
+    return {p: rank / max(1, len(positions) - 1) for rank, p in enumerate(positions)}
 
 
 @hookimpl

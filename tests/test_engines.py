@@ -235,7 +235,7 @@ def test_the_order_in_which_the_driver_merges_shards_does_not_change_records(sin
     from layerscope.outcomes import finish_checkpoint
 
     plan = prepare(EVERY_ESTIMATOR)
-    checkpoints = plan.adapter.checkpoints(plan.spec.model, plan.spec)
+    checkpoints = plan.checkpoints()
     spans = shard_spans(len(plan.order), plan.spec.data.batch_size, 3)
     worker = ShardWorker(plan, checkpoints, spans, plan.order, plan.example())
     for permutation in [(0, 1, 2), (2, 0, 1), (1, 2, 0)]:

@@ -1,0 +1,191 @@
+"""layerscope.Monitor: analyses of a live model during training, exported once, equal to a run over the
+same weights saved as checkpoints; the Keras and PyTorch Lightning callbacks built on it."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import layerscope
+from layerscope.adapters import torch_export
+from layerscope.errors import UserError
+from layerscope.plugins.data.digits import load_digits_split
+
+NETS = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(144, 32), nn.Tanh(), nn.Linear(32, 10))
+''')
+
+ANALYSES = [{"id": "ip", "estimator": "information_plane", "params": {"smoothing": 0.9, "sigma_grid": 40}},
+            {"id": "entropy", "estimator": "activation_entropy"},
+            {"id": "signature", "estimator": "nonlinearity_signature"}]
+
+
+@pytest.fixture
+def nets(tmp_path, monkeypatch):
+    (tmp_path / "monitored_nets.py").write_text(NETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("monitored_nets", None)
+    import monitored_nets
+
+    return monitored_nets
+
+
+def digits(start: int, count: int = 100):
+    x, y = load_digits_split("train")
+    return torch.from_numpy(x[start:start + count]), torch.from_numpy(y[start:start + count])
+
+
+def train_step(model, optimiser, x, y) -> None:
+    optimiser.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimiser.step()
+
+
+def counting_exports(monkeypatch) -> list:
+    calls = []
+    real = torch_export.export_unoptimized
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch_export, "export_unoptimized", counted)
+    return calls
+
+
+def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_path, monkeypatch):
+    exports = counting_exports(monkeypatch)
+    model = nets.cnn()
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = digits(0)
+    monitor = layerscope.Monitor({"model": {}, "data": {"shuffle": False}, "analyses": ANALYSES})
+    for step in range(4):
+        train_step(model, optimiser, *digits(100 + 100 * step))
+        monitor.observe(model, step=step * 10, batch=probe)
+        torch.save(model.state_dict(), tmp_path / f"step_{step * 10}.pt")
+        assert model.training  # the monitor leaves the training mode as it was
+    assert len(exports) == 1
+    monitored = monitor.results()
+    assert monitor.steps == [0, 10, 20, 30] and monitored.runtime["monitor"] == {"steps": [0, 10, 20, 30]}
+
+    spec = {"model": {"python": "monitored_nets:cnn", "checkpoints": str(tmp_path / "step_*.pt")},
+            "data": {"shuffle": False}, "analyses": ANALYSES}
+    saved = layerscope.run(spec, data=probe, write=False, progress=False)
+
+    def keyed(results):
+        return {(r["step"], r["analysis"], r["tensor"], r["metric"], r.get("class")): r["value"]
+                for r in results.records}
+
+    expected, got = keyed(saved), keyed(monitored)
+    assert got.keys() == expected.keys() and len(got) > 100
+    assert {key[0] for key in got} == {0, 10, 20, 30}
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    tensor = next(key[2] for key in got if key[1] == "ip" and key[3] == "sigma_optimal")
+    sigmas = [got[(s, "ip", tensor, "sigma", None)] for s in (0, 10, 20, 30)]
+    optimal = [got[(s, "ip", tensor, "sigma_optimal", None)] for s in (0, 10, 20, 30)]
+    for previous, used, best in zip(sigmas, sigmas[1:], optimal[1:]):  # the paper's moving average
+        assert used == pytest.approx(0.9 * previous + 0.1 * best, rel=1e-12)
+
+
+def test_monitor_on_the_specs_data_and_its_output_files(nets, tmp_path):
+    model = nets.cnn()
+    monitor = layerscope.Monitor({"model": {}, "data": {"source": "digits", "limit": 100},
+                                  "analyses": [{"id": "entropy", "estimator": "activation_entropy"}],
+                                  "outputs": {"formats": ["json", "csv"]}})
+    first = monitor.observe(model, step=0)
+    assert first and all(r["step"] == 0 and r["model"] == "step_0" for r in first)
+    monitor.observe(model, step=5)
+    results = monitor.write(tmp_path / "out")
+    assert (tmp_path / "out" / "results.json").is_file() and "records.csv" in results.artifacts
+    assert layerscope.Results.load(tmp_path / "out").runtime["monitor"] == {"steps": [0, 5]}
+    assert [m["step"] for m in results.models] == [0, 5]
+
+
+def test_monitor_refuses_steps_out_of_order_and_results_before_any_step(nets):
+    monitor = layerscope.Monitor({"model": {}, "analyses": [{"id": "entropy", "estimator": "activation_entropy"}]})
+    with pytest.raises(UserError, match="no step was observed"):
+        monitor.results()
+    model = nets.cnn()
+    monitor.observe(model, step=3, batch=digits(0))
+    for step, message in ((3, "does not follow step 3"), (1, "does not follow"), (-1, "whole number"),
+                          (2.5, "whole number")):
+        with pytest.raises(UserError, match=message):
+            monitor.observe(model, step=step, batch=digits(0))
+    with pytest.raises(UserError, match="2 labels for 100 samples"):
+        monitor.observe(model, step=4, batch=(digits(0)[0], np.array([1, 2])))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pytorch_lightning") is None, reason="needs pytorch-lightning")
+def test_lightning_callback_observes_the_training_batches(tmp_path):
+    import pytorch_lightning as pl
+
+    from layerscope.lightning_callback import MonitorCallback
+
+    class Classifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x, y = digits(0, 400)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=100)
+    callback = MonitorCallback({"model": {}, "analyses": [{"id": "entropy", "estimator": "activation_entropy"}],
+                                "outputs": {"formats": ["json"]}}, every=2, out_dir=tmp_path / "fit")
+    trainer = pl.Trainer(max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Classifier(), loader)
+    assert callback.monitor.steps == [2, 4]
+    results = layerscope.Results.load(tmp_path / "fit")
+    assert sorted({r["step"] for r in results.records}) == [2, 4]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="needs the tensorflow extra")
+def test_keras_callback_converts_once_and_follows_the_weights(monkeypatch):
+    import keras
+
+    from layerscope.adapters import tensorflow as tf_adapter
+    from layerscope.keras_callback import MonitorCallback
+
+    conversions = []
+    real = tf_adapter._convert
+    monkeypatch.setattr(tf_adapter, "_convert", lambda *a: conversions.append(1) or real(*a))
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.BatchNormalization(), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    x, y = (a.numpy() for a in digits(0, 200))
+    probe = (x[:100].reshape(-1, 8, 8, 1), y[:100])
+    callback = MonitorCallback({"model": {}, "analyses": [{"id": "signature", "estimator": "nonlinearity_signature"}]},
+                               every=2, batch=probe)
+    model.fit(x.reshape(-1, 8, 8, 1), y, batch_size=50, epochs=1, verbose=0, callbacks=[callback])
+    assert callback.monitor.steps == [2, 4] and len(conversions) == 1
+    # the swapped graph is the model as trained: its output equals Keras's own
+    adapter = callback.monitor._adapter
+    loaded = adapter.follow(model, "now", None, probe[0][:2])
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(loaded.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: probe[0]})[0]
+    assert np.allclose(got, np.asarray(model(probe[0], training=False)), atol=1e-5)
+    assert len(conversions) == 1

@@ -248,7 +248,8 @@ def test_the_order_in_which_the_driver_merges_shards_does_not_change_records(sin
 
         states = drive_all(len(checkpoints), plan.passes, Permuted(),
                            lambda label: Isolation(label, plan.host.origin_of))
-        records = [r for index in sorted(states) for r in finish_checkpoint(plan, states[index]).records]
+        records = [r for index in sorted(states)
+                   for r in finish_checkpoint(plan, states[index], checkpoints[index]).records]
         assert_records_close(records, single_process.records, rtol=0, atol=1e-9)
 
 

@@ -129,14 +129,14 @@ def _keras_graph_taking_weights(model, example) -> onnx.ModelProto:
         return model.stateless_call(list(weights[:trainable]), list(weights[trainable:]), x, training=False)[0]
 
     proto = _convert(call, signature)
-    names = dict(zip((f"weight_{i}" for i in range(len(variables))), keras_weights(model)))
+    weights = keras_weights(model)
+    names = dict(zip((f"weight_{i}" for i in range(len(variables))), weights))
     kept = [i for i in proto.graph.input if i.name not in names]
     del proto.graph.input[:]
     proto.graph.input.extend(kept)
     for node in proto.graph.node:
         node.input[:] = [names.get(name, name) for name in node.input]
-    proto.graph.initializer.extend(onnx.numpy_helper.from_array(value, name)
-                                   for name, value in keras_weights(model).items())
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(value, name) for name, value in weights.items())
     return proto
 
 

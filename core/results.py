@@ -88,7 +88,7 @@ class Results:
         frame["step"] = pd.array(list(frame["step"]) if "step" in frame else [None] * len(frame), dtype="Int64")
         if "class" in frame:
             text = [None if pd.isna(c) else str(c) for c in frame["class"]]
-            named = sorted({c for c in text if c not in (None, "all")}, key=_natural)
+            named = [c for c in class_order(c for c in text if c is not None) if c != "all"]
             frame["class"] = pd.Categorical(text, categories=["all", *named], ordered=True)
         return frame
 
@@ -118,6 +118,13 @@ class Results:
 def _natural(text: str) -> list:
     """Sort key: the numbers in *text* by value (class 2 before class 10)."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+
+def class_order(classes) -> list:
+    """The distinct values of a records' ``class`` field in reading order: ``"all"`` first, then the classes in the
+    natural order of their text (class 2 before class 10)."""
+    distinct = set(classes)
+    return (["all"] if "all" in distinct else []) + sorted(distinct - {"all"}, key=lambda c: _natural(str(c)))
 
 
 ROUND_OFF = 1e-9  # how far past a bound a value may be and still count as on it

@@ -263,6 +263,12 @@ class ActivationEntropy(Estimator):
                                                "bits", **extra))
         return records
 
+    @classmethod
+    def plot(cls, records: list[dict]):
+        from .activation_entropy_plot import plot_activation_entropy
+
+        return plot_activation_entropy(records)
+
 
 @hookimpl
 def register_estimators(register):

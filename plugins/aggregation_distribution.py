@@ -21,9 +21,13 @@ nodes; the second collects mergeable moments per class and fills histograms on t
 ranges. Records per channel: ``predicted_mean``,
 ``predicted_var``, ``empirical_mean``, ``empirical_var``, ``fit_kl`` (KL of the empirical
 histogram from the predicted Gamma, nats); per output node and class: ``kl_predicted``,
-``kl_empirical`` (nats) and the node's predicted and empirical mean and variance; per layer
-``effective_m``; and ``histogram`` rows (densities) for the first ``plot_channels`` channels
-and nodes, which the plot draws.
+``kl_empirical`` (nats), the node's predicted and empirical mean and variance, and the predicted
+mean and variance of the rest (``node_rest_predicted_*``, the moments of the other classes'
+mixture that ``kl_predicted`` compares against); per layer ``effective_m``; and ``histogram``
+rows (densities) that the plot draws: for the first ``plot_channels`` channels that are not
+constant (a dead channel has nothing to draw), and for output node k of the first
+``plot_channels`` nodes, class k's histogram and the rest's (``group: rest``) on their shared
+binning.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class AggregationDistribution(Estimator):
               "tokens the model itself pools")
     metric_ranges = {"effective_m": (1.0, math.inf), "predicted_var": (0.0, math.inf),
                      "empirical_var": (0.0, math.inf), "node_predicted_var": (0.0, math.inf),
+                     "node_rest_predicted_var": (0.0, math.inf),
                      "node_empirical_var": (0.0, math.inf), "fit_kl": (0.0, math.inf),
                      "kl_predicted": (0.0, math.inf), "kl_empirical": (0.0, math.inf), "histogram": (0.0, math.inf)}
 
@@ -249,8 +254,9 @@ class AggregationDistribution(Estimator):
             if (index, "g", ALL) not in self.moments and not self._classes(index):
                 continue
             effective_m = self._effective_m(index, s)
+            constant = len(self.low[(index, "g")]) - len(self._varying_channels(index))
             records.append(self.record(s.output, "effective_m", effective_m, "", positions=s.positions,
-                                       aggregation=s.kind))
+                                       aggregation=s.kind, constant_channels=constant))
             records += self._channel_records(index, s, effective_m)
             if s.linear_output:
                 records += self._node_records(index, s, effective_m)
@@ -267,6 +273,7 @@ class AggregationDistribution(Estimator):
         per_class = {cls: self._predict(index, s, cls, effective_m) for cls in classes}
         weights = {cls: self._moments(index, "g", cls)[0] for cls in classes}
         groups = [(cls, [cls]) for cls in classes] + [(ALL, classes or [ALL])]
+        drawn = set(self._varying_channels(index)[: self.params.plot_channels])  # a dead channel has nothing to draw
         for cls, members in groups:
             if cls == ALL and not classes:
                 mean_g, var_g, _ = self._predict(index, s, ALL, effective_m)
@@ -291,10 +298,14 @@ class AggregationDistribution(Estimator):
                                         **keys),
                             self.record(s.output, "fit_kl", histogram_kl(hist[channel].numpy(), predicted_bins), "nats",
                                         **keys)]
-                if cls == ALL and channel < self.params.plot_channels:
+                if cls == ALL and channel in drawn:
                     records += self._histogram_records(s.output, hist[channel].numpy(), edges, channel=channel,
                                                        **{"class": ALL})
         return records
+
+    def _varying_channels(self, index: int) -> list[int]:
+        """The aggregated channels whose value is not the same for every sample (dead ReLU channels are constant)."""
+        return torch.nonzero(self.high[(index, "g")] > self.low[(index, "g")]).flatten().tolist()
 
     def _gamma(self, index, s, cls, channel, per_class, effective_m):
         """(shape, loc, scale) arguments of scipy's Gamma for one class's channel prediction."""
@@ -323,11 +334,15 @@ class AggregationDistribution(Estimator):
                     self.record(s.linear_output, "node_predicted_mean", mean_in[node], **keys),
                     self.record(s.linear_output, "node_predicted_var", var_in[node], **keys),
                     self.record(s.linear_output, "node_empirical_mean", emp_mean[node], **keys),
-                    self.record(s.linear_output, "node_empirical_var", emp_second[node] - emp_mean[node] ** 2, **keys)]
-                if node < self.params.plot_channels and node == cls:
+                    self.record(s.linear_output, "node_empirical_var", emp_second[node] - emp_mean[node] ** 2, **keys),
+                    self.record(s.linear_output, "node_rest_predicted_mean", mean_out[node], **keys),
+                    self.record(s.linear_output, "node_rest_predicted_var", var_out[node], **keys)]
+                if node < self.params.plot_channels and node == cls:  # the class and the rest on the shared binning
                     edges = np.linspace(float(low[node]), float(high[node]), self.params.bins + 1)
                     records += self._histogram_records(s.linear_output, hist_in[node], edges, node=node,
                                                        **{"class": cls})
+                    records += self._histogram_records(s.linear_output, hist_out[node], edges, node=node,
+                                                       **{"class": cls, "group": "rest"})
         return records
 
     def _histogram_records(self, tensor: str, counts: np.ndarray, edges: np.ndarray, **keys) -> list[dict]:

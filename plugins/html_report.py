@@ -2,8 +2,9 @@
 
 Sections: provenance (spec, model sources and hashes, versions, provider, seed, timings,
 warnings, failures), a model summary (the analysed tensors with layer, op type, shape and
-the analyses that read them), and per analysis its parameters, its figure and a sortable
-table of its records. The page holds no generation time, so rebuilding it from
+the analyses that read them), and per analysis its parameters, its figure and its records as
+sortable pivot tables (:mod:`layerscope.plugins.record_pivot`: a row per layer, a column per
+metric, or per class for a metric recorded per class; every record is in ``records.csv``). The page holds no generation time, so rebuilding it from
 ``results.json`` (``layerscope report RUN_DIR``) gives the same bytes.
 """
 
@@ -18,8 +19,9 @@ from layerscope import Reporter, Results, hookimpl
 from layerscope.results import atomic_write
 
 from .plot_reporter import analysis_figures
+from .record_pivot import pivot_records
 
-TABLE_ROWS = 3000  # records shown per analysis (all of them are in results.json and records.csv)
+TABLE_ROWS = 400  # rows shown per pivot table (every record is in results.json and records.csv)
 HIDDEN_METRICS = {"histogram"}  # plot data, not worth a table row
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
@@ -101,7 +103,6 @@ def _model_summary(results: Results) -> str:
 
 def _analysis(analysis: dict, records: list[dict], figure: bytes | None) -> str:
     shown = [r for r in records if r["metric"] not in HIDDEN_METRICS]
-    columns = list(dict.fromkeys(k for r in shown[:TABLE_ROWS] for k in r if k not in ("analysis", "estimator")))
     parts = [f"<h2 id='analysis-{html.escape(analysis['id'])}'>{html.escape(analysis['id'])} "
              f"<small>({html.escape(analysis['estimator'])})</small></h2>"]
     if analysis.get("reconstructed"):
@@ -110,8 +111,11 @@ def _analysis(analysis: dict, records: list[dict], figure: bytes | None) -> str:
     if figure:
         parts.append(f"<img alt='{html.escape(analysis['id'])}' src='data:image/png;base64,"
                      f"{base64.b64encode(figure).decode()}'>")
-    note = f" (first {TABLE_ROWS} of {len(shown)}; all are in records.csv)" if len(shown) > TABLE_ROWS else ""
-    parts.append(f"<h3>Records{note}</h3><div class='scroll'>{table(shown[:TABLE_ROWS], columns)}</div>")
+    for pivot in pivot_records(shown):
+        note = f" (first {TABLE_ROWS} of {len(pivot.rows)} rows; every record is in records.csv)" \
+            if len(pivot.rows) > TABLE_ROWS else ""
+        parts.append(f"<h3>{html.escape(pivot.title)}{note}</h3>"
+                     f"<div class='scroll'>{table(pivot.rows[:TABLE_ROWS], pivot.columns)}</div>")
     return "\n".join(parts)
 
 

@@ -12,7 +12,11 @@ across data batches, kept by sample index so shards merge exactly) are reduced a
 reference does — 4-D (N,C,H,W) averaged over H×W, 3-D averaged over ``reduce_axis``
 (default the last axis, i.e. tokens become the features, as in the reference code), 2-D as
 is — and ρ_aff is computed once per activation. The ordered scores are the network's
-non-linearity signature. Side metrics: ``linear_cka`` and ``r2`` (least-squares fit) on the
+non-linearity signature. With ``batches: k`` (the paper reports one batch; its code scores
+per batch), the first k·``samples`` samples are kept, split by sample index into k disjoint
+batches of ``samples`` (a last incomplete batch is dropped, as the reference's
+``drop_last=True`` does), every metric is computed per batch, and the records hold the mean
+over batches with its population standard deviation as ``<metric>_std``. Side metrics: ``linear_cka`` and ``r2`` (least-squares fit) on the
 reduced samples, and ``sparsity``, the fraction of the unreduced output's values with
 |y| ≤ 1e-3 (as the reference code computes it, before any pooling).
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope import Estimator, TensorBatch, hookimpl
@@ -56,6 +61,8 @@ class NonlinearitySignatureParams(BaseModel):
                                  "reference's corrected variant)")
     solver: Literal["emd", "assignment"] = Field("emd", description="exact OT: POT's ot.emd2 or scipy's assignment")
     side_metrics: bool = Field(True, description="also the reference's linear_cka, r2 and sparsity")
+    batches: int = Field(1, ge=1, le=1000, description="disjoint batches of `samples` scored separately; records are "
+                                                       "their mean, with the population std as <metric>_std")
 
 
 def reduce_features(values: torch.Tensor, reduce_axis: int) -> torch.Tensor:
@@ -88,7 +95,8 @@ class NonlinearitySignature(Estimator):
               "tokens, padded keys zeroed); without one: 3-D tensors averaged over reduce_axis, attention maps "
               "over the query axis")
     metric_ranges = {"affinity_score": (0.0, 1.0), "linear_cka": (0.0, 1.0), "r2": (-math.inf, 1.0),
-                     "sparsity": (0.0, 1.0)}
+                     "sparsity": (0.0, 1.0), "affinity_score_std": (0.0, 0.5), "linear_cka_std": (0.0, 0.5),
+                     "r2_std": (0.0, math.inf), "sparsity_std": (0.0, 0.5)}
 
     def setup(self) -> None:
         self.pairs: list[Activation] = []
@@ -96,10 +104,15 @@ class NonlinearitySignature(Estimator):
         # output -> (sample indices, x rows, y rows, per-sample fraction of unreduced output values near 0)
         self.add_state("kept", {}, self._keep_first)
 
+    @property
+    def capacity(self) -> int:
+        """Samples kept per activation: ``samples`` for each of the ``batches``."""
+        return self.params.samples * self.params.batches
+
     def _keep_first(self, a: tuple, b: tuple) -> tuple:
-        """Merge two sample sets keeping the ``samples`` lowest sample indices (order-free)."""
+        """Merge two sample sets keeping the ``capacity`` lowest sample indices (order-free)."""
         merged = [torch.cat([p, q]) for p, q in zip(a, b)]
-        order = torch.argsort(merged[0])[: self.params.samples]
+        order = torch.argsort(merged[0])[: self.capacity]
         return tuple(values[order] for values in merged)
 
     def bind_graph(self, tensors, model=None) -> None:
@@ -136,8 +149,8 @@ class NonlinearitySignature(Estimator):
             if pair.output not in batch.tensors:
                 continue
             stored = self.kept.get(pair.output)
-            if stored is not None and len(stored[0]) >= self.params.samples and stored[0].max() < batch.start:
-                continue  # already holds the first `samples` samples
+            if stored is not None and len(stored[0]) >= self.capacity and stored[0].max() < batch.start:
+                continue  # already holds the first `capacity` samples
             x, y = (self._reduced(pair, name, batch.tensors[name], batch.token_mask).to(torch.float64).cpu()
                     for name in (pair.input, pair.output))
             axes = self.token_axes.get(pair.output, ())
@@ -153,23 +166,37 @@ class NonlinearitySignature(Estimator):
                 stored = (indices[:0], x[:0], y[:0], near_zero[:0])
             self.kept[pair.output] = self._keep_first(stored, (indices, x, y, near_zero))
 
+    def _batches(self, count: int) -> list[slice]:
+        """The kept samples' disjoint batches of ``samples`` (by sample index; an incomplete last one dropped),
+        or all of them as one batch when fewer than ``samples`` were available."""
+        size = self.params.samples
+        return [slice(i * size, (i + 1) * size) for i in range(count // size)] or [slice(0, count)]
+
+    def _metrics(self, pair: Activation, x, y, near_zero) -> dict[str, float]:
+        """ρ_aff (and the side metrics) of one batch of reduced samples."""
+        if self.token_axes.get(pair.output):  # keys that are padding in every kept sample are no features
+            used = (x != 0).any(axis=0) | (y != 0).any(axis=0)
+            x, y = x[:, used], y[:, used]
+        metrics = {"affinity_score": affinity_score(x, y, self.params.covariance, self.params.solver)[0]}
+        if self.params.side_metrics:
+            metrics.update(linear_cka=linear_cka(x, y), r2=linear_r2(x, y), sparsity=float(near_zero.mean()))
+        return metrics
+
     def finalize(self) -> list[dict]:
-        p = self.params
         records = []
         for position, pair in enumerate(self.pairs):
             if pair.output not in self.kept:
                 continue
             _, x, y, near_zero = (t.numpy() for t in self.kept[pair.output])
-            if self.token_axes.get(pair.output):  # keys that are padding in every kept sample are no features
-                used = (x != 0).any(axis=0) | (y != 0).any(axis=0)
-                x, y = x[:, used], y[:, used]
-            score, _ = affinity_score(x, y, p.covariance, p.solver)
-            keys = {"op_type": pair.kind, "position": position, "samples": len(x), "input_tensor": pair.input}
-            records.append(self.record(pair.output, "affinity_score", score, "", **keys))
-            if p.side_metrics:
-                records.append(self.record(pair.output, "linear_cka", linear_cka(x, y), "", **keys))
-                records.append(self.record(pair.output, "r2", linear_r2(x, y), "", **keys))
-                records.append(self.record(pair.output, "sparsity", float(near_zero.mean()), "", **keys))
+            batches = self._batches(len(x))
+            scored = [self._metrics(pair, x[b], y[b], near_zero[b]) for b in batches]
+            keys = {"op_type": pair.kind, "position": position, "samples": len(x[batches[0]]),
+                    "batches": len(batches), "input_tensor": pair.input}
+            for metric in scored[0]:
+                values = np.array([s[metric] for s in scored])
+                records.append(self.record(pair.output, metric, float(values.mean()), "", **keys))
+                if self.params.batches > 1:
+                    records.append(self.record(pair.output, f"{metric}_std", float(values.std()), "", **keys))
         return records
 
     def collect_warnings(self) -> list[str]:
@@ -177,6 +204,9 @@ class NonlinearitySignature(Estimator):
         counts = {len(self.kept[pair.output][0]) for pair in self.pairs if pair.output in self.kept}
         if counts and min(counts) < self.params.samples:
             warnings.append(f"only {min(counts)} of the {self.params.samples} requested samples were available")
+        elif counts and min(counts) < self.capacity:
+            warnings.append(f"only {min(counts) // self.params.samples} of the {self.params.batches} requested batches "
+                            f"of {self.params.samples} samples were available")
         for pair in self.pairs:
             if pair.output in self.kept:
                 _, x, y, _ = (t.numpy() for t in self.kept[pair.output])
@@ -188,9 +218,10 @@ class NonlinearitySignature(Estimator):
 
     @classmethod
     def plot(cls, records: list[dict]):
-        """ρ_aff against the activations in forward order, a line per model. Models whose activations
-        differ, or that are different networks (a multi-model spec, ``layerscope compare``), share a normalised depth
-        axis (0: first activation, 1: last), with each model's own layer names on a strip of its own."""
+        """ρ_aff against the activations in forward order, a line per model, with ± one standard deviation over
+        batches as error bars when ``batches`` > 1. Models whose activations differ, or that are different networks
+        (a multi-model spec, ``layerscope compare``), share a normalised depth axis (0: first activation, 1: last),
+        with each model's own layer names on a strip of its own."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -210,10 +241,13 @@ class NonlinearitySignature(Estimator):
             figure, (axes, *strips) = plt.subplots(
                 1 + len(models), 1, figsize=(8.0, 4.0 + 0.9 * len(models)), layout="constrained",
                 gridspec_kw={"height_ratios": [4.0] + [0.35] * len(models)}, sharex=True)
+        spread = {(r["model"], r["position"]): r["value"] for r in records if r["metric"] == "affinity_score_std"}
         for model in models:
             mine = sorted((r for r in scores if r["model"] == model), key=lambda r: r["position"])
             depth = _depths(positions[model]) if compared else {p: p for p in positions[model]}
-            axes.plot([depth[r["position"]] for r in mine], [r["value"] for r in mine], marker="o", label=str(model))
+            errors = [spread.get((model, r["position"]), 0.0) for r in mine] if spread else None
+            axes.errorbar([depth[r["position"]] for r in mine], [r["value"] for r in mine], yerr=errors, marker="o",
+                          capsize=3 if errors else 0, label=str(model))
         if compared:
             axes.set_xlim(-0.03, 1.03)
             for strip, model in zip(strips, models):
@@ -230,7 +264,7 @@ class NonlinearitySignature(Estimator):
                             fontsize="small")
             axes.set_xlabel("activation (forward order)")
         axes.set_ylim(min(0.0, min((r["value"] for r in scores), default=0.0)), 1.02)
-        axes.set_ylabel("affinity score ρ_aff")
+        axes.set_ylabel("affinity score ρ_aff" + (" (mean ± std over batches)" if spread else ""))
         axes.set_title("Non-linearity signature")
         if len(models) > 1:
             axes.legend(fontsize="small")

@@ -148,6 +148,22 @@ def test_estimator_uses_the_first_samples_of_the_stream():
     assert got[("relu", "affinity_score")]["op_type"] == "Relu" and got[("act", "r2")]["samples"] == 150
 
 
+def test_batches_give_the_mean_and_spread_of_disjoint_batches():
+    batches, pre = pair_batches()
+    estimator = feed(build(samples=70, batches=4), batches)
+    got = {(r["layer"], r["metric"]): r for r in estimator.finalize()}
+    per_batch = [score(pre[i:i + 70], np.tanh(pre[i:i + 70])) for i in (0, 70, 140)]  # 240 samples: 3 full batches
+    assert got[("act", "affinity_score")]["value"] == pytest.approx(np.mean(per_batch), abs=1e-12)
+    assert got[("act", "affinity_score_std")]["value"] == pytest.approx(np.std(per_batch), abs=1e-12)
+    assert got[("act", "affinity_score_std")]["value"] > 0
+    cka = [linear_cka(pre[i:i + 70].astype(np.float64), np.tanh(pre[i:i + 70]).astype(np.float64))
+           for i in (0, 70, 140)]
+    assert got[("act", "linear_cka")]["value"] == pytest.approx(np.mean(cka), abs=1e-12)
+    assert got[("act", "affinity_score")]["batches"] == 3 and got[("act", "affinity_score")]["samples"] == 70
+    assert any("only 3 of the 4 requested batches" in w for w in estimator.collect_warnings())
+    check_conformance(lambda: build(samples=70, batches=3), batches)
+
+
 def test_sparsity_is_measured_before_spatial_pooling():
     """Each sample's conv output is zero at half its positions; pooled channel means are never zero."""
     batches, _ = pair_batches()

@@ -15,6 +15,7 @@ import layerscope
 from layerscope.adapters import torch_export
 from layerscope.errors import UserError
 from layerscope.plugins.data.digits import load_digits_split
+from layerscope.testing import assert_records_close
 
 NETS = textwrap.dedent('''
     import torch
@@ -69,7 +70,8 @@ def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_
     model = nets.cnn()
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = digits(0)
-    monitor = layerscope.Monitor({"model": {}, "data": {"shuffle": False}, "analyses": ANALYSES})
+    budget = {"memory_budget": "120KiB"}  # the information plane's batches are fetched in two groups
+    monitor = layerscope.Monitor({"model": {}, "data": {"shuffle": False}, "runtime": budget, "analyses": ANALYSES})
     for step in range(4):
         train_step(model, optimiser, *digits(100 + 100 * step))
         monitor.observe(model, step=step * 10, batch=probe)
@@ -78,9 +80,10 @@ def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_
     assert len(exports) == 1
     monitored = monitor.results()
     assert monitor.steps == [0, 10, 20, 30] and monitored.runtime["monitor"] == {"steps": [0, 10, 20, 30]}
+    assert [m["fetch_groups"][0] for m in monitored.models] == [2] * 4
 
     spec = {"model": {"python": "monitored_nets:cnn", "checkpoints": str(tmp_path / "step_*.pt")},
-            "data": {"shuffle": False}, "analyses": ANALYSES}
+            "data": {"shuffle": False}, "runtime": budget, "analyses": ANALYSES}
     saved = layerscope.run(spec, data=probe, write=False, progress=False)
 
     def keyed(results):
@@ -189,3 +192,43 @@ def test_keras_callback_converts_once_and_follows_the_weights(monkeypatch):
     got = session.run(None, {session.get_inputs()[0].name: probe[0]})[0]
     assert np.allclose(got, np.asarray(model(probe[0], training=False)), atol=1e-5)
     assert len(conversions) == 1
+
+
+@pytest.mark.slow
+def test_monitor_follows_a_token_model_fetched_in_several_groups(tmp_path):
+    """A BERT classifier (token ids and masks, int64) trained for three steps under a memory budget that splits
+    the fetches (into micro-batches: both estimators accept them): each monitored step equals a fresh run (a new export) of the model as it
+    was then, and the monitor exported once."""
+    transformers = pytest.importorskip("transformers")
+    from .test_transformers import tiny, token_data
+
+    path, _, labels = token_data(tmp_path, samples=24)
+    arrays = np.load(path)
+    inputs = {"input_ids": torch.from_numpy(arrays["ids"]), "attention_mask": torch.from_numpy(arrays["mask"])}
+    batch = (inputs, torch.from_numpy(labels))
+    spec = {"model": {}, "data": {"shuffle": False, "batch_size": 8}, "runtime": {"memory_budget": "96KiB"},
+            "analyses": [{"id": "entropy", "estimator": "activation_entropy"},
+                         {"id": "signature", "estimator": "nonlinearity_signature", "params": {"samples": 24}}]}
+    model = tiny("bert")
+    assert isinstance(model, transformers.BertForSequenceClassification)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
+    monitor = layerscope.Monitor(spec)
+    fresh = []
+    for step in range(3):
+        optimiser.zero_grad()
+        model(**inputs, labels=batch[1]).loss.backward()
+        optimiser.step()
+        monitor.observe(model, step=step, batch=batch)
+        fresh.append(layerscope.run({**spec, "model": {"source": model}}, data=batch, write=False, progress=False))
+    monitored = monitor.results()
+    unbudgeted = layerscope.run({**spec, "model": {"source": model}, "runtime": {}}, data=batch, write=False,
+                                progress=False)
+    assert unbudgeted.models[0]["peak_fetched_bytes"] > 96 * 1024  # so the budget splits the fetches
+    assert all(m["peak_fetched_bytes"] <= 96 * 1024 for m in monitored.models)
+    for step, run in enumerate(fresh):
+        got = [r for r in monitored.records if r["step"] == step]
+        expected = [{**r, "model": f"step_{step}", "step": step} for r in run.records]
+        assert_records_close(got, expected, rtol=1e-9, atol=1e-9)
+    steps = {s: {(r["tensor"], r.get("class")): r["value"] for r in monitored.records
+                 if r["step"] == s and r["metric"] == "affinity_score"} for s in range(3)}
+    assert steps[0] != steps[2]  # the weights did change between steps

@@ -7,7 +7,8 @@ alike; tf2onnx's ``from_keras`` fails on Sequential models) at opset 17 (tf2onnx
 ≤ 18; the opset used is recorded in the results). A Keras model on the torch backend is a
 ``torch.nn.Module`` and goes through torch's exporter instead. Layer names in results are
 the Keras layer names, read back from the converted node names
-(``…/functional_1/conv1_1/Relu`` → ``conv1``).
+(``…/functional_1/conv1_1/Relu`` → ``conv1``; ``sequential_1/dense_1_2/Relu`` → ``dense_1``, see
+:func:`keras_layer_name`).
 
 Layout: Keras tensors are NHWC; tf2onnx turns convolutions into ONNX's NCHW with
 transposes around them. The converted model is marked as having an NHWC input, and
@@ -23,6 +24,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -57,19 +59,44 @@ def is_saved_model(path: Path) -> bool:
     return path.is_dir() and (path / "saved_model.pb").exists()
 
 
-def keras_layer_name(known: set[str]):
-    """The layer-name rule for converted graphs: the scope component after the model's own
-    (Keras appends ``_<n>`` to call scopes; known layer names win over stripping)."""
+class KerasNames(NamedTuple):
+    """What a converted graph's node names are read against: the model's name and its layers' names."""
+
+    model: str | None
+    layers: frozenset[str]
+
+
+def keras_layer_name(names: KerasNames, proto: onnx.ModelProto):
+    """The layer-name rule for a converted graph: the layer scope of each node's name.
+
+    Node names are TensorFlow name scopes, ``[<model scope>/]<layer scope>/<op>``, and TensorFlow
+    makes scopes unique by appending ``_<n>``. In a Keras 3 trace every layer scope carries such a
+    suffix — a layer named ``dense`` is scoped ``dense_1``, one named ``dense_1`` ``dense_1_2`` — so
+    when removing one suffix from every layer scope of *proto* gives a layer name, exactly one is
+    removed. Otherwise a known layer name is taken as it is, then with its suffix removed."""
+    known = names.layers
+
+    def layer_scope(node) -> list[str]:
+        parts = [p for p in node.name.split("/") if p not in _WRAPPERS]
+        if len(parts) >= 3 and parts[0] not in known and names.model in (None, parts[0], _CALL_SUFFIX.sub("", parts[0])):
+            return parts[1:]  # below the model's own scope
+        return parts
+
+    scopes = [layer_scope(node) for node in proto.graph.node]
+    every_suffixed = bool(known) and all(_CALL_SUFFIX.sub("", parts[0]) in known and _CALL_SUFFIX.search(parts[0])
+                                         for parts in scopes if len(parts) >= 2)
 
     def layer_of(node: onnx.NodeProto) -> str:
-        parts = [p for p in node.name.split("/") if p not in _WRAPPERS]
+        parts = layer_scope(node)
+        if every_suffixed and len(parts) >= 2:
+            return _CALL_SUFFIX.sub("", parts[0])
         for part in parts:
             if part in known:
                 return part
             if _CALL_SUFFIX.sub("", part) in known:
                 return _CALL_SUFFIX.sub("", part)
-        if len(parts) >= 3:  # model scope / layer scope / op
-            return _CALL_SUFFIX.sub("", parts[1])
+        if len(parts) >= 2:  # layer scope / op
+            return _CALL_SUFFIX.sub("", parts[0])
         return node.name or (node.output[0] if node.output else node.op_type)
 
     return layer_of
@@ -93,7 +120,7 @@ def _keras_model_to_onnx(model, example):
     """(proto, layer names, framework) for a live Keras model (either backend)."""
     import keras
 
-    names = {layer.name for layer in model.layers}
+    names = KerasNames(model.name, frozenset(layer.name for layer in model.layers))
     if keras.config.backend() == "torch":
         from .torch_export import export_to_onnx
 
@@ -169,7 +196,8 @@ def _saved_model_to_onnx(path: Path):
         outputs = signature(**{name: x})
         return outputs[sorted(outputs)[0]]
 
-    return _convert(call, tf.TensorSpec(spec.shape, spec.dtype, name="x")), set(), "tensorflow (SavedModel)"
+    return (_convert(call, tf.TensorSpec(spec.shape, spec.dtype, name="x")), KerasNames(None, frozenset()),
+            "tensorflow (SavedModel)")
 
 
 def _is_keras_model(source) -> bool:
@@ -228,7 +256,7 @@ class TensorFlowAdapter(Adapter):
             tf = _tensorflow()
             signature = ref.input_signature
             spec_ = signature[0] if signature else tf.TensorSpec([None, *np.shape(example)[1:]], tf.float32, name="x")
-            proto, names, framework = _convert(ref, spec_), set(), "tensorflow (tf.function)"
+            proto, names, framework = _convert(ref, spec_), KerasNames(None, frozenset()), "tensorflow (tf.function)"
             source = "<tf.function>"
         return _loaded(proto, names, framework, checkpoint.label, source)
 
@@ -243,7 +271,8 @@ class TensorFlowAdapter(Adapter):
         proto = with_weights(self._followed[id(model)], keras_weights(model))
         if proto is None:  # the model gained or lost variables since it was converted
             self._followed[id(model)] = proto = _keras_graph_taking_weights(model, example)
-        return _loaded(proto, {layer.name for layer in model.layers}, "keras", label, f"<{type(model).__name__}>")
+        names = KerasNames(model.name, frozenset(layer.name for layer in model.layers))
+        return _loaded(proto, names, "keras", label, f"<{type(model).__name__}>")
 
 
 def _keras_model_framework() -> str:
@@ -252,7 +281,7 @@ def _keras_model_framework() -> str:
     return "keras (torch backend)" if keras.config.backend() == "torch" else "keras"
 
 
-def _loaded(proto: onnx.ModelProto, names: set[str], framework: str, label: str, source: str) -> LoadedModel:
+def _loaded(proto: onnx.ModelProto, names: KerasNames, framework: str, label: str, source: str) -> LoadedModel:
     """The converted *proto* as a loaded model: Keras/TF inputs marked channels-last, layer names read back
     from the node names (:func:`keras_layer_name`), the opset recorded."""
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -260,7 +289,7 @@ def _loaded(proto: onnx.ModelProto, names: set[str], framework: str, label: str,
         onnx.helper.set_model_props(proto, {INPUT_LAYOUT_KEY: "NHWC"})
     loaded = LoadedModel(proto, label, source, framework=framework, details={"opset": opset})
     if "torch" not in framework:
-        loaded.layer_of = keras_layer_name(names)
+        loaded.layer_of = keras_layer_name(names, proto)
     return loaded
 
 

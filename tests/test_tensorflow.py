@@ -140,3 +140,24 @@ def test_inspect_a_keras_file(tmp_path, capsys):
     assert set(tensors) == {"relu1", "relu2"}
     (model_input,) = [t for t in described["tensors"] if t["role"] == "input"]
     assert model_input["layout"] == "NHWC" and model_input["shape"][1:] == [8, 8, 1]
+
+
+def test_auto_named_layers_are_attributed_to_themselves():
+    """Keras names layers dense, dense_1, dense_2 and TensorFlow's trace scopes them dense_1, dense_1_2,
+    dense_2_1: each activation is still recorded under its own layer (told apart by its width), converted
+    plainly and converted for the Monitor."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(12, activation="relu"), keras.layers.Dense(10)])
+    names = [layer.name for layer in model.layers]
+    assert names[0] == "dense" or names[0].startswith("dense_")  # Keras' automatic names
+    spec = {"model": {"source": model}, "data": {"split": "test", "limit": 90},
+            "analyses": [{"id": "entropy", "estimator": "activation_entropy", "params": {"neurons": "elements"}}]}
+    results = layerscope.run(spec, write=False, progress=False)
+    widths = {t["layer"]: t["shape"][-1] for t in results.models[0]["tensors"]}
+    assert widths == {names[0]: 16, names[1]: 12}
+    monitor = layerscope.Monitor({**spec, "model": {}})
+    records = monitor.observe(model, step=0)
+    assert {r["layer"] for r in records} == {names[0], names[1]}
+    assert {(r["layer"], r["metric"], r["class"]): r["value"] for r in records} == pytest.approx(
+        {(r["layer"], r["metric"], r["class"]): r["value"] for r in results.records}, rel=1e-9, abs=1e-12)

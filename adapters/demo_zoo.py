@@ -102,6 +102,12 @@ def _gap_cnn():
 DEMOS = {"digits-mlp": _mlp, "digits-cnn": _cnn, "digits-gap": _gap_cnn}
 
 
+def network(name: str) -> tuple[object, tuple[int, ...]]:
+    """(a new untrained ``nn.Module``, its input shape per sample) of demo *name* (``digits-cnn`` …): the
+    architecture the zoo trains, e.g. to train it yourself under :class:`layerscope.Monitor`."""
+    return DEMOS[name]()
+
+
 def epoch_label(epoch: int) -> str:
     return f"epoch_{epoch:02d}"
 

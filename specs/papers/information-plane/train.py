@@ -3,8 +3,9 @@ training batch of that iteration (Wickstrøm et al.'s protocol), with ``layersco
 
     python specs/papers/information-plane/train.py [--epochs 5] [--every 1] [--out results/ip-training]
 
-The network follows the paper's "CNN_Hero" scaled to 8×8 digits (conv 4-8, 3×3, a pool after
-the second, FC 32, FC 10, ReLU); SGD with the paper's lr 0.09 and batches of 100.
+The network is the demo CNN (``demo:digits-cnn``'s architecture: conv 8-16, 3×3, a max-pool after the
+second, FC 64, FC 10, ReLU — the layout of the paper's "CNN_Hero" at 8×8), trained from scratch with the
+paper's SGD, lr 0.09, batches of 100.
 """
 
 from __future__ import annotations
@@ -17,16 +18,10 @@ import torch
 from torch import nn
 
 import layerscope
+from layerscope.adapters.demo_zoo import network
 from layerscope.plugins.data.digits import load_digits_split
 
 SPEC = Path(__file__).with_name("monitor.yaml")
-
-
-def network() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
 def main(argv: list[str] | None = None) -> layerscope.Results:
@@ -37,8 +32,10 @@ def main(argv: list[str] | None = None) -> layerscope.Results:
     parser.add_argument("--out", default="results/ip-training")
     args = parser.parse_args(argv)
 
+    torch.manual_seed(0)
+    model, shape = network("digits-cnn")
     x, y = (torch.from_numpy(a) for a in load_digits_split("train"))
-    model, generator = network(), torch.Generator().manual_seed(0)
+    x, generator = x.reshape(-1, *shape), torch.Generator().manual_seed(0)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.09)
     monitor, step, started = layerscope.Monitor(SPEC), 0, time.perf_counter()
     for epoch in range(args.epochs):

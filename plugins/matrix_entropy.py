@@ -4,7 +4,7 @@ Pure torch functions, float64 throughout:
 
 - Gram matrix of the Gaussian kernel on flattened tensors, K_ij = exp(−‖x_i − x_j‖² / σ²)
   (the reference code's σ², no factor 2), from pairwise squared distances computed as
-  ‖x‖² + ‖y‖² − 2xyᵀ (never an N×N×D broadcast);
+  ‖x‖² + ‖y‖² − 2xyᵀ (never an N×N×D broadcast, and never the whole tensor in float64);
 - A = K / tr K (equal to K_ij / (N √(K_ii K_jj)) for a Gaussian kernel);
 - S_α(A) = log2(Σ λ_i^α) / (1 − α), and at α = 1 the von Neumann limit −Σ λ_i log2 λ_i;
 - S_α(A, B) = S_α(A∘B / tr(A∘B)) and I_α(A; B) = S_α(A) + S_α(B) − S_α(A, B);
@@ -18,11 +18,24 @@ from layerscope.lazy import lazy_module
 torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 
+#: Float64 entries converted at once by :func:`pairwise_sq_distances` (8 MiB): a layer's samples are
+#: widened to float64 a block of features at a time, never the whole (float32) tensor at once.
+DISTANCE_BLOCK = 2**20
+
+
 def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
-    """(N, N) squared Euclidean distances between flattened samples, float64, clamped at 0."""
-    flat = x.reshape(x.shape[0], -1).to(torch.float64)
-    norms = (flat * flat).sum(dim=1)
-    d2 = norms[:, None] + norms[None, :] - 2.0 * (flat @ flat.T)
+    """(N, N) squared Euclidean distances between flattened samples, float64, clamped at 0:
+    ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j, the inner products summed over blocks of features (at most
+    ``DISTANCE_BLOCK`` float64 entries widened at once)."""
+    flat = x.reshape(x.shape[0], -1)
+    n, features = flat.shape
+    width = max(1, DISTANCE_BLOCK // max(n, 1))
+    inner = torch.zeros(n, n, dtype=torch.float64, device=flat.device)
+    for start in range(0, features, width):
+        block = flat[:, start:start + width].to(torch.float64)
+        inner.addmm_(block, block.T)
+    norms = inner.diagonal().clone()
+    d2 = norms[:, None] + norms[None, :] - 2.0 * inner
     d2.clamp_(min=0.0)
     d2.fill_diagonal_(0.0)
     return d2

@@ -14,7 +14,7 @@ _EXPORTS = {
     "run": "api", "validate": "api", "DataSource": "data", "SpecError": "errors", "UserError": "errors",
     "Estimator": "estimator", "NoParams": "estimator", "TensorBatch": "estimator", "hookimpl": "hookspecs",
     "Adapter": "model", "Checkpoint": "model", "LoadedModel": "model", "Reporter": "reporting",
-    "Results": "results", "ACTIVATION_OPS": "selectors", "Monitor": "monitor",
+    "Results": "results", "ACTIVATION_OPS": "activations", "Monitor": "monitor",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -31,7 +31,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .graph import TensorInfo
-from .selectors import ACTIVATION_OPS
+
+#: ONNX ops that are activation functions (their outputs are "activations").
+ACTIVATION_OPS: tuple[str, ...] = (
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "Tanh",
+    "Gelu", "Softplus", "Softsign", "HardSwish", "Mish", "ThresholdedRelu",
+)
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Softplus", "Exp", "Log", "Sqrt",
                "Neg", "Abs", "Greater", "Less", "Where", "HardSigmoid", "Relu", "Min", "Max", "Clip", "Reciprocal"}

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .activations import ACTIVATION_OPS
 from .graph import TensorInfo
 from .lazy import lazy_module
-from .selectors import ACTIVATION_OPS
 
 onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 

@@ -24,13 +24,6 @@ from .errors import UserError, did_you_mean
 if TYPE_CHECKING:
     from .graph import TensorInfo
 
-#: ONNX ops that are activation functions (their outputs are "activations").
-ACTIVATION_OPS: tuple[str, ...] = (
-    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "Tanh",
-    "Gelu", "Softplus", "Softsign", "HardSwish", "Mish", "ThresholdedRelu",
-)
-
-
 class SelectorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | list[str] | None = None

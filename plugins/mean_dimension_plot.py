@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from .plot_reporter import draw_by_layer
+
 
 def total_index_layout(records: list[dict]) -> tuple[str, np.ndarray]:
     """("bars", one value per feature) or ("image", a 2-D map) for the total indices of one tensor.
@@ -32,16 +34,9 @@ def plot_mean_dimension(records: list[dict]):
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-    means = [r for r in records if r["metric"] == "mean_dimension"]
-    for model in dict.fromkeys(r["model"] for r in means):
-        mine = [r for r in means if r["model"] == model]
-        left.plot([r["layer"] for r in mine], [r["value"] for r in mine], marker="o", label=str(model))
-    left.set_xlabel("layer")
+    draw_by_layer(left, [r for r in records if r["metric"] == "mean_dimension"])
     left.set_ylabel("mean dimension")
     left.set_title("Mean dimension by layer")
-    left.tick_params(axis="x", labelrotation=45)
-    if len({r["model"] for r in means}) > 1:
-        left.legend(fontsize="small")
     totals = [r for r in records if r["metric"] == "total_index"]
     if totals:
         last_model = totals[-1]["model"]

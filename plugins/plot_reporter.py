@@ -14,26 +14,43 @@ from layerscope import Reporter, Results, hookimpl
 from layerscope.results import atomic_write
 
 
+def draw_by_layer(axes, records: list[dict]) -> None:
+    """*records* (one metric) as a line per model over its layers in record (forward) order. Models of one
+    network share the layer axis; models of different networks (a ``models:`` spec, ``layerscope compare``)
+    have different layers, so each is drawn on a relative depth axis (0: its first layer, 1: its last),
+    every point labelled with its own layer name."""
+    series: dict[str, dict[str, float]] = defaultdict(dict)
+    for record in records:
+        series[record["model"]][record["layer"]] = record["value"]
+    compared = len({r.get("network") for r in records}) > 1
+    for model, by_layer in series.items():
+        layers = list(by_layer)
+        xs = [i / max(1, len(layers) - 1) for i in range(len(layers))] if compared else layers
+        axes.plot(xs, list(by_layer.values()), marker="o", label=str(model))
+        for x, layer in zip(xs, layers) if compared else ():
+            axes.annotate(layer, (x, by_layer[layer]), fontsize=6, rotation=45, xytext=(2, 3),
+                          textcoords="offset points")
+    if compared:
+        axes.set_xlim(-0.03, 1.1)
+        axes.set_xlabel("relative depth (0: first layer, 1: last)")
+    else:
+        axes.set_xlabel("layer")
+        axes.tick_params(axis="x", labelrotation=45)
+    if len(series) > 1:
+        axes.legend(fontsize="small")
+
+
 def default_plot(records: list[dict]):
-    """The first metric of the records against layer (in record order), one line per model."""
+    """The first metric of the records (class ``all``) against layer, one line per model (:func:`draw_by_layer`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = records[0]["metric"]
-    series: dict[str, dict[str, float]] = defaultdict(dict)
-    for record in records:
-        if record["metric"] == metric and record.get("class", "all") == "all":
-            series[record["model"]][record["layer"]] = record["value"]
     figure, axes = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
-    for model, by_layer in series.items():
-        axes.plot(list(by_layer), list(by_layer.values()), marker="o", label=model)
-    axes.set_xlabel("layer")
+    draw_by_layer(axes, [r for r in records if r["metric"] == metric and r.get("class", "all") == "all"])
     axes.set_ylabel(f"{metric} [{records[0].get('unit') or '-'}]")
-    axes.tick_params(axis="x", labelrotation=45)
-    if len(series) > 1:
-        axes.legend(fontsize="small")
     return figure
 
 

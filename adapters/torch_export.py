@@ -249,6 +249,8 @@ class TorchAdapter(Adapter):
     def __init__(self):
         self._graphs: dict[tuple, onnx.ModelProto] = {}  # an unoptimised graph per architecture and input shape
         self._checked: set[tuple] = set()  # architectures whose swapped graph reproduced a followed model
+        # a followed architecture whose optimised graph holds its weights verbatim: (graph, checked against the model)
+        self._direct: dict[tuple, list] = {}
 
     def claims(self, section) -> bool:
         source = section.source
@@ -283,11 +285,13 @@ class TorchAdapter(Adapter):
 
     def follow(self, model, label: str, spec, example) -> LoadedModel:
         """The live *model*'s current weights in the graph exported for it at the first call, swapped in
-        by parameter name and optimised (10 ms for the demo CNN, against 0.7 s for an export). Nothing is
-        written to the export cache: a training run's weights are seen once. The first swap is checked
-        against the model with onnxruntime; a model whose graph does not take its weights by name is
-        exported again at every call. A model on a GPU is exported from a CPU copy; the model's
-        train/eval mode is left as it was."""
+        by parameter name and optimised (10 ms for the demo CNN, against 0.7 s for an export). When the
+        optimised graph holds every weight as it is (nothing folded into another constant, as BatchNorm
+        into a convolution is), later calls swap the weights into the optimised graph directly and skip
+        the optimisation too. Nothing is written to the export cache: a training run's weights are seen
+        once. The first swap of either kind is checked against the model with onnxruntime; a model whose
+        graph does not take its weights by name is exported again at every call. A model on a GPU is
+        exported from a CPU copy; the model's train/eval mode is left as it was."""
         import torch
 
         if not isinstance(model, torch.nn.Module):
@@ -296,9 +300,14 @@ class TorchAdapter(Adapter):
         try:
             on_cpu = model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
             architecture = (id(type(model)), repr(example_signature(example)))
-            proto = self._swapped(architecture, on_cpu, example, check=architecture not in self._checked)
+            proto = self._direct_swap(architecture, on_cpu, example)
+            if proto is None:
+                proto = self._swapped(architecture, on_cpu, example, check=architecture not in self._checked)
             if proto is not None:
                 self._checked.add(architecture)
+                if architecture not in self._direct and _holds_verbatim(proto, self._graphs[architecture],
+                                                                        on_cpu.state_dict()):
+                    self._direct[architecture] = [proto, False]
             else:
                 raw = export_unoptimized(on_cpu, example)
                 self._graphs[architecture] = raw
@@ -320,6 +329,20 @@ class TorchAdapter(Adapter):
         self._graphs.setdefault(architecture, raw)
         return optimized(raw)
 
+    def _direct_swap(self, architecture: tuple, model, example) -> onnx.ModelProto | None:
+        """*model*'s weights swapped into the optimised graph of *architecture* (see :meth:`follow`), or None
+        when that graph does not hold its weights verbatim, or does not reproduce the model the first time."""
+        direct = self._direct.get(architecture)
+        if direct is None:
+            return None
+        proto = with_weights(direct[0], model.state_dict(), unused=True)
+        if proto is not None and not direct[1]:
+            direct[1] = _same_outputs(proto, model, example)
+            if not direct[1]:
+                del self._direct[architecture]
+                return None
+        return proto
+
     def _swapped(self, architecture: tuple, model, example, check: bool) -> onnx.ModelProto | None:
         """*model*'s weights in the unoptimised graph exported earlier for *architecture*, optimised; None
         when there is none, when the graph does not hold the weights by name, or (with *check*) when the
@@ -331,6 +354,19 @@ class TorchAdapter(Adapter):
             return None
         proto = optimized(swapped)
         return proto if not check or _same_outputs(proto, model, example) else None
+
+
+def _holds_verbatim(optimised: onnx.ModelProto, raw: onnx.ModelProto, state: Mapping[str, object]) -> bool:
+    """True when every weight of *state* that the unoptimised graph *raw* reads is an initializer of the
+    *optimised* graph under its name with its value unchanged, and the optimised graph holds no other
+    float constant beyond a small one: the optimiser folded no weight, so new weights can be swapped into
+    *optimised* directly."""
+    used = {i.name for i in raw.graph.initializer} & set(state)
+    held = {i.name: i for i in optimised.graph.initializer}
+    if not used <= set(held) or with_weights(optimised, {name: state[name] for name in used}) is None:
+        return False
+    return all(np.array_equal(onnx.numpy_helper.to_array(held[name]), state[name].detach().cpu().numpy())
+               for name in used)
 
 
 def _same_outputs(proto: onnx.ModelProto, model, example: Samples) -> bool:

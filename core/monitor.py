@@ -10,8 +10,9 @@ A monitor runs a spec's analyses on a live model at chosen training steps::
 
 Each call is one checkpoint of a run, labelled ``step_<step>``, whose records carry ``step``.
 The model is exported to ONNX at the first call only: later calls put its current weights
-into that graph by parameter name (the adapter's ``follow``; for PyTorch 10 ms for the demo
-CNN against 0.7 s for an export), so a call costs the analyses and little more. The model's
+into that graph by parameter name (the adapter's ``follow``: for PyTorch into the optimised
+graph directly when the optimiser folded no weight, else into the unoptimised one, optimised
+again), so a call costs the analyses and little more. The model's
 section of the spec is not read (the model is the object given); the spec's data is used
 when a call gives no ``batch``, otherwise the batch is the data of that step (an array,
 ``(x, y)``, named arrays: what ``layerscope.run(spec, data=...)`` takes), read with the data

@@ -25,6 +25,11 @@ NETS = textwrap.dedent('''
         torch.manual_seed(0)
         return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
                              nn.Linear(144, 32), nn.Tanh(), nn.Linear(32, 10))
+
+    def batchnorm_cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(144, 32), nn.Tanh(), nn.Linear(32, 10))
 ''')
 
 ANALYSES = [{"id": "ip", "estimator": "information_plane", "params": {"smoothing": 0.9, "sigma_grid": 40}},
@@ -53,21 +58,27 @@ def train_step(model, optimiser, x, y) -> None:
     optimiser.step()
 
 
-def counting_exports(monkeypatch) -> list:
+def counting(monkeypatch, function: str) -> list:
+    """Calls of ``torch_export.<function>`` from now on (one entry each)."""
     calls = []
-    real = torch_export.export_unoptimized
+    real = getattr(torch_export, function)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(torch_export, "export_unoptimized", counted)
+    monkeypatch.setattr(torch_export, function, counted)
     return calls
 
 
-def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_path, monkeypatch):
-    exports = counting_exports(monkeypatch)
-    model = nets.cnn()
+@pytest.mark.parametrize("net, optimisations", [("cnn", 2), ("batchnorm_cnn", 4)])
+def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_path, monkeypatch, net,
+                                                                        optimisations):
+    """Exported once; the CNN's optimised graph holds its weights as they are, so from the third step on they
+    are swapped into it directly (two optimisations in four steps), while BatchNorm folded into the
+    convolution needs the optimiser at every step."""
+    exports, optimised = counting(monkeypatch, "export_unoptimized"), counting(monkeypatch, "optimized")
+    model = getattr(nets, net)()
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = digits(0)
     budget = {"memory_budget": "120KiB"}  # the information plane's batches are fetched in two groups
@@ -77,12 +88,12 @@ def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_
         monitor.observe(model, step=step * 10, batch=probe)
         torch.save(model.state_dict(), tmp_path / f"step_{step * 10}.pt")
         assert model.training  # the monitor leaves the training mode as it was
-    assert len(exports) == 1
+    assert len(exports) == 1 and len(optimised) == optimisations
     monitored = monitor.results()
     assert monitor.steps == [0, 10, 20, 30] and monitored.runtime["monitor"] == {"steps": [0, 10, 20, 30]}
     assert [m["fetch_groups"][0] for m in monitored.models] == [2] * 4
 
-    spec = {"model": {"python": "monitored_nets:cnn", "checkpoints": str(tmp_path / "step_*.pt")},
+    spec = {"model": {"python": f"monitored_nets:{net}", "checkpoints": str(tmp_path / "step_*.pt")},
             "data": {"shuffle": False}, "runtime": budget, "analyses": ANALYSES}
     saved = layerscope.run(spec, data=probe, write=False, progress=False)
 

@@ -5,11 +5,13 @@ class and pooled) is measured on a fixed probe batch, four ways, interleaved ste
 
 - ``train``: the training step itself (forward, backward, SGD update), for scale;
 - ``monitor``: ``Monitor.observe(model, step, batch=probe)`` — the graph exported at the first step only, later
-  steps swap the current weights into it;
+  steps swap the current weights into it (into the optimised graph directly when nothing was folded: the CNN;
+  ResNet-18's BatchNorm is folded into its convolutions, so its steps run the optimiser);
 - ``hooks``: hand-written forward hooks on the eager model computing the same counts (one one-hot matrix product
   per activation call) and the entropies;
-- ``run``: ``layerscope.run`` with the module as the model source, i.e. a fresh export at every step (what a user
-  without the monitor would do).
+- ``run``: ``layerscope.run`` with the module as the model source at every step (what a user without the
+  monitor would do; within one process the torch adapter swaps the weights into the graph it exported for the
+  architecture, checks the result against the model and writes the export cache).
 
 Models: ``cnn`` (the digits CNN of the demo zoo's shape, 8×8 inputs, probe of 256) and ``resnet18``
 (``architectures.py``, 64×64 inputs, probe of 64, 10 classes). The first monitored step (the export) is reported

@@ -249,8 +249,9 @@ class TorchAdapter(Adapter):
     def __init__(self):
         self._graphs: dict[tuple, onnx.ModelProto] = {}  # an unoptimised graph per architecture and input shape
         self._checked: set[tuple] = set()  # architectures whose swapped graph reproduced a followed model
-        # a followed architecture whose optimised graph holds its weights verbatim: (graph, checked against the model)
-        self._direct: dict[tuple, list] = {}
+        # per followed architecture, once known: None, or its optimised graph holding the weights verbatim, as
+        # [graph, checked against the model]
+        self._direct: dict[tuple, list | None] = {}
 
     def claims(self, section) -> bool:
         source = section.source
@@ -305,9 +306,9 @@ class TorchAdapter(Adapter):
                 proto = self._swapped(architecture, on_cpu, example, check=architecture not in self._checked)
             if proto is not None:
                 self._checked.add(architecture)
-                if architecture not in self._direct and _holds_verbatim(proto, self._graphs[architecture],
-                                                                        on_cpu.state_dict()):
-                    self._direct[architecture] = [proto, False]
+                if architecture not in self._direct:
+                    verbatim = _holds_verbatim(proto, self._graphs[architecture], on_cpu.state_dict())
+                    self._direct[architecture] = [proto, False] if verbatim else None
             else:
                 raw = export_unoptimized(on_cpu, example)
                 self._graphs[architecture] = raw
@@ -339,7 +340,7 @@ class TorchAdapter(Adapter):
         if proto is not None and not direct[1]:
             direct[1] = _same_outputs(proto, model, example)
             if not direct[1]:
-                del self._direct[architecture]
+                self._direct[architecture] = None
                 return None
         return proto
 

@@ -20,7 +20,7 @@ from .data import Samples, iter_batches
 from .errors import UserError
 from .estimator import DataBatch, Estimator, PlanBatch, TensorBatch
 from .feeds import ModelFeeds
-from .graph import TensorInfo, describe_tensors
+from .graph import TensorInfo, describe_tensors, structure_fingerprint
 from .lifecycle import Estimators, Isolation, ShardOutcome, ShardTask, analyses_in_pass
 from .model import Checkpoint, LoadedModel
 from .plan import RunPlan
@@ -186,14 +186,27 @@ class ShardWorker:
     of the sample *order*; *example* is what adapters trace a model with."""
 
     def __init__(self, plan: RunPlan, checkpoints: list[Checkpoint], spans: list[Span], order: np.ndarray,
-                 example: Samples, progress: Progress | None = None, live: bool = False):
+                 example: Samples, progress: Progress | None = None, live: bool = False,
+                 described: dict[str, list[TensorInfo]] | None = None):
         self.plan, self.checkpoints, self.spans, self.order, self.example = plan, checkpoints, spans, order, example
         #: The checkpoints' refs are live model objects (a monitor's), loaded with the adapter's ``follow``.
         self.live = live
+        #: Tensors described per graph structure (:func:`structure_fingerprint`), kept by a caller that loads
+        #: one model with new weights again and again (a monitor): shape inference runs once.
+        self.described = described
         #: Advanced batch by batch (the in-process engine's live bar); off in workers, whose tasks the
         #: driver counts as they return.
         self.progress = progress or Progress(0, enabled=False)
         self._loaded: tuple[int, CheckpointModel] | None = None  # the last checkpoint loaded
+
+    def _described(self, loaded, serialized: bytes) -> list[TensorInfo]:
+        """The tensors of *loaded*'s graph (:func:`describe_tensors`), reused for a graph of the same structure."""
+        if self.described is None:
+            return describe_tensors(loaded.proto, loaded.layer_of, serialized)
+        key = structure_fingerprint(loaded.proto)
+        if key not in self.described:
+            self.described[key] = describe_tensors(loaded.proto, loaded.layer_of, serialized)
+        return self.described[key]
 
     def load(self, index: int) -> CheckpointModel:
         """Checkpoint *index* loaded (the previous task's when it was the same checkpoint), its inputs
@@ -206,7 +219,7 @@ class ShardWorker:
             loaded = adapter.follow(checkpoint.ref, checkpoint.label, self.plan.spec, self.example) if self.live \
                 else adapter.load(checkpoint, self.plan.spec, self.example)
             serialized = loaded.proto.SerializeToString()
-            tensors = describe_tensors(loaded.proto, loaded.layer_of, serialized)
+            tensors = self._described(loaded, serialized)
             try:
                 feeds = ModelFeeds.for_model(tensors, data.constants, data.token_mask)
             except UserError as error:

@@ -8,6 +8,7 @@ sequence- and map-typed values are not tensors.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, replace
@@ -149,6 +150,26 @@ def _subgraph_tensors(node: onnx.NodeProto, layer_of: Callable[[onnx.NodeProto],
                                      observable=False, reason=reason, node=inner.name) for o in inner.output if o]
                 found += _subgraph_tensors(inner, layer_of)
     return found
+
+
+def structure_fingerprint(model: onnx.ModelProto) -> str:
+    """A digest of a graph's structure: the opsets, the graph's inputs, outputs and nodes (names, ops,
+    attributes, metadata), and every initializer's name, type and shape, with the values of the integer
+    ones (shape constants) but not of the float ones. Two graphs that differ only in their weights share it:
+    it recognises one model with other weights (a model followed through training, whose steps change only
+    the initializers of its parameters), so :func:`describe_tensors` runs once; it does not tell models
+    apart (a float constant such as a Resize scale is left out too)."""
+    digest = hashlib.sha256()
+    graph = model.graph
+    for part in [*model.opset_import, *graph.input, *graph.output, *graph.value_info, *graph.node,
+                 *graph.sparse_initializer]:
+        digest.update(part.SerializeToString())
+    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    for initializer in graph.initializer:
+        digest.update(repr((initializer.name, initializer.data_type, tuple(initializer.dims))).encode())
+        if initializer.data_type not in floating:
+            digest.update(initializer.SerializeToString())
+    return digest.hexdigest()
 
 
 def describe_tensors(model: onnx.ModelProto, layer_of: Callable[[onnx.NodeProto], str] = layer_name,

@@ -60,6 +60,7 @@ class Monitor:
         self._outcomes: list[CheckpointOutcome] = []
         self._previous: dict[str, Estimator] | None = None  # the last step's estimators, for carry_over
         self._last_step: int | None = None
+        self._described: dict = {}  # the graph's tensors by structure: described at the first step only
         self._started = time.perf_counter()
 
     @property
@@ -78,7 +79,8 @@ class Monitor:
                             "increase (records are keyed by step)")
         plan = self._plan_for(model, batch)
         checkpoint = Checkpoint(f"step_{step}", model, step)
-        worker = ShardWorker(plan, [checkpoint], [(0, len(plan.order))], plan.order, plan.example(), live=True)
+        worker = ShardWorker(plan, [checkpoint], [(0, len(plan.order))], plan.order, plan.example(), live=True,
+                             described=self._described)
         finished: list[CheckpointOutcome] = []
 
         def keep(index: int, state) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import layerscope
+from layerscope import checkpoint_run
 from layerscope.adapters import torch_export
 from layerscope.errors import UserError
 from layerscope.plugins.data.digits import load_digits_split
@@ -58,26 +59,28 @@ def train_step(model, optimiser, x, y) -> None:
     optimiser.step()
 
 
-def counting(monkeypatch, function: str) -> list:
-    """Calls of ``torch_export.<function>`` from now on (one entry each)."""
+def counting(monkeypatch, function: str, module=torch_export) -> list:
+    """Calls of ``<module>.<function>`` from now on (one entry each)."""
     calls = []
-    real = getattr(torch_export, function)
+    real = getattr(module, function)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(torch_export, function, counted)
+    monkeypatch.setattr(module, function, counted)
     return calls
 
 
 @pytest.mark.parametrize("net, optimisations", [("cnn", 2), ("batchnorm_cnn", 4)])
 def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_path, monkeypatch, net,
                                                                         optimisations):
-    """Exported once; the CNN's optimised graph holds its weights as they are, so from the third step on they
-    are swapped into it directly (two optimisations in four steps), while BatchNorm folded into the
-    convolution needs the optimiser at every step."""
+    """Exported once and described once (shape inference at the first step only); the CNN's optimised graph
+    holds its weights as they are, so from the third step on they are swapped into it directly (two
+    optimisations in four steps), while BatchNorm folded into the convolution needs the optimiser at every
+    step."""
     exports, optimised = counting(monkeypatch, "export_unoptimized"), counting(monkeypatch, "optimized")
+    described = counting(monkeypatch, "describe_tensors", checkpoint_run)
     model = getattr(nets, net)()
     optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = digits(0)
@@ -88,7 +91,7 @@ def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_
         monitor.observe(model, step=step * 10, batch=probe)
         torch.save(model.state_dict(), tmp_path / f"step_{step * 10}.pt")
         assert model.training  # the monitor leaves the training mode as it was
-    assert len(exports) == 1 and len(optimised) == optimisations
+    assert len(exports) == 1 and len(optimised) == optimisations and len(described) == 1
     monitored = monitor.results()
     assert monitor.steps == [0, 10, 20, 30] and monitored.runtime["monitor"] == {"steps": [0, 10, 20, 30]}
     assert [m["fetch_groups"][0] for m in monitored.models] == [2] * 4

@@ -65,6 +65,11 @@ class KerasNames(NamedTuple):
     model: str | None
     layers: frozenset[str]
 
+    @classmethod
+    def of(cls, model) -> "KerasNames":
+        """The names of a Keras *model* and of its layers."""
+        return cls(model.name, frozenset(layer.name for layer in model.layers))
+
 
 def keras_layer_name(names: KerasNames, proto: onnx.ModelProto):
     """The layer-name rule for a converted graph: the layer scope of each node's name.
@@ -120,7 +125,7 @@ def _keras_model_to_onnx(model, example):
     """(proto, layer names, framework) for a live Keras model (either backend)."""
     import keras
 
-    names = KerasNames(model.name, frozenset(layer.name for layer in model.layers))
+    names = KerasNames.of(model)
     if keras.config.backend() == "torch":
         from .torch_export import export_to_onnx
 
@@ -271,8 +276,7 @@ class TensorFlowAdapter(Adapter):
         proto = with_weights(self._followed[id(model)], keras_weights(model))
         if proto is None:  # the model gained or lost variables since it was converted
             self._followed[id(model)] = proto = _keras_graph_taking_weights(model, example)
-        names = KerasNames(model.name, frozenset(layer.name for layer in model.layers))
-        return _loaded(proto, names, "keras", label, f"<{type(model).__name__}>")
+        return _loaded(proto, KerasNames.of(model), "keras", label, f"<{type(model).__name__}>")
 
 
 def _keras_model_framework() -> str:

@@ -31,9 +31,7 @@ class MonitorCallback(pl.Callback):
 
     def __init__(self, spec: str | os.PathLike | dict | Monitor, *, every: int = 1, batch: Any = None,
                  out_dir: str | os.PathLike | None = None):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a whole number ≥ 1, not {every!r}")
-        self.monitor = spec if isinstance(spec, Monitor) else Monitor(spec)
+        self.monitor = Monitor.for_callback(spec, every)
         self.every, self.batch, self.out_dir = every, batch, out_dir
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

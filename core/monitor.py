@@ -113,6 +113,14 @@ class Monitor:
             raise UserError("Monitor.results: no step was observed yet; call observe(model, step=...) first")
         return assemble_results(self._plan, self._outcomes, [], self._started, monitor={"steps": self.steps})
 
+    @classmethod
+    def for_callback(cls, spec: "str | os.PathLike | dict | Monitor", every: Any) -> "Monitor":
+        """The monitor of a training callback that observes every *every* steps: *spec* itself when it is a
+        monitor, else a new one of it; *every* must be a whole number ≥ 1."""
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a whole number ≥ 1, not {every!r}")
+        return spec if isinstance(spec, Monitor) else cls(spec)
+
     def write(self, out_dir: str | os.PathLike) -> Results:
         """Write the results of the steps so far to *out_dir* in the spec's ``outputs.formats`` (every
         file or none, as a run does) and return them."""

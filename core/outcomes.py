@@ -32,10 +32,9 @@ class CheckpointOutcome:
 def finish_checkpoint(plan: "RunPlan", state: "CheckpointState", checkpoint: "Checkpoint") -> CheckpointOutcome:
     """Finalize every estimator of *state* (of *checkpoint*): tidy records tagged with analysis,
     estimator, model (the checkpoint's label), the model's label in a multi-model spec (``network``)
-    and the checkpoint's training ``step`` when known (class codes named as the data names them, values outside a
-    metric's range dropped), the
-    warnings of the estimators and of the model's tensors, a line per failed analysis, and the
-    model details with the tensors each analysis read."""
+    and the checkpoint's training ``step`` when known (class codes named as the data names them,
+    values outside a metric's range dropped), the warnings of the estimators and of the model's
+    tensors, a line per failed analysis, and the model details with the tensors each analysis read."""
     isolation, estimators, label = state.isolation, state.estimators, state.label
     records, warnings = [], []
     tags = {key: value for key, value in (("network", checkpoint.network), ("step", checkpoint.step))

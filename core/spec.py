@@ -58,10 +58,6 @@ class NamedModel(ModelSection):
     label: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$",
                        description="names the model in records (network) and figures")
 
-    def section(self) -> dict[str, Any]:
-        """The model section without the label (what the adapter validates)."""
-        return {"source": self.source, **(self.model_extra or {})}
-
 
 class DataSection(BaseModel):
     """Data section; keys beyond these are the data source's own parameters."""

@@ -254,17 +254,17 @@ class AggregationDistribution(Estimator):
             if (index, "g", ALL) not in self.moments and not self._classes(index):
                 continue
             effective_m = self._effective_m(index, s)
-            constant = len(self.low[(index, "g")]) - len(self._varying_channels(index))
+            varying = self._varying_channels(index)
             records.append(self.record(s.output, "effective_m", effective_m, "", positions=s.positions,
-                                       aggregation=s.kind, constant_channels=constant))
-            records += self._channel_records(index, s, effective_m)
+                                       aggregation=s.kind, constant_channels=len(self.low[(index, "g")]) - len(varying)))
+            records += self._channel_records(index, s, effective_m, varying[: self.params.plot_channels])
             if s.linear_output:
                 records += self._node_records(index, s, effective_m)
         return records
 
-    def _channel_records(self, index: int, s: Aggregation, effective_m: float) -> list[dict]:
+    def _channel_records(self, index: int, s: Aggregation, effective_m: float, drawn: list[int]) -> list[dict]:
         """Per channel and class, and pooled over classes (the prediction then is the mixture of the
-        class Gammas, weighted by class size)."""
+        class Gammas, weighted by class size); the pooled histograms of the channels *drawn*."""
         from scipy import stats  # imported when used (see layerscope.plugins.aggregation_math)
 
         records = []
@@ -273,7 +273,6 @@ class AggregationDistribution(Estimator):
         per_class = {cls: self._predict(index, s, cls, effective_m) for cls in classes}
         weights = {cls: self._moments(index, "g", cls)[0] for cls in classes}
         groups = [(cls, [cls]) for cls in classes] + [(ALL, classes or [ALL])]
-        drawn = set(self._varying_channels(index)[: self.params.plot_channels])  # a dead channel has nothing to draw
         for cls, members in groups:
             if cls == ALL and not classes:
                 mean_g, var_g, _ = self._predict(index, s, ALL, effective_m)

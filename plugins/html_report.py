@@ -4,8 +4,9 @@ Sections: provenance (spec, model sources and hashes, versions, provider, seed, 
 warnings, failures), a model summary (the analysed tensors with layer, op type, shape and
 the analyses that read them), and per analysis its parameters, its figure and its records as
 sortable pivot tables (:mod:`layerscope.plugins.record_pivot`: a row per layer, a column per
-metric, or per class for a metric recorded per class; every record is in ``records.csv``). The page holds no generation time, so rebuilding it from
-``results.json`` (``layerscope report RUN_DIR``) gives the same bytes.
+metric, or per class for a metric recorded per class; every record is in ``records.csv``). The
+page holds no generation time, so rebuilding it from ``results.json`` (``layerscope report
+RUN_DIR``) gives the same bytes.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ non-linearity signature. With ``batches: k`` (the paper reports one batch; its c
 per batch), the first k·``samples`` samples are kept, split by sample index into k disjoint
 batches of ``samples`` (a last incomplete batch is dropped, as the reference's
 ``drop_last=True`` does), every metric is computed per batch, and the records hold the mean
-over batches with its population standard deviation as ``<metric>_std``. Side metrics: ``linear_cka`` and ``r2`` (least-squares fit) on the
-reduced samples, and ``sparsity``, the fraction of the unreduced output's values with
+over batches with its population standard deviation as ``<metric>_std``. Side metrics:
+``linear_cka`` and ``r2`` (least-squares fit) on the reduced samples, and ``sparsity``, the fraction of the unreduced output's values with
 |y| ≤ 1e-3 (as the reference code computes it, before any pooling).
 
 Tokens (a choice of ours; the reference hooks no attention and has no padding): the

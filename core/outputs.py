@@ -38,9 +38,13 @@ def _cannot_write(out_dir: Path, error: OSError) -> UserError:
 
 @contextmanager
 def output_folder(out_dir: Path) -> Iterator[Path]:
-    """Create *out_dir* and hold its lock while the block runs (a user error if another run holds it)."""
+    """Create *out_dir* and hold its lock while the block runs (a user error if another run holds it).
+
+    When the block fails, the folders this call created are removed again if they hold nothing but
+    the lock file: a failed run leaves no empty output folder behind."""
     from filelock import FileLock, Timeout
 
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(out_dir / LOCK_FILE, timeout=0)
@@ -52,8 +56,22 @@ def output_folder(out_dir: Path) -> Iterator[Path]:
         raise _cannot_write(out_dir, error) from None
     try:
         yield out_dir
-    finally:
+    except BaseException:
         lock.release()
+        _remove_if_unused(created)
+        raise
+    lock.release()
+
+
+def _remove_if_unused(created: list[Path]) -> None:
+    """Remove the folders of *created* (innermost first) that hold nothing but a lock file."""
+    for folder in created:
+        if folder == created[0] and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else was written there
+            return
 
 
 def write_outputs(results: Results, reporters, out_dir: Path) -> None:

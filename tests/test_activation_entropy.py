@@ -145,17 +145,22 @@ def test_entropy_lookup_by_count_equals_the_direct_computation():
     assert mean_binary_entropy_bits(counts, 37) == (float(direct.mean()), float(direct.sum()))
 
 
-@pytest.mark.parametrize("neurons", [7, 2**14 - 1, 2**14, 40_000])
-def test_on_counts_by_class_are_exact_on_narrow_and_wide_matrices(neurons):
+@pytest.mark.parametrize(("rows", "neurons", "classes"),
+                         [(37, 7, 4), (37, 2**14 - 1, 4), (37, 2**14, 4), (37, 40_000, 4), (600, 13, 2), (1000, 64, 1),
+                          (300, 9, 30)])
+def test_on_counts_by_class_are_exact(rows, neurons, classes):
+    """On narrow and wide matrices (column_counts adds rows one by one from 2^14 neurons), hundreds of
+    rows of one class, many classes and a non-contiguous on/off matrix, against a plain column sum."""
     from layerscope.plugins.activation_entropy import on_counts_by_class
 
-    generator = torch.Generator().manual_seed(neurons)
-    on = torch.rand(37, neurons, generator=generator) > 0.3
-    labels = torch.randint(0, 4, (37,), generator=generator)
+    generator = torch.Generator().manual_seed(rows * neurons)
+    on = torch.rand(neurons, rows, generator=generator).T > 0.3  # a transposed view
+    labels = torch.randint(0, classes, (rows,), generator=generator) * 7 - 3  # codes need not start at 0
     counted = {key: (size, counts) for key, size, counts in on_counts_by_class(on, labels)}
-    assert counted["all"][0] == 37 and torch.equal(counted["all"][1], on.sum(0).to(torch.int32))
+    assert counted["all"][0] == rows and torch.equal(counted["all"][1], on.sum(0).to(torch.int32))
     for key in labels.unique().tolist():
         assert counted[key][0] == int((labels == key).sum())
         assert torch.equal(counted[key][1], on[labels == key].sum(0).to(torch.int32))
+    assert set(counted) == {"all", *labels.unique().tolist()}
     ((key, size, counts),) = on_counts_by_class(on, None)
-    assert key == "all" and size == 37 and torch.equal(counts, on.sum(0).to(torch.int32))
+    assert key == "all" and size == rows and torch.equal(counts, on.sum(0).to(torch.int32))

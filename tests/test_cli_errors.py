@@ -83,6 +83,7 @@ def test_missing_spec_file(tmp_path, capsys):
 
 def test_missing_model_file(tmp_path, capsys):
     assert_user_error(*run_cli(tmp_path, capsys, model="missing.onnx"), "file not found", "missing.onnx")
+    assert not (tmp_path / "out").exists()  # the output folder the run created is removed again
 
 
 def test_non_onnx_bytes(tmp_path, capsys):
@@ -102,6 +103,7 @@ def test_nan_in_data(tmp_path, capsys, tiny_onnx):
     np.savez(tmp_path / "data.npz", x=x)
     assert_user_error(*run_cli(tmp_path, capsys, data="{source: npz, path: data.npz, shuffle: false}"),
                       "sample 7 contains NaN or Inf")
+    assert not (tmp_path / "out").exists()  # failed during the run: the folder it created is removed again
 
 
 def test_selector_matching_nothing(tmp_path, capsys, tiny_onnx):
@@ -301,3 +303,19 @@ def test_a_spec_error_is_reported_before_a_compressed_npz_is_inflated(tmp_path, 
     code, bomb_peak, err = peak_rss("bomb.npz")
     assert code == 2 and "matches no tensor" in err and "Traceback" not in err, err
     assert bomb_peak - small_peak < 128 * 2**20, (small_peak, bomb_peak)  # not the 1 GiB array
+
+
+def test_a_failed_run_removes_only_the_empty_folders_it_created(tmp_path):
+    from layerscope.outputs import output_folder
+
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), output_folder(tmp_path / "kept" / "a" / "b"):
+        raise RuntimeError
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+    with pytest.raises(RuntimeError), output_folder(tmp_path / "new") as out:
+        (out / "notes.txt").write_text("written during the run")
+        raise RuntimeError
+    assert (tmp_path / "new" / "notes.txt").read_text() == "written during the run"
+    with output_folder(tmp_path / "fine"):
+        pass
+    assert (tmp_path / "fine").is_dir()  # a run that succeeded keeps its folder

@@ -1,0 +1,115 @@
+"""What reading every activation through onnxruntime costs before any statistic is computed (issue: speed).
+
+For ResNet-18, ResNet-50 and MobileNetV3-small (``architectures.py``, random weights; the graphs and
+synthetic images of ``bench_vs_hooks.py``), the same batches of 32 run through onnxruntime five ways:
+
+- ``plain``: inference, only the model output fetched (the ``÷ ort`` reference of ``bench_vs_hooks.py``);
+- ``fetch outputs``: every activation's output fetched as well (what activation entropy and the
+  information plane read), nothing computed on it;
+- ``fetch in+out``: every activation's input and output fetched (what the signature reads);
+- ``in-graph counts``: per-class on-counts of every activation computed inside the graph
+  (Greater → Cast → MatMul with a one-hot label input, classes × neurons fetched instead of
+  samples × neurons): the estimator reduction the graph itself could do;
+- ``in-graph + probe``: the same, plus a finiteness probe per activation (ReduceSum of x·0, NaN
+  exactly when an element is NaN or ±Inf), since the fetched tensor can no longer be checked.
+
+Seconds per pass over the samples (medians of 3 passes after one warm-up, one session each) and the
+ratio ``plain ÷ variant``: the highest ``÷ ort`` throughput ratio any estimator reading those tensors
+can reach, since its own maths comes on top.
+
+Run: ``python tests/benchmarks/bench_fetch_floor.py [--models resnet18,...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ACTIVATIONS = ("Relu", "HardSwish", "HardSigmoid")
+BATCH = 32
+
+
+def variant(model, kind: str):
+    """A copy of *model* set up for *kind* (see the module docstring)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = onnx.ModelProto()
+    graph.CopyFrom(model)
+    activations = [node for node in graph.graph.node if node.op_type in ACTIVATIONS]
+    outputs = graph.graph.output
+    if kind == "plain":
+        return graph
+    if kind.startswith("fetch"):
+        names = [n.output[0] for n in activations] + ([n.input[0] for n in activations] if kind == "fetch in+out" else [])
+        outputs.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in dict.fromkeys(names))
+        return graph
+    graph.graph.input.append(helper.make_tensor_value_info("one_hot_t", TensorProto.FLOAT, ["classes", "samples"]))
+    graph.graph.initializer.extend([helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                                    helper.make_tensor("rows", TensorProto.INT64, [2], [0, -1])])
+    for index, node in enumerate(activations):
+        value, flat, counts = node.output[0], f"flat_{index}", f"counts_{index}"
+        graph.graph.node.extend([helper.make_node("Reshape", [value, "rows"], [flat]),
+                                 helper.make_node("Greater", [flat, "zero"], [f"on_{index}"]),
+                                 helper.make_node("Cast", [f"on_{index}"], [f"on_float_{index}"], to=TensorProto.FLOAT),
+                                 helper.make_node("MatMul", ["one_hot_t", f"on_float_{index}"], [counts])])
+        outputs.append(helper.make_tensor_value_info(counts, TensorProto.FLOAT, None))
+        if kind == "in-graph + probe":
+            graph.graph.node.extend([helper.make_node("Mul", [flat, "zero"], [f"zeros_{index}"]),
+                                     helper.make_node("ReduceSum", [f"zeros_{index}"], [f"probe_{index}"], keepdims=0)])
+            outputs.append(helper.make_tensor_value_info(f"probe_{index}", TensorProto.FLOAT, None))
+    return graph
+
+
+def seconds_per_pass(model, kind: str, x, y) -> float:
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(variant(model, kind).SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    batches = []
+    for start in range(0, len(x), BATCH):
+        feeds = {name: x[start:start + BATCH]}
+        if kind.startswith("in-graph"):
+            labels = y[start:start + BATCH]
+            feeds["one_hot_t"] = (labels[None, :] == np.unique(labels)[:, None]).astype(np.float32)
+        batches.append(feeds)
+    times = []
+    for _ in range(4):
+        started = time.perf_counter()
+        for feeds in batches:
+            session.run(None, feeds)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    import numpy as np
+    import onnx
+
+    sys.path.insert(0, str(HERE))
+    from bench_vs_hooks import SAMPLES, prepare
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default=",".join(SAMPLES))
+    args = parser.parse_args()
+    kinds = ("plain", "fetch outputs", "fetch in+out", "in-graph counts", "in-graph + probe")
+    print(f"seconds per pass (plain ÷ variant); batch {BATCH}, one session each, medians of 3 passes")
+    print(f"{'model':<20}{'samples':>8}" + "".join(f"{kind:>22}" for kind in kinds))
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models.split(","):
+            path, data = prepare(name, Path(folder))
+            model, archive = onnx.load(str(path)), np.load(data)
+            seconds = {kind: seconds_per_pass(model, kind, archive["x"], archive["y"]) for kind in kinds}
+            plain = seconds["plain"]
+            cells = "".join(f"{f'{s:.3f} ({plain / s:.2f})':>22}" for s in seconds.values())
+            print(f"{name:<20}{SAMPLES[name]:>8}{cells}")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,7 @@ from .data import Samples, sample_count, take
 from .errors import UserError
 from .feeds import ModelFeeds
 from .graph import TensorInfo
-from .session import CUDA, create_session, expose
+from .session import CUDA, create_session, exposing
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
@@ -163,8 +163,8 @@ class Runner:
 
     # --- fetching --------------------------------------------------------------------
     def _session_for(self, names: list[str]):
-        session, self.provider = create_session(expose(self.model, [self._by_name[n] for n in names], only=True),
-                                                self.device, self.external_dir)
+        with exposing(self.model, [self._by_name[n] for n in names], only=True) as exposed:
+            session, self.provider = create_session(exposed, self.device, self.external_dir)
         return session
 
     @property

@@ -8,7 +8,8 @@ onnxruntime-gpu wheel lists CUDA as available even on a CPU-only machine).
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,28 +36,35 @@ def requested_providers(device: str) -> list[str]:
     return [CPU]
 
 
-def expose(model: onnx.ModelProto, tensors: Iterable[TensorInfo], only: bool = False) -> onnx.ModelProto:
-    """A copy of *model* whose graph outputs include *tensors* (dtype/shape from inference).
+@contextmanager
+def exposing(model: onnx.ModelProto, tensors: Iterable[TensorInfo], only: bool = False) -> Iterator[onnx.ModelProto]:
+    """*model* whose graph outputs include *tensors* (dtype/shape from inference) while the block runs;
+    its own outputs are put back afterwards. The graph is changed in place, not copied: a copy would
+    duplicate every weight of the model for each session made from it.
 
     With ``only=True`` the graph outputs are exactly *tensors*: onnxruntime then neither
     computes what they do not depend on nor holds buffers for the model's own outputs.
     """
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
+    outputs = model.graph.output
+    saved = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in outputs]
     tensors = list(tensors)
-    if only:
-        wanted = {t.name for t in tensors}
-        kept = [o for o in exposed.graph.output if o.name in wanted]
-        del exposed.graph.output[:]
-        exposed.graph.output.extend(kept)
-    present = {o.name for o in exposed.graph.output} | {i.name for i in exposed.graph.input}
-    for info in tensors:
-        if info.name in present:
-            continue
-        elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(info.dtype))
-        exposed.graph.output.append(onnx.helper.make_tensor_value_info(info.name, elem_type, info.shape))
-        present.add(info.name)
-    return exposed
+    try:
+        if only:
+            wanted = {t.name for t in tensors}
+            kept = [o for o in saved if o.name in wanted]
+            del outputs[:]
+            outputs.extend(kept)
+        present = {o.name for o in outputs} | {i.name for i in model.graph.input}
+        for info in tensors:
+            if info.name in present:
+                continue
+            elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(info.dtype))
+            outputs.append(onnx.helper.make_tensor_value_info(info.name, elem_type, info.shape))
+            present.add(info.name)
+        yield model
+    finally:
+        del outputs[:]
+        outputs.extend(saved)
 
 
 _SHARED_ARENA: list[bool] = []

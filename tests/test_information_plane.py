@@ -231,3 +231,31 @@ def test_needs_labels(tmp_path):
             "analyses": [{"id": "ip", "estimator": "information_plane"}]}
     with pytest.raises(layerscope.UserError, match="needs labels"):
         layerscope.run(spec, write=False, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_inner_products_over_blocks_equal_one_float64_product(dtype, monkeypatch):
+    """X Xᵀ summed over feature blocks (numpy's syrk on the CPU, several blocks forced) equals one
+    float64 product of the widened samples, and is exactly symmetric."""
+    from layerscope.plugins import matrix_entropy
+
+    monkeypatch.setattr(matrix_entropy, "DISTANCE_BLOCK", 7 * 64)  # 64 rows: blocks of 7 features
+    rows = torch.randn(64, 300, generator=torch.Generator().manual_seed(5)).to(dtype)
+    inner = matrix_entropy.inner_products(rows)
+    wide = rows.to(torch.float64)
+    assert inner.dtype == torch.float64 and torch.equal(inner, inner.T)
+    torch.testing.assert_close(inner, wide @ wide.T, rtol=1e-13, atol=1e-12)
+
+
+def test_one_blas_thread_limits_blas_for_the_block_only():
+    from threadpoolctl import threadpool_info
+
+    from layerscope.threads import one_blas_thread
+
+    def blas_threads():
+        return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    before = blas_threads()
+    with one_blas_thread():
+        assert set(blas_threads().values()) == {1}
+    assert blas_threads() == before

@@ -115,16 +115,18 @@ def _feed_pass(plan: RunPlan, active: Estimators, model: CheckpointModel, order:
                     spec.data.batch_size, splittable([est for _, est in active]), loaded.external_dir, model.feeds)
     wanted = [{name for group in est.fetch_groups() for name in group} for _, est in active]
     nonfinite: set[str] = set()
-    for batch_index, (start, x, y) in enumerate(iter_batches(plan.data, order, spec.data.batch_size, span=span,
+    read = _unsaturated_span(active, span, spec.data.batch_size)
+    for batch_index, (start, x, y) in enumerate(iter_batches(plan.data, order, spec.data.batch_size, span=read,
                                                                          classes=plan.classes)):
         fed = FedBatch(model, x, y, plan.data.describe())
-        for (aid, estimator), names in zip(active, wanted):
-            if not names:  # reads only the data this pass (e.g. to fit a basis)
+        feeding = [not estimator.saturated(start) for _, estimator in active]
+        for (aid, estimator), names, feeds in zip(active, wanted, feeding):
+            if feeds and not names:  # reads only the data this pass (e.g. to fit a basis)
                 isolation.call(aid, estimator, "update", estimator.update, fed.batch({}, start))
         for part, fetched in runner.run(fed.arrays):
             nonfinite.update(name for name, value in fetched.items() if not all_finite(value))
-            for (aid, estimator), names in zip(active, wanted):
-                mine = {name: value for name, value in fetched.items() if name in names}
+            for (aid, estimator), names, feeds in zip(active, wanted, feeding):
+                mine = {name: value for name, value in fetched.items() if name in names} if feeds else {}
                 if mine:
                     batch = fed.batch(mine, start, part)
                     isolation.call(aid, estimator, "update", estimator.update, batch)
@@ -133,10 +135,22 @@ def _feed_pass(plan: RunPlan, active: Estimators, model: CheckpointModel, order:
             del fetched  # released before the runner fetches the next group (one group's tensors at a time)
         plan.host.hook.after_batch(model=loaded.label, batch_index=batch_index, samples=fed.size)
         progress.advance(fed.size, f"{loaded.label}")
+    if read[1] < span[1]:  # the samples no estimator of the pass needed
+        progress.advance(span[1] - read[1], f"{loaded.label}")
     for name in sorted(nonfinite):
         isolation.warnings.append(f"tensor '{name}' of {loaded.label} contains NaN or Inf values; estimates that read "
                                   "it may be meaningless")
     return runner.provider, {"groups": len(runner.groups or []), "peak_fetched_bytes": runner.peak_fetched_bytes}
+
+
+def _unsaturated_span(active: Estimators, span: Span, batch_size: int) -> Span:
+    """*span* cut before its first batch from which every estimator of the pass is saturated
+    (:meth:`Estimator.saturated`): the data after it is neither read nor run through the model."""
+    first, stop = span
+    for start in range(first, stop, batch_size):
+        if all(estimator.saturated(start) for _, estimator in active):
+            return first, start
+    return span
 
 
 def _feed_plan(plan: RunPlan, analysis_id: str, estimator: Estimator, model: CheckpointModel,

@@ -144,13 +144,16 @@ class NonlinearitySignature(Estimator):
             return values.mean(dim=-2).reshape(len(values), -1)
         return reduce_features(self._channels_first(name, values), self.params.reduce_axis)
 
+    def saturated(self, start: int) -> bool:
+        """Only the first ``capacity`` samples of the stream are kept (by sample index, so this holds in
+        every shard): batches from that position on change nothing."""
+        return start >= self.capacity
+
     def update(self, batch: TensorBatch) -> None:
         for pair in self.pairs:
             if pair.output not in batch.tensors:
                 continue
             stored = self.kept.get(pair.output)
-            if stored is not None and len(stored[0]) >= self.capacity and stored[0].max() < batch.start:
-                continue  # already holds the first `capacity` samples
             x, y = (self._reduced(pair, name, batch.tensors[name], batch.token_mask).to(torch.float64).cpu()
                     for name in (pair.input, pair.output))
             axes = self.token_axes.get(pair.output, ())

@@ -277,3 +277,70 @@ def test_demo_signature_over_checkpoints(tmp_path):
         assert [r["layer"] for r in scores] == ["relu1", "relu2", "relu3"]
         assert all(0.3 < r["value"] <= 1.0 for r in scores)
     assert (tmp_path / "plots" / "sig.png").exists()
+
+
+SATURATING = {"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "limit": 400, "batch_size": 50},
+              "analyses": [{"id": "nls", "estimator": "nonlinearity_signature", "params": {"samples": 60}}]}
+
+
+def _counted_run(spec, **options):
+    """The run's records and how many batches went through the model (the after_batch hook)."""
+    import types
+
+    from layerscope import hookimpl
+
+    batches = []
+    counter = types.SimpleNamespace(after_batch=hookimpl(lambda model, batch_index, samples: batches.append(samples)))
+    return layerscope.run(spec, write=False, progress=False, plugins=(counter,), **options).records, batches
+
+
+def test_a_saturated_signature_stops_reading_the_stream(monkeypatch):
+    """samples: 60 of 400 in batches of 50: only the batches starting at 0 and 50 can be kept, so the
+    model runs on those two; the records equal a run fed every batch."""
+    records, batches = _counted_run(SATURATING)
+    assert batches == [50, 50]
+    monkeypatch.setattr(NonlinearitySignature, "saturated", lambda self, start: False)
+    every_batch, all_batches = _counted_run(SATURATING)
+    assert len(all_batches) == 8 and records == every_batch
+
+
+def test_a_saturated_estimator_is_not_fed_while_others_still_read(monkeypatch):
+    """Beside an estimator that reads every batch the stream runs to its end, the signature is no
+    longer fed after its samples, and each analysis's records equal its run alone."""
+    fed = []
+    update = NonlinearitySignature.update
+    monkeypatch.setattr(NonlinearitySignature, "update", lambda self, batch: fed.append(batch.start) or update(self, batch))
+    entropy = {"id": "ent", "estimator": "activation_entropy"}
+    both, batches = _counted_run({**SATURATING, "analyses": [*SATURATING["analyses"], entropy]})
+    assert len(batches) == 8 and sorted(set(fed)) == [0, 50]
+    alone, _ = _counted_run(SATURATING)
+    assert [r for r in both if r["analysis"] == "nls"] == alone
+    assert [r for r in both if r["analysis"] == "ent"] == _counted_run({**SATURATING, "analyses": [entropy]})[0]
+
+
+def test_shards_past_the_kept_samples_read_nothing():
+    """In a sharded run, the shards that start past the kept samples neither read nor run anything,
+    and the merged records equal the single-process run's."""
+    from layerscope.api import prepare
+    from layerscope.checkpoint_run import ShardWorker
+    from layerscope.data import shard_spans
+    from layerscope.lifecycle import Isolation, SequentialExecutor, drive
+    from layerscope.outcomes import finish_checkpoint
+
+    plan = prepare(SATURATING)
+    checkpoints = plan.checkpoints()
+    spans = shard_spans(len(plan.order), plan.spec.data.batch_size, 4)  # 0–100, 100–200, 200–300, 300–400
+    worker = ShardWorker(plan, checkpoints, spans, plan.order, plan.example())
+    outcomes, states = [], {}
+
+    def run_task(task):
+        outcomes.append(worker.run(task))
+        return outcomes[-1]
+
+    drive(1, plan.passes, SequentialExecutor(run_task, 4), lambda label: Isolation(label, plan.host.origin_of),
+          finished=states.__setitem__)
+    records = finish_checkpoint(plan, states[0], checkpoints[0]).records
+    assert [outcome.fetches[0]["groups"] for outcome in outcomes] == [1, 0, 0, 0]  # no session past the first shard
+    single, _ = _counted_run(SATURATING)
+    assert [(r["layer"], r["metric"]) for r in records] == [(r["layer"], r["metric"]) for r in single]
+    np.testing.assert_allclose([r["value"] for r in records], [r["value"] for r in single], rtol=0, atol=1e-9)

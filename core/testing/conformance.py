@@ -13,7 +13,9 @@ previous checkpoint, tasks shipped to workers as pickles.
   process, or side by side in shards by workers, give the same records (``carry_over``
   sees the previous checkpoint after its first pass at least);
 - the state survives a pickle round-trip;
-- ``finalize`` is pure and idempotent.
+- ``finalize`` is pure and idempotent;
+- saturation holds: leaving out the batches from which the estimator says it is
+  :meth:`~layerscope.estimator.Estimator.saturated` gives the records of feeding them all.
 
 Multi-pass estimators see the same batches in every pass. After every pass the driver
 merges the shards and calls ``end_pass`` once on the merged estimator, and every shard of
@@ -156,9 +158,18 @@ def check_finalize_idempotent(make: Factory, batches: Sequence[TensorBatch], **t
     assert first, "finalize() returned no records"
 
 
+def check_saturation(make: Factory, batches: Sequence[TensorBatch], **tolerance) -> None:
+    """Batches from a position at which the estimator is saturated change nothing: feeding only the
+    batches before it gives the records of feeding them all."""
+    estimator = make()
+    kept = [batch for batch in batches if not estimator.saturated(batch.start)]
+    assert kept, "saturated from the first batch on: nothing would ever be fed"
+    assert_records_close(feed(make(), kept).finalize(), feed(make(), batches).finalize(), **tolerance)
+
+
 def check_conformance(make: Factory, batches: Sequence[TensorBatch], rtol: float = 1e-9, atol: float = 1e-9) -> None:
     """Run every conformance check on estimators built by *make* over *batches* (≥ 3 batches)."""
     assert len(batches) >= 3, "conformance needs at least three batches"
     for check in (check_streaming_equals_one_shot, check_merge_order, check_schedule_independence,
-                  check_pickle_roundtrip, check_finalize_idempotent):
+                  check_pickle_roundtrip, check_finalize_idempotent, check_saturation):
         check(make, batches, rtol=rtol, atol=atol)

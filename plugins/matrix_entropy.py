@@ -1,6 +1,7 @@
 """Matrix-based Rényi α-entropy (Sánchez Giraldo, Rao & Príncipe) with Gaussian tensor kernels.
 
-Pure torch functions, float64 throughout:
+Pure functions of torch tensors, float64 throughout (on the CPU the inner products go through
+numpy's BLAS, see :func:`inner_products`):
 
 - Gram matrix of the Gaussian kernel on flattened tensors, K_ij = exp(−‖x_i − x_j‖² / σ²)
   (the reference code's σ², no factor 2), from pairwise squared distances computed as

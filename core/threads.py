@@ -51,10 +51,10 @@ def _blas_libraries():
 
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """numpy's BLAS (every BLAS library loaded) on one thread for the block. For streams of small
-    products, such as the 32 × 32 Gram matrices of the information plane: on two cores with
-    onnxruntime's threads beside them, BLAS's own threads made MobileNetV3-small's information
-    plane 1.4x slower than one thread did. Large products (the signature's eigendecompositions) keep
-    BLAS's threads."""
+    """numpy's BLAS (every BLAS library loaded when this is first called; numpy loads its own on
+    import) on one thread for the block. For streams of small products, such as the 32 × 32 Gram
+    matrices of the information plane: on two cores with onnxruntime's threads beside them, BLAS's
+    own threads made MobileNetV3-small's information plane 1.4x slower than one thread did. Large
+    products (the signature's eigendecompositions) keep BLAS's threads."""
     with _blas_libraries().limit(limits=1):
         yield

@@ -80,10 +80,11 @@ def cached_export(key: Mapping[str, object] | None, export: Callable[[], onnx.Mo
 def with_weights(proto: onnx.ModelProto, state: Mapping[str, object], unused: bool = False
                  ) -> onnx.ModelProto | None:
     """A copy of *proto* whose initializers take the values in *state* (parameters and buffers by name,
-    torch tensors or NumPy arrays), or None when the graph does not hold *state* one-to-one: a tensor of *state* reshaped or (unless
-    *unused*: an unoptimised export leaves out the buffers the forward never reads) missing, or a
-    float initializer larger than a constant that is not in *state* (what folding leaves). With
-    *unused*, a graph folded under the original names would pass: use it on unoptimised graphs only."""
+    torch tensors or NumPy arrays), or None when the graph does not hold *state* one-to-one: a tensor
+    of *state* reshaped or (unless *unused*: an unoptimised export leaves out the buffers the forward
+    never reads) missing, or a float initializer larger than a constant that is not in *state* (what
+    folding leaves). With *unused*, a graph folded under the original names would pass: use it on
+    unoptimised graphs only."""
     initializers = {i.name: i for i in proto.graph.initializer}
     for name, value in state.items():
         found = initializers.get(name)

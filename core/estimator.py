@@ -219,7 +219,7 @@ class Estimator:
     def saturated(self, start: int) -> bool:
         """True when no batch from stream position *start* on can change this estimator's state in
         the current pass, whatever it has seen: a property of its parameters and the position only
-        (an estimator that keeps the first N samples of the stream is saturated from N on). The runner
+        (an estimator that keeps the first N samples of the stream is saturated from N on). The engine
         then stops feeding it, and stops reading data and running the model once every estimator
         of the pass is saturated. Default: never."""
         return False

@@ -64,10 +64,11 @@ def output_folder(out_dir: Path) -> Iterator[Path]:
 
 
 def _remove_if_unused(created: list[Path]) -> None:
-    """Remove the folders of *created* (innermost first) that hold nothing but a lock file."""
+    """Remove the folders of *created* (innermost first: the output folder, then the parents the run made)
+    that hold nothing but the run's lock file."""
+    if created and [p.name for p in created[0].iterdir()] == [LOCK_FILE]:
+        (created[0] / LOCK_FILE).unlink()
     for folder in created:
-        if folder == created[0] and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
-            (folder / LOCK_FILE).unlink(missing_ok=True)
         try:
             folder.rmdir()
         except OSError:  # not empty: something else was written there

@@ -24,6 +24,7 @@ from .errors import UserError, did_you_mean
 if TYPE_CHECKING:
     from .graph import TensorInfo
 
+
 class SelectorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | list[str] | None = None

@@ -7,16 +7,19 @@ from pathlib import Path
 
 from pydantic import Field
 
-from layerscope.errors import UserError
-from layerscope.model import Checkpoint, steps_from_labels
+from layerscope.model.adapter import Checkpoint, steps_from_labels
+from layerscope.util.errors import UserError
 
 CheckpointFiles = str | list[str] | None
 
 
 def checkpoint_files(suffixes: str):
     """The ``checkpoints`` key of adapters that read model files: a glob or a list, analysed in order."""
-    return Field(None, description=f"glob (relative to the spec's folder) or list of {suffixes} files, analysed in "
-                                   "natural order (epoch_2 before epoch_10)")
+    return Field(
+        None,
+        description=f"glob (relative to the spec's folder) or list of {suffixes} files, analysed in "
+        "natural order (epoch_2 before epoch_10)",
+    )
 
 
 def natural_key(text: str) -> list:
@@ -26,7 +29,7 @@ def natural_key(text: str) -> list:
 
 def file_checkpoints(pattern: str | list[str], spec, suffixes: tuple[str, ...]) -> list[Checkpoint]:
     """Checkpoints from a glob (relative to the spec's folder) or an explicit list, in natural order; the
-    last number in each file name is the checkpoint's step (:func:`layerscope.model.steps_from_labels`)."""
+    last number in each file name is the checkpoint's step (:func:`layerscope.model.adapter.steps_from_labels`)."""
     if isinstance(pattern, list):
         paths = [spec.resolve_path(p) for p in pattern]
     else:

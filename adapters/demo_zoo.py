@@ -19,11 +19,10 @@ import numpy as np
 from pydantic import Field
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
-from layerscope.errors import UserError, did_you_mean
-from layerscope.files import cache_dir
-from layerscope.lazy import lazy_module
-from layerscope.model import ModelParams
-from layerscope.results import atomic_write
+from layerscope.model.adapter import ModelParams
+from layerscope.util.errors import UserError, did_you_mean
+from layerscope.util.files import atomic_write, cache_dir
+from layerscope.util.lazy import lazy_module
 
 from .export_cache import with_weights
 
@@ -112,8 +111,9 @@ def epoch_label(epoch: int) -> str:
     return f"epoch_{epoch:02d}"
 
 
-def train(name: str, report: Callable[[int, float], None] = lambda epoch, accuracy: None
-          ) -> tuple[object, list[dict], list[float], tuple[int, ...]]:
+def train(
+    name: str, report: Callable[[int, float], None] = lambda epoch, accuracy: None
+) -> tuple[object, list[dict], list[float], tuple[int, ...]]:
     """Train demo *name*, calling *report(epoch, test accuracy)* after each epoch; return (model, state_dict
     per epoch, test accuracy per epoch, input shape)."""
     import torch
@@ -149,14 +149,20 @@ def ensure_trained(name: str) -> Path:
         return folder
     from .torch_export import export_to_onnx
 
-    print(f"layerscope: training demo:{name} on the digits training split ({EPOCHS} epochs, cached in {folder})…",
-          file=sys.stderr, flush=True)
+    print(
+        f"layerscope: training demo:{name} on the digits training split ({EPOCHS} epochs, cached in {folder})…",
+        file=sys.stderr,
+        flush=True,
+    )
     started = time.perf_counter()
 
     def report(epoch: int, accuracy: float) -> None:
         seconds = time.perf_counter() - started
-        print(f"layerscope:   epoch {epoch}/{EPOCHS}: test accuracy {accuracy:.3f} ({seconds:.1f} s)", file=sys.stderr,
-              flush=True)
+        print(
+            f"layerscope:   epoch {epoch}/{EPOCHS}: test accuracy {accuracy:.3f} ({seconds:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     model, states, accuracies, shape = train(name, report)
     exported = export_to_onnx(model, np.zeros((2, *shape), dtype=np.float32))
@@ -164,16 +170,20 @@ def ensure_trained(name: str) -> Path:
         proto = with_weights(exported, state)
         if proto is None:
             raise RuntimeError(f"the exported demo:{name} does not hold its parameters by name")
-        onnx.helper.set_model_props(proto, {"layerscope.demo": name, "layerscope.epoch": str(epoch),
-                                            "layerscope.test_accuracy": f"{accuracy:.4f}"})
+        onnx.helper.set_model_props(
+            proto,
+            {"layerscope.demo": name, "layerscope.epoch": str(epoch), "layerscope.test_accuracy": f"{accuracy:.4f}"},
+        )
         atomic_write(folder / f"{epoch_label(epoch)}.onnx", proto.SerializeToString())
     return folder
 
 
 class DemoParams(ModelParams):
     checkpoints: str | list[str] | None = Field(
-        None, description="epochs analysed in training order: a label (epoch_03), a glob (epoch_*), a list of "
-                          "them, or 'all'; the last epoch when omitted")
+        None,
+        description="epochs analysed in training order: a label (epoch_03), a glob (epoch_*), a list of "
+        "them, or 'all'; the last epoch when omitted",
+    )
 
 
 class DemoZooAdapter(Adapter):
@@ -188,8 +198,10 @@ class DemoZooAdapter(Adapter):
     def _name(self, section) -> str:
         name = section.source.removeprefix("demo:")
         if name not in DEMOS:
-            raise UserError(f"model.source: unknown demo model '{name}'.{did_you_mean(name, DEMOS)} "
-                            f"Known: {', '.join('demo:' + d for d in DEMOS)}")
+            raise UserError(
+                f"model.source: unknown demo model '{name}'.{did_you_mean(name, DEMOS)} "
+                f"Known: {', '.join('demo:' + d for d in DEMOS)}"
+            )
         return name
 
     def checkpoints(self, section, spec) -> list[Checkpoint]:
@@ -200,8 +212,10 @@ class DemoZooAdapter(Adapter):
         patterns = [section.checkpoints] if isinstance(section.checkpoints, str) else section.checkpoints
         chosen = [label for label in labels if any(fnmatch.fnmatchcase(label, p) or p == "all" for p in patterns)]
         if not chosen:
-            raise UserError(f"model.checkpoints: {section.checkpoints!r} matches none of the demo's checkpoints "
-                            f"({labels[0]} … {labels[-1]})")
+            raise UserError(
+                f"model.checkpoints: {section.checkpoints!r} matches none of the demo's checkpoints "
+                f"({labels[0]} … {labels[-1]})"
+            )
         return [Checkpoint(label, (name, label), int(label.removeprefix("epoch_"))) for label in chosen]
 
     def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
@@ -209,9 +223,15 @@ class DemoZooAdapter(Adapter):
         path = ensure_trained(name) / f"{label}.onnx"
         proto = onnx.load(str(path))
         props = {p.key: p.value for p in proto.metadata_props}
-        return LoadedModel(proto, checkpoint.label, f"demo:{name}@{label}", framework="pytorch",
-                           details={"test_accuracy": float(props["layerscope.test_accuracy"])}
-                           if "layerscope.test_accuracy" in props else {})
+        return LoadedModel(
+            proto,
+            checkpoint.label,
+            f"demo:{name}@{label}",
+            framework="pytorch",
+            details={"test_accuracy": float(props["layerscope.test_accuracy"])}
+            if "layerscope.test_accuracy" in props
+            else {},
+        )
 
 
 @hookimpl

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from layerscope.files import cache_dir
-from layerscope.lazy import lazy_module
-from layerscope.results import atomic_write
+from layerscope.util.files import atomic_write, cache_dir
+from layerscope.util.lazy import lazy_module
 
 onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
@@ -77,8 +76,7 @@ def cached_export(key: Mapping[str, object] | None, export: Callable[[], onnx.Mo
     return proto
 
 
-def with_weights(proto: onnx.ModelProto, state: Mapping[str, object], unused: bool = False
-                 ) -> onnx.ModelProto | None:
+def with_weights(proto: onnx.ModelProto, state: Mapping[str, object], unused: bool = False) -> onnx.ModelProto | None:
     """A copy of *proto* whose initializers take the values in *state* (parameters and buffers by name,
     torch tensors or NumPy arrays), or None when the graph does not hold *state* one-to-one: a tensor
     of *state* reshaped or (unless *unused*: an unoptimised export leaves out the buffers the forward
@@ -91,8 +89,12 @@ def with_weights(proto: onnx.ModelProto, state: Mapping[str, object], unused: bo
         if (found is None and not unused) or (found is not None and tuple(found.dims) != tuple(value.shape)):
             return None
     for name, initializer in initializers.items():
-        floating = initializer.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
-                                              onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+        floating = initializer.data_type in (
+            onnx.TensorProto.FLOAT,
+            onnx.TensorProto.DOUBLE,
+            onnx.TensorProto.FLOAT16,
+            onnx.TensorProto.BFLOAT16,
+        )
         if floating and name not in state and int(np.prod(initializer.dims)) > SMALL_CONSTANT:
             return None
     copy = onnx.ModelProto()

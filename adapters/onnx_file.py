@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
-from layerscope.errors import UserError
-from layerscope.lazy import lazy_module
-from layerscope.model import ModelParams, load_onnx_file
+from layerscope.model.adapter import ModelParams, load_onnx_file
+from layerscope.util.errors import UserError
+from layerscope.util.lazy import lazy_module
 
 from .checkpoints import CheckpointFiles, checkpoint_files, file_checkpoints
 

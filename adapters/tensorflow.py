@@ -12,7 +12,7 @@ the Keras layer names, read back from the converted node names
 
 Layout: Keras tensors are NHWC; tf2onnx turns convolutions into ONNX's NCHW with
 transposes around them. The converted model is marked as having an NHWC input, and
-:func:`layerscope.graph.infer_layouts` follows the layout through the graph, so every 4-D
+:func:`layerscope.graph.tensors.infer_layouts` follows the layout through the graph, so every 4-D
 tensor carries ``layout`` (NCHW or NHWC, shown by ``inspect`` and in ``results.json``'s
 model tensors) and estimators that reduce over spatial axes move channels first
 (``TensorInfo.channels_first``). Requires the ``layerscope[tensorflow]`` extra.
@@ -29,10 +29,10 @@ from typing import NamedTuple
 import numpy as np
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
-from layerscope.errors import UserError
-from layerscope.files import regular_file
-from layerscope.graph import INPUT_LAYOUT_KEY
-from layerscope.lazy import lazy_module
+from layerscope.graph.tensors import INPUT_LAYOUT_KEY
+from layerscope.util.errors import UserError
+from layerscope.util.files import regular_file
+from layerscope.util.lazy import lazy_module
 
 from .export_cache import with_weights
 from .quiet import quiet
@@ -50,8 +50,9 @@ def _tensorflow():
         import tensorflow as tf
         import tf2onnx  # noqa: F401
     except ImportError:
-        raise UserError("model.source: TensorFlow/Keras models need the extra: pip install 'layerscope[tensorflow]'") \
-            from None
+        raise UserError(
+            "model.source: TensorFlow/Keras models need the extra: pip install 'layerscope[tensorflow]'"
+        ) from None
     return tf
 
 
@@ -66,7 +67,7 @@ class KerasNames(NamedTuple):
     layers: frozenset[str]
 
     @classmethod
-    def of(cls, model) -> "KerasNames":
+    def of(cls, model) -> KerasNames:
         """The names of a Keras *model* and of its layers."""
         return cls(model.name, frozenset(layer.name for layer in model.layers))
 
@@ -83,13 +84,18 @@ def keras_layer_name(names: KerasNames, proto: onnx.ModelProto):
 
     def layer_scope(node) -> list[str]:
         parts = [p for p in node.name.split("/") if p not in _WRAPPERS]
-        if len(parts) >= 3 and parts[0] not in known and names.model in (None, parts[0], _CALL_SUFFIX.sub("", parts[0])):
+        if (
+            len(parts) >= 3
+            and parts[0] not in known
+            and names.model in (None, parts[0], _CALL_SUFFIX.sub("", parts[0]))
+        ):
             return parts[1:]  # below the model's own scope
         return parts
 
     scopes = [layer_scope(node) for node in proto.graph.node]
-    every_suffixed = bool(known) and all(_CALL_SUFFIX.sub("", parts[0]) in known and _CALL_SUFFIX.search(parts[0])
-                                         for parts in scopes if len(parts) >= 2)
+    every_suffixed = bool(known) and all(
+        _CALL_SUFFIX.sub("", parts[0]) in known and _CALL_SUFFIX.search(parts[0]) for parts in scopes if len(parts) >= 2
+    )
 
     def layer_of(node: onnx.NodeProto) -> str:
         parts = layer_scope(node)
@@ -113,11 +119,14 @@ def _convert(function, spec) -> onnx.ModelProto:
 
     try:
         with quiet("tf2onnx"):
-            proto, _ = tf2onnx.convert.from_function(function, input_signature=spec if isinstance(spec, list)
-                                                     else [spec], opset=OPSET)
+            proto, _ = tf2onnx.convert.from_function(
+                function, input_signature=spec if isinstance(spec, list) else [spec], opset=OPSET
+            )
     except Exception as error:
-        raise UserError(f"model.source: tf2onnx could not convert the model: {type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}") from None
+        raise UserError(
+            f"model.source: tf2onnx could not convert the model: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}"
+        ) from None
     return proto
 
 
@@ -152,8 +161,9 @@ def _keras_graph_taking_weights(model, example) -> onnx.ModelProto:
     variables = [*model.trainable_variables, *model.non_trainable_variables]
     trainable = len(model.trainable_variables)
     shape = [None, *model.inputs[0].shape[1:]] if getattr(model, "inputs", None) else [None, *np.shape(example)[1:]]
-    signature = [tf.TensorSpec(shape, model.inputs[0].dtype if getattr(model, "inputs", None) else tf.float32,
-                               name="x")]
+    signature = [
+        tf.TensorSpec(shape, model.inputs[0].dtype if getattr(model, "inputs", None) else tf.float32, name="x")
+    ]
     signature += [tf.TensorSpec(v.shape, v.dtype, name=f"weight_{i}") for i, v in enumerate(variables)]
 
     @tf.function(autograph=False)
@@ -177,8 +187,9 @@ def keras_weights(model) -> dict[str, np.ndarray]:
     variables = [*model.trainable_variables, *model.non_trainable_variables]
     paths = [v.path for v in variables]
     unique = len(set(paths)) == len(paths)
-    return {(path if unique else f"{path}:{i}"): np.asarray(v.numpy())
-            for i, (path, v) in enumerate(zip(paths, variables))}
+    return {
+        (path if unique else f"{path}:{i}"): np.asarray(v.numpy()) for i, (path, v) in enumerate(zip(paths, variables))
+    }
 
 
 def _saved_model_to_onnx(path: Path):
@@ -192,17 +203,22 @@ def _saved_model_to_onnx(path: Path):
         raise UserError(f"model.source: {path} has no 'serving_default' signature")
     inputs = signature.structured_input_signature[1]
     if len(inputs) != 1:
-        raise UserError(f"model.source: the SavedModel takes {len(inputs)} inputs ({', '.join(inputs)}); "
-                        "layerscope currently analyses single-input models")
-    (name, spec), = inputs.items()
+        raise UserError(
+            f"model.source: the SavedModel takes {len(inputs)} inputs ({', '.join(inputs)}); "
+            "layerscope currently analyses single-input models"
+        )
+    ((name, spec),) = inputs.items()
 
     @tf.function(autograph=False)
     def call(x):
         outputs = signature(**{name: x})
         return outputs[sorted(outputs)[0]]
 
-    return (_convert(call, tf.TensorSpec(spec.shape, spec.dtype, name="x")), KerasNames(None, frozenset()),
-            "tensorflow (SavedModel)")
+    return (
+        _convert(call, tf.TensorSpec(spec.shape, spec.dtype, name="x")),
+        KerasNames(None, frozenset()),
+        "tensorflow (SavedModel)",
+    )
 
 
 def _is_keras_model(source) -> bool:
@@ -226,7 +242,9 @@ class TensorFlowAdapter(Adapter):
     def claims(self, section) -> bool:
         source = section.source
         if isinstance(source, str):
-            return source.endswith(".keras") or is_saved_model(Path(source)) or source.rstrip("/").endswith("saved_model")
+            return (
+                source.endswith(".keras") or is_saved_model(Path(source)) or source.rstrip("/").endswith("saved_model")
+            )
         return _is_keras_model(source) or _is_tf_function(source)
 
     def checkpoints(self, section, spec) -> list[Checkpoint]:

@@ -20,11 +20,11 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
-from layerscope.data import Samples
-from layerscope.errors import ANSI_ESCAPES, UserError, exception_summary
-from layerscope.files import regular_file
-from layerscope.lazy import lazy_module
-from layerscope.model import ModelParams
+from layerscope.data.source import Samples
+from layerscope.model.adapter import ModelParams
+from layerscope.util.errors import ANSI_ESCAPES, UserError, exception_summary
+from layerscope.util.files import regular_file
+from layerscope.util.lazy import lazy_module
 
 from .checkpoints import CheckpointFiles, checkpoint_files, file_checkpoints
 from .export_cache import cached_export, file_digest, state_digest, with_weights
@@ -104,8 +104,9 @@ def _check_arguments(model, args: tuple, kwargs: dict) -> None:
         signature.bind(*args, **kwargs)
     except TypeError as error:
         given = ", ".join(kwargs) if kwargs else "one array"
-        raise UserError(f"model.source: the data's inputs ({given}) do not fit the model's forward"
-                        f"{signature}: {error}") from None
+        raise UserError(
+            f"model.source: the data's inputs ({given}) do not fit the model's forward{signature}: {error}"
+        ) from None
 
 
 @contextmanager
@@ -143,18 +144,29 @@ def export_unoptimized(model, example: Samples | None = None) -> onnx.ModelProto
     try:
         with quiet("torch", "torch.onnx", "torch.export", "onnxscript"), _without_cache(model):
             try:
-                program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                            external_data=False, verbose=False, optimize=False)
+                program = torch.onnx.export(
+                    model,
+                    args,
+                    kwargs=kwargs,
+                    dynamo=True,
+                    dynamic_shapes=dynamic_shapes,
+                    external_data=False,
+                    verbose=False,
+                    optimize=False,
+                )
             except Exception as error:
                 if "Failed to decompose" not in str(error) or not isinstance(model, torch.nn.Module):
                     raise
-                decomposed = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes).run_decompositions()
-                program = torch.onnx.export(decomposed, dynamo=True, external_data=False, verbose=False,
-                                            optimize=False)
+                decomposed = torch.export.export(
+                    model, args, kwargs, dynamic_shapes=dynamic_shapes
+                ).run_decompositions()
+                program = torch.onnx.export(decomposed, dynamo=True, external_data=False, verbose=False, optimize=False)
     except Exception as error:
-        raise UserError(f"model.source: torch.onnx.export could not export the model: {export_failure(error)}; "
-                        "change the model so that torch.export can trace it, or export it to ONNX yourself and "
-                        "give the .onnx file") from None
+        raise UserError(
+            f"model.source: torch.onnx.export could not export the model: {export_failure(error)}; "
+            "change the model so that torch.export can trace it, or export it to ONNX yourself and "
+            "give the .onnx file"
+        ) from None
     return _strip_metadata(program.model_proto)
 
 
@@ -166,8 +178,11 @@ def export_failure(error: BaseException) -> str:
         root = root.__cause__
     lines = [line.strip() for line in ANSI_ESCAPES.sub("", str(root)).splitlines() if line.strip()]
     summary = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
-    frames = [(index, match) for index, line in enumerate(lines)
-              if (match := re.match(r'File "(.+)", line (\d+), in (\S+)', line))]
+    frames = [
+        (index, match)
+        for index, line in enumerate(lines)
+        if (match := re.match(r'File "(.+)", line (\d+), in (\S+)', line))
+    ]
     if frames:
         index, match = frames[-1]
         code = f": {lines[index + 1]}" if index + 1 < len(lines) else ""
@@ -224,15 +239,19 @@ def _is_torch_object(source) -> bool:
 
 
 class TorchParams(ModelParams):
-    python: str | None = Field(None, description="'package.module:factory' (relative to the spec's folder) "
-                                                 "returning a torch.nn.Module; also written "
-                                                 "source: python:package.module:factory")
-    weights: str | None = Field(None, description="a state_dict file for the python: factory, loaded with "
-                                                  "weights_only=True")
+    python: str | None = Field(
+        None,
+        description="'package.module:factory' (relative to the spec's folder) "
+        "returning a torch.nn.Module; also written "
+        "source: python:package.module:factory",
+    )
+    weights: str | None = Field(
+        None, description="a state_dict file for the python: factory, loaded with weights_only=True"
+    )
     checkpoints: CheckpointFiles = checkpoint_files(".pt / .pth state_dict (with python:) or .pt2")
 
     @model_validator(mode="after")
-    def _python_from_source(self) -> "TorchParams":
+    def _python_from_source(self) -> TorchParams:
         if self.python is None and isinstance(self.source, str) and self.source.startswith("python:"):
             self.python = self.source.removeprefix("python:")
         if self.weights and not self.python:
@@ -265,10 +284,16 @@ class TorchAdapter(Adapter):
                 return file_checkpoints(section.checkpoints, spec, (".pt2",))
             return [Checkpoint(Path(section.source).stem, spec.resolve_path(section.source))]
         if section.python and section.checkpoints:
-            return [Checkpoint(c.label, (section.python, str(c.ref)), c.step)
-                    for c in file_checkpoints(section.checkpoints, spec, (".pt", ".pth"))]
+            return [
+                Checkpoint(c.label, (section.python, str(c.ref)), c.step)
+                for c in file_checkpoints(section.checkpoints, spec, (".pt", ".pth"))
+            ]
         if section.python:
-            return [Checkpoint(Path(section.weights).stem if section.weights else "model", (section.python, section.weights))]
+            return [
+                Checkpoint(
+                    Path(section.weights).stem if section.weights else "model", (section.python, section.weights)
+                )
+            ]
         return [Checkpoint("model", section.source)]
 
     def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
@@ -281,8 +306,12 @@ class TorchAdapter(Adapter):
             model, source = _load_pt2(ref), str(ref)
         else:
             model, source = ref, f"<{type(ref).__name__}>"
-        return LoadedModel(cached_export(_export_key(model, ref, example), lambda: self._export(model, ref, example)),
-                           checkpoint.label, source, framework="pytorch")
+        return LoadedModel(
+            cached_export(_export_key(model, ref, example), lambda: self._export(model, ref, example)),
+            checkpoint.label,
+            source,
+            framework="pytorch",
+        )
 
     def follow(self, model, label: str, spec, example) -> LoadedModel:
         """The live *model*'s current weights in the graph exported for it at the first call, swapped in
@@ -366,8 +395,9 @@ def _holds_verbatim(optimised: onnx.ModelProto, raw: onnx.ModelProto, state: Map
     held = {i.name: i for i in optimised.graph.initializer}
     if not used <= set(held) or with_weights(optimised, {name: state[name] for name in used}) is None:
         return False
-    return all(np.array_equal(onnx.numpy_helper.to_array(held[name]), state[name].detach().cpu().numpy())
-               for name in used)
+    return all(
+        np.array_equal(onnx.numpy_helper.to_array(held[name]), state[name].detach().cpu().numpy()) for name in used
+    )
 
 
 def _same_outputs(proto: onnx.ModelProto, model, example: Samples) -> bool:
@@ -379,13 +409,17 @@ def _same_outputs(proto: onnx.ModelProto, model, example: Samples) -> bool:
     try:
         session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         args, kwargs, _ = tracing_inputs(example)
-        feeds = {name: v.numpy() for name, v in kwargs.items()} if kwargs else \
-            {i.name: v.numpy() for i, v in zip(session.get_inputs(), args)}
+        feeds = (
+            {name: v.numpy() for name, v in kwargs.items()}
+            if kwargs
+            else {i.name: v.numpy() for i, v in zip(session.get_inputs(), args)}
+        )
         got = session.run(None, feeds)
         with torch.no_grad(), _without_cache(model):
             expected = torch.utils._pytree.tree_leaves(model.eval()(*args, **kwargs))
         return len(got) == len(expected) and all(
-            np.allclose(g, e.numpy(), rtol=1e-4, atol=1e-5) for g, e in zip(got, expected))
+            np.allclose(g, e.numpy(), rtol=1e-4, atol=1e-5) for g, e in zip(got, expected)
+        )
     except Exception:
         return False
 
@@ -421,8 +455,13 @@ def _export_key(model, ref, example) -> dict | None:
         structure = [repr(model), state_digest(model.state_dict())]
     if any(digest is None for digest in digests):
         return None
-    return {"layerscope": __version__, "torch": torch.__version__, "code": digests, "model": structure,
-            "inputs": example_signature(example)}
+    return {
+        "layerscope": __version__,
+        "torch": torch.__version__,
+        "code": digests,
+        "model": structure,
+        "inputs": example_signature(example),
+    }
 
 
 @hookimpl

@@ -1,6 +1,6 @@
 import sys
 
-from .cli import main
+from layerscope.cli.main import main
 
 if __name__ == "__main__":  # spawned worker processes import this module too
     sys.exit(main())

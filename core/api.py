@@ -6,22 +6,30 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .results import Results
+from layerscope.results.contract import Results
 
 
 def prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...] = (), data: Any = None):
     """Load, validate and resolve a spec against the plugins (reading *data* from Python when given);
     every error at once as one ``SpecError``."""
-    from .plan import build_plan
-    from .plugin_host import load_plugins
-    from .spec import read_document, with_python_data
+    from layerscope.engine.plan import build_plan
+    from layerscope.host.loader import load_plugins
+    from layerscope.spec.schema import read_document, with_python_data
 
     doc, base_dir = read_document(spec)
     return build_plan(with_python_data(doc, data), base_dir, load_plugins(plugins))
 
 
-def run(spec: str | os.PathLike | dict, out: str | os.PathLike | None = None, *, data: Any = None,
-        write: bool = True, plugins: tuple[Any, ...] = (), progress: bool = True, resume: bool = False) -> Results:
+def run(
+    spec: str | os.PathLike | dict,
+    out: str | os.PathLike | None = None,
+    *,
+    data: Any = None,
+    write: bool = True,
+    plugins: tuple[Any, ...] = (),
+    progress: bool = True,
+    resume: bool = False,
+) -> Results:
     """Run a spec (a YAML path or a dict) and return its :class:`Results`.
 
     *data* replaces the spec's data source with data from Python: an array, ``(x, y)``, a mapping
@@ -32,7 +40,7 @@ def run(spec: str | os.PathLike | dict, out: str | os.PathLike | None = None, *,
     plugin objects registered next to the installed ones. ``resume=True`` continues an
     interrupted multi-checkpoint run from the checkpoints it saved in the output folder.
     """
-    from .engine import execute
+    from layerscope.engine.execute import execute
 
     plan = prepare(spec, plugins, data)
     out_dir = Path(out) if out is not None else Path(plan.spec.outputs.dir)
@@ -43,24 +51,30 @@ def run(spec: str | os.PathLike | dict, out: str | os.PathLike | None = None, *,
         raise
 
 
-def validate(spec: str | os.PathLike | dict, *, data: Any = None, plugins: tuple[Any, ...] = (),
-             with_model: bool = True) -> list[str]:
+def validate(
+    spec: str | os.PathLike | dict, *, data: Any = None, plugins: tuple[Any, ...] = (), with_model: bool = True
+) -> list[str]:
     """Check a spec (with *data* as in :func:`run`): structure, plugin names and parameters, and (with
     the model) that the data fits the model's inputs and every selector matches.
 
     Returns a short description of what was checked; raises a ``UserError`` on the first failing stage.
     """
     plan = prepare(spec, plugins, data)
-    checked = ["spec structure", "estimator, data source and reporter names and parameters",
-               *(["labels"] if plan.classes is not None else [])]
+    checked = [
+        "spec structure",
+        "estimator, data source and reporter names and parameters",
+        *(["labels"] if plan.classes is not None else []),
+    ]
     if with_model:
-        from .checkpoint_run import ShardWorker, build_estimators
+        from layerscope.engine.checkpoint_run import ShardWorker, build_estimators
 
         checkpoints = plan.checkpoints()
         worker = ShardWorker(plan, checkpoints, [(0, len(plan.order))], plan.order, plan.example())
         for index, checkpoint in enumerate(checkpoints):
             model = worker.load(index)  # checks the data against the model's inputs
             estimators = build_estimators(plan, model)
-            checked.append(f"model {checkpoint.label}: inputs {model.feeds.describe()}; " + ", ".join(
-                f"{aid} selects {len(est.tensors)} tensors" for aid, est in estimators))
+            checked.append(
+                f"model {checkpoint.label}: inputs {model.feeds.describe()}; "
+                + ", ".join(f"{aid} selects {len(est.tensors)} tensors" for aid, est in estimators)
+            )
     return checked

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layerscope.plugins.activation_entropy import (
+from layerscope.plugins.activation_entropy.estimator import (
     ActivationEntropy,
     binary_entropy_bits,
     counts_entropy_bits,
@@ -76,15 +76,17 @@ def test_threshold_parameter():
 def test_histogram_uniform_gives_log2_bins():
     # values spread evenly over [0, 1): every one of 8 bins gets the same count
     values = (np.arange(800, dtype=np.float32) / 800).reshape(-1, 1)
-    records = feed(build(batches := make_batches({"t": values}, batch_size=64), variant="histogram", bins=8),
-                   batches).finalize()
+    records = feed(
+        build(batches := make_batches({"t": values}, batch_size=64), variant="histogram", bins=8), batches
+    ).finalize()
     assert value(records) == pytest.approx(3.0, abs=1e-9)
 
 
 def test_histogram_with_fixed_range_is_single_pass():
     values = (np.arange(400, dtype=np.float32) / 400).reshape(-1, 1)
-    estimator = build(batches := make_batches({"t": values}, batch_size=64), variant="histogram", bins=4,
-                      range=(0.0, 1.0))
+    estimator = build(
+        batches := make_batches({"t": values}, batch_size=64), variant="histogram", bins=4, range=(0.0, 1.0)
+    )
     assert estimator.passes == 1
     assert value(feed(estimator, batches).finalize()) == pytest.approx(2.0, abs=1e-9)
 
@@ -127,7 +129,7 @@ def test_conformance(variant):
 @given(threshold=st.floats(-1e6, 1e6, allow_nan=False), seed=st.integers(0, 2**16))
 def test_the_float32_threshold_is_the_exact_real_comparison(threshold, seed):
     """Values at and around the threshold's float32 neighbours compare as they would in float64."""
-    from layerscope.plugins.activation_entropy import strictly_above
+    from layerscope.plugins.activation_entropy.estimator import strictly_above
 
     near = np.float32(threshold)
     neighbours = [np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))]
@@ -138,20 +140,21 @@ def test_the_float32_threshold_is_the_exact_real_comparison(threshold, seed):
 
 
 def test_entropy_lookup_by_count_equals_the_direct_computation():
-    from layerscope.plugins.activation_entropy import binary_entropy_bits, mean_binary_entropy_bits
+    from layerscope.plugins.activation_entropy.estimator import binary_entropy_bits, mean_binary_entropy_bits
 
     counts = torch.from_numpy(np.random.default_rng(3).integers(0, 38, 100_000))
     direct = binary_entropy_bits(counts.to(torch.float64) / 37)
     assert mean_binary_entropy_bits(counts, 37) == (float(direct.mean()), float(direct.sum()))
 
 
-@pytest.mark.parametrize(("rows", "neurons", "classes"),
-                         [(37, 7, 4), (37, 2**14 - 1, 4), (37, 2**14, 4), (37, 40_000, 4), (600, 13, 2), (1000, 64, 1),
-                          (300, 9, 30)])
+@pytest.mark.parametrize(
+    ("rows", "neurons", "classes"),
+    [(37, 7, 4), (37, 2**14 - 1, 4), (37, 2**14, 4), (37, 40_000, 4), (600, 13, 2), (1000, 64, 1), (300, 9, 30)],
+)
 def test_on_counts_by_class_are_exact(rows, neurons, classes):
     """On narrow and wide matrices (column_counts adds rows one by one from 2^14 neurons), hundreds of
     rows of one class, many classes and a non-contiguous on/off matrix, against a plain column sum."""
-    from layerscope.plugins.activation_entropy import on_counts_by_class
+    from layerscope.plugins.activation_entropy.estimator import on_counts_by_class
 
     generator = torch.Generator().manual_seed(rows * neurons)
     on = torch.rand(neurons, rows, generator=generator).T > 0.3  # a transposed view

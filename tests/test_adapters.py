@@ -9,7 +9,7 @@ import torch
 
 import layerscope
 from layerscope.adapters.torch_export import export_to_onnx
-from layerscope.graph import describe_tensors
+from layerscope.graph.tensors import describe_tensors
 
 from .conftest import tiny_mlp_proto, write_spec
 
@@ -32,8 +32,11 @@ def make_cnn() -> SmallCNN:
 def hooked_activations(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
     """Module outputs captured with forward hooks, keyed by module path."""
     captured = {}
-    handles = [module.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o.detach().numpy()))
-               for name, module in model.named_modules() if name and not list(module.children())]
+    handles = [
+        module.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o.detach().numpy()))
+        for name, module in model.named_modules()
+        if name and not list(module.children())
+    ]
     with torch.no_grad():
         model(x)
     for handle in handles:
@@ -43,7 +46,7 @@ def hooked_activations(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.
 
 def run_onnx_all(proto: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
     """Every observable tensor of *proto* by layer name, through the real runner."""
-    from layerscope.runner import Runner
+    from layerscope.engine.runner import Runner
 
     tensors = describe_tensors(proto)
     fetch = [t for t in tensors if t.observable and t.role != "input"]
@@ -77,11 +80,13 @@ def test_torch_module_matches_forward_hooks():
 
 def test_pt2_matches_forward_hooks(tmp_path):
     model, x = make_cnn(), digits_images()
-    program = torch.export.export(model, (torch.from_numpy(x[:4]),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = torch.export.export(model, (torch.from_numpy(x[:4]),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, tmp_path / "cnn.pt2")
-    spec = {"model": {"source": str(tmp_path / "cnn.pt2")}, "data": {"source": "digits", "layout": "image", "limit": 64},
-            "analyses": [{"id": "ent", "estimator": "activation_entropy"}]}
+    spec = {
+        "model": {"source": str(tmp_path / "cnn.pt2")},
+        "data": {"source": "digits", "layout": "image", "limit": 64},
+        "analyses": [{"id": "ent", "estimator": "activation_entropy"}],
+    }
     results = layerscope.run(spec, write=False, progress=False)
     assert {r["layer"] for r in results.records} == {"features.1", "head.1"}
     from layerscope.adapters.torch_export import _load_pt2
@@ -91,8 +96,11 @@ def test_pt2_matches_forward_hooks(tmp_path):
 
 
 def test_module_through_python_api_keeps_module_paths():
-    spec = {"model": {"source": make_cnn()}, "data": {"source": "digits", "layout": "image", "limit": 100},
-            "analyses": [{"id": "ent", "estimator": "activation_entropy"}]}
+    spec = {
+        "model": {"source": make_cnn()},
+        "data": {"source": "digits", "layout": "image", "limit": 100},
+        "analyses": [{"id": "ent", "estimator": "activation_entropy"}],
+    }
     results = layerscope.run(spec, write=False, progress=False)
     assert {r["layer"] for r in results.records} == {"features.1", "head.1"}
     assert results.models[0]["framework"] == "pytorch"
@@ -103,18 +111,22 @@ def test_python_factory_with_weights(tmp_path):
     (tmp_path / "mynets.py").write_text(
         "import torch\n"
         "def make():\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10))\n")
+        "    return torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10))\n"
+    )
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10))
     torch.save(net.state_dict(), tmp_path / "net.pt")
-    spec = write_spec(tmp_path, "model: {python: 'mynets:make', weights: net.pt}\n"
-                                "data: {source: digits, limit: 200, shuffle: false}\n"
-                                "analyses: [{id: e, estimator: activation_entropy}]\n")
+    spec = write_spec(
+        tmp_path,
+        "model: {python: 'mynets:make', weights: net.pt}\n"
+        "data: {source: digits, limit: 200, shuffle: false}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n",
+    )
     results = layerscope.run(spec, write=False, progress=False)
     x = torch.from_numpy(digits_images(200).reshape(200, 64))
     with torch.no_grad():
         on = (net[1](net[0](x)) > 0).double().mean(0)
-    from layerscope.plugins.activation_entropy import binary_entropy_bits
+    from layerscope.plugins.activation_entropy.estimator import binary_entropy_bits
 
     expected = float(binary_entropy_bits(on).mean())
     (got,) = [r["value"] for r in results.select(metric="entropy", **{"class": "all"})]
@@ -147,16 +159,28 @@ def raising():
 """
 
 
-@pytest.mark.parametrize("reference, message", [
-    ("nowhere:make", r"model.python: importing 'nowhere' failed: ModuleNotFoundError: No module named 'nowhere'$"),
-    ("usermodels_broken:data_dependent",
-     r"model.python: importing 'usermodels_broken' failed: ZeroDivisionError: division by zero \(.*usermodels_broken.py:3\)$"),
-    ("usermodels:raising", r"model.python: calling 'usermodels:raising' failed: KeyError: 'missing' \(.*usermodels.py:22\)$"),
-    ("usermodels:absent", r"model.python: 'usermodels' has no function 'absent'$"),
-    ("usermodels:data_dependent", r"model.source: torch.onnx.export could not export the model: "
-                                  r"GuardOnDataDependentSymNode: Could not guard on data-dependent expression .* "
-                                  r"\(at .*usermodels.py:12 in forward: if x.sum\(\) > 0:\); change the model so that"),
-])
+@pytest.mark.parametrize(
+    "reference, message",
+    [
+        ("nowhere:make", r"model.python: importing 'nowhere' failed: ModuleNotFoundError: No module named 'nowhere'$"),
+        (
+            "usermodels_broken:data_dependent",
+            r"model.python: importing 'usermodels_broken' failed: "
+            r"ZeroDivisionError: division by zero \(.*usermodels_broken.py:3\)$",
+        ),
+        (
+            "usermodels:raising",
+            r"model.python: calling 'usermodels:raising' failed: KeyError: 'missing' \(.*usermodels.py:22\)$",
+        ),
+        ("usermodels:absent", r"model.python: 'usermodels' has no function 'absent'$"),
+        (
+            "usermodels:data_dependent",
+            r"model.source: torch.onnx.export could not export the model: "
+            r"GuardOnDataDependentSymNode: Could not guard on data-dependent expression .* "
+            r"\(at .*usermodels.py:12 in forward: if x.sum\(\) > 0:\); change the model so that",
+        ),
+    ],
+)
 @pytest.mark.slow
 def test_failures_in_the_users_model_code_are_one_clear_message(tmp_path, reference, message):
     """Run as users run it: in a process of its own, where torch's prints and logs would reach the terminal."""
@@ -166,10 +190,14 @@ def test_failures_in_the_users_model_code_are_one_clear_message(tmp_path, refere
 
     (tmp_path / "usermodels.py").write_text(USER_MODULE)
     (tmp_path / "usermodels_broken.py").write_text(USER_MODULE)
-    spec = write_spec(tmp_path, f"model: {{python: '{reference}'}}\ndata: {{source: digits, limit: 20}}\n"
-                                f"analyses: [{{id: e, estimator: activation_entropy}}]\noutputs: {{dir: {tmp_path}}}\n")
-    done = subprocess.run([sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"], capture_output=True,
-                          text=True, timeout=300)
+    spec = write_spec(
+        tmp_path,
+        f"model: {{python: '{reference}'}}\ndata: {{source: digits, limit: 20}}\n"
+        f"analyses: [{{id: e, estimator: activation_entropy}}]\noutputs: {{dir: {tmp_path}}}\n",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"], capture_output=True, text=True, timeout=300
+    )
     out, err = done.stdout, done.stderr
     assert done.returncode == 2, err
     assert len(err.strip().splitlines()) == 1 and not out.strip(), err
@@ -179,23 +207,36 @@ def test_failures_in_the_users_model_code_are_one_clear_message(tmp_path, refere
 
 def test_onnx_external_data_and_checkpoints(tmp_path):
     for epoch in (1, 2, 10):
-        onnx.save(tiny_mlp_proto(seed=epoch), str(tmp_path / f"epoch_{epoch}.onnx"), save_as_external_data=True,
-                  all_tensors_to_one_file=True, location=f"epoch_{epoch}.onnx.data", size_threshold=0)
+        onnx.save(
+            tiny_mlp_proto(seed=epoch),
+            str(tmp_path / f"epoch_{epoch}.onnx"),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=f"epoch_{epoch}.onnx.data",
+            size_threshold=0,
+        )
     assert (tmp_path / "epoch_10.onnx.data").exists()
-    spec = write_spec(tmp_path, "model: {source: epoch_1.onnx, checkpoints: 'epoch_*.onnx'}\n"
-                                "data: {source: digits, limit: 100}\n"
-                                "analyses: [{id: e, estimator: activation_entropy}]\n")
+    spec = write_spec(
+        tmp_path,
+        "model: {source: epoch_1.onnx, checkpoints: 'epoch_*.onnx'}\n"
+        "data: {source: digits, limit: 100}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n",
+    )
     results = layerscope.run(spec, write=False, progress=False)
     assert [m["label"] for m in results.models] == ["epoch_1", "epoch_2", "epoch_10"]
-    values = {m: results.select(model=m, metric="entropy", layer="act1", **{"class": "all"})[0]["value"]
-              for m in ("epoch_1", "epoch_2", "epoch_10")}
+    values = {
+        m: results.select(model=m, metric="entropy", layer="act1", **{"class": "all"})[0]["value"]
+        for m in ("epoch_1", "epoch_2", "epoch_10")
+    }
     assert len(set(values.values())) == 3  # different weights, different numbers
 
 
 def test_demo_zoo_checkpoints_and_layer_names():
-    spec = {"model": {"source": "demo:digits-mlp", "checkpoints": ["epoch_01", "epoch_1*"]},
-            "data": {"source": "digits", "split": "test", "limit": 100},
-            "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
+    spec = {
+        "model": {"source": "demo:digits-mlp", "checkpoints": ["epoch_01", "epoch_1*"]},
+        "data": {"source": "digits", "split": "test", "limit": 100},
+        "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+    }
     results = layerscope.run(spec, write=False, progress=False)
     assert [m["label"] for m in results.models] == ["epoch_01", "epoch_10"]
     assert results.models[-1]["test_accuracy"] > 0.9
@@ -254,9 +295,11 @@ def factory_spec(tmp_path, factory: str, checkpoints: int, layout: str = "flat")
             if buffer_name.endswith("running_mean"):
                 buffer.add_(0.05 * index)
         torch.save(model.state_dict(), tmp_path / f"epoch_{index + 1}.pt")
-    return {"model": {"python": f"nets:{factory}", "checkpoints": str(tmp_path / "epoch_*.pt")},
-            "data": {"source": "digits", "limit": 60, "layout": layout},
-            "analyses": [{"id": "e", "estimator": "activation_entropy", "params": {"variant": "histogram"}}]}
+    return {
+        "model": {"python": f"nets:{factory}", "checkpoints": str(tmp_path / "epoch_*.pt")},
+        "data": {"source": "digits", "limit": 60, "layout": layout},
+        "analyses": [{"id": "e", "estimator": "activation_entropy", "params": {"variant": "histogram"}}],
+    }
 
 
 @pytest.mark.slow
@@ -272,8 +315,11 @@ def test_checkpoints_of_one_factory_are_traced_once(tmp_path, counted_exports, m
     separately = layerscope.run(spec, write=False, progress=False)  # every checkpoint traced on its own
     assert len(counted_exports) == 5
     assert swapped.records == separately.records
-    entropies = {r["model"]: r["value"] for r in swapped.select(metric="entropy", **{"class": "all"})
-                 if r["layer"] == swapped.records[0]["layer"]}
+    entropies = {
+        r["model"]: r["value"]
+        for r in swapped.select(metric="entropy", **{"class": "all"})
+        if r["layer"] == swapped.records[0]["layer"]
+    }
     assert len(set(entropies.values())) == 4  # four different models, not one graph four times
 
 
@@ -307,9 +353,13 @@ def test_live_modules_that_differ_only_in_an_activation_do_not_share_an_export(t
     for activation in (torch.nn.ReLU, torch.nn.Tanh):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(64, 8), activation(), torch.nn.Linear(8, 10))
-        spec = {"model": {"source": model}, "data": {"source": "digits", "limit": 30},
-                "analyses": [{"id": "e", "estimator": "activation_entropy", "on": "all"}]}
+        spec = {
+            "model": {"source": model},
+            "data": {"source": "digits", "limit": 30},
+            "analyses": [{"id": "e", "estimator": "activation_entropy", "on": "all"}],
+        }
         results.append(layerscope.run(spec, write=False, progress=False))
     assert len(counted_exports) == 2
-    assert {r["tensor"] for r in results[0].records} != {r["tensor"] for r in results[1].records} or \
-        results[0].records != results[1].records
+    assert {r["tensor"] for r in results[0].records} != {r["tensor"] for r in results[1].records} or results[
+        0
+    ].records != results[1].records

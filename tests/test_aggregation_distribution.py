@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,10 +13,10 @@ from onnx import helper, numpy_helper
 from scipy import integrate, stats
 
 import layerscope
-from layerscope.aggregations import find_aggregations
-from layerscope.graph import describe_tensors
-from layerscope.plugins.aggregation_distribution import AggregationDistribution
-from layerscope.plugins.aggregation_math import (
+from layerscope.graph.tensors import describe_tensors
+from layerscope.plugins.aggregation_distribution.aggregations import find_aggregations
+from layerscope.plugins.aggregation_distribution.estimator import AggregationDistribution
+from layerscope.plugins.aggregation_distribution.maths import (
     aggregated_moments,
     gamma_kl,
     gamma_parameters,
@@ -85,16 +87,23 @@ def gap_model(pool: str = "GlobalAveragePool") -> onnx.ModelProto:
     else:  # ReduceMean over a flattened spatial axis, then MatMul + Add
         inits.append(numpy_helper.from_array(np.array([0, CHANNELS, -1], np.int64), "shape"))
         inits.append(numpy_helper.from_array(np.array([2], np.int64), "axes"))
-        nodes += [helper.make_node("Reshape", ["a", "shape"], ["a_flat"]),
-                  helper.make_node("ReduceMean", ["a_flat", "axes"], ["g"], keepdims=1, name="mean")]
+        nodes += [
+            helper.make_node("Reshape", ["a", "shape"], ["a_flat"]),
+            helper.make_node("ReduceMean", ["a_flat", "axes"], ["g"], keepdims=1, name="mean"),
+        ]
     nodes.append(helper.make_node("Flatten", ["g"], ["g_flat"]))
     if pool == "GlobalAveragePool":
         nodes.append(helper.make_node("Gemm", ["g_flat", "w", "b"], ["y"], transB=1, name="fc"))
     else:
         inits.append(numpy_helper.from_array(WEIGHT.T.copy(), "wt"))
         nodes += [helper.make_node("MatMul", ["g_flat", "wt"], ["y_mm"]), helper.make_node("Add", ["y_mm", "b"], ["y"])]
-    graph = helper.make_graph(nodes, "gap", [helper.make_tensor_value_info("z", FLOAT, ["N", CHANNELS, SIDE, SIDE])],
-                              [helper.make_tensor_value_info("y", FLOAT, ["N", OUTPUTS])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "gap",
+        [helper.make_tensor_value_info("z", FLOAT, ["N", CHANNELS, SIDE, SIDE])],
+        [helper.make_tensor_value_info("y", FLOAT, ["N", OUTPUTS])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
@@ -113,24 +122,30 @@ def test_predictions_match_monte_carlo_through_a_spec(tmp_path, fit):
     onnx.save(gap_model(), str(tmp_path / "gap.onnx"))
     z, labels = synthetic_data()
     np.savez(tmp_path / "d.npz", x=z, y=labels)
-    spec = {"model": {"source": str(tmp_path / "gap.onnx")},
-            "data": {"source": "npz", "path": str(tmp_path / "d.npz"), "batch_size": 500},
-            "analyses": [{"id": "agg", "estimator": "aggregation_distribution", "params": {"fit": fit}}],
-            "outputs": {"dir": str(tmp_path / "out"), "formats": ["json", "plots"]}}
+    spec = {
+        "model": {"source": str(tmp_path / "gap.onnx")},
+        "data": {"source": "npz", "path": str(tmp_path / "d.npz"), "batch_size": 500},
+        "analyses": [{"id": "agg", "estimator": "aggregation_distribution", "params": {"fit": fit}}],
+        "outputs": {"dir": str(tmp_path / "out"), "formats": ["json", "plots"]},
+    }
     results = layerscope.run(spec, progress=False)
     (m_eff,) = results.select(metric="effective_m")
     assert m_eff["value"] == pytest.approx(49, rel=0.1)  # positions are independent here
+
+    def get(metric, **keys):
+        return results.select(metric=metric, **keys)[0]["value"]
+
     for channel in range(CHANNELS):
-        get = lambda metric: results.select(metric=metric, channel=channel)[0]["value"]  # noqa: E731
-        assert get("predicted_mean") == pytest.approx(get("empirical_mean"), rel=0.02, abs=0.005)
-        assert get("predicted_var") == pytest.approx(get("empirical_var"), rel=0.12)
-        assert 0 <= get("fit_kl") < 0.2
+        get_channel = functools.partial(get, channel=channel)
+        assert get_channel("predicted_mean") == pytest.approx(get_channel("empirical_mean"), rel=0.02, abs=0.005)
+        assert get_channel("predicted_var") == pytest.approx(get_channel("empirical_var"), rel=0.12)
+        assert 0 <= get_channel("fit_kl") < 0.2
     for cls in (0, 1):
         for node in range(OUTPUTS):
-            get = lambda metric: results.select(metric=metric, node=node, **{"class": cls})[0]["value"]  # noqa: E731
-            assert get("node_predicted_mean") == pytest.approx(get("node_empirical_mean"), abs=0.02)
-            assert get("node_predicted_var") == pytest.approx(get("node_empirical_var"), rel=0.15)
-            assert get("kl_predicted") == pytest.approx(get("kl_empirical"), rel=0.35, abs=0.1)
+            get_node = functools.partial(get, node=node, **{"class": cls})
+            assert get_node("node_predicted_mean") == pytest.approx(get_node("node_empirical_mean"), abs=0.02)
+            assert get_node("node_predicted_var") == pytest.approx(get_node("node_empirical_var"), rel=0.15)
+            assert get_node("kl_predicted") == pytest.approx(get_node("kl_empirical"), rel=0.35, abs=0.1)
     assert results.analyses[0]["reconstructed"].startswith("Ong, Husain & Bober")
     assert (tmp_path / "out" / "plots" / "agg.png").exists()
 
@@ -155,8 +170,13 @@ def test_detection_on_demo_models_and_exported_adaptive_pooling():
     (found,) = find_aggregations(gap, describe_tensors(gap))
     assert (found.layer, found.positions, found.weight.shape) == ("pool", 64, (10, 32))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    )
     proto = export_to_onnx(model, np.zeros((2, 1, 6, 6), np.float32))
     (found,) = find_aggregations(proto, describe_tensors(proto))
     assert found.positions == 16 and found.layer == "2"
@@ -164,8 +184,11 @@ def test_detection_on_demo_models_and_exported_adaptive_pooling():
 
 
 def test_demo_cnn_has_no_aggregation_to_analyse():
-    spec = {"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "limit": 50},
-            "analyses": [{"id": "agg", "estimator": "aggregation_distribution"}]}
+    spec = {
+        "model": {"source": "demo:digits-cnn"},
+        "data": {"source": "digits", "limit": 50},
+        "analyses": [{"id": "agg", "estimator": "aggregation_distribution"}],
+    }
     with pytest.raises(layerscope.UserError, match="matches no tensor"):
         layerscope.run(spec, write=False, progress=False)
 
@@ -177,10 +200,15 @@ def test_an_effective_m_clipped_to_the_positions_is_warned(tmp_path):
     offsets = np.where(np.arange(SIDE * SIDE).reshape(SIDE, SIDE) % 2 == 0, 2.0, -2.0)
     z = (offsets + 0.05 * rng.standard_normal((400, CHANNELS, SIDE, SIDE))).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=z)
-    results = layerscope.run({"model": {"source": str(tmp_path / "gap.onnx")},
-                              "data": {"source": "npz", "path": str(tmp_path / "d.npz"), "batch_size": 200},
-                              "analyses": [{"id": "agg", "estimator": "aggregation_distribution"}]},
-                             write=False, progress=False)
+    results = layerscope.run(
+        {
+            "model": {"source": str(tmp_path / "gap.onnx")},
+            "data": {"source": "npz", "path": str(tmp_path / "d.npz"), "batch_size": 200},
+            "analyses": [{"id": "agg", "estimator": "aggregation_distribution"}],
+        },
+        write=False,
+        progress=False,
+    )
     assert results.select(metric="effective_m")[0]["value"] == 49
     (warning,) = [w for w in results.warnings if "effective_m" in w]
     assert "outside [1, 49]" in warning and "negatively correlated" in warning and "use 49" in warning
@@ -195,8 +223,9 @@ def test_conformance():
     batches = make_batches(dict(zip(names, [z, *outputs])), labels, batch_size=150)
 
     def make():
-        estimator = AggregationDistribution(AggregationDistribution.Params(bins=20),
-                                            [t for t in tensors if t.name == "g"])
+        estimator = AggregationDistribution(
+            AggregationDistribution.Params(bins=20), [t for t in tensors if t.name == "g"]
+        )
         estimator.bind_graph(tensors, model)
         return estimator
 

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from layerscope.cli import main
+from layerscope.cli.main import main
 
 from .conftest import write_spec
 
@@ -46,8 +46,11 @@ def test_ok_run_writes_results(tmp_path, capsys, tiny_onnx):
 
 
 def test_unknown_key_and_type_errors_all_at_once(tmp_path, capsys, tiny_onnx):
-    spec = write_spec(tmp_path, "model: {source: tiny.onnx, sorce: x}\ndata: {batch_size: zero}\n"
-                                "analyses:\n  - {id: a, estimator: activation_entropy, params: {varient: binary}}\n")
+    spec = write_spec(
+        tmp_path,
+        "model: {source: tiny.onnx, sorce: x}\ndata: {batch_size: zero}\n"
+        "analyses:\n  - {id: a, estimator: activation_entropy, params: {varient: binary}}\n",
+    )
     code = main(["validate", str(spec)])
     err = capsys.readouterr().err
     assert code == 2
@@ -59,8 +62,10 @@ def test_unknown_key_and_type_errors_all_at_once(tmp_path, capsys, tiny_onnx):
 def test_unknown_estimator_did_you_mean(tmp_path, capsys, tiny_onnx):
     spec = write_spec(tmp_path, "model: {source: tiny.onnx}\nanalyses:\n  - id: a\n    estimator: activation_entrpy\n")
     assert main(["run", str(spec)]) == 2
-    assert "spec.yaml:4:5: analyses.0.estimator: unknown estimator 'activation_entrpy'. " \
-           "Did you mean 'activation_entropy'?" in capsys.readouterr().err
+    assert (
+        "spec.yaml:4:5: analyses.0.estimator: unknown estimator 'activation_entrpy'. "
+        "Did you mean 'activation_entropy'?" in capsys.readouterr().err
+    )
 
 
 def test_invalid_yaml(tmp_path, capsys):
@@ -93,16 +98,16 @@ def test_non_onnx_bytes(tmp_path, capsys):
 
 def test_npz_without_x(tmp_path, capsys, tiny_onnx):
     np.savez(tmp_path / "data.npz", features=np.zeros((10, 64), np.float32))
-    assert_user_error(*run_cli(tmp_path, capsys, data="{source: npz, path: data.npz}"),
-                      "has no array 'x'", "features")
+    assert_user_error(*run_cli(tmp_path, capsys, data="{source: npz, path: data.npz}"), "has no array 'x'", "features")
 
 
 def test_nan_in_data(tmp_path, capsys, tiny_onnx):
     x = np.random.default_rng(0).standard_normal((20, 64)).astype(np.float32)
     x[7, 3] = np.nan
     np.savez(tmp_path / "data.npz", x=x)
-    assert_user_error(*run_cli(tmp_path, capsys, data="{source: npz, path: data.npz, shuffle: false}"),
-                      "sample 7 contains NaN or Inf")
+    assert_user_error(
+        *run_cli(tmp_path, capsys, data="{source: npz, path: data.npz, shuffle: false}"), "sample 7 contains NaN or Inf"
+    )
     assert not (tmp_path / "out").exists()  # failed during the run: the folder it created is removed again
 
 
@@ -128,8 +133,11 @@ def test_unknown_demo_model(tmp_path, capsys):
 def test_memory_budget_below_one_sample(tmp_path, capsys, tiny_onnx):
     code, err, out = run_cli(tmp_path, capsys, extra="", data="{source: digits, limit: 20}")
     assert code == 0
-    spec = write_spec(tmp_path, SPEC.format(model="tiny.onnx", data="{source: digits}", extra="", out=out)
-                      + "runtime: {memory_budget: 16}\n", name="small.yaml")
+    spec = write_spec(
+        tmp_path,
+        SPEC.format(model="tiny.onnx", data="{source: digits}", extra="", out=out) + "runtime: {memory_budget: 16}\n",
+        name="small.yaml",
+    )
     (out / "results.json").unlink()
     assert main(["run", str(spec)]) == 2
     assert "memory_budget" in capsys.readouterr().err
@@ -143,6 +151,7 @@ def test_cuda_requested_without_gpu(tmp_path, capsys, tiny_onnx):
 
 
 # --- denial of service from a spec or a file: bounded, located, never a hang ------------------------------------------
+
 
 def run_subprocess(*args, timeout=120):
     import subprocess
@@ -159,21 +168,50 @@ def billion_laughs() -> str:
     return text
 
 
-@pytest.mark.parametrize("text, message", [
-    ("model: {source: demo:digits-cnn}\nanalyses: [{id: e, estimator: activation_entropy}]\n" + billion_laughs(),
-     r"spec.yaml:\d+:\d+: the spec has more than 100000 values once aliases are expanded"),
-    ("model: {source: demo:digits-cnn}\nanalyses: [{id: e, estimator: activation_entropy}]\nunknown:\n  "
-     + billion_laughs().replace("\n", "\n  "), r"more than 100000 values once aliases are expanded"),
-    ("model: " + "[" * 100_000 + "]" * 100_000 + "\n", r"spec.yaml:1:1: the spec has more than 50 levels of nesting"),
-    ("model: {source: demo:digits-cnn}\nanalyses: [{id: e\x01, estimator: activation_entropy}]\n",
-     r"spec.yaml:2:18: invalid YAML: character 0x0001 is not allowed"),
-    ("model: {source: \x1b[31mdemo}\nanalyses: [{id: e, estimator: activation_entropy}]\n",
-     r"spec.yaml:1:17: invalid YAML: character 0x001b is not allowed"),
-    ("model: {source: demo:digits-cnn}\nanalyses: [{id: e, estimator: activation_entropy, params: "
-     "{variant: histogram, bins: 100000000000}}]\n", r"spec.yaml:2:\d+: analyses.0.params.bins: .*less than or equal"),
-    ("# " + "x" * 2**21 + "\nmodel: {source: demo:digits-cnn}\n", r"spec.yaml: the file has \d+ bytes; a spec has at most"),
-], ids=["alias-bomb", "alias-bomb-under-unknown-key", "nested-brackets", "control-character", "escape-code",
-        "absurd-bins", "huge-file"])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "model: {source: demo:digits-cnn}\nanalyses: [{id: e, estimator: activation_entropy}]\n" + billion_laughs(),
+            r"spec.yaml:\d+:\d+: the spec has more than 100000 values once aliases are expanded",
+        ),
+        (
+            "model: {source: demo:digits-cnn}\nanalyses: [{id: e, estimator: activation_entropy}]\nunknown:\n  "
+            + billion_laughs().replace("\n", "\n  "),
+            r"more than 100000 values once aliases are expanded",
+        ),
+        (
+            "model: " + "[" * 100_000 + "]" * 100_000 + "\n",
+            r"spec.yaml:1:1: the spec has more than 50 levels of nesting",
+        ),
+        (
+            "model: {source: demo:digits-cnn}\nanalyses: [{id: e\x01, estimator: activation_entropy}]\n",
+            r"spec.yaml:2:18: invalid YAML: character 0x0001 is not allowed",
+        ),
+        (
+            "model: {source: \x1b[31mdemo}\nanalyses: [{id: e, estimator: activation_entropy}]\n",
+            r"spec.yaml:1:17: invalid YAML: character 0x001b is not allowed",
+        ),
+        (
+            "model: {source: demo:digits-cnn}\nanalyses: [{id: e, estimator: activation_entropy, params: "
+            "{variant: histogram, bins: 100000000000}}]\n",
+            r"spec.yaml:2:\d+: analyses.0.params.bins: .*less than or equal",
+        ),
+        (
+            "# " + "x" * 2**21 + "\nmodel: {source: demo:digits-cnn}\n",
+            r"spec.yaml: the file has \d+ bytes; a spec has at most",
+        ),
+    ],
+    ids=[
+        "alias-bomb",
+        "alias-bomb-under-unknown-key",
+        "nested-brackets",
+        "control-character",
+        "escape-code",
+        "absurd-bins",
+        "huge-file",
+    ],
+)
 def test_hostile_specs_fail_fast_with_a_location(tmp_path, text, message):
     spec = tmp_path / "spec.yaml"
     spec.write_text(text, encoding="utf-8")
@@ -187,14 +225,18 @@ def test_a_fifo_is_refused_not_read(tmp_path, tiny_onnx, where):
     fifo = tmp_path / ("pipe.onnx" if where == "model" else "pipe.npz" if where == "data" else "pipe.yaml")
     os.mkfifo(fifo)
     model, data = (fifo, "{source: digits}") if where == "model" else (tiny_onnx, f"{{source: npz, path: {fifo}}}")
-    spec = fifo if where == "spec" else write_spec(tmp_path, SPEC.format(model=model, data=data, extra="",
-                                                                         out=tmp_path / "out"))
+    spec = (
+        fifo
+        if where == "spec"
+        else write_spec(tmp_path, SPEC.format(model=model, data=data, extra="", out=tmp_path / "out"))
+    )
     code, err = run_subprocess("run", str(spec), timeout=60)
     assert code == 2 and "Traceback" not in err, err
     assert "is not a regular file" in err and "pipe" in err, err
 
 
 # --- the outputs folder: one run at a time, all files or none -------------------------------------------------------
+
 
 def test_a_second_run_on_a_locked_folder_is_refused(tmp_path, capsys, tiny_onnx):
     from filelock import FileLock
@@ -213,11 +255,16 @@ def test_two_concurrent_runs_on_one_folder(tmp_path, capsys):
     import sys
     import time
 
-    spec = write_spec(tmp_path, "model: {source: demo:digits-mlp, checkpoints: all}\n"
-                                "analyses: [{id: ip, estimator: information_plane}]\n"
-                                f"outputs: {{dir: {tmp_path / 'out'}}}\n", name="slow.yaml")
-    first = subprocess.Popen([sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"], stderr=subprocess.PIPE,
-                             text=True)
+    spec = write_spec(
+        tmp_path,
+        "model: {source: demo:digits-mlp, checkpoints: all}\n"
+        "analyses: [{id: ip, estimator: information_plane}]\n"
+        f"outputs: {{dir: {tmp_path / 'out'}}}\n",
+        name="slow.yaml",
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"], stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while not (tmp_path / "out" / ".layerscope-resume").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.1)  # its first checkpoint is saved: the run is under way and holds the folder's lock
@@ -228,12 +275,19 @@ def test_two_concurrent_runs_on_one_folder(tmp_path, capsys):
     assert len(__import__("json").loads((tmp_path / "out" / "results.json").read_text())["models"]) == 10
 
 
-@pytest.mark.parametrize("out, cause", [("/sys/kernel", r"Permission denied|Operation not permitted"),
-                                        ("{tmp}/a-file/out", r"Not a directory|File exists")])
+@pytest.mark.parametrize(
+    "out, cause",
+    [
+        ("/sys/kernel", r"Permission denied|Operation not permitted"),
+        ("{tmp}/a-file/out", r"Not a directory|File exists"),
+    ],
+)
 def test_an_unwritable_outputs_folder_is_a_user_error_before_the_run(tmp_path, capsys, tiny_onnx, out, cause):
     (tmp_path / "a-file").write_text("in the way")
-    spec = write_spec(tmp_path, SPEC.format(model="tiny.onnx", data="{source: digits, limit: 50}", extra="",
-                                            out=out.format(tmp=tmp_path)))
+    spec = write_spec(
+        tmp_path,
+        SPEC.format(model="tiny.onnx", data="{source: digits, limit: 50}", extra="", out=out.format(tmp=tmp_path)),
+    )
     assert main(["run", str(spec), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and re.search(rf"outputs.dir: cannot write to .*: ({cause})", err), err
@@ -247,16 +301,30 @@ def test_a_write_failing_midway_leaves_the_previous_results_intact(tmp_path, cap
     import sys
 
     out = tmp_path / "out"
-    first = write_spec(tmp_path, SPEC.format(model="tiny.onnx", data="{source: digits, limit: 50}", extra="",
-                                             out=f"{out}, formats: [json, csv, plots]"), name="first.yaml")
+    first = write_spec(
+        tmp_path,
+        SPEC.format(
+            model="tiny.onnx", data="{source: digits, limit: 50}", extra="", out=f"{out}, formats: [json, csv, plots]"
+        ),
+        name="first.yaml",
+    )
     assert main(["run", str(first), "--quiet"]) == 0
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    second = write_spec(tmp_path, SPEC.format(model="tiny.onnx", data="{source: digits}",
-                                              extra="    params: {variant: histogram}\n",
-                                              out=f"{out}, formats: [json, csv, plots]"), name="second.yaml")
-    limit = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-             "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)); "
-             "from layerscope.cli import main; sys.exit(main(['run', sys.argv[1], '--quiet']))")
+    second = write_spec(
+        tmp_path,
+        SPEC.format(
+            model="tiny.onnx",
+            data="{source: digits}",
+            extra="    params: {variant: histogram}\n",
+            out=f"{out}, formats: [json, csv, plots]",
+        ),
+        name="second.yaml",
+    )
+    limit = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)); "
+        "from layerscope.cli.main import main; sys.exit(main(['run', sys.argv[1], '--quiet']))"
+    )
     done = subprocess.run([sys.executable, "-c", limit, str(second)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert re.search(r"outputs.dir: cannot write to .*: File too large", done.stderr), done.stderr
@@ -290,11 +358,20 @@ def test_a_spec_error_is_reported_before_a_compressed_npz_is_inflated(tmp_path, 
     assert (tmp_path / "bomb.npz").stat().st_size < 8 * 2**20
 
     def peak_rss(data: str) -> tuple[int, int, str]:
-        spec = write_spec(tmp_path, SPEC.format(model="tiny.onnx", data=f"{{source: npz, path: {data}}}",
-                                                extra="    on: {name: no-such-tensor}\n", out=tmp_path / "out"),
-                          name=f"{data}.yaml")
-        report = ("import resource, sys\nfrom layerscope.cli import main\ntry:\n    code = main(['run', sys.argv[1]])\n"
-                  "finally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\nsys.exit(code)\n")
+        spec = write_spec(
+            tmp_path,
+            SPEC.format(
+                model="tiny.onnx",
+                data=f"{{source: npz, path: {data}}}",
+                extra="    on: {name: no-such-tensor}\n",
+                out=tmp_path / "out",
+            ),
+            name=f"{data}.yaml",
+        )
+        report = (
+            "import resource, sys\nfrom layerscope.cli.main import main\ntry:\n    code = main(['run', sys.argv[1]])\n"
+            "finally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\nsys.exit(code)\n"
+        )
         done = subprocess.run([sys.executable, "-c", report, str(spec)], capture_output=True, text=True, timeout=300)
         return done.returncode, int(done.stdout.split()[-1]), done.stderr
 
@@ -306,7 +383,7 @@ def test_a_spec_error_is_reported_before_a_compressed_npz_is_inflated(tmp_path, 
 
 
 def test_a_failed_run_removes_only_the_empty_folders_it_created(tmp_path):
-    from layerscope.outputs import output_folder
+    from layerscope.results.outputs import output_folder
 
     (tmp_path / "kept").mkdir()
     with pytest.raises(RuntimeError), output_folder(tmp_path / "kept" / "a" / "b"):

@@ -10,15 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layerscope.data import iter_batches, sample_order
-from layerscope.errors import UserError
+from layerscope.data.source import iter_batches, sample_order
 from layerscope.plugins.data.digits import DigitsSource
 from layerscope.plugins.data.npz import NpzSource
 from layerscope.plugins.data.synthetic import SyntheticSource
+from layerscope.util.errors import UserError
 
 
 def test_digits_splits():
-    sizes = {split: len(DigitsSource(DigitsSource.Params(split=split), Path("."))) for split in ("all", "train", "test")}
+    sizes = {
+        split: len(DigitsSource(DigitsSource.Params(split=split), Path("."))) for split in ("all", "train", "test")
+    }
     assert sizes == {"all": 1797, "train": 1347, "test": 450}
     x, y = DigitsSource(DigitsSource.Params(layout="image"), Path(".")).read(np.arange(5))
     assert x.shape == (5, 1, 8, 8) and 0.0 <= x.min() and x.max() <= 1.0 and y.tolist() == [0, 1, 2, 3, 4]
@@ -44,11 +46,14 @@ def test_synthetic_uniform_samples_lie_in_their_bounds_with_the_uniform_moments(
     np.testing.assert_array_equal(SyntheticSource(params, Path("."), seed=3).read(np.array([7]))[0], x[[7]])
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"distribution": "uniform", "std": 2.0}, "std does not apply to distribution: uniform"),
-    ({"low": 1.0}, "low does not apply to distribution: normal"),
-    ({"distribution": "uniform", "low": 1.0, "high": 1.0}, r"low \(1.0\) must be below high"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"distribution": "uniform", "std": 2.0}, "std does not apply to distribution: uniform"),
+        ({"low": 1.0}, "low does not apply to distribution: normal"),
+        ({"distribution": "uniform", "low": 1.0, "high": 1.0}, r"low \(1.0\) must be below high"),
+    ],
+)
 def test_synthetic_distribution_parameters_are_checked(params, message):
     with pytest.raises(ValueError, match=message):
         SyntheticSource.Params(**params)
@@ -71,6 +76,7 @@ def test_sample_order_and_batches():
 
 
 # --- npz arrays are read lazily and checked from their headers ------------------------------------------------------
+
 
 def _rss() -> int:
     with open("/proc/self/status") as handle:
@@ -122,13 +128,16 @@ def test_digits_are_read_from_the_cache_without_scikit_learn(tmp_path):
     import sys
 
     env = {**os.environ, "LAYERSCOPE_CACHE": str(tmp_path)}
-    probe = ("import sys; from layerscope.plugins.data.digits import load_digits_split; "
-             "x, y = load_digits_split('train'); print(x.shape, int(y.sum()), round(float(x.sum()), 3), "
-             "'sklearn' in sys.modules)")
+    probe = (
+        "import sys; from layerscope.plugins.data.digits import load_digits_split; "
+        "x, y = load_digits_split('train'); print(x.shape, int(y.sum()), round(float(x.sum()), 3), "
+        "'sklearn' in sys.modules)"
+    )
 
     def load() -> str:
-        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                              check=True).stdout.split()
+        return subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
 
     first = load()
     assert first[-1] == "True"  # built from scikit-learn
@@ -140,15 +149,20 @@ def test_digits_are_read_from_the_cache_without_scikit_learn(tmp_path):
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    x_train, _, y_train, _ = train_test_split((digits.data / 16).astype(np.float32), digits.target, test_size=0.25,
-                                              stratify=digits.target, random_state=0)
+    x_train, _, y_train, _ = train_test_split(
+        (digits.data / 16).astype(np.float32), digits.target, test_size=0.25, stratify=digits.target, random_state=0
+    )
     assert first[:2] == [f"({len(x_train)},", "64)"]
     assert int(first[2]) == int(y_train.sum()) and float(first[3]) == round(float(x_train.sum()), 3)
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 40), width=st.sampled_from([(1,), (3,), (2, 5)]),
-       dtype=st.sampled_from(["float32", "int64", "bool", "float16"]), data=st.data())
+@given(
+    rows=st.integers(1, 40),
+    width=st.sampled_from([(1,), (3,), (2, 5)]),
+    dtype=st.sampled_from(["float32", "int64", "bool", "float16"]),
+    data=st.data(),
+)
 def test_rows_of_a_stored_npz_member_are_read_exactly(tmp_path_factory, rows, width, dtype, data):
     """Shuffled, repeated, consecutive and negative indices read in place equal numpy's own reading."""
     import zipfile

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import layerscope
-from layerscope.errors import UserError
 from layerscope.testing import assert_records_close
+from layerscope.util.errors import UserError
 
 from .test_engines import EVERY_ESTIMATOR
 
@@ -34,12 +34,15 @@ def ray_cluster():
 
 
 def test_ray_gives_the_local_records_for_every_builtin_estimator(single_process, ray_cluster):
-    on_ray = layerscope.run({**EVERY_ESTIMATOR, "runtime": {"engine": "ray", "shards": 2}}, write=False,
-                            progress=False)
+    on_ray = layerscope.run({**EVERY_ESTIMATOR, "runtime": {"engine": "ray", "shards": 2}}, write=False, progress=False)
     assert on_ray.runtime["engine"] == "ray"
-    assert {r["estimator"] for r in on_ray.records} == {"activation_entropy", "information_plane",
-                                                        "nonlinearity_signature", "mean_dimension",
-                                                        "aggregation_distribution"}
+    assert {r["estimator"] for r in on_ray.records} == {
+        "activation_entropy",
+        "information_plane",
+        "nonlinearity_signature",
+        "mean_dimension",
+        "aggregation_distribution",
+    }
     assert_records_close(on_ray.records, single_process.records, rtol=0, atol=1e-9)
     assert [m["sha256"] for m in on_ray.models] == [m["sha256"] for m in single_process.models]
 
@@ -48,17 +51,23 @@ def test_a_user_error_in_a_ray_worker_ends_the_run_with_its_message(tmp_path, ra
     x = np.random.default_rng(0).normal(size=(40, 64)).astype(np.float32)
     x[33, 5] = np.nan  # in the second shard
     np.savez(tmp_path / "data.npz", x=x, y=np.arange(40) % 10)
-    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "npz", "path": str(tmp_path / "data.npz"),
-                                                             "batch_size": 10, "shuffle": False},
-            "analyses": [{"id": "e", "estimator": "activation_entropy"}], "runtime": {"engine": "ray", "shards": 2}}
+    spec = {
+        "model": {"source": "demo:digits-mlp"},
+        "data": {"source": "npz", "path": str(tmp_path / "data.npz"), "batch_size": 10, "shuffle": False},
+        "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+        "runtime": {"engine": "ray", "shards": 2},
+    }
     with pytest.raises(UserError, match="sample 33 contains NaN or Inf"):
         layerscope.run(spec, write=False, progress=False)
 
 
 def test_cuda_on_a_ray_cluster_without_gpus_is_a_user_error(ray_cluster):
-    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "digits", "limit": 100},
-            "analyses": [{"id": "e", "estimator": "activation_entropy"}],
-            "runtime": {"engine": "ray", "device": "cuda"}}
+    spec = {
+        "model": {"source": "demo:digits-mlp"},
+        "data": {"source": "digits", "limit": 100},
+        "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+        "runtime": {"engine": "ray", "device": "cuda"},
+    }
     with pytest.raises(UserError, match="runtime.device: cuda was requested but the Ray cluster has no GPUs"):
         layerscope.run(spec, write=False, progress=False)
 
@@ -66,19 +75,29 @@ def test_cuda_on_a_ray_cluster_without_gpus_is_a_user_error(ray_cluster):
 def test_cli_run_on_a_local_ray_cluster_and_a_cluster_that_is_not_there(tmp_path):
     """The command line starts (and stops) its own local cluster; an unreachable address exits 2."""
     spec = tmp_path / "spec.yaml"
-    spec.write_text("model: {source: demo:digits-mlp, checkpoints: [epoch_01, epoch_02]}\n"
-                    "data: {source: digits, limit: 200}\n"
-                    "analyses: [{id: e, estimator: activation_entropy}]\n"
-                    "runtime: {engine: ray, workers: 2}\n")
-    done = subprocess.run([sys.executable, "-m", "layerscope", "run", str(spec), "--out", str(tmp_path / "out"),
-                           "--quiet"], capture_output=True, text=True, timeout=300)
+    spec.write_text(
+        "model: {source: demo:digits-mlp, checkpoints: [epoch_01, epoch_02]}\n"
+        "data: {source: digits, limit: 200}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+        "runtime: {engine: ray, workers: 2}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(spec), "--out", str(tmp_path / "out"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["runtime"]["engine"] == "ray" and [m["label"] for m in results["models"]] == ["epoch_01", "epoch_02"]
 
     spec.write_text(spec.read_text().replace("workers: 2", "address: '127.0.0.1:9'"))
-    done = subprocess.run([sys.executable, "-m", "layerscope", "run", str(spec), "--out", str(tmp_path / "bad")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(spec), "--out", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "runtime.address: cannot join the Ray cluster at '127.0.0.1:9'" in done.stderr
     assert not (tmp_path / "bad" / "results.json").exists()
@@ -99,9 +118,22 @@ def test_cli_joins_an_existing_cluster_with_token_authentication(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     # its own temp folder (short: it holds sockets), so no address file outlives it in /tmp/ray
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    head = subprocess.Popen(["ray", "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
-                             f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=false"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=2",
+            f"--port={port}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            "--include-dashboard=false",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(240):
             try:
@@ -110,12 +142,19 @@ def test_cli_joins_an_existing_cluster_with_token_authentication(tmp_path):
             except OSError:
                 time.sleep(0.5)
         spec = tmp_path / "spec.yaml"
-        spec.write_text("model: {source: demo:digits-mlp, checkpoints: [epoch_01, epoch_02]}\n"
-                        "data: {source: digits, limit: 200}\n"
-                        "analyses: [{id: e, estimator: activation_entropy}]\n"
-                        f"runtime: {{engine: ray, address: '127.0.0.1:{port}'}}\n")
-        done = subprocess.run([sys.executable, "-m", "layerscope", "run", str(spec), "--out", str(tmp_path / "out"),
-                               "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+        spec.write_text(
+            "model: {source: demo:digits-mlp, checkpoints: [epoch_01, epoch_02]}\n"
+            "data: {source: digits, limit: 200}\n"
+            "analyses: [{id: e, estimator: activation_entropy}]\n"
+            f"runtime: {{engine: ray, address: '127.0.0.1:{port}'}}\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "layerscope", "run", str(spec), "--out", str(tmp_path / "out"), "--quiet"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr
         results = json.loads((tmp_path / "out" / "results.json").read_text())
         assert [m["label"] for m in results["models"]] == ["epoch_01", "epoch_02"] and results["records"]

@@ -15,8 +15,12 @@ import layerscope
 @pytest.mark.slow
 def test_quickstart_cli(repo, tmp_path):
     out = tmp_path / "qs"
-    proc = subprocess.run([sys.executable, "-m", "layerscope", "run", str(repo / "specs/quickstart.yaml"),
-                           "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(repo / "specs/quickstart.yaml"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["runtime"]["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
@@ -39,9 +43,12 @@ def test_quickstart_cli(repo, tmp_path):
 
 
 def test_python_api_and_pandas(tmp_path):
-    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "digits", "split": "test"},
-            "analyses": [{"id": "pat", "estimator": "activation_entropy", "params": {"variant": "pattern"}}],
-            "outputs": {"dir": str(tmp_path / "api")}}
+    spec = {
+        "model": {"source": "demo:digits-mlp"},
+        "data": {"source": "digits", "split": "test"},
+        "analyses": [{"id": "pat", "estimator": "activation_entropy", "params": {"variant": "pattern"}}],
+        "outputs": {"dir": str(tmp_path / "api")},
+    }
     results = layerscope.run(spec, progress=False)
     frame = results.to_pandas()
     assert set(frame["metric"]) == {"entropy", "distinct_patterns"}
@@ -52,15 +59,19 @@ def test_python_api_and_pandas(tmp_path):
 
 @pytest.mark.slow
 def test_validate_command_describes_checks(repo):
-    proc = subprocess.run([sys.executable, "-m", "layerscope", "validate", str(repo / "specs/quickstart.yaml")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerscope", "validate", str(repo / "specs/quickstart.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "entropy selects 3 tensors" in proc.stdout
 
 
 def test_inspect_command(repo):
-    proc = subprocess.run([sys.executable, "-m", "layerscope", "inspect", "demo:digits-cnn", "--json"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerscope", "inspect", "demo:digits-cnn", "--json"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     tensors = {t["name"]: t for t in json.loads(proc.stdout)["tensors"]}
     assert tensors["relu"]["layer"] == "relu1" and tensors["relu"]["shape"] == ["batch", 8, 8, 8]

@@ -14,10 +14,10 @@ import torch
 
 import layerscope
 from layerscope import Estimator, TensorBatch
-from layerscope.data import iter_batches, shard_spans
-from layerscope.errors import SpecError, UserError
-from layerscope.lifecycle import Isolation, SequentialExecutor, ShardOutcome, ShardTask, copied, drive
+from layerscope.data.source import iter_batches, shard_spans
+from layerscope.engine.lifecycle import Isolation, SequentialExecutor, ShardOutcome, ShardTask, copied, drive
 from layerscope.testing import assert_records_close
+from layerscope.util.errors import SpecError, UserError
 
 # Every built-in estimator on two epochs of the demo GAP CNN (it has activations, a
 # global-average-pooling layer and an output), in one spec.
@@ -30,7 +30,9 @@ EVERY_ESTIMATOR = {
         {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 30, "smoothing": 0.9}},
         {"id": "nls", "estimator": "nonlinearity_signature"},
         {"id": "md", "estimator": "mean_dimension", "params": {"pairs": 60, "features": "channels"}},
-        {"id": "agg", "estimator": "aggregation_distribution", "params": {"bins": 20}}]}
+        {"id": "agg", "estimator": "aggregation_distribution", "params": {"bins": 20}},
+    ],
+}
 
 
 # --- the driver, on a journal estimator ----------------------------------------------------------
@@ -59,11 +61,11 @@ class Journal(Estimator):
         self.total += float(batch.inputs.sum())
         self._log("update", batch.start)
 
-    def merge(self, other: "Journal") -> "Journal":
+    def merge(self, other: Journal) -> Journal:
         self._log("merge")
         return super().merge(other)
 
-    def carry_over(self, previous: "Journal") -> None:
+    def carry_over(self, previous: Journal) -> None:
         self.carried = previous.first_pass_total
         self._log("carry_over", previous.checkpoint, previous.pass_index)
 
@@ -197,8 +199,12 @@ def test_user_errors_end_the_run_and_strict_isolation_lets_bugs_through():
     journal = Journal()
     journal.fail_in = "end_pass"
     with pytest.raises(RuntimeError, match="end_pass broke"):
-        drive(1, 2, SequentialExecutor(lambda task: ShardOutcome("c0", [("a", journal)])),
-              lambda label: Isolation(label, strict=True))
+        drive(
+            1,
+            2,
+            SequentialExecutor(lambda task: ShardOutcome("c0", [("a", journal)])),
+            lambda label: Isolation(label, strict=True),
+        )
 
 
 def test_restored_checkpoints_are_skipped_and_handed_to_their_successor():
@@ -206,8 +212,9 @@ def test_restored_checkpoints_are_skipped_and_handed_to_their_successor():
     saved = Journal()
     saved.first_pass_total, saved.checkpoint, saved.pass_index = 123.0, 0, 2
     feeder = Feeder(shards=1)
-    states = drive_all(2, 2, SequentialExecutor(feeder.run), Isolation,
-                       restored=lambda index: {"a": saved} if index == 0 else None)
+    states = drive_all(
+        2, 2, SequentialExecutor(feeder.run), Isolation, restored=lambda index: {"a": saved} if index == 0 else None
+    )
     assert list(states) == [1] and not events("update", 0)
     assert dict(states[1].estimators)["a"].carried == 123.0
 
@@ -221,8 +228,7 @@ def single_process():
 @pytest.mark.slow
 def test_worker_processes_with_data_shards_give_the_single_process_records(single_process, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # the local engine needs no Ray: importing it would fail
-    parallel = layerscope.run({**EVERY_ESTIMATOR, "runtime": {"workers": 2, "shards": 3}}, write=False,
-                              progress=False)
+    parallel = layerscope.run({**EVERY_ESTIMATOR, "runtime": {"workers": 2, "shards": 3}}, write=False, progress=False)
     assert [m["label"] for m in parallel.models] == ["epoch_02", "epoch_10"]
     assert_records_close(parallel.records, single_process.records, rtol=0, atol=1e-9)
 
@@ -231,14 +237,15 @@ def test_worker_processes_with_data_shards_give_the_single_process_records(singl
 def test_the_order_in_which_the_driver_merges_shards_does_not_change_records(single_process):
     """Shards of both checkpoints run in this process, as copies; the driver merges them in every order."""
     from layerscope.api import prepare
-    from layerscope.checkpoint_run import ShardWorker
-    from layerscope.outcomes import finish_checkpoint
+    from layerscope.engine.checkpoint_run import ShardWorker
+    from layerscope.engine.outcomes import finish_checkpoint
 
     plan = prepare(EVERY_ESTIMATOR)
     checkpoints = plan.checkpoints()
     spans = shard_spans(len(plan.order), plan.spec.data.batch_size, 3)
     worker = ShardWorker(plan, checkpoints, spans, plan.order, plan.example())
     for permutation in [(0, 1, 2), (2, 0, 1), (1, 2, 0)]:
+
         class Permuted:
             parallel, shards = True, 3
 
@@ -246,10 +253,12 @@ def test_the_order_in_which_the_driver_merges_shards_does_not_change_records(sin
                 outcomes = [worker.run(pickle.loads(pickle.dumps(task))) for task in tasks]
                 return [outcomes[3 * (i // 3) + permutation[i % 3]] for i in range(len(outcomes))]
 
-        states = drive_all(len(checkpoints), plan.passes, Permuted(),
-                           lambda label: Isolation(label, plan.host.origin_of))
-        records = [r for index in sorted(states)
-                   for r in finish_checkpoint(plan, states[index], checkpoints[index]).records]
+        states = drive_all(
+            len(checkpoints), plan.passes, Permuted(), lambda label: Isolation(label, plan.host.origin_of)
+        )
+        records = [
+            r for index in sorted(states) for r in finish_checkpoint(plan, states[index], checkpoints[index]).records
+        ]
         assert_records_close(records, single_process.records, rtol=0, atol=1e-9)
 
 

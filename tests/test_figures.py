@@ -11,29 +11,41 @@ import matplotlib.pyplot as plt
 import pytest
 
 import layerscope
-from layerscope.cli import main
-from layerscope.plugins.activation_entropy import ActivationEntropy
-from layerscope.plugins.aggregation_distribution import AggregationDistribution
-from layerscope.plugins.information_plane import InformationPlane
-from layerscope.plugins.nonlinearity_signature import NonlinearitySignature
+from layerscope.cli.main import main
+from layerscope.plugins.activation_entropy.estimator import ActivationEntropy
+from layerscope.plugins.aggregation_distribution.estimator import AggregationDistribution
+from layerscope.plugins.information_plane.estimator import InformationPlane
+from layerscope.plugins.nonlinearity_signature.estimator import NonlinearitySignature
 
 from .test_reports import CHROMIUM, render_in_chromium
 
 matplotlib.use("Agg")
-MODELS = [{"label": "mlp", "source": "demo:digits-mlp", "checkpoints": ["epoch_01", "epoch_10"]},
-          {"label": "cnn", "source": "demo:digits-cnn"}]
-ANALYSES = [{"id": "entropy", "estimator": "activation_entropy"},
-            {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 20}},
-            {"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 100, "batches": 3}}]
+MODELS = [
+    {"label": "mlp", "source": "demo:digits-mlp", "checkpoints": ["epoch_01", "epoch_10"]},
+    {"label": "cnn", "source": "demo:digits-cnn"},
+]
+ANALYSES = [
+    {"id": "entropy", "estimator": "activation_entropy"},
+    {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 20}},
+    {"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 100, "batches": 3}},
+]
 
 
 @pytest.fixture(scope="module")
 def models_run(tmp_path_factory):
     """A models: spec (two checkpoints of the MLP, one CNN) on 300 test digits in batches of 100."""
     folder = tmp_path_factory.mktemp("models")
-    layerscope.run({"name": "two-networks", "models": MODELS, "analyses": ANALYSES,
-                    "data": {"source": "digits", "split": "test", "limit": 300, "batch_size": 100},
-                    "outputs": {"formats": ["json", "html"]}}, out=folder, progress=False)
+    layerscope.run(
+        {
+            "name": "two-networks",
+            "models": MODELS,
+            "analyses": ANALYSES,
+            "data": {"source": "digits", "split": "test", "limit": 300, "batch_size": 100},
+            "outputs": {"formats": ["json", "html"]},
+        },
+        out=folder,
+        progress=False,
+    )
     return folder
 
 
@@ -41,9 +53,17 @@ def models_run(tmp_path_factory):
 def gap_run(tmp_path_factory):
     """The aggregation analysis of the trained GAP CNN (one of its 8 pooled channels never fires)."""
     folder = tmp_path_factory.mktemp("gap")
-    layerscope.run({"name": "gap", "model": {"source": "demo:digits-gap"}, "data": {"split": "test", "limit": 400},
-                    "analyses": [{"id": "agg", "estimator": "aggregation_distribution", "params": {"bins": 30}}],
-                    "outputs": {"formats": ["json"]}}, out=folder, progress=False)
+    layerscope.run(
+        {
+            "name": "gap",
+            "model": {"source": "demo:digits-gap"},
+            "data": {"split": "test", "limit": 400},
+            "analyses": [{"id": "agg", "estimator": "aggregation_distribution", "params": {"bins": 30}}],
+            "outputs": {"formats": ["json"]},
+        },
+        out=folder,
+        progress=False,
+    )
     return folder
 
 
@@ -58,14 +78,18 @@ def test_entropy_draws_every_class_of_every_network(models_run):
     assert len(pooled.lines) == 3  # a line per checkpoint
     for line in pooled.lines:  # two networks: each on the relative depth axis, points named by their own layers
         assert min(line.get_xdata()) == 0.0 and max(line.get_xdata()) == 1.0
-    assert len(pooled.texts) == sum(len({r["layer"] for r in records if r["model"] == m}) for m in
-                                    {r["model"] for r in records})
+    assert len(pooled.texts) == sum(
+        len({r["layer"] for r in records if r["model"] == m}) for m in {r["model"] for r in records}
+    )
     for axes, network in zip(heatmaps, ["mlp", "cnn"]):
         layers = {r["layer"] for r in records if r.get("network") == network}
         grid = axes.images[0].get_array()
         assert grid.shape == (10, len(layers))  # class × layer
-        expected = next(r["value"] for r in records if r["model"] == axes.get_title()[len("per class ("):-1]
-                        and r["class"] == 3 and r["metric"] == "entropy")
+        expected = next(
+            r["value"]
+            for r in records
+            if r["model"] == axes.get_title()[len("per class (") : -1] and r["class"] == 3 and r["metric"] == "entropy"
+        )
         assert expected in grid[3]
     assert len(heatmaps) == 2
     plt.close(figure)

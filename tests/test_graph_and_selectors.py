@@ -7,9 +7,9 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from layerscope.errors import UserError
-from layerscope.graph import describe_tensors
-from layerscope.selectors import SelectorSpec, resolve
+from layerscope.graph.selectors import SelectorSpec, resolve
+from layerscope.graph.tensors import describe_tensors
+from layerscope.util.errors import UserError
 
 from .conftest import tiny_mlp_proto
 
@@ -42,33 +42,55 @@ def test_constants_and_shape_arithmetic_are_not_observable():
         helper.make_node("Reshape", ["x", "target"], ["flat"]),
         helper.make_node("Relu", ["flat"], ["y"]),
     ]
-    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array([1], np.int64), "one")]
-    proto = model(nodes, [helper.make_tensor_value_info("x", FLOAT, ["N", 2, 3])],
-                  [helper.make_tensor_value_info("y", FLOAT, None)], inits)
+    inits = [
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+    ]
+    proto = model(
+        nodes,
+        [helper.make_tensor_value_info("x", FLOAT, ["N", 2, 3])],
+        [helper.make_tensor_value_info("y", FLOAT, None)],
+        inits,
+    )
     tensors = by_name(describe_tensors(proto))
     assert tensors["minus_one"].reason == "constant"
     assert {tensors[n].reason for n in ("shape", "batch", "target")} == {"shape arithmetic"}
     assert tensors["flat"].observable and tensors["y"].observable
     assert tensors["flat"].shape[0] == "N" and tensors["flat"].bytes_per_sample() is None  # -1 is not propagated
-    from layerscope.runner import Runner
+    from layerscope.engine.runner import Runner
 
     runner = Runner(proto, list(tensors.values()), [("flat",), ("y",)], "cpu", 200, 5)  # one batch of each is 120 bytes
-    fetched = dict(kv for _, group in runner.run(runner.prepare(np.ones((5, 2, 3), np.float32))) for kv in group.items())
+    fetched = dict(
+        kv for _, group in runner.run(runner.prepare(np.ones((5, 2, 3), np.float32))) for kv in group.items()
+    )
     assert fetched["flat"].shape == (5, 6) and runner._sizes["flat"] == 24  # measured on one sample
     assert [g.names for g in runner.groups] == [["flat"], ["y"]]
 
 
 def test_if_body_tensors_are_reported_not_observable():
-    then_graph = helper.make_graph([helper.make_node("Relu", ["x"], ["inner_relu"])], "then", [],
-                                   [helper.make_tensor_value_info("inner_relu", FLOAT, ["N", 3])])
-    else_graph = helper.make_graph([helper.make_node("Neg", ["x"], ["inner_neg"])], "else", [],
-                                   [helper.make_tensor_value_info("inner_neg", FLOAT, ["N", 3])])
-    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
-             helper.make_node("Greater", ["total", "zero"], ["positive"]),
-             helper.make_node("If", ["positive"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph)]
-    proto = model(nodes, [helper.make_tensor_value_info("x", FLOAT, ["N", 3])],
-                  [helper.make_tensor_value_info("y", FLOAT, ["N", 3])],
-                  [numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    then_graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["inner_relu"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("inner_relu", FLOAT, ["N", 3])],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["inner_neg"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("inner_neg", FLOAT, ["N", 3])],
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph),
+    ]
+    proto = model(
+        nodes,
+        [helper.make_tensor_value_info("x", FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.array(0, np.float32), "zero")],
+    )
     tensors = by_name(describe_tensors(proto))
     assert not tensors["inner_relu"].observable
     assert "inside the If body of node 'branch'" in tensors["inner_relu"].reason
@@ -78,10 +100,13 @@ def test_if_body_tensors_are_reported_not_observable():
 
 
 def test_sequence_values_are_not_tensors():
-    nodes = [helper.make_node("SequenceConstruct", ["x", "x"], ["seq"]),
-             helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=0)]
-    proto = model(nodes, [helper.make_tensor_value_info("x", FLOAT, ["N", 3])],
-                  [helper.make_tensor_value_info("y", FLOAT, None)])
+    nodes = [
+        helper.make_node("SequenceConstruct", ["x", "x"], ["seq"]),
+        helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=0),
+    ]
+    proto = model(
+        nodes, [helper.make_tensor_value_info("x", FLOAT, ["N", 3])], [helper.make_tensor_value_info("y", FLOAT, None)]
+    )
     seq = by_name(describe_tensors(proto))["seq"]
     assert not seq.observable and "sequence" in seq.reason
 
@@ -113,20 +138,25 @@ def test_selector_lists_and_roles():
     assert [t.name for t in resolve(SelectorSpec(role="input"), tensors)] == ["x"]
     with pytest.raises(UserError, match="matches no tensor"):
         resolve([SelectorSpec(op_type="Sigmoid"), SelectorSpec(role="output")], tensors)
-    assert [t.name for t in resolve([SelectorSpec(op_type="Sigmoid"), SelectorSpec(role="output")], tensors,
-                                    strict=False)] == ["logits"]
+    assert [
+        t.name for t in resolve([SelectorSpec(op_type="Sigmoid"), SelectorSpec(role="output")], tensors, strict=False)
+    ] == ["logits"]
 
 
 def test_nhwc_tensors_are_moved_channels_first_by_the_estimators(tmp_path):
     """The same maps stored NHWC (input marked by an adapter, as Keras is) and NCHW give the same numbers."""
     import layerscope
-    from layerscope.graph import INPUT_LAYOUT_KEY, infer_layouts
+    from layerscope.graph.tensors import INPUT_LAYOUT_KEY, infer_layouts
 
     def model(shape, layout):
         nodes = [helper.make_node("Mul", ["x", "scale"], ["scaled"]), helper.make_node("Relu", ["scaled"], ["a"])]
-        graph = helper.make_graph(nodes, "maps", [helper.make_tensor_value_info("x", FLOAT, ["N", *shape])],
-                                  [helper.make_tensor_value_info("a", FLOAT, ["N", *shape])],
-                                  [numpy_helper.from_array(np.array(1.5, np.float32), "scale")])
+        graph = helper.make_graph(
+            nodes,
+            "maps",
+            [helper.make_tensor_value_info("x", FLOAT, ["N", *shape])],
+            [helper.make_tensor_value_info("a", FLOAT, ["N", *shape])],
+            [numpy_helper.from_array(np.array(1.5, np.float32), "scale")],
+        )
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
         onnx.helper.set_model_props(proto, {INPUT_LAYOUT_KEY: layout})
         return proto
@@ -134,17 +164,22 @@ def test_nhwc_tensors_are_moved_channels_first_by_the_estimators(tmp_path):
     rng = np.random.default_rng(0)
     maps = rng.standard_normal((300, 3, 4, 4)).astype(np.float32) + np.array([-1.0, 0.0, 1.0])[None, :, None, None]
     results = {}
-    for name, shape, layout, data in (("nchw", (3, 4, 4), "NCHW", maps),
-                                      ("nhwc", (4, 4, 3), "NHWC", maps.transpose(0, 2, 3, 1).copy())):
+    for name, shape, layout, data in (
+        ("nchw", (3, 4, 4), "NCHW", maps),
+        ("nhwc", (4, 4, 3), "NHWC", maps.transpose(0, 2, 3, 1).copy()),
+    ):
         proto = model(shape, layout)
         assert infer_layouts(proto)["a"] == layout
         onnx.save(proto, str(tmp_path / f"{name}.onnx"))
         np.savez(tmp_path / f"{name}.npz", x=data)
-        spec = {"model": {"source": str(tmp_path / f"{name}.onnx")},
-                "data": {"source": "npz", "path": str(tmp_path / f"{name}.npz"), "shuffle": False},
-                "analyses": [{"id": "ch", "estimator": "activation_entropy", "on": {"name": "a"},
-                              "params": {"neurons": "channels"}},
-                             {"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 300}}]}
+        spec = {
+            "model": {"source": str(tmp_path / f"{name}.onnx")},
+            "data": {"source": "npz", "path": str(tmp_path / f"{name}.npz"), "shuffle": False},
+            "analyses": [
+                {"id": "ch", "estimator": "activation_entropy", "on": {"name": "a"}, "params": {"neurons": "channels"}},
+                {"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 300}},
+            ],
+        }
         run = layerscope.run(spec, write=False, progress=False)
         results[name] = {(r["analysis"], r["metric"], str(r.get("class"))): r["value"] for r in run.records}
     assert results["nchw"].keys() == results["nhwc"].keys()
@@ -154,20 +189,37 @@ def test_nhwc_tensors_are_moved_channels_first_by_the_estimators(tmp_path):
 
 # --- a unique label per tensor, even when a module is called twice ----------------------------------------------
 
-def test_call_labels_number_calls_and_name_a_calls_inner_tensors():
-    from layerscope.layer_names import call_labels
 
-    nodes = [("stem", [("c0", True)]),
-             ("block.c1", [("c1", True)]), ("block.relu", [("r1", True)]), ("block.c2", [("c2", True)]),
-             ("block", [("add", True)]),  # the block's own op: same call as its children's
-             ("block.relu", [("r2", True)]),  # the ReLU module again: its second call
-             ("block", [("add2", True), ("aux", False)]),
-             ("head", [("h", True)]), ("block.relu", [("r3", True)])]
-    assert call_labels(nodes) == {"c0": "stem", "c1": "block.c1", "r1": "block.relu", "c2": "block.c2",
-                                  "add": "block/add", "r2": "block.relu#2", "add2": "block", "aux": "block/aux",
-                                  "h": "head", "r3": "block.relu#3"}
-    assert call_labels([("a", [("x", True)]), ("a#2", [("y", True)]), ("b", [("z", True)]),
-                        ("a", [("w", True)])])["w"] == "a#2/w"  # a layer named like a label: still unique
+def test_call_labels_number_calls_and_name_a_calls_inner_tensors():
+    from layerscope.graph.layer_names import call_labels
+
+    nodes = [
+        ("stem", [("c0", True)]),
+        ("block.c1", [("c1", True)]),
+        ("block.relu", [("r1", True)]),
+        ("block.c2", [("c2", True)]),
+        ("block", [("add", True)]),  # the block's own op: same call as its children's
+        ("block.relu", [("r2", True)]),  # the ReLU module again: its second call
+        ("block", [("add2", True), ("aux", False)]),
+        ("head", [("h", True)]),
+        ("block.relu", [("r3", True)]),
+    ]
+    assert call_labels(nodes) == {
+        "c0": "stem",
+        "c1": "block.c1",
+        "r1": "block.relu",
+        "c2": "block.c2",
+        "add": "block/add",
+        "r2": "block.relu#2",
+        "add2": "block",
+        "aux": "block/aux",
+        "h": "head",
+        "r3": "block.relu#3",
+    }
+    assert (
+        call_labels([("a", [("x", True)]), ("a#2", [("y", True)]), ("b", [("z", True)]), ("a", [("w", True)])])["w"]
+        == "a#2/w"
+    )  # a layer named like a label: still unique
 
 
 class ReusingBlock(__import__("torch").nn.Module):
@@ -202,18 +254,25 @@ def test_reused_modules_get_one_label_per_tensor_in_records_plots_and_selectors(
     import torch
 
     import layerscope
-    from layerscope.plugins.plot_reporter import default_plot
-    from layerscope.plugins.information_plane_plot import plot_information_plane
+    from layerscope.plugins.information_plane.plot import plot_information_plane
+    from layerscope.plugins.reporters.plots import default_plot
 
     torch.manual_seed(0)
-    spec = {"model": {"source": ReusingNet()}, "data": {"source": "digits", "layout": "image", "limit": 100},
-            "analyses": [{"id": "ent", "estimator": "activation_entropy"},
-                         {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 10}},
-                         {"id": "second", "estimator": "activation_entropy", "on": {"layer": "layer1.0.relu#2"}},
-                         {"id": "module", "estimator": "activation_entropy", "on": {"layer": "layer1.1.relu"}}]}
+    spec = {
+        "model": {"source": ReusingNet()},
+        "data": {"source": "digits", "layout": "image", "limit": 100},
+        "analyses": [
+            {"id": "ent", "estimator": "activation_entropy"},
+            {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 10}},
+            {"id": "second", "estimator": "activation_entropy", "on": {"layer": "layer1.0.relu#2"}},
+            {"id": "module", "estimator": "activation_entropy", "on": {"layer": "layer1.1.relu"}},
+        ],
+    }
     results = layerscope.run(spec, write=False, progress=False)
-    layers = lambda analysis: [r["layer"] for r in results.select(analysis=analysis, metric="entropy")  # noqa: E731
-                               if r["class"] == "all"]
+
+    def layers(analysis):
+        return [r["layer"] for r in results.select(analysis=analysis, metric="entropy") if r["class"] == "all"]
+
     assert layers("ent") == ["layer1.0.relu", "layer1.0.relu#2", "layer1.1.relu", "layer1.1.relu#2"]
     assert layers("second") == ["layer1.0.relu#2"]
     assert layers("module") == ["layer1.1.relu", "layer1.1.relu#2"]  # a module path selects every call

@@ -11,8 +11,8 @@ import pytest
 datasets = pytest.importorskip("datasets")
 
 import layerscope  # noqa: E402
-from layerscope.errors import UserError  # noqa: E402
 from layerscope.plugins.data.hf_dataset import HFDatasetSource  # noqa: E402
+from layerscope.util.errors import UserError  # noqa: E402
 
 from .conftest import digit_image_folder  # noqa: E402
 
@@ -20,8 +20,9 @@ ENTROPY = [{"id": "entropy", "estimator": "activation_entropy"}]
 
 
 def _run(model, data: dict, analyses=ENTROPY) -> list[dict]:
-    return layerscope.run({"model": {"source": model}, "data": data, "analyses": analyses},
-                          write=False, progress=False).records
+    return layerscope.run(
+        {"model": {"source": model}, "data": data, "analyses": analyses}, write=False, progress=False
+    ).records
 
 
 def test_an_image_dataset_on_disk_gives_the_records_of_the_image_folder(tmp_path):
@@ -32,15 +33,19 @@ def test_an_image_dataset_on_disk_gives_the_records_of_the_image_folder(tmp_path
     files = sorted(folder.rglob("*.png"), key=lambda p: p.relative_to(folder).parts)
     classes = sorted(set(names))
     features = datasets.Features({"picture": datasets.Image(), "digit": datasets.ClassLabel(names=classes)})
-    table = datasets.Dataset.from_dict({"picture": [Image.open(f) for f in files],
-                                        "digit": [classes.index(n) for n in names]}, features=features)
+    table = datasets.Dataset.from_dict(
+        {"picture": [Image.open(f) for f in files], "digit": [classes.index(n) for n in names]}, features=features
+    )
     table.save_to_disk(str(tmp_path / "saved"))
     prep = {"color": "grey", "resize": [12, 12], "center_crop": 8, "normalize": {"mean": [0.2], "std": [0.3]}}
     common = {"batch_size": 25, "limit": 100, **prep}
     analyses = ENTROPY + [{"id": "signature", "estimator": "nonlinearity_signature"}]
     from_folder = _run("demo:digits-cnn", {"source": "images", "path": str(folder), **common}, analyses)
-    from_dataset = _run("demo:digits-cnn", {"source": "hf_dataset", "path": str(tmp_path / "saved"),
-                                            "inputs": "picture", "label": "digit", **common}, analyses)
+    from_dataset = _run(
+        "demo:digits-cnn",
+        {"source": "hf_dataset", "path": str(tmp_path / "saved"), "inputs": "picture", "label": "digit", **common},
+        analyses,
+    )
     assert len(from_dataset) == len(from_folder) > 20
     assert from_dataset == from_folder  # class names from the ClassLabel, identical values
 
@@ -49,15 +54,32 @@ def test_local_files_through_a_packaged_builder(tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERSCOPE_CACHE", str(tmp_path / "cache"))
     rows = "\n".join(f'{{"features": {[float(i), float(i) / 2] * 32}, "kind": "{"ab"[i % 2]}"}}' for i in range(30))
     (tmp_path / "rows.jsonl").write_text(rows + "\n")
-    source = HFDatasetSource(HFDatasetSource.Params(data_files="rows.jsonl", inputs="features", label="kind"),
-                             tmp_path)
+    source = HFDatasetSource(HFDatasetSource.Params(data_files="rows.jsonl", inputs="features", label="kind"), tmp_path)
     x, y = source.read(np.array([3, 0]))
     assert len(source) == 30 and x.shape == (2, 64) and x[0, :2].tolist() == [3.0, 1.5] and y.tolist() == ["b", "a"]
     assert (tmp_path / "cache" / "hf-datasets").is_dir()  # the arrow cache, not ~/.cache/huggingface
 
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "dog", "sat", "ran", "on", "a", "mat", "far",
-         "and", "slept", "very", "fast"]
+VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "a",
+    "mat",
+    "far",
+    "and",
+    "slept",
+    "very",
+    "fast",
+]
 
 
 def _tokenizer(folder: Path) -> Path:
@@ -83,18 +105,41 @@ def test_text_is_tokenized_into_the_inputs_of_a_bert_model(tmp_path):
     sentences = [" ".join(rng.choice(words, rng.integers(2, 9))) for _ in range(40)]
     labels = rng.integers(0, 2, 40)
     datasets.Dataset.from_dict({"sentence": sentences, "label": labels}).save_to_disk(str(tmp_path / "saved"))
-    encoded = AutoTokenizer.from_pretrained(str(tokenizer_dir))(sentences, padding="max_length", truncation=True,
-                                                               max_length=12, return_tensors="np")
+    encoded = AutoTokenizer.from_pretrained(str(tokenizer_dir))(
+        sentences, padding="max_length", truncation=True, max_length=12, return_tensors="np"
+    )
     np.savez(tmp_path / "tokens.npz", ids=encoded["input_ids"], mask=encoded["attention_mask"], y=labels)
     torch.manual_seed(0)
-    bert = transformers.BertModel(transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1,
-                                                          num_attention_heads=2, intermediate_size=64))
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        )
+    )
     analyses = ENTROPY + [{"id": "signature", "estimator": "nonlinearity_signature"}]
     common = {"batch_size": 10, "shuffle": False}
-    from_text = _run(bert, {"source": "hf_dataset", "path": str(tmp_path / "saved"), "text": "sentence",
-                            "tokenizer": str(tokenizer_dir), "max_length": 12, "label": "label", **common}, analyses)
-    from_npz = _run(bert, {"source": "npz", "path": str(tmp_path / "tokens.npz"),
-                           "inputs": {"input_ids": "ids", "attention_mask": "mask"}, **common}, analyses)
+    from_text = _run(
+        bert,
+        {
+            "source": "hf_dataset",
+            "path": str(tmp_path / "saved"),
+            "text": "sentence",
+            "tokenizer": str(tokenizer_dir),
+            "max_length": 12,
+            "label": "label",
+            **common,
+        },
+        analyses,
+    )
+    from_npz = _run(
+        bert,
+        {
+            "source": "npz",
+            "path": str(tmp_path / "tokens.npz"),
+            "inputs": {"input_ids": "ids", "attention_mask": "mask"},
+            **common,
+        },
+        analyses,
+    )
     assert len(from_text) == len(from_npz) > 5
     for a, b in zip(from_text, from_npz):
         assert {k: v for k, v in a.items() if k != "value"} == {k: v for k, v in b.items() if k != "value"}
@@ -103,12 +148,14 @@ def test_text_is_tokenized_into_the_inputs_of_a_bert_model(tmp_path):
 
 def test_bad_datasets_are_user_errors(tmp_path):
     datasets.Dataset.from_dict({"a": [[1.0, 2.0], [3.0, 4.0]], "t": ["x", "y"]}).save_to_disk(str(tmp_path / "s"))
-    cases = [({"path": "s", "inputs": "b"}, r"data.inputs: the dataset has no column 'b' \(its columns: a, t\)"),
-             ({"path": "nothere", "inputs": "a"}, r"data: cannot load the dataset \(FileNotFoundError"),
-             ({"path": "s", "inputs": "a", "label": "z"}, r"data.label: the dataset has no column 'z'"),
-             ({"path": "s", "inputs": "a", "text": "t", "tokenizer": "tok"}, "give inputs as {model input: column}"),
-             ({"path": "s", "inputs": {"x": "a"}, "text": "t", "tokenizer": "none"}, r"data.tokenizer: .*none is not"),
-             ({"path": "s", "inputs": "t"}, r"column 't' is not numeric")]
+    cases = [
+        ({"path": "s", "inputs": "b"}, r"data.inputs: the dataset has no column 'b' \(its columns: a, t\)"),
+        ({"path": "nothere", "inputs": "a"}, r"data: cannot load the dataset \(FileNotFoundError"),
+        ({"path": "s", "inputs": "a", "label": "z"}, r"data.label: the dataset has no column 'z'"),
+        ({"path": "s", "inputs": "a", "text": "t", "tokenizer": "tok"}, "give inputs as {model input: column}"),
+        ({"path": "s", "inputs": {"x": "a"}, "text": "t", "tokenizer": "none"}, r"data.tokenizer: .*none is not"),
+        ({"path": "s", "inputs": "t"}, r"column 't' is not numeric"),
+    ]
     for params, message in cases:
         with pytest.raises((UserError, ValueError), match=message):
             source = HFDatasetSource(HFDatasetSource.Params(**params), tmp_path)
@@ -124,12 +171,16 @@ def test_an_image_folder_through_the_imagefolder_builder(tmp_path, monkeypatch):
     from layerscope.plugins.data.images import ImagesSource
 
     digit_image_folder(tmp_path, 30)
-    source = HFDatasetSource(HFDatasetSource.Params(data_files="digits/**", builder="imagefolder", inputs="image",
-                                                    label="label", color="grey", scale=1 / 240), tmp_path)
+    source = HFDatasetSource(
+        HFDatasetSource.Params(
+            data_files="digits/**", builder="imagefolder", inputs="image", label="label", color="grey", scale=1 / 240
+        ),
+        tmp_path,
+    )
     x, y = source.read(np.arange(len(source)))
     images = ImagesSource(ImagesSource.Params(path="digits", color="grey", scale=1 / 240), tmp_path)
     expected, expected_names = images.read(np.arange(len(images)))
-    order = np.lexsort((x.reshape(len(x), -1).T[::-1]))  # both sets sorted by pixels: the builders' orders differ
-    reference = np.lexsort((expected.reshape(len(expected), -1).T[::-1]))
+    order = np.lexsort(x.reshape(len(x), -1).T[::-1])  # both sets sorted by pixels: the builders' orders differ
+    reference = np.lexsort(expected.reshape(len(expected), -1).T[::-1])
     np.testing.assert_array_equal(x[order], expected[reference])
     assert y[order].tolist() == expected_names[reference].tolist() and len(source) == 30

@@ -8,17 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from layerscope import hookspecs
+from layerscope.host import hookspecs
 
 REPO = Path(__file__).resolve().parents[1]
-HOOKS = [(name, f) for name, f in inspect.getmembers(hookspecs, inspect.isfunction)
-         if hasattr(f, "layerscope_spec")]
+HOOKS = [(name, f) for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "layerscope_spec")]
 
 
 def test_there_are_hooks():
-    assert {name for name, _ in HOOKS} >= {"register_estimators", "register_adapters", "register_data_sources",
-                                           "register_reporters", "before_run", "after_batch", "after_run",
-                                           "on_run_error"}
+    assert {name for name, _ in HOOKS} >= {
+        "register_estimators",
+        "register_adapters",
+        "register_data_sources",
+        "register_reporters",
+        "before_run",
+        "after_batch",
+        "after_run",
+        "on_run_error",
+    }
 
 
 @pytest.mark.parametrize("name, function", HOOKS)

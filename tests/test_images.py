@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import layerscope
-from layerscope.errors import SpecError, UserError
 from layerscope.plugins.data.images import ImagesSource
+from layerscope.util.errors import SpecError, UserError
 
 from .conftest import digit_image_folder
 
@@ -59,8 +59,12 @@ def test_grey_is_the_itu_601_luma(rgb):
 def test_normalize_presets_and_explicit_values(rgb):
     folder, pixels = rgb
     scaled = pixels.astype(np.float32) * np.float32(1 / 255)
-    np.testing.assert_allclose(_read(folder, normalize="imagenet")[0],
-                               ((scaled - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        _read(folder, normalize="imagenet")[0],
+        ((scaled - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     got = _read(folder, normalize={"mean": [0.5], "std": [0.25]}, layout="nhwc")[0]
     np.testing.assert_allclose(got, (scaled - 0.5) / 0.25, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="normalize.mean has 2 values; color rgb has 3 channels"):
@@ -71,7 +75,7 @@ def test_center_crop_cuts_the_middle(rgb):
     folder, pixels = rgb
     got = _read(folder, center_crop=[4, 7], scale=1.0, layout="nhwc")[0]
     top, left = round((10 - 4) / 2), round((14 - 7) / 2)  # 3, 4 (round half to even, as torchvision)
-    np.testing.assert_array_equal(got, pixels[top:top + 4, left:left + 7].astype(np.float32))
+    np.testing.assert_array_equal(got, pixels[top : top + 4, left : left + 7].astype(np.float32))
     with pytest.raises(UserError, match=r"a.png is 14×10 after resize, smaller than center_crop 16×16"):
         _read(folder, center_crop=16)
 
@@ -92,20 +96,28 @@ def test_resize_nearest_up_box_down_and_shorter_side(tmp_path):
     assert _read(tmp_path / "down", color="grey", resize=6).shape == (1, 1, 6, 8)  # shorter side 12 -> 6
 
 
-ANALYSES = [{"id": "entropy", "estimator": "activation_entropy"},
-            {"id": "signature", "estimator": "nonlinearity_signature"},
-            {"id": "plane", "estimator": "information_plane", "params": {"sigma": 1.0}}]
+ANALYSES = [
+    {"id": "entropy", "estimator": "activation_entropy"},
+    {"id": "signature", "estimator": "nonlinearity_signature"},
+    {"id": "plane", "estimator": "information_plane", "params": {"sigma": 1.0}},
+]
 
 
 def test_images_give_the_records_of_the_same_pixels_through_npz(tmp_path):
     folder, x, y = digit_image_folder(tmp_path, 160)
     np.savez(tmp_path / "d.npz", x=x, y=y)
     common = {"batch_size": 40, "limit": 120, "shuffle": True}
-    through = {source: layerscope.run({"model": {"source": "demo:digits-cnn"}, "data": {**common, **data},
-                                       "analyses": ANALYSES}, write=False, progress=False).records
-               for source, data in (("npz", {"source": "npz", "path": str(tmp_path / "d.npz")}),
-                                    ("images", {"source": "images", "path": str(folder), "color": "grey",
-                                                "scale": 1 / 240, "threads": 3}))}
+    through = {
+        source: layerscope.run(
+            {"model": {"source": "demo:digits-cnn"}, "data": {**common, **data}, "analyses": ANALYSES},
+            write=False,
+            progress=False,
+        ).records
+        for source, data in (
+            ("npz", {"source": "npz", "path": str(tmp_path / "d.npz")}),
+            ("images", {"source": "images", "path": str(folder), "color": "grey", "scale": 1 / 240, "threads": 3}),
+        )
+    }
     assert len(through["images"]) == len(through["npz"]) > 50
     assert {r.get("class") for r in through["images"]} >= {"all", "0", "9"}
     for a, b in zip(through["images"], through["npz"]):
@@ -132,12 +144,25 @@ def test_a_channel_last_model_receives_channel_last_images(tmp_path):
 
     batch = torch.export.Dim("batch")
     for module, shape, name in ((net, (2, 1, 8, 8), "first"), (ChannelLast(), (2, 8, 8, 1), "last")):
-        torch.onnx.export(module.eval(), (torch.rand(shape),), str(tmp_path / f"{name}.onnx"), dynamo=True,
-                          dynamic_shapes=({0: batch},))
-    records = {name: layerscope.run({"model": {"source": str(tmp_path / f"{name}.onnx")},
-                                     "data": {"source": "images", "path": str(folder), "color": "grey"},
-                                     "analyses": [{"id": "e", "estimator": "activation_entropy"}]},
-                                    write=False, progress=False).records for name in ("first", "last")}
+        torch.onnx.export(
+            module.eval(),
+            (torch.rand(shape),),
+            str(tmp_path / f"{name}.onnx"),
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+        )
+    records = {
+        name: layerscope.run(
+            {
+                "model": {"source": str(tmp_path / f"{name}.onnx")},
+                "data": {"source": "images", "path": str(folder), "color": "grey"},
+                "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+            },
+            write=False,
+            progress=False,
+        ).records
+        for name in ("first", "last")
+    }
     assert [r["value"] for r in records["first"]] == pytest.approx([r["value"] for r in records["last"]], abs=1e-9)
 
 
@@ -145,8 +170,12 @@ def test_manifest_labels_csv_and_json(tmp_path):
     for index in range(4):
         _save(tmp_path / "img" / f"{index}.png", np.full((4, 4), index * 50, np.uint8))
     (tmp_path / "labels.csv").write_text("path,target\n3.png,7\n0.png,2\n1.png,7\n")
-    source = ImagesSource(ImagesSource.Params(path="img", manifest="labels.csv", file_column="path",
-                                              label_column="target", color="grey", scale=1.0), tmp_path)
+    source = ImagesSource(
+        ImagesSource.Params(
+            path="img", manifest="labels.csv", file_column="path", label_column="target", color="grey", scale=1.0
+        ),
+        tmp_path,
+    )
     x, y = source.read(np.arange(3))
     assert len(source) == 3 and y.tolist() == [7, 2, 7] and x[:, 0, 0, 0].tolist() == [150.0, 0.0, 50.0]
     (tmp_path / "labels.json").write_text(json.dumps({"2.png": "cat", "0.png": "dog"}))
@@ -156,15 +185,21 @@ def test_manifest_labels_csv_and_json(tmp_path):
         ImagesSource.Params(path="img", manifest="labels.json", labels="folders")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty", r"data.path: .*empty holds no images"),
-    ("garbage", r"data: .*broken.png is not a readable image"),
-    ("garbage-resized", r"data: .*broken.png is not a readable image"),
-    ("mixed", r"the images differ in size \(.*a.png is 8×8, .*b.png is 9×8\); set resize"),
-    ("loose", r"data.labels: .*loose.png sits outside any class folder"),
-    ("no-column", r"data.manifest: .*labels.csv: no column 'label' \(data.label_column; the columns: file, class\)"),
-    ("missing-file", r"data.manifest: .*nothere.png \(listed in .*labels.csv\) is not a file"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", r"data.path: .*empty holds no images"),
+        ("garbage", r"data: .*broken.png is not a readable image"),
+        ("garbage-resized", r"data: .*broken.png is not a readable image"),
+        ("mixed", r"the images differ in size \(.*a.png is 8×8, .*b.png is 9×8\); set resize"),
+        ("loose", r"data.labels: .*loose.png sits outside any class folder"),
+        (
+            "no-column",
+            r"data.manifest: .*labels.csv: no column 'label' \(data.label_column; the columns: file, class\)",
+        ),
+        ("missing-file", r"data.manifest: .*nothere.png \(listed in .*labels.csv\) is not a file"),
+    ],
+)
 def test_bad_folders_are_user_errors_naming_the_file(tmp_path, case, message):
     folder = tmp_path / "empty"
     folder.mkdir()
@@ -181,24 +216,36 @@ def test_bad_folders_are_user_errors_naming_the_file(tmp_path, case, message):
         _save(folder / "loose.png", np.zeros((8, 8), np.uint8))
     elif case in ("no-column", "missing-file"):
         _save(folder / "a.png", np.zeros((8, 8), np.uint8))
-        (tmp_path / "labels.csv").write_text("file,class\na.png,1\n" if case == "no-column" else
-                                             "file,label\na.png,1\nnothere.png,2\n")
+        (tmp_path / "labels.csv").write_text(
+            "file,class\na.png,1\n" if case == "no-column" else "file,label\na.png,1\nnothere.png,2\n"
+        )
         params["manifest"] = str(tmp_path / "labels.csv")
     with pytest.raises(UserError, match=message):
-        layerscope.run({"model": {"source": "demo:digits-cnn"}, "data": {"source": "images", **params},
-                        "analyses": [{"id": "e", "estimator": "activation_entropy"}]},
-                       out=tmp_path / "out", progress=False)
+        layerscope.run(
+            {
+                "model": {"source": "demo:digits-cnn"},
+                "data": {"source": "images", **params},
+                "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+            },
+            out=tmp_path / "out",
+            progress=False,
+        )
     assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_an_unreadable_image_is_exit_2_from_the_cli(tmp_path):
     _save(tmp_path / "img" / "a" / "ok.png", np.zeros((8, 8), np.uint8))
     (tmp_path / "img" / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    (tmp_path / "spec.yaml").write_text("model: {source: demo:digits-cnn}\n"
-                                        "data: {source: images, path: img, color: grey, resize: [8, 8]}\n"
-                                        "analyses: [{id: e, estimator: activation_entropy}]\n")
-    proc = subprocess.run([sys.executable, "-m", "layerscope", "run", str(tmp_path / "spec.yaml"),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    (tmp_path / "spec.yaml").write_text(
+        "model: {source: demo:digits-cnn}\n"
+        "data: {source: images, path: img, color: grey, resize: [8, 8]}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "bad.jpg is not a readable image" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
@@ -206,9 +253,14 @@ def test_an_unreadable_image_is_exit_2_from_the_cli(tmp_path):
 
 def test_unknown_preprocessing_keys_are_spec_errors():
     with pytest.raises(SpecError, match=r"data.resise: unknown key 'resise'. Did you mean 'resize'"):
-        layerscope.validate({"model": {"source": "demo:digits-cnn"},
-                             "data": {"source": "images", "path": ".", "resise": 8},
-                             "analyses": [{"id": "e", "estimator": "activation_entropy"}]}, with_model=False)
+        layerscope.validate(
+            {
+                "model": {"source": "demo:digits-cnn"},
+                "data": {"source": "images", "path": ".", "resise": 8},
+                "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+            },
+            with_model=False,
+        )
 
 
 @pytest.mark.slow

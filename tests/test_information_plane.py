@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import layerscope
-from layerscope.graph import TensorInfo
-from layerscope.plugins.information_plane import InformationPlane
-from layerscope.plugins.matrix_entropy import (
+from layerscope.graph.tensors import TensorInfo
+from layerscope.plugins.information_plane.estimator import InformationPlane
+from layerscope.plugins.information_plane.maths import (
     alignment_curve,
     gaussian_gram,
     joint_entropy,
@@ -52,8 +52,10 @@ def random_kernels(seed=0, n=60):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 5, generator=generator, dtype=torch.float64)
     t = torch.tanh(x @ torch.randn(5, 8, generator=generator, dtype=torch.float64))
-    return (normalise(gaussian_gram(pairwise_sq_distances(x), 2.0)),
-            normalise(gaussian_gram(pairwise_sq_distances(t), 1.5)))
+    return (
+        normalise(gaussian_gram(pairwise_sq_distances(x), 2.0)),
+        normalise(gaussian_gram(pairwise_sq_distances(t), 1.5)),
+    )
 
 
 @pytest.mark.parametrize("alpha", ALPHAS)
@@ -80,7 +82,7 @@ def test_tensor_kernel_equals_flattened_and_hadamard_of_channel_kernels():
     sigma = 6.0
     tensor_kernel = gaussian_gram(pairwise_sq_distances(x), sigma)
     flat = x.reshape(40, -1)
-    direct = torch.exp(-torch.cdist(flat, flat) ** 2 / sigma**2)
+    direct = torch.exp(-(torch.cdist(flat, flat) ** 2) / sigma**2)
     per_channel = torch.ones(40, 40, dtype=torch.float64)
     for channel in range(3):
         per_channel = per_channel * gaussian_gram(pairwise_sq_distances(x[:, channel]), sigma)
@@ -100,6 +102,7 @@ def test_alignment_curve_matches_direct_alignment():
 
 
 # --- from the formula, in NumPy, the way the paper's code does it ---------------------------
+
 
 def numpy_entropy(gram, alpha):
     a = gram / np.trace(gram)
@@ -143,8 +146,12 @@ def test_matches_numpy_from_the_formula(alpha):
     x, hidden, y, batches = ip_batches()
     records = feed(build(batches, alpha=alpha, sigma=3.0, sigma_x=2.5, batch_size=50), batches).finalize()
     got = {r["metric"]: r["value"] for r in records if r["tensor"] == "h"}
-    per_batch = np.array([numpy_information_plane(x[s:s + 50], hidden[s:s + 50], y[s:s + 50], 2.5, 3.0, 0.1, alpha)
-                          for s in range(0, 300, 50)])
+    per_batch = np.array(
+        [
+            numpy_information_plane(x[s : s + 50], hidden[s : s + 50], y[s : s + 50], 2.5, 3.0, 0.1, alpha)
+            for s in range(0, 300, 50)
+        ]
+    )
     assert got["I_XT"] == pytest.approx(per_batch[:, 0].mean(), abs=1e-8)
     assert got["I_TY"] == pytest.approx(per_batch[:, 1].mean(), abs=1e-8)
     assert got["H_T"] == pytest.approx(per_batch[:, 2].mean(), abs=1e-8)
@@ -159,16 +166,18 @@ def test_alignment_width_is_the_argmax_and_smoothed_across_checkpoints():
     grid = torch.linspace(0.03, 10.0, 50, dtype=torch.float64)
     curves, distances = 0, []
     for s in range(0, 300, 50):
-        d2 = pairwise_sq_distances(torch.from_numpy(hidden[s:s + 50]))
+        d2 = pairwise_sq_distances(torch.from_numpy(hidden[s : s + 50]))
         mean_distance = float(d2.sqrt().sum() / (50 * 49))
         distances.append(mean_distance)
-        curves = curves + alignment_curve(d2, label_gram(torch.from_numpy(y[s:s + 50]), 0.1), grid * mean_distance)
+        curves = curves + alignment_curve(d2, label_gram(torch.from_numpy(y[s : s + 50]), 0.1), grid * mean_distance)
     expected = float(grid[int(torch.argmax(curves))]) * float(np.mean(distances))
     assert first.sigma_optimal["h"] == pytest.approx(expected, rel=1e-12)
     assert first.sigma_used["h"] == first.sigma_optimal["h"]
     # sigma_x defaults to the mean pairwise input distance
-    input_distances = [float(pairwise_sq_distances(torch.from_numpy(x[s:s + 50])).sqrt().sum() / (50 * 49))
-                       for s in range(0, 300, 50)]
+    input_distances = [
+        float(pairwise_sq_distances(torch.from_numpy(x[s : s + 50])).sqrt().sum() / (50 * 49))
+        for s in range(0, 300, 50)
+    ]
     assert first.sigma_x_used["input"] == pytest.approx(np.mean(input_distances), rel=1e-12)
     # the next checkpoint uses its own σ* by default, and with smoothing: σ = 0.9 σ_prev + 0.1 σ*
     shifted = make_batches({"h": hidden * 2.0}, y, batch_size=50, inputs=x)
@@ -185,8 +194,9 @@ def test_softmax_is_applied_to_the_model_output():
     logits = torch.randn(10, 4, dtype=torch.float64)
     output = TensorInfo("logits", "Gemm", "out", "float32", ("N", 4), True, role="output")
     estimator = InformationPlane(InformationPlane.Params(sigma=1.0, sigma_x=1.0), [output])
-    torch.testing.assert_close(estimator._tensor_distances("logits", logits),
-                               pairwise_sq_distances(torch.softmax(logits, dim=1)))
+    torch.testing.assert_close(
+        estimator._tensor_distances("logits", logits), pairwise_sq_distances(torch.softmax(logits, dim=1))
+    )
     plain = InformationPlane(InformationPlane.Params(sigma=1.0, sigma_x=1.0, softmax_output=False), [output])
     torch.testing.assert_close(plain._tensor_distances("logits", logits), pairwise_sq_distances(logits))
 
@@ -206,10 +216,12 @@ def test_conformance(sigma):
 
 
 def test_spec_run_over_checkpoints(tmp_path):
-    spec = {"model": {"source": "demo:digits-mlp", "checkpoints": ["epoch_01", "epoch_05", "epoch_10"]},
-            "data": {"source": "digits", "split": "train", "limit": 400},
-            "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 60}}],
-            "outputs": {"dir": str(tmp_path / "ip"), "formats": ["json", "plots"]}}
+    spec = {
+        "model": {"source": "demo:digits-mlp", "checkpoints": ["epoch_01", "epoch_05", "epoch_10"]},
+        "data": {"source": "digits", "split": "train", "limit": 400},
+        "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 60}}],
+        "outputs": {"dir": str(tmp_path / "ip"), "formats": ["json", "plots"]},
+    }
     results = layerscope.run(spec, progress=False)
     assert [m["label"] for m in results.models] == ["epoch_01", "epoch_05", "epoch_10"]
     layers = {r["layer"] for r in results.select(metric="I_XT")}
@@ -227,8 +239,11 @@ def test_spec_run_over_checkpoints(tmp_path):
 
 def test_needs_labels(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((10, 64), np.float32))
-    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "npz", "path": str(tmp_path / "d.npz")},
-            "analyses": [{"id": "ip", "estimator": "information_plane"}]}
+    spec = {
+        "model": {"source": "demo:digits-mlp"},
+        "data": {"source": "npz", "path": str(tmp_path / "d.npz")},
+        "analyses": [{"id": "ip", "estimator": "information_plane"}],
+    }
     with pytest.raises(layerscope.UserError, match="needs labels"):
         layerscope.run(spec, write=False, progress=False)
 
@@ -237,7 +252,7 @@ def test_needs_labels(tmp_path):
 def test_inner_products_over_blocks_equal_one_float64_product(dtype, monkeypatch):
     """X Xᵀ summed over feature blocks (numpy's syrk on the CPU, several blocks forced) equals one
     float64 product of the widened samples, and is exactly symmetric."""
-    from layerscope.plugins import matrix_entropy
+    from layerscope.plugins.information_plane import maths as matrix_entropy
 
     monkeypatch.setattr(matrix_entropy, "DISTANCE_BLOCK", 7 * 64)  # 64 rows: blocks of 7 features
     rows = torch.randn(64, 300, generator=torch.Generator().manual_seed(5)).to(dtype)
@@ -250,7 +265,7 @@ def test_inner_products_over_blocks_equal_one_float64_product(dtype, monkeypatch
 def test_one_blas_thread_limits_blas_for_the_block_only():
     from threadpoolctl import threadpool_info
 
-    from layerscope.threads import _blas_libraries, one_blas_thread
+    from layerscope.engine.threads import _blas_libraries, one_blas_thread
 
     _blas_libraries.cache_clear()  # the libraries are found on first use: every one loaded by now
 

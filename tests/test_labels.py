@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import layerscope
-from layerscope.cli import main
-from layerscope.errors import UserError
-from layerscope.labels import ClassLabels
+from layerscope.cli.main import main
+from layerscope.data.labels import ClassLabels
 from layerscope.testing import assert_records_close
+from layerscope.util.errors import UserError
 
 from .conftest import write_spec
 
@@ -26,13 +26,21 @@ def digits(n: int = 240):
 def analyse(tmp_path, y, name: str):
     x, _ = digits(len(y))
     np.savez(tmp_path / f"{name}.npz", x=x, y=y)
-    spec = {"model": {"source": "demo:digits-gap"},
-            "data": {"source": "npz", "path": str(tmp_path / f"{name}.npz"), "batch_size": 60},
-            "analyses": [{"id": "ent", "estimator": "activation_entropy"},
-                         {"id": "ip", "estimator": "information_plane", "params": {"batch_size": 60, "sigma_grid": 20}},
-                         {"id": "agg", "estimator": "aggregation_distribution", "params": {"plot_channels": 0}},
-                         {"id": "md", "estimator": "mean_dimension",
-                          "on": {"role": "output"}, "params": {"pairs": 20, "nll": True, "features": "patches:4"}}]}
+    spec = {
+        "model": {"source": "demo:digits-gap"},
+        "data": {"source": "npz", "path": str(tmp_path / f"{name}.npz"), "batch_size": 60},
+        "analyses": [
+            {"id": "ent", "estimator": "activation_entropy"},
+            {"id": "ip", "estimator": "information_plane", "params": {"batch_size": 60, "sigma_grid": 20}},
+            {"id": "agg", "estimator": "aggregation_distribution", "params": {"plot_channels": 0}},
+            {
+                "id": "md",
+                "estimator": "mean_dimension",
+                "on": {"role": "output"},
+                "params": {"pairs": 20, "nll": True, "features": "patches:4"},
+            },
+        ],
+    }
     return layerscope.run(spec, write=False, progress=False)
 
 
@@ -44,8 +52,11 @@ def test_string_labels_are_classes_named_in_the_records(tmp_path):
     assert {r["class"] for r in by_name.records if "class" in r} == {"all", *NAMES[np.unique(y)]}
     # the sorted names give codes eight=0, five=1, four=2 …: the nll target differs from the digit, so
     # compare everything but the loss, with the class renamed
-    renamed = [{**r, "class": NAMES[r["class"]]} if isinstance(r.get("class"), int) else r
-               for r in by_number.records if r["tensor"] != "nll"]
+    renamed = [
+        {**r, "class": NAMES[r["class"]]} if isinstance(r.get("class"), int) else r
+        for r in by_number.records
+        if r["tensor"] != "nll"
+    ]
     assert_records_close([r for r in by_name.records if r["tensor"] != "nll"], renamed, rtol=0, atol=1e-9)
 
 
@@ -54,19 +65,25 @@ def test_whole_float_labels_equal_integer_labels(tmp_path):
     assert analyse(tmp_path, y.astype(np.float64), "floats").records == analyse(tmp_path, y, "ints").records
 
 
-@pytest.mark.parametrize("labels, message", [
-    (lambda y: y + 0.5, r"sample \d+ has label \d+\.5, not a whole number"),
-    (lambda y: np.where(np.arange(len(y)) == 7, np.nan, y.astype(float)), r"sample 7 has label nan, NaN or Inf"),
-    (lambda y: np.eye(10)[y], r"one class per sample \(shape \(N,\)\), not shape \[120, 10\]; for one-hot"),
-    (lambda y: np.array(["a", 1, None], dtype=object)[y % 3], r"holds Python objects \(dtype object\)"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (lambda y: y + 0.5, r"sample \d+ has label \d+\.5, not a whole number"),
+        (lambda y: np.where(np.arange(len(y)) == 7, np.nan, y.astype(float)), r"sample 7 has label nan, NaN or Inf"),
+        (lambda y: np.eye(10)[y], r"one class per sample \(shape \(N,\)\), not shape \[120, 10\]; for one-hot"),
+        (lambda y: np.array(["a", 1, None], dtype=object)[y % 3], r"holds Python objects \(dtype object\)"),
+    ],
+)
 def test_labels_that_are_not_classes_are_user_errors_naming_source_and_key(tmp_path, capsys, labels, message):
     x, y = digits(120)
     np.savez(tmp_path / "d.npz", x=x, targets=labels(y), allow_pickle=True)
-    spec = write_spec(tmp_path, "model: {source: demo:digits-cnn}\n"
-                                "data: {source: npz, path: d.npz, y_key: targets, shuffle: false}\n"
-                                "analyses: [{id: ent, estimator: activation_entropy}]\n"
-                                f"outputs: {{dir: {tmp_path / 'out'}}}\n")
+    spec = write_spec(
+        tmp_path,
+        "model: {source: demo:digits-cnn}\n"
+        "data: {source: npz, path: d.npz, y_key: targets, shuffle: false}\n"
+        "analyses: [{id: ent, estimator: activation_entropy}]\n"
+        f"outputs: {{dir: {tmp_path / 'out'}}}\n",
+    )
     assert main(["run", str(spec), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -93,8 +110,17 @@ def test_class_labels_encode_and_decode():
 def test_nll_with_labels_outside_the_outputs_is_a_user_error(tmp_path):
     x, y = digits(60)
     np.savez(tmp_path / "d.npz", x=x, y=y + 10)
-    spec = {"model": {"source": "demo:digits-gap"}, "data": {"source": "npz", "path": str(tmp_path / "d.npz")},
-            "analyses": [{"id": "md", "estimator": "mean_dimension", "on": {"role": "output"},
-                          "params": {"pairs": 10, "nll": True, "features": "patches:4"}}]}
+    spec = {
+        "model": {"source": "demo:digits-gap"},
+        "data": {"source": "npz", "path": str(tmp_path / "d.npz")},
+        "analyses": [
+            {
+                "id": "md",
+                "estimator": "mean_dimension",
+                "on": {"role": "output"},
+                "params": {"pairs": 10, "nll": True, "features": "patches:4"},
+            }
+        ],
+    }
     with pytest.raises(UserError, match=r"indices of the model's 10 outputs, but a label's class index is 1\d"):
         layerscope.run(spec, write=False, progress=False)

@@ -10,10 +10,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 import layerscope
-from layerscope.adapters.inverse_pca import fit_standardised_pca, prepend_inverse_pca
-from layerscope.graph import TensorInfo
-from layerscope.plugins.mean_dimension import MeanDimension
-from layerscope.plugins.sensitivity import feature_groups
+from layerscope.graph.tensors import TensorInfo
+from layerscope.plugins.mean_dimension.estimator import MeanDimension
+from layerscope.plugins.mean_dimension.inverse_pca import fit_standardised_pca, prepend_inverse_pca
+from layerscope.plugins.mean_dimension.maths import feature_groups
 from layerscope.testing import check_conformance, feed, plan_batches
 
 from .conftest import tiny_mlp_proto
@@ -22,8 +22,13 @@ FLOAT = onnx.TensorProto.FLOAT
 
 
 def model_file(folder, name, nodes, features, initializers):
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", FLOAT, ["N", features])],
-                              [helper.make_tensor_value_info("y", FLOAT, None)], initializers)
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("y", FLOAT, None)],
+        initializers,
+    )
     path = folder / f"{name}.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
     return path
@@ -40,10 +45,18 @@ def columns(features):
 
 def run_md(tmp_path, model, samples, pairs, **params):
     np.savez(tmp_path / "data.npz", x=samples.astype(np.float32))
-    spec = {"model": {"source": str(model)}, "data": {"source": "npz", "path": str(tmp_path / "data.npz"),
-                                                      "batch_size": 2000},
-            "analyses": [{"id": "md", "estimator": "mean_dimension", "on": {"role": "output"},
-                          "params": {"pairs": pairs, "features": "elements", **params}}]}
+    spec = {
+        "model": {"source": str(model)},
+        "data": {"source": "npz", "path": str(tmp_path / "data.npz"), "batch_size": 2000},
+        "analyses": [
+            {
+                "id": "md",
+                "estimator": "mean_dimension",
+                "on": {"role": "output"},
+                "params": {"pairs": pairs, "features": "elements", **params},
+            }
+        ],
+    }
     results = layerscope.run(spec, write=False, progress=False)
     (md,) = results.select(metric="mean_dimension")
     totals = [r["value"] for r in sorted(results.select(metric="total_index"), key=lambda r: r["feature"])]
@@ -57,11 +70,17 @@ def rng():
 
 def test_ishigami(tmp_path, rng):
     nodes, inits = columns(3)
-    nodes += [helper.make_node("Sin", ["x1"], ["s1"]), helper.make_node("Sin", ["x2"], ["s2"]),
-              helper.make_node("Mul", ["s2", "s2"], ["s2sq"]), helper.make_node("Mul", ["s2sq", "a"], ["t2"]),
-              helper.make_node("Pow", ["x3", "four"], ["x3p"]), helper.make_node("Mul", ["x3p", "b"], ["t3a"]),
-              helper.make_node("Mul", ["t3a", "s1"], ["t3"]), helper.make_node("Add", ["s1", "t2"], ["u"]),
-              helper.make_node("Add", ["u", "t3"], ["y"])]
+    nodes += [
+        helper.make_node("Sin", ["x1"], ["s1"]),
+        helper.make_node("Sin", ["x2"], ["s2"]),
+        helper.make_node("Mul", ["s2", "s2"], ["s2sq"]),
+        helper.make_node("Mul", ["s2sq", "a"], ["t2"]),
+        helper.make_node("Pow", ["x3", "four"], ["x3p"]),
+        helper.make_node("Mul", ["x3p", "b"], ["t3a"]),
+        helper.make_node("Mul", ["t3a", "s1"], ["t3"]),
+        helper.make_node("Add", ["s1", "t2"], ["u"]),
+        helper.make_node("Add", ["u", "t3"], ["y"]),
+    ]
     model = model_file(tmp_path, "ishigami", nodes, 3, inits + [const("a", 7.0), const("b", 0.1), const("four", 4.0)])
     md, totals = run_md(tmp_path, model, rng.uniform(-math.pi, math.pi, (30001, 3)), 30000)
     assert totals == pytest.approx([0.5576, 0.4424, 0.2437], abs=0.02)
@@ -70,12 +89,17 @@ def test_ishigami(tmp_path, rng):
 
 def test_sobol_g_function(tmp_path, rng):
     a = np.array([0, 1, 4.5, 9, 99, 99, 99, 99], dtype=np.float32)
-    nodes = [helper.make_node("Mul", ["x", "four"], ["m"]), helper.make_node("Sub", ["m", "two"], ["s"]),
-             helper.make_node("Abs", ["s"], ["abs"]), helper.make_node("Add", ["abs", "a"], ["num"]),
-             helper.make_node("Div", ["num", "den"], ["factors"]),
-             helper.make_node("ReduceProd", ["factors"], ["y"], axes=[1], keepdims=1)]
-    model = model_file(tmp_path, "gfun", nodes, 8, [const("four", 4.0), const("two", 2.0), const("a", a),
-                                                     const("den", 1 + a)])
+    nodes = [
+        helper.make_node("Mul", ["x", "four"], ["m"]),
+        helper.make_node("Sub", ["m", "two"], ["s"]),
+        helper.make_node("Abs", ["s"], ["abs"]),
+        helper.make_node("Add", ["abs", "a"], ["num"]),
+        helper.make_node("Div", ["num", "den"], ["factors"]),
+        helper.make_node("ReduceProd", ["factors"], ["y"], axes=[1], keepdims=1),
+    ]
+    model = model_file(
+        tmp_path, "gfun", nodes, 8, [const("four", 4.0), const("two", 2.0), const("a", a), const("den", 1 + a)]
+    )
     md, totals = run_md(tmp_path, model, rng.uniform(0, 1, (30001, 8)), 30000)
     assert totals[:4] == pytest.approx([0.7871, 0.2422, 0.0343, 0.0105], abs=0.02)
     assert md == pytest.approx(1.0745, abs=0.03)
@@ -83,8 +107,12 @@ def test_sobol_g_function(tmp_path, rng):
 
 def test_additive_function_has_mean_dimension_one(tmp_path, rng):
     nodes, inits = columns(3)
-    nodes += [helper.make_node("Sin", ["x1"], ["s"]), helper.make_node("Mul", ["x2", "x2"], ["q"]),
-              helper.make_node("Add", ["s", "q"], ["u"]), helper.make_node("Add", ["u", "x3"], ["y"])]
+    nodes += [
+        helper.make_node("Sin", ["x1"], ["s"]),
+        helper.make_node("Mul", ["x2", "x2"], ["q"]),
+        helper.make_node("Add", ["s", "q"], ["u"]),
+        helper.make_node("Add", ["u", "x3"], ["y"]),
+    ]
     md, _ = run_md(tmp_path, model_file(tmp_path, "additive", nodes, 3, inits), rng.uniform(-2, 2, (20001, 3)), 20000)
     assert md == pytest.approx(1.0, abs=0.03)
 
@@ -99,8 +127,13 @@ def test_product_of_zero_mean_factors_has_mean_dimension_d(tmp_path, rng):
 def test_ignored_feature_has_zero_index(tmp_path, rng):
     nodes, inits = columns(2)
     nodes += [helper.make_node("Mul", ["x1", "x2"], ["y"])]
-    _, totals = run_md(tmp_path, model_file(tmp_path, "ignores", nodes, 3, inits), rng.uniform(-1, 1, (2001, 3)), 2000,
-                       estimator="half_mean_square")
+    _, totals = run_md(
+        tmp_path,
+        model_file(tmp_path, "ignores", nodes, 3, inits),
+        rng.uniform(-1, 1, (2001, 3)),
+        2000,
+        estimator="half_mean_square",
+    )
     assert totals[2] == 0.0
     assert totals[0] > 0.5 and totals[1] > 0.5
 
@@ -117,8 +150,9 @@ def test_pca_rewrite_reproduces_outputs_exactly():
     rewritten = prepend_inverse_pca(model, pca)
     z = pca.transform(x).astype(np.float32)
     np.testing.assert_allclose(pca.components @ pca.components.T, np.eye(64), atol=1e-10)
-    np.testing.assert_allclose(ort.InferenceSession(rewritten.SerializeToString()).run(None, {"pca_z": z})[0],
-                               original, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+        ort.InferenceSession(rewritten.SerializeToString()).run(None, {"pca_z": z})[0], original, atol=2e-5, rtol=1e-4
+    )
     assert [n.op_type for n in rewritten.graph.node[:2]] == ["MatMul", "Add"]
 
 
@@ -160,18 +194,23 @@ def test_conformance_and_row_slices():
     split = plan_batches(build(pairs=150, nll=True), x, y, network, batch_size=40, parts=3)
     from layerscope.testing import assert_records_close
 
-    assert_records_close(feed(build(pairs=150, nll=True), split).finalize(),
-                         feed(build(pairs=150, nll=True), batches).finalize())
+    assert_records_close(
+        feed(build(pairs=150, nll=True), split).finalize(), feed(build(pairs=150, nll=True), batches).finalize()
+    )
     records = feed(build(pairs=150, nll=True), batches).finalize()
     (count,) = {r["pairs"] for r in records if r["metric"] == "mean_dimension"}
     assert count == 150 and {r["layer"] for r in records} == {"hidden", "out", "loss (nll)"}
 
 
 def test_digits_cnn_layer_by_layer_with_heatmap(tmp_path):
-    spec = {"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "batch_size": 100},
-            "analyses": [{"id": "md", "estimator": "mean_dimension",
-                          "params": {"pairs": 150, "features": "pixels", "nll": True}}],
-            "outputs": {"dir": str(tmp_path), "formats": ["json", "plots"]}}
+    spec = {
+        "model": {"source": "demo:digits-cnn"},
+        "data": {"source": "digits", "batch_size": 100},
+        "analyses": [
+            {"id": "md", "estimator": "mean_dimension", "params": {"pairs": 150, "features": "pixels", "nll": True}}
+        ],
+        "outputs": {"dir": str(tmp_path), "formats": ["json", "plots"]},
+    }
     results = layerscope.run(spec, progress=False)
     layers = [r["layer"] for r in results.select(metric="mean_dimension")]
     assert layers == ["relu1", "relu2", "relu3", "fc2", "loss (nll)"]
@@ -183,9 +222,18 @@ def test_digits_cnn_layer_by_layer_with_heatmap(tmp_path):
 
 
 def test_pca_basis_through_a_spec():
-    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "digits", "batch_size": 100},
-            "analyses": [{"id": "md", "estimator": "mean_dimension", "on": {"role": "output"},
-                          "params": {"pairs": 100, "basis": "pca", "features": "elements"}}]}
+    spec = {
+        "model": {"source": "demo:digits-mlp"},
+        "data": {"source": "digits", "batch_size": 100},
+        "analyses": [
+            {
+                "id": "md",
+                "estimator": "mean_dimension",
+                "on": {"role": "output"},
+                "params": {"pairs": 100, "basis": "pca", "features": "elements"},
+            }
+        ],
+    }
     results = layerscope.run(spec, write=False, progress=False)
     (md,) = results.select(metric="mean_dimension")
     assert md["basis"] == "pca" and 0.5 < md["value"] < 10.0
@@ -194,8 +242,11 @@ def test_pca_basis_through_a_spec():
 
 
 def test_bad_feature_grouping_is_a_user_error():
-    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "digits"},
-            "analyses": [{"id": "md", "estimator": "mean_dimension", "params": {"features": "channels"}}]}
+    spec = {
+        "model": {"source": "demo:digits-mlp"},
+        "data": {"source": "digits"},
+        "analyses": [{"id": "md", "estimator": "mean_dimension", "params": {"features": "channels"}}],
+    }
     with pytest.raises(layerscope.UserError, match="channel or spatial axis"):
         layerscope.run(spec, write=False, progress=False)
     spec["analyses"][0]["params"] = {"basis": "pca", "features": "patches:2"}
@@ -205,26 +256,46 @@ def test_bad_feature_grouping_is_a_user_error():
 
 # --- the figure -----------------------------------------------------------------------------------------------
 
+
 def total_records(grid, basis="input"):
     positions = [list(p) for p in np.ndindex(*grid)]
-    base = {"analysis": "md", "estimator": "mean_dimension", "model": "m", "layer": "out", "tensor": "out",
-            "unit": "", "basis": basis}
-    return ([{**base, "metric": "mean_dimension", "value": 1.2, "pairs": 9}]
-            + [{**base, "metric": "total_index", "value": 0.1 * (i + 1), "feature": i, "position": p,
-                "grid": list(grid), "pairs": 9} for i, p in enumerate(positions)])
+    base = {
+        "analysis": "md",
+        "estimator": "mean_dimension",
+        "model": "m",
+        "layer": "out",
+        "tensor": "out",
+        "unit": "",
+        "basis": basis,
+    }
+    return [{**base, "metric": "mean_dimension", "value": 1.2, "pairs": 9}] + [
+        {
+            **base,
+            "metric": "total_index",
+            "value": 0.1 * (i + 1),
+            "feature": i,
+            "position": p,
+            "grid": list(grid),
+            "pairs": 9,
+        }
+        for i, p in enumerate(positions)
+    ]
 
 
-@pytest.mark.parametrize("grid, basis, kind, shape", [
-    ((10,), "input", "bars", (10,)),  # a flat input of 10 features: ten bars, not one
-    ((64,), "pca", "bars", (64,)),  # principal components have no spatial layout
-    ((64,), "input", "image", (8, 8)),  # digits' flat 64 pixels
-    ((8, 8), "input", "image", (8, 8)),
-    ((2, 4, 4), "input", "image", (4, 4)),  # (C, H, W) elements: summed over channels
-])
+@pytest.mark.parametrize(
+    "grid, basis, kind, shape",
+    [
+        ((10,), "input", "bars", (10,)),  # a flat input of 10 features: ten bars, not one
+        ((64,), "pca", "bars", (64,)),  # principal components have no spatial layout
+        ((64,), "input", "image", (8, 8)),  # digits' flat 64 pixels
+        ((8, 8), "input", "image", (8, 8)),
+        ((2, 4, 4), "input", "image", (4, 4)),  # (C, H, W) elements: summed over channels
+    ],
+)
 def test_total_index_panel_follows_the_features(grid, basis, kind, shape):
     import matplotlib.pyplot as plt
 
-    from layerscope.plugins.mean_dimension_plot import plot_mean_dimension, total_index_layout
+    from layerscope.plugins.mean_dimension.plot import plot_mean_dimension, total_index_layout
 
     records = total_records(grid, basis)
     got_kind, values = total_index_layout([r for r in records if r["metric"] == "total_index"])

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import layerscope
-from layerscope import checkpoint_run
 from layerscope.adapters import torch_export
-from layerscope.errors import UserError
+from layerscope.engine import checkpoint_run
 from layerscope.plugins.data.digits import load_digits_split
 from layerscope.testing import assert_records_close
+from layerscope.util.errors import UserError
 
-NETS = textwrap.dedent('''
+NETS = textwrap.dedent("""
     import torch
     from torch import nn
 
@@ -31,11 +31,13 @@ NETS = textwrap.dedent('''
         torch.manual_seed(0)
         return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                              nn.Flatten(), nn.Linear(144, 32), nn.Tanh(), nn.Linear(32, 10))
-''')
+""")
 
-ANALYSES = [{"id": "ip", "estimator": "information_plane", "params": {"smoothing": 0.9, "sigma_grid": 40}},
-            {"id": "entropy", "estimator": "activation_entropy"},
-            {"id": "signature", "estimator": "nonlinearity_signature"}]
+ANALYSES = [
+    {"id": "ip", "estimator": "information_plane", "params": {"smoothing": 0.9, "sigma_grid": 40}},
+    {"id": "entropy", "estimator": "activation_entropy"},
+    {"id": "signature", "estimator": "nonlinearity_signature"},
+]
 
 
 @pytest.fixture
@@ -50,7 +52,7 @@ def nets(tmp_path, monkeypatch):
 
 def digits(start: int, count: int = 100):
     x, y = load_digits_split("train")
-    return torch.from_numpy(x[start:start + count]), torch.from_numpy(y[start:start + count])
+    return torch.from_numpy(x[start : start + count]), torch.from_numpy(y[start : start + count])
 
 
 def train_step(model, optimiser, x, y) -> None:
@@ -73,8 +75,7 @@ def counting(monkeypatch, function: str, module=torch_export) -> list:
 
 
 @pytest.mark.parametrize("net, optimisations", [("cnn", 2), ("batchnorm_cnn", 4)])
-def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_path, monkeypatch, net,
-                                                                        optimisations):
+def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_path, monkeypatch, net, optimisations):
     """Exported once and described once (shape inference at the first step only); the CNN's optimised graph
     holds its weights as they are, so from the third step on they are swapped into it directly (two
     optimisations in four steps), while BatchNorm folded into the convolution needs the optimiser at every
@@ -96,13 +97,18 @@ def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_
     assert monitor.steps == [0, 10, 20, 30] and monitored.runtime["monitor"] == {"steps": [0, 10, 20, 30]}
     assert [m["fetch_groups"][0] for m in monitored.models] == [2] * 4
 
-    spec = {"model": {"python": f"monitored_nets:{net}", "checkpoints": str(tmp_path / "step_*.pt")},
-            "data": {"shuffle": False}, "runtime": budget, "analyses": ANALYSES}
+    spec = {
+        "model": {"python": f"monitored_nets:{net}", "checkpoints": str(tmp_path / "step_*.pt")},
+        "data": {"shuffle": False},
+        "runtime": budget,
+        "analyses": ANALYSES,
+    }
     saved = layerscope.run(spec, data=probe, write=False, progress=False)
 
     def keyed(results):
-        return {(r["step"], r["analysis"], r["tensor"], r["metric"], r.get("class")): r["value"]
-                for r in results.records}
+        return {
+            (r["step"], r["analysis"], r["tensor"], r["metric"], r.get("class")): r["value"] for r in results.records
+        }
 
     expected, got = keyed(saved), keyed(monitored)
     assert got.keys() == expected.keys() and len(got) > 100
@@ -118,9 +124,14 @@ def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_
 
 def test_monitor_on_the_specs_data_and_its_output_files(nets, tmp_path):
     model = nets.cnn()
-    monitor = layerscope.Monitor({"model": {}, "data": {"source": "digits", "limit": 100},
-                                  "analyses": [{"id": "entropy", "estimator": "activation_entropy"}],
-                                  "outputs": {"formats": ["json", "csv"]}})
+    monitor = layerscope.Monitor(
+        {
+            "model": {},
+            "data": {"source": "digits", "limit": 100},
+            "analyses": [{"id": "entropy", "estimator": "activation_entropy"}],
+            "outputs": {"formats": ["json", "csv"]},
+        }
+    )
     first = monitor.observe(model, step=0)
     assert first and all(r["step"] == 0 and r["model"] == "step_0" for r in first)
     monitor.observe(model, step=5)
@@ -136,8 +147,12 @@ def test_monitor_refuses_steps_out_of_order_and_results_before_any_step(nets):
         monitor.results()
     model = nets.cnn()
     monitor.observe(model, step=3, batch=digits(0))
-    for step, message in ((3, "does not follow step 3"), (1, "does not follow"), (-1, "whole number"),
-                          (2.5, "whole number")):
+    for step, message in (
+        (3, "does not follow step 3"),
+        (1, "does not follow"),
+        (-1, "whole number"),
+        (2.5, "whole number"),
+    ):
         with pytest.raises(UserError, match=message):
             monitor.observe(model, step=step, batch=digits(0))
     with pytest.raises(UserError, match="2 labels for 100 samples"):
@@ -148,7 +163,7 @@ def test_monitor_refuses_steps_out_of_order_and_results_before_any_step(nets):
 def test_lightning_callback_observes_the_training_batches(tmp_path):
     import pytorch_lightning as pl
 
-    from layerscope.lightning_callback import MonitorCallback
+    from layerscope.training.lightning_callback import MonitorCallback
 
     class Classifier(pl.LightningModule):
         def __init__(self):
@@ -167,10 +182,24 @@ def test_lightning_callback_observes_the_training_batches(tmp_path):
 
     x, y = digits(0, 400)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=100)
-    callback = MonitorCallback({"model": {}, "analyses": [{"id": "entropy", "estimator": "activation_entropy"}],
-                                "outputs": {"formats": ["json"]}}, every=2, out_dir=tmp_path / "fit")
-    trainer = pl.Trainer(max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    callback = MonitorCallback(
+        {
+            "model": {},
+            "analyses": [{"id": "entropy", "estimator": "activation_entropy"}],
+            "outputs": {"formats": ["json"]},
+        },
+        every=2,
+        out_dir=tmp_path / "fit",
+    )
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(Classifier(), loader)
     assert callback.monitor.steps == [2, 4]
     results = layerscope.Results.load(tmp_path / "fit")
@@ -182,19 +211,27 @@ def test_keras_callback_converts_once_and_follows_the_weights(monkeypatch):
     import keras
 
     from layerscope.adapters import tensorflow as tf_adapter
-    from layerscope.keras_callback import MonitorCallback
+    from layerscope.training.keras_callback import MonitorCallback
 
     conversions = []
     real = tf_adapter._convert
     monkeypatch.setattr(tf_adapter, "_convert", lambda *a: conversions.append(1) or real(*a))
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
-                              keras.layers.BatchNormalization(), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     x, y = (a.numpy() for a in digits(0, 200))
     probe = (x[:100].reshape(-1, 8, 8, 1), y[:100])
-    callback = MonitorCallback({"model": {}, "analyses": [{"id": "signature", "estimator": "nonlinearity_signature"}]},
-                               every=2, batch=probe)
+    callback = MonitorCallback(
+        {"model": {}, "analyses": [{"id": "signature", "estimator": "nonlinearity_signature"}]}, every=2, batch=probe
+    )
     model.fit(x.reshape(-1, 8, 8, 1), y, batch_size=50, epochs=1, verbose=0, callbacks=[callback])
     assert callback.monitor.steps == [2, 4] and len(conversions) == 1
     # the swapped graph is the model as trained: its output equals Keras's own
@@ -210,9 +247,9 @@ def test_keras_callback_converts_once_and_follows_the_weights(monkeypatch):
 
 @pytest.mark.slow
 def test_monitor_follows_a_token_model_fetched_in_several_groups(tmp_path):
-    """A BERT classifier (token ids and masks, int64) trained for three steps under a memory budget that splits
-    the fetches (into micro-batches: both estimators accept them): each monitored step equals a fresh run (a new export) of the model as it
-    was then, and the monitor exported once."""
+    """A BERT classifier (token ids and masks, int64) trained for three steps under a memory budget that
+    splits the fetches (into micro-batches: both estimators accept them): each monitored step equals a fresh
+    run (a new export) of the model as it was then, and the monitor exported once."""
     transformers = pytest.importorskip("transformers")
     from .test_transformers import tiny, token_data
 
@@ -220,9 +257,15 @@ def test_monitor_follows_a_token_model_fetched_in_several_groups(tmp_path):
     arrays = np.load(path)
     inputs = {"input_ids": torch.from_numpy(arrays["ids"]), "attention_mask": torch.from_numpy(arrays["mask"])}
     batch = (inputs, torch.from_numpy(labels))
-    spec = {"model": {}, "data": {"shuffle": False, "batch_size": 8}, "runtime": {"memory_budget": "96KiB"},
-            "analyses": [{"id": "entropy", "estimator": "activation_entropy"},
-                         {"id": "signature", "estimator": "nonlinearity_signature", "params": {"samples": 24}}]}
+    spec = {
+        "model": {},
+        "data": {"shuffle": False, "batch_size": 8},
+        "runtime": {"memory_budget": "96KiB"},
+        "analyses": [
+            {"id": "entropy", "estimator": "activation_entropy"},
+            {"id": "signature", "estimator": "nonlinearity_signature", "params": {"samples": 24}},
+        ],
+    }
     model = tiny("bert")
     assert isinstance(model, transformers.BertForSequenceClassification)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -235,14 +278,21 @@ def test_monitor_follows_a_token_model_fetched_in_several_groups(tmp_path):
         monitor.observe(model, step=step, batch=batch)
         fresh.append(layerscope.run({**spec, "model": {"source": model}}, data=batch, write=False, progress=False))
     monitored = monitor.results()
-    unbudgeted = layerscope.run({**spec, "model": {"source": model}, "runtime": {}}, data=batch, write=False,
-                                progress=False)
+    unbudgeted = layerscope.run(
+        {**spec, "model": {"source": model}, "runtime": {}}, data=batch, write=False, progress=False
+    )
     assert unbudgeted.models[0]["peak_fetched_bytes"] > 96 * 1024  # so the budget splits the fetches
     assert all(m["peak_fetched_bytes"] <= 96 * 1024 for m in monitored.models)
     for step, run in enumerate(fresh):
         got = [r for r in monitored.records if r["step"] == step]
         expected = [{**r, "model": f"step_{step}", "step": step} for r in run.records]
         assert_records_close(got, expected, rtol=1e-9, atol=1e-9)
-    steps = {s: {(r["tensor"], r.get("class")): r["value"] for r in monitored.records
-                 if r["step"] == s and r["metric"] == "affinity_score"} for s in range(3)}
+    steps = {
+        s: {
+            (r["tensor"], r.get("class")): r["value"]
+            for r in monitored.records
+            if r["step"] == s and r["metric"] == "affinity_score"
+        }
+        for s in range(3)
+    }
     assert steps[0] != steps[2]  # the weights did change between steps

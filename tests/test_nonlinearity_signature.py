@@ -10,10 +10,16 @@ import torch
 from onnx import helper, numpy_helper
 
 import layerscope
-from layerscope.activations import find_activations
-from layerscope.graph import TensorInfo, describe_tensors
-from layerscope.plugins.affinity import affinity_score, exact_w2_squared, linear_cka, linear_r2, sparsity_per_sample
-from layerscope.plugins.nonlinearity_signature import NonlinearitySignature, reduce_features
+from layerscope.graph.activations import find_activations
+from layerscope.graph.tensors import TensorInfo, describe_tensors
+from layerscope.plugins.nonlinearity_signature.estimator import NonlinearitySignature, reduce_features
+from layerscope.plugins.nonlinearity_signature.maths import (
+    affinity_score,
+    exact_w2_squared,
+    linear_cka,
+    linear_r2,
+    sparsity_per_sample,
+)
 from layerscope.testing import check_conformance, feed, make_batches
 
 N = 1000
@@ -45,22 +51,23 @@ def test_negative_slope_and_rotation_score_below_one():
     assert score(skewed, skewed @ rotation.T) < 0.9
 
 
-@pytest.mark.parametrize("mean, expected", [(-1.895, 0.129), (-0.632, 0.537), (0.632, 0.799), (1.474, 0.943),
-                                            (2.316, 1.000)])
+@pytest.mark.parametrize(
+    "mean, expected", [(-1.895, 0.129), (-0.632, 0.537), (0.632, 0.799), (1.474, 0.943), (2.316, 1.000)]
+)
 def test_relu_of_uniform_inputs_table(mean, expected):
     x = mean - 2 + 4 * UNIFORM
     assert score(x, np.maximum(x, 0)) == pytest.approx(expected, abs=0.02)
 
 
-@pytest.mark.parametrize("function, expected", [(lambda v: np.maximum(v, 0), 0.497), (np.tanh, 0.665),
-                                                (scipy.special.expit, 0.774)])
+@pytest.mark.parametrize(
+    "function, expected", [(lambda v: np.maximum(v, 0), 0.497), (np.tanh, 0.665), (scipy.special.expit, 0.774)]
+)
 def test_activations_of_gaussian_inputs(function, expected):
     x = scipy.stats.norm.ppf(UNIFORM, loc=-1.0, scale=2.0)
     assert score(x, function(x)) == pytest.approx(expected, abs=0.02)
 
 
-@pytest.mark.parametrize("power, expected", [(1, 1.0), (3, 0.711), (5, 0.577), (11, 0.400), (21, 0.289),
-                                             (41, 0.205)])
+@pytest.mark.parametrize("power, expected", [(1, 1.0), (3, 0.711), (5, 0.577), (11, 0.400), (21, 0.289), (41, 0.205)])
 def test_odd_powers(power, expected):
     x = np.linspace(-1, 1, 1000)
     assert score(x, x**power) == pytest.approx(expected, abs=0.02)
@@ -114,6 +121,7 @@ def test_reductions_follow_the_reference():
 
 # --- the estimator ------------------------------------------------------------------------------
 
+
 def pair_infos():
     pre = TensorInfo("pre", "Gemm", "fc", "float32", ("N", 4), True, order=0, inputs=("x", "w"))
     post = TensorInfo("post", "Tanh", "act", "float32", ("N", 4), True, order=1, inputs=("pre",))
@@ -124,8 +132,7 @@ def pair_infos():
 
 def build(samples=150, **params):
     infos = pair_infos()
-    estimator = NonlinearitySignature(NonlinearitySignature.Params(samples=samples, **params),
-                                      [infos[1], infos[3]])
+    estimator = NonlinearitySignature(NonlinearitySignature.Params(samples=samples, **params), [infos[1], infos[3]])
     estimator.bind_graph(infos)
     return estimator
 
@@ -134,8 +141,9 @@ def pair_batches(n=240, batch=40):
     rng = np.random.default_rng(5)
     pre = rng.standard_normal((n, 4)).astype(np.float32)
     cpre = rng.standard_normal((n, 3, 2, 2)).astype(np.float32) - 0.3
-    return make_batches({"pre": pre, "post": np.tanh(pre), "cpre": cpre, "cpost": np.maximum(cpre, 0)},
-                        batch_size=batch), pre
+    return make_batches(
+        {"pre": pre, "post": np.tanh(pre), "cpre": cpre, "cpost": np.maximum(cpre, 0)}, batch_size=batch
+    ), pre
 
 
 def test_estimator_uses_the_first_samples_of_the_stream():
@@ -152,12 +160,14 @@ def test_batches_give_the_mean_and_spread_of_disjoint_batches():
     batches, pre = pair_batches()
     estimator = feed(build(samples=70, batches=4), batches)
     got = {(r["layer"], r["metric"]): r for r in estimator.finalize()}
-    per_batch = [score(pre[i:i + 70], np.tanh(pre[i:i + 70])) for i in (0, 70, 140)]  # 240 samples: 3 full batches
+    per_batch = [score(pre[i : i + 70], np.tanh(pre[i : i + 70])) for i in (0, 70, 140)]  # 240 samples: 3 full batches
     assert got[("act", "affinity_score")]["value"] == pytest.approx(np.mean(per_batch), abs=1e-12)
     assert got[("act", "affinity_score_std")]["value"] == pytest.approx(np.std(per_batch), abs=1e-12)
     assert got[("act", "affinity_score_std")]["value"] > 0
-    cka = [linear_cka(pre[i:i + 70].astype(np.float64), np.tanh(pre[i:i + 70]).astype(np.float64))
-           for i in (0, 70, 140)]
+    cka = [
+        linear_cka(pre[i : i + 70].astype(np.float64), np.tanh(pre[i : i + 70]).astype(np.float64))
+        for i in (0, 70, 140)
+    ]
     assert got[("act", "linear_cka")]["value"] == pytest.approx(np.mean(cka), abs=1e-12)
     assert got[("act", "affinity_score")]["batches"] == 3 and got[("act", "affinity_score")]["samples"] == 70
     assert any("only 3 of the 4 requested batches" in w for w in estimator.collect_warnings())
@@ -196,10 +206,15 @@ def test_non_activation_selection_is_rejected():
 
 
 def test_constant_output_is_warned_not_nan():
-    batches = make_batches({"pre": -np.abs(np.random.default_rng(0).standard_normal((100, 4))).astype(np.float32) - 1,
-                            "post": np.zeros((100, 4), np.float32),
-                            "cpre": np.zeros((100, 3, 2, 2), np.float32), "cpost": np.zeros((100, 3, 2, 2), np.float32)},
-                           batch_size=50)
+    batches = make_batches(
+        {
+            "pre": -np.abs(np.random.default_rng(0).standard_normal((100, 4))).astype(np.float32) - 1,
+            "post": np.zeros((100, 4), np.float32),
+            "cpre": np.zeros((100, 3, 2, 2), np.float32),
+            "cpost": np.zeros((100, 3, 2, 2), np.float32),
+        },
+        batch_size=50,
+    )
     estimator = feed(build(samples=100), batches)
     records = estimator.finalize()
     assert all(np.isfinite(r["value"]) for r in records)
@@ -219,38 +234,66 @@ def decomposed_model():
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["h"]),
         # GELU, erf form: h * 0.5 * (1 + erf(h / sqrt 2))
-        helper.make_node("Div", ["h", "sqrt2"], ["g1"]), helper.make_node("Erf", ["g1"], ["g2"]),
-        helper.make_node("Add", ["g2", "one"], ["g3"]), helper.make_node("Mul", ["h", "g3"], ["g4"]),
+        helper.make_node("Div", ["h", "sqrt2"], ["g1"]),
+        helper.make_node("Erf", ["g1"], ["g2"]),
+        helper.make_node("Add", ["g2", "one"], ["g3"]),
+        helper.make_node("Mul", ["h", "g3"], ["g4"]),
         helper.make_node("Mul", ["g4", "half"], ["gelu"]),
         # SiLU: gelu * sigmoid(gelu)
-        helper.make_node("Sigmoid", ["gelu"], ["s1"]), helper.make_node("Mul", ["gelu", "s1"], ["silu"]),
+        helper.make_node("Sigmoid", ["gelu"], ["s1"]),
+        helper.make_node("Mul", ["gelu", "s1"], ["silu"]),
         helper.make_node("MatMul", ["silu", "w"], ["h2"]),
         helper.make_node("Relu", ["h2"], ["relu"]),
         # GELU, tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-        helper.make_node("Pow", ["relu", "three"], ["t1"]), helper.make_node("Mul", ["t1", "c"], ["t2"]),
-        helper.make_node("Add", ["relu", "t2"], ["t3"]), helper.make_node("Mul", ["t3", "k"], ["t4"]),
-        helper.make_node("Tanh", ["t4"], ["t5"]), helper.make_node("Add", ["t5", "one"], ["t6"]),
-        helper.make_node("Mul", ["relu", "t6"], ["t7"]), helper.make_node("Mul", ["t7", "half"], ["gelu_tanh"]),
+        helper.make_node("Pow", ["relu", "three"], ["t1"]),
+        helper.make_node("Mul", ["t1", "c"], ["t2"]),
+        helper.make_node("Add", ["relu", "t2"], ["t3"]),
+        helper.make_node("Mul", ["t3", "k"], ["t4"]),
+        helper.make_node("Tanh", ["t4"], ["t5"]),
+        helper.make_node("Add", ["t5", "one"], ["t6"]),
+        helper.make_node("Mul", ["relu", "t6"], ["t7"]),
+        helper.make_node("Mul", ["t7", "half"], ["gelu_tanh"]),
     ]
-    inits = [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"), constant("sqrt2", 2**0.5),
-             constant("one", 1.0), constant("half", 0.5), constant("three", 3.0), constant("c", 0.044715),
-             constant("k", (2 / np.pi) ** 0.5)]
-    graph = helper.make_graph(nodes, "acts", [helper.make_tensor_value_info("x", FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("gelu_tanh", FLOAT, ["N", 4])], inits)
+    inits = [
+        numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"),
+        constant("sqrt2", 2**0.5),
+        constant("one", 1.0),
+        constant("half", 0.5),
+        constant("three", 3.0),
+        constant("c", 0.044715),
+        constant("k", (2 / np.pi) ** 0.5),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "acts",
+        [helper.make_tensor_value_info("x", FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("gelu_tanh", FLOAT, ["N", 4])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 def test_decomposed_patterns_are_found_once():
     found = [(a.input, a.output, a.kind) for a in find_activations(describe_tensors(decomposed_model()))]
-    assert found == [("h", "gelu", "Gelu (erf form)"), ("gelu", "silu", "SiLU (x·sigmoid(x))"),
-                     ("h2", "relu", "Relu"), ("relu", "gelu_tanh", "Gelu (tanh form)")]
+    assert found == [
+        ("h", "gelu", "Gelu (erf form)"),
+        ("gelu", "silu", "SiLU (x·sigmoid(x))"),
+        ("h2", "relu", "Relu"),
+        ("relu", "gelu_tanh", "Gelu (tanh form)"),
+    ]
 
 
 def test_exported_torch_silu_and_softplus_are_patterns():
     from layerscope.adapters.torch_export import export_to_onnx
 
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.SiLU(), torch.nn.Linear(4, 4), torch.nn.Softplus(),
-                                torch.nn.Linear(4, 4), torch.nn.GELU())
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 4),
+        torch.nn.SiLU(),
+        torch.nn.Linear(4, 4),
+        torch.nn.Softplus(),
+        torch.nn.Linear(4, 4),
+        torch.nn.GELU(),
+    )
     kinds = [a.kind for a in find_activations(describe_tensors(export_to_onnx(model, np.zeros((2, 4), np.float32))))]
     assert kinds == ["SiLU (x·sigmoid(x))", "Softplus (thresholded)", "Gelu"]
 
@@ -258,8 +301,11 @@ def test_exported_torch_silu_and_softplus_are_patterns():
 def test_decomposed_model_through_a_spec(tmp_path):
     onnx.save(decomposed_model(), str(tmp_path / "acts.onnx"))
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32))
-    spec = {"model": {"source": str(tmp_path / "acts.onnx")}, "data": {"source": "npz", "path": str(tmp_path / "d.npz")},
-            "analyses": [{"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 256}}]}
+    spec = {
+        "model": {"source": str(tmp_path / "acts.onnx")},
+        "data": {"source": "npz", "path": str(tmp_path / "d.npz")},
+        "analyses": [{"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 256}}],
+    }
     results = layerscope.run(spec, write=False, progress=False)
     scores = results.select(metric="affinity_score")
     assert [r["op_type"] for r in scores] == ["Gelu (erf form)", "SiLU (x·sigmoid(x))", "Relu", "Gelu (tanh form)"]
@@ -267,10 +313,12 @@ def test_decomposed_model_through_a_spec(tmp_path):
 
 
 def test_demo_signature_over_checkpoints(tmp_path):
-    spec = {"model": {"source": "demo:digits-cnn", "checkpoints": ["epoch_01", "epoch_10"]},
-            "data": {"source": "digits", "batch_size": 256},
-            "analyses": [{"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 512}}],
-            "outputs": {"dir": str(tmp_path), "formats": ["json", "plots"]}}
+    spec = {
+        "model": {"source": "demo:digits-cnn", "checkpoints": ["epoch_01", "epoch_10"]},
+        "data": {"source": "digits", "batch_size": 256},
+        "analyses": [{"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 512}}],
+        "outputs": {"dir": str(tmp_path), "formats": ["json", "plots"]},
+    }
     results = layerscope.run(spec, progress=False)
     for model in ("epoch_01", "epoch_10"):
         scores = results.select(metric="affinity_score", model=model)
@@ -279,8 +327,11 @@ def test_demo_signature_over_checkpoints(tmp_path):
     assert (tmp_path / "plots" / "sig.png").exists()
 
 
-SATURATING = {"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "limit": 400, "batch_size": 50},
-              "analyses": [{"id": "nls", "estimator": "nonlinearity_signature", "params": {"samples": 60}}]}
+SATURATING = {
+    "model": {"source": "demo:digits-cnn"},
+    "data": {"source": "digits", "limit": 400, "batch_size": 50},
+    "analyses": [{"id": "nls", "estimator": "nonlinearity_signature", "params": {"samples": 60}}],
+}
 
 
 def _counted_run(spec, **options):
@@ -309,7 +360,9 @@ def test_a_saturated_estimator_is_not_fed_while_others_still_read(monkeypatch):
     longer fed after its samples, and each analysis's records equal its run alone."""
     fed = []
     update = NonlinearitySignature.update
-    monkeypatch.setattr(NonlinearitySignature, "update", lambda self, batch: fed.append(batch.start) or update(self, batch))
+    monkeypatch.setattr(
+        NonlinearitySignature, "update", lambda self, batch: fed.append(batch.start) or update(self, batch)
+    )
     entropy = {"id": "ent", "estimator": "activation_entropy"}
     both, batches = _counted_run({**SATURATING, "analyses": [*SATURATING["analyses"], entropy]})
     assert len(batches) == 8 and sorted(set(fed)) == [0, 50]
@@ -322,10 +375,10 @@ def test_shards_past_the_kept_samples_read_nothing():
     """In a sharded run, the shards that start past the kept samples neither read nor run anything,
     and the merged records equal the single-process run's."""
     from layerscope.api import prepare
-    from layerscope.checkpoint_run import ShardWorker
-    from layerscope.data import shard_spans
-    from layerscope.lifecycle import Isolation, SequentialExecutor, drive
-    from layerscope.outcomes import finish_checkpoint
+    from layerscope.data.source import shard_spans
+    from layerscope.engine.checkpoint_run import ShardWorker
+    from layerscope.engine.lifecycle import Isolation, SequentialExecutor, drive
+    from layerscope.engine.outcomes import finish_checkpoint
 
     plan = prepare(SATURATING)
     checkpoints = plan.checkpoints()
@@ -337,8 +390,13 @@ def test_shards_past_the_kept_samples_read_nothing():
         outcomes.append(worker.run(task))
         return outcomes[-1]
 
-    drive(1, plan.passes, SequentialExecutor(run_task, 4), lambda label: Isolation(label, plan.host.origin_of),
-          finished=states.__setitem__)
+    drive(
+        1,
+        plan.passes,
+        SequentialExecutor(run_task, 4),
+        lambda label: Isolation(label, plan.host.origin_of),
+        finished=states.__setitem__,
+    )
     records = finish_checkpoint(plan, states[0], checkpoints[0]).records
     assert [outcome.fetches[0]["groups"] for outcome in outcomes] == [1, 0, 0, 0]  # no session past the first shard
     single, _ = _counted_run(SATURATING)

@@ -6,8 +6,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+
 import layerscope
-from layerscope.yaml_locations import load_yaml
+from layerscope.spec.yaml_locations import load_yaml
 
 PAPERS = Path(__file__).parent.parent / "specs" / "papers"
 SPECS = sorted(p for p in PAPERS.glob("*/*.yaml") if p.name != "monitor.yaml")
@@ -15,8 +16,13 @@ SPECS = sorted(p for p in PAPERS.glob("*/*.yaml") if p.name != "monitor.yaml")
 
 def test_every_entry_has_a_readme_and_a_runnable_spec():
     entries = sorted(p.name for p in PAPERS.iterdir() if p.is_dir())
-    assert entries == ["activation-entropy", "aggregation", "information-plane", "mean-dimension",
-                       "nonlinearity-signature"]
+    assert entries == [
+        "activation-entropy",
+        "aggregation",
+        "information-plane",
+        "mean-dimension",
+        "nonlinearity-signature",
+    ]
     for entry in entries:
         text = (PAPERS / entry / "README.md").read_text()
         for heading in ("## The paper", "## Here", "## Differences"):

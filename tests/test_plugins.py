@@ -11,8 +11,8 @@ import pytest
 
 import layerscope
 from layerscope import Estimator, hookimpl
-from layerscope.errors import SpecError, UserError
-from layerscope.plugin_host import load_plugins
+from layerscope.host.loader import load_plugins
+from layerscope.util.errors import SpecError, UserError
 
 BUILTINS = {"activation_entropy", "demo_zoo", "digits", "file_reporters", "npz", "onnx_file", "synthetic", "torch"}
 
@@ -24,17 +24,27 @@ def test_plugins_command_lists_builtins_and_contributions():
     assert listed["activation_entropy"]["estimators"] == ["activation_entropy"]
     assert listed["file_reporters"]["reporters"] == ["csv"]
     assert listed["demo_zoo"]["adapters"] == ["demo"] and listed["digits"]["version"] == layerscope.__version__
-    assert listed["digits"]["distribution"] == "layerscope" and listed["digits"]["module"] == "layerscope.plugins.data.digits"
+    assert (
+        listed["digits"]["distribution"] == "layerscope"
+        and listed["digits"]["module"] == "layerscope.plugins.data.digits"
+    )
     # the example third-party package appears under the distribution the user installed
-    assert {k: listed["linear_cka"][k] for k in ("distribution", "version", "module")} == \
-        {"distribution": "layerscope-cka", "version": "0.1.0", "module": "layerscope_cka"}
+    assert {k: listed["linear_cka"][k] for k in ("distribution", "version", "module")} == {
+        "distribution": "layerscope-cka",
+        "version": "0.1.0",
+        "module": "layerscope_cka",
+    }
 
 
 def plugins_command(*args: str) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-m", "layerscope", "plugins", *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"})  # tables unwrapped
+    return subprocess.run(
+        [sys.executable, "-m", "layerscope", "plugins", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # tables unwrapped
 
 
 def test_plugins_table_names_the_packages():
@@ -48,8 +58,12 @@ def test_plugins_name_describes_an_estimators_parameters():
     assert entry["default_selector"] == {"activation": "output"} and entry["needs_labels"] is False
     assert entry["passes"] == 1 and entry["reconstructed"].startswith("Wang et al. 2019")
     parameters = {p["name"]: p for p in entry["parameters"]}
-    assert parameters["variant"] == {"name": "variant", "type": "binary | histogram | pattern", "default": "binary",
-                                     "description": parameters["variant"]["description"]}
+    assert parameters["variant"] == {
+        "name": "variant",
+        "type": "binary | histogram | pattern",
+        "default": "binary",
+        "description": parameters["variant"]["description"],
+    }
     assert parameters["range"]["type"] == "tuple[float, float] | None" and parameters["range"]["default"] is None
     assert all(p.get("description") for p in entry["parameters"])
     (ip,) = json.loads(plugins_command("information_plane").stdout)
@@ -58,11 +72,14 @@ def test_plugins_name_describes_an_estimators_parameters():
     assert "tuple[float, float] | None" in table and "estimator: activation_entropy" in table
 
 
-@pytest.mark.parametrize("name, kind, snippet", [
-    ("npz", "data source", "data:\n  source: npz\n  path: <str>\n"),
-    ("csv", "reporter", "outputs:\n  formats: [json, csv]\n"),
-    ("onnx", "adapter", "model:\n  source: <a model this adapter claims>\n"),
-])
+@pytest.mark.parametrize(
+    "name, kind, snippet",
+    [
+        ("npz", "data source", "data:\n  source: npz\n  path: <str>\n"),
+        ("csv", "reporter", "outputs:\n  formats: [json, csv]\n"),
+        ("onnx", "adapter", "model:\n  source: <a model this adapter claims>\n"),
+    ],
+)
 def test_plugins_name_describes_data_sources_reporters_and_adapters(name, kind, snippet):
     (entry,) = json.loads(plugins_command(name).stdout)
     assert entry["kind"] == kind and entry["spec"] == snippet and entry["summary"]
@@ -80,12 +97,15 @@ def test_every_estimators_spec_snippet_runs():
     import yaml
 
     host = load_plugins()
-    from layerscope.plugin_info import describe_contribution
+    from layerscope.host.describe import describe_contribution
 
     for name in host.estimators.names():
         snippet = yaml.safe_load(describe_contribution(host, "estimators", name)["spec"])
-        spec = {"model": {"source": "demo:digits-gap"}, "data": {"source": "digits", "limit": 40, "batch_size": 20},
-                **snippet}
+        spec = {
+            "model": {"source": "demo:digits-gap"},
+            "data": {"source": "digits", "limit": 40, "batch_size": 20},
+            **snippet,
+        }
         if name == "information_plane":
             spec["analyses"][0]["params"] = {"batch_size": 20, "sigma_grid": 10}
         results = layerscope.run(spec, write=False, progress=False)
@@ -93,8 +113,9 @@ def test_every_estimators_spec_snippet_runs():
 
 
 def test_a_closed_pipe_is_not_an_error():
-    done = subprocess.run(f"{sys.executable} -m layerscope plugins --table | head -c 10", shell=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        f"{sys.executable} -m layerscope plugins --table | head -c 10", shell=True, capture_output=True, text=True
+    )
     assert "Traceback" not in done.stderr and "internal error" not in done.stderr
 
 
@@ -108,9 +129,12 @@ def test_load_plugins_env_selects_entry_points(monkeypatch):
 
 def test_results_json_is_written_by_core_without_any_reporter_plugin(monkeypatch, tmp_path):
     monkeypatch.setenv("LAYERSCOPE_LOAD_PLUGINS", "demo_zoo,digits,activation_entropy")
-    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"limit": 100},
-            "analyses": [{"id": "e", "estimator": "activation_entropy"}],
-            "outputs": {"dir": str(tmp_path), "formats": ["json"]}}
+    spec = {
+        "model": {"source": "demo:digits-mlp"},
+        "data": {"limit": 100},
+        "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+        "outputs": {"dir": str(tmp_path), "formats": ["json"]},
+    }
     assert layerscope.validate(spec, with_model=False)
     results = layerscope.run(spec, progress=False)
     assert json.loads((tmp_path / "results.json").read_text())["records"] == results.records and results.records
@@ -148,16 +172,22 @@ def make_plugin(events):
 
 def test_third_party_estimator_and_lifecycle_hooks():
     events = []
-    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "digits", "limit": 250, "batch_size": 100},
-            "analyses": [{"id": "n", "estimator": "sample_count"}]}
+    spec = {
+        "model": {"source": "demo:digits-mlp"},
+        "data": {"source": "digits", "limit": 250, "batch_size": 100},
+        "analyses": [{"id": "n", "estimator": "sample_count"}],
+    }
     results = layerscope.run(spec, write=False, progress=False, plugins=(make_plugin(events),))
     assert {r["value"] for r in results.records} == {250.0}
     assert events == [("before", ("digits-mlp",)), ("batch", 100), ("batch", 100), ("batch", 50), ("after", 3)]
 
 
 def test_duplicate_estimator_name_is_an_error():
-    plugin = types.SimpleNamespace(register_estimators=hookimpl(
-        lambda register: register(type("Dup", (Counting,), {"name": "activation_entropy"}))))
+    plugin = types.SimpleNamespace(
+        register_estimators=hookimpl(
+            lambda register: register(type("Dup", (Counting,), {"name": "activation_entropy"}))
+        )
+    )
     with pytest.raises(UserError, match="registered by both"):
         load_plugins((plugin,))
 
@@ -182,9 +212,12 @@ class Exploding(Counting):
 def test_an_estimator_raising_in_update_leaves_the_other_analyses_complete(tmp_path):
     plugin = types.ModuleType("fragile_plugin")
     plugin.register_estimators = hookimpl(lambda register: register(Exploding))
-    spec = {"model": {"source": "demo:digits-mlp"}, "data": {"source": "digits", "limit": 200},
-            "analyses": [{"id": "bad", "estimator": "exploding"}, {"id": "good", "estimator": "activation_entropy"}],
-            "outputs": {"dir": str(tmp_path)}}
+    spec = {
+        "model": {"source": "demo:digits-mlp"},
+        "data": {"source": "digits", "limit": 200},
+        "analyses": [{"id": "bad", "estimator": "exploding"}, {"id": "good", "estimator": "activation_entropy"}],
+        "outputs": {"dir": str(tmp_path)},
+    }
     results = layerscope.run(spec, progress=False, plugins=(plugin,))
     assert {r["analysis"] for r in results.records} == {"good"}
     (failure,) = results.failures
@@ -250,9 +283,12 @@ def test_third_party_adapter_data_source_reporter_and_error_hook(tmp_path):
     plugin.register_data_sources = hookimpl(lambda register: register(Ramp))
     plugin.register_reporters = hookimpl(lambda register: register(Lines))
     plugin.on_run_error = hookimpl(lambda error: errors.append(error))
-    spec = {"model": {"source": "tiny:mlp"}, "data": {"source": "ramp", "batch_size": 16},
-            "analyses": [{"id": "e", "estimator": "activation_entropy"}],
-            "outputs": {"dir": str(tmp_path), "formats": ["json", "lines"]}}
+    spec = {
+        "model": {"source": "tiny:mlp"},
+        "data": {"source": "ramp", "batch_size": 16},
+        "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+        "outputs": {"dir": str(tmp_path), "formats": ["json", "lines"]},
+    }
     results = layerscope.run(spec, progress=False, plugins=(plugin,))
     assert results.models[0]["framework"] == "test" and results.runtime["samples"] == 40
     assert "lines.txt" in results.artifacts and (tmp_path / "lines.txt").read_text().startswith("entropy")
@@ -267,7 +303,7 @@ def test_adapters_own_the_keys_of_the_model_section(tmp_path):
     from pydantic import Field
 
     from layerscope import Adapter, Checkpoint, LoadedModel
-    from layerscope.model import ModelParams
+    from layerscope.model.adapter import ModelParams
     from layerscope.testing.models import tiny_mlp
 
     class ZooParams(ModelParams):
@@ -289,30 +325,40 @@ def test_adapters_own_the_keys_of_the_model_section(tmp_path):
     plugin = types.ModuleType("zoo_plugin")
     plugin.register_adapters = hookimpl(lambda register: register(ZooAdapter))
     base = {"data": {"source": "digits", "limit": 50}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
-    results = layerscope.run({**base, "model": {"source": "zoo", "variant": 3}}, write=False, progress=False,
-                             plugins=(plugin,))
+    results = layerscope.run(
+        {**base, "model": {"source": "zoo", "variant": 3}}, write=False, progress=False, plugins=(plugin,)
+    )
     assert [m["label"] for m in results.models] == ["zoo-3"]
 
     spec = tmp_path / "spec.yaml"
-    spec.write_text("model:\n  source: demo:digits-mlp\n  weights: net.pt\n"
-                    "analyses: [{id: e, estimator: activation_entropy}]\n")
+    spec.write_text(
+        "model:\n  source: demo:digits-mlp\n  weights: net.pt\nanalyses: [{id: e, estimator: activation_entropy}]\n"
+    )
     with pytest.raises(SpecError) as error:
         layerscope.validate(str(spec), with_model=False)
-    assert str(error.value) == (f"{spec}:3:3: model.weights: unknown key 'weights'. (the 'demo' adapter reads: source, "
-                                "checkpoints)")
-    spec.write_text("model:\n  python: nets:make\n  wieghts: net.pt\n"
-                    "analyses: [{id: e, estimator: activation_entropy}]\n")
-    with pytest.raises(SpecError, match=r"spec.yaml:3:3: model.wieghts: unknown key 'wieghts'. Did you mean 'weights'"
-                                        r"\? \(the 'torch' adapter reads: source, python, weights, checkpoints\)"):
+    assert str(error.value) == (
+        f"{spec}:3:3: model.weights: unknown key 'weights'. (the 'demo' adapter reads: source, checkpoints)"
+    )
+    spec.write_text(
+        "model:\n  python: nets:make\n  wieghts: net.pt\nanalyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    with pytest.raises(
+        SpecError,
+        match=r"spec.yaml:3:3: model.wieghts: unknown key 'wieghts'. Did you mean 'weights'"
+        r"\? \(the 'torch' adapter reads: source, python, weights, checkpoints\)",
+    ):
         layerscope.validate(str(spec), with_model=False)
-    spec.write_text("model: {source: demo:digits-mlp, weights: net.pt}\ndata: {batch_size: 0}\n"
-                    "analyses: [{id: e, estimator: activation_entropy}]\n")
+    spec.write_text(
+        "model: {source: demo:digits-mlp, weights: net.pt}\ndata: {batch_size: 0}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
     with pytest.raises(SpecError) as error:  # with a structural error elsewhere, both are reported
         layerscope.validate(str(spec), with_model=False)
     assert "model.weights: unknown key" in str(error.value) and "data.batch_size" in str(error.value)
     with pytest.raises(SpecError, match="model.source: required key is missing"):
-        layerscope.validate({"model": {}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]},
-                            with_model=False)
+        layerscope.validate(
+            {"model": {}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]}, with_model=False
+        )
 
 
 def test_two_adapters_claiming_one_model_is_an_error_naming_both_plugins():
@@ -327,6 +373,9 @@ def test_two_adapters_claiming_one_model_is_an_error_naming_both_plugins():
     plugin = types.ModuleType("greedy_plugin")
     plugin.register_adapters = hookimpl(lambda register: register(Greedy))
     spec = {"model": {"source": "demo:digits-mlp"}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
-    with pytest.raises(SpecError, match="model.source: 2 adapters claim 'demo:digits-mlp': 'demo' of plugin "
-                                        "'demo_zoo', 'greedy' of plugin 'greedy_plugin'"):
+    with pytest.raises(
+        SpecError,
+        match="model.source: 2 adapters claim 'demo:digits-mlp': 'demo' of plugin "
+        "'demo_zoo', 'greedy' of plugin 'greedy_plugin'",
+    ):
         layerscope.validate(spec, plugins=(plugin,), with_model=False)

@@ -9,16 +9,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 import layerscope
-from layerscope.errors import SpecError, UserError
 from layerscope.plugins.data.digits import load_digits_split
+from layerscope.util.errors import SpecError, UserError
 
-ANALYSES = [{"id": "entropy", "estimator": "activation_entropy"},
-            {"id": "signature", "estimator": "nonlinearity_signature"}]
+ANALYSES = [
+    {"id": "entropy", "estimator": "activation_entropy"},
+    {"id": "signature", "estimator": "nonlinearity_signature"},
+]
 
 
 def _spec(**data) -> dict:
-    return {"model": {"source": "demo:digits-mlp"}, "data": {"batch_size": 50, "shuffle": True, **data},
-            "analyses": ANALYSES}
+    return {
+        "model": {"source": "demo:digits-mlp"},
+        "data": {"batch_size": 50, "shuffle": True, **data},
+        "analyses": ANALYSES,
+    }
 
 
 def _records(spec, data=None) -> list[dict]:
@@ -65,15 +70,20 @@ class DictDataset(PairDataset):
         return {"x": self.x[index].numpy(), "label": int(self.y[index])}
 
 
-@pytest.mark.parametrize("kind", ["arrays", "tensors", "dataset", "dict-dataset", "tensor-dataset", "loader",
-                                  "dict-spec"])
+@pytest.mark.parametrize(
+    "kind", ["arrays", "tensors", "dataset", "dict-dataset", "tensor-dataset", "loader", "dict-spec"]
+)
 def test_python_data_gives_the_npz_records(kind, digits, reference):
     x, y = digits
     spec = _spec()
-    data = {"arrays": (x, y), "tensors": (torch.from_numpy(x), torch.from_numpy(y)),
-            "dataset": PairDataset(x, y), "dict-dataset": DictDataset(x, y),
-            "tensor-dataset": TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
-            "loader": DataLoader(PairDataset(x, y), batch_size=7, shuffle=True)}.get(kind)
+    data = {
+        "arrays": (x, y),
+        "tensors": (torch.from_numpy(x), torch.from_numpy(y)),
+        "dataset": PairDataset(x, y),
+        "dict-dataset": DictDataset(x, y),
+        "tensor-dataset": TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+        "loader": DataLoader(PairDataset(x, y), batch_size=7, shuffle=True),
+    }.get(kind)
     if kind == "dict-spec":  # the object as data.source of a dict spec
         spec = _spec(source=(x, y))
     _same(_records(spec, data), reference)
@@ -110,20 +120,29 @@ class Ragged(PairDataset):
         return self.x[index][: 64 - index % 2], self.y[index]
 
 
-@pytest.mark.parametrize("data, message", [
-    ("digits.npz", r"a str is not data layerscope reads; give an array, \(x, y\)"),
-    ({"input": np.zeros((5, 64)), "mask": np.zeros((4, 64))}, r"same number of samples .*input: 5, mask: 4"),
-    ((np.zeros((5, 64)), np.zeros(4)), "4 labels for 5 samples"),
-    ((np.zeros((5, 64)), np.array([None] * 5)), "the labels holds Python objects"),
-    (DataLoader(Endless()), "cannot be read by index"),
-    (Failing(np.zeros((10, 64), np.float32), np.zeros(10, np.int64)),
-     r"reading item 3 of the dataset failed: KeyError: 'no such file: 3.png'"),
-    (Ragged(np.zeros((10, 64), np.float32), np.zeros(10, np.int64)), r"differ in shape \(\[64\] and \[63\]"),
-    (PairDataset(np.zeros((0, 64), np.float32), np.zeros(0, np.int64)), "the dataset has no samples"),
-    (DataLoader(PairDataset(np.zeros((10, 64), np.float32), np.zeros(10, np.int64)), collate_fn=lambda items: items),
-     r"a collated batch is a sequence of \d+ parts|the batch cannot be read as an array"),
-    ((np.zeros((4, 64)), [[1, 2], [3]] * 2), r"the labels cannot be read as an array"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("digits.npz", r"a str is not data layerscope reads; give an array, \(x, y\)"),
+        ({"input": np.zeros((5, 64)), "mask": np.zeros((4, 64))}, r"same number of samples .*input: 5, mask: 4"),
+        ((np.zeros((5, 64)), np.zeros(4)), "4 labels for 5 samples"),
+        ((np.zeros((5, 64)), np.array([None] * 5)), "the labels holds Python objects"),
+        (DataLoader(Endless()), "cannot be read by index"),
+        (
+            Failing(np.zeros((10, 64), np.float32), np.zeros(10, np.int64)),
+            r"reading item 3 of the dataset failed: KeyError: 'no such file: 3.png'",
+        ),
+        (Ragged(np.zeros((10, 64), np.float32), np.zeros(10, np.int64)), r"differ in shape \(\[64\] and \[63\]"),
+        (PairDataset(np.zeros((0, 64), np.float32), np.zeros(0, np.int64)), "the dataset has no samples"),
+        (
+            DataLoader(
+                PairDataset(np.zeros((10, 64), np.float32), np.zeros(10, np.int64)), collate_fn=lambda items: items
+            ),
+            r"a collated batch is a sequence of \d+ parts|the batch cannot be read as an array",
+        ),
+        ((np.zeros((4, 64)), [[1, 2], [3]] * 2), r"the labels cannot be read as an array"),
+    ],
+)
 def test_bad_python_data_is_a_user_error_naming_it(data, message):
     spec = {**_spec(shuffle=False), "analyses": [{"id": "entropy", "estimator": "activation_entropy"}]}
     with pytest.raises(UserError, match=message):
@@ -153,11 +172,17 @@ class OpenedHere(PairDataset):
 @pytest.mark.slow
 def test_objects_worker_processes_cannot_take_are_user_errors(digits):
     x, y = digits
-    spec = {**_spec(), "analyses": [{"id": "entropy", "estimator": "activation_entropy"}],
-            "runtime": {"workers": 2}}
+    spec = {**_spec(), "analyses": [{"id": "entropy", "estimator": "activation_entropy"}], "runtime": {"workers": 2}}
     with pytest.raises(UserError, match=r"runtime.workers: the run cannot be sent to worker processes \(.*lambda"):
-        layerscope.run(spec, data=DataLoader(PairDataset(x, y), collate_fn=lambda items: default_collate(items)),
-                       write=False, progress=False)
-    with pytest.raises(UserError, match=r"runtime.workers: a worker process could not rebuild the run "
-                                        r"\(RuntimeError: this dataset holds a handle"):
+        layerscope.run(
+            spec,
+            data=DataLoader(PairDataset(x, y), collate_fn=lambda items: default_collate(items)),
+            write=False,
+            progress=False,
+        )
+    with pytest.raises(
+        UserError,
+        match=r"runtime.workers: a worker process could not rebuild the run "
+        r"\(RuntimeError: this dataset holds a handle",
+    ):
         layerscope.run(spec, data=OpenedHere(x, y), write=False, progress=False)

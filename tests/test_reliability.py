@@ -15,9 +15,9 @@ from onnx import helper, numpy_helper
 
 import layerscope
 from layerscope.api import prepare
-from layerscope.errors import SpecError, UserError
 from layerscope.testing import assert_records_close
 from layerscope.testing.models import tiny_mlp
+from layerscope.util.errors import SpecError, UserError
 
 from .conftest import write_spec
 
@@ -29,8 +29,11 @@ def run(model: onnx.ModelProto | str, tmp_path, data=None, **analysis):
     path = model if isinstance(model, str) else str(tmp_path / "model.onnx")
     if not isinstance(model, str):
         onnx.save(model, path)
-    spec = {"model": {"source": path}, "data": data or {"source": "digits", "limit": 120, "shuffle": False},
-            "analyses": [{"id": "e", "estimator": "activation_entropy", **analysis}]}
+    spec = {
+        "model": {"source": path},
+        "data": data or {"source": "digits", "limit": 120, "shuffle": False},
+        "analyses": [{"id": "e", "estimator": "activation_entropy", **analysis}],
+    }
     return layerscope.run(spec, write=False, progress=False)
 
 
@@ -46,6 +49,7 @@ def with_input_shape(model: onnx.ModelProto, dims) -> onnx.ModelProto:
 
 # --- models ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("batch", [1, 7])
 def test_fixed_batch_models_match_the_dynamic_one(tmp_path, batch):
     dynamic = run(tiny_mlp(), tmp_path)
@@ -55,15 +59,21 @@ def test_fixed_batch_models_match_the_dynamic_one(tmp_path, batch):
 
 def test_a_fixed_batch_model_gives_per_batch_estimators_whole_batches(tmp_path):
     """A batch-1 model runs sample by sample, but the information plane still sees batches of 40."""
-    spec = {"data": {"source": "digits", "limit": 120, "batch_size": 40},
-            "analyses": [{"id": "ip", "estimator": "information_plane",
-                          "params": {"batch_size": 40, "sigma": 2.0, "sigma_x": 4.0}}]}
+    spec = {
+        "data": {"source": "digits", "limit": 120, "batch_size": 40},
+        "analyses": [
+            {"id": "ip", "estimator": "information_plane", "params": {"batch_size": 40, "sigma": 2.0, "sigma_x": 4.0}}
+        ],
+    }
     results = []
     for name, model in [("dynamic", tiny_mlp()), ("fixed", with_input_shape(tiny_mlp(), [1, 64]))]:
         (tmp_path / name).mkdir()
         onnx.save(model, tmp_path / name / "model.onnx")
-        results.append(layerscope.run({**spec, "model": {"source": str(tmp_path / name / "model.onnx")}},
-                                      write=False, progress=False))
+        results.append(
+            layerscope.run(
+                {**spec, "model": {"source": str(tmp_path / name / "model.onnx")}}, write=False, progress=False
+            )
+        )
     dynamic, fixed = results
     assert not fixed.warnings and {r["metric"] for r in fixed.records} >= {"I_XT", "I_TY"}
     assert_records_close(fixed.records, dynamic.records, rtol=0, atol=1e-9)
@@ -75,10 +85,19 @@ def silero_spec(**analysis) -> dict:
     import silero_vad
 
     source = str(Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx")
-    return {"model": {"source": source},
-            "data": {"source": "synthetic", "samples": 6, "shape": [512], "classes": 2, "std": 0.1, "batch_size": 1,
-                     "constants": {"state": np.zeros((2, 1, 128), np.float32).tolist(), "sr": 16000}},
-            "analyses": [{"id": "e", "estimator": "activation_entropy", **analysis}]}
+    return {
+        "model": {"source": source},
+        "data": {
+            "source": "synthetic",
+            "samples": 6,
+            "shape": [512],
+            "classes": 2,
+            "std": 0.1,
+            "batch_size": 1,
+            "constants": {"state": np.zeros((2, 1, 128), np.float32).tolist(), "sr": 16000},
+        },
+        "analyses": [{"id": "e", "estimator": "activation_entropy", **analysis}],
+    }
 
 
 def test_a_stateful_model_with_constant_inputs_is_analysed_where_observable():
@@ -91,14 +110,16 @@ def test_a_stateful_model_with_constant_inputs_is_analysed_where_observable():
         layerscope.run(silero_spec(on={"op_type": "Sigmoid"}), write=False, progress=False)
     bad = silero_spec()
     del bad["data"]["constants"]["sr"]
-    with pytest.raises(UserError, match=r"the model has 2 data inputs \(input, sr\), but data source 'synthetic.*' gives one array"):
+    with pytest.raises(
+        UserError, match=r"the model has 2 data inputs \(input, sr\), but data source 'synthetic.*' gives one array"
+    ):
         layerscope.run(bad, write=False, progress=False)
 
 
 def test_inspect_shows_what_is_observable_in_a_model_with_if_bodies():
     import silero_vad
 
-    from layerscope.graph import describe_tensors
+    from layerscope.graph.tensors import describe_tensors
 
     model = onnx.load(str(Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx"))
     tensors = describe_tensors(model)
@@ -109,9 +130,13 @@ def test_inspect_shows_what_is_observable_in_a_model_with_if_bodies():
 
 def test_fp16_model_is_analysed(tmp_path):
     weight = numpy_helper.from_array((np.random.default_rng(0).standard_normal((64, 8)) * 0.3).astype(np.float16), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["a"])],
-                              "f16", [helper.make_tensor_value_info("x", FLOAT16, ["N", 64])],
-                              [helper.make_tensor_value_info("a", FLOAT16, ["N", 8])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["a"])],
+        "f16",
+        [helper.make_tensor_value_info("x", FLOAT16, ["N", 64])],
+        [helper.make_tensor_value_info("a", FLOAT16, ["N", 8])],
+        [weight],
+    )
     results = run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), tmp_path)
     assert all(np.isfinite(r["value"]) for r in results.records) and results.select(metric="entropy")
 
@@ -121,22 +146,36 @@ def test_bf16_model_on_the_cpu_provider_is_refused_naming_the_op(tmp_path):
 
     values = (np.random.default_rng(0).standard_normal((64, 8)) * 0.3).astype(ml_dtypes.bfloat16)
     weight = helper.make_tensor("w", onnx.TensorProto.BFLOAT16, [64, 8], values.view(np.uint16).ravel().tolist())
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["a"])],
-                              "bf16", [helper.make_tensor_value_info("x", onnx.TensorProto.BFLOAT16, ["N", 64])],
-                              [helper.make_tensor_value_info("a", onnx.TensorProto.BFLOAT16, ["N", 8])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["a"])],
+        "bf16",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.BFLOAT16, ["N", 64])],
+        [helper.make_tensor_value_info("a", onnx.TensorProto.BFLOAT16, ["N", 8])],
+        [weight],
+    )
     with pytest.raises(UserError, match=r"MatMul.*no kernel for that op and element type"):
         run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), tmp_path)
 
 
 def test_int8_qdq_model_is_analysed(tmp_path):
-    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "scale"),
-             numpy_helper.from_array(np.array(0, np.int8), "zero"),
-             numpy_helper.from_array((np.random.default_rng(1).standard_normal((64, 8)) * 0.3).astype(np.float32), "w")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "scale", "zero"], ["xd"]),
-             helper.make_node("MatMul", ["xd", "w"], ["h"]), helper.make_node("Relu", ["h"], ["a"])]
-    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", FLOAT, ["N", 64])],
-                              [helper.make_tensor_value_info("a", FLOAT, ["N", 8])], inits)
+    inits = [
+        numpy_helper.from_array(np.array(0.02, np.float32), "scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zero"),
+        numpy_helper.from_array((np.random.default_rng(1).standard_normal((64, 8)) * 0.3).astype(np.float32), "w"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "scale", "zero"], ["xd"]),
+        helper.make_node("MatMul", ["xd", "w"], ["h"]),
+        helper.make_node("Relu", ["h"], ["a"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("a", FLOAT, ["N", 8])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     results = run(model, tmp_path)
     assert results.select(metric="entropy", layer=results.records[0]["layer"])
@@ -146,14 +185,24 @@ def test_int8_qdq_model_is_analysed(tmp_path):
 
 # --- numerical hygiene --------------------------------------------------------------------------
 
+
 def test_nan_activations_are_warned_and_never_reported_as_nan(tmp_path):
     nodes = [helper.make_node("Log", ["x"], ["logx"]), helper.make_node("Relu", ["logx"], ["a"])]
-    graph = helper.make_graph(nodes, "nan", [helper.make_tensor_value_info("x", FLOAT, ["N", 64])],
-                              [helper.make_tensor_value_info("a", FLOAT, ["N", 64])])
+    graph = helper.make_graph(
+        nodes,
+        "nan",
+        [helper.make_tensor_value_info("x", FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("a", FLOAT, ["N", 64])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((50, 64)).astype(np.float32))
-    results = run(model, tmp_path, data={"source": "npz", "path": str(tmp_path / "d.npz")},
-                  on={"op_type": ["Log", "Relu"]}, params={"variant": "histogram"})
+    results = run(
+        model,
+        tmp_path,
+        data={"source": "npz", "path": str(tmp_path / "d.npz")},
+        on={"op_type": ["Log", "Relu"]},
+        params={"variant": "histogram"},
+    )
     assert any("tensor 'logx'" in w and "NaN or Inf" in w for w in results.warnings)
     assert results.records
     assert all(np.isfinite(r["value"]) for r in results.records)
@@ -173,14 +222,22 @@ def test_classes_with_one_sample_and_constant_features(tmp_path):
 # --- hostile specs ---------------------------------------------------------------------------------
 
 LOCATED = re.compile(r"^.+:\d+:\d+: ")
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=12))
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                      max_leaves=8)
-BASE = {"version": 1, "model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "batch_size": 100},
-        "analyses": [{"id": "e", "estimator": "activation_entropy", "params": {"variant": "binary"}}],
-        "runtime": {"device": "cpu", "memory_budget": "1GiB", "seed": 0}, "outputs": {"dir": "results"}}
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=12)
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=8,
+)
+BASE = {
+    "version": 1,
+    "model": {"source": "demo:digits-cnn"},
+    "data": {"source": "digits", "batch_size": 100},
+    "analyses": [{"id": "e", "estimator": "activation_entropy", "params": {"variant": "binary"}}],
+    "runtime": {"device": "cpu", "memory_budget": "1GiB", "seed": 0},
+    "outputs": {"dir": "results"},
+}
 
 
 def _check_spec(tmp_path, text: str) -> None:
@@ -195,10 +252,26 @@ def _check_spec(tmp_path, text: str) -> None:
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(path=st.sampled_from([("model",), ("model", "source"), ("data",), ("data", "batch_size"), ("analyses",),
-                             ("analyses", 0), ("analyses", 0, "params"), ("analyses", 0, "on"), ("runtime",),
-                             ("runtime", "memory_budget"), ("outputs", "formats"), ("version",), ("extra",)]),
-       value=VALUES)
+@given(
+    path=st.sampled_from(
+        [
+            ("model",),
+            ("model", "source"),
+            ("data",),
+            ("data", "batch_size"),
+            ("analyses",),
+            ("analyses", 0),
+            ("analyses", 0, "params"),
+            ("analyses", 0, "on"),
+            ("runtime",),
+            ("runtime", "memory_budget"),
+            ("outputs", "formats"),
+            ("version",),
+            ("extra",),
+        ]
+    ),
+    value=VALUES,
+)
 def test_mutated_specs_validate_or_fail_with_a_location(tmp_path, path, value):
     import copy
 
@@ -213,21 +286,29 @@ def test_mutated_specs_validate_or_fail_with_a_location(tmp_path, path, value):
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.lists(st.sampled_from(list("abc:-[]{}'\"#&*!|>%@`,?\n\t 01.")
-                                    + ["!!python/object ", "on:", "model:", "analyses:", "\n  - ", "id: "]),
-                    max_size=40).map("".join))
+@given(
+    text=st.lists(
+        st.sampled_from(
+            list("abc:-[]{}'\"#&*!|>%@`,?\n\t 01.")
+            + ["!!python/object ", "on:", "model:", "analyses:", "\n  - ", "id: "]
+        ),
+        max_size=40,
+    ).map("".join)
+)
 def test_arbitrary_text_never_crashes_the_loader(tmp_path, text):
     _check_spec(tmp_path, text)
 
 
 def test_analysis_ids_cannot_escape_the_output_folder(tmp_path):
-    spec = write_spec(tmp_path, "model: {source: demo:digits-cnn}\n"
-                                "analyses: [{id: ../../escape, estimator: activation_entropy}]\n")
+    spec = write_spec(
+        tmp_path, "model: {source: demo:digits-cnn}\nanalyses: [{id: ../../escape, estimator: activation_entropy}]\n"
+    )
     with pytest.raises(SpecError, match=r"analyses\.0\.id"):
         prepare(str(spec))
 
 
 # --- a soak -------------------------------------------------------------------------------------------
+
 
 def _rss() -> int:
     with open("/proc/self/status") as handle:
@@ -248,10 +329,14 @@ def test_quickstart_twenty_times_in_one_process_does_not_grow():
 
 # --- interrupted runs ---------------------------------------------------------------------------------
 
-IP_SPEC = {"model": {"source": "demo:digits-mlp", "checkpoints": ["epoch_01", "epoch_05", "epoch_10"]},
-           "data": {"source": "digits", "split": "train", "limit": 300},
-           "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 30, "smoothing": 0.9}},
-                        {"id": "e", "estimator": "activation_entropy"}]}
+IP_SPEC = {
+    "model": {"source": "demo:digits-mlp", "checkpoints": ["epoch_01", "epoch_05", "epoch_10"]},
+    "data": {"source": "digits", "split": "train", "limit": 300},
+    "analyses": [
+        {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 30, "smoothing": 0.9}},
+        {"id": "e", "estimator": "activation_entropy"},
+    ],
+}
 
 
 def _interrupted_run(tmp_path):
@@ -328,8 +413,11 @@ def test_a_planted_or_foreign_resume_file_never_runs_code_and_is_recomputed(tmp_
     resumed = layerscope.run({**IP_SPEC, "outputs": {"dir": str(out)}}, progress=False, resume=True)
     assert not marker.exists()
     assert resumed.records == reference.records
-    expected = "another spec, checkpoint or layerscope version" if planting == "other spec" else \
-        "could not be read as a resume file"
+    expected = (
+        "another spec, checkpoint or layerscope version"
+        if planting == "other spec"
+        else "could not be read as a resume file"
+    )
     assert any(expected in w and "checkpoint epoch_01 was recomputed" in w for w in resumed.warnings), resumed.warnings
 
 
@@ -349,14 +437,28 @@ def test_ctrl_c_leaves_no_results_json(tmp_path):
     import sys
     import time
 
-    spec = write_spec(tmp_path, "model: {source: demo:digits-cnn, checkpoints: all}\n"
-                                "data: {source: digits}\n"
-                                "analyses: [{id: ip, estimator: information_plane}]\n"
-                                f"outputs: {{dir: {tmp_path / 'out'}}}\n")
-    layerscope.run({"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "limit": 10},
-                    "analyses": [{"id": "e", "estimator": "activation_entropy"}]}, write=False, progress=False)
-    process = subprocess.Popen([sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    spec = write_spec(
+        tmp_path,
+        "model: {source: demo:digits-cnn, checkpoints: all}\n"
+        "data: {source: digits}\n"
+        "analyses: [{id: ip, estimator: information_plane}]\n"
+        f"outputs: {{dir: {tmp_path / 'out'}}}\n",
+    )
+    layerscope.run(
+        {
+            "model": {"source": "demo:digits-cnn"},
+            "data": {"source": "digits", "limit": 10},
+            "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+        },
+        write=False,
+        progress=False,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not (tmp_path / "out" / ".layerscope-resume").exists() and time.time() < deadline:
         time.sleep(0.2)  # interrupt once the first checkpoint is saved, mid-run
@@ -388,13 +490,26 @@ def test_worker_processes_end_when_the_driver_is_killed(tmp_path):
     import sys
     import time
 
-    spec = write_spec(tmp_path, "model: {source: demo:digits-cnn}\ndata: {source: digits}\n"
-                                "analyses: [{id: ip, estimator: information_plane, params: {sigma_grid: 20000}}]\n"
-                                f"runtime: {{workers: 2, shards: 2}}\noutputs: {{dir: {tmp_path / 'out'}}}\n")
-    layerscope.run({"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "limit": 10},
-                    "analyses": [{"id": "e", "estimator": "activation_entropy"}]}, write=False, progress=False)
-    driver = subprocess.Popen([sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spec = write_spec(
+        tmp_path,
+        "model: {source: demo:digits-cnn}\ndata: {source: digits}\n"
+        "analyses: [{id: ip, estimator: information_plane, params: {sigma_grid: 20000}}]\n"
+        f"runtime: {{workers: 2, shards: 2}}\noutputs: {{dir: {tmp_path / 'out'}}}\n",
+    )
+    layerscope.run(
+        {
+            "model": {"source": "demo:digits-cnn"},
+            "data": {"source": "digits", "limit": 10},
+            "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+        },
+        write=False,
+        progress=False,
+    )
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while not _worker_processes(driver.pid) and time.time() < deadline:
         time.sleep(0.2)
@@ -408,8 +523,12 @@ def test_worker_processes_end_when_the_driver_is_killed(tmp_path):
     alive = workers
     while alive and time.time() < deadline:
         time.sleep(0.2)
-        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
-                 and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        alive = [
+            pid
+            for pid in workers
+            if Path(f"/proc/{pid}").exists()
+            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        ]
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, "a worker outlived its killed driver"
@@ -427,13 +546,23 @@ def test_model_over_2gb_with_external_data(tmp_path):
         table.external_data.add(key=key, value=value)
     weight = numpy_helper.from_array((np.random.default_rng(0).standard_normal((64, 8)) * 0.3).astype(np.float32), "w")
     index = numpy_helper.from_array(np.arange(3, dtype=np.int64), "index")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Gather", ["table", "index"], ["rows3"]),
-             helper.make_node("ReduceMean", ["rows3"], ["offset"], keepdims=1, axes=[0]),
-             helper.make_node("Add", ["h", "offset"], ["shifted"]), helper.make_node("Relu", ["shifted"], ["a"])]
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", FLOAT, ["N", 64])],
-                              [helper.make_tensor_value_info("a", FLOAT, ["N", 8])], [weight, index, table])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10),
-              str(tmp_path / "big.onnx"))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Gather", ["table", "index"], ["rows3"]),
+        helper.make_node("ReduceMean", ["rows3"], ["offset"], keepdims=1, axes=[0]),
+        helper.make_node("Add", ["h", "offset"], ["shifted"]),
+        helper.make_node("Relu", ["shifted"], ["a"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("a", FLOAT, ["N", 8])],
+        [weight, index, table],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10), str(tmp_path / "big.onnx")
+    )
     assert (tmp_path / "big.onnx").stat().st_size < 10_000 and data.stat().st_blocks * 512 < 10**6
     results = run(str(tmp_path / "big.onnx"), tmp_path)
     assert results.models[0]["external_data"].startswith("memory-mapped")
@@ -450,7 +579,7 @@ def test_model_over_2gb_with_external_data(tmp_path):
 def test_the_finiteness_check_tells_overflowing_sums_from_real_nan_and_inf():
     import torch
 
-    from layerscope.checkpoint_run import all_finite
+    from layerscope.engine.checkpoint_run import all_finite
 
     huge = torch.full((1000,), 3e38, dtype=torch.float32)  # the sum overflows, every value is finite
     assert all_finite(huge) and all_finite(torch.zeros(3, dtype=torch.bfloat16)) and all_finite(torch.arange(5))

@@ -12,11 +12,24 @@ from pathlib import Path
 import pytest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
-ESTIMATORS = {"entropy": "activation_entropy", "ip": "information_plane", "sig": "nonlinearity_signature",
-              "md": "mean_dimension", "agg": "aggregation_distribution"}
+ESTIMATORS = {
+    "entropy": "activation_entropy",
+    "ip": "information_plane",
+    "sig": "nonlinearity_signature",
+    "md": "mean_dimension",
+    "agg": "aggregation_distribution",
+}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
@@ -47,7 +60,7 @@ def test_every_estimator_plot_from_stored_results(run_dir):
         assert png.stat().st_size > 15_000 and svg.stat().st_size > 15_000, analysis
     page = (run_dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(ESTIMATORS)
-    assert "Reconstructed method" in page and "<table class=\"sortable\">" in page
+    assert "Reconstructed method" in page and '<table class="sortable">' in page
     assert (run_dir / "records.csv").exists()
 
 
@@ -73,14 +86,32 @@ def render_in_chromium(page: Path, tmp_path: Path) -> tuple[int, list[str], obje
 
     url = page.as_uri()
     profile = ["--user-data-dir=" + str(tmp_path / "profile"), "--window-size=1280,2000"]
-    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, *profile, "--enable-logging=stderr", "--v=0",
-                          "--virtual-time-budget=5000", "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            *profile,
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     loaded = re.search(r'data-images-loaded="(\d+)"', dom.stdout)
     assert loaded, dom.stdout[:500]
-    console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "ERROR" in line)]
+    console_errors = [
+        line for line in dom.stderr.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "ERROR" in line)
+    ]
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, *profile, "--virtual-time-budget=5000", f"--screenshot={shot}", url],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, *profile, "--virtual-time-budget=5000", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+    )
     return int(loaded.group(1)), console_errors, imread(str(shot))
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import layerscope
-from layerscope.cli import main
-from layerscope.plugins.nonlinearity_signature import NonlinearitySignature
+from layerscope.cli.main import main
+from layerscope.plugins.nonlinearity_signature.estimator import NonlinearitySignature
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
 SIGNATURE = [{"id": "sig", "estimator": "nonlinearity_signature"}]
@@ -22,11 +22,17 @@ SIGNATURE = [{"id": "sig", "estimator": "nonlinearity_signature"}]
 def epochs(tmp_path_factory):
     """A json-only run of the demo MLP over three epochs (written once for the module)."""
     folder = tmp_path_factory.mktemp("epochs")
-    layerscope.run({"name": "mlp-epochs", "model": {"source": "demo:digits-mlp",
-                                                    "checkpoints": ["epoch_02", "epoch_09", "epoch_10"]},
-                    "data": {"limit": 200},
-                    "analyses": SIGNATURE + [{"id": "entropy", "estimator": "activation_entropy"}],
-                    "outputs": {"formats": ["json"]}}, out=folder, progress=False)
+    layerscope.run(
+        {
+            "name": "mlp-epochs",
+            "model": {"source": "demo:digits-mlp", "checkpoints": ["epoch_02", "epoch_09", "epoch_10"]},
+            "data": {"limit": 200},
+            "analyses": SIGNATURE + [{"id": "entropy", "estimator": "activation_entropy"}],
+            "outputs": {"formats": ["json"]},
+        },
+        out=folder,
+        progress=False,
+    )
     return folder
 
 
@@ -54,14 +60,27 @@ def test_report_adds_a_format_to_a_json_only_run(epochs, tmp_path, capsys):
 
 def test_compare_draws_several_runs_in_one_figure(epochs, tmp_path):
     cnn = tmp_path / "cnn"
-    layerscope.run({"name": "cnn", "model": {"source": "demo:digits-cnn"}, "data": {"limit": 200},
-                    "analyses": SIGNATURE, "outputs": {"formats": ["json"]}}, out=cnn, progress=False)
+    layerscope.run(
+        {
+            "name": "cnn",
+            "model": {"source": "demo:digits-cnn"},
+            "data": {"limit": 200},
+            "analyses": SIGNATURE,
+            "outputs": {"formats": ["json"]},
+        },
+        out=cnn,
+        progress=False,
+    )
     out = tmp_path / "compared"
     assert main(["compare", str(epochs), str(cnn), "--out", str(out)]) == 0
     combined = layerscope.Results.load(out)
     assert {r["network"] for r in combined.records} == {"mlp-epochs", "cnn"}
-    assert [m["label"] for m in combined.models] == ["mlp-epochs/epoch_02", "mlp-epochs/epoch_09",
-                                                     "mlp-epochs/epoch_10", "cnn"]
+    assert [m["label"] for m in combined.models] == [
+        "mlp-epochs/epoch_02",
+        "mlp-epochs/epoch_09",
+        "mlp-epochs/epoch_10",
+        "cnn",
+    ]
     assert (out / "plots" / "sig.png").stat().st_size > 10_000 and (out / "report.html").exists()
     figure = NonlinearitySignature.plot([r for r in combined.records if r["analysis"] == "sig"])
     main_axes, *strips = figure.axes
@@ -85,7 +104,13 @@ def test_compare_refuses_runs_whose_analyses_disagree(tmp_path, capsys):
 
 
 def test_default_formats_write_the_report(tmp_path):
-    results = layerscope.run({"model": {"source": "demo:digits-mlp"}, "data": {"limit": 100},
-                              "analyses": [{"id": "entropy", "estimator": "activation_entropy"}]},
-                             out=tmp_path, progress=False)
+    results = layerscope.run(
+        {
+            "model": {"source": "demo:digits-mlp"},
+            "data": {"limit": 100},
+            "analyses": [{"id": "entropy", "estimator": "activation_entropy"}],
+        },
+        out=tmp_path,
+        progress=False,
+    )
     assert {"records.csv", "plots/entropy.png", "report.html"} <= set(results.artifacts)

@@ -7,9 +7,9 @@ import math
 import pytest
 
 import layerscope
-from layerscope.errors import UserError
-from layerscope.runner import connected_units, plan_groups
+from layerscope.engine.runner import connected_units, plan_groups
 from layerscope.testing import assert_records_close
+from layerscope.util.errors import UserError
 
 
 def test_plan_groups_packs_in_order():
@@ -45,10 +45,15 @@ def test_overlapping_units_are_joined_so_a_pair_never_straddles_two_groups():
 
 
 def quickstart(budget: str, limit: int = 300):
-    spec = {"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "limit": limit, "batch_size": 100},
-            "analyses": [{"id": "bin", "estimator": "activation_entropy", "on": "all"},
-                         {"id": "hist", "estimator": "activation_entropy", "params": {"variant": "histogram"}}],
-            "runtime": {"memory_budget": budget}}
+    spec = {
+        "model": {"source": "demo:digits-cnn"},
+        "data": {"source": "digits", "limit": limit, "batch_size": 100},
+        "analyses": [
+            {"id": "bin", "estimator": "activation_entropy", "on": "all"},
+            {"id": "hist", "estimator": "activation_entropy", "params": {"variant": "histogram"}},
+        ],
+        "runtime": {"memory_budget": budget},
+    }
     return layerscope.run(spec, write=False, progress=False)
 
 
@@ -75,9 +80,11 @@ def test_densenet121_within_the_memory_budget():
     import onnx
 
     path = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", "light_densenet121.onnx")
-    spec = {"model": {"source": path},
-            "data": {"source": "synthetic", "samples": 3, "shape": [3, 224, 224], "classes": 2, "batch_size": 3},
-            "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
+    spec = {
+        "model": {"source": path},
+        "data": {"source": "synthetic", "samples": 3, "shape": [3, 224, 224], "classes": 2, "batch_size": 3},
+        "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+    }
     unbounded = layerscope.run({**spec, "runtime": {"memory_budget": "1GiB"}}, write=False, progress=False)
     budget = 16 * 2**20  # one sample's 121 Relu outputs are 62.7 MB
     bounded = layerscope.run({**spec, "runtime": {"memory_budget": budget}}, write=False, progress=False)
@@ -98,15 +105,18 @@ def test_real_architectures_are_inspected_and_run_within_the_budget(name, capsys
 
     import onnx
 
-    from layerscope.cli import main
+    from layerscope.cli.main import main
 
     path = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", f"light_{name}.onnx")
     assert main(["inspect", path, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["tensors"]
     budget = 16 * 2**20
-    spec = {"model": {"source": path}, "runtime": {"memory_budget": budget},
-            "data": {"source": "synthetic", "samples": 1, "shape": [3, 224, 224], "classes": 2, "batch_size": 1},
-            "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
+    spec = {
+        "model": {"source": path},
+        "runtime": {"memory_budget": budget},
+        "data": {"source": "synthetic", "samples": 1, "shape": [3, 224, 224], "classes": 2, "batch_size": 1},
+        "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+    }
     (tmp_path / "spec.yaml").write_text(json.dumps(spec))  # JSON is YAML
     assert main(["run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")]) == 0
     model = json.loads((tmp_path / "out" / "results.json").read_text())["models"][0]
@@ -130,14 +140,17 @@ ANALYSES = {
     "activation_entropy": {"id": "ent", "estimator": "activation_entropy"},
     "histogram": {"id": "hist", "estimator": "activation_entropy", "params": {"variant": "histogram"}},
     "nonlinearity_signature": {"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 100}},
-    "information_plane": {"id": "ip", "estimator": "information_plane",
-                          "params": {"batch_size": 50, "sigma_grid": 20}},
+    "information_plane": {"id": "ip", "estimator": "information_plane", "params": {"batch_size": 50, "sigma_grid": 20}},
 }
 
 
 def run_with_budget(names: list[str], budget: int):
-    spec = {"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "limit": 100, "batch_size": 50},
-            "analyses": [ANALYSES[name] for name in names], "runtime": {"memory_budget": budget}}
+    spec = {
+        "model": {"source": "demo:digits-cnn"},
+        "data": {"source": "digits", "limit": 100, "batch_size": 50},
+        "analyses": [ANALYSES[name] for name in names],
+        "runtime": {"memory_budget": budget},
+    }
     return layerscope.run(spec, write=False, progress=False)
 
 

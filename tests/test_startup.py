@@ -16,7 +16,7 @@ HEAVY = ("torch", "onnxruntime", "scipy", "onnx")
 # Runs the command line in this interpreter, then prints which heavy modules were imported.
 PROBE = """
 import sys
-from layerscope.cli import main
+from layerscope.cli.main import main
 try:
     code = main(sys.argv[1:])
 except SystemExit as exit:
@@ -33,10 +33,18 @@ def probe(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
 
 
 def test_importing_the_command_line_leaves_torch_out():
-    done = subprocess.run([sys.executable, "-c", "import sys, layerscope.cli, layerscope; "
-                           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-                           f"{HEAVY!r} + ('sklearn', 'matplotlib')))"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, layerscope.cli.main, layerscope; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            f"{HEAVY!r} + ('sklearn', 'matplotlib')))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.strip() == "[]"
 
 
@@ -54,19 +62,29 @@ def test_validate_without_the_model_imports_no_framework(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", x=rng.normal(size=(30, 64)).astype(np.float32), y=np.arange(30) % 3)
     spec = tmp_path / "spec.yaml"
-    spec.write_text("model: {source: demo:digits-mlp}\ndata: {source: npz, path: data.npz}\n"
-                    "analyses: [{id: ip, estimator: information_plane}, {id: md, estimator: mean_dimension}]\n")
+    spec.write_text(
+        "model: {source: demo:digits-mlp}\ndata: {source: npz, path: data.npz}\n"
+        "analyses: [{id: ip, estimator: information_plane}, {id: md, estimator: mean_dimension}]\n"
+    )
     done, imported = probe("validate", str(spec), "--no-model")
     assert done.returncode == 0 and "ok: labels" in done.stdout and imported == [], (imported, done.stderr)
 
 
 def test_a_module_imported_on_first_use_behaves_as_the_module():
-    from layerscope.lazy import lazy_module
+    from layerscope.util.lazy import lazy_module
 
     deferred = lazy_module("json")  # already imported: the module itself
     assert deferred is json
-    done = subprocess.run([sys.executable, "-c", "import sys; from layerscope.lazy import lazy_module; "
-                           "colorsys = lazy_module('colorsys'); assert 'colorsys' not in sys.modules; "
-                           "print(colorsys.rgb_to_hsv(1, 0, 0), 'colorsys' in sys.modules)"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from layerscope.util.lazy import lazy_module; "
+            "colorsys = lazy_module('colorsys'); assert 'colorsys' not in sys.modules; "
+            "print(colorsys.rgb_to_hsv(1, 0, 0), 'colorsys' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.strip() == "(0.0, 1.0, 1) True"

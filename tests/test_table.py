@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import layerscope
-from layerscope.errors import UserError
 from layerscope.plugins.data import table as table_module
 from layerscope.plugins.data.digits import load_digits_split
 from layerscope.plugins.data.table import TableSource
+from layerscope.util.errors import UserError
 
 NAMES = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
 
@@ -32,7 +32,9 @@ def _write(folder: Path, columns: dict[str, np.ndarray], kind: str) -> Path:
         return path
     path = folder / ("d.tsv" if kind == "tsv" else "d.csv")
     separator = "\t" if kind == "tsv" else ","
-    rows = zip(*[[repr(float(v)) if isinstance(v, np.floating) else str(v) for v in values] for values in columns.values()])
+    rows = zip(
+        *[[repr(float(v)) if isinstance(v, np.floating) else str(v) for v in values] for values in columns.values()]
+    )
     path.write_text(separator.join(columns) + "\n" + "".join(separator.join(row) + "\n" for row in rows))
     return path
 
@@ -60,8 +62,9 @@ def test_rows_read_back_equal_the_values_in_any_order(tmp_path, kind):
 def test_named_inputs_and_integer_labels(tmp_path):
     columns = {"a1": np.arange(10.0), "a2": np.arange(10.0) * 2, "b": -np.arange(10.0), "cls": np.arange(10) % 3}
     path = _write(tmp_path, columns, "csv")
-    source = TableSource(TableSource.Params(path=path.name, inputs={"left": ["a*"], "right": ["b"]}, label="cls"),
-                         tmp_path)
+    source = TableSource(
+        TableSource.Params(path=path.name, inputs={"left": ["a*"], "right": ["b"]}, label="cls"), tmp_path
+    )
     x, y = source.read(np.array([4, 1]))
     assert x["left"].tolist() == [[4.0, 8.0], [1.0, 2.0]] and x["right"].tolist() == [[-4.0], [-1.0]]
     assert y.dtype == np.int64 and y.tolist() == [1, 1]
@@ -72,13 +75,22 @@ def test_table_records_equal_npz_records(tmp_path):
     path = _write(tmp_path, columns, "csv")
     x = np.column_stack([columns[f"pixel_{i:02d}"] for i in range(64)]).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=columns["species"])
-    analyses = [{"id": "entropy", "estimator": "activation_entropy"},
-                {"id": "signature", "estimator": "nonlinearity_signature"}]
+    analyses = [
+        {"id": "entropy", "estimator": "activation_entropy"},
+        {"id": "signature", "estimator": "nonlinearity_signature"},
+    ]
     common = {"batch_size": 30, "limit": 150, "shuffle": True}
-    records = [layerscope.run({"model": {"source": "demo:digits-mlp"}, "data": {**common, **data},
-                               "analyses": analyses}, write=False, progress=False).records
-               for data in ({"source": "npz", "path": str(tmp_path / "d.npz")},
-                            {"source": "table", "path": str(path), "features": ["pixel_*"], "label": "species"})]
+    records = [
+        layerscope.run(
+            {"model": {"source": "demo:digits-mlp"}, "data": {**common, **data}, "analyses": analyses},
+            write=False,
+            progress=False,
+        ).records
+        for data in (
+            {"source": "npz", "path": str(tmp_path / "d.npz")},
+            {"source": "table", "path": str(path), "features": ["pixel_*"], "label": "species"},
+        )
+    ]
     assert len(records[0]) == len(records[1]) > 20
     assert records[0] == records[1]
 
@@ -96,15 +108,18 @@ def test_the_conversion_is_cached_until_the_file_changes(tmp_path, monkeypatch):
     assert TableSource(params, tmp_path).read(np.array([0]))[0].tolist() == [[7.0, 8.0]] and len(calls) == 1
 
 
-@pytest.mark.parametrize("content, params, message", [
-    ("a,b\n1,2\n", {"label": "cls"}, r"data.label: .* has no column 'cls' \(the columns: a, b\)"),
-    ("a,b\n1,2\n", {"features": ["x*"]}, r"data.features: no column matches 'x\*' \(the columns: a, b\)"),
-    ("a,b,c\n1,2,x\n3,zz,y\n", {"label": "c"}, r"could not be read as csv: In column 'b': .*invalid value 'zz'"),
-    ("a,b\n1,2\n3,\n", {}, r"data: column 'b' has no value in row 2"),
-    ("a,b,c\n1,2,x\n3,4,\n", {"label": "c"}, r"data.label: column 'c' has no value in row 2"),
-    ("a,b\n", {}, r"has no rows"),
-    ("", {}, r"is empty \(a CSV needs a header row\)"),
-])
+@pytest.mark.parametrize(
+    "content, params, message",
+    [
+        ("a,b\n1,2\n", {"label": "cls"}, r"data.label: .* has no column 'cls' \(the columns: a, b\)"),
+        ("a,b\n1,2\n", {"features": ["x*"]}, r"data.features: no column matches 'x\*' \(the columns: a, b\)"),
+        ("a,b,c\n1,2,x\n3,zz,y\n", {"label": "c"}, r"could not be read as csv: In column 'b': .*invalid value 'zz'"),
+        ("a,b\n1,2\n3,\n", {}, r"data: column 'b' has no value in row 2"),
+        ("a,b,c\n1,2,x\n3,4,\n", {"label": "c"}, r"data.label: column 'c' has no value in row 2"),
+        ("a,b\n", {}, r"has no rows"),
+        ("", {}, r"is empty \(a CSV needs a header row\)"),
+    ],
+)
 def test_bad_tables_are_user_errors_naming_the_place(tmp_path, content, params, message):
     (tmp_path / "d.csv").write_text(content)
     with pytest.raises(UserError, match=message):

@@ -16,10 +16,12 @@ pytest.importorskip("tf2onnx")
 import layerscope  # noqa: E402
 
 DATA = {"source": "digits", "split": "test", "batch_size": 90, "layout": "image"}
-ANALYSES = [{"id": "entropy", "estimator": "activation_entropy"},
-            {"id": "channels", "estimator": "activation_entropy", "params": {"neurons": "channels"}},
-            {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 60, "batch_size": 90}},
-            {"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 400}}]
+ANALYSES = [
+    {"id": "entropy", "estimator": "activation_entropy"},
+    {"id": "channels", "estimator": "activation_entropy", "params": {"neurons": "channels"}},
+    {"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 60, "batch_size": 90}},
+    {"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": 400}},
+]
 
 
 def torch_cnn() -> torch.nn.Module:
@@ -39,9 +41,14 @@ def torch_cnn() -> torch.nn.Module:
 
 
 def keras_cnn(net: torch.nn.Module, sequential: bool = False):
-    layers = [keras.layers.Conv2D(4, 3, padding="same", name="conv1"), keras.layers.Activation("relu", name="relu1"),
-              keras.layers.Conv2D(8, 3, padding="same", name="conv2"), keras.layers.Activation("relu", name="relu2"),
-              keras.layers.GlobalAveragePooling2D(name="pool"), keras.layers.Dense(10, name="out")]
+    layers = [
+        keras.layers.Conv2D(4, 3, padding="same", name="conv1"),
+        keras.layers.Activation("relu", name="relu1"),
+        keras.layers.Conv2D(8, 3, padding="same", name="conv2"),
+        keras.layers.Activation("relu", name="relu2"),
+        keras.layers.GlobalAveragePooling2D(name="pool"),
+        keras.layers.Dense(10, name="out"),
+    ]
     if sequential:
         model = keras.Sequential([keras.Input((8, 8, 1)), *layers])
     else:
@@ -52,7 +59,9 @@ def keras_cnn(net: torch.nn.Module, sequential: bool = False):
         model = keras.Model(inputs, x)
     for name in ("conv1", "conv2"):
         conv = getattr(net, name)
-        model.get_layer(name).set_weights([conv.weight.detach().numpy().transpose(2, 3, 1, 0), conv.bias.detach().numpy()])
+        model.get_layer(name).set_weights(
+            [conv.weight.detach().numpy().transpose(2, 3, 1, 0), conv.bias.detach().numpy()]
+        )
     model.get_layer("out").set_weights([net.out.weight.detach().numpy().T, net.out.bias.detach().numpy()])
     return model
 
@@ -81,10 +90,14 @@ def keras_mlp_and_torch():
 
 
 def records(source, analyses=ANALYSES, data=DATA):
-    results = layerscope.run({"model": {"source": source}, "data": data, "analyses": analyses},
-                             write=False, progress=False)
-    return results, {(r["analysis"], r["layer"], r["metric"], str(r.get("class"))): r["value"] for r in results.records
-                     if r["layer"] not in ("input", "labels")}
+    results = layerscope.run(
+        {"model": {"source": source}, "data": data, "analyses": analyses}, write=False, progress=False
+    )
+    return results, {
+        (r["analysis"], r["layer"], r["metric"], str(r.get("class"))): r["value"]
+        for r in results.records
+        if r["layer"] not in ("input", "labels")
+    }
 
 
 def assert_same(left: dict, right: dict, tolerance: float = 1e-4):
@@ -128,7 +141,7 @@ def test_sequential_and_functional_models_load(tmp_path):
 
 
 def test_inspect_a_keras_file(tmp_path, capsys):
-    from layerscope.cli import main
+    from layerscope.cli.main import main
 
     keras_cnn(torch_cnn()).save(tmp_path / "cnn.keras")
     assert main(["inspect", str(tmp_path / "cnn.keras"), "--json"]) == 0
@@ -147,12 +160,21 @@ def test_auto_named_layers_are_attributed_to_themselves():
     dense_2_1: each activation is still recorded under its own layer (told apart by its width), converted
     plainly and converted for the Monitor."""
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.Dense(12, activation="relu"), keras.layers.Dense(10)])
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(12, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
     names = [layer.name for layer in model.layers]
     assert names[0] == "dense" or names[0].startswith("dense_")  # Keras' automatic names
-    spec = {"model": {"source": model}, "data": {"split": "test", "limit": 90},
-            "analyses": [{"id": "entropy", "estimator": "activation_entropy", "params": {"neurons": "elements"}}]}
+    spec = {
+        "model": {"source": model},
+        "data": {"split": "test", "limit": 90},
+        "analyses": [{"id": "entropy", "estimator": "activation_entropy", "params": {"neurons": "elements"}}],
+    }
     results = layerscope.run(spec, write=False, progress=False)
     widths = {t["layer"]: t["shape"][-1] for t in results.models[0]["tensors"]}
     assert widths == {names[0]: 16, names[1]: 12}
@@ -160,4 +182,5 @@ def test_auto_named_layers_are_attributed_to_themselves():
     records = monitor.observe(model, step=0)
     assert {r["layer"] for r in records} == {names[0], names[1]}
     assert {(r["layer"], r["metric"], r["class"]): r["value"] for r in records} == pytest.approx(
-        {(r["layer"], r["metric"], r["class"]): r["value"] for r in results.records}, rel=1e-9, abs=1e-12)
+        {(r["layer"], r["metric"], r["class"]): r["value"] for r in results.records}, rel=1e-9, abs=1e-12
+    )

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import layerscope
-from layerscope.errors import UserError
 from layerscope.testing import assert_records_close
+from layerscope.util.errors import UserError
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,10 +69,17 @@ def token_data(tmp_path, samples: int = 48, tokens: int = 16, padded_to: int | N
 
 
 def token_spec(model, path, analyses, batch_size: int = 16) -> dict:
-    return {"model": {"source": model},
-            "data": {"source": "npz", "path": str(path), "inputs": {"input_ids": "ids", "attention_mask": "mask"},
-                     "batch_size": batch_size, "shuffle": False},
-            "analyses": analyses}
+    return {
+        "model": {"source": model},
+        "data": {
+            "source": "npz",
+            "path": str(path),
+            "inputs": {"input_ids": "ids", "attention_mask": "mask"},
+            "batch_size": batch_size,
+            "shuffle": False,
+        },
+        "analyses": analyses,
+    }
 
 
 def binary_entropy(p: float) -> float:
@@ -84,13 +91,19 @@ def test_uniform_attention_gives_the_closed_form_entropy(tmp_path):
     head is on exactly for sequences of L ≤ 10, so per class p = Σ L²[L ≤ 10] / Σ L² over its sequences
     (each has L² real pairs), the same for both heads."""
     path, lengths, labels = token_data(tmp_path)
-    analyses = [{"id": "att", "estimator": "activation_entropy", "on": {"attention": "probabilities"},
-                 "params": {"threshold": 0.095}}]
+    analyses = [
+        {
+            "id": "att",
+            "estimator": "activation_entropy",
+            "on": {"attention": "probabilities"},
+            "params": {"threshold": 0.095},
+        }
+    ]
     results = layerscope.run(token_spec(IdenticalKeys(), path, analyses), write=False, progress=False)
     entropy = {r["class"]: r["value"] for r in results.records if r["metric"] == "entropy"}
     for key in (0, 1, 2, "all"):
         chosen = lengths if key == "all" else lengths[labels == key]
-        p = float((chosen ** 2 * (chosen <= 10)).sum() / (chosen ** 2).sum())
+        p = float((chosen**2 * (chosen <= 10)).sum() / (chosen**2).sum())
         assert entropy[key] == pytest.approx(binary_entropy(p), abs=1e-12)
     assert results.models[0]["token_mask"] == "attention_mask"
     assert [i["dtype"] for i in results.models[0]["inputs"]] == ["int64", "int64"]
@@ -100,10 +113,12 @@ def test_uniform_attention_gives_the_closed_form_entropy(tmp_path):
 def test_padding_changes_no_record(tmp_path):
     """The same sequences with 8 extra padded positions give the same records: every estimator that runs
     on token ids, on hidden states, MLP activations and attention."""
-    analyses = [{"id": "entropy", "estimator": "activation_entropy"},
-                {"id": "attention", "estimator": "activation_entropy", "on": {"attention": "probabilities"}},
-                {"id": "histogram", "estimator": "activation_entropy", "params": {"variant": "histogram"}},
-                {"id": "signature", "estimator": "nonlinearity_signature"}]
+    analyses = [
+        {"id": "entropy", "estimator": "activation_entropy"},
+        {"id": "attention", "estimator": "activation_entropy", "on": {"attention": "probabilities"}},
+        {"id": "histogram", "estimator": "activation_entropy", "params": {"variant": "histogram"}},
+        {"id": "signature", "estimator": "nonlinearity_signature"},
+    ]
     runs = []
     for padded_to in (None, 24):
         path, _, _ = token_data(tmp_path, padded_to=padded_to)
@@ -122,14 +137,20 @@ def test_token_data_mismatches_name_the_input(tmp_path):
     path, _, _ = token_data(tmp_path)
     spec = token_spec(IdenticalKeys(), path, [{"id": "e", "estimator": "activation_entropy"}])
     spec["data"]["inputs"] = {"input_ids": "ids"}
-    with pytest.raises(UserError, match=r"the data's inputs \(input_ids\) do not fit the model's forward"
-                                        r"\(input_ids, attention_mask\): missing a required argument"):
+    with pytest.raises(
+        UserError,
+        match=r"the data's inputs \(input_ids\) do not fit the model's forward"
+        r"\(input_ids, attention_mask\): missing a required argument",
+    ):
         layerscope.run(spec, write=False, progress=False)
     example = {"input_ids": np.ones((2, 4), np.int64), "attention_mask": np.ones((2, 4), np.int64)}
     onnx.save(export_to_onnx(IdenticalKeys(), example), tmp_path / "attention.onnx")
     spec["model"]["source"] = str(tmp_path / "attention.onnx")
-    with pytest.raises(UserError, match=r"no array for model input\(s\) attention_mask \(model inputs: input_ids "
-                                        r"\(int64, batch×"):
+    with pytest.raises(
+        UserError,
+        match=r"no array for model input\(s\) attention_mask \(model inputs: input_ids "
+        r"\(int64, batch×",
+    ):
         layerscope.run(spec, write=False, progress=False)
     spec["data"]["inputs"] = {"input_ids": "ids", "attention_mask": "mask", "extra": "y"}
     with pytest.raises(UserError, match=r"'extra' is not a data input of the model"):
@@ -149,27 +170,39 @@ def tiny(kind: str):
     torch.manual_seed(0)
     common = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 32, "intermediate_size": 64}
     if kind == "bert":
-        return transformers.BertForSequenceClassification(transformers.BertConfig(
-            vocab_size=50, max_position_embeddings=64, num_labels=3, **common))
+        return transformers.BertForSequenceClassification(
+            transformers.BertConfig(vocab_size=50, max_position_embeddings=64, num_labels=3, **common)
+        )
     if kind == "gpt2":
-        return transformers.GPT2Model(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2,
-                                                              n_positions=64, bos_token_id=0, eos_token_id=0))
+        return transformers.GPT2Model(
+            transformers.GPT2Config(
+                vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+            )
+        )
     if kind == "t5":
-        return transformers.T5EncoderModel(transformers.T5Config(vocab_size=50, d_model=32, d_kv=16, d_ff=64,
-                                                                 num_layers=2, num_heads=2))
+        return transformers.T5EncoderModel(
+            transformers.T5Config(vocab_size=50, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
+        )
     return transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, **common))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, layer", [("bert", "bert.encoder.layer.1.intermediate.intermediate_act_fn"),
-                                         ("gpt2", "h.1.mlp.act"),
-                                         ("t5", "encoder.block.1.layer.1.DenseReluDense.act")])
+@pytest.mark.parametrize(
+    "kind, layer",
+    [
+        ("bert", "bert.encoder.layer.1.intermediate.intermediate_act_fn"),
+        ("gpt2", "h.1.mlp.act"),
+        ("t5", "encoder.block.1.layer.1.DenseReluDense.act"),
+    ],
+)
 def test_token_models_from_transformers(tmp_path, kind, layer):
     """BERT, GPT-2 and T5's encoder (exported through torch's default decompositions) on token ids and
     masks: the MLP activations and every layer's attention softmax, layer names the module paths."""
     path, _, _ = token_data(tmp_path, samples=32)
-    analyses = [{"id": "entropy", "estimator": "activation_entropy"},
-                {"id": "signature", "estimator": "nonlinearity_signature"}]
+    analyses = [
+        {"id": "entropy", "estimator": "activation_entropy"},
+        {"id": "signature", "estimator": "nonlinearity_signature"},
+    ]
     results = layerscope.run(token_spec(tiny(kind), path, analyses), write=False, progress=False)
     signature = [r for r in results.records if r["analysis"] == "signature" and r["metric"] == "affinity_score"]
     assert layer in {r["layer"] for r in results.records if r["analysis"] == "entropy"}
@@ -182,27 +215,30 @@ def test_token_models_from_transformers(tmp_path, kind, layer):
 def test_vit_runs_every_image_estimator(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "images.npz", x=rng.random((24, 3, 16, 16), dtype=np.float32), y=rng.integers(0, 2, 24))
-    analyses = [{"id": "entropy", "estimator": "activation_entropy"},
-                {"id": "signature", "estimator": "nonlinearity_signature"},
-                {"id": "ip", "estimator": "information_plane", "params": {"batch_size": 12}},
-                {"id": "md", "estimator": "mean_dimension", "on": {"role": "output"},
-                 "params": {"features": "patches:4"}}]
-    spec = {"model": {"source": tiny("vit")}, "data": {"source": "npz", "path": str(tmp_path / "images.npz"),
-                                                      "batch_size": 12},
-            "analyses": analyses}
+    analyses = [
+        {"id": "entropy", "estimator": "activation_entropy"},
+        {"id": "signature", "estimator": "nonlinearity_signature"},
+        {"id": "ip", "estimator": "information_plane", "params": {"batch_size": 12}},
+        {"id": "md", "estimator": "mean_dimension", "on": {"role": "output"}, "params": {"features": "patches:4"}},
+    ]
+    spec = {
+        "model": {"source": tiny("vit")},
+        "data": {"source": "npz", "path": str(tmp_path / "images.npz"), "batch_size": 12},
+        "analyses": analyses,
+    }
     results = layerscope.run(spec, write=False, progress=False)
     assert {r["analysis"] for r in results.records} == {"entropy", "signature", "ip", "md"}
     assert "layers.0.mlp.activation_fn" in {r["layer"] for r in results.records}
 
 
-FACTORY = '''
+FACTORY = """
 import torch, transformers
 
 def bert():
     torch.manual_seed(0)
     return transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
                                                           num_attention_heads=2, intermediate_size=64))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -216,12 +252,14 @@ analyses:
   - {{id: attention, estimator: nonlinearity_signature, on: {{attention: probabilities}}}}
 outputs: {{dir: out, formats: [json]}}
 """)
-    check = subprocess.run([sys.executable, "-m", "layerscope", "validate", "spec.yaml"], cwd=tmp_path,
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-m", "layerscope", "validate", "spec.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stderr
     assert "inputs input_ids (int64, batch×" in check.stdout
-    run = subprocess.run([sys.executable, "-m", "layerscope", "run", "spec.yaml"], cwd=tmp_path,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", "spec.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
     records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
     assert {r["layer"].split("/")[0] for r in records} == {"encoder.layer.0.attention.self"}
@@ -243,19 +281,22 @@ class LSTMClassifier(nn.Module):
 def test_recurrent_models_are_analysed_where_observable(tmp_path, recurrent, capsys):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "seq.npz", x=rng.standard_normal((40, 5, 6), dtype=np.float32), y=rng.integers(0, 3, 40))
-    spec = {"model": {"source": LSTMClassifier(recurrent)},
-            "data": {"source": "npz", "path": str(tmp_path / "seq.npz"), "batch_size": 20},
-            "analyses": [{"id": "e", "estimator": "activation_entropy"},
-                         {"id": "s", "estimator": "nonlinearity_signature"}]}
+    spec = {
+        "model": {"source": LSTMClassifier(recurrent)},
+        "data": {"source": "npz", "path": str(tmp_path / "seq.npz"), "batch_size": 20},
+        "analyses": [
+            {"id": "e", "estimator": "activation_entropy"},
+            {"id": "s", "estimator": "nonlinearity_signature"},
+        ],
+    }
     results = layerscope.run(spec, write=False, progress=False)
     assert {r["layer"] for r in results.records} == {"head.1"}  # the gates live inside the fused op
     from layerscope.adapters.torch_export import export_to_onnx
-    from layerscope.inspect import inspect_model
+    from layerscope.cli.inspect import inspect_model
 
     onnx_path = tmp_path / "rnn.onnx"
     import onnx
 
-    onnx.save(export_to_onnx(LSTMClassifier(recurrent), rng.standard_normal((2, 5, 6)).astype(np.float32)),
-              onnx_path)
+    onnx.save(export_to_onnx(LSTMClassifier(recurrent), rng.standard_normal((2, 5, 6)).astype(np.float32)), onnx_path)
     inspect_model(str(onnx_path))
     assert f"{recurrent.__name__} node" in capsys.readouterr().out

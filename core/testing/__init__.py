@@ -22,7 +22,18 @@ from .conformance import (
 from .samplers import exact_on_pattern, make_batches, plan_batches, tensor_infos
 
 __all__ = [
-    "assert_records_close", "check_conformance", "check_finalize_idempotent", "check_merge_order",
-    "check_pickle_roundtrip", "check_saturation", "check_schedule_independence", "check_streaming_equals_one_shot",
-    "exact_on_pattern", "feed", "make_batches", "plan_batches", "run_sharded", "tensor_infos",
+    "assert_records_close",
+    "check_conformance",
+    "check_finalize_idempotent",
+    "check_merge_order",
+    "check_pickle_roundtrip",
+    "check_saturation",
+    "check_schedule_independence",
+    "check_streaming_equals_one_shot",
+    "exact_on_pattern",
+    "feed",
+    "make_batches",
+    "plan_batches",
+    "run_sharded",
+    "tensor_infos",
 ]

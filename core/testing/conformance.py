@@ -1,6 +1,6 @@
 """The conformance suite every estimator must pass, run by the engine's own driver.
 
-Estimators are fed prepared batches through :func:`layerscope.lifecycle.drive`, the driver
+Estimators are fed prepared batches through :func:`layerscope.engine.lifecycle.drive`, the driver
 every engine uses, so the kit checks what a run really does: every pass of every shard,
 shards merged in shard order, ``end_pass`` on the merged state, ``carry_over`` from the
 previous checkpoint, tasks shipped to workers as pickles.
@@ -15,7 +15,7 @@ previous checkpoint, tasks shipped to workers as pickles.
 - the state survives a pickle round-trip;
 - ``finalize`` is pure and idempotent;
 - saturation holds: leaving out the batches from which the estimator says it is
-  :meth:`~layerscope.estimator.Estimator.saturated` gives the records of feeding them all.
+  :meth:`~layerscope.engine.estimator.Estimator.saturated` gives the records of feeding them all.
 
 Multi-pass estimators see the same batches in every pass. After every pass the driver
 merges the shards and calls ``end_pass`` once on the merged estimator, and every shard of
@@ -32,8 +32,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..estimator import Estimator, TensorBatch
-from ..lifecycle import Isolation, SequentialExecutor, ShardOutcome, ShardTask, copied, drive
+from layerscope.engine.estimator import Estimator, TensorBatch
+from layerscope.engine.lifecycle import Isolation, SequentialExecutor, ShardOutcome, ShardTask, copied, drive
 
 Factory = Callable[[], Estimator]
 ANALYSIS = "estimator"  # the analysis id the kit gives the estimator under test
@@ -63,18 +63,23 @@ class _WorkerExecutor:
         self.feeder, self.shards = feeder, len(feeder.shards)
 
     def run(self, tasks: list[ShardTask]) -> list[ShardOutcome]:
-        return [pickle.loads(pickle.dumps(self.feeder.run(pickle.loads(pickle.dumps(copied(task))))))
-                for task in tasks]
+        return [pickle.loads(pickle.dumps(self.feeder.run(pickle.loads(pickle.dumps(copied(task)))))) for task in tasks]
 
 
-def _drive(make: Factory, shards: Sequence[Sequence[TensorBatch]], checkpoints: int = 1,
-           in_workers: bool = False) -> list[Estimator]:
+def _drive(
+    make: Factory, shards: Sequence[Sequence[TensorBatch]], checkpoints: int = 1, in_workers: bool = False
+) -> list[Estimator]:
     """The estimator of every checkpoint after the driver ran all its passes over *shards*."""
     feeder = _BatchFeeder(make, shards)
     executor = _WorkerExecutor(feeder) if in_workers else SequentialExecutor(feeder.run, len(shards))
     ended: dict[int, Estimator] = {}
-    drive(checkpoints, make().passes, executor, lambda label: Isolation(label, strict=True),
-          finished=lambda index, state: ended.update({index: dict(state.estimators)[ANALYSIS]}))
+    drive(
+        checkpoints,
+        make().passes,
+        executor,
+        lambda label: Isolation(label, strict=True),
+        finished=lambda index, state: ended.update({index: dict(state.estimators)[ANALYSIS]}),
+    )
     return [ended[index] for index in range(checkpoints)]
 
 
@@ -84,8 +89,9 @@ def feed(estimator: Estimator, batches: Sequence[TensorBatch]) -> Estimator:
     return fed
 
 
-def run_sharded(make: Factory, shards: Sequence[Sequence[TensorBatch]],
-                order: Sequence[int] | None = None) -> Estimator:
+def run_sharded(
+    make: Factory, shards: Sequence[Sequence[TensorBatch]], order: Sequence[int] | None = None
+) -> Estimator:
     """Feed each shard to its own estimator, pass by pass, and merge them in *order* (shard order
     by default), as the driver does with the tasks of a sharded run."""
     order = list(order) if order is not None else list(range(len(shards)))
@@ -110,8 +116,12 @@ def assert_records_close(actual: list[dict], expected: list[dict], rtol: float =
 def concatenate(batches: Sequence[TensorBatch]) -> TensorBatch:
     """All batches as one."""
     labels = None if batches[0].labels is None else torch.cat([b.labels for b in batches])
-    return TensorBatch(tensors={name: torch.cat([b.tensors[name] for b in batches]) for name in batches[0].tensors},
-                       inputs=torch.cat([b.inputs for b in batches]), labels=labels, start=0)
+    return TensorBatch(
+        tensors={name: torch.cat([b.tensors[name] for b in batches]) for name in batches[0].tensors},
+        inputs=torch.cat([b.inputs for b in batches]),
+        labels=labels,
+        start=0,
+    )
 
 
 def check_streaming_equals_one_shot(make: Factory, batches: Sequence[TensorBatch], **tolerance) -> None:
@@ -126,10 +136,15 @@ def check_merge_order(make: Factory, batches: Sequence[TensorBatch], **tolerance
     shards = [batches[i::3] for i in range(3)]
     shards = [s for s in shards if s]
     reference = run_sharded(make, shards).finalize()
-    assert_records_close(run_sharded(make, shards, order=reversed(range(len(shards)))).finalize(), reference, **tolerance)
+    assert_records_close(
+        run_sharded(make, shards, order=reversed(range(len(shards)))).finalize(), reference, **tolerance
+    )
     uneven = [batches[:1], batches[1:]] if len(batches) > 1 else [batches]
-    assert_records_close(run_sharded(make, uneven, order=reversed(range(len(uneven)))).finalize(),
-                         feed(make(), batches).finalize(), **tolerance)
+    assert_records_close(
+        run_sharded(make, uneven, order=reversed(range(len(uneven)))).finalize(),
+        feed(make(), batches).finalize(),
+        **tolerance,
+    )
 
 
 def check_schedule_independence(make: Factory, batches: Sequence[TensorBatch], **tolerance) -> None:
@@ -170,6 +185,12 @@ def check_saturation(make: Factory, batches: Sequence[TensorBatch], **tolerance)
 def check_conformance(make: Factory, batches: Sequence[TensorBatch], rtol: float = 1e-9, atol: float = 1e-9) -> None:
     """Run every conformance check on estimators built by *make* over *batches* (≥ 3 batches)."""
     assert len(batches) >= 3, "conformance needs at least three batches"
-    for check in (check_streaming_equals_one_shot, check_merge_order, check_schedule_independence,
-                  check_pickle_roundtrip, check_finalize_idempotent, check_saturation):
+    for check in (
+        check_streaming_equals_one_shot,
+        check_merge_order,
+        check_schedule_independence,
+        check_pickle_roundtrip,
+        check_finalize_idempotent,
+        check_saturation,
+    ):
         check(make, batches, rtol=rtol, atol=atol)

@@ -11,9 +11,12 @@ def tiny_mlp(inputs: int = 64, hidden: int = 16, outputs: int = 10, seed: int = 
     """x → Gemm → Relu → Gemm → Tanh → Gemm (layers fc1, act1, fc2, act2, out), random weights, symbolic batch."""
     rng = np.random.default_rng(seed)
     weights = {
-        "w1": rng.standard_normal((inputs, hidden)).astype(np.float32) * 0.3, "b1": np.zeros(hidden, np.float32),
-        "w2": rng.standard_normal((hidden, hidden)).astype(np.float32) * 0.3, "b2": np.zeros(hidden, np.float32),
-        "w3": rng.standard_normal((hidden, outputs)).astype(np.float32) * 0.3, "b3": np.zeros(outputs, np.float32),
+        "w1": rng.standard_normal((inputs, hidden)).astype(np.float32) * 0.3,
+        "b1": np.zeros(hidden, np.float32),
+        "w2": rng.standard_normal((hidden, hidden)).astype(np.float32) * 0.3,
+        "b2": np.zeros(hidden, np.float32),
+        "w3": rng.standard_normal((hidden, outputs)).astype(np.float32) * 0.3,
+        "b3": np.zeros(outputs, np.float32),
     }
     nodes = [
         helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="fc1"),
@@ -22,7 +25,11 @@ def tiny_mlp(inputs: int = 64, hidden: int = 16, outputs: int = 10, seed: int = 
         helper.make_node("Tanh", ["h2"], ["a2"], name="act2"),
         helper.make_node("Gemm", ["a2", "w3", "b3"], ["logits"], name="out"),
     ]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", inputs])],
-                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", outputs])],
-                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", inputs])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", outputs])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)

@@ -27,9 +27,11 @@ def layerscope_tiny_model(tmp_path):
 
 @pytest.fixture(scope="session")
 def layerscope_digits():
-    from layerscope.plugins.data.digits import load_digits_split
+    import numpy as np
+    from sklearn.datasets import load_digits
 
-    return load_digits_split("all")
+    digits = load_digits()  # pixels scaled as the ``digits`` data source scales them
+    return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
 
 
 @pytest.fixture

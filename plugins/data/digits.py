@@ -17,8 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope import DataSource, hookimpl
-from layerscope.files import cache_dir
-from layerscope.results import atomic_write
+from layerscope.util.files import atomic_write, cache_dir
 
 SPLIT_SEED = 0
 
@@ -64,8 +63,9 @@ def _digits_from_sklearn() -> dict[str, np.ndarray]:
 class DigitsParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     split: Literal["all", "train", "test"] = Field(
-        "all", description="all samples, or the fixed stratified 75/25 train or test split (the demo models "
-                           "train on train)")
+        "all",
+        description="all samples, or the fixed stratified 75/25 train or test split (the demo models train on train)",
+    )
     layout: Literal["flat", "image"] = Field("flat", description="flat 64-vectors or 1×8×8 images")
 
 

@@ -29,14 +29,21 @@ import numpy as np
 from pydantic import Field, PositiveInt, model_validator
 
 from layerscope import DataSource, hookimpl
-from layerscope.errors import UserError
-from layerscope.files import cache_dir
+from layerscope.util.errors import UserError
+from layerscope.util.files import cache_dir
 
 from .image_preprocessing import ImagePreprocessing
 
 BUILDERS = ("csv", "json", "parquet", "arrow", "text", "imagefolder")
-SUFFIX_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-                   ".arrow": "arrow", ".txt": "text"}
+SUFFIX_BUILDERS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
 
 
 class HFDatasetParams(ImagePreprocessing):
@@ -44,17 +51,21 @@ class HFDatasetParams(ImagePreprocessing):
     data_files: str | list[str] | None = Field(None, description="local data files (relative to the spec)")
     builder: Literal[BUILDERS] | None = Field(None, description="how data_files are read (default: their suffix)")
     split: str | None = Field(None, description="the split of a DatasetDict (default: its only split)")
-    inputs: str | dict[str, str] | None = Field(None, description="the column feeding the only model input, or "
-                                                                  "model input name -> column")
+    inputs: str | dict[str, str] | None = Field(
+        None, description="the column feeding the only model input, or model input name -> column"
+    )
     text: str | None = Field(None, description="a text column, tokenized into the tokens inputs")
     tokenizer: str | None = Field(None, description="text: a local tokenizer folder (save_pretrained)")
     max_length: PositiveInt = Field(128, description="text: tokens per sample (padded and truncated)")
-    tokens: list[str] = Field(["input_ids", "attention_mask"], min_length=1,
-                              description="text: the tokenizer outputs fed to the model inputs of those names")
+    tokens: list[str] = Field(
+        ["input_ids", "attention_mask"],
+        min_length=1,
+        description="text: the tokenizer outputs fed to the model inputs of those names",
+    )
     label: str | None = Field(None, description="the label column (none: no labels)")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "HFDatasetParams":
+    def _consistent(self) -> HFDatasetParams:
         if (self.path is None) == (self.data_files is None):
             raise ValueError("give either path (a save_to_disk folder) or data_files (local files)")
         if self.inputs is None and self.text is None:
@@ -80,7 +91,9 @@ def _load(params: HFDatasetParams, base_dir: Path):
             files = [str(base_dir / f) for f in files]
             builder = params.builder or SUFFIX_BUILDERS.get(Path(files[0]).suffix.lower())
             if builder is None:
-                raise UserError(f"data.builder: cannot tell how to read {files[0]}; set builder ({', '.join(BUILDERS)})")
+                raise UserError(
+                    f"data.builder: cannot tell how to read {files[0]}; set builder ({', '.join(BUILDERS)})"
+                )
             where = f"data.data_files: {', '.join(files)}"
             loaded = datasets.load_dataset(builder, data_files=files, cache_dir=str(cache_dir() / "hf-datasets"))
     except UserError:
@@ -105,13 +118,17 @@ class HFDatasetSource(DataSource):
         try:
             import datasets  # noqa: F401
         except ImportError:
-            raise UserError("data.source: hf_dataset needs the datasets package: "
-                            "pip install \"layerscope[hf]\"") from None
+            raise UserError(
+                'data.source: hf_dataset needs the datasets package: pip install "layerscope[hf]"'
+            ) from None
         self.dataset = _load(params, base_dir)
         columns = list(self.dataset.column_names)
         named = {None: params.inputs} if isinstance(params.inputs, str) else dict(params.inputs or {})
-        for key, column in [*((f"data.inputs{'.' + n if n else ''}", c) for n, c in named.items()),
-                            ("data.text", params.text), ("data.label", params.label)]:
+        for key, column in [
+            *((f"data.inputs{'.' + n if n else ''}", c) for n, c in named.items()),
+            ("data.text", params.text),
+            ("data.label", params.label),
+        ]:
             if column is not None and column not in columns:
                 raise UserError(f"{key}: the dataset has no column '{column}' (its columns: {', '.join(columns)})")
         self.named = named
@@ -121,8 +138,9 @@ class HFDatasetSource(DataSource):
         try:
             from transformers import AutoTokenizer
         except ImportError:
-            raise UserError("data.tokenizer: tokenizing text needs transformers: "
-                            "pip install \"layerscope[transformers]\"") from None
+            raise UserError(
+                'data.tokenizer: tokenizing text needs transformers: pip install "layerscope[transformers]"'
+            ) from None
         folder = base_dir / self.params.tokenizer
         if not folder.is_dir():
             raise UserError(f"data.tokenizer: {folder} is not a folder (save a tokenizer with save_pretrained)")
@@ -144,15 +162,22 @@ class HFDatasetSource(DataSource):
 
         values = rows[column]
         if isinstance(self.dataset.features[column], Image):
-            return np.stack([self.params.process(self.params.converted(image), f"row {i} of column '{column}'")
-                             for image, i in zip(values, indices)])
+            return np.stack(
+                [
+                    self.params.process(self.params.converted(image), f"row {i} of column '{column}'")
+                    for image, i in zip(values, indices)
+                ]
+            )
         try:
             array = np.asarray(values)
         except ValueError:
-            raise UserError(f"data: the rows of column '{column}' differ in shape (rows {indices[:5].tolist()}…)") from None
+            raise UserError(
+                f"data: the rows of column '{column}' differ in shape (rows {indices[:5].tolist()}…)"
+            ) from None
         if array.dtype.kind not in "biuf":
-            raise UserError(f"data: column '{column}' is not numeric ({array.dtype}); text goes through text: and a "
-                            "tokenizer")
+            raise UserError(
+                f"data: column '{column}' is not numeric ({array.dtype}); text goes through text: and a tokenizer"
+            )
         return array
 
     def read(self, indices):
@@ -160,12 +185,18 @@ class HFDatasetSource(DataSource):
         rows = self.dataset[[int(i) for i in indices]]
         x = {name: self._column(rows, column, indices) for name, column in self.named.items()}
         if self.tokenizer is not None:
-            encoded = self.tokenizer(list(rows[self.params.text]), padding="max_length", truncation=True,
-                                     max_length=self.params.max_length, return_tensors="np")
+            encoded = self.tokenizer(
+                list(rows[self.params.text]),
+                padding="max_length",
+                truncation=True,
+                max_length=self.params.max_length,
+                return_tensors="np",
+            )
             missing = [t for t in self.params.tokens if t not in encoded]
             if missing:
-                raise UserError(f"data.tokens: the tokenizer gives no {', '.join(missing)} "
-                                f"(it gives: {', '.join(encoded)})")
+                raise UserError(
+                    f"data.tokens: the tokenizer gives no {', '.join(missing)} (it gives: {', '.join(encoded)})"
+                )
             x.update({name: np.asarray(encoded[name]) for name in self.params.tokens})
         return x[None] if None in x else x, self._labels(rows)
 

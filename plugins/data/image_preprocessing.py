@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from layerscope.errors import UserError
+from layerscope.util.errors import UserError
 
 NORMALIZE_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -68,7 +68,8 @@ class ImagePreprocessing(BaseModel):
     center_crop: Size | None = Field(None, description="N or [h, w], cut from the centre after resize")
     scale: float = Field(1 / 255, description="pixel values (0..255) are multiplied by this")
     normalize: Literal["imagenet", "clip", "half"] | Normalization | None = Field(
-        None, description="per channel (x - mean) / std after scale: a preset or {mean: [...], std: [...]}")
+        None, description="per channel (x - mean) / std after scale: a preset or {mean: [...], std: [...]}"
+    )
     layout: Literal["nchw", "nhwc"] = Field("nchw", description="channel axis first (C, H, W) or last (H, W, C)")
 
     @property
@@ -76,13 +77,15 @@ class ImagePreprocessing(BaseModel):
         return 3 if self.color == "rgb" else 1
 
     @model_validator(mode="after")
-    def _normalization_fits_the_channels(self) -> "ImagePreprocessing":
+    def _normalization_fits_the_channels(self) -> ImagePreprocessing:
         if not isinstance(self.normalize, Normalization):
             return self  # the presets fit any color
         for what, values in (("mean", self.normalize.mean), ("std", self.normalize.std)):
             if len(values) not in (1, self.channels):
-                raise ValueError(f"normalize.{what} has {len(values)} values; color {self.color} has "
-                                 f"{self.channels} channel{'s' * (self.channels > 1)} (give 1 or {self.channels})")
+                raise ValueError(
+                    f"normalize.{what} has {len(values)} values; color {self.color} has "
+                    f"{self.channels} channel{'s' * (self.channels > 1)} (give 1 or {self.channels})"
+                )
         return self
 
     def mean_std(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -90,8 +93,11 @@ class ImagePreprocessing(BaseModel):
         images uses its channels' average."""
         if self.normalize is None:
             return None
-        mean, std = NORMALIZE_PRESETS[self.normalize] if isinstance(self.normalize, str) else \
-            (self.normalize.mean, self.normalize.std)
+        mean, std = (
+            NORMALIZE_PRESETS[self.normalize]
+            if isinstance(self.normalize, str)
+            else (self.normalize.mean, self.normalize.std)
+        )
         mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         if isinstance(self.normalize, str) and self.channels == 1:
             mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
@@ -100,8 +106,13 @@ class ImagePreprocessing(BaseModel):
     @property
     def output_size(self) -> tuple[int, int] | None:
         """The (h, w) every image comes out with, when the steps fix it (None: the images' own size)."""
-        fixed = self.center_crop if self.center_crop is not None else \
-            self.resize if isinstance(self.resize, tuple) else None
+        fixed = (
+            self.center_crop
+            if self.center_crop is not None
+            else self.resize
+            if isinstance(self.resize, tuple)
+            else None
+        )
         return (fixed, fixed) if isinstance(fixed, int) else fixed
 
     def resized(self, width: int, height: int) -> tuple[int, int]:
@@ -136,10 +147,12 @@ class ImagePreprocessing(BaseModel):
         if self.center_crop is not None:
             height, width = (self.center_crop,) * 2 if isinstance(self.center_crop, int) else self.center_crop
             if height > pixels.shape[0] or width > pixels.shape[1]:
-                raise UserError(f"data: {where} is {pixels.shape[1]}×{pixels.shape[0]} after resize, smaller than "
-                                f"center_crop {width}×{height}; resize it to at least the crop")
+                raise UserError(
+                    f"data: {where} is {pixels.shape[1]}×{pixels.shape[0]} after resize, smaller than "
+                    f"center_crop {width}×{height}; resize it to at least the crop"
+                )
             top, left = round((pixels.shape[0] - height) / 2), round((pixels.shape[1] - width) / 2)
-            pixels = pixels[top:top + height, left:left + width]
+            pixels = pixels[top : top + height, left : left + width]
         pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], self.channels) * np.float32(self.scale)
         normalization = self.mean_std()
         if normalization is not None:

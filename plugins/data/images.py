@@ -32,9 +32,9 @@ import numpy as np
 from pydantic import Field, PositiveInt, model_validator
 
 from layerscope import DataSource, hookimpl
-from layerscope.errors import UserError
-from layerscope.files import regular_file
-from layerscope.labels import integers_from_text
+from layerscope.data.labels import integers_from_text
+from layerscope.util.errors import UserError
+from layerscope.util.files import regular_file
 
 from .image_preprocessing import ImagePreprocessing, opened_image
 
@@ -50,7 +50,7 @@ class ImagesParams(ImagePreprocessing):
     threads: PositiveInt = Field(min(4, os.cpu_count() or 1), description="threads decoding a batch")
 
     @model_validator(mode="after")
-    def _labels_from_one_place(self) -> "ImagesParams":
+    def _labels_from_one_place(self) -> ImagesParams:
         if self.manifest is not None and "labels" in self.model_fields_set:
             raise ValueError("labels come from the manifest when one is given; leave out labels")
         return self
@@ -58,8 +58,13 @@ class ImagesParams(ImagePreprocessing):
 
 def find_images(folder: Path) -> list[Path]:
     """The image files under *folder*, sorted by path (hidden files and folders left out)."""
-    found = [path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-             and not any(part.startswith(".") for part in path.relative_to(folder).parts)]
+    found = [
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    ]
     return sorted(found, key=lambda path: path.relative_to(folder).parts)
 
 
@@ -89,15 +94,18 @@ def read_manifest(path: Path, file_column: str, label_column: str) -> tuple[list
         header = list(table[0]) if table else []
         for column, key in ((file_column, "file_column"), (label_column, "label_column")):
             if column not in header:
-                raise UserError(f"{where}: no column '{column}' (data.{key}; the columns: {', '.join(header) or 'none'})")
+                raise UserError(
+                    f"{where}: no column '{column}' (data.{key}; the columns: {', '.join(header) or 'none'})"
+                )
         rows = [(row[file_column], row[label_column]) for row in table]
     if not rows:
         raise UserError(f"{where}: lists no images")
     bad = next((i for i, (file, label) in enumerate(rows) if not isinstance(file, str) or label in (None, "")), None)
     if bad is not None:
         raise UserError(f"{where}: row {bad + 1} has no file or no label ({rows[bad]})")
-    labels = integers_from_text([str(label).strip() if not isinstance(label, int | float) else label
-                                 for _, label in rows])
+    labels = integers_from_text(
+        [str(label).strip() if not isinstance(label, int | float) else label for _, label in rows]
+    )
     return [file for file, _ in rows], labels
 
 
@@ -111,8 +119,9 @@ class ImagesSource(DataSource):
         if not self.folder.is_dir():
             raise UserError(f"data.path: {self.folder} is not a folder")
         if params.manifest is not None:
-            files, self.labels = read_manifest(regular_file(base_dir / params.manifest, "data.manifest"),
-                                               params.file_column, params.label_column)
+            files, self.labels = read_manifest(
+                regular_file(base_dir / params.manifest, "data.manifest"), params.file_column, params.label_column
+            )
             self.files = [self.folder / file for file in files]
             absent = next((f for f in self.files if not f.is_file()), None)
             if absent is not None:
@@ -134,8 +143,10 @@ class ImagesSource(DataSource):
             return None
         if not all(nested):
             loose = self.files[nested.index(False)]
-            raise UserError(f"data.labels: {loose} sits outside any class folder of {self.folder}; move it into "
-                            "one, or set labels: none")
+            raise UserError(
+                f"data.labels: {loose} sits outside any class folder of {self.folder}; move it into "
+                "one, or set labels: none"
+            )
         return np.asarray([p[0] for p in parts])
 
     def _check_one_size(self) -> None:
@@ -147,9 +158,11 @@ class ImagesSource(DataSource):
             if first is None:
                 first = (path, size)
             elif size != first[1]:
-                raise UserError(f"data: the images differ in size ({first[0]} is {first[1][0]}×{first[1][1]}, "
-                                f"{path} is {size[0]}×{size[1]}); set resize: [h, w] or center_crop to give "
-                                "every sample one shape")
+                raise UserError(
+                    f"data: the images differ in size ({first[0]} is {first[1][0]}×{first[1][1]}, "
+                    f"{path} is {size[0]}×{size[1]}); set resize: [h, w] or center_crop to give "
+                    "every sample one shape"
+                )
 
     def __len__(self) -> int:
         return len(self.files)

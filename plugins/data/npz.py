@@ -15,8 +15,8 @@ import zipfile
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from layerscope import DataSource, hookimpl
-from layerscope.errors import UserError
-from layerscope.files import regular_file
+from layerscope.util.errors import UserError
+from layerscope.util.files import regular_file
 
 from .npz_arrays import NpyMember
 
@@ -26,11 +26,12 @@ class NpzParams(BaseModel):
     path: str = Field(description="the .npz file, relative to the spec")
     x_key: str = Field("x", description="the array of samples (first axis: sample)")
     y_key: str = Field("y", description="the array of labels, one per sample (optional)")
-    inputs: dict[str, str] | None = Field(None, description="model input name -> key of its array, for models with "
-                                                            "several inputs (replaces x_key)")
+    inputs: dict[str, str] | None = Field(
+        None, description="model input name -> key of its array, for models with several inputs (replaces x_key)"
+    )
 
     @model_validator(mode="after")
-    def _one_way_to_name_samples(self) -> "NpzParams":
+    def _one_way_to_name_samples(self) -> NpzParams:
         if self.inputs is not None and "x_key" in self.model_fields_set:
             raise ValueError("give either x_key (one input) or inputs (an array per model input), not both")
         if self.inputs is not None and not self.inputs:
@@ -52,7 +53,9 @@ class NpzSource(DataSource):
                 for input_name, key in named.items():
                     if key not in keys:
                         where = "data.x_key" if input_name is None else f"data.inputs.{input_name}"
-                        raise UserError(f"{where}: {self.path} has no array '{key}' (it has: {', '.join(keys) or 'none'})")
+                        raise UserError(
+                            f"{where}: {self.path} has no array '{key}' (it has: {', '.join(keys) or 'none'})"
+                        )
                 # model input (None: the only one) -> its array
                 self.x = {input_name: NpyMember(self.path, archive, key) for input_name, key in named.items()}
                 self.y = NpyMember(self.path, archive, params.y_key) if params.y_key in keys else None
@@ -60,13 +63,17 @@ class NpzSource(DataSource):
             raise UserError(f"data.path: {self.path} is not a readable .npz file ({error})") from None
         for key, array in [*zip(named.values(), self.x.values()), (params.y_key, self.y)]:
             if array is not None and array.dtype.hasobject:
-                raise UserError(f"data: array '{key}' in {self.path} holds Python objects (dtype object), which "
-                                "layerscope does not read (unpickling runs code); save numbers or fixed-width "
-                                "strings, e.g. np.array(labels, dtype=str)")
+                raise UserError(
+                    f"data: array '{key}' in {self.path} holds Python objects (dtype object), which "
+                    "layerscope does not read (unpickling runs code); save numbers or fixed-width "
+                    "strings, e.g. np.array(labels, dtype=str)"
+                )
         for key, array in zip(named.values(), self.x.values()):
             if len(array.shape) < 1 + (params.inputs is None):
-                raise UserError(f"data: '{key}' in {self.path} must have a sample axis"
-                                f"{' and features' if params.inputs is None else ''} (shape {array.shape})")
+                raise UserError(
+                    f"data: '{key}' in {self.path} must have a sample axis"
+                    f"{' and features' if params.inputs is None else ''} (shape {array.shape})"
+                )
             if array.dtype.kind not in "biuf":
                 raise UserError(f"data: '{key}' in {self.path} is not numeric (dtype {array.dtype})")
         lengths = {key: len(array) for key, array in zip(named.values(), self.x.values())}
@@ -74,7 +81,9 @@ class NpzSource(DataSource):
             raise UserError(f"data.inputs: the arrays in {self.path} have different sample counts ({lengths})")
         self.samples = next(iter(lengths.values()))
         if self.y is not None and len(self.y) != self.samples:
-            raise UserError(f"data: '{params.y_key}' has {len(self.y)} labels for {self.samples} samples in {self.path}")
+            raise UserError(
+                f"data: '{params.y_key}' has {len(self.y)} labels for {self.samples} samples in {self.path}"
+            )
 
     def __len__(self) -> int:
         return self.samples

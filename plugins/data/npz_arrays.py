@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from layerscope.errors import UserError
+from layerscope.util.errors import UserError
 
 PREFIX_BYTES = 16 * 2**20  # reads within the first 16 MiB of a compressed member decompress only that much
 
@@ -42,8 +42,9 @@ class NpyMember:
             version = np.lib.format.read_magic(stream)
             if version not in ((1, 0), (2, 0)):
                 raise ValueError(f"array '{key}' is in .npy format version {version}, which cannot be read lazily")
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             self.shape, fortran, self.dtype = read_header(stream)
             self.header_bytes = stream.tell()
         self.order = "F" if fortran else "C"
@@ -63,8 +64,13 @@ class NpyMember:
         stored = self.info.compress_type == zipfile.ZIP_STORED
         if stored and self.order == "C" and indices.ndim == 1:
             return self._read_rows(indices, row_bytes)
-        if self._mapped is None and not stored and self.order == "C" \
-                and indices.size and (int(indices.max()) + 1) * row_bytes <= PREFIX_BYTES:
+        if (
+            self._mapped is None
+            and not stored
+            and self.order == "C"
+            and indices.size
+            and (int(indices.max()) + 1) * row_bytes <= PREFIX_BYTES
+        ):
             return self._prefix(int(indices.max()) + 1)[indices]
         return np.asarray(self._array()[indices])
 
@@ -83,8 +89,12 @@ class NpyMember:
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # where a run of consecutive rows ends
         with open(self.path, "rb", buffering=0) as handle:
             for start, stop in zip([0, *breaks], [*breaks, len(rows)]):
-                _read_exactly(handle.fileno(), buffer[start * row_bytes:stop * row_bytes],
-                              offset + int(rows[start]) * row_bytes, self.path)
+                _read_exactly(
+                    handle.fileno(),
+                    buffer[start * row_bytes : stop * row_bytes],
+                    offset + int(rows[start]) * row_bytes,
+                    self.path,
+                )
         return out
 
     def _prefix(self, rows: int) -> np.ndarray:
@@ -114,8 +124,11 @@ class NpyMember:
 
     def _decompressed_copy(self) -> np.ndarray:
         handle, name = tempfile.mkstemp(prefix="layerscope-npz-", suffix=".npy")
-        with os.fdopen(handle, "wb") as target, zipfile.ZipFile(self.path) as archive, \
-                archive.open(self.info) as stream:
+        with (
+            os.fdopen(handle, "wb") as target,
+            zipfile.ZipFile(self.path) as archive,
+            archive.open(self.info) as stream,
+        ):
             stream.seek(self.header_bytes)
             shutil.copyfileobj(stream, target, 2**20)
         mapped = np.memmap(name, self.dtype, "r", 0, self.shape, self.order)

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope import DataSource, hookimpl
-from layerscope.errors import UserError
+from layerscope.util.errors import UserError
 
 LABEL_KEYS = ("label", "labels")
 WHERE = "data (given from Python)"
@@ -61,8 +61,10 @@ class Split:
         keys = [label_key] if label_key is not None else list(LABEL_KEYS)
         self.label_key = next((k for k in keys if self.named and k in inputs), None)
         if label_key is not None and self.label_key is None:
-            raise UserError(f"{WHERE}: label_key '{label_key}' is not a key of {what} "
-                            f"(keys: {', '.join(map(str, inputs)) if self.named else 'none, it is not a mapping'})")
+            raise UserError(
+                f"{WHERE}: label_key '{label_key}' is not a key of {what} "
+                f"(keys: {', '.join(map(str, inputs)) if self.named else 'none, it is not a mapping'})"
+            )
         if self.pair and len(example) == 2 and self.label_key is not None:
             raise UserError(f"{WHERE}: {what} gives labels twice: as y and as key '{self.label_key}'")
         self.has_labels = self.pair and len(example) == 2 and example[1] is not None or self.label_key is not None
@@ -98,11 +100,15 @@ class ArrayData:
         inputs, labels = split(data, "the data")
         self.x = _arrays(inputs, "the samples")
         self.y = as_array(labels, "the labels") if labels is not None else None
-        counts = {name: len(a) if a.ndim else 0 for name, a in (self.x.items() if isinstance(self.x, dict)
-                                                                 else [("x", self.x)])}
+        counts = {
+            name: len(a) if a.ndim else 0
+            for name, a in (self.x.items() if isinstance(self.x, dict) else [("x", self.x)])
+        }
         if 0 in counts.values() or len(set(counts.values())) != 1:
-            raise UserError(f"{WHERE}: every array needs the same number of samples on its first axis "
-                            f"({', '.join(f'{k}: {v}' for k, v in counts.items())})")
+            raise UserError(
+                f"{WHERE}: every array needs the same number of samples on its first axis "
+                f"({', '.join(f'{k}: {v}' for k, v in counts.items())})"
+            )
         self.length = next(iter(counts.values()))
         if self.y is not None and (self.y.ndim == 0 or len(self.y) != self.length):
             raise UserError(f"{WHERE}: {self.y.size} labels for {self.length} samples")
@@ -134,8 +140,9 @@ class DatasetData:
         try:
             return self.dataset[index]
         except Exception as error:  # the user's __getitem__: any failure is theirs, named with the item
-            raise UserError(f"{WHERE}: reading item {index} of the dataset failed: "
-                            f"{type(error).__name__}: {error}") from None
+            raise UserError(
+                f"{WHERE}: reading item {index} of the dataset failed: {type(error).__name__}: {error}"
+            ) from None
 
     def read(self, indices: np.ndarray) -> tuple[Any, np.ndarray | None]:
         items = [self._item(int(i)) for i in indices]
@@ -143,15 +150,19 @@ class DatasetData:
             try:
                 batch = self.collate(items)
             except Exception as error:  # the user's collate_fn
-                raise UserError(f"{WHERE}: the DataLoader's collate_fn failed on items {indices[:5].tolist()}"
-                                f"{'…' if len(indices) > 5 else ''}: {type(error).__name__}: {error}") from None
+                raise UserError(
+                    f"{WHERE}: the DataLoader's collate_fn failed on items {indices[:5].tolist()}"
+                    f"{'…' if len(indices) > 5 else ''}: {type(error).__name__}: {error}"
+                ) from None
             inputs, labels = self.split(batch, "a collated batch")
             return _arrays(inputs, "the batch"), as_array(labels, "the labels") if labels is not None else None
         parts = [self.split(item, f"item {int(i)} of the dataset") for item, i in zip(items, indices)]
         labels = self._labels(y for _, y in parts)
         if self.split.named:
             names = list(parts[0][0])
-            return {name: self._stack([x[name] for x, _ in parts], indices, f"input '{name}'") for name in names}, labels
+            return {
+                name: self._stack([x[name] for x, _ in parts], indices, f"input '{name}'") for name in names
+            }, labels
         return self._stack([x for x, _ in parts], indices, "the samples"), labels
 
     def read_labels(self, indices: np.ndarray) -> np.ndarray | None:
@@ -171,16 +182,21 @@ class DatasetData:
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
             first, other = arrays[0].shape, next(a.shape for a in arrays if a.shape != arrays[0].shape)
-            raise UserError(f"{WHERE}: {what} of the items differ in shape ({list(first)} and {list(other)}, "
-                            f"items {indices[:5].tolist()}…); give items of one shape, or a DataLoader whose "
-                            "collate_fn pads them")
+            raise UserError(
+                f"{WHERE}: {what} of the items differ in shape ({list(first)} and {list(other)}, "
+                f"items {indices[:5].tolist()}…); give items of one shape, or a DataLoader whose "
+                "collate_fn pads them"
+            )
         return np.stack(arrays)
 
 
 def _map_style(dataset: Any) -> bool:
     """True for a dataset read by index: ``__len__`` and ``__getitem__``, and not a torch IterableDataset."""
-    return (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
-            and not any(cls.__name__ == "IterableDataset" for cls in type(dataset).__mro__))
+    return (
+        hasattr(dataset, "__getitem__")
+        and hasattr(dataset, "__len__")
+        and not any(cls.__name__ == "IterableDataset" for cls in type(dataset).__mro__)
+    )
 
 
 def open_python_data(data: Any, label_key: str | None) -> ArrayData | DatasetData:
@@ -190,15 +206,19 @@ def open_python_data(data: Any, label_key: str | None) -> ArrayData | DatasetDat
     dataset = getattr(data, "dataset", None)
     if dataset is not None and hasattr(data, "collate_fn"):  # a torch DataLoader
         if not _map_style(dataset):
-            raise UserError(f"{WHERE}: the DataLoader's dataset ({type(dataset).__name__}) cannot be read by index; "
-                            "layerscope shuffles, limits and shards by sample index: give a map-style dataset")
+            raise UserError(
+                f"{WHERE}: the DataLoader's dataset ({type(dataset).__name__}) cannot be read by index; "
+                "layerscope shuffles, limits and shards by sample index: give a map-style dataset"
+            )
         return DatasetData(dataset, label_key, data.collate_fn)
     if isinstance(data, np.ndarray) or hasattr(data, "detach") or isinstance(data, Mapping | tuple):
         return ArrayData(data, label_key)
     if _map_style(data) and not isinstance(data, str | list):
         return DatasetData(data, label_key)
-    raise UserError(f"{WHERE}: a {type(data).__name__} is not data layerscope reads; give an array, (x, y), a "
-                    "mapping of named arrays, a map-style torch Dataset or a DataLoader")
+    raise UserError(
+        f"{WHERE}: a {type(data).__name__} is not data layerscope reads; give an array, (x, y), a "
+        "mapping of named arrays, a map-style torch Dataset or a DataLoader"
+    )
 
 
 class PythonDataSource(DataSource):

@@ -17,29 +17,33 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from layerscope import DataSource, hookimpl
-from layerscope.data import check_allocation
+from layerscope.data.source import check_allocation
 
 
 class SyntheticParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     samples: PositiveInt = Field(1000, description="how many samples")
     shape: list[PositiveInt] = Field(default_factory=lambda: [64], description="the shape of one sample")
-    classes: int = Field(10, ge=0, description="labels: the argmax of a fixed random projection onto this many "
-                                               "classes; 0 for no labels")
-    distribution: Literal["normal", "uniform"] = Field("normal", description="normal: N(mean, std²); "
-                                                                          "uniform: U(low, high)")
+    classes: int = Field(
+        10, ge=0, description="labels: the argmax of a fixed random projection onto this many classes; 0 for no labels"
+    )
+    distribution: Literal["normal", "uniform"] = Field(
+        "normal", description="normal: N(mean, std²); uniform: U(low, high)"
+    )
     mean: float = Field(0.0, description="distribution normal: the mean")
     std: float = Field(1.0, gt=0, description="distribution normal: the standard deviation")
     low: float = Field(0.0, description="distribution uniform: the lower bound")
     high: float = Field(1.0, description="distribution uniform: the upper bound")
 
     @model_validator(mode="after")
-    def _parameters_of_the_distribution(self) -> "SyntheticParams":
+    def _parameters_of_the_distribution(self) -> SyntheticParams:
         own = {"normal": {"mean", "std"}, "uniform": {"low", "high"}}
         foreign = sorted(self.model_fields_set & (own["normal"] | own["uniform"]) - own[self.distribution])
         if foreign:
-            raise ValueError(f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to "
-                             f"distribution: {self.distribution} (it takes {' and '.join(sorted(own[self.distribution]))})")
+            raise ValueError(
+                f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to "
+                f"distribution: {self.distribution} (it takes {' and '.join(sorted(own[self.distribution]))})"
+            )
         if self.distribution == "uniform" and not self.low < self.high:
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         return self
@@ -53,8 +57,10 @@ class SyntheticSource(DataSource):
         super().__init__(params, base_dir, seed)
         features = math.prod(params.shape)
         check_allocation(features * 4, f"data.shape: one sample of shape {params.shape}")
-        check_allocation(features * max(params.classes, 1) * 8, f"data.classes: the labelling projection of "
-                                                                f"{features} features onto {params.classes} classes")
+        check_allocation(
+            features * max(params.classes, 1) * 8,
+            f"data.classes: the labelling projection of {features} features onto {params.classes} classes",
+        )
         projection_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
         self.projection = projection_rng.standard_normal((features, max(params.classes, 1)))
 
@@ -74,8 +80,12 @@ class SyntheticSource(DataSource):
 
     def read(self, indices):
         p = self.params
-        x = np.stack([self._draw(np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(0, int(i)))))
-                      for i in indices]).astype(np.float32)
+        x = np.stack(
+            [
+                self._draw(np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(0, int(i)))))
+                for i in indices
+            ]
+        ).astype(np.float32)
         y = (x.reshape(len(x), -1) @ self.projection).argmax(axis=1) if p.classes > 0 else None
         return x, y
 

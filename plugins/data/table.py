@@ -31,9 +31,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from layerscope import DataSource, hookimpl
-from layerscope.errors import UserError
-from layerscope.files import cache_dir, regular_file
-from layerscope.labels import integers_from_text
+from layerscope.data.labels import integers_from_text
+from layerscope.util.errors import UserError
+from layerscope.util.files import cache_dir, regular_file
 
 CHUNK_ROWS = 65_536  # Parquet rows per chunk
 CSV_BLOCK_BYTES = 1 << 20  # CSV bytes per chunk
@@ -45,13 +45,14 @@ class TableParams(BaseModel):
     path: str = Field(description="a .csv, .tsv or .parquet file, relative to the spec")
     format: Literal["auto", "csv", "parquet"] = Field("auto", description="auto: from the file's suffix")
     features: list[str] | None = Field(None, description="feature columns, names or globs (default: all but the label)")
-    inputs: dict[str, list[str]] | None = Field(None, description="model input name -> its columns (names or globs), "
-                                                                  "for models with several inputs")
+    inputs: dict[str, list[str]] | None = Field(
+        None, description="model input name -> its columns (names or globs), for models with several inputs"
+    )
     label: str | None = Field(None, description="the label column (none: no labels)")
     delimiter: str = Field(",", min_length=1, max_length=1, description="CSV: the field separator (.tsv: tab)")
 
     @model_validator(mode="after")
-    def _one_way_to_name_columns(self) -> "TableParams":
+    def _one_way_to_name_columns(self) -> TableParams:
         if self.features is not None and self.inputs is not None:
             raise ValueError("give either features (one input) or inputs (columns per model input), not both")
         if self.inputs is not None and not self.inputs:
@@ -63,7 +64,7 @@ def _pyarrow():
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        raise UserError("data.source: the table source needs pyarrow: pip install \"layerscope[table]\"") from None
+        raise UserError('data.source: the table source needs pyarrow: pip install "layerscope[table]"') from None
 
 
 def match_columns(patterns: list[str], columns: list[str], key: str) -> list[str]:
@@ -84,11 +85,15 @@ class Table:
     def __init__(self, path: Path, params: TableParams):
         self.path, self.params = path, params
         suffix = path.suffix.lower()
-        self.format = params.format if params.format != "auto" else "parquet" if suffix in (".parquet", ".pq") else "csv"
+        self.format = (
+            params.format if params.format != "auto" else "parquet" if suffix in (".parquet", ".pq") else "csv"
+        )
         self.delimiter = "\t" if suffix == ".tsv" and "delimiter" not in params.model_fields_set else params.delimiter
         self.columns = self._header()
         if params.label is not None and params.label not in self.columns:
-            raise UserError(f"data.label: {path} has no column '{params.label}' (the columns: {', '.join(self.columns)})")
+            raise UserError(
+                f"data.label: {path} has no column '{params.label}' (the columns: {', '.join(self.columns)})"
+            )
         others = [c for c in self.columns if c != params.label]
         if params.inputs is not None:
             self.groups = {name: match_columns(p, others, f"data.inputs.{name}") for name, p in params.inputs.items()}
@@ -113,7 +118,9 @@ class Table:
         """The file's rows in chunks, as pyarrow record batches of the needed columns (features as float32)."""
         import pyarrow as pa
 
-        needed = [c for group in self.groups.values() for c in group] + [self.params.label] * (self.params.label is not None)
+        needed = [c for group in self.groups.values() for c in group] + [self.params.label] * (
+            self.params.label is not None
+        )
         if self.format == "parquet":
             import pyarrow.parquet as pq
 
@@ -124,10 +131,12 @@ class Table:
         types = {c: pa.float32() for c in needed if c != self.params.label}
         if self.params.label is not None:
             types[self.params.label] = pa.string()
-        yield from pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                                  parse_options=pacsv.ParseOptions(delimiter=self.delimiter),
-                                  convert_options=pacsv.ConvertOptions(include_columns=needed, column_types=types,
-                                                                            strings_can_be_null=True))
+        yield from pacsv.open_csv(
+            self.path,
+            read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+            parse_options=pacsv.ParseOptions(delimiter=self.delimiter),
+            convert_options=pacsv.ConvertOptions(include_columns=needed, column_types=types, strings_can_be_null=True),
+        )
 
 
 def _check_filled(column, name: str, first_row: int, key: str = "data") -> None:
@@ -146,10 +155,16 @@ def _feature_block(batch, columns: list[str], first_row: int) -> np.ndarray:
     arrays = []
     for name in columns:
         column = batch.column(batch.schema.get_field_index(name))
-        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
-                or pa.types.is_boolean(column.type) or pa.types.is_decimal(column.type)):
-            raise UserError(f"data: column '{name}' is not numeric ({column.type}); leave it out of the features "
-                            "(or name it as the label)")
+        if not (
+            pa.types.is_integer(column.type)
+            or pa.types.is_floating(column.type)
+            or pa.types.is_boolean(column.type)
+            or pa.types.is_decimal(column.type)
+        ):
+            raise UserError(
+                f"data: column '{name}' is not numeric ({column.type}); leave it out of the features "
+                "(or name it as the label)"
+            )
         _check_filled(column, name, first_row)
         arrays.append(column.to_numpy(zero_copy_only=False).astype(np.float32))
     return np.column_stack(arrays) if arrays else np.zeros((batch.num_rows, 0), np.float32)
@@ -194,8 +209,18 @@ def cached_arrays(table: Table) -> Path:
     from filelock import FileLock
 
     stat = table.path.stat()
-    key = json.dumps([FORMAT_VERSION, str(table.path.resolve()), stat.st_size, stat.st_mtime_ns, table.format,
-                      table.delimiter, [[n, c] for n, c in table.groups.items()], table.params.label])
+    key = json.dumps(
+        [
+            FORMAT_VERSION,
+            str(table.path.resolve()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            table.format,
+            table.delimiter,
+            [[n, c] for n, c in table.groups.items()],
+            table.params.label,
+        ]
+    )
     folder = cache_dir() / "tables" / hashlib.sha256(key.encode()).hexdigest()[:32]
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
@@ -221,8 +246,10 @@ class TableSource(DataSource):
         self.path = table.path
         folder = cached_arrays(table)
         self.rows = json.loads((folder / "meta.json").read_text())["rows"]
-        self.x = {name: np.memmap(folder / f"{index}.f32", np.float32, "r", shape=(self.rows, len(columns)))
-                  for index, (name, columns) in enumerate(table.groups.items())}
+        self.x = {
+            name: np.memmap(folder / f"{index}.f32", np.float32, "r", shape=(self.rows, len(columns)))
+            for index, (name, columns) in enumerate(table.groups.items())
+        }
         self.y = np.load(folder / "labels.npy", mmap_mode="r", allow_pickle=False) if params.label else None
 
     def __len__(self) -> int:

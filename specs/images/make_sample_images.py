@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-CLASSES = {"photo": ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"],
-           "texture": ["brick", "grass", "gravel", "moon"]}
+CLASSES = {
+    "photo": ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"],
+    "texture": ["brick", "grass", "gravel", "moon"],
+}
 CROPS = 96  # side of each crop
 PER_CLASS = 48  # crops per class
 
@@ -31,7 +33,9 @@ def make_sample_images(folder: Path, seed: int = 0) -> Path:
             picture = getattr(skimage.data, name)()
             top = rng.integers(0, picture.shape[0] - CROPS + 1)
             left = rng.integers(0, picture.shape[1] - CROPS + 1)
-            Image.fromarray(picture[top:top + CROPS, left:left + CROPS]).save(folder / label / f"{name}-{index:02d}.png")
+            Image.fromarray(picture[top : top + CROPS, left : left + CROPS]).save(
+                folder / label / f"{name}-{index:02d}.png"
+            )
     return folder
 
 

@@ -71,23 +71,33 @@ def main() -> None:
             torch.save(model.state_dict(), folder / f"epoch_{epoch:02d}.pt")
         data = {"source": "synthetic", "samples": 8, "shape": [3, 224, 224], "batch_size": 8}
         analyses = [{"id": "e", "estimator": "activation_entropy"}]
-        one = {"model": {"python": "nets:resnet18", "weights": str(folder / "epoch_01.pt")}, "data": data,
-               "analyses": analyses}
+        one = {
+            "model": {"python": "nets:resnet18", "weights": str(folder / "epoch_01.pt")},
+            "data": data,
+            "analyses": analyses,
+        }
         first, first_traces = measure({**one})
         second, second_traces = measure({**one})
         os.environ["LAYERSCOPE_EXPORT_CACHE"] = "0"
         uncached, _ = measure({**one})
-        print(f"python: factory, ResNet-18: loading (export) first run {first:.2f} s ({first_traces} trace), "
-              f"second run {second:.2f} s ({second_traces} traces) = {100 * second / first:.1f} % of the first "
-              f"(target < 10 %); cache off {uncached:.2f} s")
-        ten = {"model": {"python": "nets:resnet18", "checkpoints": str(folder / "epoch_*.pt")}, "data": data,
-               "analyses": analyses}
+        print(
+            f"python: factory, ResNet-18: loading (export) first run {first:.2f} s ({first_traces} trace), "
+            f"second run {second:.2f} s ({second_traces} traces) = {100 * second / first:.1f} % of the first "
+            f"(target < 10 %); cache off {uncached:.2f} s"
+        )
+        ten = {
+            "model": {"python": "nets:resnet18", "checkpoints": str(folder / "epoch_*.pt")},
+            "data": data,
+            "analyses": analyses,
+        }
         swapped, swapped_traces = measure(ten)
         torch_export.export_unoptimized = lambda *args: (traces.__setitem__(0, traces[0] + 1), trace(*args))[1]
         torch_export.with_weights = lambda *args, **kwargs: None  # trace every checkpoint on its own
         separate, separate_traces = measure(ten)
-        print(f"ten .pt checkpoints: {swapped_traces} trace, loading {swapped:.2f} s; tracing each: "
-              f"{separate_traces} traces, {separate:.2f} s ({separate / swapped:.1f}x)")
+        print(
+            f"ten .pt checkpoints: {swapped_traces} trace, loading {swapped:.2f} s; tracing each: "
+            f"{separate_traces} traces, {separate:.2f} s ({separate / swapped:.1f}x)"
+        )
 
 
 if __name__ == "__main__":

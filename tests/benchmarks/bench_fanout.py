@@ -21,13 +21,18 @@ import time
 LIGHT = os.path.join("backend", "test", "data", "light")
 RESNET_ANALYSES = [
     {"id": "binary", "estimator": "activation_entropy"},
-    {"id": "channels", "estimator": "activation_entropy",
-     "params": {"variant": "histogram", "neurons": "channels", "range": [0, 8], "bins": 32}},
-    {"id": "ip", "estimator": "information_plane", "params": {"sigma": 50.0, "sigma_x": 400.0, "batch_size": 8}}]
+    {
+        "id": "channels",
+        "estimator": "activation_entropy",
+        "params": {"variant": "histogram", "neurons": "channels", "range": [0, 8], "bins": 32},
+    },
+    {"id": "ip", "estimator": "information_plane", "params": {"sigma": 50.0, "sigma_x": 400.0, "batch_size": 8}},
+]
 DEMO_ANALYSES = [
     {"id": "entropy", "estimator": "activation_entropy", "on": "all"},
     {"id": "pattern", "estimator": "activation_entropy", "on": "all", "params": {"variant": "pattern"}},
-    {"id": "ip", "estimator": "information_plane", "params": {"sigma": 2.0, "sigma_x": 4.0}}]
+    {"id": "ip", "estimator": "information_plane", "params": {"sigma": 2.0, "sigma_x": 4.0}},
+]
 
 
 def light_model(name: str) -> str:
@@ -37,13 +42,19 @@ def light_model(name: str) -> str:
 
 
 def resnet_spec(analyses) -> dict:
-    return {"model": {"source": light_model("resnet50")}, "analyses": analyses,
-            "data": {"source": "synthetic", "samples": 16, "shape": [3, 224, 224], "classes": 2, "batch_size": 8}}
+    return {
+        "model": {"source": light_model("resnet50")},
+        "analyses": analyses,
+        "data": {"source": "synthetic", "samples": 16, "shape": [3, 224, 224], "classes": 2, "batch_size": 8},
+    }
 
 
 def demo_spec(analyses) -> dict:
-    return {"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "batch_size": 100},
-            "analyses": analyses}
+    return {
+        "model": {"source": "demo:digits-cnn"},
+        "data": {"source": "digits", "batch_size": 100},
+        "analyses": analyses,
+    }
 
 
 def timed(spec: dict, repeats: int = 3) -> float:
@@ -62,32 +73,40 @@ def fan_out(title: str, make_spec, analyses) -> None:
     singles = {a["id"]: timed(make_spec([a])) for a in analyses}
     combined = timed(make_spec(analyses))
     slowest = max(singles.values())
-    print(f"{title}: single runs " + ", ".join(f"{k} {v:.2f} s" for k, v in singles.items())
-          + f" (sum {sum(singles.values()):.2f} s); one spec with all three {combined:.2f} s → "
-          f"{combined / slowest:.2f}× the slowest single run (target ≤ 1.3×)")
+    print(
+        f"{title}: single runs "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in singles.items())
+        + f" (sum {sum(singles.values()):.2f} s); one spec with all three {combined:.2f} s → "
+        f"{combined / slowest:.2f}× the slowest single run (target ≤ 1.3×)"
+    )
 
 
 def densenet(budget: int) -> dict:
     import layerscope
 
-    spec = {"model": {"source": light_model("densenet121")},
-            "data": {"source": "synthetic", "samples": 4, "shape": [3, 224, 224], "classes": 2, "batch_size": 4},
-            "analyses": [{"id": "e", "estimator": "activation_entropy"}], "runtime": {"memory_budget": budget}}
+    spec = {
+        "model": {"source": light_model("densenet121")},
+        "data": {"source": "synthetic", "samples": 4, "shape": [3, 224, 224], "classes": 2, "batch_size": 4},
+        "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+        "runtime": {"memory_budget": budget},
+    }
     start = time.perf_counter()
     results = layerscope.run(spec, write=False, progress=False)
     return {"seconds": time.perf_counter() - start, **results.models[0]}
 
 
 def main() -> None:
-    from layerscope.units import format_bytes
+    from layerscope.util.units import format_bytes
 
     fan_out("resnet50, 16 images, Relu outputs", resnet_spec, RESNET_ANALYSES)
     fan_out("demo CNN, 1,797 digits (estimator-bound)", demo_spec, DEMO_ANALYSES)
     for budget in (2**30, 16 * 2**20):
         run = densenet(budget)
-        print(f"densenet121, 121 Relu outputs (62.7 MB per sample), budget {format_bytes(budget)}: "
-              f"{run['fetch_groups'][0]} fetch group(s), peak fetched {format_bytes(run['peak_fetched_bytes'])}, "
-              f"{run['seconds']:.1f} s for 4 samples")
+        print(
+            f"densenet121, 121 Relu outputs (62.7 MB per sample), budget {format_bytes(budget)}: "
+            f"{run['fetch_groups'][0]} fetch group(s), peak fetched {format_bytes(run['peak_fetched_bytes'])}, "
+            f"{run['seconds']:.1f} s for 4 samples"
+        )
 
 
 if __name__ == "__main__":

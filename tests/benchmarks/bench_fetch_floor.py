@@ -50,14 +50,18 @@ def variant(model, kind: str):
     if kind == "plain":
         return graph
     if kind == "in-graph means":
-        ranks = {v.name: len(v.type.tensor_type.shape.dim)
-                 for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+        ranks = {
+            v.name: len(v.type.tensor_type.shape.dim) for v in onnx.shape_inference.infer_shapes(model).graph.value_info
+        }
         graph.graph.initializer.append(helper.make_tensor("spatial", TensorProto.INT64, [2], [2, 3]))
         names = dict.fromkeys(name for node in activations for name in (node.input[0], node.output[0]))
         for index, name in enumerate(names):
             mean = f"bench_mean_{index}"
-            graph.graph.node.append(helper.make_node("ReduceMean", [name, "spatial"], [mean], keepdims=0)
-                                    if ranks.get(name) == 4 else helper.make_node("Identity", [name], [mean]))
+            graph.graph.node.append(
+                helper.make_node("ReduceMean", [name, "spatial"], [mean], keepdims=0)
+                if ranks.get(name) == 4
+                else helper.make_node("Identity", [name], [mean])
+            )
             outputs.append(helper.make_tensor_value_info(mean, TensorProto.FLOAT, None))
         return graph
     if kind.startswith("fetch"):
@@ -66,18 +70,30 @@ def variant(model, kind: str):
         outputs.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in dict.fromkeys(names))
         return graph
     graph.graph.input.append(helper.make_tensor_value_info("one_hot_t", TensorProto.FLOAT, ["classes", "samples"]))
-    graph.graph.initializer.extend([helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
-                                    helper.make_tensor("rows", TensorProto.INT64, [2], [0, -1])])
+    graph.graph.initializer.extend(
+        [
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+            helper.make_tensor("rows", TensorProto.INT64, [2], [0, -1]),
+        ]
+    )
     for index, node in enumerate(activations):
         value, flat, counts = node.output[0], f"flat_{index}", f"counts_{index}"
-        graph.graph.node.extend([helper.make_node("Reshape", [value, "rows"], [flat]),
-                                 helper.make_node("Greater", [flat, "zero"], [f"on_{index}"]),
-                                 helper.make_node("Cast", [f"on_{index}"], [f"on_float_{index}"], to=TensorProto.FLOAT),
-                                 helper.make_node("MatMul", ["one_hot_t", f"on_float_{index}"], [counts])])
+        graph.graph.node.extend(
+            [
+                helper.make_node("Reshape", [value, "rows"], [flat]),
+                helper.make_node("Greater", [flat, "zero"], [f"on_{index}"]),
+                helper.make_node("Cast", [f"on_{index}"], [f"on_float_{index}"], to=TensorProto.FLOAT),
+                helper.make_node("MatMul", ["one_hot_t", f"on_float_{index}"], [counts]),
+            ]
+        )
         outputs.append(helper.make_tensor_value_info(counts, TensorProto.FLOAT, None))
         if kind == "in-graph + probe":
-            graph.graph.node.extend([helper.make_node("Mul", [flat, "zero"], [f"zeros_{index}"]),
-                                     helper.make_node("ReduceSum", [f"zeros_{index}"], [f"probe_{index}"], keepdims=0)])
+            graph.graph.node.extend(
+                [
+                    helper.make_node("Mul", [flat, "zero"], [f"zeros_{index}"]),
+                    helper.make_node("ReduceSum", [f"zeros_{index}"], [f"probe_{index}"], keepdims=0),
+                ]
+            )
             outputs.append(helper.make_tensor_value_info(f"probe_{index}", TensorProto.FLOAT, None))
     return graph
 
@@ -91,9 +107,9 @@ def prepared(model, kind: str, x, y):
     name = session.get_inputs()[0].name
     batches = []
     for start in range(0, len(x), BATCH):
-        feeds = {name: x[start:start + BATCH]}
+        feeds = {name: x[start : start + BATCH]}
         if kind in COUNTS:
-            labels = y[start:start + BATCH]
+            labels = y[start : start + BATCH]
             feeds["one_hot_t"] = (labels[None, :] == np.unique(labels)[:, None]).astype(np.float32)
         batches.append(feeds)
     return session, batches
@@ -124,8 +140,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(SAMPLES))
     args = parser.parse_args()
     kinds = ("plain", "fetch outputs", "fetch in+out", "in-graph counts", "in-graph + probe", "in-graph means")
-    print(f"seconds per pass (plain ÷ variant); batch {BATCH}, one session each, medians of {ROUNDS} interleaved "
-          "passes")
+    print(
+        f"seconds per pass (plain ÷ variant); batch {BATCH}, one session each, medians of {ROUNDS} interleaved passes"
+    )
     print(f"{'model':<20}{'samples':>8}" + "".join(f"{kind:>22}" for kind in kinds))
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):

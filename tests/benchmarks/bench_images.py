@@ -55,9 +55,11 @@ def child_memory(folder: str) -> dict:
 
     import layerscope
 
-    spec = {"model": {"source": make_net()},
-            "data": {"source": "images", "path": folder, "resize": 40, "center_crop": 32, "batch_size": BATCH},
-            "analyses": [{"id": "entropy", "estimator": "activation_entropy"}]}
+    spec = {
+        "model": {"source": make_net()},
+        "data": {"source": "images", "path": folder, "resize": 40, "center_crop": 32, "batch_size": BATCH},
+        "analyses": [{"id": "entropy", "estimator": "activation_entropy"}],
+    }
     start = time.perf_counter()
     results = layerscope.run(spec, write=False, progress=False)
     return {"peak": _peak_rss(), "records": len(results.records), "seconds": time.perf_counter() - start}
@@ -67,8 +69,9 @@ def measure_memory(root: Path) -> dict:
     figures = {}
     for count in (SMALL, 10 * SMALL):
         folder = write_images(root / f"mem{count}", count, (64, 64), ".png")
-        done = subprocess.run([sys.executable, __file__, "--child-memory", str(folder)], capture_output=True,
-                              text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--child-memory", str(folder)], capture_output=True, text=True, check=True
+        )
         figures[count] = json.loads(done.stdout.strip().splitlines()[-1])
     return figures
 
@@ -97,8 +100,9 @@ def throughput(folder: Path, params: dict, onnx_path: Path, threads: int | None)
 def _export(module, example, path: Path) -> Path:
     import torch
 
-    torch.onnx.export(module.eval(), (example,), str(path), dynamo=True,
-                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.onnx.export(
+        module.eval(), (example,), str(path), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
     return path
 
 
@@ -114,13 +118,23 @@ def measure_throughput(root: Path) -> dict:
     digits = write_images(root / "digits", 1024, (8, 8), ".png", grey=True)
     resnet_images = write_images(root / "photos", 256, (320, 240), ".jpg")
     resnet = _export(build("resnet18"), torch.rand(2, 3, 224, 224), root / "resnet18.onnx")
-    cases = {"demo CNN (8×8 grey PNG)": (digits, {"color": "grey"}, ensure_trained("digits-cnn") / f"{epoch_label(EPOCHS)}.onnx"),
-             "ResNet-18 (320×240 JPEG → 224)": (resnet_images, {"resize": 256, "center_crop": 224,
-                                                                 "normalize": "imagenet"}, resnet)}
+    cases = {
+        "demo CNN (8×8 grey PNG)": (
+            digits,
+            {"color": "grey"},
+            ensure_trained("digits-cnn") / f"{epoch_label(EPOCHS)}.onnx",
+        ),
+        "ResNet-18 (320×240 JPEG → 224)": (
+            resnet_images,
+            {"resize": 256, "center_crop": 224, "normalize": "imagenet"},
+            resnet,
+        ),
+    }
     for label, (folder, params, model) in cases.items():
         for threads in (1, None):
-            figures[f"{label}, {'1 thread' if threads == 1 else 'default threads'}"] = \
-                throughput(folder, params, model, threads)
+            figures[f"{label}, {'1 thread' if threads == 1 else 'default threads'}"] = throughput(
+                folder, params, model, threads
+            )
     return figures
 
 
@@ -129,13 +143,17 @@ def main() -> None:
         root = Path(scratch)
         memory = measure_memory(root)
         small, large = memory[SMALL], memory[10 * SMALL]
-        print(f"(a) peak RSS, {SMALL} images: {small['peak'] / 2**20:.0f} MiB ({small['seconds']:.1f} s); "
-              f"{10 * SMALL} images: {large['peak'] / 2**20:.0f} MiB ({large['seconds']:.1f} s); "
-              f"growth {100 * (large['peak'] / small['peak'] - 1):+.1f} % (target < 10 %)")
+        print(
+            f"(a) peak RSS, {SMALL} images: {small['peak'] / 2**20:.0f} MiB ({small['seconds']:.1f} s); "
+            f"{10 * SMALL} images: {large['peak'] / 2**20:.0f} MiB ({large['seconds']:.1f} s); "
+            f"growth {100 * (large['peak'] / small['peak'] - 1):+.1f} % (target < 10 %)"
+        )
         print("(b) samples/s: decoding + preprocessing | onnxruntime inference | ratio")
         for label, figure in measure_throughput(root).items():
-            print(f"    {label}: {figure['decode_per_s']:.0f} | {figure['infer_per_s']:.0f} | "
-                  f"{figure['decode_per_s'] / figure['infer_per_s']:.2f}")
+            print(
+                f"    {label}: {figure['decode_per_s']:.0f} | {figure['infer_per_s']:.0f} | "
+                f"{figure['decode_per_s'] / figure['infer_per_s']:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def naive(x, t, y, grid_points: int, alpha: float = 1.01):
 
 def ours(x, t, y):
     """The estimator: width pass then estimate pass, on one batch."""
-    from layerscope.plugins.information_plane import InformationPlane
+    from layerscope.plugins.information_plane.estimator import InformationPlane
     from layerscope.testing import feed, make_batches, tensor_infos
 
     batches = make_batches({"t": t.numpy()}, y.numpy(), batch_size=N, inputs=x.numpy())
@@ -111,7 +111,7 @@ def measure(mode: str) -> dict:
 
 def main() -> None:
     import layerscope
-    from layerscope.units import format_bytes
+    from layerscope.util.units import format_bytes
 
     d = 1
     for size in SHAPE:
@@ -119,19 +119,27 @@ def main() -> None:
     naive_run, ours_run = measure("naive"), measure("ours")
     per_width, naive_full = naive_run["per_width"], naive_run["full_grid"]
     print(f"N = {N}, layer {'×'.join(map(str, SHAPE))} = {d} features, grid {GRID} widths")
-    print(f"naive (broadcast N×N×D, distances per width): {naive_run['seconds']:.2f} s for {NAIVE_GRID} widths, "
-          f"{per_width:.3f} s per width → {naive_full:.1f} s for the full grid (scaled); "
-          f"peak {format_bytes(naive_run['peak'])}")
-    print(f"ours (distances once, float64 Gram algebra): {ours_run['seconds']:.2f} s for the full grid; "
-          f"peak {format_bytes(ours_run['peak'])}")
-    print(f"speed-up {naive_full / ours_run['seconds']:.0f}× on the full grid "
-          f"({naive_run['seconds'] / ours_run['seconds']:.1f}× even against {NAIVE_GRID} naive widths; target ≥ 5×); "
-          f"memory: N²·8 = {format_bytes(N * N * 8)}, N·D·4 = {format_bytes(N * d * 4)}, "
-          f"N²·D·4 = {format_bytes(N * N * d * 4)}")
+    print(
+        f"naive (broadcast N×N×D, distances per width): {naive_run['seconds']:.2f} s for {NAIVE_GRID} widths, "
+        f"{per_width:.3f} s per width → {naive_full:.1f} s for the full grid (scaled); "
+        f"peak {format_bytes(naive_run['peak'])}"
+    )
+    print(
+        f"ours (distances once, float64 Gram algebra): {ours_run['seconds']:.2f} s for the full grid; "
+        f"peak {format_bytes(ours_run['peak'])}"
+    )
+    print(
+        f"speed-up {naive_full / ours_run['seconds']:.0f}× on the full grid "
+        f"({naive_run['seconds'] / ours_run['seconds']:.1f}× even against {NAIVE_GRID} naive widths; target ≥ 5×); "
+        f"memory: N²·8 = {format_bytes(N * N * 8)}, N·D·4 = {format_bytes(N * d * 4)}, "
+        f"N²·D·4 = {format_bytes(N * N * d * 4)}"
+    )
     start = time.perf_counter()
     results = layerscope.run(REPO / "specs/information-plane.yaml", write=False, progress=False)
-    print(f"specs/information-plane.yaml: {len(results.models)} checkpoints × {results.runtime['samples']} samples, "
-          f"{len(results.records)} records in {time.perf_counter() - start:.1f} s")
+    print(
+        f"specs/information-plane.yaml: {len(results.models)} checkpoints × {results.runtime['samples']} samples, "
+        f"{len(results.records)} records in {time.perf_counter() - start:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -21,15 +21,18 @@ def spec(selector) -> dict:
     analysis = {"id": "md", "estimator": "mean_dimension", "params": {"pairs": PAIRS, "features": "pixels"}}
     if selector:
         analysis["on"] = selector
-    return {"model": {"source": "demo:digits-cnn"}, "data": {"source": "digits", "batch_size": 100},
-            "analyses": [analysis]}
+    return {
+        "model": {"source": "demo:digits-cnn"},
+        "data": {"source": "digits", "batch_size": 100},
+        "analyses": [analysis],
+    }
 
 
 def timed_run(selector) -> dict:
     """One run with the plan construction, the runner and the estimator update timed separately."""
     import layerscope
-    import layerscope.runner as runner_module
-    from layerscope.plugins.mean_dimension import MeanDimension
+    import layerscope.engine.runner as runner_module
+    from layerscope.plugins.mean_dimension.estimator import MeanDimension
 
     clock = {"plan": 0.0, "update": 0.0, "onnxruntime": 0.0, "rows": 0}
     plan, update, fetch = MeanDimension.input_plan, MeanDimension.update, runner_module.Runner._fetch
@@ -75,15 +78,15 @@ def plain_inference(rows: int, batch: int) -> float:
     import onnx
 
     from layerscope.adapters.demo_zoo import EPOCHS, ensure_trained, epoch_label
+    from layerscope.graph.session import create_session
     from layerscope.plugins.data.digits import load_digits_split
-    from layerscope.session import create_session
 
     session, _ = create_session(onnx.load(str(ensure_trained("digits-cnn") / f"{epoch_label(EPOCHS)}.onnx")), "cpu")
     x = load_digits_split("all")[0]
     inputs = np.resize(x, (rows, 64)).reshape(rows, 1, 8, 8).astype(np.float32)
     start = time.perf_counter()
     for begin in range(0, rows, batch):
-        session.run(None, {"x": inputs[begin:begin + batch]})
+        session.run(None, {"x": inputs[begin : begin + batch]})
     return time.perf_counter() - start
 
 
@@ -94,13 +97,17 @@ def main() -> None:
         best = min(runs, key=lambda c: c["pass"])
         rows = best["rows"]
         plain = statistics.median(plain_inference(rows, 100 * 65) for _ in range(REPEATS))
-        print(f"[{label}] {rows} evaluations: plan pass {best['pass']:.3f} s (building the plan {best['plan']:.3f} s, "
-              f"onnxruntime {best['onnxruntime']:.3f} s, estimator update {best['update']:.3f} s); whole run "
-              f"{best['run']:.2f} s")
-        print(f"    plain inference of {rows} rows at batch 6500: {plain:.3f} s → plan throughput "
-              f"{plain / best['pass'] * 100:.0f}% of plain (target ≥ 80%); overhead outside onnxruntime "
-              f"{(best['plan'] + best['update']) / best['pass'] * 100:.0f}% (target ≤ 25%); "
-              f"mean dimension {best['mean_dimension']}")
+        print(
+            f"[{label}] {rows} evaluations: plan pass {best['pass']:.3f} s (building the plan {best['plan']:.3f} s, "
+            f"onnxruntime {best['onnxruntime']:.3f} s, estimator update {best['update']:.3f} s); whole run "
+            f"{best['run']:.2f} s"
+        )
+        print(
+            f"    plain inference of {rows} rows at batch 6500: {plain:.3f} s → plan throughput "
+            f"{plain / best['pass'] * 100:.0f}% of plain (target ≥ 80%); overhead outside onnxruntime "
+            f"{(best['plan'] + best['update']) / best['pass'] * 100:.0f}% (target ≤ 25%); "
+            f"mean dimension {best['mean_dimension']}"
+        )
 
 
 if __name__ == "__main__":

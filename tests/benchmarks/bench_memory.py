@@ -37,8 +37,12 @@ def _peak_rss() -> int:
 def measure_layerscope(model: str, data: str, budget: str) -> dict:
     import layerscope
 
-    spec = {"model": {"source": model}, "data": {"source": "npz", "path": data, "batch_size": BATCH},
-            "analyses": ANALYSES, "runtime": {"memory_budget": budget}}
+    spec = {
+        "model": {"source": model},
+        "data": {"source": "npz", "path": data, "batch_size": BATCH},
+        "analyses": ANALYSES,
+        "runtime": {"memory_budget": budget},
+    }
     results = layerscope.run(spec, write=False, progress=False)
     info = results.models[0]
     return {"peak": _peak_rss(), "groups": max(info["fetch_groups"]), "fetched": info["peak_fetched_bytes"]}
@@ -52,7 +56,7 @@ def measure_onnxruntime(model: str, data: str) -> dict:
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     for start in range(0, len(x), BATCH):
-        session.run(None, {name: x[start:start + BATCH]})
+        session.run(None, {name: x[start : start + BATCH]})
     return {"peak": _peak_rss()}
 
 
@@ -79,8 +83,11 @@ def main() -> None:
         for budget in BUDGETS:
             figures = _run("layerscope", model, data, budget)
             target = 1.5 * ort_peak + figures["fetched"]
-            print(f"{budget:>8s} {figures['groups']:6d} {figures['fetched'] / mib:11.0f} {figures['peak'] / mib:9.0f} "
-                  f"{target / mib:10.0f} {figures['peak'] / target:6.2f}", flush=True)
+            print(
+                f"{budget:>8s} {figures['groups']:6d} {figures['fetched'] / mib:11.0f} {figures['peak'] / mib:9.0f} "
+                f"{target / mib:10.0f} {figures['peak'] / target:6.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,16 @@ def build(name: str):
     generator = torch.Generator().manual_seed(0)
     if name == "cnn":
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                              nn.Flatten(), nn.Linear(32 * 64, 64), nn.ReLU(), nn.Linear(64, CLASSES))
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * 64, 64),
+            nn.ReLU(),
+            nn.Linear(64, CLASSES),
+        )
         shape, probe = (1, 8, 8), 256
     else:
         sys.path.insert(0, str(HERE))
@@ -94,12 +102,11 @@ def measure(name: str) -> dict[str, list[float]]:
     import torch
 
     import layerscope
-    import layerscope.engine  # noqa: F401  onnxruntime imported before timing
+    import layerscope.engine.execute
 
     model, x, y, (train_x, train_y) = build(name)
     optimiser = torch.optim.SGD(model.parameters(), lr=0.01)
-    monitor = layerscope.Monitor({"model": {}, "data": {"shuffle": False, "batch_size": len(x)},
-                                  "analyses": ANALYSES})
+    monitor = layerscope.Monitor({"model": {}, "data": {"shuffle": False, "batch_size": len(x)}, "analyses": ANALYSES})
     spec = {"data": {"shuffle": False, "batch_size": len(x)}, "analyses": ANALYSES}
     times: dict[str, list[float]] = {"train": [], "monitor": [], "hooks": [], "run": []}
     first = None
@@ -145,15 +152,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
     try:
-        print(f"threads: {args.threads or 'default'}, competing CPU-bound processes: {args.load}, {os.cpu_count()} "
-              f"cores; medians of {STEPS} steps, milliseconds per step")
-        print(f"{'model':10s} {'train':>8s} {'monitor':>8s} {'hooks':>8s} {'run':>8s} {'1st step':>9s}"
-              f" {'monitor ÷ hooks':>16s} {'run ÷ monitor':>14s}")
+        print(
+            f"threads: {args.threads or 'default'}, competing CPU-bound processes: {args.load}, {os.cpu_count()} "
+            f"cores; medians of {STEPS} steps, milliseconds per step"
+        )
+        print(
+            f"{'model':10s} {'train':>8s} {'monitor':>8s} {'hooks':>8s} {'run':>8s} {'1st step':>9s}"
+            f" {'monitor ÷ hooks':>16s} {'run ÷ monitor':>14s}"
+        )
         for name in args.models.split(","):
             times = {k: statistics.median(v) * 1000 for k, v in measure(name).items()}
-            print(f"{name:10s} {times['train']:8.1f} {times['monitor']:8.1f} {times['hooks']:8.1f} {times['run']:8.1f}"
-                  f" {times['first']:9.1f} {times['monitor'] / times['hooks']:16.2f}"
-                  f" {times['run'] / times['monitor']:14.1f}")
+            print(
+                f"{name:10s} {times['train']:8.1f} {times['monitor']:8.1f} {times['hooks']:8.1f} {times['run']:8.1f}"
+                f" {times['first']:9.1f} {times['monitor'] / times['hooks']:16.2f}"
+                f" {times['run'] / times['monitor']:14.1f}"
+            )
     finally:
         for process in load:
             process.kill()

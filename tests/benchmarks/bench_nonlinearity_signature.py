@@ -19,10 +19,13 @@ SAMPLES = 2048
 
 
 def spec(solver: str) -> dict:
-    return {"model": {"source": "demo:digits-cnn"},
-            "data": {"source": "synthetic", "samples": SAMPLES, "shape": [1, 8, 8], "batch_size": 256},
-            "analyses": [{"id": "sig", "estimator": "nonlinearity_signature",
-                          "params": {"samples": SAMPLES, "solver": solver}}]}
+    return {
+        "model": {"source": "demo:digits-cnn"},
+        "data": {"source": "synthetic", "samples": SAMPLES, "shape": [1, 8, 8], "batch_size": 256},
+        "analyses": [
+            {"id": "sig", "estimator": "nonlinearity_signature", "params": {"samples": SAMPLES, "solver": solver}}
+        ],
+    }
 
 
 def straightforward(x: np.ndarray, y: np.ndarray) -> float:
@@ -47,7 +50,7 @@ def timed_run(solver: str) -> dict:
     import scipy.optimize
 
     import layerscope
-    import layerscope.plugins.nonlinearity_signature as module
+    import layerscope.plugins.nonlinearity_signature.estimator as module
 
     clock = {"solver": 0.0, "finalize": 0.0, "update": 0.0}
     module_of = {"emd": (ot, "emd2"), "assignment": (scipy.optimize, "linear_sum_assignment")}
@@ -70,6 +73,7 @@ def timed_run(solver: str) -> dict:
                 return function(self, *args)
             finally:
                 clock[name] += time.perf_counter() - start
+
         return timed
 
     setattr(solver_module, solver_name, solver_timed)
@@ -90,14 +94,15 @@ def timed_run(solver: str) -> dict:
 def collected_samples():
     """The reduced (input, output) samples of every activation, as the estimator holds them."""
     import layerscope
-    from layerscope.plugins.nonlinearity_signature import NonlinearitySignature
+    from layerscope.plugins.nonlinearity_signature.estimator import NonlinearitySignature
 
     captured = []
     original = NonlinearitySignature.finalize
 
     def capture(self):
-        captured.extend((pair.layer, self.kept[pair.output][1].numpy(), self.kept[pair.output][2].numpy())
-                        for pair in self.pairs)
+        captured.extend(
+            (pair.layer, self.kept[pair.output][1].numpy(), self.kept[pair.output][2].numpy()) for pair in self.pairs
+        )
         return original(self)
 
     NonlinearitySignature.finalize = capture
@@ -112,7 +117,7 @@ def longer_stream() -> tuple[float, float, bool]:
     """Seconds of a run over ten times ``SAMPLES`` samples as it is and fed every batch (saturation
     switched off), and whether their records are equal."""
     import layerscope
-    from layerscope.plugins.nonlinearity_signature import NonlinearitySignature
+    from layerscope.plugins.nonlinearity_signature.estimator import NonlinearitySignature
 
     longer = spec("emd")
     longer["data"]["samples"] = 10 * SAMPLES
@@ -134,24 +139,31 @@ def main() -> None:
         clock = timed_run(solver)
         signature = clock["update"] + clock["finalize"]
         outside = signature - clock["solver"]
-        print(f"[{solver}] whole run {clock['run']:.2f} s; signature (update + finalize) {signature:.2f} s, "
-              f"of which the exact OT solver {clock['solver']:.2f} s → outside the solver {outside / signature * 100:.1f}% "
-              f"(target ≤ 20%); scores {', '.join(f'{k} {v:.4f}' for k, v in clock['scores'].items())}")
+        print(
+            f"[{solver}] whole run {clock['run']:.2f} s; signature (update + finalize) {signature:.2f} s, "
+            f"of which the exact OT solver {clock['solver']:.2f} s → "
+            f"outside the solver {outside / signature * 100:.1f}% "
+            f"(target ≤ 20%); scores {', '.join(f'{k} {v:.4f}' for k, v in clock['scores'].items())}"
+        )
     samples = collected_samples()
     start = time.perf_counter()
     direct = [straightforward(x, y) for _, x, y in samples]
     direct_time = time.perf_counter() - start
-    from layerscope.plugins.affinity import affinity_score
+    from layerscope.plugins.nonlinearity_signature.maths import affinity_score
 
     start = time.perf_counter()
     ours = [affinity_score(x, y)[0] for _, x, y in samples]
     ours_time = time.perf_counter() - start
-    print(f"same samples, {len(samples)} activations (d = {', '.join(str(x.shape[1]) for _, x, _ in samples)}): "
-          f"straightforward (scipy sqrtm + inv + ot.emd2) {direct_time:.2f} s vs ours {ours_time:.2f} s "
-          f"({direct_time / ours_time:.2f}×); max |Δρ| = {max(abs(a - b) for a, b in zip(direct, ours)):.2e}")
+    print(
+        f"same samples, {len(samples)} activations (d = {', '.join(str(x.shape[1]) for _, x, _ in samples)}): "
+        f"straightforward (scipy sqrtm + inv + ot.emd2) {direct_time:.2f} s vs ours {ours_time:.2f} s "
+        f"({direct_time / ours_time:.2f}×); max |Δρ| = {max(abs(a - b) for a, b in zip(direct, ours)):.2e}"
+    )
     saturating, every_batch, equal = longer_stream()
-    print(f"{10 * SAMPLES} samples, the signature keeping {SAMPLES}: {saturating:.2f} s, fed every batch "
-          f"{every_batch:.2f} s ({every_batch / saturating:.1f}×), records equal: {equal}")
+    print(
+        f"{10 * SAMPLES} samples, the signature keeping {SAMPLES}: {saturating:.2f} s, fed every batch "
+        f"{every_batch:.2f} s ({every_batch / saturating:.1f}×), records equal: {equal}"
+    )
 
 
 if __name__ == "__main__":

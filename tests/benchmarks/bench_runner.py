@@ -55,7 +55,7 @@ def _digits_batches(repeat: int = 1):
     from layerscope.plugins.data.digits import load_digits_split
 
     x = np.concatenate([load_digits_split("all")[0]] * repeat).reshape(-1, 1, 8, 8)
-    return [x[i:i + BATCH] for i in range(0, len(x) - BATCH + 1, BATCH)]
+    return [x[i : i + BATCH] for i in range(0, len(x) - BATCH + 1, BATCH)]
 
 
 def _model():
@@ -67,7 +67,7 @@ def _model():
 
 
 def _all_tensors(proto):
-    from layerscope.graph import describe_tensors
+    from layerscope.graph.tensors import describe_tensors
 
     tensors = describe_tensors(proto)
     return tensors, [t for t in tensors if t.observable and t.role != "input"]
@@ -75,13 +75,12 @@ def _all_tensors(proto):
 
 def worker(mode: str, arg: str) -> dict:
     """One measurement in this (fresh) process."""
-    from layerscope.runner import Runner
-    from layerscope.session import create_session
-
     import onnxruntime  # noqa: F401  (library loading is not the session's footprint)
     import torch
 
     import layerscope
+    from layerscope.engine.runner import Runner
+    from layerscope.graph.session import create_session
 
     proto = _model()
     batches = _digits_batches(4)
@@ -105,13 +104,20 @@ def worker(mode: str, arg: str) -> dict:
                 for value in fetched.values():
                     float(value.sum())  # touch the data, as an estimator would
                 del fetched
-        return {"peak_delta": _peak_rss_bytes() - baseline, "groups": len(runner.groups), "sessions": sessions,
-                "largest_fetch": largest_fetch, "micro_batches": [g.micro_batch for g in runner.groups]}
+        return {
+            "peak_delta": _peak_rss_bytes() - baseline,
+            "groups": len(runner.groups),
+            "sessions": sessions,
+            "largest_fetch": largest_fetch,
+            "micro_batches": [g.micro_batch for g in runner.groups],
+        }
     if mode == "run":
-        spec = {"model": {"source": "demo:digits-cnn"},
-                "data": {"source": "synthetic", "samples": int(arg), "shape": [1, 8, 8], "batch_size": BATCH},
-                "analyses": [{"id": "e", "estimator": "activation_entropy", "on": "all"}],
-                "runtime": {"memory_budget": "1GiB"}}
+        spec = {
+            "model": {"source": "demo:digits-cnn"},
+            "data": {"source": "synthetic", "samples": int(arg), "shape": [1, 8, 8], "batch_size": BATCH},
+            "analyses": [{"id": "e", "estimator": "activation_entropy", "on": "all"}],
+            "runtime": {"memory_budget": "1GiB"},
+        }
         layerscope.run(spec, write=False, progress=False)
         return {"peak_delta": _peak_rss_bytes() - baseline, "peak_total": _peak_rss_bytes()}
     raise ValueError(mode)
@@ -121,15 +127,17 @@ def measure(mode: str, arg: str = "0", repeats: int = 3) -> dict:
     """The run (of *repeats* fresh processes) with the median peak: RSS figures vary by a few MiB."""
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, __file__, "--worker", mode, arg], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", mode, arg], capture_output=True, text=True, check=True
+        )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return sorted(runs, key=lambda r: r["peak_delta"])[len(runs) // 2]
 
 
 def time_side_by_side(repeats: int = 7) -> dict:
     """Median seconds per pass over the data: plain inference vs runner fetching every tensor."""
-    from layerscope.runner import Runner
-    from layerscope.session import create_session
+    from layerscope.engine.runner import Runner
+    from layerscope.graph.session import create_session
 
     proto = _model()
     batches = _digits_batches(4)
@@ -154,11 +162,13 @@ def time_side_by_side(repeats: int = 7) -> dict:
             fn()
             timings[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in timings.items()} | {
-        "samples_per_pass": len(batches) * BATCH, "tensors": len(fetch)}
+        "samples_per_pass": len(batches) * BATCH,
+        "tensors": len(fetch),
+    }
 
 
 def main() -> None:
-    from layerscope.units import format_bytes
+    from layerscope.util.units import format_bytes
 
     proto = _model()
     _, fetch = _all_tensors(proto)
@@ -171,23 +181,35 @@ def main() -> None:
     budget_mem = measure("fetch_all", str(quarter))
     small, large = measure("run", str(10 * BATCH), repeats=5), measure("run", str(100 * BATCH), repeats=5)
 
-    print(f"demo CNN, batch {BATCH}, {timing['tensors']} observable tensors, one batch of them = {format_bytes(batch_bytes)}")
-    print(f"(a) time per pass ({timing['samples_per_pass']} samples): plain {timing['plain'] * 1e3:.1f} ms, "
-          f"fetch-all {timing['fetch_all'] * 1e3:.1f} ms → ratio {timing['fetch_all'] / timing['plain']:.2f}× (target ≤ 2.0×)")
-    print(f"    peak memory over baseline: plain {format_bytes(plain_mem['peak_delta'])}, fetch-all "
-          f"{format_bytes(all_mem['peak_delta'])} → ratio {all_mem['peak_delta'] / max(plain_mem['peak_delta'], 1):.2f}×")
+    print(
+        f"demo CNN, batch {BATCH}, {timing['tensors']} observable tensors, "
+        f"one batch of them = {format_bytes(batch_bytes)}"
+    )
+    print(
+        f"(a) time per pass ({timing['samples_per_pass']} samples): plain {timing['plain'] * 1e3:.1f} ms, "
+        f"fetch-all {timing['fetch_all'] * 1e3:.1f} ms → "
+        f"ratio {timing['fetch_all'] / timing['plain']:.2f}× (target ≤ 2.0×)"
+    )
+    print(
+        f"    peak memory over baseline: plain {format_bytes(plain_mem['peak_delta'])}, fetch-all "
+        f"{format_bytes(all_mem['peak_delta'])} → ratio {all_mem['peak_delta'] / max(plain_mem['peak_delta'], 1):.2f}×"
+    )
     limit = plain_mem["peak_delta"] + quarter
-    print(f"(b) budget {format_bytes(quarter)} (quarter batch) → {budget_mem['groups']} fetch group(s), micro-batches "
-          f"{budget_mem['micro_batches']}, largest fetch held {format_bytes(budget_mem['largest_fetch'])} "
-          f"({'within' if budget_mem['largest_fetch'] <= quarter else 'OVER'} budget); peak "
-          f"{format_bytes(budget_mem['peak_delta'])} vs plain inference + budget {format_bytes(limit)}: "
-          f"{'OK' if budget_mem['peak_delta'] <= limit else 'OVER'}; sessions alone: "
-          f"{format_bytes(budget_mem['sessions'])} vs {format_bytes(plain_mem['sessions'])} for the plain one")
+    print(
+        f"(b) budget {format_bytes(quarter)} (quarter batch) → {budget_mem['groups']} fetch group(s), micro-batches "
+        f"{budget_mem['micro_batches']}, largest fetch held {format_bytes(budget_mem['largest_fetch'])} "
+        f"({'within' if budget_mem['largest_fetch'] <= quarter else 'OVER'} budget); peak "
+        f"{format_bytes(budget_mem['peak_delta'])} vs plain inference + budget {format_bytes(limit)}: "
+        f"{'OK' if budget_mem['peak_delta'] <= limit else 'OVER'}; sessions alone: "
+        f"{format_bytes(budget_mem['sessions'])} vs {format_bytes(plain_mem['sessions'])} for the plain one"
+    )
     growth = large["peak_total"] / small["peak_total"] - 1
-    print(f"(c) peak memory of a run (activation_entropy on every tensor): {10 * BATCH} samples "
-          f"{format_bytes(small['peak_total'])} ({format_bytes(small['peak_delta'])} over baseline), "
-          f"{100 * BATCH} samples {format_bytes(large['peak_total'])} ({format_bytes(large['peak_delta'])}) "
-          f"→ growth {growth * 100:+.1f}% (target ≤ 10%)")
+    print(
+        f"(c) peak memory of a run (activation_entropy on every tensor): {10 * BATCH} samples "
+        f"{format_bytes(small['peak_total'])} ({format_bytes(small['peak_delta'])} over baseline), "
+        f"{100 * BATCH} samples {format_bytes(large['peak_total'])} ({format_bytes(large['peak_delta'])}) "
+        f"→ growth {growth * 100:+.1f}% (target ≤ 10%)"
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ ACTIVATIONS = ("ReLU", "Hardswish", "Hardsigmoid")
 ANALYSES = {
     "activation_entropy": {"estimator": "activation_entropy"},
     "nonlinearity_signature": {"estimator": "nonlinearity_signature", "params": {"side_metrics": False}},
-    "information_plane": {"estimator": "information_plane",
-                          "params": {"sigma": 50.0, "sigma_x": 400.0, "batch_size": BATCH}},
+    "information_plane": {
+        "estimator": "information_plane",
+        "params": {"sigma": 50.0, "sigma_x": 400.0, "batch_size": BATCH},
+    },
 }
 
 
@@ -58,6 +60,7 @@ def prepare(name: str, folder: Path) -> tuple[Path, Path]:
 
     sys.path.insert(0, str(HERE))
     from architectures import build
+
     from layerscope.adapters.torch_export import export_to_onnx
 
     rng = np.random.default_rng(0)
@@ -73,14 +76,16 @@ def measure_layerscope(estimator: str, model: Path, data: Path) -> tuple[float, 
     """Seconds of the whole run, and the headline values by layer (signature: ρ_aff per activation;
     information plane: I(X;T) and I(T;Y) per layer, the model output's under ``output``)."""
     import layerscope
-    import layerscope.engine  # noqa: F401  torch and onnxruntime, imported before timing as the others do
-    from layerscope.plugins.affinity import import_pot
+    import layerscope.engine.execute
+    from layerscope.plugins.nonlinearity_signature.maths import import_pot
 
     import_pot()  # and POT
 
-    spec = {"model": {"source": str(model)}, "data": {"source": "npz", "path": str(data), "batch_size": BATCH,
-                                                     "shuffle": False},
-            "analyses": [{"id": "a", **ANALYSES[estimator]}]}
+    spec = {
+        "model": {"source": str(model)},
+        "data": {"source": "npz", "path": str(data), "batch_size": BATCH, "shuffle": False},
+        "analyses": [{"id": "a", **ANALYSES[estimator]}],
+    }
     started = time.perf_counter()
     records = layerscope.run(spec, write=False, progress=False).records
     seconds = time.perf_counter() - started
@@ -88,8 +93,11 @@ def measure_layerscope(estimator: str, model: Path, data: Path) -> tuple[float, 
         return seconds, {r["layer"]: r["value"] for r in records if r["metric"] == "affinity_score"}
     if estimator == "information_plane":
         output = [r["layer"] for r in records if r["metric"] == "I_XT"][-1]  # the model output comes last
-        return seconds, {f"{'output' if r['layer'] == output else r['layer']}:{r['metric']}": r["value"]
-                         for r in records if r["metric"] in ("I_XT", "I_TY")}
+        return seconds, {
+            f"{'output' if r['layer'] == output else r['layer']}:{r['metric']}": r["value"]
+            for r in records
+            if r["metric"] in ("I_XT", "I_TY")
+        }
     return seconds, {}
 
 
@@ -116,13 +124,16 @@ def measure_onnxruntime(model: Path, data: Path) -> float:
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     for start in range(0, len(x), BATCH):
-        session.run(None, {name: x[start:start + BATCH]})
+        session.run(None, {name: x[start : start + BATCH]})
     return time.perf_counter() - started
 
 
 def measure_hooks(estimator: str, name: str, data: Path) -> tuple[float, dict[str, float]]:
-    return {"activation_entropy": hooks_entropy, "nonlinearity_signature": hooks_signature,
-            "information_plane": hooks_information_plane}[estimator](name, data)
+    return {
+        "activation_entropy": hooks_entropy,
+        "nonlinearity_signature": hooks_signature,
+        "information_plane": hooks_information_plane,
+    }[estimator](name, data)
 
 
 def model_and_data(name: str, data: Path):
@@ -158,8 +169,8 @@ def hooks_entropy(name: str, data: Path) -> tuple[float, dict[str, float]]:
     started = time.perf_counter()
     with torch.no_grad():
         for start in range(0, len(x), BATCH):
-            state["call"], state["labels"] = 0, torch.nn.functional.one_hot(y[start:start + BATCH], CLASSES).float()
-            model(x[start:start + BATCH])
+            state["call"], state["labels"] = 0, torch.nn.functional.one_hot(y[start : start + BATCH], CLASSES).float()
+            model(x[start : start + BATCH])
     samples = torch.bincount(y, minlength=CLASSES).to(torch.float64)
     for on in counts.values():  # the entropies themselves: per class and pooled
         for p in (on.double() / samples[:, None], on.double().sum(0) / samples.sum()):
@@ -182,7 +193,8 @@ def affinity(x, y) -> float:
     acts at unit scale: spatially averaged activations of random images have variances near 1e-4)."""
     import numpy as np
     import torch
-    from layerscope.plugins.affinity import import_pot
+
+    from layerscope.plugins.nonlinearity_signature.maths import import_pot
 
     ot = import_pot()  # POT without its TensorFlow/JAX backends, imported before timing as layerscope's is
     scale = float(x.var(dim=0).mean().sqrt())
@@ -207,12 +219,13 @@ def _forward_batches(model, x, before_batch=None):
         for start in range(0, len(x), BATCH):
             if before_batch is not None:
                 before_batch(start)
-            model(x[start:start + BATCH])
+            model(x[start : start + BATCH])
 
 
 def hooks_signature(name: str, data: Path) -> tuple[float, dict[str, float]]:
     import torch
-    from layerscope.plugins.affinity import import_pot
+
+    from layerscope.plugins.nonlinearity_signature.maths import import_pot
 
     model, x, _ = model_and_data(name, data)
     import_pot()  # imported before timing, like torch (POT would otherwise load TensorFlow: seconds)
@@ -259,12 +272,14 @@ def hooks_information_plane(name: str, data: Path) -> tuple[float, dict[str, flo
 
     def gram(t, sigma):
         flat = t.flatten(1).double()
-        return torch.exp(-torch.cdist(flat, flat) ** 2 / sigma**2)  # the paper's K = exp(-‖a − b‖² / σ²)
+        return torch.exp(-(torch.cdist(flat, flat) ** 2) / sigma**2)  # the paper's K = exp(-‖a − b‖² / σ²)
 
     def measure(t, key):
         k_t = gram(t, 50.0)
-        pair = [renyi(state["k_x"]) + renyi(k_t) - renyi(state["k_x"] * k_t),
-                renyi(k_t) + renyi(state["k_y"]) - renyi(k_t * state["k_y"])]
+        pair = [
+            renyi(state["k_x"]) + renyi(k_t) - renyi(state["k_x"] * k_t),
+            renyi(k_t) + renyi(state["k_y"]) - renyi(k_t * state["k_y"]),
+        ]
         sums[key] = sums.get(key, 0) + np.array(pair)
 
     def hook(module, inputs, output):
@@ -276,21 +291,26 @@ def hooks_information_plane(name: str, data: Path) -> tuple[float, dict[str, flo
     batches = 0
     with torch.no_grad():
         for start in range(0, len(x), BATCH):
-            batch, labels = x[start:start + BATCH], y[start:start + BATCH]
+            batch, labels = x[start : start + BATCH], y[start : start + BATCH]
             one_hot = torch.nn.functional.one_hot(labels, CLASSES).double()
             seen.clear()
-            state.update(k_x=gram(batch, 400.0), k_y=torch.exp(-torch.cdist(one_hot, one_hot) ** 2 / 0.01))
+            state.update(k_x=gram(batch, 400.0), k_y=torch.exp(-(torch.cdist(one_hot, one_hot) ** 2) / 0.01))
             measure(torch.softmax(model(batch), dim=1), "output")
             batches += 1
     seconds = time.perf_counter() - started
-    return seconds, {f"{key}:{metric}": float(value) for key, pair in sums.items()
-                     for metric, value in zip(("I_XT", "I_TY"), pair / batches)}
+    return seconds, {
+        f"{key}:{metric}": float(value)
+        for key, pair in sums.items()
+        for metric, value in zip(("I_XT", "I_TY"), pair / batches)
+    }
 
 
 def _child(estimator: str, system: str, name: str, model: str, data: str) -> None:
-    seconds, values = {"layerscope": lambda: measure_layerscope(estimator, Path(model), Path(data)),
-                       "onnxruntime": lambda: (measure_onnxruntime(Path(model), Path(data)), {}),
-                       "hooks": lambda: measure_hooks(estimator, name, Path(data))}[system]()
+    seconds, values = {
+        "layerscope": lambda: measure_layerscope(estimator, Path(model), Path(data)),
+        "onnxruntime": lambda: (measure_onnxruntime(Path(model), Path(data)), {}),
+        "hooks": lambda: measure_hooks(estimator, name, Path(data)),
+    }[system]()
     print(json.dumps({"seconds": seconds, "values": values}))
 
 
@@ -298,8 +318,13 @@ def _run(estimator: str, system: str, name: str, model: Path, data: Path, thread
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    done = subprocess.run([sys.executable, __file__, "--child", estimator, system, name, str(model), str(data)],
-                          env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", estimator, system, name, str(model), str(data)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -317,10 +342,14 @@ def main() -> None:
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            print(f"{args.estimator}; threads: {args.threads or 'default'}, competing CPU-bound processes: "
-                  f"{args.load}, {os.cpu_count()} cores; medians of {ROUNDS} interleaved rounds")
-            print(f"{'model':20s} {'samples':>7s} {'layerscope':>11s} {'onnxruntime':>12s} {'hooks':>8s}"
-                  f" {'÷ ort':>7s} {'÷ hooks':>8s}   (samples/s)")
+            print(
+                f"{args.estimator}; threads: {args.threads or 'default'}, competing CPU-bound processes: "
+                f"{args.load}, {os.cpu_count()} cores; medians of {ROUNDS} interleaved rounds"
+            )
+            print(
+                f"{'model':20s} {'samples':>7s} {'layerscope':>11s} {'onnxruntime':>12s} {'hooks':>8s}"
+                f" {'÷ ort':>7s} {'÷ hooks':>8s}   (samples/s)"
+            )
             for name in args.models.split(","):
                 model, data = prepare(name, Path(tmp))
                 times: dict[str, list[float]] = {"layerscope": [], "onnxruntime": [], "hooks": []}
@@ -335,11 +364,20 @@ def main() -> None:
                 if values["hooks"]:
                     ours, theirs = values["layerscope"], values["hooks"]
                     gaps = sorted(abs(ours[k] - theirs[k]) for k in ours.keys() & theirs.keys())
-                    agreement = (f"   {len(gaps)} of {len(theirs)} values in both: |Δ| median "
-                                 f"{statistics.median(gaps):.1e}, max {gaps[-1]:.1e}") if gaps else "   no common values"
-                print(f"{name:20s} {SAMPLES[name]:7d} {rate['layerscope']:11.1f} {rate['onnxruntime']:12.1f} "
-                      f"{rate['hooks']:8.1f} {rate['layerscope'] / rate['onnxruntime']:7.2f} "
-                      f"{rate['layerscope'] / rate['hooks']:8.2f}{agreement}", flush=True)
+                    agreement = (
+                        (
+                            f"   {len(gaps)} of {len(theirs)} values in both: |Δ| median "
+                            f"{statistics.median(gaps):.1e}, max {gaps[-1]:.1e}"
+                        )
+                        if gaps
+                        else "   no common values"
+                    )
+                print(
+                    f"{name:20s} {SAMPLES[name]:7d} {rate['layerscope']:11.1f} {rate['onnxruntime']:12.1f} "
+                    f"{rate['hooks']:8.1f} {rate['layerscope'] / rate['onnxruntime']:7.2f} "
+                    f"{rate['layerscope'] / rate['hooks']:8.2f}{agreement}",
+                    flush=True,
+                )
     finally:
         for process in load:
             process.kill()

@@ -17,7 +17,7 @@ ROUNDS = 3
 
 def run(workers: int, engine: str = "local"):
     import layerscope
-    from layerscope.spec import read_document
+    from layerscope.spec.schema import read_document
 
     doc, _ = read_document(SPEC)
     data = {**doc.data, "runtime": {**doc.data.get("runtime", {}), "workers": workers, "engine": engine}}
@@ -32,31 +32,38 @@ def main() -> None:
     run(1)  # warm-up: the demo model cache
     times: dict[str, list[float]] = {}
     results = {}
-    variants = {"1 process": (1, "local"), "2 worker processes": (2, "local"),
-                "Ray, local 2-CPU cluster started by the run": (2, "ray")}
+    variants = {
+        "1 process": (1, "local"),
+        "2 worker processes": (2, "local"),
+        "Ray, local 2-CPU cluster started by the run": (2, "ray"),
+    }
     for _ in range(ROUNDS):
         for label, (workers, engine) in variants.items():
             seconds, results[label] = run(workers, engine)
             times.setdefault(label, []).append(seconds)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    label = "Ray, 2-CPU cluster already running"
+    joined = "Ray, 2-CPU cluster already running"
     for _ in range(ROUNDS):
-        seconds, results[label] = run(2, "ray")
-        times.setdefault(label, []).append(seconds)
+        seconds, results[joined] = run(2, "ray")
+        times.setdefault(joined, []).append(seconds)
     ray.shutdown()
 
     key = lambda r: (r["analysis"], r["model"], r["layer"], r["metric"])  # noqa: E731
     single = results["1 process"]
     one = statistics.median(times["1 process"])
     reference = {key(r): r["value"] for r in single.records}
-    print(f"{len(single.models)} checkpoints × {single.runtime['samples']} samples, median of {ROUNDS}: "
-          f"1 process {one:.2f} s ({', '.join(f'{t:.2f}' for t in times['1 process'])})")
-    for label in list(variants)[1:] + [label]:
+    print(
+        f"{len(single.models)} checkpoints × {single.runtime['samples']} samples, median of {ROUNDS}: "
+        f"1 process {one:.2f} s ({', '.join(f'{t:.2f}' for t in times['1 process'])})"
+    )
+    for label in [*list(variants)[1:], joined]:
         seconds = statistics.median(times[label])
         values = {key(r): r["value"] for r in results[label].records}
-        print(f"{label}: {seconds:.2f} s ({', '.join(f'{t:.2f}' for t in times[label])}) → speed-up "
-              f"{one / seconds:.2f}× (target ≥ 1.6×); largest record difference "
-              f"{max(abs(reference[k] - values[k]) for k in reference):.1e}")
+        print(
+            f"{label}: {seconds:.2f} s ({', '.join(f'{t:.2f}' for t in times[label])}) → speed-up "
+            f"{one / seconds:.2f}× (target ≥ 1.6×); largest record difference "
+            f"{max(abs(reference[k] - values[k]) for k in reference):.1e}"
+        )
 
 
 if __name__ == "__main__":

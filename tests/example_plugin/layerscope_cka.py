@@ -15,15 +15,16 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope import ACTIVATION_OPS, Estimator, TensorBatch, hookimpl
-from layerscope.lazy import lazy_module
+from layerscope.util.lazy import lazy_module
 
 torch = lazy_module("torch")  # imported on first use, so `layerscope plugins` stays quick
 
 
 class LinearCKAParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    pool: bool = Field(True, description="average 4-D (N, C, H, W) tensors over H×W first, as is usual for CKA "
-                                         "on conv layers")
+    pool: bool = Field(
+        True, description="average 4-D (N, C, H, W) tensors over H×W first, as is usual for CKA on conv layers"
+    )
 
 
 def features(values: torch.Tensor, pool: bool) -> torch.Tensor:
@@ -62,8 +63,14 @@ class LinearCKA(Estimator):
             if first in batch.tensors and second in batch.tensors:
                 x = features(batch.tensors[first], self.params.pool)
                 y = features(batch.tensors[second], self.params.pool)
-                new = {"n": torch.tensor(float(len(x)), dtype=torch.float64), "sum_x": x.sum(0), "sum_y": y.sum(0),
-                       "xx": x.T @ x, "yy": y.T @ y, "xy": x.T @ y}
+                new = {
+                    "n": torch.tensor(float(len(x)), dtype=torch.float64),
+                    "sum_x": x.sum(0),
+                    "sum_y": y.sum(0),
+                    "xx": x.T @ x,
+                    "yy": y.T @ y,
+                    "xy": x.T @ y,
+                }
                 self.accumulate("sums", new, f"{first}|{second}")
 
     def finalize(self) -> list[dict]:

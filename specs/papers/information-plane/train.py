@@ -49,8 +49,11 @@ def main(argv: list[str] | None = None) -> layerscope.Results:
                 monitor.observe(model, step=step, batch=(x[batch], y[batch]))
             if args.iterations is not None and step >= args.iterations:
                 break
-        print(f"epoch {epoch + 1}: {step} iterations, {len(monitor.steps)} observed "
-              f"({time.perf_counter() - started:.1f} s)", flush=True)
+        print(
+            f"epoch {epoch + 1}: {step} iterations, {len(monitor.steps)} observed "
+            f"({time.perf_counter() - started:.1f} s)",
+            flush=True,
+        )
         if args.iterations is not None and step >= args.iterations:
             break
     results = monitor.write(args.out)

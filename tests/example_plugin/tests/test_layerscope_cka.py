@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-layerscope_cka = pytest.importorskip("layerscope_cka", reason="install tests/example_plugin (pip install -e tests/example_plugin)")
+layerscope_cka = pytest.importorskip(
+    "layerscope_cka", reason="install tests/example_plugin (pip install -e tests/example_plugin)"
+)
 from layerscope.testing import feed, make_batches, tensor_infos  # noqa: E402
 
 
@@ -49,8 +51,9 @@ def test_passes_layerscope_conformance(layerscope_conformance):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((300, 4))
     _, estimator, batches = cka_of(x, np.tanh(x @ rng.standard_normal((4, 3))), batch_size=60)
-    layerscope_conformance(lambda: layerscope_cka.LinearCKA(estimator.params, list(estimator.tensors.values())),
-                           batches)
+    layerscope_conformance(
+        lambda: layerscope_cka.LinearCKA(estimator.params, list(estimator.tensors.values())), batches
+    )
 
 
 def test_layerscope_plugins_lists_it():
@@ -60,8 +63,13 @@ def test_layerscope_plugins_lists_it():
 
 
 def test_spec_end_to_end(layerscope_run, layerscope_tiny_model):
-    results = layerscope_run({"model": {"source": str(layerscope_tiny_model)}, "data": {"source": "digits"},
-                              "analyses": [{"id": "cka", "estimator": "linear_cka", "on": {"op_type": ["Relu", "Tanh"]}}]})
+    results = layerscope_run(
+        {
+            "model": {"source": str(layerscope_tiny_model)},
+            "data": {"source": "digits"},
+            "analyses": [{"id": "cka", "estimator": "linear_cka", "on": {"op_type": ["Relu", "Tanh"]}}],
+        }
+    )
     (record,) = results.select(metric="linear_cka")
     assert record["layer"] == "act2" and record["previous"] == "act1" and 0.0 < record["value"] <= 1.0
     assert results.runtime["samples"] == 1797

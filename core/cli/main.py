@@ -1,0 +1,200 @@
+"""The ``layerscope`` command: run, validate, plugins, inspect, report, compare.
+
+Exit codes: 0 success, 2 user error (one message, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from layerscope.util.errors import UserError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # as a process killed by SIGPIPE
+
+
+def _cmd_run(args) -> int:
+    from layerscope.api import run
+
+    results = run(args.spec, out=args.out, progress=not args.quiet, resume=args.resume)
+    from .summary import print_summary
+
+    print_summary(results, Path(args.out) if args.out else Path(results.spec["outputs"]["dir"]))
+    return EXIT_OK
+
+
+def _cmd_validate(args) -> int:
+    from layerscope.api import validate
+
+    for line in validate(args.spec, with_model=not args.no_model):
+        print(f"ok: {line}")
+    return EXIT_OK
+
+
+def _cmd_plugins(args) -> int:
+    from layerscope.host.loader import load_plugins
+
+    host = load_plugins()
+    if args.name is None:
+        described = host.describe()
+    else:
+        from layerscope.host.describe import describe_name
+
+        described = describe_name(host, args.name)
+    if args.json or not (args.table or sys.stdout.isatty()):
+        print(json.dumps(described, indent=2, default=str))
+        return EXIT_OK
+    from layerscope.host.describe import print_contribution, print_plugins_table
+
+    if args.name is None:
+        print_plugins_table(described)
+    else:
+        for contribution in described:
+            print_contribution(contribution)
+    return EXIT_OK
+
+
+def _cmd_inspect(args) -> int:
+    from .inspect import inspect_model
+
+    inspect_model(args.model, as_json=args.json, show_all=args.all)
+    return EXIT_OK
+
+
+def _cmd_report(args) -> int:
+    from layerscope.host.loader import load_plugins
+    from layerscope.results.contract import Results
+    from layerscope.results.outputs import output_folder, write_outputs
+
+    results = Results.load(args.run_dir)
+    host = load_plugins()
+    with output_folder(Path(args.run_dir)) as out_dir:
+        write_outputs(
+            results, _reporters(host, args.formats, results.spec.get("outputs", {}).get("formats", [])), out_dir
+        )
+    print(f"reports rebuilt in {args.run_dir}: {', '.join(['results.json', *results.artifacts])}")
+    return EXIT_OK
+
+
+def _cmd_compare(args) -> int:
+    from layerscope.host.loader import load_plugins
+    from layerscope.results.compare import combine, run_labels
+    from layerscope.results.contract import Results
+    from layerscope.results.outputs import output_folder, write_outputs
+
+    folders = [Path(folder) for folder in args.run_dirs]
+    runs = [Results.load(folder) for folder in folders]
+    combined = combine(runs, run_labels(runs, folders))
+    host = load_plugins()
+    with output_folder(Path(args.out)) as out_dir:
+        write_outputs(combined, _reporters(host, args.formats, ["plots", "html"]), out_dir)
+    print(f"{len(runs)} runs compared in {args.out}: {', '.join(['results.json', *combined.artifacts])}")
+    return EXIT_OK
+
+
+def _reporters(host, chosen: str | None, default: list[str]) -> list:
+    """The reporters named by ``--formats`` (comma-separated), else by *default*; json is always written."""
+    from layerscope.results.contract import RESULTS_FORMAT
+
+    names = [f.strip() for f in chosen.split(",") if f.strip()] if chosen is not None else default
+    try:
+        return [host.reporters.get(name)(host) for name in dict.fromkeys(names) if name != RESULTS_FORMAT]
+    except UserError as error:
+        raise UserError(f"--formats: {error}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from layerscope import __version__
+
+    parser = argparse.ArgumentParser(prog="layerscope", description="Measure what happens inside deep neural networks.")
+    parser.add_argument("--version", action="version", version=f"layerscope {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the analyses of a spec and write results")
+    run.add_argument("spec", help="YAML spec file")
+    run.add_argument("--out", help="output folder (overrides outputs.dir)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted multi-checkpoint run from the checkpoints it already finished",
+    )
+    run.set_defaults(handler=_cmd_run)
+
+    validate = commands.add_parser(
+        "validate",
+        help="check a spec: YAML, keys and types, plugin names and parameters, "
+        "and (loading the model) that every selector matches at least one tensor",
+    )
+    validate.add_argument("spec")
+    validate.add_argument("--no-model", action="store_true", help="skip the checks that need the model")
+    validate.set_defaults(handler=_cmd_validate)
+
+    plugins = commands.add_parser(
+        "plugins",
+        help="list the loaded plugins (package, version, module, contributions), or describe one "
+        "estimator, data source, adapter or reporter: parameters, defaults, a spec snippet",
+    )
+    plugins.add_argument("name", nargs="?", help="an estimator, data source, adapter, reporter or plugin")
+    output = plugins.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="JSON (the default when output is not a terminal)")
+    output.add_argument("--table", action="store_true", help="readable tables (the default on a terminal)")
+    plugins.set_defaults(handler=_cmd_plugins)
+
+    inspect = commands.add_parser("inspect", help="list a model's tensors: op type, layer, shape, observability")
+    inspect.add_argument("model", help="a model source, as in model.source (file or demo:NAME)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--all", action="store_true", help="include constants and shape arithmetic")
+    inspect.set_defaults(handler=_cmd_inspect)
+
+    report = commands.add_parser(
+        "report",
+        help="rebuild the reports of a run from its results.json, or write other formats (--formats html,plots)",
+    )
+    report.add_argument("run_dir")
+    report.add_argument("--formats", help="comma-separated reporters to write (default: the run's outputs.formats)")
+    report.set_defaults(handler=_cmd_report)
+
+    compare = commands.add_parser(
+        "compare", help="draw several runs in the same figures (and one report), each run labelled by its spec's name"
+    )
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", required=True, help="folder for the combined results.json, plots and report")
+    compare.add_argument("--formats", help="comma-separated reporters (default: plots,html)")
+    compare.set_defaults(handler=_cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as error:
+        print(f"layerscope: error: {error}", file=sys.stderr)
+        return EXIT_USER
+    except BrokenPipeError:  # the reader stopped reading (`layerscope plugins | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print(
+            "layerscope: interrupted; no results.json was written (a multi-checkpoint run continues from its "
+            "finished checkpoints with: layerscope run SPEC --resume)",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            "layerscope: internal error (a bug in layerscope or a plugin); please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""``runtime.workers: N``: shard tasks run by this process and N − 1 spawned worker processes.
+
+The stream of samples is cut into contiguous shards of whole batches (methods defined per
+batch, such as the information plane, see the batches a single process sees; a shard's
+last batch still reads the look-ahead samples of the next one), and every pass of every
+checkpoint becomes one task per shard; :func:`layerscope.engine.lifecycle.drive` merges them.
+
+Workers rebuild the plan from the spec document and load the installed plugins
+(:func:`start_worker`, also used by the Ray actors of :mod:`layerscope.engine.ray_engine`), so
+plugin objects passed to ``layerscope.run(plugins=…)`` keep a run in one process.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from layerscope.data.source import Samples, shard_spans
+from layerscope.model.adapter import Checkpoint
+from layerscope.spec.yaml_locations import LocatedDocument
+from layerscope.util.errors import UserError
+
+from .checkpoint_run import ShardWorker, Span
+from .lifecycle import ShardOutcome, ShardTask
+from .plan import RunPlan
+from .threads import run_threads, set_threads
+
+
+def worker_arguments(
+    plan: RunPlan,
+    checkpoints: list[Checkpoint],
+    spans: list[Span],
+    order: np.ndarray,
+    example: Samples,
+    threads: int | None,
+) -> tuple:
+    """What a worker process needs to rebuild this run's :class:`ShardWorker` (:func:`start_worker`)."""
+    return plan.doc, str(plan.spec.base_dir), threads, checkpoints, spans, order, example
+
+
+def start_worker(
+    document: LocatedDocument,
+    base_dir: str,
+    threads: int | None,
+    checkpoints: list[Checkpoint],
+    spans: list[Span],
+    order: np.ndarray,
+    example: Samples,
+) -> ShardWorker:
+    """In a worker process: the plan rebuilt from the spec document with the installed plugins,
+    onnxruntime set to *threads* threads (None: its default) and torch to one (:mod:`layerscope.engine.threads`)."""
+    from layerscope.host.loader import load_plugins
+
+    from .plan import build_plan
+
+    set_threads(threads)
+    plan = build_plan(document, Path(base_dir), load_plugins())
+    return ShardWorker(plan, checkpoints, spans, order, example)
+
+
+def auto_shards(requested: int | str, workers: int, checkpoints: int) -> int:
+    """Shards per checkpoint: as asked, or (``auto``) enough for every worker to have a task per pass."""
+    return requested if isinstance(requested, int) else max(1, -(-workers // checkpoints))
+
+
+def run_spans(plan: RunPlan, workers: int, checkpoints: int) -> list[Span]:
+    """The data shards of a run with *workers* workers (``runtime.shards``)."""
+    shards = auto_shards(plan.spec.runtime.shards, workers, checkpoints)
+    return shard_spans(len(plan.order), plan.spec.data.batch_size, shards)
+
+
+_WORKER: ShardWorker | None = None  # in a worker process of the pool
+_START_ERROR: str | None = None  # why this worker process could not rebuild the run
+
+
+def _start_pool_worker(arguments: bytes) -> None:
+    """Rebuild the run from the pickled :func:`worker_arguments`; a failure (an object from Python
+    that a fresh process cannot import) is kept and handed back as every task's error, since a pool
+    whose initializer raises only reports that a process died."""
+    global _WORKER, _START_ERROR
+    _exit_with_parent()
+    try:
+        _WORKER = start_worker(*pickle.loads(arguments))
+    except Exception as error:  # any failure here is reported to the driver by message
+        _START_ERROR = (
+            f"runtime.workers: a worker process could not rebuild the run ({type(error).__name__}: "
+            f"{error}); a model or data given from Python must be importable by a fresh Python process "
+            "(its classes defined in a module on the path, not in a script run as __main__), or use "
+            "runtime.workers: 1"
+        )
+
+
+def _exit_with_parent(interval: float = 0.5) -> None:
+    """End this worker process as soon as the driver that spawned it is gone.
+
+    A driver killed outright (``kill -9``) cannot shut its pool down, and a worker busy with a
+    task would run on for minutes; a daemon thread notices that the process was handed to
+    another parent and exits at once.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="layerscope-exit-with-parent", daemon=True).start()
+
+
+def _run_in_worker(task: ShardTask) -> ShardOutcome:
+    if _WORKER is None:
+        return ShardOutcome(str(task.checkpoint), error=_START_ERROR)
+    return _WORKER.run(task)
+
+
+class PoolExecutor:
+    """Runs tasks on a process pool and in this process (see :meth:`run`)."""
+
+    parallel = True
+
+    def __init__(self, pool: ProcessPoolExecutor, processes: int, here: ShardWorker):
+        self.pool, self.processes, self.here = pool, processes, here
+        self.shards = len(here.spans)
+
+    def run(self, tasks: list[ShardTask]) -> list[ShardOutcome]:
+        """Outcomes of *tasks* in order: the pool's processes take tasks from the front (two queued
+        each, so none idles), while this process takes them from the back (it starts at once, while
+        the spawned processes are still starting up). A task runs here on a copy, as in a worker."""
+        outcomes: list[ShardOutcome | None] = [None] * len(tasks)
+        waiting = collections.deque(enumerate(tasks))
+        running: dict = {}
+        while waiting or running:
+            while waiting and len(running) < 2 * self.processes:
+                index, task = waiting.popleft()
+                running[self.pool.submit(_run_in_worker, task)] = index
+            if waiting:
+                index, task = waiting.pop()
+                outcomes[index] = self.here.run(pickle.loads(pickle.dumps(task)))
+            done, _ = wait(running, timeout=0 if waiting else None, return_when=FIRST_COMPLETED)
+            for future in done:
+                outcomes[running.pop(future)] = future.result()
+        return outcomes
+
+
+@contextmanager
+def process_pool(
+    plan: RunPlan, checkpoints: list[Checkpoint], example: Samples, workers: int
+) -> Iterator[PoolExecutor]:
+    """An executor of this process and ``workers - 1`` spawned ones, each with ``cpu_count // workers``
+    threads. Workers are spawned: forking a process whose torch and onnxruntime thread pools already
+    run deadlocks the child."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    spans = run_spans(plan, workers, len(checkpoints))
+    context = multiprocessing.get_context("spawn")
+    here = ShardWorker(plan, checkpoints, spans, plan.order, example)
+    try:
+        arguments = pickle.dumps(worker_arguments(plan, checkpoints, spans, plan.order, example, threads))
+    except Exception as error:  # PicklingError, or TypeError/AttributeError for a lambda or a local class
+        raise UserError(
+            f"runtime.workers: the run cannot be sent to worker processes ({type(error).__name__}: "
+            f"{error}); give objects that pickle (no lambdas or local classes), or use "
+            "runtime.workers: 1"
+        ) from None
+    with (
+        run_threads(threads),
+        ProcessPoolExecutor(
+            workers - 1, mp_context=context, initializer=_start_pool_worker, initargs=(arguments,)
+        ) as pool,
+    ):
+        try:
+            yield PoolExecutor(pool, workers - 1, here)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise

@@ -1,0 +1,134 @@
+"""Tensor selectors: which tensors of a model an analysis reads.
+
+A selector names tensors by ONNX tensor name (``name``), by a shell-style pattern over
+tensor or layer names (``glob``), by the user's layer name (``layer``), by the op type
+that produces them (``op_type``), by their ``role`` in the graph (``input``,
+``output``, ``intermediate``), as the ``activation: output`` / ``activation: input`` of an
+activation function, single op or decomposed pattern, or as the ``attention: probabilities`` /
+``attention: scores`` of an attention softmax (:mod:`layerscope.graph.activations`). Keys given
+together must all match (AND); a list within
+one key matches any of its entries (OR); a list of selectors selects the union, in
+graph order. ``"all"`` selects every observable tensor.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from layerscope.util.errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from .tensors import TensorInfo
+
+
+class SelectorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | list[str] | None = None
+    glob: str | list[str] | None = None
+    layer: str | list[str] | None = None
+    op_type: str | list[str] | None = None
+    role: Literal["input", "output", "intermediate"] | list[Literal["input", "output", "intermediate"]] | None = None
+    activation: Literal["input", "output"] | None = None
+    attention: Literal["probabilities", "scores"] | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SelectorSpec:
+        if not any(
+            getattr(self, key) for key in ("name", "glob", "layer", "op_type", "role", "activation", "attention")
+        ):
+            raise ValueError(
+                "a selector needs at least one of name, glob, layer, op_type, role, activation, "
+                "attention (or use 'all')"
+            )
+        return self
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.model_dump(exclude_none=True).items())
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def matches(selector: SelectorSpec, tensor: TensorInfo, activation_ends: set[str] | None = None) -> bool:
+    """True when *tensor* satisfies every key of *selector* (*activation_ends*: the tensors its
+    ``activation`` and ``attention`` keys accept)."""
+    if (selector.activation or selector.attention) and tensor.name not in (activation_ends or set()):
+        return False
+    names, globs = _as_list(selector.name), _as_list(selector.glob)
+    layers, op_types = _as_list(selector.layer), _as_list(selector.op_type)
+    if names and tensor.name not in names:
+        return False
+    if globs and not any(
+        fnmatch.fnmatchcase(value, g) for g in globs for value in (tensor.name, tensor.layer, tensor.module)
+    ):
+        return False
+    if layers and tensor.layer not in layers and tensor.module not in layers:  # a module: every call of it
+        return False
+    if _as_list(selector.role) and tensor.role not in _as_list(selector.role):
+        return False
+    return not (op_types and tensor.op_type not in op_types)
+
+
+def _hint(selector: SelectorSpec, tensors: Sequence[TensorInfo]) -> str:
+    for key, pool in (
+        ("name", [t.name for t in tensors]),
+        ("layer", [t.layer for t in tensors] + [t.module for t in tensors]),
+        ("op_type", [t.op_type for t in tensors]),
+    ):
+        for wanted in _as_list(getattr(selector, key)):
+            if wanted not in pool:
+                return did_you_mean(wanted, set(pool))
+    return ""
+
+
+Selection = SelectorSpec | list[SelectorSpec] | Literal["all"]
+
+
+def resolve(selector: Selection, tensors: Sequence[TensorInfo], strict: bool = True) -> list[TensorInfo]:
+    """The observable tensors *selector* picks, in graph order; :class:`UserError` if none.
+
+    For a list of selectors, *strict* requires every one to match; otherwise only the union
+    must be non-empty (estimators' defaults such as "activations or the model output").
+    """
+    if isinstance(selector, list):
+        chosen, errors = set(), []
+        for item in selector:
+            try:
+                chosen.update(t.name for t in resolve(item, tensors))
+            except UserError as error:
+                errors.append(str(error))
+        if (strict and errors) or not chosen:
+            raise UserError("; ".join(errors))
+        return [t for t in tensors if t.name in chosen]
+    if selector == "all":
+        chosen = [t for t in tensors if t.observable]
+        if not chosen:
+            raise UserError("selector 'all' matches no observable tensor")
+        return chosen
+    ends = None
+    if selector.activation or selector.attention:
+        from .activations import find_activations, find_attention
+
+        ends = {getattr(a, selector.activation) for a in find_activations(tensors)} if selector.activation else None
+        if selector.attention:
+            end = "output" if selector.attention == "probabilities" else "input"
+            attention = {getattr(a, end) for a in find_attention(tensors)}
+            ends = attention if ends is None else ends & attention
+    matched = [t for t in tensors if matches(selector, t, ends)]
+    chosen = [t for t in matched if t.observable]
+    if chosen:
+        return chosen
+    if matched:
+        reasons = "; ".join(f"{t.name}: {t.reason}" for t in matched[:5])
+        raise UserError(f"selector ({selector.describe()}) matches only tensors that cannot be observed ({reasons})")
+    raise UserError(
+        f"selector ({selector.describe()}) matches no tensor in the model.{_hint(selector, tensors)}"
+        " Run `layerscope inspect MODEL` to list the tensors."
+    )

@@ -1,0 +1,150 @@
+"""onnxruntime sessions: provider choice and exposing the tensors a run fetches.
+
+``device: auto`` asks for CUDA only when the CUDA provider is built in and an NVIDIA
+device is present; the provider that really runs is read back from the session (an
+onnxruntime-gpu wheel lists CUDA as available even on a CPU-only machine).
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from layerscope.util.errors import UserError
+
+from .tensors import TensorInfo
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+THREADS: int | None = None  # onnxruntime intra-op threads (set in worker processes); None: its default
+
+
+def _nvidia_device_present() -> bool:
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or bool(glob.glob("/dev/dxg"))
+
+
+def requested_providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    cuda_built = CUDA in ort.get_available_providers()
+    if device == "cuda" or (device == "auto" and cuda_built and _nvidia_device_present()):
+        return [CUDA, CPU] if cuda_built else [CPU]
+    return [CPU]
+
+
+@contextmanager
+def exposing(model: onnx.ModelProto, tensors: Iterable[TensorInfo], only: bool = False) -> Iterator[onnx.ModelProto]:
+    """*model* whose graph outputs include *tensors* (dtype/shape from inference) while the block runs;
+    its own outputs are put back afterwards. The graph is changed in place, not copied: a copy would
+    duplicate every weight of the model for each session made from it.
+
+    With ``only=True`` the graph outputs are exactly *tensors*: onnxruntime then neither
+    computes what they do not depend on nor holds buffers for the model's own outputs.
+    """
+    outputs = model.graph.output
+    saved = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in outputs]
+    tensors = list(tensors)
+    try:
+        if only:
+            wanted = {t.name for t in tensors}
+            kept = [o for o in saved if o.name in wanted]
+            del outputs[:]
+            outputs.extend(kept)
+        present = {o.name for o in outputs} | {i.name for i in model.graph.input}
+        for info in tensors:
+            if info.name in present:
+                continue
+            elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(info.dtype))
+            outputs.append(onnx.helper.make_tensor_value_info(info.name, elem_type, info.shape))
+            present.add(info.name)
+        yield model
+    finally:
+        del outputs[:]
+        outputs.extend(saved)
+
+
+_SHARED_ARENA: list[bool] = []
+
+
+def _use_shared_cpu_arena(options) -> None:
+    """Make the session allocate CPU memory from one arena shared by every session of the process.
+
+    Fetch groups run one session each; with private arenas every session would keep its
+    own high-water mark of intermediate buffers.
+    """
+    import onnxruntime as ort
+
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        # grow exactly as requested from a 64 KiB first chunk, so the arena tracks what a
+        # budgeted run really holds (power-of-two growth overshot by ~0.3 MiB on the demo CNN)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, 65536, -1))
+        _SHARED_ARENA.append(True)
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
+def _memory_mapped_initializers(model: onnx.ModelProto, folder: Path, options) -> list:
+    """Hand external initializers to onnxruntime as memory-mapped arrays (they replace the graph's
+    references by name, so nothing is read or copied up front)."""
+    import onnxruntime as ort
+
+    names, values = [], []
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = {e.key: e.value for e in tensor.external_data}
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        array = np.memmap(
+            folder / entries["location"],
+            dtype=dtype,
+            mode="r",
+            offset=int(entries.get("offset", 0)),
+            shape=tuple(tensor.dims),
+        )
+        names.append(tensor.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(np.asarray(array)))
+    options.add_external_initializers(names, values)  # replace the graph's references by name
+    return values  # onnxruntime does not own this memory: keep the arrays alive with the session
+
+
+def create_session(model: onnx.ModelProto, device: str, external_dir: Path | None = None):
+    """An ``InferenceSession`` for *model* on *device*; returns (session, provider that runs).
+
+    *external_dir* is set for models whose initializers stay in external files (over 2 GB).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    mapped = _memory_mapped_initializers(model, external_dir, options) if external_dir is not None else []
+    _use_shared_cpu_arena(options)
+    # Memory patterns pre-allocate one block per session and run; with a session per fetch
+    # group that raised the peak by ~1 MiB on the demo CNN (tests/benchmarks/bench_runner.py).
+    options.enable_mem_pattern = False
+    options.log_severity_level = 3
+    if THREADS:
+        options.intra_op_num_threads = THREADS
+    ort.set_default_logger_severity(4)  # a missing CUDA library is reported by us, not as an ORT error dump
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=requested_providers(device))
+    except Exception as error:
+        hint = (
+            " (the execution provider has no kernel for that op and element type)"
+            if "NOT_IMPLEMENTED" in str(error)
+            else ""
+        )
+        raise UserError(f"onnxruntime cannot run the model: {error}{hint}") from None
+    finally:
+        ort.set_default_logger_severity(2)
+    session.layerscope_mapped_initializers = mapped
+    provider = session.get_providers()[0]
+    if device == "cuda" and provider != CUDA:
+        raise UserError(
+            "runtime.device: cuda was requested but onnxruntime could not start its CUDA provider "
+            "on this machine (use device: auto or cpu)"
+        )
+    return session, provider

@@ -1,0 +1,289 @@
+"""The analysis spec: typed models for every section and loading with located errors.
+
+:func:`read_document` parses YAML safely (keeping positions) and :func:`check_structure` checks
+the structure of every section (unknown keys, types, ranges); :func:`layerscope.engine.plan.build_plan`
+adds what only the loaded plugins know (estimators, data sources, reporters, adapters, their
+parameters) in the same pass. Every problem is reported at once as
+``file:line:col: key.path: message``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from layerscope.graph.selectors import SelectorSpec
+from layerscope.util.errors import SpecError, UserError, did_you_mean
+from layerscope.util.files import regular_file
+from layerscope.util.units import parse_bytes
+
+from .yaml_locations import LocatedDocument, load_yaml
+
+MAX_SPEC_BYTES = 2**20  # a spec is a page of YAML; a larger file is not one
+
+
+class StrictModel(BaseModel):
+    """A section that rejects unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+class ModelSection(BaseModel):
+    """Model section: ``source`` names the model; every other key belongs to the adapter that claims
+    it, which validates the whole section with its own ``Params`` (a :class:`layerscope.model.adapter.ModelParams`)."""
+
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+    source: Any = Field(None, description="a .onnx / .pt2 / .keras file, 'demo:NAME', or (from Python) a model object")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of *key* in the section (``source`` or an adapter's key)."""
+        return self.source if key == "source" else (self.model_extra or {}).get(key, default)
+
+
+class NamedModel(ModelSection):
+    """An entry of ``models:`` (several models analysed with the same data and estimators): a label
+    and the keys of a model section."""
+
+    label: str = Field(
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$",
+        description="names the model in records (network) and figures",
+    )
+
+
+class DataSection(BaseModel):
+    """Data section; keys beyond these are the data source's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    source: str = "digits"
+    batch_size: PositiveInt = 100
+    limit: PositiveInt | None = None
+    shuffle: bool = True
+    constants: dict[str, Any] = Field(
+        default_factory=dict,
+        description="model inputs fed the same value in every batch, without a sample axis (e.g. sr: 16000)",
+    )
+    token_mask: str | None = Field(
+        None,
+        description="the model input marking real tokens (1) against padding (0); "
+        "default: an input named attention_mask",
+    )
+
+    def source_params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class AnalysisSection(StrictModel):
+    # ids name output files (plots/<id>.png): letters, digits, '_', '-', '.', never a path
+    id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    estimator: str
+    on: SelectorSpec | list[SelectorSpec] | Literal["all"] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RuntimeSection(StrictModel):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = Field(
+        None, description="engine ray: the cluster to join ('auto', 'ray://head:10001'); a local cluster when omitted"
+    )
+    memory_budget: int = Field(2 * 2**30, description="bytes of fetched tensors held at once")
+    seed: int = 0
+    workers: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="processes (local) or Ray actors running shard tasks "
+        "side by side; engine ray: the cluster's CPUs when omitted",
+    )
+    shards: PositiveInt | Literal["auto"] = Field(
+        "auto", description="data shards per checkpoint in parallel runs; auto: enough to give every worker a task"
+    )
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, value: Any) -> int:
+        return parse_bytes(value)
+
+    @property
+    def parallel(self) -> bool:
+        """True when shard tasks run outside this process (worker processes or Ray)."""
+        return self.engine == "ray" or self.workers > 1
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> RuntimeSection:
+        if self.address is not None and self.engine != "ray":
+            raise ValueError("address is only used with engine: ray")
+        return self
+
+
+class OutputsSection(StrictModel):
+    dir: str = "results"
+    formats: list[str] = Field(
+        default_factory=lambda: ["json", "csv", "plots", "html"],
+        description="json: results.json, always written; every other entry names a reporter "
+        "(csv: records.csv, plots: plots/<analysis>.png and .svg, html: report.html)",
+    )
+
+
+class Spec(StrictModel):
+    version: Literal[1] = 1
+    name: str = "analysis"
+    model: ModelSection | None = None
+    models: list[NamedModel] | None = Field(
+        None,
+        min_length=1,
+        description="several models, each with a label, analysed with the same data and estimators (instead of model)",
+    )
+    data: DataSection = Field(default_factory=DataSection)
+    analyses: list[AnalysisSection] = Field(min_length=1)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    outputs: OutputsSection = Field(default_factory=OutputsSection)
+    # Where relative paths in the spec are resolved (the spec file's folder); not a YAML key.
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @field_validator("analyses")
+    @classmethod
+    def _unique_ids(cls, analyses: list[AnalysisSection]) -> list[AnalysisSection]:
+        seen: set[str] = set()
+        for analysis in analyses:
+            if analysis.id in seen:
+                raise ValueError(f"analysis id '{analysis.id}' is used twice")
+            seen.add(analysis.id)
+        return analyses
+
+    @field_validator("models")
+    @classmethod
+    def _unique_labels(cls, models: list[NamedModel] | None) -> list[NamedModel] | None:
+        labels = [entry.label for entry in models or []]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"label '{repeated[0]}' is used twice")
+        return models
+
+    def resolve_path(self, value: str | os.PathLike) -> Path:
+        """Resolve a path written in the spec relative to the spec's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self._base_dir / path
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+
+def _submodel_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the keys at *loc* (for did-you-mean hints)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = _model_in_annotation(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _model_in_annotation(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in_annotation(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_errors(
+    error: ValidationError, doc: LocatedDocument, prefix: tuple = (), model: type[BaseModel] | None = None
+) -> list[str]:
+    """Turn pydantic errors into ``file:line:col: key.path: message`` lines."""
+    messages = []
+    for item in error.errors():
+        loc = prefix + tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = tuple(
+            p for p in loc if p not in ("str", "literal['all']", "SelectorSpec", "list[str]", "list[SelectorSpec]")
+        )
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden" and model is not None:
+            owner = _submodel_at(model, tuple(item["loc"])[:-1])
+            message = f"unknown key '{loc[-1]}'." + (did_you_mean(loc[-1], owner.model_fields) if owner else "")
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        messages.append(f"{doc.where(loc)}: {path}: {message}")
+    return messages
+
+
+def check_structure(doc: LocatedDocument, base_dir: Path) -> tuple[Spec | None, list[str]]:
+    """The spec of a parsed document, or None with one located error per structural problem
+    (unknown keys, types, ranges); a document that is not a mapping is a :class:`SpecError` at once."""
+    if not isinstance(doc.data, dict):
+        raise SpecError([f"{doc.where(())}: the spec must be a mapping with model, data and analyses"])
+    errors = []
+    if "model" in doc.data and "models" in doc.data:
+        errors.append(f"{doc.where(('models',))}: models: give model (one model) or models (labelled models), not both")
+    elif "model" not in doc.data and "models" not in doc.data:
+        errors.append(f"{doc.where(('model',))}: model: required key is missing (or models: a list of labelled models)")
+    try:
+        spec = Spec.model_validate(doc.data)
+    except ValidationError as error:
+        return None, errors + format_validation_errors(error, doc, model=Spec)
+    spec._base_dir = base_dir
+    return (None, errors) if errors else (spec, [])
+
+
+PYTHON_DATA = "python"  # the data source that reads objects handed over from Python
+
+
+def with_python_data(doc: LocatedDocument, data: Any = None) -> LocatedDocument:
+    """*doc* reading *data* (``data=`` of ``layerscope.run``) through the ``python`` data source, which
+    takes the place of the spec's data source and its parameters (the general keys of the data section,
+    batch_size, limit, shuffle, constants and token_mask, still apply). A dict spec may also give the
+    object as ``data.source``. The caller's dict is not changed."""
+    section = doc.data.get("data") if isinstance(doc.data, dict) else None
+    section = section if isinstance(section, dict) else {}
+    source = section.get("source")
+    if data is None and (source is None or isinstance(source, str)):
+        return doc
+    if data is None:  # an object as data.source in a dict spec: its other keys are for it
+        kept, data = {k: v for k, v in section.items() if k != "source"}, source
+    else:
+        kept = {k: v for k, v in section.items() if k in DataSection.model_fields and k != "source"}
+    return LocatedDocument(
+        {**doc.data, "data": {**kept, "source": PYTHON_DATA, "object": data}}, doc.filename, doc.positions, doc.located
+    )
+
+
+def read_document(source: str | os.PathLike | dict) -> tuple[LocatedDocument, Path]:
+    """Parse a spec file (or take a dict from Python); return it with the folder paths are relative to."""
+    if isinstance(source, dict):
+        return LocatedDocument(data=source, filename="<spec>", located=False), Path.cwd()
+    path = Path(source)
+    if not path.exists():
+        raise SpecError([f"{path}: spec file not found"])
+    try:
+        size = regular_file(path, "spec").stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise UserError(f"the file has {size} bytes; a spec has at most {MAX_SPEC_BYTES // 2**20} MiB")
+        text = path.read_text(encoding="utf-8")
+    except UserError as error:
+        raise SpecError([f"{path}: {error}"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpecError([f"{path}: cannot read the spec: {error}"]) from None
+    return load_yaml(text, str(path)), path.resolve().parent

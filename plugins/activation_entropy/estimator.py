@@ -1,0 +1,293 @@
+"""Estimator ``activation_entropy``: entropy of neuron activation patterns per layer and class.
+
+Method: Wang, Chen, Wang & Wang, "Layer-Wise Entropy Analysis and Visualization of
+Neurons Activation" (ChinaCom 2019; arXiv 1905.08618, withdrawn). **Reconstructed**
+from the paper's abstract; neither full text nor code was available.
+
+For class c and layer l with n neurons, neuron j is *on* for a sample when its value
+exceeds ``threshold`` (0 for ReLU), and p_j is the fraction of class-c samples for
+which it is on. Variants:
+
+- ``binary`` (default): H = (1/n) Σ_j H_b(p_j) bits, H_b(p) = −p log2 p − (1−p) log2(1−p);
+  ``entropy_sum`` = Σ_j H_b(p_j) is recorded too.
+- ``histogram``: Shannon entropy (bits) of the histogram of all activation values of the
+  layer for class c, ``bins`` equal bins over ``range`` (default: the layer's [min, max]
+  over all samples, found in a first pass; values outside a given range are clamped; NaN
+  and Inf values are left out, and the engine warns about such tensors).
+- ``pattern``: Shannon entropy (bits) of the empirical distribution of whole binary
+  on/off vectors; it saturates at log2 N_c.
+
+Records carry ``class`` (the label, or ``"all"`` for every sample pooled).
+
+Tokens (our choice; the method predates them): in a model with a token mask, every real
+token of a tensor with token axes is a sample of the layer's neurons (of an attention map:
+every real query-key pair, a sample of the heads), labelled with its sequence's label, and
+padded tokens are left out (:func:`layerscope.graph.tokens.tokens_as_samples`); sample counts then
+count tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from layerscope import Estimator, TensorBatch, hookimpl
+from layerscope.graph.tokens import tokens_as_samples
+from layerscope.util.lazy import lazy_module
+
+torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+
+ALL = "all"
+LN2 = math.log(2.0)
+
+
+# --- the maths, as pure functions ------------------------------------------------------
+
+
+def binary_entropy_bits(p: torch.Tensor) -> torch.Tensor:
+    """H_b(p) = −p log2 p − (1−p) log2(1−p), elementwise, with 0·log 0 = 0."""
+    p = p.to(torch.float64)
+    return (torch.special.entr(p) + torch.special.entr(1.0 - p)) / LN2
+
+
+def mean_binary_entropy_bits(on_counts: torch.Tensor, samples: int) -> tuple[float, float]:
+    """(mean, sum) over neurons of H_b(on_count_j / samples). A count is an integer in 0..samples, so
+    H_b is computed once per possible count and looked up (the same values, far fewer logarithms)."""
+    if on_counts.dtype.is_floating_point or samples >= on_counts.numel():
+        entropies = binary_entropy_bits(on_counts.to(torch.float64) / samples)
+    else:
+        table = binary_entropy_bits(torch.arange(samples + 1, dtype=torch.float64) / samples)
+        entropies = table[on_counts.to(torch.int64)]
+    return float(entropies.mean()), float(entropies.sum())
+
+
+def counts_entropy_bits(counts) -> float:
+    """Shannon entropy in bits of the distribution given by non-negative *counts* (scipy.stats.entropy)."""
+    import scipy.stats  # 1.3 s to import: only the histogram and pattern variants need it
+
+    counts = np.asarray(counts, dtype=np.float64)
+    return float(scipy.stats.entropy(counts, base=2)) if counts.sum() > 0 else 0.0
+
+
+def neuron_matrix(values: torch.Tensor, neurons: str) -> torch.Tensor:
+    """(samples, neurons): every element is a neuron, or (``channels``) axis 1 averaged over the rest."""
+    if neurons == "channels" and values.ndim > 2:
+        return values.flatten(2).mean(dim=2)
+    return values.reshape(values.shape[0], -1)
+
+
+def strictly_above(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """values > threshold, as real numbers, without a float64 copy of *values*: float32 values are
+    compared with the largest float32 not above the threshold (the same test, exactly); float16
+    and bfloat16 go through float32, other dtypes compare as they are."""
+    if values.dtype in (torch.float16, torch.bfloat16):
+        values = values.to(torch.float32)
+    if values.dtype != torch.float32:
+        return values > threshold
+    bound = torch.tensor(threshold, dtype=torch.float32)
+    if float(bound) > threshold:
+        bound = torch.nextafter(bound, torch.tensor(-math.inf, dtype=torch.float32))
+    return values > bound.to(values.device)
+
+
+WIDE = 2**14  # neurons from which column_counts adds rows one by one
+
+
+def column_counts(on: torch.Tensor) -> torch.Tensor:
+    """Per-neuron count of a (samples, neurons) on/off matrix, as int32. torch's reduction over the
+    rows slows down sharply on wide matrices (measured on one thread: 54 ms for 32 × 802,816, against
+    4.5 ms adding the rows one by one; from 2^14 neurons on the rows are faster), so wide matrices
+    are added up row by row."""
+    if on.shape[1] < WIDE:
+        return on.sum(dim=0, dtype=torch.int32)
+    total = torch.zeros(on.shape[1], dtype=torch.int32, device=on.device)
+    for row in on:
+        total += row
+    return total
+
+
+def class_keys(labels: torch.Tensor | None, size: int) -> list[tuple[object, torch.Tensor]]:
+    """(class key, row mask) pairs for every label present, plus ``"all"``."""
+    keys: list[tuple[object, torch.Tensor]] = [(ALL, torch.ones(size, dtype=torch.bool))]
+    if labels is not None:
+        labels = labels.reshape(size).cpu()
+        keys += [(int(c), labels == c) for c in torch.unique(labels).tolist()]
+    return keys
+
+
+def on_counts_by_class(on: torch.Tensor, labels: torch.Tensor | None):
+    """Yield ``(class key, samples, per-neuron on-counts)`` for ``"all"`` and every class present in a
+    (samples, neurons) on/off matrix, the counts as int32 on the host. Each class's count is the
+    :func:`column_counts` of its rows and the pooled count is their total: exact, with no float copy
+    of the matrix (on 32 rows of 50,176 neurons 4.7x faster than one ``index_add`` of the rows)."""
+    if labels is None:
+        yield ALL, on.shape[0], column_counts(on).cpu()
+        return
+    per_class = [
+        (key, int(mask.sum()), column_counts(on[mask.to(on.device)]).cpu())
+        for key, mask in class_keys(labels, on.shape[0])
+        if key != ALL
+    ]
+    pooled = per_class[0][2].clone()
+    for _, _, counts in per_class[1:]:
+        pooled += counts
+    yield ALL, on.shape[0], pooled
+    yield from per_class
+
+
+# --- the estimator ----------------------------------------------------------------------
+
+
+class ActivationEntropyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    variant: Literal["binary", "histogram", "pattern"] = Field(
+        "binary",
+        description="binary: mean binary entropy of each neuron's on/off state; histogram: entropy of "
+        "the layer's value histogram; pattern: entropy of whole on/off vectors",
+    )
+    threshold: float = Field(0.0, description="a neuron is on when its value exceeds this")
+    neurons: Literal["elements", "channels"] = Field(
+        "elements", description="elements: every tensor element is a neuron; channels: axis 1, averaged over the rest"
+    )
+    bins: int = Field(100, ge=1, le=100_000, description="histogram bins")
+    range: tuple[float, float] | None = Field(None, description="histogram range; default: the layer's [min, max]")
+
+    @model_validator(mode="after")
+    def _range_ordered(self):
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise ValueError("range must be [low, high] with low < high")
+        return self
+
+
+class ActivationEntropy(Estimator):
+    """Per layer and class: entropy of neuron on/off patterns (reconstructed; see module docstring)."""
+
+    name = "activation_entropy"
+    Params = ActivationEntropyParams
+    default_selector = {"activation": "output"}  # activation ops and decomposed forms (SiLU, GELU …)
+    reconstructed = (
+        "Wang et al. 2019 (arXiv 1905.08618, withdrawn): reconstructed from the abstract; "
+        "entropy definition, threshold and binning are our choices"
+    )
+    tokens = (
+        "with a token mask: every real token (attention maps: real query-key pair) is a sample, labelled with "
+        "its sequence's label, padding left out; without one: token axes are neurons like any other"
+    )
+
+    @classmethod
+    def passes_for(cls, params) -> int:
+        return 2 if params.variant == "histogram" and params.range is None else 1
+
+    def setup(self) -> None:
+        self.add_state("samples", {}, "sum")  # tensor -> class -> sample count
+        self.add_state("on_counts", {}, "sum")  # tensor -> class -> (neurons,) int32 on counts
+        self.add_state("patterns", {}, "sum")  # tensor -> class -> packed on/off vector -> count
+        self.add_state("low", {}, "min")  # tensor -> minimum value (histogram range pass)
+        self.add_state("high", {}, "max")
+        self.add_state("histograms", {}, "sum")  # tensor -> class -> (bins,) counts
+
+    def _samples(self, name: str, values: torch.Tensor, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(samples × neurons matrix, their labels) of tensor *name*: the batch's samples, or with a token
+        mask its real tokens."""
+        axes = self.token_axes.get(name, ())
+        if batch.token_mask is not None and axes:
+            rows, sample = tokens_as_samples(values, batch.token_mask.to(values.device), axes)
+            return rows, None if batch.labels is None else batch.labels[sample.cpu()]
+        info = self.tensors.get(name)
+        return neuron_matrix(info.channels_first(values) if info else values, self.params.neurons), batch.labels
+
+    def update(self, batch: TensorBatch) -> None:
+        p = self.params
+        for name, values in batch.tensors.items():
+            matrix, labels = self._samples(name, values, batch)
+            if p.variant == "binary":
+                self._count_on(name, matrix, labels)
+                continue
+            matrix = matrix.to(torch.float64)
+            if p.variant == "histogram" and self.pass_index < self.passes - 1:
+                finite = matrix[torch.isfinite(matrix)]  # NaN/Inf values are left out (the engine warns)
+                if finite.numel():
+                    self.accumulate("low", float(finite.min()), name)
+                    self.accumulate("high", float(finite.max()), name)
+                continue
+            for key, mask in class_keys(labels, matrix.shape[0]):
+                rows = matrix[mask.to(matrix.device)]
+                if rows.shape[0] == 0:
+                    continue
+                self.accumulate("samples", rows.shape[0], name, key)
+                self._count(name, key, rows)
+
+    def _count_on(self, name: str, matrix: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """The binary variant: on-counts of every class of the batch from one thresholding pass."""
+        counts = self.on_counts.setdefault(name, {})
+        for key, size, on in on_counts_by_class(strictly_above(matrix, self.params.threshold), labels):
+            self.accumulate("samples", size, name, key)
+            if key in counts:
+                counts[key] += on  # into this estimator's own int32 state (up to 2^31 samples), in place
+            else:
+                counts[key] = on
+
+    def _count(self, name: str, key, rows: torch.Tensor) -> None:
+        """The pattern and histogram variants: count the patterns or values of one class's rows."""
+        p = self.params
+        if p.variant == "pattern":
+            packed = np.packbits((rows > p.threshold).cpu().numpy(), axis=1)
+            for row in packed:
+                self.accumulate("patterns", 1, name, key, row.tobytes())
+        else:
+            if p.range is None and name not in self.low:
+                return  # no finite value anywhere in this layer
+            low, high = p.range if p.range is not None else (self.low[name], self.high[name])
+            if high <= low:
+                high = low + 1.0  # a constant layer: every value falls in one bin
+            finite = rows[torch.isfinite(rows)]
+            hist = torch.histc(finite.clamp(low, high), bins=p.bins, min=low, max=high).to(torch.float64).cpu()
+            self.accumulate("histograms", hist, name, key)
+
+    def value_range(self, record: dict) -> tuple[float, float]:
+        """Binary entropy per neuron: [0, 1] bit; a histogram's: [0, log2 bins]; a pattern distribution's:
+        [0, log2 samples]; sums and counts: non-negative."""
+        if record["metric"] != "entropy":
+            return 0.0, math.inf
+        variant = record["variant"]
+        return 0.0, (
+            1.0
+            if variant == "binary"
+            else math.log2(self.params.bins)
+            if variant == "histogram"
+            else math.log2(record["samples"])
+        )
+
+    def finalize(self) -> list[dict]:
+        p = self.params
+        records = []
+        for name in self.tensors:
+            for key, count in sorted(self.samples.get(name, {}).items(), key=lambda kv: (kv[0] != ALL, str(kv[0]))):
+                extra = {"class": key, "variant": p.variant, "samples": count}
+                if p.variant == "binary":
+                    mean, total = mean_binary_entropy_bits(self.on_counts[name][key], count)
+                    records.append(self.record(name, "entropy", mean, "bits", **extra))
+                    records.append(self.record(name, "entropy_sum", total, "bits", **extra))
+                elif p.variant == "pattern":
+                    distribution = list(self.patterns[name][key].values())
+                    records.append(self.record(name, "entropy", counts_entropy_bits(distribution), "bits", **extra))
+                    records.append(self.record(name, "distinct_patterns", len(distribution), "", **extra))
+                elif key in self.histograms.get(name, {}):
+                    records.append(
+                        self.record(name, "entropy", counts_entropy_bits(self.histograms[name][key]), "bits", **extra)
+                    )
+        return records
+
+    @classmethod
+    def plot(cls, records: list[dict]):
+        from .plot import plot_activation_entropy
+
+        return plot_activation_entropy(records)
+
+
+@hookimpl
+def register_estimators(register):
+    register(ActivationEntropy)

@@ -1,10 +1,11 @@
 """layerscope: measure what happens inside deep neural networks, layer by layer.
 
 Public API: :func:`run`, :func:`validate`, :class:`Monitor`, :class:`Results`, the plugin base classes
-(:class:`Estimator`, :class:`DataSource`, :class:`Reporter`, :class:`Adapter`), the ``hookimpl`` marker for
-plugins and the helpers plugin authors use (:func:`lazy_module`, :func:`regular_file`, :func:`atomic_write`).
-Names are imported on first use (PEP 562), so that ``import layerscope`` and the command line's help start
-without torch or onnxruntime; type checkers see the real imports below.
+(:class:`Estimator` with :class:`EstimatorTags`, :class:`PlanEstimator`, :class:`DataSource`, :class:`Reporter`,
+:class:`Adapter`), the ``hookimpl`` marker for plugins and the helpers plugin authors use
+(:func:`lazy_module`, :func:`regular_file`, :func:`atomic_write`). Names are imported on first use (PEP 562),
+so that ``import layerscope`` and the command line's help start without torch or onnxruntime; type checkers
+see the real imports below.
 
 The package's parts, each a subpackage that imports only those listed before it: ``util``, ``graph``,
 ``spec``, ``host``, ``data``, ``model``, ``results``, ``engine``, ``training``, ``cli``; ``testing`` is the
@@ -16,71 +17,50 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.2.0.dev0"  # the one version source (pyproject.toml reads it)
 
-_EXPORTS = {
-    "run": "api",
-    "validate": "api",
-    "DataSource": "data.source",
-    "SpecError": "util.errors",
-    "UserError": "util.errors",
-    "Estimator": "engine.estimator",
-    "TensorBatch": "engine.estimator",
-    "DataBatch": "engine.estimator",
-    "PlanBatch": "engine.estimator",
-    "NoParams": "util.params",
-    "hookimpl": "host.hookspecs",
-    "Adapter": "model.adapter",
-    "Checkpoint": "model.adapter",
-    "LoadedModel": "model.adapter",
-    "ModelParams": "model.adapter",
-    "Reporter": "results.reporter",
-    "Results": "results.contract",
-    "ACTIVATION_OPS": "graph.activations",
-    "Monitor": "training.monitor",
-    "lazy_module": "util.lazy",
-    "regular_file": "util.files",
-    "atomic_write": "util.files",
+_MODULES = {
+    "api": ("run", "validate"),
+    "data.source": ("DataSource",),
+    "engine.estimator": ("DataBatch", "Estimator", "EstimatorTags", "PlanBatch", "PlanEstimator", "TensorBatch"),
+    "graph.activations": ("ACTIVATION_OPS",),
+    "host.hookspecs": ("hookimpl",),
+    "model.adapter": ("Adapter", "Checkpoint", "LoadedModel", "ModelParams"),
+    "results.contract": ("Results",),
+    "results.reporter": ("Reporter",),
+    "training.monitor": ("Monitor",),
+    "util.errors": ("SpecError", "UserError"),
+    "util.files": ("atomic_write", "regular_file"),
+    "util.lazy": ("lazy_module",),
+    "util.params": ("NoParams",),
 }
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
-__all__ = [
-    "ACTIVATION_OPS",
-    "Adapter",
-    "Checkpoint",
-    "DataBatch",
-    "DataSource",
-    "Estimator",
-    "LoadedModel",
-    "ModelParams",
-    "Monitor",
-    "NoParams",
-    "PlanBatch",
-    "Reporter",
-    "Results",
-    "SpecError",
-    "TensorBatch",
-    "UserError",
-    "__version__",
-    "atomic_write",
-    "hookimpl",
-    "lazy_module",
-    "regular_file",
-    "run",
-    "validate",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])
 
-if TYPE_CHECKING:
-    from .api import run, validate
-    from .data.source import DataSource
-    from .engine.estimator import DataBatch, Estimator, PlanBatch, TensorBatch
-    from .graph.activations import ACTIVATION_OPS
-    from .host.hookspecs import hookimpl
-    from .model.adapter import Adapter, Checkpoint, LoadedModel, ModelParams
-    from .results.contract import Results
-    from .results.reporter import Reporter
-    from .training.monitor import Monitor
-    from .util.errors import SpecError, UserError
-    from .util.files import atomic_write, regular_file
-    from .util.lazy import lazy_module
-    from .util.params import NoParams
+if TYPE_CHECKING:  # the names as __getattr__ gives them, visible to type checkers
+    from .api import run as run
+    from .api import validate as validate
+    from .data.source import DataSource as DataSource
+    from .engine.estimator import DataBatch as DataBatch
+    from .engine.estimator import Estimator as Estimator
+    from .engine.estimator import EstimatorTags as EstimatorTags
+    from .engine.estimator import PlanBatch as PlanBatch
+    from .engine.estimator import PlanEstimator as PlanEstimator
+    from .engine.estimator import TensorBatch as TensorBatch
+    from .graph.activations import ACTIVATION_OPS as ACTIVATION_OPS
+    from .host.hookspecs import hookimpl as hookimpl
+    from .model.adapter import Adapter as Adapter
+    from .model.adapter import Checkpoint as Checkpoint
+    from .model.adapter import LoadedModel as LoadedModel
+    from .model.adapter import ModelParams as ModelParams
+    from .results.contract import Results as Results
+    from .results.reporter import Reporter as Reporter
+    from .training.monitor import Monitor as Monitor
+    from .util.errors import SpecError as SpecError
+    from .util.errors import UserError as UserError
+    from .util.files import atomic_write as atomic_write
+    from .util.files import regular_file as regular_file
+    from .util.lazy import lazy_module as lazy_module
+    from .util.params import NoParams as NoParams
 
 
 def __getattr__(name: str):

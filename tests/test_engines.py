@@ -43,8 +43,11 @@ class Journal(Estimator):
     """Two passes; sums its shard's values, writes every lifecycle call into JOURNAL."""
 
     name = "journal"
-    passes = 2
     fail_in: str | None = None  # a phase that raises, for the isolation tests
+
+    @classmethod
+    def passes_for(cls, params) -> int:
+        return 2
 
     def setup(self) -> None:
         self.add_state("total", 0.0, "sum")

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from layerscope.data.source import Samples, iter_batches
-from layerscope.graph.selectors import resolve
+from layerscope.graph.selectors import as_selector, resolve
 from layerscope.graph.tensors import TensorInfo, describe_tensors, structure_fingerprint
+from layerscope.graph.tokens import token_axes_by_tensor
 from layerscope.model.adapter import Checkpoint, LoadedModel
 from layerscope.util.errors import UserError
 
@@ -46,16 +47,17 @@ class CheckpointModel:
 def build_estimators(plan: RunPlan, model: CheckpointModel) -> Estimators:
     """Instantiate every analysis on the tensors its selector picks among the tensors of *model*."""
     loaded, tensors = model.loaded, model.tensors
+    axes = token_axes_by_tensor(tensors, model.feeds.token_mask)
     built = []
     for planned in plan.analyses:
-        selector = planned.section.on or planned.estimator_class.selector()
+        selector = planned.section.on or as_selector(planned.estimator_class.default_selector)
         try:
             chosen = resolve(selector, tensors, strict=planned.section.on is not None)
         except UserError as error:
             path = ("analyses", planned.index, "on") if planned.section.on else ("analyses", planned.index, "estimator")
             raise UserError(f"{plan.where(*path)}: {error} (model {loaded.label})") from None
         estimator = planned.estimator_class(planned.params, chosen)
-        estimator.bind_tokens(tensors, model.feeds.token_mask)
+        estimator.token_axes = axes
         try:
             estimator.bind_graph(tensors, loaded.proto)
         except UserError as error:
@@ -73,13 +75,15 @@ def all_finite(values: torch.Tensor) -> bool:
 
 
 def splittable(estimators) -> set[str]:
-    """The tensors the runner may fetch in micro-batches (parts of a batch): those that no ``per_batch``
-    estimator reads, since a per-batch method must see each batch whole."""
+    """The tensors the runner may fetch in micro-batches (parts of a batch): those that no estimator tagged
+    ``per_batch`` reads, since a per-batch method must see each batch whole."""
 
     def read_by(chosen) -> set[str]:
         return {name for est in chosen for group in est.fetch_groups() for name in group}
 
-    return read_by([e for e in estimators if not e.per_batch]) - read_by([e for e in estimators if e.per_batch])
+    return read_by([e for e in estimators if not e.tags.per_batch]) - read_by(
+        [e for e in estimators if e.tags.per_batch]
+    )
 
 
 class FedBatch:

@@ -10,15 +10,15 @@ front).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel
 
-from layerscope.graph.selectors import SelectorSpec
 from layerscope.graph.tensors import TensorInfo
+from layerscope.util.errors import did_you_mean
 from layerscope.util.lazy import lazy_module
 from layerscope.util.params import NoParams
 
@@ -75,6 +75,10 @@ class PlanBatch:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+#: The named reductions of :meth:`Estimator.add_state`.
+REDUCTIONS = ("sum", "min", "max", "cat")
+
+
 def _combine(a: Any, b: Any, reduction: Reduction) -> Any:
     if a is None:
         return copy.deepcopy(b)
@@ -104,42 +108,71 @@ class _State:
     reduction: Reduction
 
 
+@dataclass(frozen=True)
+class EstimatorTags:
+    """What an estimator declares about its method, for the engine to read (after scikit-learn's estimator
+    tags): one declaration instead of a class attribute per need. An estimator sets
+    ``tags = EstimatorTags(needs_labels=True, ...)``; every field has the default most methods want."""
+
+    #: The method needs class labels: a spec whose data has none is refused before the run.
+    needs_labels: bool = False
+    #: The method is defined per data batch: the runner never splits a batch into micro-batches, and
+    #: shards and the conformance suite keep batches whole.
+    per_batch: bool = False
+    #: Why the method is a reconstruction rather than checked against the paper or its code (shown with
+    #: the analysis in ``results.json``); None when it follows the authors.
+    reconstructed: str | None = None
+    #: How the method treats the token axes of a model with a token mask (:mod:`layerscope.graph.tokens`),
+    #: recorded with the analysis in ``results.json``.
+    tokens: str = "token axes are features like any other: padding counts as data"
+
+
+#: Class attributes of layerscope 0.1 that :class:`EstimatorTags`, :meth:`Estimator.passes_for` and
+#: :class:`PlanEstimator` replaced, with what to write instead.
+_REPLACED_ATTRIBUTES = {
+    "needs_labels": "tags = EstimatorTags(needs_labels=...)",
+    "per_batch": "tags = EstimatorTags(per_batch=...)",
+    "reconstructed": "tags = EstimatorTags(reconstructed=...)",
+    "tokens": "tags = EstimatorTags(tokens=...)",
+    "passes": "a passes_for(cls, params) classmethod",
+    "reads_plan": "a subclass of PlanEstimator",
+}
+
+
 class Estimator:
     """Base class of every estimator plugin.
 
-    Subclasses set ``name``, ``Params`` (a pydantic model validated from the spec's
-    ``params``), ``default_selector`` and ``needs_labels``; declare state in
-    :meth:`setup`; implement :meth:`update` and :meth:`finalize`.
+    Subclasses set ``name``, ``Params`` (a pydantic model validated from the spec's ``params``),
+    ``default_selector`` and, where the defaults do not fit, ``tags`` (:class:`EstimatorTags`) and
+    ``metric_ranges``; declare state in :meth:`setup`; implement :meth:`update` and :meth:`finalize`.
+    The other methods are extension points with working defaults: :meth:`bind_graph`,
+    :meth:`fetch_groups`, :meth:`passes_for` with :meth:`end_pass`, :meth:`carry_over`,
+    :meth:`saturated`, :meth:`value_range` and :meth:`plot`. Estimators that evaluate inputs of their
+    own subclass :class:`PlanEstimator`.
     """
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
     #: A selector dict, a list of them (union), or "all".
     default_selector: ClassVar[dict | list[dict] | str] = "all"
-    needs_labels: ClassVar[bool] = False
-    #: True when the method is defined per data batch, so the runner must not split batches.
-    per_batch: ClassVar[bool] = False
-    #: Number of passes over the data (e.g. 2 when a first pass finds histogram ranges).
-    passes: ClassVar[int] = 1
-    #: True when the last pass evaluates the estimator's own inputs (:meth:`input_plan`)
-    #: instead of reading the model's tensors on the data; ``lookahead`` extra samples of
-    #: the next batch come with every data batch.
-    reads_plan: ClassVar[bool] = False
-    lookahead: ClassVar[int] = 0
-    #: Set when the method was reconstructed rather than checked against the paper/code.
-    reconstructed: ClassVar[str | None] = None
+    tags: ClassVar[EstimatorTags] = EstimatorTags()
     #: The closed interval each metric lies in mathematically, e.g. ``{"affinity_score": (0, 1)}``;
     #: a value outside it (beyond round-off) is never recorded (see :meth:`value_range`).
     metric_ranges: ClassVar[dict[str, tuple[float, float]]] = {}
-    #: How the method treats the token axes of a model with a token mask (:mod:`layerscope.graph.tokens`),
-    #: recorded with the analysis in ``results.json``.
-    tokens: ClassVar[str] = "token axes are features like any other: padding counts as data"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse the class attributes of layerscope 0.1 that now have another form, naming it (an
+        estimator declaring ``per_batch = True`` would otherwise be split into micro-batches silently)."""
+        super().__init_subclass__(**kwargs)
+        for attribute, instead in _REPLACED_ATTRIBUTES.items():
+            if attribute in vars(cls):
+                raise TypeError(f"estimator {cls.__qualname__}: '{attribute}' is no longer read; declare {instead}")
 
     def __init__(self, params: BaseModel | None = None, tensors: Sequence[TensorInfo] = ()):
         self.params = params if params is not None else self.Params()
         self.tensors: dict[str, TensorInfo] = {t.name: t for t in tensors}
         self.pass_index = 0
-        #: tensor name -> its token axes (:func:`layerscope.graph.tokens.token_axes`), set by :meth:`bind_tokens`
+        #: tensor name -> its token axes (:func:`layerscope.graph.tokens.token_axes`), set by the engine
         self.token_axes: dict[str, tuple[int, ...]] = {}
         self.passes = self.passes_for(self.params)
         self._states: dict[str, _State] = {}
@@ -148,22 +181,32 @@ class Estimator:
 
     # --- declaration -------------------------------------------------------------
     @classmethod
-    def selector(cls) -> SelectorSpec | list[SelectorSpec] | str:
-        default = cls.default_selector
-        if isinstance(default, str):
-            return default
-        return [SelectorSpec(**d) for d in default] if isinstance(default, list) else SelectorSpec(**default)
-
-    @classmethod
     def passes_for(cls, params: BaseModel) -> int:
-        """Passes over the data these parameters need (default: the class's ``passes``)."""
-        return cls.passes
+        """Passes over the data these parameters need (default 1; e.g. 2 when a first pass finds
+        histogram ranges). After each pass but the last, :meth:`end_pass` prepares the next."""
+        return 1
 
     def setup(self) -> None:
         """Declare state with :meth:`add_state`."""
 
     def add_state(self, name: str, default: Any, reduction: Reduction) -> None:
-        """Declare a piece of mergeable state, reset to a copy of *default*."""
+        """Declare a piece of mergeable state, reset to a copy of *default*: *reduction* (``"sum"``,
+        ``"min"``, ``"max"``, ``"cat"`` or a function of two values) folds two shards' values into one.
+        A reduction that is none of these, a ``"cat"`` state whose default cannot be concatenated, or a
+        name already taken is a ``ValueError`` here, when it is declared, not when shards first merge."""
+        where = f"{type(self).__name__}.add_state('{name}')"
+        if not callable(reduction) and reduction not in REDUCTIONS:
+            choices = ", ".join(map(repr, REDUCTIONS))
+            raise ValueError(
+                f"{where}: unknown reduction {reduction!r}; use one of {choices} or a function of two values."
+                + did_you_mean(str(reduction), REDUCTIONS)
+            )
+        if reduction == "cat" and not (default is None or isinstance(default, list | dict | torch.Tensor)):
+            raise ValueError(
+                f"{where}: a 'cat' state needs a list, tensor or dict default, not {type(default).__name__}"
+            )
+        if not name.isidentifier() or name in self._states or hasattr(type(self), name):
+            raise ValueError(f"{where}: the name is not an identifier or is already taken")
         self._states[name] = _State(default, reduction)
         setattr(self, name, copy.deepcopy(default))
 
@@ -187,30 +230,9 @@ class Estimator:
         """Receive every tensor of the model (and the ``onnx.ModelProto``) before the run, for
         estimators that read more than their selected tensors (e.g. the inputs of activations)."""
 
-    def bind_tokens(self, tensors: Sequence[TensorInfo], token_mask: str | None) -> None:
-        """Record the token axes of every tensor of the model, given the name of the token-mask input
-        (None: the model has none); the batches' ``token_mask`` marks the real tokens."""
-        from layerscope.graph.tokens import sequence_dims, token_axes
-
-        sequences = sequence_dims([t for t in tensors if t.role == "input"], token_mask)
-        self.token_axes = {t.name: axes for t in tensors if sequences and (axes := token_axes(t, sequences))}
-
     def fetch_groups(self) -> list[tuple[str, ...]]:
         """Tensors that must arrive in the same batch; by default each tensor on its own."""
         return [(name,) for name in self.tensors]
-
-    # --- input plans (estimators with ``reads_plan``) ------------------------------
-    def transform_model(self, model):
-        """The model the plan is evaluated on (e.g. with a layer prepended); the model itself by default."""
-        return model
-
-    def input_plan(self, data: DataBatch):
-        """Yield :class:`PlanBatch` objects of inputs derived from one data batch."""
-        raise NotImplementedError
-
-    def plan_rows(self, batch_size: int) -> int:
-        """The largest number of rows one plan batch has, for memory planning."""
-        return batch_size
 
     # --- lifecycle ---------------------------------------------------------------
     def saturated(self, start: int) -> bool:
@@ -300,4 +322,27 @@ class Estimator:
         }
 
 
-__all__ = ["DataBatch", "Estimator", "PlanBatch", "TensorBatch"]
+class PlanEstimator(Estimator):
+    """An estimator whose last pass evaluates inputs of its own instead of reading the model's tensors on
+    the data (mean dimension perturbs each data pair): from each data batch, with ``lookahead`` samples of
+    the next batch, :meth:`input_plan` yields :class:`PlanBatch` inputs that the engine evaluates with the
+    same runner, session and memory budget on :meth:`transform_model`'s model; :meth:`update` then
+    receives the selected tensors of those rows with ``batch.plan`` and ``batch.rows``."""
+
+    #: Samples of the next data batch that come with every data batch (e.g. 1 to pair the last sample).
+    lookahead: ClassVar[int] = 0
+
+    def transform_model(self, model):
+        """The model the plan is evaluated on (e.g. with a layer prepended); the model itself by default."""
+        return model
+
+    def input_plan(self, data: DataBatch) -> Iterator[PlanBatch]:
+        """Yield :class:`PlanBatch` objects of inputs derived from one data batch."""
+        raise NotImplementedError
+
+    def plan_rows(self, batch_size: int) -> int:
+        """The largest number of rows one plan batch has, for memory planning."""
+        return batch_size
+
+
+__all__ = ["DataBatch", "Estimator", "EstimatorTags", "PlanBatch", "PlanEstimator", "TensorBatch"]

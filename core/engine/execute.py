@@ -177,9 +177,13 @@ def assemble_results(
                 "id": p.section.id,
                 "estimator": p.section.estimator,
                 "params": p.params.model_dump(mode="json"),
-                "tokens": p.estimator_class.tokens,
+                "tokens": p.estimator_class.tags.tokens,
                 "seconds": round(sum(o.seconds.get(p.section.id, 0.0) for o in outcomes), 3),
-                **({"reconstructed": p.estimator_class.reconstructed} if p.estimator_class.reconstructed else {}),
+                **(
+                    {"reconstructed": p.estimator_class.tags.reconstructed}
+                    if p.estimator_class.tags.reconstructed
+                    else {}
+                ),
             }
             for p in plan.analyses
         ],

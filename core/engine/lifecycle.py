@@ -35,7 +35,7 @@ from typing import Protocol
 
 from layerscope.util.errors import UserError
 
-from .estimator import Estimator
+from .estimator import Estimator, PlanEstimator
 
 Estimators = list[tuple[str, Estimator]]  # (analysis id, estimator), in the spec's order
 
@@ -128,7 +128,9 @@ def analyses_in_pass(estimators: Estimators, pass_index: int, failures) -> tuple
     """(estimators fed by the data pass, estimators evaluating their input plan) in pass *pass_index*,
     leaving out failed analyses: an input-plan estimator evaluates its plan in its last pass."""
     planned = [
-        (aid, est) for aid, est in estimators if est.reads_plan and est.passes == pass_index + 1 and aid not in failures
+        (aid, est)
+        for aid, est in estimators
+        if isinstance(est, PlanEstimator) and est.passes == pass_index + 1 and aid not in failures
     ]
     fed = [
         (aid, est)

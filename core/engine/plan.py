@@ -206,7 +206,7 @@ def build_plan(doc: LocatedDocument, base_dir: Path, host: PluginHost) -> RunPla
     if len(data) == 0:
         raise UserError(f"{doc.where(('data',))}: data: the data source '{spec.data.source}' has no samples")
     for planned in analyses:
-        if planned.estimator_class.needs_labels and not data.has_labels:
+        if planned.estimator_class.tags.needs_labels and not data.has_labels:
             raise UserError(
                 f"{doc.where(('analyses', planned.index, 'estimator'))}: analyses.{planned.index}.estimator: "
                 f"'{planned.section.estimator}' needs labels, but the data source '{spec.data.source}' "

@@ -91,6 +91,14 @@ def _hint(selector: SelectorSpec, tensors: Sequence[TensorInfo]) -> str:
 Selection = SelectorSpec | list[SelectorSpec] | Literal["all"]
 
 
+def as_selector(value: dict | list[dict] | str) -> Selection:
+    """A selector written as plain data (an estimator's ``default_selector``: a dict, a list of dicts or
+    ``"all"``) in the form the spec's ``on:`` holds."""
+    if isinstance(value, str):
+        return value
+    return [SelectorSpec(**d) for d in value] if isinstance(value, list) else SelectorSpec(**value)
+
+
 def resolve(selector: Selection, tensors: Sequence[TensorInfo], strict: bool = True) -> list[TensorInfo]:
     """The observable tensors *selector* picks, in graph order; :class:`UserError` if none.
 

@@ -42,6 +42,13 @@ def token_axes(info: TensorInfo, sequences: set) -> tuple[int, ...]:
     return tuple(axis for axis, dim in enumerate(info.shape) if axis > 0 and dim in sequences)
 
 
+def token_axes_by_tensor(tensors: Sequence[TensorInfo], token_mask: str | None) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a model that has token axes, with those axes, given the name of its token-mask input
+    (None: the model has none, and no tensor has token axes)."""
+    sequences = sequence_dims([t for t in tensors if t.role == "input"], token_mask)
+    return {t.name: axes for t in tensors if sequences and (axes := token_axes(t, sequences))}
+
+
 def _along(mask: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     """The (sample × token) *mask* shaped to broadcast against a tensor of *ndim* axes at *axis*."""
     shape = [mask.shape[0]] + [1] * (ndim - 1)

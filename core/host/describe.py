@@ -99,11 +99,11 @@ def describe_contribution(host: PluginHost, kind_registry: str, name: str) -> di
     if kind == "estimator":
         described.update(
             default_selector=item.default_selector,
-            needs_labels=item.needs_labels,
+            needs_labels=item.tags.needs_labels,
             passes=_default_passes(item),
-            per_batch=item.per_batch,
-            reads_plan=item.reads_plan,
-            reconstructed=item.reconstructed,
+            per_batch=item.tags.per_batch,
+            reads_plan=hasattr(item, "input_plan"),
+            reconstructed=item.tags.reconstructed,
         )
     described["spec"] = _snippet(kind, name, params)
     return described

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from layerscope.engine.estimator import Estimator, TensorBatch
+from layerscope.engine.estimator import Estimator, PlanEstimator, TensorBatch
 from layerscope.engine.lifecycle import Isolation, SequentialExecutor, ShardOutcome, ShardTask, copied, drive
 
 Factory = Callable[[], Estimator]
@@ -124,9 +124,14 @@ def concatenate(batches: Sequence[TensorBatch]) -> TensorBatch:
     )
 
 
+def _whole_batches(estimator: Estimator) -> bool:
+    """True when batches are the method's units: per-batch methods and input plans (rows of a data batch)."""
+    return estimator.tags.per_batch or isinstance(estimator, PlanEstimator)
+
+
 def check_streaming_equals_one_shot(make: Factory, batches: Sequence[TensorBatch], **tolerance) -> None:
     streamed = feed(make(), batches).finalize()
-    if make().per_batch or make().reads_plan:  # batches are the method's units: compare shards instead
+    if _whole_batches(make()):  # batches are the method's units: compare shards instead
         assert_records_close(run_sharded(make, [batches[:1], batches[1:]]).finalize(), streamed, **tolerance)
         return
     assert_records_close(feed(make(), [concatenate(batches)]).finalize(), streamed, **tolerance)
@@ -152,7 +157,7 @@ def check_schedule_independence(make: Factory, batches: Sequence[TensorBatch], *
     workers run them; the second checkpoint's records (which ``carry_over`` may shape) agree."""
     one_by_one = _drive(make, [batches], checkpoints=2)[1].finalize()
     shards = [batches[i::3] for i in range(3)]
-    if make().per_batch or make().reads_plan:  # batches are the method's units: keep them whole and in order
+    if _whole_batches(make()):  # batches are the method's units: keep them whole and in order
         shards = [batches[:1], batches[1:2], batches[2:]]
     side_by_side = _drive(make, [s for s in shards if s], checkpoints=2, in_workers=True)[1].finalize()
     assert_records_close(side_by_side, one_by_one, **tolerance)

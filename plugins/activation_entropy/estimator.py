@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from layerscope import Estimator, TensorBatch, hookimpl
+from layerscope import Estimator, EstimatorTags, TensorBatch, hookimpl
 from layerscope.graph.tokens import tokens_as_samples
 from layerscope.util.lazy import lazy_module
 
@@ -168,13 +168,11 @@ class ActivationEntropy(Estimator):
     name = "activation_entropy"
     Params = ActivationEntropyParams
     default_selector = {"activation": "output"}  # activation ops and decomposed forms (SiLU, GELU …)
-    reconstructed = (
-        "Wang et al. 2019 (arXiv 1905.08618, withdrawn): reconstructed from the abstract; "
-        "entropy definition, threshold and binning are our choices"
-    )
-    tokens = (
-        "with a token mask: every real token (attention maps: real query-key pair) is a sample, labelled with "
-        "its sequence's label, padding left out; without one: token axes are neurons like any other"
+    tags = EstimatorTags(
+        reconstructed="Wang et al. 2019 (arXiv 1905.08618, withdrawn): reconstructed from the abstract; "
+        "entropy definition, threshold and binning are our choices",
+        tokens="with a token mask: every real token (attention maps: real query-key pair) is a sample, labelled "
+        "with its sequence's label, padding left out; without one: token axes are neurons like any other",
     )
 
     @classmethod

@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from layerscope import Estimator, TensorBatch, hookimpl
+from layerscope import Estimator, EstimatorTags, TensorBatch, hookimpl
 from layerscope.util.errors import UserError
 from layerscope.util.lazy import lazy_module
 
@@ -89,11 +89,10 @@ class AggregationDistribution(Estimator):
     name = "aggregation_distribution"
     Params = AggregationParams
     default_selector = {"op_type": sorted(AGGREGATION_OPS)}
-    reconstructed = RECONSTRUCTED
-    passes = 2
-    tokens = (
-        "models a global aggregation as the layer computes it: a pooling over tokens includes the padded "
-        "tokens the model itself pools"
+    tags = EstimatorTags(
+        reconstructed=RECONSTRUCTED,
+        tokens="models a global aggregation as the layer computes it: a pooling over tokens includes the padded "
+        "tokens the model itself pools",
     )
     metric_ranges = {
         "effective_m": (1.0, math.inf),
@@ -107,6 +106,10 @@ class AggregationDistribution(Estimator):
         "kl_empirical": (0.0, math.inf),
         "histogram": (0.0, math.inf),
     }
+
+    @classmethod
+    def passes_for(cls, params) -> int:
+        return 2  # the first pass finds the histograms' ranges
 
     def setup(self) -> None:
         self.structures: list[Aggregation] = []

@@ -96,19 +96,6 @@ def gaussian_kl(mean1, var1, mean2, var2):
     return 0.5 * np.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / (2.0 * var2) - 0.5
 
 
-def gamma_kl(k1, theta1, k2, theta2):
-    """KL(Γ(k1, θ1) ‖ Γ(k2, θ2)) in nats (shape–scale parametrisation)."""
-    from scipy import special
-
-    return (
-        (k1 - k2) * special.digamma(k1)
-        - special.gammaln(k1)
-        + special.gammaln(k2)
-        + k2 * (np.log(theta2) - np.log(theta1))
-        + k1 * (theta1 - theta2) / theta2
-    )
-
-
 def histogram_kl(p_counts, q_counts, smoothing: float = 0.5) -> float:
     """KL(p ‖ q) in nats between two histograms on one binning (scipy.stats.entropy), with
     *smoothing* added to every bin of both (Jeffreys' ½ for counts), so empty bins stay finite."""

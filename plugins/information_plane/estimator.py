@@ -42,7 +42,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from layerscope import Estimator, TensorBatch, hookimpl
+from layerscope import Estimator, EstimatorTags, TensorBatch, hookimpl
 from layerscope.graph.tokens import zero_padding
 from layerscope.util.errors import UserError
 from layerscope.util.lazy import lazy_module
@@ -110,9 +110,11 @@ class InformationPlane(Estimator):
     name = "information_plane"
     Params = InformationPlaneParams
     default_selector = [{"activation": "output"}, {"role": "output"}]
-    needs_labels = True
-    per_batch = True
-    tokens = "with a token mask: padded tokens zeroed before the kernel (X must be a float input, not token ids)"
+    tags = EstimatorTags(
+        needs_labels=True,
+        per_batch=True,
+        tokens="with a token mask: padded tokens zeroed before the kernel (X must be a float input, not token ids)",
+    )
 
     @classmethod
     def passes_for(cls, params) -> int:

@@ -32,8 +32,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from layerscope import Estimator, TensorBatch, hookimpl
-from layerscope.engine.estimator import DataBatch, PlanBatch
+from layerscope import DataBatch, EstimatorTags, PlanBatch, PlanEstimator, TensorBatch, hookimpl
 from layerscope.util.errors import UserError
 from layerscope.util.lazy import lazy_module
 
@@ -77,17 +76,16 @@ class MeanDimensionParams(BaseModel):
         return self
 
 
-class MeanDimension(Estimator):
+class MeanDimension(PlanEstimator):
     """Given-data total indices and mean dimension of every selected tensor."""
 
     name = "mean_dimension"
     Params = MeanDimensionParams
     default_selector = [{"activation": "output"}, {"role": "output"}]
-    reads_plan = True
     lookahead = 1
-    tokens = (
-        "perturbs one float model input: token ids are refused; the token axes of a float input are features "
-        "like any other"
+    tags = EstimatorTags(
+        tokens="perturbs one float model input: token ids are refused; the token axes of a float input are "
+        "features like any other"
     )
     metric_ranges = {
         "mean_dimension": (0.0, math.inf),

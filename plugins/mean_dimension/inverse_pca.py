@@ -26,15 +26,10 @@ class StandardisedPCA:
     mean: np.ndarray
     scale: np.ndarray
     components: np.ndarray
-    explained_variance: np.ndarray
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """z = ((x − μ)/s)·Wᵀ for flattened samples."""
         return ((x.reshape(len(x), -1) - self.mean) / self.scale) @ self.components.T
-
-    def inverse_transform(self, z: np.ndarray) -> np.ndarray:
-        """x = z·(W ⊙ s) + μ (flattened)."""
-        return z @ (self.components * self.scale) + self.mean
 
 
 def fit_standardised_pca(count: float, total: np.ndarray, outer: np.ndarray) -> StandardisedPCA:
@@ -49,7 +44,7 @@ def fit_standardised_pca(count: float, total: np.ndarray, outer: np.ndarray) -> 
     correlation = covariance / np.outer(scale, scale)
     eigenvalues, vectors = np.linalg.eigh((correlation + correlation.T) / 2)
     order = np.argsort(eigenvalues)[::-1]
-    return StandardisedPCA(mean, scale, vectors[:, order].T.copy(), np.clip(eigenvalues[order], 0, None))
+    return StandardisedPCA(mean, scale, vectors[:, order].T.copy())
 
 
 def prepend_inverse_pca(model: onnx.ModelProto, pca: StandardisedPCA, input_name: str = "pca_z") -> onnx.ModelProto:

@@ -40,7 +40,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from layerscope import Estimator, TensorBatch, hookimpl
+from layerscope import Estimator, EstimatorTags, TensorBatch, hookimpl
 from layerscope.graph.activations import Activation, find_activations, find_attention
 from layerscope.graph.tokens import mean_over_tokens, zero_padding
 from layerscope.util.errors import UserError
@@ -102,8 +102,8 @@ class NonlinearitySignature(Estimator):
     name = "nonlinearity_signature"
     Params = NonlinearitySignatureParams
     default_selector = [{"activation": "output"}, {"attention": "probabilities"}]
-    tokens = (
-        "with a token mask: each sample's mean over its real tokens (attention maps: over real query "
+    tags = EstimatorTags(
+        tokens="with a token mask: each sample's mean over its real tokens (attention maps: over real query "
         "tokens, padded keys zeroed); without one: 3-D tensors averaged over reduce_axis, attention maps "
         "over the query axis"
     )

@@ -587,3 +587,57 @@ def test_the_finiteness_check_tells_overflowing_sums_from_real_nan_and_inf():
         values = torch.ones(4, 5)
         values[2, 3] = bad
         assert not all_finite(values)
+
+
+def _checkpoint_run(tmp_path, interrupt_at: str | None):
+    """A run of three ONNX checkpoints on an npz file, interrupted when it reaches *interrupt_at*."""
+    import types
+
+    from layerscope import hookimpl
+
+    def interrupt(model, batch_index, samples):
+        if model == interrupt_at:
+            raise KeyboardInterrupt
+
+    plugin = types.ModuleType("interrupter")
+    plugin.after_batch = hookimpl(interrupt)
+    spec = {
+        "model": {"source": str(tmp_path / "epoch_1.onnx"), "checkpoints": str(tmp_path / "epoch_*.onnx")},
+        "data": {"source": "npz", "path": str(tmp_path / "data.npz"), "batch_size": 50},
+        "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 20, "smoothing": 0.9, "batch_size": 50}}],
+        "outputs": {"dir": str(tmp_path / "run")},
+    }
+    return spec, (plugin,)
+
+
+def _write_inputs(tmp_path, data_seed: int, weights_seed: int = 0):
+    from .conftest import tiny_mlp_proto
+
+    rng = np.random.default_rng(data_seed)
+    np.savez(tmp_path / "data.npz", x=rng.random((150, 64), dtype=np.float32), y=rng.integers(0, 3, 150))
+    for epoch in (1, 2, 3):
+        onnx.save(tiny_mlp_proto(seed=10 * weights_seed + epoch), str(tmp_path / f"epoch_{epoch}.onnx"))
+
+
+@pytest.mark.parametrize("changed", ["data", "checkpoint"])
+def test_resume_recomputes_when_the_data_or_a_checkpoint_changed(tmp_path, changed):
+    """The tester replaced the data file of a killed run: 400 of 1010 records of the resumed run came from
+    the old data, with no warning. Resume files are now bound to the data and checkpoint files."""
+    _write_inputs(tmp_path, data_seed=0)
+    spec, interrupter = _checkpoint_run(tmp_path, interrupt_at="epoch_3")
+    with pytest.raises(KeyboardInterrupt):
+        layerscope.run(spec, progress=False, plugins=interrupter)
+    saved = sorted(p.name for p in (tmp_path / "run" / ".layerscope-resume").iterdir())
+    assert saved == ["checkpoint-0000.pt", "checkpoint-0001.pt"]
+    if changed == "data":
+        _write_inputs(tmp_path, data_seed=1)
+    else:  # epoch_2 retrained: epoch_1's saved results still hold, epoch_2's (and what it carried over) do not
+        from .conftest import tiny_mlp_proto
+
+        onnx.save(tiny_mlp_proto(seed=99), str(tmp_path / "epoch_2.onnx"))
+    resumed = layerscope.run(spec, progress=False, resume=True)
+    fresh = layerscope.run({**spec, "outputs": {"dir": str(tmp_path / "fresh")}}, progress=False)
+    assert resumed.records == fresh.records
+    recomputed = [w for w in resumed.warnings if "changed since checkpoint" in w]
+    expected = ["epoch_1", "epoch_2"] if changed == "data" else ["epoch_2"]
+    assert [re.search(r"since checkpoint (\S+) was saved", w)[1] for w in recomputed] == expected, resumed.warnings

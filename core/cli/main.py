@@ -75,7 +75,7 @@ def _cmd_report(args) -> int:
     host = load_plugins()
     with output_folder(Path(args.run_dir)) as out_dir:
         write_outputs(
-            results, _reporters(host, args.formats, results.spec.get("outputs", {}).get("formats", [])), out_dir
+            results, _reporters(host, args.formats, (results.spec.get("outputs") or {}).get("formats", [])), out_dir
         )
     print(f"reports rebuilt in {args.run_dir}: {', '.join(['results.json', *results.artifacts])}")
     return EXIT_OK

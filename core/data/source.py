@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from layerscope.util.errors import UserError
+from layerscope.util.files import fingerprint_paths
 from layerscope.util.params import NoParams
 from layerscope.util.units import format_bytes
 
@@ -78,6 +79,14 @@ class DataSource:
 
     def describe(self) -> str:
         return self.name
+
+    def fingerprint(self) -> str | None:
+        """What identifies the data this source reads, so that a run continued with ``--resume`` reuses
+        saved checkpoints only for the same data: by default a digest of the files the parameters name
+        (:func:`~layerscope.util.files.fingerprint_paths`: sizes, modification times, inodes). Override
+        it when the data is not in those files; return None when it cannot be told (``--resume`` then
+        warns that it trusts the data to be unchanged)."""
+        return fingerprint_paths(self.params.model_dump().values(), self.base_dir)
 
     def describe_labels(self) -> str:
         """Where the labels come from, for error messages (e.g. an npz key)."""

@@ -26,7 +26,7 @@ from .lifecycle import Executor, Isolation, SequentialExecutor, drive
 from .outcomes import CheckpointOutcome, finish_checkpoint
 from .plan import RunPlan
 from .progress import Progress
-from .resume import ResumeStore
+from .resume import ResumeStore, input_fingerprints
 from .threads import run_threads
 
 
@@ -128,7 +128,10 @@ def _execute(plan: RunPlan, out_dir: Path | None, show_progress: bool, resume: b
     checkpoints = plan.checkpoints()
     plan.host.hook.before_run(spec=spec, models=[c.label for c in checkpoints])
     warnings: list[str] = []
-    store = ResumeStore(out_dir, spec_to_dict(spec), resume) if out_dir is not None and len(checkpoints) > 1 else None
+    store = None
+    if out_dir is not None and len(checkpoints) > 1:
+        fingerprints = input_fingerprints(plan.data, checkpoints, spec.base_dir)
+        store = ResumeStore(out_dir, spec_to_dict(spec), resume, fingerprints)
     with Progress(len(order) * plan.passes * len(checkpoints), enabled=show_progress) as progress:
         outcomes = analyse(plan, checkpoints, example, progress, store, warnings)
     warnings += store.warnings if store else []

@@ -4,11 +4,13 @@ After each checkpoint of a multi-checkpoint run, its outcome (records, warnings,
 details, failures) and the declared state of its estimators (what the next checkpoint's
 ``carry_over`` reads) are written atomically to
 ``<outputs.dir>/.layerscope-resume/checkpoint-NNNN.pt``, tagged with a hash of the resolved
-spec and the layerscope version.
+spec and the layerscope version, and with a fingerprint of the data and of the checkpoint files up to
+that checkpoint (:func:`input_fingerprints`: a changed data file or checkpoint is never mixed with
+results saved before the change).
 
 Reading these files can never run code: they hold only plain data and tensors and are read
 with ``torch.load(weights_only=True)``, whose unpickler refuses anything else. A file that
-is unreadable, or written for another spec, checkpoint or layerscope version, is discarded
+is unreadable, or written for another spec, checkpoint, data or layerscope version, is discarded
 with a warning and that checkpoint recomputed. A resumed run reuses the checkpoints that
 match; a run that completes removes the folder, and a run started without ``--resume``
 discards it.
@@ -27,20 +29,39 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from layerscope import __version__
-from layerscope.util.files import atomic_write, regular_file
+from layerscope.util.files import atomic_write, fingerprint_paths, regular_file
 
 from .outcomes import CheckpointOutcome
 
 if TYPE_CHECKING:
+    from layerscope.data.source import DataSource
+    from layerscope.model.adapter import Checkpoint
+
     from .estimator import Estimator
     from .plan import RunPlan
 
 FOLDER = ".layerscope-resume"
 
 
+def input_fingerprints(data: DataSource, checkpoints: list[Checkpoint], base_dir: Path) -> list[str | None]:
+    """Per checkpoint, a digest of the data (:meth:`DataSource.fingerprint`) and of the files of the
+    checkpoints up to it: a changed checkpoint changes what later ones were handed by ``carry_over`` too.
+    None throughout when the data cannot be fingerprinted."""
+    data_fingerprint = data.fingerprint()
+    if data_fingerprint is None:
+        return [None] * len(checkpoints)
+    chain = hashlib.sha256(data_fingerprint.encode())
+    fingerprints: list[str | None] = []
+    for checkpoint in checkpoints:
+        chain.update(fingerprint_paths([checkpoint.ref], base_dir).encode())
+        fingerprints.append(chain.hexdigest())
+    return fingerprints
+
+
 class ResumeStore:
-    def __init__(self, out_dir: Path, spec: dict, resume: bool):
+    def __init__(self, out_dir: Path, spec: dict, resume: bool, inputs: list[str | None]):
         self.folder = out_dir / FOLDER
+        self.inputs = inputs
         relevant = {k: v for k, v in spec.items() if k != "outputs"}  # where results go does not change them
         self.key = hashlib.sha256(
             json.dumps({"layerscope": __version__, "spec": relevant}, sort_keys=True, default=str).encode()
@@ -48,6 +69,11 @@ class ResumeStore:
         self.warnings: list[str] = []
         if not resume:
             self.clear()
+        elif None in inputs:
+            self.warnings.append(
+                "--resume: the data cannot be fingerprinted (it was handed over from Python), so saved "
+                "checkpoints are reused trusting that it is unchanged"
+            )
 
     def _path(self, index: int) -> Path:
         return self.folder / f"checkpoint-{index:04d}.pt"
@@ -67,6 +93,12 @@ class ResumeStore:
                 self.warnings.append(
                     f"{path} was saved by another spec, checkpoint or layerscope version; "
                     f"checkpoint {label} was recomputed"
+                )
+                return None
+            if saved.get("inputs") != self.inputs[index]:
+                self.warnings.append(
+                    f"--resume: the data or the checkpoint files changed since checkpoint {label} was saved; "
+                    "it was recomputed"
                 )
                 return None
             outcome = CheckpointOutcome(**saved["outcome"])
@@ -90,6 +122,7 @@ class ResumeStore:
         torch.save(
             {
                 "key": self.key,
+                "inputs": self.inputs[index],
                 "label": label,
                 "outcome": outcome.to_dict(),
                 "estimators": {aid: est.state_dict() for aid, est in estimators.items()},

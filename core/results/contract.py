@@ -14,6 +14,7 @@ from typing import Any
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = "json"  # the ``outputs.formats`` entry of results.json, which core always writes
+RESULTS_KEYS = ("layerscope", "spec", "runtime", "models", "records", "warnings", "artifacts", "analyses", "failures")
 
 
 def new_run_id() -> str:
@@ -77,32 +78,12 @@ class Results:
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> Results:
         """The results a run wrote to *run_dir* (its ``results.json``), e.g. to compare runs in pandas
-        or to rebuild reports; a missing or unreadable file is a user error naming it. Nothing in the
-        folder is executed: the file is JSON."""
-        from layerscope.util.errors import UserError
+        or to rebuild reports; a missing, unreadable or malformed file is a user error naming it
+        (:mod:`layerscope.results.schema`). Nothing in the folder is executed: the file is JSON."""
+        from .schema import read_results_file
 
-        path = Path(run_dir) / RESULTS_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path}: no results.json in this run directory") from None
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"{path}: cannot read results: {error}") from None
-        known = {
-            k: data[k]
-            for k in (
-                "layerscope",
-                "spec",
-                "runtime",
-                "models",
-                "records",
-                "warnings",
-                "artifacts",
-                "analyses",
-                "failures",
-            )
-            if k in data
-        }
+        data = read_results_file(Path(run_dir) / RESULTS_FILE)
+        known = {key: data[key] for key in RESULTS_KEYS if key in data}
         return cls(**known, out_dir=Path(run_dir))
 
 

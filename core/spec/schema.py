@@ -27,6 +27,7 @@ from pydantic import (
 from layerscope.graph.selectors import SelectorSpec
 from layerscope.util.errors import SpecError, UserError, did_you_mean
 from layerscope.util.files import regular_file
+from layerscope.util.names import ANALYSIS_ID, MODEL_LABEL, NAME_LENGTH
 from layerscope.util.units import parse_bytes
 
 from .yaml_locations import LocatedDocument, load_yaml
@@ -58,8 +59,8 @@ class NamedModel(ModelSection):
 
     label: str = Field(
         min_length=1,
-        max_length=100,
-        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$",
+        max_length=NAME_LENGTH,
+        pattern=MODEL_LABEL,
         description="names the model in records (network) and figures",
     )
 
@@ -87,8 +88,7 @@ class DataSection(BaseModel):
 
 
 class AnalysisSection(StrictModel):
-    # ids name output files (plots/<id>.png): letters, digits, '_', '-', '.', never a path
-    id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    id: str = Field(min_length=1, max_length=NAME_LENGTH, pattern=ANALYSIS_ID)  # names output files
     estimator: str
     on: SelectorSpec | list[SelectorSpec] | Literal["all"] | None = None
     params: dict[str, Any] = Field(default_factory=dict)

@@ -7,10 +7,13 @@ an unhelpful error from deep inside a library; both are user errors naming the s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 
@@ -33,6 +36,49 @@ def regular_file(path: str | os.PathLike, key: str) -> Path:
         raise UserError(f"{key}: {path} is a directory, not a file")
     if not stat.S_ISREG(mode):
         raise UserError(f"{key}: {path} is not a regular file (a pipe, socket or device cannot be read as one)")
+    return path
+
+
+def fingerprint_paths(values: Iterable[Any], base_dir: Path) -> str:
+    """A digest of the files that *values* name (strings and paths, relative to *base_dir*, also inside
+    lists, tuples and dicts): each existing file's size, modification time and inode, every file under an
+    existing folder the same way; values that name nothing are part of the digest as they are. Replacing or
+    editing a named file changes the digest; reading the files is never needed."""
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(f"{key}=".encode())
+                add(value[key])
+        elif isinstance(value, list | tuple):
+            for item in value:
+                add(item)
+        elif isinstance(value, str | os.PathLike) and str(value):
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else base_dir / path
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for file in files:
+                try:
+                    info = file.stat()
+                except OSError:
+                    digest.update(f"{value}|".encode())
+                    continue
+                digest.update(f"{file}|{info.st_size}|{info.st_mtime_ns}|{info.st_ino}|".encode())
+        else:
+            digest.update(f"{value!r}|".encode())
+
+    for value in values:
+        add(value)
+    return digest.hexdigest()
+
+
+def inside(folder: Path, relative: str) -> Path:
+    """``folder / relative``, which must stay inside *folder* (no ``..``, absolute part or link leading out):
+    a file a reporter names after something it read is never written elsewhere."""
+    path = folder / relative
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise UserError(f"{relative}: not a path inside {folder}; nothing is written outside the output folder")
     return path
 
 

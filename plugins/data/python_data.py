@@ -14,6 +14,7 @@ Accepted objects (torch tensors are read as NumPy arrays, without a copy):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -244,6 +245,19 @@ class PythonDataSource(DataSource):
 
     def describe(self) -> str:
         return f"python ({type(self.params.object).__name__})"
+
+    def fingerprint(self) -> str | None:
+        """A digest of the arrays' bytes (arrays are in memory: hashing them costs a pass); None for a
+        dataset, whose items cannot be told apart without reading them all."""
+        if not isinstance(self.reader, ArrayData):
+            return None
+        digest = hashlib.sha256()
+        arrays = self.reader.x.items() if isinstance(self.reader.x, dict) else [("x", self.reader.x)]
+        for name, array in [*arrays, ("y", self.reader.y)]:
+            if array is not None:
+                digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
+                digest.update(np.ascontiguousarray(array).data)
+        return digest.hexdigest()
 
 
 @hookimpl

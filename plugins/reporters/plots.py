@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from layerscope import Reporter, Results, hookimpl
-from layerscope.util.files import atomic_write
+from layerscope.util.files import atomic_write, inside
 
 
 def draw_by_layer(axes, records: list[dict]) -> None:
@@ -90,7 +90,7 @@ class PlotReporter(Reporter):
         for analysis, rendered in analysis_figures(results, self.host):
             for suffix, data in rendered.items():
                 relative = f"plots/{analysis['id']}.{suffix}"
-                atomic_write(out_dir / relative, data)
+                atomic_write(inside(out_dir, relative), data)
                 written.append(relative)
         return written
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from layerscope.plugins.information_plane.maths import (
     renyi_entropy,
 )
 from layerscope.testing import check_conformance, feed, make_batches, tensor_infos
+from layerscope.util.errors import SpecError, UserError
 
 ALPHAS = (1.0, 1.01, 2.0)
 
@@ -276,3 +278,22 @@ def test_one_blas_thread_limits_blas_for_the_block_only():
     with one_blas_thread():
         assert set(blas_threads().values()) == {1}
     assert blas_threads() == before
+
+
+def test_a_batch_larger_than_the_data_batches_is_refused_never_zero_records(tmp_path):
+    """The tester's case: data batches of 40 under the default batch_size 100 wrote 0 records and exited 0,
+    with a warning that called every tensor constant. Now the spec is refused at the parameter, and data
+    that holds fewer samples than one batch is a user error naming batch_size."""
+    base = {"model": {"source": "demo:digits-mlp"}, "analyses": [{"id": "ip", "estimator": "information_plane"}]}
+    for data, name in (({"batch_size": 40}, "data.batch_size (40)"), ({"limit": 60}, "data.limit (60)")):
+        with pytest.raises(
+            SpecError, match=rf"analyses.0.params.batch_size: batch_size 100 is larger than {re.escape(name)}"
+        ):
+            layerscope.validate({**base, "data": {"source": "digits", **data}})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "few.npz", x=rng.random((40, 64), dtype=np.float32), y=rng.integers(0, 3, 40))
+    spec = {**base, "data": {"source": "npz", "path": str(tmp_path / "few.npz")}}
+    with pytest.raises(UserError, match="no batch of 100 samples came with the data .* 40 samples at most"):
+        layerscope.run(spec, write=False, progress=False)
+    spec["analyses"][0]["params"] = {"batch_size": 40, "sigma_grid": 10}
+    assert layerscope.run(spec, write=False, progress=False).select(metric="I_XT")

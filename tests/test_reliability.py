@@ -604,7 +604,13 @@ def _checkpoint_run(tmp_path, interrupt_at: str | None):
     spec = {
         "model": {"source": str(tmp_path / "epoch_1.onnx"), "checkpoints": str(tmp_path / "epoch_*.onnx")},
         "data": {"source": "npz", "path": str(tmp_path / "data.npz"), "batch_size": 50},
-        "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 20, "smoothing": 0.9, "batch_size": 50}}],
+        "analyses": [
+            {
+                "id": "ip",
+                "estimator": "information_plane",
+                "params": {"sigma_grid": 20, "smoothing": 0.9, "batch_size": 50},
+            }
+        ],
         "outputs": {"dir": str(tmp_path / "run")},
     }
     return spec, (plugin,)

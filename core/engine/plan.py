@@ -137,9 +137,16 @@ def _lookup(registry, name: Any, doc: LocatedDocument, path: tuple, errors: list
         return None
 
 
-def _params(model: type[BaseModel], values: Any, doc: LocatedDocument, path: tuple, errors: list[str]):
+def _params(
+    model: type[BaseModel],
+    values: Any,
+    doc: LocatedDocument,
+    path: tuple,
+    errors: list[str],
+    context: dict | None = None,
+):
     try:
-        return model.model_validate(values if values is not None else {})
+        return model.model_validate(values if values is not None else {}, context=context)
     except ValidationError as error:
         errors.extend(format_validation_errors(error, doc, prefix=path, model=model))
         return None
@@ -163,12 +170,18 @@ def check_plugins(doc: LocatedDocument, host: PluginHost, errors: list[str]) -> 
         own = {k: v for k, v in data.items() if k not in DataSection.model_fields}
         choices.data_params = _params(choices.data_source.Params, own, doc, ("data",), errors)
     analyses = raw.get("analyses") if isinstance(raw.get("analyses"), list) else []
+    context = {  # what an estimator's parameter validators may compare against (the data's batches)
+        "data_batch_size": data.get("batch_size", DataSection().batch_size),
+        "data_limit": data.get("limit"),
+    }
     for index, analysis in enumerate(analyses):
         if not isinstance(analysis, dict):
             continue
         estimator = _lookup(host.estimators, analysis.get("estimator"), doc, ("analyses", index, "estimator"), errors)
         if estimator is not None:
-            params = _params(estimator.Params, analysis.get("params"), doc, ("analyses", index, "params"), errors)
+            params = _params(
+                estimator.Params, analysis.get("params"), doc, ("analyses", index, "params"), errors, context
+            )
             if params is not None:
                 choices.estimators[index] = (estimator, params)
     outputs = raw.get("outputs") if isinstance(raw.get("outputs"), dict) else {}

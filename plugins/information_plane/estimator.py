@@ -40,7 +40,7 @@ import math
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from layerscope import Estimator, EstimatorTags, TensorBatch, hookimpl
 from layerscope.graph.tokens import zero_padding
@@ -67,7 +67,9 @@ INPUT_KEY, LABELS_KEY = "input", "labels"
 class InformationPlaneParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     alpha: float = Field(1.01, gt=0, description="Rényi order; 1 gives the von Neumann limit")
-    batch_size: int = Field(100, ge=2, le=20_000, description="samples per estimate (the paper's training batch)")
+    batch_size: int = Field(
+        100, ge=2, le=20_000, validate_default=True, description="samples per estimate (the paper's training batch)"
+    )
     sigma: float | Literal["alignment"] = Field("alignment", description="hidden-layer kernel width")
     sigma_x: float | None = Field(None, gt=0, description="input kernel width; default: mean pairwise distance")
     sigma_y: float = Field(0.1, gt=0, description="label kernel width on one-hot labels")
@@ -84,6 +86,21 @@ class InformationPlaneParams(BaseModel):
         "(0: every checkpoint uses its own; the paper: 0.9 per "
         "training iteration)",
     )
+
+    @field_validator("batch_size")
+    @classmethod
+    def _within_the_data_batches(cls, size: int, info: ValidationInfo) -> int:
+        """The method estimates on batches of the data stream as it comes (data batches are never pooled, so
+        that shards merge exactly): a batch larger than the data's batches, or than the samples a run reads,
+        would give no estimate at all."""
+        context = info.context or {}
+        for key, name in (("data_batch_size", "data.batch_size"), ("data_limit", "data.limit")):
+            if isinstance(context.get(key), int) and size > context[key]:
+                raise ValueError(
+                    f"batch_size {size} is larger than {name} ({context[key]}): every estimate takes "
+                    f"{size} samples of one data batch; give batch_size ≤ {context[key]} or a larger {name}"
+                )
+        return size
 
     @model_validator(mode="after")
     def _check(self):
@@ -249,6 +266,11 @@ class InformationPlane(Estimator):
 
     # --- results -------------------------------------------------------------------------
     def finalize(self) -> list[dict]:
+        if not self.moments and self.unused_samples:
+            raise UserError(
+                f"information_plane: no batch of {self.params.batch_size} samples came with the data (the data "
+                f"batches held {max(self.unused_samples.values())} samples at most); lower params.batch_size"
+            )
         records = []
         for name in self.tensors:
             store = self.moments.get(name)

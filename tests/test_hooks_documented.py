@@ -1,4 +1,5 @@
-"""Every hook is documented under a heading that matches its signature, and exercised by a test."""
+"""Every hook is documented under a heading that matches its signature (in the hook reference,
+``docs/plugins/hooks.md``), and exercised by a test."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from layerscope.host import hookspecs
 
 REPO = Path(__file__).resolve().parents[1]
+HOOK_REFERENCE = REPO / "docs" / "plugins" / "hooks.md"
 HOOKS = [(name, f) for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "layerscope_spec")]
 
 
@@ -30,8 +32,8 @@ def test_there_are_hooks():
 @pytest.mark.parametrize("name, function", HOOKS)
 def test_hook_is_documented_with_its_signature(name, function):
     signature = f"{name}({', '.join(inspect.signature(function).parameters)})"
-    headings = re.findall(r"^#+ `([^`]+)`$", (REPO / "README.md").read_text(), flags=re.MULTILINE)
-    assert signature in headings, f"README.md has no heading `{signature}`"
+    headings = re.findall(r"^#+ `([^`]+)`$", HOOK_REFERENCE.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    assert signature in headings, f"{HOOK_REFERENCE.relative_to(REPO)} has no heading `{signature}`"
 
 
 @pytest.mark.parametrize("name, function", HOOKS)

@@ -15,6 +15,7 @@ from layerscope.plugins.mean_dimension.estimator import MeanDimension
 from layerscope.plugins.mean_dimension.inverse_pca import fit_standardised_pca, prepend_inverse_pca
 from layerscope.plugins.mean_dimension.maths import feature_groups
 from layerscope.testing import check_conformance, feed, plan_batches
+from layerscope.util.errors import UserError
 
 from .conftest import tiny_mlp_proto
 
@@ -305,3 +306,64 @@ def test_total_index_panel_follows_the_features(grid, basis, kind, shape):
     right = figure.axes[1]
     assert len(right.patches) == (shape[0] if kind == "bars" else 0) and len(right.images) == (kind == "image")
     plt.close(figure)
+
+
+def _difference_model(path) -> None:
+    """y = x1 − x2 as a real ONNX graph (Gemm with weights [1, −1])."""
+    weight = numpy_helper.from_array(np.array([[1.0], [-1.0]], dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], name="difference")],
+        "difference",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
+
+
+def _difference_spec(tmp_path, x: np.ndarray, pairs: int) -> dict:
+    _difference_model(tmp_path / "difference.onnx")
+    np.savez(tmp_path / "x.npz", x=x.astype(np.float32))
+    return {
+        "model": {"source": str(tmp_path / "difference.onnx")},
+        "data": {"source": "npz", "path": str(tmp_path / "x.npz"), "batch_size": 1000},
+        "analyses": [
+            {
+                "id": "md",
+                "estimator": "mean_dimension",
+                "on": {"role": "output"},
+                "params": {"pairs": pairs, "features": "elements"},
+            }
+        ],
+    }
+
+
+def test_generalised_indices_of_correlated_inputs_exceed_the_independent_bounds(tmp_path):
+    """Why the declared ranges are [0, ∞) and not [0, 1] and [1, d]: with dependent features the given-data
+    indices are generalised ones. For f = x1 − x2 with unit variances and correlation ρ, Var f = 2(1 − ρ) and
+    Δ_1 = x1' − x1, so T_1 = T_2 = 1 / (2(1 − ρ)) = 5 at ρ = 0.9 and the mean dimension is 10 > d = 2;
+    dropping such values as impossible would hide what a network computing differences of correlated
+    pixels does."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((20_001, 2))
+    rho = 0.9
+    x = np.stack([z[:, 0], rho * z[:, 0] + np.sqrt(1 - rho**2) * z[:, 1]], axis=1)
+    results = layerscope.run(_difference_spec(tmp_path, x, 20_000), write=False, progress=False)
+    (md,) = results.select(metric="mean_dimension")
+    assert md["value"] == pytest.approx(10.0, rel=0.05)
+    assert [r["value"] for r in results.select(metric="total_index")] == pytest.approx([5.0, 5.0], rel=0.05)
+
+
+def test_degenerate_inputs_are_refused_or_left_out_never_absurd(tmp_path):
+    """The tester's cases: 3 samples gave mean dimensions of 21267 and 10977; a constant layer recorded 0.0."""
+    rng = np.random.default_rng(1)
+    with pytest.raises(UserError, match="only 2 pairs of consecutive samples came with the data; .* at least 10"):
+        layerscope.run(_difference_spec(tmp_path, rng.standard_normal((3, 2)), 10), write=False, progress=False)
+    with pytest.raises(
+        layerscope.SpecError, match="analyses.0.params.pairs: Input should be greater than or equal to 10"
+    ):
+        layerscope.validate(_difference_spec(tmp_path, rng.standard_normal((30, 2)), 3))
+    equal = np.repeat(rng.standard_normal((200, 1)), 2, axis=1) + 7.0  # x1 = x2: f = 0 up to round-off
+    results = layerscope.run(_difference_spec(tmp_path, equal, 150), write=False, progress=False)
+    assert not results.select(metric="mean_dimension") and not results.select(metric="total_index")
+    assert any("every output node is constant" in w for w in results.warnings), results.warnings

@@ -41,12 +41,17 @@ from .maths import FeatureGroups, feature_groups, plan_rows, total_indices
 torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 NLL = "nll"
-RELATIVE_VARIANCE_FLOOR = 1e-10  # nodes whose Var f is below this fraction of the largest are constant
+#: A node is constant when Var f is below this fraction of E[f²] (a spread under 1e-5 of its magnitude, float32
+#: round-off) or of the largest Var f among the tensor's nodes: its indices would divide round-off by round-off.
+RELATIVE_VARIANCE_FLOOR = 1e-10
+#: Fewest pairs the indices are computed from: below this a variance estimate is noise (with 2 pairs of 3
+#: samples, mean dimensions of 21267 came out for 8 inputs); below RELIABLE_PAIRS a warning says so.
+MIN_PAIRS, RELIABLE_PAIRS = 10, 100
 
 
 class MeanDimensionParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    pairs: int = Field(1000, ge=2, description="consecutive pairs walked")
+    pairs: int = Field(1000, ge=MIN_PAIRS, description="consecutive pairs walked")
     features: str = Field("pixels", description="elements | pixels | channels | patches:k")
     estimator: Literal["variance", "half_mean_square"] = Field(
         "variance",
@@ -255,12 +260,20 @@ class MeanDimension(PlanEstimator):
             self.delta_squares[key],
             self.params.estimator,
         )
-        valid = variance_f > RELATIVE_VARIANCE_FLOOR * float(variance_f.max().clamp(min=0))
+        mean_square = self.f_squares[key] / count
+        largest = float(variance_f.max().clamp(min=0))
+        valid = (variance_f > RELATIVE_VARIANCE_FLOOR * mean_square) & (variance_f > RELATIVE_VARIANCE_FLOOR * largest)
         return t, valid, count
 
     def finalize(self) -> list[dict]:
         records = []
         keys = [name for name in self.tensors if name in self.counts] + ([NLL] if NLL in self.counts else [])
+        available = min((int(self.counts[key]) for key in keys), default=0)
+        if keys and available < MIN_PAIRS:
+            raise UserError(
+                f"mean_dimension: only {available} pairs of consecutive samples came with the data; total indices "
+                f"need at least {MIN_PAIRS} (a variance from fewer is noise): give more samples"
+            )
         for key in keys:
             t, valid, count = self._indices(key)
             if not bool(valid.any()):
@@ -301,8 +314,12 @@ class MeanDimension(PlanEstimator):
             _, valid, count = self._indices(key)
             if count < self.params.pairs:
                 warnings.append(f"{key}: only {int(count)} of the {self.params.pairs} pairs were available")
+            if count < RELIABLE_PAIRS:
+                warnings.append(f"{key}: indices from {int(count)} pairs vary by tens of percent between samples")
             constant = int((~valid).sum())
-            if constant:
+            if constant == len(valid):
+                warnings.append(f"{key}: every output node is constant (a dead or constant layer): no mean dimension")
+            elif constant:
                 warnings.append(f"{key}: {constant} output nodes with zero variance left out of the mean dimension")
         return list(dict.fromkeys(warnings))
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from layerscope.results.contract import Results
+from layerscope.util.errors import UserError
 
 
 def prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...] = (), data: Any = None):
@@ -18,6 +20,20 @@ def prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...] = (), data:
 
     doc, base_dir = read_document(spec)
     return build_plan(with_python_data(doc, data), base_dir, load_plugins(plugins))
+
+
+def output_dir(plan, out: str | os.PathLike | None, resume: bool) -> Path:
+    """*out*, else the spec's ``outputs.dir``, else a folder of this run's own (``results/<name>-<run id>``):
+    runs of specs without ``outputs.dir`` never share a folder, so two of them never collide."""
+    if out is not None or plan.spec.outputs.dir is not None:
+        return Path(out if out is not None else plan.spec.outputs.dir)
+    if resume:
+        raise UserError(
+            "--resume continues a run in the folder it wrote to: give the spec an outputs.dir (or --out), since "
+            "a run without one writes to a new folder every time"
+        )
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", plan.spec.name).strip("._") or "run"  # a name, never a path
+    return Path("results") / f"{name}-{plan.run_id}"
 
 
 def run(
@@ -35,7 +51,8 @@ def run(
     *data* replaces the spec's data source with data from Python: an array, ``(x, y)``, a mapping
     of named arrays (one per model input), a map-style torch ``Dataset`` or a ``DataLoader``
     (the data section's batch_size, limit, shuffle, constants and token_mask still apply).
-    Outputs go to *out* (or the spec's ``outputs.dir``, relative to the current folder);
+    Outputs go to *out*, the spec's ``outputs.dir`` (relative to the current folder) or a new folder
+    ``results/<name>-<run id>`` (:func:`output_dir`);
     ``write=False`` computes the results without writing files. *plugins* are extra
     plugin objects registered next to the installed ones. ``resume=True`` continues an
     interrupted multi-checkpoint run from the checkpoints it saved in the output folder.
@@ -43,9 +60,9 @@ def run(
     from layerscope.engine.execute import execute
 
     plan = prepare(spec, plugins, data)
-    out_dir = Path(out) if out is not None else Path(plan.spec.outputs.dir)
+    out_dir = output_dir(plan, out, resume) if write else None
     try:
-        return execute(plan, out_dir if write else None, show_progress=progress, resume=resume)
+        return execute(plan, out_dir, show_progress=progress, resume=resume)
     except BaseException as error:
         plan.host.hook.on_run_error(error=error)
         raise

@@ -390,7 +390,7 @@ def test_a_failed_run_removes_only_the_empty_folders_it_created(tmp_path):
         raise RuntimeError
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
     with pytest.raises(RuntimeError), output_folder(tmp_path / "new") as out:
-        (out / "notes.txt").write_text("written during the run")
+        (out.path / "notes.txt").write_text("written during the run")
         raise RuntimeError
     assert (tmp_path / "new" / "notes.txt").read_text() == "written during the run"
     with output_folder(tmp_path / "fine"):

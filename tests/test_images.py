@@ -99,7 +99,7 @@ def test_resize_nearest_up_box_down_and_shorter_side(tmp_path):
 ANALYSES = [
     {"id": "entropy", "estimator": "activation_entropy"},
     {"id": "signature", "estimator": "nonlinearity_signature"},
-    {"id": "plane", "estimator": "information_plane", "params": {"sigma": 1.0}},
+    {"id": "plane", "estimator": "information_plane", "params": {"sigma": 1.0, "batch_size": 40}},
 ]
 
 

@@ -150,7 +150,7 @@ def test_bad_python_data_is_a_user_error_naming_it(data, message):
 
 
 def test_labels_needed_but_not_given():
-    spec = {**_spec(), "analyses": [{"id": "ip", "estimator": "information_plane"}]}
+    spec = {**_spec(), "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"batch_size": 50}}]}
     with pytest.raises(UserError, match="'information_plane' needs labels, but the data source 'python' has none"):
         layerscope.validate(spec, data=np.zeros((5, 64), np.float32), with_model=False)
 

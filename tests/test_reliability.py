@@ -647,3 +647,161 @@ def test_resume_recomputes_when_the_data_or_a_checkpoint_changed(tmp_path, chang
     recomputed = [w for w in resumed.warnings if "changed since checkpoint" in w]
     expected = ["epoch_1", "epoch_2"] if changed == "data" else ["epoch_2"]
     assert [re.search(r"since checkpoint (\S+) was saved", w)[1] for w in recomputed] == expected, resumed.warnings
+
+
+# --- the outputs swap ----------------------------------------------------------------------------
+
+
+class _Numbered:
+    """A reporter writing three files that carry the run's number (in results.spec)."""
+
+    name = "numbered"
+
+    def write(self, results, out_dir):
+        for name in ("a.txt", "b.txt", "plots/c.txt"):
+            (out_dir / name).parent.mkdir(exist_ok=True)
+            (out_dir / name).write_text(str(results.spec["n"]))
+        return ["a.txt", "b.txt", "plots/c.txt"]
+
+
+def _numbered_results(n: int):
+    return layerscope.Results(layerscope="test", spec={"n": n}, runtime={}, models=[], records=[])
+
+
+def _snapshot(folder: Path) -> set[str]:
+    """The run numbers in the folder's files, read through one handle on the folder (as a reader that
+    lists a folder and reads what it listed sees it)."""
+    import json
+    import os
+
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+
+        def read(name: str) -> str:
+            descriptor = os.open(name, os.O_RDONLY, dir_fd=handle)
+            with os.fdopen(descriptor) as file:
+                return file.read()
+
+        numbers = {read(name) for name in ("a.txt", "b.txt", "plots/c.txt")}
+        return numbers | {str(json.loads(read("results.json"))["spec"]["n"])}
+    finally:
+        os.close(handle)
+
+
+def test_a_reader_always_sees_one_run_s_complete_set(tmp_path):
+    """The tester's case: kill -9 during the final move left the old results.json beside the new
+    records.csv and report.html. Whoever reads the folder now sees one run's files, never a mix."""
+    import threading
+
+    from layerscope.results.outputs import output_folder
+
+    out = tmp_path / "out"
+    with output_folder(out) as folder:
+        folder.write(_numbered_results(0), [_Numbered()])
+    (out / "mine.txt").write_text("the user's own notes")
+    mixed, reads, done = [], [0], threading.Event()
+
+    def reader():
+        while not done.is_set():
+            try:
+                numbers = _snapshot(out)
+            except FileNotFoundError:  # it opened the previous folder, removed while it read: read again
+                continue
+            except Exception as error:  # the assertion below reports it
+                mixed.append(error)
+                return
+            reads[0] += 1
+            if len(numbers) != 1:
+                mixed.append(numbers)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for n in range(1, 60):
+            with output_folder(out) as folder:
+                folder.write(_numbered_results(n), [_Numbered()])
+    finally:
+        done.set()
+        thread.join()
+    assert not mixed and reads[0] > 10, (mixed[:3], reads)
+    assert _snapshot(out) == {"59"} and (out / "mine.txt").read_text() == "the user's own notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left beside it
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # the folder keeps an ordinary mode
+
+
+def _umask() -> int:
+    import os
+
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+@pytest.mark.parametrize("killed", ["before the exchange", "after the exchange"])
+def test_a_run_killed_while_swapping_leaves_a_complete_set_and_no_stale_folder(tmp_path, monkeypatch, killed):
+    from layerscope.results import outputs
+
+    out = tmp_path / "out"
+    with outputs.output_folder(out) as folder:
+        folder.write(_numbered_results(1), [_Numbered()])
+    exchange = outputs._rename_exchange
+
+    def killed_there(a, b):
+        if killed == "after the exchange":
+            exchange(a, b)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(outputs, "_rename_exchange", killed_there)
+    monkeypatch.setattr(outputs.shutil, "rmtree", lambda *args, **kwargs: None)  # a killed run cleans nothing
+    with pytest.raises(SystemExit), outputs.output_folder(out) as folder:
+        folder.write(_numbered_results(2), [_Numbered()])
+    assert _snapshot(out) == ({"1"} if killed == "before the exchange" else {"2"})
+    assert len(list(tmp_path.glob(".out.layerscope-staging-*"))) == 1
+    monkeypatch.undo()
+    with outputs.output_folder(out) as folder:
+        folder.write(_numbered_results(3), [_Numbered()])
+    assert _snapshot(out) == {"3"} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_staging_folder_left_inside_by_an_older_run_is_removed(tmp_path):
+    from layerscope.results.outputs import output_folder
+
+    stale = tmp_path / "out" / ".layerscope-staging-abc123"
+    stale.mkdir(parents=True)
+    (stale / "records.csv").write_text("old")
+    with output_folder(tmp_path / "out") as folder:
+        folder.write(_numbered_results(1), [_Numbered()])
+    assert not stale.exists() and _snapshot(tmp_path / "out") == {"1"}
+
+
+def test_runs_without_an_output_folder_never_collide(tmp_path, monkeypatch):
+    """The tester's case: two concurrent layerscope.run(...) calls with no outputs.dir collided on ./results
+    with a lock error. Each now writes a folder of its own, named after the spec and the run id; a run
+    started while the other holds its folder (from inside its after_batch hook) completes too."""
+    import types
+
+    from layerscope import hookimpl
+
+    monkeypatch.chdir(tmp_path)
+    spec = {
+        "name": "digits entropy",
+        "model": {"source": "demo:digits-cnn"},
+        "data": {"source": "digits", "limit": 100, "batch_size": 50},
+        "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+    }
+    inner: list = []
+
+    def run_another(model, batch_index, samples):
+        if not inner:
+            inner.append(layerscope.run(spec, progress=False))
+
+    plugin = types.ModuleType("concurrent")
+    plugin.after_batch = hookimpl(run_another)
+    outer = layerscope.run(spec, progress=False, plugins=(plugin,))
+    folders = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert folders == sorted(f"digits_entropy-{r.runtime['run_id']}" for r in (outer, *inner)), folders
+    assert all((tmp_path / "results" / f / "results.json").exists() for f in folders)
+    assert outer.records == inner[0].records
+    with pytest.raises(UserError, match="--resume continues a run in the folder it wrote to"):
+        layerscope.run(spec, progress=False, resume=True)
+    assert not layerscope.run(spec, progress=False, write=False).out_dir

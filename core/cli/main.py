@@ -24,7 +24,7 @@ def _cmd_run(args) -> int:
     results = run(args.spec, out=args.out, progress=not args.quiet, resume=args.resume)
     from .summary import print_summary
 
-    print_summary(results, Path(args.out) if args.out else Path(results.spec["outputs"]["dir"]))
+    print_summary(results, results.out_dir)
     return EXIT_OK
 
 
@@ -69,14 +69,12 @@ def _cmd_inspect(args) -> int:
 def _cmd_report(args) -> int:
     from layerscope.host.loader import load_plugins
     from layerscope.results.contract import Results
-    from layerscope.results.outputs import output_folder, write_outputs
+    from layerscope.results.outputs import output_folder
 
     results = Results.load(args.run_dir)
     host = load_plugins()
-    with output_folder(Path(args.run_dir)) as out_dir:
-        write_outputs(
-            results, _reporters(host, args.formats, (results.spec.get("outputs") or {}).get("formats", [])), out_dir
-        )
+    with output_folder(Path(args.run_dir)) as folder:
+        folder.write(results, _reporters(host, args.formats, (results.spec.get("outputs") or {}).get("formats", [])))
     print(f"reports rebuilt in {args.run_dir}: {', '.join(['results.json', *results.artifacts])}")
     return EXIT_OK
 
@@ -85,14 +83,14 @@ def _cmd_compare(args) -> int:
     from layerscope.host.loader import load_plugins
     from layerscope.results.compare import combine, run_labels
     from layerscope.results.contract import Results
-    from layerscope.results.outputs import output_folder, write_outputs
+    from layerscope.results.outputs import output_folder
 
     folders = [Path(folder) for folder in args.run_dirs]
     runs = [Results.load(folder) for folder in folders]
     combined = combine(runs, run_labels(runs, folders))
     host = load_plugins()
-    with output_folder(Path(args.out)) as out_dir:
-        write_outputs(combined, _reporters(host, args.formats, ["plots", "html"]), out_dir)
+    with output_folder(Path(args.out)) as folder:
+        folder.write(combined, _reporters(host, args.formats, ["plots", "html"]))
     print(f"{len(runs)} runs compared in {args.out}: {', '.join(['results.json', *combined.artifacts])}")
     return EXIT_OK
 

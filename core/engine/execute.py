@@ -18,8 +18,8 @@ import torch
 from layerscope import __version__
 from layerscope.data.source import Samples
 from layerscope.model.adapter import Checkpoint
-from layerscope.results.contract import Results, finite_records, new_run_id
-from layerscope.results.outputs import output_folder, write_outputs
+from layerscope.results.contract import Results, finite_records
+from layerscope.results.outputs import OutputFolder, output_folder
 
 from .checkpoint_run import ShardWorker
 from .lifecycle import Executor, Isolation, SequentialExecutor, drive
@@ -116,11 +116,11 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, res
     with run_threads():
         if out_dir is None:
             return _execute(plan, None, show_progress, resume)
-        with output_folder(out_dir):
-            return _execute(plan, out_dir, show_progress, resume)
+        with output_folder(out_dir) as folder:
+            return _execute(plan, folder, show_progress, resume)
 
 
-def _execute(plan: RunPlan, out_dir: Path | None, show_progress: bool, resume: bool) -> Results:
+def _execute(plan: RunPlan, folder: OutputFolder | None, show_progress: bool, resume: bool) -> Results:
     spec = plan.spec
     started = time.perf_counter()
     order = plan.order
@@ -129,15 +129,15 @@ def _execute(plan: RunPlan, out_dir: Path | None, show_progress: bool, resume: b
     plan.host.hook.before_run(spec=spec, models=[c.label for c in checkpoints])
     warnings: list[str] = []
     store = None
-    if out_dir is not None and len(checkpoints) > 1:
+    if folder is not None and len(checkpoints) > 1:
         fingerprints = input_fingerprints(plan.data, checkpoints, spec.base_dir)
-        store = ResumeStore(out_dir, spec_to_dict(spec), resume, fingerprints)
+        store = ResumeStore(folder.path, spec_to_dict(spec), resume, fingerprints)
     with Progress(len(order) * plan.passes * len(checkpoints), enabled=show_progress) as progress:
         outcomes = analyse(plan, checkpoints, example, progress, store, warnings)
     warnings += store.warnings if store else []
     results = assemble_results(plan, outcomes, warnings, started)
-    if out_dir is not None:
-        write_outputs(results, plan.reporters, out_dir)
+    if folder is not None:
+        folder.write(results, plan.reporters)
     if store:
         store.clear()
     plan.host.hook.after_run(results=results)
@@ -160,7 +160,7 @@ def assemble_results(
         layerscope=__version__,
         spec=spec_to_dict(spec),
         runtime={
-            "run_id": new_run_id(),
+            "run_id": plan.run_id,
             "provider": models[-1]["provider"],
             "device": spec.runtime.device,
             "seconds": round(time.perf_counter() - started, 3),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from layerscope.data.labels import ClassLabels
 from layerscope.data.source import DataSource, Samples, check_allocation, nbytes, sample_order, scan_labels, take
 from layerscope.host.loader import PluginHost
 from layerscope.model.adapter import Adapter, Checkpoint, ModelParams, find_adapter
-from layerscope.results.contract import RESULTS_FORMAT
+from layerscope.results.contract import RESULTS_FORMAT, new_run_id
 from layerscope.spec.schema import (
     AnalysisSection,
     DataSection,
@@ -67,6 +67,8 @@ class RunPlan:
     order: np.ndarray
     #: How labels become class codes (:mod:`layerscope.data.labels`); None when the data has no labels.
     classes: ClassLabels | None
+    #: The run's identifier (``runtime.run_id``; names the output folder of a spec without ``outputs.dir``).
+    run_id: str = field(default_factory=new_run_id)
 
     def where(self, *path: Any) -> str:
         return f"{self.doc.where(tuple(path))}: {'.'.join(str(p) for p in path)}"

@@ -1,23 +1,31 @@
-"""A run's output folder: one run at a time, and every file of a run or none.
+"""A run's output folder: one run at a time, and one run's complete set of files at every moment.
 
-- :func:`output_folder` creates ``outputs.dir`` and holds a lock on it
-  (``<outputs.dir>/.layerscope.lock``, an OS file lock through ``filelock``) for the whole
-  run, so a second run writing the same folder is refused at once instead of silently
-  overwriting the first one's files; the lock goes with the process, so a killed run never
-  leaves the folder locked.
-- :func:`write_outputs` has every reporter write into a staging folder inside ``outputs.dir``,
-  then writes ``results.json`` itself (whatever ``outputs.formats`` lists), and moves the files
-  into place only when all of them were written, ``results.json`` last: a full disk or a
-  failing reporter leaves the previous run's files as they were.
+- :func:`output_folder` creates ``outputs.dir`` and holds a lock on it (``<outputs.dir>/.layerscope.lock``,
+  an OS file lock through ``filelock``) for the whole run, so a second run writing the same folder is
+  refused at once instead of silently overwriting the first one's files; the lock goes with the process,
+  so a killed run never leaves the folder locked. Holding it, the run removes the staging folders that
+  a killed run left behind.
+- :meth:`OutputFolder.write` has every reporter write into a staging folder beside ``outputs.dir``, writes
+  ``results.json`` there itself, copies over (as hard links) every file of the folder that is not an
+  output of the previous run (the lock, a resume folder, the user's own files), and then exchanges the
+  two folders in one ``renameat2(RENAME_EXCHANGE)`` call: whoever reads ``outputs.dir`` sees the previous
+  run's files or this run's, never a mix, even when the run is killed at any point; a full disk or a
+  failing reporter leaves the previous files as they were. Where the folder cannot be exchanged (no
+  ``renameat2`` on this system or file system, the folder is a mount point or holds the current
+  directory, or its parent cannot be written) the files are moved in one by one, ``results.json`` last.
 
-Failures of the file system (a read-only folder, a full disk, a file where the folder
-should be) are user errors naming the folder and the cause.
+Failures of the file system (a read-only folder, a full disk, a file where the folder should be) are user
+errors naming the folder and the cause.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +37,7 @@ from layerscope.util.files import atomic_write
 from .contract import RESULTS_FILE, Results
 
 LOCK_FILE = ".layerscope.lock"
-STAGING_PREFIX = ".layerscope-staging-"
+STAGING = ".layerscope-staging-"  # the staging folder: beside the output folder, or inside it as a fallback
 
 
 def _cannot_write(out_dir: Path, error: OSError) -> UserError:
@@ -38,33 +46,159 @@ def _cannot_write(out_dir: Path, error: OSError) -> UserError:
     return UserError(f"outputs.dir: cannot write to {out_dir}: {cause}{where}")
 
 
+def _lock(path: Path):
+    """An acquired lock on *path* (a user error naming the folder when another run holds it)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"outputs.dir: another layerscope run is writing to {path.parent} (it holds {path}); wait for it to "
+            "finish or give this run another --out"
+        ) from None
+    return lock
+
+
+class OutputFolder:
+    """The locked output folder of a run (:func:`output_folder`) and the writing of its files."""
+
+    def __init__(self, path: Path, lock):
+        self.path = path
+        self.locks = [lock]
+
+    def write(self, results: Results, reporters) -> None:
+        """Run every reporter into a staging folder, write ``results.json`` there, and put the set in
+        place as the module docstring describes (``results.json`` lists every artifact)."""
+        results.artifacts = []
+        staging, beside = self._staging()
+        try:
+            results.out_dir = staging
+            for reporter in reporters:
+                artifacts = reporter.write(results, staging)
+                results.artifacts += [a for a in artifacts if a != RESULTS_FILE]
+            atomic_write(staging / RESULTS_FILE, results.to_json())
+            if not (beside and self._exchange(staging)):
+                _move_into_place(staging, self.path)
+        except OSError as error:
+            raise _cannot_write(self.path, error) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            results.out_dir = self.path
+
+    def _staging(self) -> tuple[Path, bool]:
+        """A new staging folder, and whether it lies beside the output folder (so that the two can be
+        exchanged) rather than inside it."""
+        real = self.path.resolve()
+        if not Path.cwd().resolve().is_relative_to(real) and not os.path.ismount(real):
+            try:
+                return Path(tempfile.mkdtemp(prefix=f".{real.name}{STAGING}", dir=real.parent)), True
+            except OSError:  # the parent folder cannot be written: stage inside
+                pass
+        try:
+            return Path(tempfile.mkdtemp(prefix=STAGING, dir=self.path)), False
+        except OSError as error:
+            raise _cannot_write(self.path, error) from None
+
+    def _exchange(self, staging: Path) -> bool:
+        """Give *staging* everything of the output folder that is not the previous run's output, then
+        exchange the two folders atomically; False (nothing changed) where the system cannot."""
+        previous = _previous_outputs(self.path)
+        for source in sorted(self.path.rglob("*")):
+            relative = source.relative_to(self.path)
+            target = staging / relative
+            if str(relative.as_posix()) in previous or relative.parts[0].startswith(STAGING) or target.exists():
+                continue
+            if source.is_dir() and not source.is_symlink():
+                target.mkdir(exist_ok=True)
+            elif relative.name != LOCK_FILE:
+                _link_or_copy(source, target)
+        os.chmod(staging, stat.S_IMODE(self.path.stat().st_mode))  # mkdtemp makes 0700: keep the folder's mode
+        self.locks.append(_lock(staging / LOCK_FILE))  # held through the exchange: the folder stays locked
+        if not _rename_exchange(staging, self.path.resolve()):
+            self.locks.pop().release()
+            return False
+        return True
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+
+
+def _previous_outputs(folder: Path) -> set[str]:
+    """The files the previous run wrote in *folder*: its ``results.json`` and the artifacts it lists."""
+    try:
+        listed = json.loads((folder / RESULTS_FILE).read_text(encoding="utf-8")).get("artifacts", [])
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    return {RESULTS_FILE, *(a for a in listed if isinstance(a, str))}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        if source.is_symlink():
+            os.symlink(os.readlink(source), target)
+        else:
+            shutil.copy2(source, target)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap the folders *a* and *b* in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False
+    when this system or file system offers no such call."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):  # not Linux, or a C library without renameat2
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == RESULTS_FILE)
+    for source in files:
+        target = out_dir / source.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Remove the staging folders a killed run left, beside *out_dir* and inside it (the caller holds its lock)."""
+    real = out_dir.resolve()
+    for stale in [*real.parent.glob(f".{real.name}{STAGING}*"), *real.glob(f"{STAGING}*")]:
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextmanager
-def output_folder(out_dir: Path) -> Iterator[Path]:
+def output_folder(out_dir: Path) -> Iterator[OutputFolder]:
     """Create *out_dir* and hold its lock while the block runs (a user error if another run holds it).
 
     When the block fails, the folders this call created are removed again if they hold nothing but
     the lock file: a failed run leaves no empty output folder behind."""
-    from filelock import FileLock, Timeout
-
     created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(out_dir / LOCK_FILE, timeout=0)
-        lock.acquire()
-    except Timeout:
-        raise UserError(
-            f"outputs.dir: another layerscope run is writing to {out_dir} (it holds "
-            f"{out_dir / LOCK_FILE}); wait for it to finish or give this run another --out"
-        ) from None
+        folder = OutputFolder(out_dir, _lock(out_dir / LOCK_FILE))
+        _remove_stale_staging(out_dir)
     except OSError as error:
         raise _cannot_write(out_dir, error) from None
     try:
-        yield out_dir
+        yield folder
     except BaseException:
-        lock.release()
+        folder.release()
         _remove_if_unused(created)
         raise
-    lock.release()
+    folder.release()
 
 
 def _remove_if_unused(created: list[Path]) -> None:
@@ -77,33 +211,3 @@ def _remove_if_unused(created: list[Path]) -> None:
             folder.rmdir()
         except OSError:  # not empty: something else was written there
             return
-
-
-def write_outputs(results: Results, reporters, out_dir: Path) -> None:
-    """Run every reporter into a staging folder, write ``results.json`` there, then move the files
-    into *out_dir* (``results.json`` last, so it lists every artifact and appears only with them)."""
-    results.artifacts = []
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
-    except OSError as error:
-        raise _cannot_write(out_dir, error) from None
-    try:
-        results.out_dir = staging
-        for reporter in reporters:
-            artifacts = reporter.write(results, staging)
-            results.artifacts += [a for a in artifacts if a != RESULTS_FILE]
-        atomic_write(staging / RESULTS_FILE, results.to_json())
-        _move_into_place(staging, out_dir)
-    except OSError as error:
-        raise _cannot_write(out_dir, error) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        results.out_dir = out_dir
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == RESULTS_FILE)
-    for source in files:
-        target = out_dir / source.relative_to(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, target)

@@ -131,7 +131,11 @@ class RuntimeSection(StrictModel):
 
 
 class OutputsSection(StrictModel):
-    dir: str = "results"
+    dir: str | None = Field(
+        None,
+        description="the output folder, relative to the current folder; default: results/<name>-<run id>, a new "
+        "folder for every run",
+    )
     formats: list[str] = Field(
         default_factory=lambda: ["json", "csv", "plots", "html"],
         description="json: results.json, always written; every other entry names a reporter "

@@ -42,7 +42,7 @@ from layerscope.engine.threads import run_threads
 from layerscope.host.loader import load_plugins
 from layerscope.model.adapter import Adapter, Checkpoint
 from layerscope.results.contract import Results
-from layerscope.results.outputs import output_folder, write_outputs
+from layerscope.results.outputs import output_folder
 from layerscope.spec.schema import read_document, with_python_data
 from layerscope.spec.yaml_locations import LocatedDocument
 from layerscope.util.errors import UserError
@@ -135,6 +135,6 @@ class Monitor:
         """Write the results of the steps so far to *out_dir* in the spec's ``outputs.formats`` (every
         file or none, as a run does) and return them."""
         results, folder = self.results(), Path(out_dir)
-        with output_folder(folder):
-            write_outputs(results, self._plan.reporters, folder)
+        with output_folder(folder) as locked:
+            locked.write(results, self._plan.reporters)
         return results

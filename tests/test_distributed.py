@@ -1,5 +1,6 @@
 """Sharded runs on Ray: (checkpoint × data shard) tasks run by Ray actors give the single-process
-records; clusters started for a run, joined, or unreachable."""
+records; clusters started for a run, joined, or unreachable. Ray is imported by the ``ray`` fixture, not
+when the module is collected."""
 
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ from layerscope.util.errors import UserError
 
 from .test_engines import EVERY_ESTIMATOR
 
-ray = pytest.importorskip("ray", reason="the ray extra is part of the test install")
 pytestmark = pytest.mark.slow  # every test starts or joins a Ray cluster
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray():
+    """The ``ray`` module; every test here is skipped without it."""
+    return pytest.importorskip("ray", reason="the ray extra is part of the test install")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +32,7 @@ def single_process():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(ray):
     """A local 2-CPU cluster shared by this module's Ray runs (a run keeps a cluster it did not start)."""
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield

@@ -74,11 +74,11 @@ def test_invalid_yaml(tmp_path, capsys):
     assert "invalid YAML" in capsys.readouterr().err
 
 
-def test_yaml_cannot_construct_python_objects(tmp_path, capsys):
+def test_yaml_cannot_construct_python_objects(tmp_path, capfd):
     spec = write_spec(tmp_path, "model: !!python/object/apply:os.system ['echo pwned']\n")
     assert main(["validate", str(spec)]) == 2
-    err = capsys.readouterr().err
-    assert "invalid YAML" in err and "pwned" not in capsys.readouterr().out
+    captured = capfd.readouterr()  # file descriptors: the shell os.system would start writes to fd 1, not sys.stdout
+    assert "invalid YAML" in captured.err and "pwned" not in captured.out, captured
 
 
 def test_missing_spec_file(tmp_path, capsys):

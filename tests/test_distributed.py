@@ -126,7 +126,9 @@ def test_cli_joins_an_existing_cluster_with_token_authentication(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     head = subprocess.Popen(
         [
-            "ray",
+            sys.executable,  # Ray's command line, found without PATH (the `ray` script need not be on it)
+            "-m",
+            "ray.scripts.scripts",
             "start",
             "--head",
             "--block",

@@ -16,6 +16,7 @@ from layerscope.testing import assert_records_close
 from layerscope.util.errors import UserError
 
 from .test_engines import EVERY_ESTIMATOR
+from .waiting import wait_until
 
 pytestmark = pytest.mark.slow  # every test starts or joins a Ray cluster
 
@@ -116,7 +117,6 @@ def test_cli_joins_an_existing_cluster_with_token_authentication(tmp_path):
     import shutil
     import socket
     import tempfile
-    import time
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -142,13 +142,17 @@ def test_cli_joins_an_existing_cluster_with_token_authentication(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def head_listens() -> bool:
+        assert head.poll() is None, f"ray start --head exited with {head.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
     try:
-        for _ in range(240):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_until(head_listens, timeout=180, interval=0.5, what=f"the Ray head to listen on port {port}")
         spec = tmp_path / "spec.yaml"
         spec.write_text(
             "model: {source: demo:digits-mlp, checkpoints: [epoch_01, epoch_02]}\n"

@@ -11,6 +11,7 @@ import pytest
 from layerscope.cli.main import main
 
 from .conftest import write_spec
+from .waiting import wait_until
 
 SPEC = """\
 version: 1
@@ -74,11 +75,11 @@ def test_invalid_yaml(tmp_path, capsys):
     assert "invalid YAML" in capsys.readouterr().err
 
 
-def test_yaml_cannot_construct_python_objects(tmp_path, capsys):
+def test_yaml_cannot_construct_python_objects(tmp_path, capfd):
     spec = write_spec(tmp_path, "model: !!python/object/apply:os.system ['echo pwned']\n")
     assert main(["validate", str(spec)]) == 2
-    err = capsys.readouterr().err
-    assert "invalid YAML" in err and "pwned" not in capsys.readouterr().out
+    captured = capfd.readouterr()  # file descriptors: the shell os.system would start writes to fd 1, not sys.stdout
+    assert "invalid YAML" in captured.err and "pwned" not in captured.out, captured
 
 
 def test_missing_spec_file(tmp_path, capsys):
@@ -253,7 +254,6 @@ def test_a_second_run_on_a_locked_folder_is_refused(tmp_path, capsys, tiny_onnx)
 def test_two_concurrent_runs_on_one_folder(tmp_path, capsys):
     import subprocess
     import sys
-    import time
 
     spec = write_spec(
         tmp_path,
@@ -265,10 +265,13 @@ def test_two_concurrent_runs_on_one_folder(tmp_path, capsys):
     first = subprocess.Popen(
         [sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"], stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 120
-    while not (tmp_path / "out" / ".layerscope-resume").exists() and time.time() < deadline and first.poll() is None:
-        time.sleep(0.1)  # its first checkpoint is saved: the run is under way and holds the folder's lock
-    assert first.poll() is None
+    # its first checkpoint is saved: the run is under way and holds the folder's lock
+    wait_until(
+        lambda: (tmp_path / "out" / ".layerscope-resume").exists() or first.poll() is not None,
+        timeout=120,
+        what="the first run to save its first checkpoint (or end)",
+    )
+    assert first.poll() is None, first.stderr.read()
     assert main(["run", str(spec), "--quiet"]) == 2
     assert "another layerscope run is writing to" in capsys.readouterr().err
     assert first.wait(timeout=300) == 0, first.stderr.read()

@@ -1,5 +1,6 @@
 """Sharded runs on Ray: (checkpoint × data shard) tasks run by Ray actors give the single-process
-records; clusters started for a run, joined, or unreachable."""
+records; clusters started for a run, joined, or unreachable. Ray is imported by the ``ray`` fixture, not
+when the module is collected."""
 
 from __future__ import annotations
 
@@ -15,9 +16,15 @@ from layerscope.testing import assert_records_close
 from layerscope.util.errors import UserError
 
 from .test_engines import EVERY_ESTIMATOR
+from .waiting import wait_until
 
-ray = pytest.importorskip("ray", reason="the ray extra is part of the test install")
 pytestmark = pytest.mark.slow  # every test starts or joins a Ray cluster
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray():
+    """The ``ray`` module; every test here is skipped without it."""
+    return pytest.importorskip("ray", reason="the ray extra is part of the test install")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +33,7 @@ def single_process():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(ray):
     """A local 2-CPU cluster shared by this module's Ray runs (a run keeps a cluster it did not start)."""
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
@@ -110,7 +117,6 @@ def test_cli_joins_an_existing_cluster_with_token_authentication(tmp_path):
     import shutil
     import socket
     import tempfile
-    import time
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -120,7 +126,9 @@ def test_cli_joins_an_existing_cluster_with_token_authentication(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     head = subprocess.Popen(
         [
-            "ray",
+            sys.executable,  # Ray's command line, found without PATH (the `ray` script need not be on it)
+            "-m",
+            "ray.scripts.scripts",
             "start",
             "--head",
             "--block",
@@ -134,13 +142,17 @@ def test_cli_joins_an_existing_cluster_with_token_authentication(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def head_listens() -> bool:
+        assert head.poll() is None, f"ray start --head exited with {head.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
     try:
-        for _ in range(240):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_until(head_listens, timeout=180, interval=0.5, what=f"the Ray head to listen on port {port}")
         spec = tmp_path / "spec.yaml"
         spec.write_text(
             "model: {source: demo:digits-mlp, checkpoints: [epoch_01, epoch_02]}\n"

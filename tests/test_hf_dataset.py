@@ -1,5 +1,8 @@
 """The ``hf_dataset`` data source: Hugging Face datasets saved on disk or read from local files, image
-columns through the images preprocessing, text through a local tokenizer; nothing is downloaded."""
+columns through the images preprocessing, text through a local tokenizer; nothing is downloaded.
+
+datasets (which imports pandas and pyarrow) is imported by the ``datasets`` fixture, not when the module
+is collected."""
 
 from __future__ import annotations
 
@@ -8,15 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-datasets = pytest.importorskip("datasets")
+import layerscope
+from layerscope.plugins.data.hf_dataset import HFDatasetSource
+from layerscope.util.errors import UserError
 
-import layerscope  # noqa: E402
-from layerscope.plugins.data.hf_dataset import HFDatasetSource  # noqa: E402
-from layerscope.util.errors import UserError  # noqa: E402
-
-from .conftest import digit_image_folder  # noqa: E402
+from .conftest import digit_image_folder
 
 ENTROPY = [{"id": "entropy", "estimator": "activation_entropy"}]
+
+
+@pytest.fixture(autouse=True)
+def datasets():
+    """The ``datasets`` module; every test here is skipped without it."""
+    return pytest.importorskip("datasets")
 
 
 def _run(model, data: dict, analyses=ENTROPY) -> list[dict]:
@@ -25,7 +32,7 @@ def _run(model, data: dict, analyses=ENTROPY) -> list[dict]:
     ).records
 
 
-def test_an_image_dataset_on_disk_gives_the_records_of_the_image_folder(tmp_path):
+def test_an_image_dataset_on_disk_gives_the_records_of_the_image_folder(tmp_path, datasets):
     """The same PNG files as an image column (rows in the folder's order), the same preprocessing."""
     from PIL import Image
 
@@ -92,7 +99,7 @@ def _tokenizer(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_text_is_tokenized_into_the_inputs_of_a_bert_model(tmp_path):
+def test_text_is_tokenized_into_the_inputs_of_a_bert_model(tmp_path, datasets):
     """Sentences tokenized by a local tokenizer feed BERT's input_ids and attention_mask: the records equal
     those of the tokenizer's own arrays through npz, and padding (max_length 12) never counts."""
     transformers = pytest.importorskip("transformers")
@@ -146,7 +153,7 @@ def test_text_is_tokenized_into_the_inputs_of_a_bert_model(tmp_path):
         assert a["value"] == pytest.approx(b["value"], rel=1e-9, abs=1e-12)
 
 
-def test_bad_datasets_are_user_errors(tmp_path):
+def test_bad_datasets_are_user_errors(tmp_path, datasets):
     datasets.Dataset.from_dict({"a": [[1.0, 2.0], [3.0, 4.0]], "t": ["x", "y"]}).save_to_disk(str(tmp_path / "s"))
     cases = [
         ({"path": "s", "inputs": "b"}, r"data.inputs: the dataset has no column 'b' \(its columns: a, t\)"),

@@ -20,6 +20,7 @@ from layerscope.testing.models import tiny_mlp
 from layerscope.util.errors import SpecError, UserError
 
 from .conftest import write_spec
+from .waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
@@ -435,7 +436,6 @@ def test_ctrl_c_leaves_no_results_json(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     spec = write_spec(
         tmp_path,
@@ -459,14 +459,34 @@ def test_ctrl_c_leaves_no_results_json(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 60
-    while not (tmp_path / "out" / ".layerscope-resume").exists() and time.time() < deadline:
-        time.sleep(0.2)  # interrupt once the first checkpoint is saved, mid-run
+    # interrupt once the first checkpoint is saved, mid-run
+    wait_until(
+        lambda: (tmp_path / "out" / ".layerscope-resume").exists() or process.poll() is not None,
+        timeout=120,
+        what="the run to save its first checkpoint (or end)",
+    )
+    assert process.poll() is None, f"the run ended before it was interrupted: {process.communicate()}"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def _running(pid: int) -> bool:
+    """Whether process *pid* exists and has not ended (a zombie, ended but not reaped, has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # gone, or reaped while being read
+        return False
+
+
+def _has_loaded(pid: int, library: str) -> bool:
+    """Whether process *pid* has a shared library whose path contains *library* mapped."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
 
 
 def _worker_processes(parent: int) -> list[int]:
@@ -484,11 +504,11 @@ def _worker_processes(parent: int) -> list[int]:
 
 @pytest.mark.slow
 def test_worker_processes_end_when_the_driver_is_killed(tmp_path):
+    import contextlib
     import os
     import signal
     import subprocess
     import sys
-    import time
 
     spec = write_spec(
         tmp_path,
@@ -510,28 +530,35 @@ def test_worker_processes_end_when_the_driver_is_killed(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 60
-    while not _worker_processes(driver.pid) and time.time() < deadline:
-        time.sleep(0.2)
-    workers = _worker_processes(driver.pid)
-    assert workers
-    time.sleep(6)  # the worker has started its shard task (a width pass of some 15 s)
-    assert driver.poll() is None
+
+    def assert_driver_runs() -> None:
+        assert driver.poll() is None, f"the run ended (exit code {driver.returncode}) before it was killed"
+
+    workers = wait_until(
+        lambda: assert_driver_runs() or _worker_processes(driver.pid),
+        timeout=120,
+        what="the run's worker process to start",
+    )
+    # Kill the driver once every worker is past its start-up and runs a shard task (a width pass of
+    # some 15 s): onnxruntime, which loads the task's model, is imported by the task, not at start-up.
+    wait_until(
+        lambda: assert_driver_runs() or all(_has_loaded(pid, "onnxruntime_pybind11_state") for pid in workers),
+        timeout=120,
+        what="the workers to start their shard tasks",
+    )
+    assert_driver_runs()
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    deadline = time.time() + 5
-    alive = workers
-    while alive and time.time() < deadline:
-        time.sleep(0.2)
-        alive = [
-            pid
-            for pid in workers
-            if Path(f"/proc/{pid}").exists()
-            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        ]
-    for pid in alive:
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, "a worker outlived its killed driver"
+    try:
+        wait_until(
+            lambda: not any(_running(pid) for pid in workers),
+            timeout=5,
+            what="the workers to end: a worker outlived its killed driver",
+        )
+    finally:
+        for pid in filter(_running, workers):
+            with contextlib.suppress(ProcessLookupError):  # ended since
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

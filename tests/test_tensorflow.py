@@ -1,4 +1,7 @@
-"""TensorFlow and Keras models analysed exactly like PyTorch ones (skipped without the tensorflow extra)."""
+"""TensorFlow and Keras models analysed exactly like PyTorch ones (skipped without the tensorflow extra).
+
+TensorFlow, Keras and tf2onnx are imported by the ``keras`` fixture, not when the module is collected:
+``pytest -m "not slow"`` collects this module too, and importing TensorFlow takes seconds and ~1 GB."""
 
 from __future__ import annotations
 
@@ -7,13 +10,20 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-tf = pytest.importorskip("tensorflow", reason="pip install 'layerscope[tensorflow]'")
-keras = pytest.importorskip("keras")
-pytestmark = pytest.mark.slow  # TensorFlow takes seconds to import and convert
-pytest.importorskip("tf2onnx")
+import layerscope
 
-import layerscope  # noqa: E402
+pytestmark = pytest.mark.slow  # TensorFlow takes seconds to import and convert
+
+
+@pytest.fixture(scope="module")
+def keras():
+    """The ``keras`` module, with TensorFlow and tf2onnx imported (the test is skipped without the extra)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    pytest.importorskip("tensorflow", reason="pip install 'layerscope[tensorflow]'")
+    module = pytest.importorskip("keras")
+    pytest.importorskip("tf2onnx")
+    return module
+
 
 DATA = {"source": "digits", "split": "test", "batch_size": 90, "layout": "image"}
 ANALYSES = [
@@ -40,7 +50,7 @@ def torch_cnn() -> torch.nn.Module:
     return Net().eval()
 
 
-def keras_cnn(net: torch.nn.Module, sequential: bool = False):
+def keras_cnn(keras, net: torch.nn.Module, sequential: bool = False):
     layers = [
         keras.layers.Conv2D(4, 3, padding="same", name="conv1"),
         keras.layers.Activation("relu", name="relu1"),
@@ -66,7 +76,7 @@ def keras_cnn(net: torch.nn.Module, sequential: bool = False):
     return model
 
 
-def keras_mlp_and_torch():
+def keras_mlp_and_torch(keras):
     torch.manual_seed(5)
     net = torch.nn.ModuleDict({"fc1": torch.nn.Linear(64, 16), "fc2": torch.nn.Linear(16, 10)})
 
@@ -106,9 +116,9 @@ def assert_same(left: dict, right: dict, tolerance: float = 1e-4):
         assert left[key] == pytest.approx(right[key], abs=tolerance), key
 
 
-def test_keras_and_torch_cnn_give_the_same_records(tmp_path):
+def test_keras_and_torch_cnn_give_the_same_records(tmp_path, keras):
     net = torch_cnn()
-    model = keras_cnn(net)
+    model = keras_cnn(keras, net)
     keras_results, keras_records = records(model)
     _, torch_records = records(net)
     assert_same(keras_records, torch_records)
@@ -118,14 +128,14 @@ def test_keras_and_torch_cnn_give_the_same_records(tmp_path):
     assert layouts["relu1"] in ("NCHW", "NHWC") and set(layouts.values()) <= {"NCHW", "NHWC"}
 
 
-def test_keras_and_torch_mlp_give_the_same_records():
-    model, net = keras_mlp_and_torch()
+def test_keras_and_torch_mlp_give_the_same_records(keras):
+    model, net = keras_mlp_and_torch(keras)
     analyses, flat = [a for a in ANALYSES if a["id"] != "channels"], {**DATA, "layout": "flat"}
     assert_same(records(model, analyses, flat)[1], records(net, analyses, flat)[1])
 
 
-def test_saved_model_and_keras_file_give_identical_records(tmp_path):
-    model = keras_cnn(torch_cnn())
+def test_saved_model_and_keras_file_give_identical_records(tmp_path, keras):
+    model = keras_cnn(keras, torch_cnn())
     model.save(tmp_path / "cnn.keras")
     model.export(str(tmp_path / "cnn_saved_model"), format="tf_saved_model", verbose=False)
     from_file = records(str(tmp_path / "cnn.keras"))[1]
@@ -133,17 +143,17 @@ def test_saved_model_and_keras_file_give_identical_records(tmp_path):
     assert from_file == from_saved
 
 
-def test_sequential_and_functional_models_load(tmp_path):
+def test_sequential_and_functional_models_load(tmp_path, keras):
     net = torch_cnn()
-    sequential, functional = keras_cnn(net, sequential=True), keras_cnn(net)
+    sequential, functional = keras_cnn(keras, net, sequential=True), keras_cnn(keras, net)
     sequential.save(tmp_path / "seq.keras")
     assert records(str(tmp_path / "seq.keras"))[1] == records(functional)[1]
 
 
-def test_inspect_a_keras_file(tmp_path, capsys):
+def test_inspect_a_keras_file(tmp_path, capsys, keras):
     from layerscope.cli.main import main
 
-    keras_cnn(torch_cnn()).save(tmp_path / "cnn.keras")
+    keras_cnn(keras, torch_cnn()).save(tmp_path / "cnn.keras")
     assert main(["inspect", str(tmp_path / "cnn.keras"), "--json"]) == 0
     import json
 
@@ -155,7 +165,7 @@ def test_inspect_a_keras_file(tmp_path, capsys):
     assert model_input["layout"] == "NHWC" and model_input["shape"][1:] == [8, 8, 1]
 
 
-def test_auto_named_layers_are_attributed_to_themselves():
+def test_auto_named_layers_are_attributed_to_themselves(keras):
     """Keras names layers dense, dense_1, dense_2 and TensorFlow's trace scopes them dense_1, dense_1_2,
     dense_2_1: each activation is still recorded under its own layer (told apart by its width), converted
     plainly and converted for the Monitor."""

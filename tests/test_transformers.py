@@ -1,9 +1,13 @@
 """Models with several inputs, token ids and attention: a closed-form attention model, padding, and one
 test per model family (transformers' BERT, GPT-2, ViT, T5 encoder from small configs with random
-weights; an LSTM classifier), each exported through the torch adapter and analysed from a spec."""
+weights; an LSTM classifier), each exported through the torch adapter and analysed from a spec.
+
+transformers is imported by the tests that build its models (:func:`tiny`), not when the module is
+collected: the other tests need only torch, and importing transformers takes seconds."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -17,8 +21,6 @@ from torch import nn
 import layerscope
 from layerscope.testing import assert_records_close
 from layerscope.util.errors import UserError
-
-transformers = pytest.importorskip("transformers")
 
 HEADS, WIDTH = 2, 8
 
@@ -166,7 +168,9 @@ def test_token_data_mismatches_name_the_input(tmp_path):
 
 
 def tiny(kind: str):
-    """A transformers model of family *kind* from a small config, random weights (no download)."""
+    """A transformers model of family *kind* from a small config, random weights (no download); the
+    calling test is skipped without transformers."""
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     common = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 32, "intermediate_size": 64}
     if kind == "bert":
@@ -242,6 +246,7 @@ def bert():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 def test_bert_from_a_python_factory_through_the_cli(tmp_path):
     path, _, _ = token_data(tmp_path, samples=16)
     (tmp_path / "models.py").write_text(FACTORY)

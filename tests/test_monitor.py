@@ -206,6 +206,7 @@ def test_lightning_callback_observes_the_training_batches(tmp_path):
     assert sorted({r["step"] for r in results.records}) == [2, 4]
 
 
+@pytest.mark.slow  # imports TensorFlow
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="needs the tensorflow extra")
 def test_keras_callback_converts_once_and_follows_the_weights(monkeypatch):
     import keras

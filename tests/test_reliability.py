@@ -832,3 +832,20 @@ def test_runs_without_an_output_folder_never_collide(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--resume continues a run in the folder it wrote to"):
         layerscope.run(spec, progress=False, resume=True)
     assert not layerscope.run(spec, progress=False, write=False).out_dir
+
+
+def test_a_worker_whose_driver_died_while_it_started_exits(tmp_path):
+    """A worker takes its driver's id from the driver: a driver killed while the worker was still starting
+    (before its initializer ran) had already handed it to another parent, and a worker that took its
+    parent's id then watched init and lived on (two orphans were seen alive after 120 s)."""
+    import subprocess
+    import sys
+    import time
+
+    probe = (
+        "import time; from layerscope.engine.process_pool import _exit_with_parent; "
+        "_exit_with_parent(driver=2**22 + 17, interval=0.05); time.sleep(60)"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", probe], timeout=60)
+    assert done.returncode == 1 and time.monotonic() - started < 30

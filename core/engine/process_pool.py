@@ -83,12 +83,12 @@ _WORKER: ShardWorker | None = None  # in a worker process of the pool
 _START_ERROR: str | None = None  # why this worker process could not rebuild the run
 
 
-def _start_pool_worker(arguments: bytes) -> None:
+def _start_pool_worker(arguments: bytes, driver: int) -> None:
     """Rebuild the run from the pickled :func:`worker_arguments`; a failure (an object from Python
     that a fresh process cannot import) is kept and handed back as every task's error, since a pool
     whose initializer raises only reports that a process died."""
     global _WORKER, _START_ERROR
-    _exit_with_parent()
+    _exit_with_parent(driver)
     try:
         _WORKER = start_worker(*pickle.loads(arguments))
     except Exception as error:  # any failure here is reported to the driver by message
@@ -100,17 +100,17 @@ def _start_pool_worker(arguments: bytes) -> None:
         )
 
 
-def _exit_with_parent(interval: float = 0.5) -> None:
-    """End this worker process as soon as the driver that spawned it is gone.
+def _exit_with_parent(driver: int, interval: float = 0.5) -> None:
+    """End this worker process as soon as the driver that spawned it (process id *driver*) is gone.
 
     A driver killed outright (``kill -9``) cannot shut its pool down, and a worker busy with a
     task would run on for minutes; a daemon thread notices that the process was handed to
-    another parent and exits at once.
+    another parent and exits at once. The driver's id comes from the driver itself: a driver
+    killed while this worker was still starting has already handed it to another parent.
     """
-    parent = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == driver:
             time.sleep(interval)
         os._exit(1)
 
@@ -174,7 +174,7 @@ def process_pool(
     with (
         run_threads(threads),
         ProcessPoolExecutor(
-            workers - 1, mp_context=context, initializer=_start_pool_worker, initargs=(arguments,)
+            workers - 1, mp_context=context, initializer=_start_pool_worker, initargs=(arguments, os.getpid())
         ) as pool,
     ):
         try:

@@ -3,6 +3,7 @@ columns through the images preprocessing, text through a local tokenizer; nothin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,69 @@ def test_an_image_folder_through_the_imagefolder_builder(tmp_path, monkeypatch):
     reference = np.lexsort(expected.reshape(len(expected), -1).T[::-1])
     np.testing.assert_array_equal(x[order], expected[reference])
     assert y[order].tolist() == expected_names[reference].tolist() and len(source) == 30
+
+
+def _token_model(path: Path, length: int) -> Path:
+    """A real ONNX model of input_ids and attention_mask (int64, batch × length): relu(ids · mask)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", length]) for n in ("input_ids", "attention_mask")
+    ]
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["ids", "mask"], ["product"]),
+        helper.make_node("Relu", ["product"], ["y"]),
+    ]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", length])
+    model = helper.make_model(
+        helper.make_graph(nodes, "tokens", inputs, [output]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("declared_class", ["EvilTokenizer", "BertTokenizer"])
+def test_a_tokenizer_with_custom_code_never_runs_it_even_when_stdin_says_yes(tmp_path, declared_class):
+    """A tokenizer folder whose tokenizer_config.json maps AutoTokenizer to a module of its own: transformers
+    would ask on stdin whether to run it; answered "y", it must still not run, and the run exits 2 naming
+    data.tokenizer and the folder (whether or not the folder also names a class transformers has)."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    tokenizer = _tokenizer(tmp_path)
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    config.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}, tokenizer_class=declared_class)
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(config))
+    marker = tmp_path / "MARKER"
+    (tokenizer / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import BertTokenizerFast\n\n\nclass EvilTokenizer(BertTokenizerFast):\n    pass\n"
+    )
+    datasets.Dataset.from_dict({"sentence": ["the cat sat", "a dog ran"], "label": [0, 1]}).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    _token_model(tmp_path / "tokens.onnx", 8)
+    (tmp_path / "spec.yaml").write_text(
+        "model: {source: tokens.onnx}\n"
+        "data: {source: hf_dataset, path: saved, text: sentence, tokenizer: tokenizer, max_length: 8, label: label}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")],
+        input="y\ny\ny\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+        timeout=300,
+    )
+    assert not marker.exists(), "the tokenizer's module ran"
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"data.tokenizer: {tokenizer}" in proc.stderr and "custom code" in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -13,7 +13,8 @@ Columns feed the model:
   ``resize``, ``center_crop``, ``scale``, ``normalize``, ``layout``), a numeric column is stacked
   as it is (every row one shape);
 - ``text: sentence`` with ``tokenizer: path/to/tokenizer`` (a folder written by a ``transformers``
-  tokenizer's ``save_pretrained``, loaded with ``local_files_only``): each text is tokenized to
+  tokenizer's ``save_pretrained``, loaded with ``local_files_only`` and never with its own code: a
+  folder whose ``auto_map`` asks for custom code is refused): each text is tokenized to
   ``max_length`` tokens (padded and truncated, so every batch has one sequence length) and the
   ``tokens`` it produces (default ``input_ids`` and ``attention_mask``) feed the inputs of those names.
 
@@ -22,6 +23,7 @@ Columns feed the model:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +32,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from layerscope import DataSource, hookimpl
 from layerscope.util.errors import UserError
-from layerscope.util.files import cache_dir
+from layerscope.util.files import cache_dir, regular_file
 
 from .image_preprocessing import ImagePreprocessing
 
@@ -109,6 +111,25 @@ def _load(params: HFDatasetParams, base_dir: Path):
     return loaded
 
 
+def _custom_tokenizer_code(folder: Path) -> str | None:
+    """What in a tokenizer *folder* asks for code of its own (an ``auto_map`` naming a module of the folder for
+    ``AutoTokenizer``), or None. transformers, told not to trust such code, would still load a class of its
+    own that the folder also names, a tokenizer other than the one the folder declares: refused instead."""
+    for name, tokenizer_only in (("tokenizer_config.json", True), ("config.json", False)):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(regular_file(path, "data.tokenizer").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserError(f"data.tokenizer: {path} is not readable JSON ({error})") from None
+        auto_map = config.get("auto_map") if isinstance(config, dict) else None
+        if auto_map and (tokenizer_only or not isinstance(auto_map, dict) or "AutoTokenizer" in auto_map):
+            entry = auto_map.get("AutoTokenizer", auto_map) if isinstance(auto_map, dict) else auto_map
+            return f"auto_map in {name}: {json.dumps(entry)}"
+    return None
+
+
 class HFDatasetSource(DataSource):
     name = "hf_dataset"
     Params = HFDatasetParams
@@ -144,8 +165,15 @@ class HFDatasetSource(DataSource):
         folder = base_dir / self.params.tokenizer
         if not folder.is_dir():
             raise UserError(f"data.tokenizer: {folder} is not a folder (save a tokenizer with save_pretrained)")
+        custom = _custom_tokenizer_code(folder)
+        if custom is not None:
+            raise UserError(
+                f"data.tokenizer: {folder} needs custom code ({custom}); layerscope never runs code from a "
+                "tokenizer folder: save a tokenizer of a class transformers has (e.g. its fast tokenizer)"
+            )
         try:
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            # trust_remote_code=False: never run the folder's code, and never ask on stdin whether to
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as error:  # transformers' errors for a folder without a tokenizer
             raise UserError(f"data.tokenizer: cannot load a tokenizer from {folder} ({error})") from None
 

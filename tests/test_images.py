@@ -4,6 +4,7 @@ records equal those of the same pixels through npz, and bad folders are user err
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -277,3 +278,53 @@ def test_the_example_images_spec_runs_on_scikit_image_samples(repo, tmp_path):
     assert {r.get("class") for r in results.records} >= {"photo", "texture"}
     assert all(np.isfinite(r["value"]) for r in results.records)
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("entry", ["../outside.png", "ABSOLUTE", "sub/../../outside.png", "link.png"])
+@pytest.mark.parametrize("manifest", ["csv", "json"])
+def test_a_manifest_entry_outside_the_image_folder_is_refused(tmp_path, entry, manifest):
+    """A manifest lists images inside data.path: a relative path climbing out of it, an absolute path and
+    a link inside the folder pointing out are refused naming the manifest and the entry, never read."""
+    outside = _save(tmp_path / "outside.png", np.full((4, 4), 200, np.uint8))
+    _save(tmp_path / "img" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "img" / "link.png").symlink_to(outside)
+    entry = str(outside) if entry == "ABSOLUTE" else entry
+    if manifest == "csv":
+        (tmp_path / "labels.csv").write_text(f"file,label\na.png,0\n{entry},1\n")
+    else:
+        (tmp_path / "labels.json").write_text(json.dumps({"a.png": 0, entry: 1}))
+    data = {"source": "images", "path": str(tmp_path / "img"), "manifest": str(tmp_path / f"labels.{manifest}")}
+    with pytest.raises(
+        UserError, match=rf"data.manifest: .*labels.{manifest}: entry 2 \('{re.escape(entry)}'\) lies outside"
+    ):
+        layerscope.run(
+            {
+                "model": {"source": "demo:digits-cnn"},
+                "data": {**data, "color": "grey", "resize": [8, 8]},
+                "analyses": ANALYSES[:1],
+            },
+            out=tmp_path / "out",
+            progress=False,
+        )
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_manifest_link_out_of_the_folder_is_exit_2_from_the_cli(tmp_path):
+    outside = _save(tmp_path / "outside.png", np.full((4, 4), 200, np.uint8))
+    _save(tmp_path / "img" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "img" / "link.png").symlink_to(outside)
+    (tmp_path / "labels.csv").write_text("file,label\na.png,0\nlink.png,1\n")
+    (tmp_path / "spec.yaml").write_text(
+        "model: {source: demo:digits-cnn}\n"
+        "data: {source: images, path: img, manifest: labels.csv, color: grey, resize: [8, 8]}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+    assert "labels.csv: entry 2 ('link.png') lies outside" in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()

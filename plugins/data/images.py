@@ -7,7 +7,8 @@ files a manifest lists. Labels (``labels``):
   class ``cat``; string class names), none when they all sit in ``path`` itself;
 - ``folders``: the class folder, and every image must have one; ``none``: no labels;
 - ``manifest: labels.csv`` (or ``.json``), relative to the spec: the images and their labels,
-  one row per image in the manifest's order. A CSV has a header with ``file_column`` (default
+  one row per image in the manifest's order; every file must lie inside ``path`` (a ``..``, an absolute
+  path or a link leading out of it is refused, never read). A CSV has a header with ``file_column`` (default
   ``file``, relative to ``path``) and ``label_column`` (default ``label``); a JSON file is an
   object ``{file: label}`` or a list of objects with those two keys. Labels that are all whole
   numbers are integer classes, others class names.
@@ -122,7 +123,7 @@ class ImagesSource(DataSource):
             files, self.labels = read_manifest(
                 regular_file(base_dir / params.manifest, "data.manifest"), params.file_column, params.label_column
             )
-            self.files = [self.folder / file for file in files]
+            self.files = self._confined(files, base_dir / params.manifest)
             absent = next((f for f in self.files if not f.is_file()), None)
             if absent is not None:
                 raise UserError(f"data.manifest: {absent} (listed in {params.manifest}) is not a file")
@@ -134,6 +135,19 @@ class ImagesSource(DataSource):
         self._executor: ThreadPoolExecutor | None = None
         if params.output_size is None:
             self._check_one_size()
+
+    def _confined(self, files: list[str], manifest: Path) -> list[Path]:
+        """The paths of the manifest's *files*, each inside the folder (no ``..`` out of it, no absolute
+        path elsewhere, no link leading out): a manifest never makes a run read a file outside data.path."""
+        root = self.folder.resolve()
+        paths = [self.folder / file for file in files]
+        outside = next((i for i, path in enumerate(paths) if not path.resolve().is_relative_to(root)), None)
+        if outside is not None:
+            raise UserError(
+                f"data.manifest: {manifest}: entry {outside + 1} ('{files[outside]}') lies outside {self.folder} "
+                "(data.path); a manifest lists images inside that folder"
+            )
+        return paths
 
     def _folder_labels(self, mode: str) -> np.ndarray | None:
         """The class folder of each image (labels auto/folders), or None."""

@@ -4,6 +4,7 @@ columns through the images preprocessing, text through a local tokenizer; nothin
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,37 @@ def test_a_tokenizer_with_custom_code_never_runs_it_even_when_stdin_says_yes(tmp
     assert "Traceback" not in proc.stderr
     assert f"data.tokenizer: {tokenizer}" in proc.stderr and "custom code" in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("how", ["climbing", "absolute", "link", "split"])
+def test_a_saved_dataset_never_reads_files_outside_its_folder(tmp_path, how):
+    """The arrow files a save_to_disk folder's state.json names (and the splits its dataset_dict.json
+    names) must lie inside it: a '..' path, an absolute path or a link leading out is refused naming the
+    file and the entry, and the files outside are never read."""
+    import json
+    import shutil
+
+    datasets.Dataset.from_dict({"a": [[1.0, 2.0], [3.0, 4.0]]}).save_to_disk(str(tmp_path / "elsewhere"))
+    datasets.Dataset.from_dict({"a": [[5.0, 6.0]]}).save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "elsewhere").glob("*.arrow"))
+    state_file = tmp_path / "saved" / "state.json"
+    state = json.loads(state_file.read_text())
+    if how == "split":
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict({"a": [[5.0, 6.0]]})}).save_to_disk(
+            str(tmp_path / "dict")
+        )
+        (tmp_path / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["../elsewhere"]}))
+        path, listing, entry = "dict", tmp_path / "dict" / "dataset_dict.json", "../elsewhere"
+    else:
+        entry = {"climbing": "../elsewhere/" + arrow.name, "absolute": str(arrow), "link": "link.arrow"}[how]
+        if how == "link":
+            (tmp_path / "saved" / "link.arrow").symlink_to(arrow)
+        for name in state["_data_files"]:
+            (tmp_path / "saved" / name["filename"]).unlink()
+        state["_data_files"] = [{"filename": entry}]
+        state_file.write_text(json.dumps(state))
+        path, listing = "saved", state_file
+    with pytest.raises(UserError, match=rf"data.path: {listing}: '{re.escape(entry)}' lies outside"):
+        source = HFDatasetSource(HFDatasetSource.Params(path=path, inputs="a"), tmp_path)
+        source.read(np.array([0]))
+    shutil.rmtree(tmp_path / "elsewhere")  # nothing of it was kept open

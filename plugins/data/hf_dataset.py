@@ -4,7 +4,9 @@
 The dataset is a folder written by ``save_to_disk`` (``path``; a ``DatasetDict`` needs ``split``
 unless it has one split), or local files read by one of the packaged builders (``data_files`` with
 ``builder``: csv, json, parquet, arrow, text or imagefolder, default from the files' suffix; their
-arrow cache goes to layerscope's cache folder). No dataset script is ever run.
+arrow cache goes to layerscope's cache folder). No dataset script is ever run, and a saved folder
+reads only files inside it (the arrow files its ``state.json`` files name and the splits of its
+``dataset_dict.json``: a ``..``, an absolute path or a link leading out is refused).
 
 Columns feed the model:
 
@@ -79,6 +81,52 @@ class HFDatasetParams(ImagePreprocessing):
         return self
 
 
+def _json_file(path: Path):
+    """The content of a JSON file of a saved dataset; an unreadable one is a user error naming it."""
+    try:
+        return json.loads(regular_file(path, "data.path").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"data.path: {path} is not readable JSON ({error})") from None
+
+
+def _confined(listing: Path, entries, folder: Path, what: str) -> None:
+    """Every path of *entries* (read from the file *listing*) lies inside *folder*, links followed."""
+    if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
+        raise UserError(f"data.path: {listing}: {what} are not a list of file names")
+    root = folder.resolve()
+    outside = next((entry for entry in entries if not (folder / entry).resolve().is_relative_to(root)), None)
+    if outside is not None:
+        raise UserError(
+            f"data.path: {listing}: '{outside}' lies outside {folder}; a saved dataset reads only files inside "
+            "its folder"
+        )
+
+
+def _check_saved(folder: Path) -> None:
+    """The files a ``save_to_disk`` folder names lie inside it (checked before datasets reads any): the
+    splits of ``dataset_dict.json`` and the arrow files of each ``state.json``. Which files datasets reads
+    follows ``load_from_disk``: a Dataset folder has ``dataset_info.json`` and ``state.json``, else a
+    DatasetDict folder ``dataset_dict.json`` (anything else is refused by datasets itself)."""
+
+    def check_dataset(where: Path) -> bool:
+        if not ((where / "dataset_info.json").is_file() and (where / "state.json").is_file()):
+            return False
+        state = _json_file(where / "state.json")
+        files = state.get("_data_files") if isinstance(state, dict) else None
+        names = [f.get("filename") if isinstance(f, dict) else f for f in files] if isinstance(files, list) else None
+        _confined(where / "state.json", names, where, "_data_files")
+        return True
+
+    if check_dataset(folder) or not (folder / "dataset_dict.json").is_file():
+        return
+    listing = folder / "dataset_dict.json"
+    content = _json_file(listing)
+    splits = content.get("splits") if isinstance(content, dict) else None
+    _confined(listing, splits, folder, "splits")
+    for split in splits:
+        check_dataset(folder / split)
+
+
 def _load(params: HFDatasetParams, base_dir: Path):
     """The dataset (one split) the params name; a missing or unreadable one is a user error."""
     import datasets
@@ -86,6 +134,7 @@ def _load(params: HFDatasetParams, base_dir: Path):
     datasets.disable_progress_bars()
     try:
         if params.path is not None:
+            _check_saved(base_dir / params.path)
             loaded = datasets.load_from_disk(str(base_dir / params.path))
             where = f"data.path: {base_dir / params.path}"
         else:

@@ -3,6 +3,7 @@ columns through the images preprocessing, text through a local tokenizer; nothin
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -286,3 +287,104 @@ def test_a_saved_dataset_never_reads_files_outside_its_folder(tmp_path, how):
         source = HFDatasetSource(HFDatasetSource.Params(path=path, inputs="a"), tmp_path)
         source.read(np.array([0]))
     shutil.rmtree(tmp_path / "elsewhere")  # nothing of it was kept open
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _bomb_bytes(width: int, height: int) -> bytes:
+    """A PNG whose header says width × height, a few hundred bytes long."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    "stored, message",
+    [
+        (_bomb_bytes(50_000, 50_000), r"row 1 of column 'img' has 2,500,000,000 pixels, more than data.max_pixels"),
+        (b"these bytes are no image", r"row 1 of column 'img' is not a readable image"),
+        ("PATH", r"row 1 of column 'img' names the file '.*outside.png', outside"),
+    ],
+    ids=["bomb", "undecodable", "path outside"],
+)
+def test_a_bad_image_in_an_image_column_is_exit_2_naming_the_dataset_and_row(tmp_path, stored, message):
+    """Images stored in a saved dataset are decoded by layerscope: a decompression bomb, bytes that are no
+    image and a stored path outside the dataset's folder are user errors naming the dataset, row and column
+    (a bomb or bad bytes were tracebacks; a path anywhere was read)."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(_png_bytes(np.full((8, 8), 9, np.uint8)))
+    bad = {"bytes": None, "path": str(outside)} if stored == "PATH" else {"bytes": stored, "path": None}
+    features = datasets.Features({"img": datasets.Image(), "y": datasets.Value("int64")})
+    good = {"bytes": _png_bytes(np.zeros((8, 8), np.uint8)), "path": None}
+    datasets.Dataset.from_dict({"img": [good, good], "y": [0, 1]}, features=features).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    # save_to_disk embeds the files of stored paths: write the bad row into the arrow file as it is
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    with pa.memory_map(str(arrow)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+    column = pa.array([good, bad], type=table.schema.field("img").type)
+    table = table.set_column(0, table.schema.field("img"), column)
+    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    (tmp_path / "spec.yaml").write_text(
+        "model: {source: demo:digits-cnn}\n"
+        "data: {source: hf_dataset, path: saved, inputs: img, label: y, color: grey, resize: [8, 8]}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+    assert re.search(rf"data: {tmp_path / 'saved'}: {message}", proc.stderr), proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_stored_image_paths_are_read_inside_the_data_files_folders(tmp_path, monkeypatch):
+    """The imagefolder builder stores paths, which are read (inside the folder the data files name); a
+    Parquet file naming an image outside its folder is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("LAYERSCOPE_CACHE", str(tmp_path / "cache"))
+    digit_image_folder(tmp_path, 10)
+    source = HFDatasetSource(
+        HFDatasetSource.Params(data_files="digits/**", builder="imagefolder", inputs="image", color="grey"), tmp_path
+    )
+    assert source.read(np.arange(10))[0].shape == (10, 1, 8, 8)
+    (tmp_path / "table").mkdir()
+    (tmp_path / "table" / "in.png").write_bytes(_png_bytes(np.zeros((8, 8), np.uint8)))
+    features = datasets.Features({"img": datasets.Image()})
+    rows = [{"bytes": None, "path": "in.png"}, {"bytes": None, "path": str(tmp_path / "digits" / "0" / "0000.png")}]
+    stored = pa.array(rows, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    table = pa.table({"img": stored}).replace_schema_metadata(
+        {"huggingface": json.dumps({"info": {"features": features.to_dict()}})}
+    )
+    pq.write_table(table, tmp_path / "table" / "rows.parquet")
+    source = HFDatasetSource(HFDatasetSource.Params(data_files="table/rows.parquet", inputs="img"), tmp_path)
+    assert source.read(np.arange(1))[0].shape == (1, 3, 8, 8)  # relative paths start from the files' folder
+    with pytest.raises(UserError, match=r"rows.parquet: row 1 of column 'img' names the file '.*0000.png', outside"):
+        source.read(np.arange(2))

@@ -12,8 +12,10 @@ Columns feed the model:
 
 - ``inputs: image`` (one column: the model's only input) or ``inputs: {pixel_values: image, …}``;
   an image column goes through the same preprocessing as the ``images`` source (``color``,
-  ``resize``, ``center_crop``, ``scale``, ``normalize``, ``layout``), a numeric column is stacked
-  as it is (every row one shape);
+  ``resize``, ``center_crop``, ``scale``, ``normalize``, ``layout``, ``max_pixels``; decoded by
+  layerscope, one image at a time, from the bytes it stores, or from the file a stored path names
+  inside the saved dataset's folder or the data files' folders, relative paths from there), a
+  numeric column is stacked as it is (every row one shape);
 - ``text: sentence`` with ``tokenizer: path/to/tokenizer`` (a folder written by a ``transformers``
   tokenizer's ``save_pretrained``, loaded with ``local_files_only`` and never with its own code: a
   folder whose ``auto_map`` asks for custom code is refused): each text is tokenized to
@@ -179,6 +181,19 @@ def _custom_tokenizer_code(folder: Path) -> str | None:
     return None
 
 
+def _image_roots(params: HFDatasetParams, base_dir: Path) -> list[Path]:
+    """The folders (resolved) an image column's stored paths may name, the first also where relative ones
+    start: a saved dataset's folder, or the folders of the data files (up to a pattern's first wildcard)."""
+    if params.path is not None:
+        return [(base_dir / params.path).resolve()]
+    roots = []
+    for pattern in [params.data_files] if isinstance(params.data_files, str) else params.data_files:
+        parts = Path(pattern).parts
+        wild = next((k for k, part in enumerate(parts) if any(c in part for c in "*?[{")), None)
+        roots.append((base_dir / (Path(*parts[:wild]) if wild is not None else Path(pattern).parent)).resolve())
+    return list(dict.fromkeys(roots))
+
+
 class HFDatasetSource(DataSource):
     name = "hf_dataset"
     Params = HFDatasetParams
@@ -186,12 +201,16 @@ class HFDatasetSource(DataSource):
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)
         try:
-            import datasets  # noqa: F401
+            import datasets
         except ImportError:
             raise UserError(
                 'data.source: hf_dataset needs the datasets package: pip install "layerscope[hf]"'
             ) from None
         self.dataset = _load(params, base_dir)
+        files = [params.data_files] if isinstance(params.data_files, str) else params.data_files
+        self.location = (
+            base_dir / params.path if params.path is not None else ", ".join(str(base_dir / f) for f in files)
+        )
         columns = list(self.dataset.column_names)
         named = {None: params.inputs} if isinstance(params.inputs, str) else dict(params.inputs or {})
         for key, column in [
@@ -202,6 +221,13 @@ class HFDatasetSource(DataSource):
             if column is not None and column not in columns:
                 raise UserError(f"{key}: the dataset has no column '{column}' (its columns: {', '.join(columns)})")
         self.named = named
+        # read without datasets' decoding: image columns as their stored {bytes, path} (decoded here, bounded
+        # and confined), the others as Python values (whatever format the saved state.json asks for)
+        self.images = {c for c in named.values() if isinstance(self.dataset.features[c], datasets.Image)}
+        plain = [c for c in dict.fromkeys([*named.values(), params.text, params.label]) if c and c not in self.images]
+        self._plain = self.dataset.select_columns(plain).with_format(None) if plain else None
+        self._stored = self.dataset.select_columns(sorted(self.images)).with_format("arrow")
+        self._image_roots = _image_roots(params, base_dir)
         self.tokenizer = self._tokenizer(base_dir) if params.text is not None else None
 
     def _tokenizer(self, base_dir: Path):
@@ -233,18 +259,40 @@ class HFDatasetSource(DataSource):
     def has_labels(self) -> bool:
         return self.params.label is not None
 
-    def _column(self, rows: dict, column: str, indices: np.ndarray) -> np.ndarray:
-        """A column of *rows* as one array: images preprocessed, numbers stacked."""
-        from datasets import Image
+    def _images(self, stored: list, column: str, indices: np.ndarray) -> np.ndarray:
+        """The images stored in *column* at *indices* (``{bytes, path}`` each) through the preprocessing, into
+        one batch; a missing, unreadable or oversized image, or a path outside the dataset, names the row."""
+        batch = None
+        for k, (value, index) in enumerate(zip(stored, indices)):
+            where = f"{self.location}: row {index} of column '{column}'"
+            source = self._image_source(value, where)
+            if batch is None:
+                first = self.params(source, where)
+                batch = np.empty((len(stored), *first.shape), np.float32)
+                batch[0] = first
+            else:
+                self.params(source, where, out=batch[k])
+        return batch if batch is not None else np.zeros((0,), np.float32)
 
-        values = rows[column]
-        if isinstance(self.dataset.features[column], Image):
-            return np.stack(
-                [
-                    self.params.process(self.params.converted(image), f"row {i} of column '{column}'")
-                    for image, i in zip(values, indices)
-                ]
+    def _image_source(self, value, where: str) -> bytes | Path:
+        """The bytes of a stored image, or the file its path names: inside the dataset's folder (a saved
+        dataset) or the folders of the data files (relative paths start from the first)."""
+        if isinstance(value, dict) and value.get("bytes") is not None:
+            return value["bytes"]
+        path = value.get("path") if isinstance(value, dict) else None
+        if not path:
+            raise UserError(f"data: {where} holds no image")
+        file = self._image_roots[0] / path
+        if not any(file.resolve().is_relative_to(root) for root in self._image_roots):
+            raise UserError(
+                f"data: {where} names the file '{path}', outside {', '.join(map(str, self._image_roots))}; "
+                "a dataset's images are read only from its own folders"
             )
+        return regular_file(file, f"data: {where}")
+
+    def _column(self, rows: dict, column: str, indices: np.ndarray) -> np.ndarray:
+        """A non-image column of *rows* as one array: numbers stacked."""
+        values = rows[column]
         try:
             array = np.asarray(values)
         except ValueError:
@@ -259,8 +307,15 @@ class HFDatasetSource(DataSource):
 
     def read(self, indices):
         indices = np.asarray(indices)
-        rows = self.dataset[[int(i) for i in indices]]
-        x = {name: self._column(rows, column, indices) for name, column in self.named.items()}
+        keys = [int(i) for i in indices]
+        rows = self._plain[keys] if self._plain is not None else {}
+        stored = self._stored[keys] if self.images else None
+        x = {
+            name: self._images(stored[column].to_pylist(), column, indices)
+            if column in self.images
+            else self._column(rows, column, indices)
+            for name, column in self.named.items()
+        }
         if self.tokenizer is not None:
             encoded = self.tokenizer(
                 list(rows[self.params.text]),
@@ -280,7 +335,7 @@ class HFDatasetSource(DataSource):
     def read_labels(self, indices):
         if self.params.label is None:
             return None
-        return self._labels(self.dataset.select_columns([self.params.label])[[int(i) for i in indices]])
+        return self._labels(self._plain.select_columns([self.params.label])[[int(i) for i in indices]])
 
     def _labels(self, rows: dict) -> np.ndarray | None:
         if self.params.label is None:

@@ -15,7 +15,9 @@ files a manifest lists. Labels (``labels``):
 
 Every image goes through the preprocessing of :mod:`.image_preprocessing` (``color``, ``resize``,
 ``center_crop``, ``scale``, ``normalize``, ``layout``). Batches are decoded on ``threads`` threads
-(Pillow releases the GIL while it decodes) and nothing but the batch is held. Without
+(Pillow releases the GIL while it decodes), each into its sample of the batch, as many at once as
+hold ``max_pixels`` pixels together: nothing but the batch and those images is held (see
+:mod:`.image_preprocessing`). Without
 ``resize: [h, w]`` or ``center_crop`` every image must have the size of the first, which is
 checked from the files' headers before the run starts.
 """
@@ -37,7 +39,7 @@ from layerscope.data.labels import integers_from_text
 from layerscope.util.errors import UserError
 from layerscope.util.files import regular_file
 
-from .image_preprocessing import ImagePreprocessing, opened_image
+from .image_preprocessing import ImagePreprocessing, PixelBudget, opened_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
@@ -134,7 +136,9 @@ class ImagesSource(DataSource):
             self.labels = self._folder_labels(params.labels)
         self._executor: ThreadPoolExecutor | None = None
         if params.output_size is None:
-            self._check_one_size()
+            self.sample_shape = params.sample_shape(*self._check_one_size())
+        else:
+            self.sample_shape = params.sample_shape(*params.output_size[::-1])
 
     def _confined(self, files: list[str], manifest: Path) -> list[Path]:
         """The paths of the manifest's *files*, each inside the folder (no ``..`` out of it, no absolute
@@ -163,11 +167,11 @@ class ImagesSource(DataSource):
             )
         return np.asarray([p[0] for p in parts])
 
-    def _check_one_size(self) -> None:
-        """Every image has the first image's size (read from the headers), since no step fixes the size."""
+    def _check_one_size(self) -> tuple[int, int]:
+        """The (width, height) of every image, the same (read from the headers), since no step fixes the size."""
         first = None
         for path in self.files:
-            with opened_image(path) as image:
+            with opened_image(path, max_pixels=self.params.max_pixels) as image:
                 size = image.size
             if first is None:
                 first = (path, size)
@@ -177,6 +181,7 @@ class ImagesSource(DataSource):
                     f"{path} is {size[0]}×{size[1]}); set resize: [h, w] or center_crop to give "
                     "every sample one shape"
                 )
+        return first[1]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -188,8 +193,12 @@ class ImagesSource(DataSource):
     def read(self, indices):
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.params.threads, thread_name_prefix="layerscope-images")
-        pixels = list(self._executor.map(self.params, [self.files[i] for i in indices]))
-        return np.stack(pixels) if pixels else np.zeros((0,), np.float32), self.read_labels(indices)
+        files = [self.files[i] for i in indices]
+        batch = np.empty((len(files), *self.sample_shape), np.float32)  # each thread decodes into its sample
+        budget = PixelBudget(self.params.max_pixels)  # images decoded at once hold at most max_pixels together
+        for _ in self._executor.map(lambda k: self.params(files[k], out=batch[k], budget=budget), range(len(files))):
+            pass
+        return batch, self.read_labels(indices)
 
     def read_labels(self, indices):
         return self.labels[indices] if self.labels is not None else None

@@ -388,3 +388,37 @@ def test_stored_image_paths_are_read_inside_the_data_files_folders(tmp_path, mon
     assert source.read(np.arange(1))[0].shape == (1, 3, 8, 8)  # relative paths start from the files' folder
     with pytest.raises(UserError, match=r"rows.parquet: row 1 of column 'img' names the file '.*0000.png', outside"):
         source.read(np.arange(2))
+
+
+@pytest.mark.parametrize("how", ["parquet", "saved"])
+def test_a_label_column_of_lists_is_refused_naming_it(tmp_path, monkeypatch, how):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("LAYERSCOPE_CACHE", str(tmp_path / "cache"))
+    columns = {"x": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], "y": [[1, 2], [3], [4]]}
+    if how == "parquet":
+        pq.write_table(pa.table(columns), tmp_path / "d.parquet")
+        params = {"data_files": str(tmp_path / "d.parquet")}
+    else:
+        datasets.Dataset.from_dict(columns).save_to_disk(str(tmp_path / "saved"))
+        params = {"path": str(tmp_path / "saved")}
+    with pytest.raises(UserError, match=r"data.label: column 'y' of .* holds lists of int64, not one class per row"):
+        layerscope.run(
+            {
+                "model": {"source": "demo:digits-mlp"},
+                "data": {"source": "hf_dataset", **params, "inputs": "x", "label": "y"},
+                "analyses": ENTROPY,
+            },
+            write=False,
+            progress=False,
+        )
+
+
+def test_a_class_label_of_minus_one_is_no_class(tmp_path):
+    """Hugging Face marks a missing label -1 in a ClassLabel column: refused, never the last class."""
+    features = datasets.Features({"x": datasets.Value("float32"), "y": datasets.ClassLabel(names=["a", "b"])})
+    datasets.Dataset.from_dict({"x": [1.0, 2.0], "y": [0, -1]}, features=features).save_to_disk(str(tmp_path / "s"))
+    source = HFDatasetSource(HFDatasetSource.Params(path="s", inputs="x", label="y"), tmp_path)
+    with pytest.raises(UserError, match=r"data.label: column 'y' holds -1, not one of its 2 classes"):
+        source.read_labels(np.arange(2))

@@ -181,6 +181,14 @@ def _custom_tokenizer_code(folder: Path) -> str | None:
     return None
 
 
+def _feature_name(feature) -> str:
+    """How an error names a datasets feature: its dtype or type (a list of int64, …)."""
+    inner = getattr(feature, "feature", None)
+    if inner is not None:
+        return f"lists of {_feature_name(inner)}"
+    return getattr(feature, "dtype", None) or type(feature).__name__
+
+
 def _image_roots(params: HFDatasetParams, base_dir: Path) -> list[Path]:
     """The folders (resolved) an image column's stored paths may name, the first also where relative ones
     start: a saved dataset's folder, or the folders of the data files (up to a pattern's first wildcard)."""
@@ -221,6 +229,7 @@ class HFDatasetSource(DataSource):
             if column is not None and column not in columns:
                 raise UserError(f"{key}: the dataset has no column '{column}' (its columns: {', '.join(columns)})")
         self.named = named
+        self._check_label()
         # read without datasets' decoding: image columns as their stored {bytes, path} (decoded here, bounded
         # and confined), the others as Python values (whatever format the saved state.json asks for)
         self.images = {c for c in named.values() if isinstance(self.dataset.features[c], datasets.Image)}
@@ -258,6 +267,20 @@ class HFDatasetSource(DataSource):
     @property
     def has_labels(self) -> bool:
         return self.params.label is not None
+
+    def _check_label(self) -> None:
+        """The label column holds one class per row: a ClassLabel, integers, floats, booleans or strings."""
+        from datasets import ClassLabel, Value
+
+        if self.params.label is None:
+            return
+        feature = self.dataset.features[self.params.label]
+        kinds = ("bool", "int", "uint", "float", "string", "large_string")
+        if not (isinstance(feature, ClassLabel) or isinstance(feature, Value) and feature.dtype.startswith(kinds)):
+            raise UserError(
+                f"data.label: column '{self.params.label}' of {self.location} holds "
+                f"{_feature_name(feature)}, not one class per row; name a column of integers or strings"
+            )
 
     def _images(self, stored: list, column: str, indices: np.ndarray) -> np.ndarray:
         """The images stored in *column* at *indices* (``{bytes, path}`` each) through the preprocessing, into
@@ -344,7 +367,15 @@ class HFDatasetSource(DataSource):
 
         values = np.asarray(rows[self.params.label])
         feature = self.dataset.features[self.params.label]
-        return np.asarray(feature.names)[values] if isinstance(feature, ClassLabel) else values
+        if not isinstance(feature, ClassLabel):
+            return values
+        if values.dtype.kind not in "iu" or values.size and not 0 <= values.min() <= values.max() < len(feature.names):
+            bad = next(v for v in values.tolist() if not (isinstance(v, int) and 0 <= v < len(feature.names)))
+            raise UserError(
+                f"data.label: column '{self.params.label}' holds {bad!r}, not one of its {len(feature.names)} "
+                "classes (-1: no label)"
+            )
+        return np.asarray(feature.names)[values]
 
     def describe(self) -> str:
         return f"hf_dataset {self.params.path or self.params.data_files}"

@@ -69,14 +69,22 @@ def _pyarrow():
 
 def match_columns(patterns: list[str], columns: list[str], key: str) -> list[str]:
     """The *columns* that *patterns* name (exact names in the given order, globs in the file's order),
-    each once; a pattern that matches nothing is a user error naming *key*."""
-    chosen: list[str] = []
+    each once; a pattern that matches nothing is a user error naming *key*. Linear in the number of
+    columns for a given number of globs (a name is looked up, a glob scans the columns once)."""
+    names = set(columns)
+    chosen: dict[str, None] = {}  # insertion-ordered, each column once
     for pattern in patterns:
-        matched = [pattern] if pattern in columns else fnmatch.filter(columns, pattern)
+        matched = [pattern] if pattern in names else fnmatch.filter(columns, pattern)
         if not matched:
-            raise UserError(f"{key}: no column matches '{pattern}' (the columns: {', '.join(columns)})")
-        chosen.extend(c for c in matched if c not in chosen)
-    return chosen
+            raise UserError(f"{key}: no column matches '{pattern}' (the columns: {listing(columns)})")
+        chosen.update(dict.fromkeys(matched))
+    return list(chosen)
+
+
+def listing(columns: list[str], most: int = 20) -> str:
+    """*columns* for an error message: the first *most* names, then how many more."""
+    shown = ", ".join(columns[:most])
+    return shown + (f", … ({len(columns)} columns)" if len(columns) > most else "")
 
 
 class Table:
@@ -91,9 +99,7 @@ class Table:
         self.delimiter = "\t" if suffix == ".tsv" and "delimiter" not in params.model_fields_set else params.delimiter
         self.columns = self._header()
         if params.label is not None and params.label not in self.columns:
-            raise UserError(
-                f"data.label: {path} has no column '{params.label}' (the columns: {', '.join(self.columns)})"
-            )
+            raise UserError(f"data.label: {path} has no column '{params.label}' (the columns: {listing(self.columns)})")
         others = [c for c in self.columns if c != params.label]
         if params.inputs is not None:
             self.groups = {name: match_columns(p, others, f"data.inputs.{name}") for name, p in params.inputs.items()}

@@ -44,6 +44,7 @@ def _small_chunks(monkeypatch):
     """Chunks of a few rows, so that every test streams many chunks."""
     monkeypatch.setattr(table_module, "CHUNK_ROWS", 16)
     monkeypatch.setattr(table_module, "CSV_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(table_module, "CSV_BLOCK_ROWS", 2)
 
 
 @pytest.mark.parametrize("kind", ["csv", "tsv", "parquet"])
@@ -169,3 +170,35 @@ def test_column_matching_is_linear_in_the_number_of_columns(monkeypatch, columns
     comparisons, _Counted.limit = _Counted.comparisons, float("inf")
     assert comparisons <= 2 * columns and globs == ["c1*"]
     assert chosen == names[::-1]
+
+
+def test_rows_longer_than_a_block_are_read_in_chunks_of_many_rows(tmp_path, monkeypatch):
+    """Rows of 12 KiB with 4 KiB blocks (pyarrow refused a row straddling two blocks: "increase the block
+    size", which a user cannot): the blocks are sized from the longest row, CSV_BLOCK_ROWS rows at least."""
+    monkeypatch.setattr(table_module, "CSV_BLOCK_ROWS", 8)
+    digits = "0" * 60
+    rows = np.arange(40 * 200, dtype=np.float64).reshape(40, 200)
+    lines = [",".join(f"{v:.0f}.{digits}" for v in row) for row in rows]
+    (tmp_path / "d.csv").write_text(",".join(f"f{i}" for i in range(200)) + "\n" + "\n".join(lines) + "\n")
+    assert min(map(len, lines)) > 3 * 4096
+    chunks = []
+    original = table_module._feature_block
+    monkeypatch.setattr(
+        table_module, "_feature_block", lambda batch, *a: (chunks.append(batch.num_rows), original(batch, *a))[1]
+    )
+    source = TableSource(TableSource.Params(path="d.csv"), tmp_path)
+    np.testing.assert_array_equal(source.read(np.arange(40))[0], rows.astype(np.float32))
+    assert sum(chunks) == 40 and len(chunks) <= 40 // 8 + 1, chunks
+
+
+@pytest.mark.slow
+def test_a_row_over_2_mib_with_the_default_blocks(tmp_path, monkeypatch):
+    """Real rows of 2.3 MiB (20,000 values of 115 characters) with the default block sizes: each row
+    straddled two boundaries of pyarrow's 1 MiB blocks, which it refused ("increase block size")."""
+    monkeypatch.undo()  # the default chunk sizes
+    value = "1." + "0" * 113
+    row = ",".join([value] * 20_000)
+    (tmp_path / "d.csv").write_text(",".join(f"f{i}" for i in range(20_000)) + "\n" + "\n".join([row] * 3) + "\n")
+    assert len(row) > 2 << 20 and table_module.CSV_BLOCK_BYTES == 1 << 20
+    source = TableSource(TableSource.Params(path="d.csv"), tmp_path)
+    assert len(source) == 3 and (source.read(np.arange(3))[0] == 1.0).all()

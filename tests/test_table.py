@@ -202,3 +202,9 @@ def test_a_row_over_2_mib_with_the_default_blocks(tmp_path, monkeypatch):
     assert len(row) > 2 << 20 and table_module.CSV_BLOCK_BYTES == 1 << 20
     source = TableSource(TableSource.Params(path="d.csv"), tmp_path)
     assert len(source) == 3 and (source.read(np.arange(3))[0] == 1.0).all()
+
+
+def test_a_parquet_label_column_of_lists_is_refused_naming_it(tmp_path):
+    pq.write_table(pa.table({"a": [1.0, 2.0, 3.0], "y": [[1, 2], [3], [4]]}), tmp_path / "d.parquet")
+    with pytest.raises(UserError, match=r"data.label: column 'y' of .*d.parquet holds list<.*int64>, not one class"):
+        TableSource(TableSource.Params(path="d.parquet", label="y"), tmp_path)

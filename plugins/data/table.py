@@ -105,6 +105,8 @@ class Table:
         self.columns = self._header()
         if params.label is not None and params.label not in self.columns:
             raise UserError(f"data.label: {path} has no column '{params.label}' (the columns: {listing(self.columns)})")
+        if self.format == "parquet" and params.label is not None:
+            _check_label_type(self.schema.field(params.label).type, params.label, path)
         others = [c for c in self.columns if c != params.label]
         if params.inputs is not None:
             self.groups = {name: match_columns(p, others, f"data.inputs.{name}") for name, p in params.inputs.items()}
@@ -181,6 +183,20 @@ def longest_line(path: Path) -> tuple[int, int]:
             lines += len(ends)
             current = len(chunk) - int(ends[-1]) - 1
     return (current, lines) if current > longest else (longest, where)
+
+
+def _check_label_type(kind, name: str, path: Path) -> None:
+    """A Parquet label column holds one class per row: integers, floats, booleans or strings."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    checks = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_string)
+    if not any(check(kind) for check in (*checks, pa.types.is_large_string)):
+        raise UserError(
+            f"data.label: column '{name}' of {path} holds {kind}, not one class per row; name a column of "
+            "integers or strings"
+        )
 
 
 def _check_filled(column, name: str, first_row: int, key: str = "data") -> None:

@@ -208,3 +208,29 @@ def test_a_parquet_label_column_of_lists_is_refused_naming_it(tmp_path):
     pq.write_table(pa.table({"a": [1.0, 2.0, 3.0], "y": [[1, 2], [3], [4]]}), tmp_path / "d.parquet")
     with pytest.raises(UserError, match=r"data.label: column 'y' of .*d.parquet holds list<.*int64>, not one class"):
         TableSource(TableSource.Params(path="d.parquet", label="y"), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_file_changed_while_it_is_read_is_refused_never_mixed(tmp_path, monkeypatch, kind):
+    """Another program rewrites the file (same size) while the stream is between chunks: the run stops
+    naming the file, nothing is cached, and the next run reads the new file whole (not old rows and new)."""
+    import time
+
+    path = _write(tmp_path, {"a": np.arange(2000.0), "b": np.zeros(2000)}, kind)  # chunks of 16 rows or 4 KiB
+    original = table_module.Table.chunks
+
+    def rewritten_meanwhile(self):
+        for index, batch in enumerate(original(self)):
+            if index == 1:
+                time.sleep(0.05)  # past the file system's timestamp granularity
+                _write(tmp_path, {"a": np.arange(2000.0), "b": np.ones(2000)}, kind)
+            yield batch
+
+    monkeypatch.setattr(table_module.Table, "chunks", rewritten_meanwhile)
+    with pytest.raises(UserError, match=rf"data.path: {path} changed while it was read; run again"):
+        TableSource(TableSource.Params(path=path.name), tmp_path)
+    monkeypatch.setattr(table_module.Table, "chunks", original)
+    assert (
+        TableSource(TableSource.Params(path=path.name), tmp_path).read(np.arange(2000))[0][:, 1].tolist()
+        == [1.0] * 2000
+    )

@@ -9,8 +9,9 @@ model with several inputs one group of columns each instead. ``label`` names the
 The file is streamed once, in chunks of rows (pyarrow's CSV reader, its blocks sized to hold many of
 the file's longest row, so that rows of any length up to 1 GiB are read; Parquet row groups), into
 plain float32 arrays in layerscope's cache folder (``tables/``, keyed by the file's path, size and
-modification time and by these keys); runs and workers then read any rows, in any order, from those
-arrays by memory map. Memory stays flat whatever the file's size; the cache holds 4 bytes per
+modification time and by these keys; a file that changes while it is streamed, as another program
+writes it, is refused, never a mix of its old and new rows); runs and workers then read any rows, in
+any order, from those arrays by memory map. Memory stays flat whatever the file's size; the cache holds 4 bytes per
 feature value. Feature values must be numbers: an empty cell or text is an error naming the column
 and the row (rows count from 1 after the header).
 """
@@ -267,6 +268,12 @@ def convert(table: Table, target: Path) -> None:
     (target / "meta.json").write_text(json.dumps(meta))
 
 
+def _version(stat: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file from another: its inode, size and modification and change times
+    (a rewrite in place changes the times, a replacement the inode)."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def cached_arrays(table: Table) -> Path:
     """The folder of *table*'s converted arrays in the cache, converting it first (once, under a lock,
     when the file, its size or modification time, or the keys that select its columns changed)."""
@@ -293,6 +300,8 @@ def cached_arrays(table: Table) -> Path:
             scratch = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
             try:
                 convert(table, scratch / "arrays")
+                if _version(table.path.stat()) != _version(stat):  # written meanwhile: rows old and new
+                    raise UserError(f"data.path: {table.path} changed while it was read; run again once it is written")
                 os.replace(scratch / "arrays", folder)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -6,6 +6,9 @@ is collected."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +194,238 @@ def test_an_image_folder_through_the_imagefolder_builder(tmp_path, monkeypatch):
     reference = np.lexsort(expected.reshape(len(expected), -1).T[::-1])
     np.testing.assert_array_equal(x[order], expected[reference])
     assert y[order].tolist() == expected_names[reference].tolist() and len(source) == 30
+
+
+def _token_model(path: Path, length: int) -> Path:
+    """A real ONNX model of input_ids and attention_mask (int64, batch × length): relu(ids · mask)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", length]) for n in ("input_ids", "attention_mask")
+    ]
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["ids", "mask"], ["product"]),
+        helper.make_node("Relu", ["product"], ["y"]),
+    ]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", length])
+    model = helper.make_model(
+        helper.make_graph(nodes, "tokens", inputs, [output]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("declared_class", ["EvilTokenizer", "BertTokenizer"])
+def test_a_tokenizer_with_custom_code_never_runs_it_even_when_stdin_says_yes(tmp_path, declared_class):
+    """A tokenizer folder whose tokenizer_config.json maps AutoTokenizer to a module of its own: transformers
+    would ask on stdin whether to run it; answered "y", it must still not run, and the run exits 2 naming
+    data.tokenizer and the folder (whether or not the folder also names a class transformers has)."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    tokenizer = _tokenizer(tmp_path)
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    config.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}, tokenizer_class=declared_class)
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(config))
+    marker = tmp_path / "MARKER"
+    (tokenizer / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import BertTokenizerFast\n\n\nclass EvilTokenizer(BertTokenizerFast):\n    pass\n"
+    )
+    datasets.Dataset.from_dict({"sentence": ["the cat sat", "a dog ran"], "label": [0, 1]}).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    _token_model(tmp_path / "tokens.onnx", 8)
+    (tmp_path / "spec.yaml").write_text(
+        "model: {source: tokens.onnx}\n"
+        "data: {source: hf_dataset, path: saved, text: sentence, tokenizer: tokenizer, max_length: 8, label: label}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")],
+        input="y\ny\ny\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+        timeout=300,
+    )
+    assert not marker.exists(), "the tokenizer's module ran"
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"data.tokenizer: {tokenizer}" in proc.stderr and "custom code" in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("how", ["climbing", "absolute", "link", "split"])
+def test_a_saved_dataset_never_reads_files_outside_its_folder(tmp_path, how):
+    """The arrow files a save_to_disk folder's state.json names (and the splits its dataset_dict.json
+    names) must lie inside it: a '..' path, an absolute path or a link leading out is refused naming the
+    file and the entry, and the files outside are never read."""
+    import json
+    import shutil
+
+    datasets.Dataset.from_dict({"a": [[1.0, 2.0], [3.0, 4.0]]}).save_to_disk(str(tmp_path / "elsewhere"))
+    datasets.Dataset.from_dict({"a": [[5.0, 6.0]]}).save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "elsewhere").glob("*.arrow"))
+    state_file = tmp_path / "saved" / "state.json"
+    state = json.loads(state_file.read_text())
+    if how == "split":
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict({"a": [[5.0, 6.0]]})}).save_to_disk(
+            str(tmp_path / "dict")
+        )
+        (tmp_path / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["../elsewhere"]}))
+        path, listing, entry = "dict", tmp_path / "dict" / "dataset_dict.json", "../elsewhere"
+    else:
+        entry = {"climbing": "../elsewhere/" + arrow.name, "absolute": str(arrow), "link": "link.arrow"}[how]
+        if how == "link":
+            (tmp_path / "saved" / "link.arrow").symlink_to(arrow)
+        for name in state["_data_files"]:
+            (tmp_path / "saved" / name["filename"]).unlink()
+        state["_data_files"] = [{"filename": entry}]
+        state_file.write_text(json.dumps(state))
+        path, listing = "saved", state_file
+    with pytest.raises(UserError, match=rf"data.path: {listing}: '{re.escape(entry)}' lies outside"):
+        source = HFDatasetSource(HFDatasetSource.Params(path=path, inputs="a"), tmp_path)
+        source.read(np.array([0]))
+    shutil.rmtree(tmp_path / "elsewhere")  # nothing of it was kept open
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _bomb_bytes(width: int, height: int) -> bytes:
+    """A PNG whose header says width × height, a few hundred bytes long."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    "stored, message",
+    [
+        (_bomb_bytes(50_000, 50_000), r"row 1 of column 'img' has 2,500,000,000 pixels, more than data.max_pixels"),
+        (b"these bytes are no image", r"row 1 of column 'img' is not a readable image"),
+        ("PATH", r"row 1 of column 'img' names the file '.*outside.png', outside"),
+    ],
+    ids=["bomb", "undecodable", "path outside"],
+)
+def test_a_bad_image_in_an_image_column_is_exit_2_naming_the_dataset_and_row(tmp_path, stored, message):
+    """Images stored in a saved dataset are decoded by layerscope: a decompression bomb, bytes that are no
+    image and a stored path outside the dataset's folder are user errors naming the dataset, row and column
+    (a bomb or bad bytes were tracebacks; a path anywhere was read)."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(_png_bytes(np.full((8, 8), 9, np.uint8)))
+    bad = {"bytes": None, "path": str(outside)} if stored == "PATH" else {"bytes": stored, "path": None}
+    features = datasets.Features({"img": datasets.Image(), "y": datasets.Value("int64")})
+    good = {"bytes": _png_bytes(np.zeros((8, 8), np.uint8)), "path": None}
+    datasets.Dataset.from_dict({"img": [good, good], "y": [0, 1]}, features=features).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    # save_to_disk embeds the files of stored paths: write the bad row into the arrow file as it is
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    with pa.memory_map(str(arrow)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+    column = pa.array([good, bad], type=table.schema.field("img").type)
+    table = table.set_column(0, table.schema.field("img"), column)
+    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    (tmp_path / "spec.yaml").write_text(
+        "model: {source: demo:digits-cnn}\n"
+        "data: {source: hf_dataset, path: saved, inputs: img, label: y, color: grey, resize: [8, 8]}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+    assert re.search(rf"data: {tmp_path / 'saved'}: {message}", proc.stderr), proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_stored_image_paths_are_read_inside_the_data_files_folders(tmp_path, monkeypatch):
+    """The imagefolder builder stores paths, which are read (inside the folder the data files name); a
+    Parquet file naming an image outside its folder is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("LAYERSCOPE_CACHE", str(tmp_path / "cache"))
+    digit_image_folder(tmp_path, 10)
+    source = HFDatasetSource(
+        HFDatasetSource.Params(data_files="digits/**", builder="imagefolder", inputs="image", color="grey"), tmp_path
+    )
+    assert source.read(np.arange(10))[0].shape == (10, 1, 8, 8)
+    (tmp_path / "table").mkdir()
+    (tmp_path / "table" / "in.png").write_bytes(_png_bytes(np.zeros((8, 8), np.uint8)))
+    features = datasets.Features({"img": datasets.Image()})
+    rows = [{"bytes": None, "path": "in.png"}, {"bytes": None, "path": str(tmp_path / "digits" / "0" / "0000.png")}]
+    stored = pa.array(rows, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    table = pa.table({"img": stored}).replace_schema_metadata(
+        {"huggingface": json.dumps({"info": {"features": features.to_dict()}})}
+    )
+    pq.write_table(table, tmp_path / "table" / "rows.parquet")
+    source = HFDatasetSource(HFDatasetSource.Params(data_files="table/rows.parquet", inputs="img"), tmp_path)
+    assert source.read(np.arange(1))[0].shape == (1, 3, 8, 8)  # relative paths start from the files' folder
+    with pytest.raises(UserError, match=r"rows.parquet: row 1 of column 'img' names the file '.*0000.png', outside"):
+        source.read(np.arange(2))
+
+
+@pytest.mark.parametrize("how", ["parquet", "saved"])
+def test_a_label_column_of_lists_is_refused_naming_it(tmp_path, monkeypatch, how):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("LAYERSCOPE_CACHE", str(tmp_path / "cache"))
+    columns = {"x": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], "y": [[1, 2], [3], [4]]}
+    if how == "parquet":
+        pq.write_table(pa.table(columns), tmp_path / "d.parquet")
+        params = {"data_files": str(tmp_path / "d.parquet")}
+    else:
+        datasets.Dataset.from_dict(columns).save_to_disk(str(tmp_path / "saved"))
+        params = {"path": str(tmp_path / "saved")}
+    with pytest.raises(UserError, match=r"data.label: column 'y' of .* holds lists of int64, not one class per row"):
+        layerscope.run(
+            {
+                "model": {"source": "demo:digits-mlp"},
+                "data": {"source": "hf_dataset", **params, "inputs": "x", "label": "y"},
+                "analyses": ENTROPY,
+            },
+            write=False,
+            progress=False,
+        )
+
+
+def test_a_class_label_of_minus_one_is_no_class(tmp_path):
+    """Hugging Face marks a missing label -1 in a ClassLabel column: refused, never the last class."""
+    features = datasets.Features({"x": datasets.Value("float32"), "y": datasets.ClassLabel(names=["a", "b"])})
+    datasets.Dataset.from_dict({"x": [1.0, 2.0], "y": [0, -1]}, features=features).save_to_disk(str(tmp_path / "s"))
+    source = HFDatasetSource(HFDatasetSource.Params(path="s", inputs="x", label="y"), tmp_path)
+    with pytest.raises(UserError, match=r"data.label: column 'y' holds -1, not one of its 2 classes"):
+        source.read_labels(np.arange(2))

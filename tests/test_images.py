@@ -4,6 +4,7 @@ records equal those of the same pixels through npz, and bad folders are user err
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -277,3 +278,248 @@ def test_the_example_images_spec_runs_on_scikit_image_samples(repo, tmp_path):
     assert {r.get("class") for r in results.records} >= {"photo", "texture"}
     assert all(np.isfinite(r["value"]) for r in results.records)
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("entry", ["../outside.png", "ABSOLUTE", "sub/../../outside.png", "link.png"])
+@pytest.mark.parametrize("manifest", ["csv", "json"])
+def test_a_manifest_entry_outside_the_image_folder_is_refused(tmp_path, entry, manifest):
+    """A manifest lists images inside data.path: a relative path climbing out of it, an absolute path and
+    a link inside the folder pointing out are refused naming the manifest and the entry, never read."""
+    outside = _save(tmp_path / "outside.png", np.full((4, 4), 200, np.uint8))
+    _save(tmp_path / "img" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "img" / "link.png").symlink_to(outside)
+    entry = str(outside) if entry == "ABSOLUTE" else entry
+    if manifest == "csv":
+        (tmp_path / "labels.csv").write_text(f"file,label\na.png,0\n{entry},1\n")
+    else:
+        (tmp_path / "labels.json").write_text(json.dumps({"a.png": 0, entry: 1}))
+    data = {"source": "images", "path": str(tmp_path / "img"), "manifest": str(tmp_path / f"labels.{manifest}")}
+    with pytest.raises(
+        UserError, match=rf"data.manifest: .*labels.{manifest}: entry 2 \('{re.escape(entry)}'\) lies outside"
+    ):
+        layerscope.run(
+            {
+                "model": {"source": "demo:digits-cnn"},
+                "data": {**data, "color": "grey", "resize": [8, 8]},
+                "analyses": ANALYSES[:1],
+            },
+            out=tmp_path / "out",
+            progress=False,
+        )
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_manifest_link_out_of_the_folder_is_exit_2_from_the_cli(tmp_path):
+    outside = _save(tmp_path / "outside.png", np.full((4, 4), 200, np.uint8))
+    _save(tmp_path / "img" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "img" / "link.png").symlink_to(outside)
+    (tmp_path / "labels.csv").write_text("file,label\na.png,0\nlink.png,1\n")
+    (tmp_path / "spec.yaml").write_text(
+        "model: {source: demo:digits-cnn}\n"
+        "data: {source: images, path: img, manifest: labels.csv, color: grey, resize: [8, 8]}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+    assert "labels.csv: entry 2 ('link.png') lies outside" in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+# --- bit depths and modes: every image on the 8-bit scale, or refused by name ----------------------------
+
+GRADIENT = np.array([[0, 66, 133, 199, 255]], np.uint8)  # one row; the 8-bit values every depth must give
+
+
+def _depths(folder: Path) -> dict[str, Path]:
+    """Folders of one image each: GRADIENT stored as 8- and 16-bit PNG, 16-bit big-endian TIFF, 16-bit
+    PGM, 32-bit unsigned and signed integer TIFF and 32-bit float TIFF (each value the type's maximum · v/255)."""
+    import tifffile
+
+    g = GRADIENT.astype(np.int64)
+    writers = {
+        "8-bit png": ("g.png", lambda p: Image.fromarray(GRADIENT).save(p)),
+        "16-bit png": ("g.png", lambda p: Image.fromarray((g * 257).astype(np.uint16)).save(p)),
+        "16-bit tiff I;16B": ("g.tif", lambda p: tifffile.imwrite(p, (g * 257).astype(np.uint16), byteorder=">")),
+        "16-bit pgm": ("g.pgm", lambda p: p.write_bytes(b"P5\n5 1\n65535\n" + (g * 257).astype(">u2").tobytes())),
+        "32-bit unsigned tiff": ("g.tif", lambda p: tifffile.imwrite(p, (g * 16843009).astype(np.uint32))),
+        "32-bit signed tiff": (
+            "g.tif",
+            lambda p: tifffile.imwrite(p, np.round(g * (2**31 - 1) / 255).astype(np.int32)),
+        ),
+        "float tiff": ("g.tif", lambda p: tifffile.imwrite(p, (g / 255).astype(np.float32))),
+    }
+    folders = {}
+    for index, (name, (file, write)) in enumerate(writers.items()):
+        folders[name] = folder / str(index)
+        folders[name].mkdir(parents=True)
+        write(folders[name] / file)
+    return folders
+
+
+def test_every_bit_depth_gives_the_values_of_the_8_bit_image(tmp_path):
+    """16-bit PNG/TIFF/PGM, 32-bit integer and float TIFFs of one gradient give the 8-bit image's values
+    (a 16-bit gradient was clipped to [0, 1, 1, 1, 1], 32-bit ones to all 1.0): each by its type's range."""
+    folders = _depths(tmp_path)
+    assert Image.open(folders["16-bit png"] / "g.png").mode == "I;16"
+    assert Image.open(folders["16-bit tiff I;16B"] / "g.tif").mode == "I;16B"
+    expected = GRADIENT.astype(np.float32) * np.float32(1 / 255)  # as the 8-bit image: times scale
+    reference = _read(folders["8-bit png"], color="grey", resize=[2, 9], scale=1.0)[0, 0]
+    for name, folder in folders.items():
+        exact = not ("32-bit" in name or "float" in name)
+        for color, channels in (("grey", 1), ("rgb", 3)):
+            got = _read(folder, color=color)[0]
+            np.testing.assert_allclose(
+                got, np.repeat(expected[None], channels, 0), 0, 0 if exact else 1e-6, err_msg=name
+            )
+        # scale keeps its meaning: multiplies the 0..255 values of the 8-bit image
+        got = _read(folder, color="grey", scale=1.0)[0, 0]
+        np.testing.assert_allclose(got, GRADIENT.astype(np.float32), rtol=0, atol=0 if exact else 3e-4, err_msg=name)
+        # resized, a deep image keeps its precision: within the 8-bit image's rounding
+        got = _read(folder, color="grey", resize=[2, 9], scale=1.0)[0, 0]
+        np.testing.assert_allclose(got, reference, rtol=0, atol=0.5 + 1e-3, err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["negative int16", "negative int32", "nan float"])
+def test_pixels_with_no_place_on_the_scale_are_refused_naming_the_file(tmp_path, case):
+    import tifffile
+
+    values = {
+        "negative int16": np.array([[0, -5, 300]], np.int16),
+        "negative int32": np.array([[0, -5, 300]], np.int32),
+        "nan float": np.array([[0.0, np.nan, 0.5]], np.float32),
+    }[case]
+    (tmp_path / "img").mkdir()
+    tifffile.imwrite(tmp_path / "img" / "x.tif", values)
+    message = r"x.tif has negative pixels" if "negative" in case else r"x.tif has pixels that are not finite"
+    with pytest.raises(UserError, match=r"data: .*" + message):
+        _read(tmp_path / "img", color="grey")
+
+
+def test_palette_alpha_cmyk_and_1_bit_images_give_their_colours(tmp_path):
+    """Modes of 8 bits per channel are converted by Pillow: a palette gives its colours, LA its grey
+    (alpha dropped), CMYK Pillow's conversion (0 ink white, full black ink black), 1-bit 0 and 1."""
+    folder = tmp_path / "modes"
+    palette = Image.new("P", (3, 1))
+    palette.putpalette([10, 20, 30, 200, 100, 0, 255, 255, 255] + [0] * 759)
+    palette.putdata([0, 1, 2])
+    colours = np.array([[10, 20, 30], [200, 100, 0], [255, 255, 255]], np.float32)
+    for name, image in {
+        "p.png": palette,
+        "la.png": Image.fromarray(np.array([[[0, 255], [128, 0], [255, 10]]], np.uint8), "LA"),
+        "cmyk.tif": Image.fromarray(np.array([[[0, 0, 0, 0], [0, 0, 0, 255], [255, 0, 0, 0]]], np.uint8), "CMYK"),
+        "bits.png": Image.fromarray(np.array([[False, True, True]])),
+    }.items():
+        (folder / name[:-4]).mkdir(parents=True)
+        image.save(folder / name[:-4] / name)
+    rgb = {name: _read(folder / name, scale=1.0, layout="nhwc")[0, 0] for name in ("p", "la", "cmyk", "bits")}
+    np.testing.assert_array_equal(rgb["p"], colours)
+    np.testing.assert_array_equal(rgb["la"], np.repeat([[0.0], [128.0], [255.0]], 3, 1))
+    np.testing.assert_array_equal(rgb["cmyk"], [[255, 255, 255], [0, 0, 0], [0, 255, 255]])
+    np.testing.assert_array_equal(rgb["bits"], np.repeat([[0.0], [255.0], [255.0]], 3, 1))
+    grey = _read(folder / "p", color="grey", scale=1.0)[0, 0, 0]
+    r, g, b = colours.T.astype(np.int64)
+    np.testing.assert_array_equal(grey, ((19595 * r + 38470 * g + 7471 * b + 0x8000) >> 16).astype(np.float32))
+    assert _read(folder / "bits", color="grey")[0, 0, 0].tolist() == [0.0, 1.0, 1.0]
+
+
+# --- huge images: refused by their header, and a batch holds the samples plus one image per thread -------
+
+
+def _bomb_png(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header says width × height, a few hundred bytes on disk (its data is a few rows)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.parametrize("resize", [None, [8, 8]])
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, resize):
+    _save(tmp_path / "img" / "a" / "ok.png", np.zeros((8, 8), np.uint8))
+    _bomb_png(tmp_path / "img" / "a" / "bomb.png", 50_000, 50_000)
+    with pytest.raises(UserError, match=r"data: .*bomb.png has 2,500,000,000 pixels, more than data.max_pixels"):
+        layerscope.run(
+            {
+                "model": {"source": "demo:digits-cnn"},
+                "data": {"source": "images", "path": str(tmp_path / "img"), "color": "grey", "resize": resize},
+                "analyses": ANALYSES[:1],
+            },
+            out=tmp_path / "out",
+            progress=False,
+        )
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_decompression_bomb_is_exit_2_from_the_cli(tmp_path):
+    _bomb_png(tmp_path / "img" / "bomb.png", 50_000, 50_000)
+    (tmp_path / "spec.yaml").write_text(
+        "model: {source: demo:digits-cnn}\n"
+        "data: {source: images, path: img, color: grey, resize: [8, 8]}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+    assert "bomb.png has 2,500,000,000 pixels, more than data.max_pixels (89,478,485)" in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_max_pixels_is_checked_from_the_header_and_can_be_raised(tmp_path):
+    _save(tmp_path / "img" / "big.png", np.full((300, 400), 7, np.uint8))
+    with pytest.raises(UserError, match=r"big.png has 400×300 = 120,000 pixels, more than data.max_pixels \(100,000\)"):
+        _read(tmp_path / "img", color="grey", resize=[4, 4], max_pixels=100_000)
+    assert _read(tmp_path / "img", color="grey", resize=[4, 4], max_pixels=120_000, scale=1.0).max() == 7.0
+    with pytest.raises(ValueError, match="less than or equal to 178956970"):
+        ImagesSource.Params(path=".", max_pixels=200_000_000)
+
+
+def test_threads_decode_at_once_only_images_within_max_pixels(tmp_path, monkeypatch):
+    """Four 300×300 images (90,000 pixels each) on four threads: with max_pixels 100,000 they are decoded
+    one after another (a batch holds its samples and one decoded image, not one per thread: three
+    12000×12000 PNGs took 2.3 GB), with 400,000 several at once."""
+    import threading
+    import time
+
+    from layerscope.plugins.data.image_preprocessing import ImagePreprocessing
+
+    for index in range(4):
+        _save(tmp_path / "img" / f"{index}.png", np.full((300, 300), index, np.uint8))
+    lock, decoding, most = threading.Lock(), [0], [0]
+    original = ImagePreprocessing._pixels
+
+    def counted(self, image, where):
+        with lock:
+            decoding[0] += 1
+            most[0] = max(most[0], decoding[0])
+        try:
+            time.sleep(0.05)
+            return original(self, image, where)
+        finally:
+            with lock:
+                decoding[0] -= 1
+
+    monkeypatch.setattr(ImagePreprocessing, "_pixels", counted)
+    at_once = {}
+    for max_pixels in (100_000, 400_000):
+        most[0] = 0
+        x = _read(tmp_path / "img", color="grey", resize=[4, 4], threads=4, max_pixels=max_pixels, scale=1.0)
+        assert x[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+        at_once[max_pixels] = most[0]
+    assert at_once[100_000] == 1 and at_once[400_000] > 1, at_once

@@ -44,6 +44,7 @@ def _small_chunks(monkeypatch):
     """Chunks of a few rows, so that every test streams many chunks."""
     monkeypatch.setattr(table_module, "CHUNK_ROWS", 16)
     monkeypatch.setattr(table_module, "CSV_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(table_module, "CSV_BLOCK_ROWS", 2)
 
 
 @pytest.mark.parametrize("kind", ["csv", "tsv", "parquet"])
@@ -135,3 +136,101 @@ def test_non_numeric_parquet_features_and_bad_files(tmp_path):
         TableSource(TableSource.Params(path="bad.parquet"), tmp_path)
     with pytest.raises(ValueError, match="either features .* or inputs"):
         TableSource.Params(path="d.csv", features=["a"], inputs={"x": ["a"]})
+
+
+class _Counted(str):
+    """A column name that counts the comparisons made with it (and stops a quadratic algorithm early)."""
+
+    comparisons = 0
+    limit = 0
+
+    def __eq__(self, other):
+        _Counted.comparisons += 1
+        if _Counted.comparisons > _Counted.limit:
+            raise AssertionError(f"more than {_Counted.limit} name comparisons: quadratic in the columns")
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+@pytest.mark.parametrize("columns", [20_000, 100_000])
+def test_column_matching_is_linear_in_the_number_of_columns(monkeypatch, columns):
+    """Every column named exactly (in reverse), then a glob over them all: a name comparison or two per
+    column and one scan per glob (the matching was quadratic: 20k columns 9.8 s, 100k past 400 s)."""
+    import fnmatch
+
+    names = [_Counted(f"c{i}") for i in range(columns)]
+    globs = []
+    monkeypatch.setattr(
+        fnmatch, "filter", lambda names, pattern, real=fnmatch.filter: (globs.append(pattern), real(names, pattern))[1]
+    )
+    monkeypatch.setattr(_Counted, "comparisons", 0)
+    monkeypatch.setattr(_Counted, "limit", 4 * columns)
+    chosen = table_module.match_columns([str(n) for n in reversed(names)] + ["c1*"], names, "data.features")
+    comparisons, _Counted.limit = _Counted.comparisons, float("inf")
+    assert comparisons <= 2 * columns and globs == ["c1*"]
+    assert chosen == names[::-1]
+
+
+def test_rows_longer_than_a_block_are_read_in_chunks_of_many_rows(tmp_path, monkeypatch):
+    """Rows of 12 KiB with 4 KiB blocks (pyarrow refused a row straddling two blocks: "increase the block
+    size", which a user cannot): the blocks are sized from the longest row, CSV_BLOCK_ROWS rows at least."""
+    monkeypatch.setattr(table_module, "CSV_BLOCK_ROWS", 8)
+    digits = "0" * 60
+    rows = np.arange(40 * 200, dtype=np.float64).reshape(40, 200)
+    lines = [",".join(f"{v:.0f}.{digits}" for v in row) for row in rows]
+    (tmp_path / "d.csv").write_text(",".join(f"f{i}" for i in range(200)) + "\n" + "\n".join(lines) + "\n")
+    assert min(map(len, lines)) > 3 * 4096
+    chunks = []
+    original = table_module._feature_block
+    monkeypatch.setattr(
+        table_module, "_feature_block", lambda batch, *a: (chunks.append(batch.num_rows), original(batch, *a))[1]
+    )
+    source = TableSource(TableSource.Params(path="d.csv"), tmp_path)
+    np.testing.assert_array_equal(source.read(np.arange(40))[0], rows.astype(np.float32))
+    assert sum(chunks) == 40 and len(chunks) <= 40 // 8 + 1, chunks
+
+
+@pytest.mark.slow
+def test_a_row_over_2_mib_with_the_default_blocks(tmp_path, monkeypatch):
+    """Real rows of 2.3 MiB (20,000 values of 115 characters) with the default block sizes: each row
+    straddled two boundaries of pyarrow's 1 MiB blocks, which it refused ("increase block size")."""
+    monkeypatch.undo()  # the default chunk sizes
+    value = "1." + "0" * 113
+    row = ",".join([value] * 20_000)
+    (tmp_path / "d.csv").write_text(",".join(f"f{i}" for i in range(20_000)) + "\n" + "\n".join([row] * 3) + "\n")
+    assert len(row) > 2 << 20 and table_module.CSV_BLOCK_BYTES == 1 << 20
+    source = TableSource(TableSource.Params(path="d.csv"), tmp_path)
+    assert len(source) == 3 and (source.read(np.arange(3))[0] == 1.0).all()
+
+
+def test_a_parquet_label_column_of_lists_is_refused_naming_it(tmp_path):
+    pq.write_table(pa.table({"a": [1.0, 2.0, 3.0], "y": [[1, 2], [3], [4]]}), tmp_path / "d.parquet")
+    with pytest.raises(UserError, match=r"data.label: column 'y' of .*d.parquet holds list<.*int64>, not one class"):
+        TableSource(TableSource.Params(path="d.parquet", label="y"), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_file_changed_while_it_is_read_is_refused_never_mixed(tmp_path, monkeypatch, kind):
+    """Another program rewrites the file (same size) while the stream is between chunks: the run stops
+    naming the file, nothing is cached, and the next run reads the new file whole (not old rows and new)."""
+    import time
+
+    path = _write(tmp_path, {"a": np.arange(2000.0), "b": np.zeros(2000)}, kind)  # chunks of 16 rows or 4 KiB
+    original = table_module.Table.chunks
+
+    def rewritten_meanwhile(self):
+        for index, batch in enumerate(original(self)):
+            if index == 1:
+                time.sleep(0.05)  # past the file system's timestamp granularity
+                _write(tmp_path, {"a": np.arange(2000.0), "b": np.ones(2000)}, kind)
+            yield batch
+
+    monkeypatch.setattr(table_module.Table, "chunks", rewritten_meanwhile)
+    with pytest.raises(UserError, match=rf"data.path: {path} changed while it was read; run again"):
+        TableSource(TableSource.Params(path=path.name), tmp_path)
+    monkeypatch.setattr(table_module.Table, "chunks", original)
+    assert (
+        TableSource(TableSource.Params(path=path.name), tmp_path).read(np.arange(2000))[0][:, 1].tolist()
+        == [1.0] * 2000
+    )

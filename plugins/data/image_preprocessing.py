@@ -3,13 +3,14 @@
 Each image goes through these steps, in this order (Pillow does the decoding and resampling):
 
 1. ``color``: converted to RGB (3 channels) or grey (1 channel, ITU-R 601-2 luma
-   L = (19595·R + 38470·G + 7471·B + 2¹⁵) >> 16, Pillow's conversion);
+   L = (19595·R + 38470·G + 7471·B + 2¹⁵) >> 16, Pillow's conversion), its pixel values on the
+   scale of 8-bit images, 0 (black) to 255 (white), whatever the file's depth (see below);
 2. ``resize``: ``N`` scales the shorter side to N and the longer one to ⌊N · long / short⌋
    (aspect kept, as torchvision's ``Resize(N)``), ``[h, w]`` to exactly h × w; with
    ``interpolation`` (bilinear by default; Pillow filters down-scaling with a support widened by
    the scale, i.e. antialiased);
 3. ``center_crop``: ``N`` or ``[h, w]``, the top-left corner at (round((H − h)/2), round((W − w)/2));
-4. ``scale``: pixel values (0..255) multiplied by it (1/255 by default);
+4. ``scale``: pixel values (0..255) multiplied by it (1/255 by default, giving 0..1);
 5. ``normalize``: per channel (x − mean) / std, a preset (``imagenet``: mean 0.485, 0.456, 0.406,
    std 0.229, 0.224, 0.225; ``clip``: mean 0.4815, 0.4578, 0.4082, std 0.2686, 0.2613, 0.2758;
    ``half``: 0.5 and 0.5) or ``{mean: [...], std: [...]}``;
@@ -18,10 +19,34 @@ Each image goes through these steps, in this order (Pillow does the decoding and
    own: the run moves the channel axis when the input's shape says so.
 
 Images of different sizes need ``resize: [h, w]`` or ``center_crop`` to give every sample one shape.
+
+**Bit depths.** Step 1 puts every image on the 0..255 scale by the range of its pixel type, so
+that ``scale`` means the same for every file and one picture stored at any depth gives the same
+samples: 8-bit channels (modes L, RGB, RGBA, P with its palette, LA, CMYK, YCbCr, HSV, LAB, … as
+Pillow converts them; alpha is dropped) as they are; 1-bit images as 0 and 255; 16-bit images
+(I;16, I;16B, …, 16-bit PGM/PPM) as v · 255/65535; 32-bit integer TIFFs by their type, unsigned
+v · 255/(2³² − 1), signed v · 255/(2³¹ − 1) (negative pixels have no place on the scale and are
+refused); float images (mode F, e.g. 32-bit float TIFFs) are taken as already on the 0..1 scale
+(1.0 is white) and give v · 255, not clipped, NaN or Inf refused. Deep images are resized in
+floating point, keeping their precision. Pillow reads 16-bit RGB(A) PNGs as 8 bits per channel
+(their high bytes). A mode or an integer type whose range the file does not tell (a 32-bit
+integer image of another format) is refused naming the file and its mode: never clipped.
+
+**Memory.** An image whose header gives more than ``max_pixels`` pixels (width × height; default
+89,478,485, Pillow's own limit, about 256 MiB as 8-bit RGB; at most twice that, where Pillow refuses
+to open a file) is refused before it is decoded: a small file can claim a huge image (a
+decompression bomb). A batch holds its samples (the arrays the model is fed) and, while it is
+read, the images being decoded (each with its converted and resized copies): the ``images``
+source's threads decode at once only as many images as hold ``max_pixels`` pixels together (small
+images in parallel, huge ones one after another).
 """
 
 from __future__ import annotations
 
+import io
+import re
+import struct
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -38,18 +63,113 @@ NORMALIZE_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 Size = PositiveInt | tuple[PositiveInt, PositiveInt]
 
+#: Pillow's ``Image.MAX_IMAGE_PIXELS`` (it warns above it and refuses to open twice as many pixels).
+MAX_PIXELS = 89_478_485
+PILLOW_MAX_PIXELS = 2 * MAX_PIXELS
+#: Modes of 8 bits per channel, which Pillow converts to RGB and L (directly or through RGB).
+EIGHT_BIT_MODES = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+)
+#: What Pillow raises for a file it cannot read or decode (plugins raise SyntaxError, struct.error …).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error)
+
 
 @contextmanager
-def opened_image(path: Path):
-    """The image file at *path*, opened by Pillow (its header read; pixels decoded on use); a file Pillow
-    cannot read, now or while decoding in the block, is a user error naming it."""
-    from PIL import Image, UnidentifiedImageError
+def opened_image(source: Path | bytes, where: str | Path | None = None, max_pixels: int = MAX_PIXELS):
+    """The image at *source* (a path, or a file's bytes), opened by Pillow (its header read; pixels decoded
+    on use); *where* names it in errors (default: the path). An image of more than *max_pixels* pixels is
+    refused before it is decoded, and a file Pillow cannot read, now or while decoding in the block, is a
+    user error naming it."""
+    from PIL import Image
 
+    where = where if where is not None else source
+    too_large = (
+        f"more than data.max_pixels ({max_pixels:,}); raise it to read the image (decoded, it is held in memory)"
+    )
     try:
-        with Image.open(path) as image:
-            yield image
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise UserError(f"data: {path} is not a readable image ({error})") from None
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise UserError(f"data: {where} has {width}×{height} = {width * height:,} pixels, {too_large}")
+            try:
+                yield image
+            finally:
+                image.close()  # its decoded pixels, now
+    except Image.DecompressionBombError as error:  # more than Pillow opens at all: the header's size
+        claimed = re.search(r"Image size \((\d+) pixels\)", str(error))
+        if claimed is None:
+            raise UserError(f"data: {where} is too large an image for Pillow ({error})") from None
+        raise UserError(f"data: {where} has {int(claimed[1]):,} pixels, {too_large}") from None
+    except DECODE_ERRORS as error:
+        raise UserError(f"data: {where} is not a readable image ({error})") from None
+
+
+def _integer_type(image, where) -> tuple[int, bool]:
+    """(bits, signed) of the integer pixels of a mode-I image (or a signed 8-bit TIFF), from the file."""
+    if image.format == "TIFF":
+        bits = image.tag_v2.get(258, (1,))
+        signed = image.tag_v2.get(339, (1,))
+        bits, signed = (bits[0], signed[0]) if isinstance(bits, tuple) and isinstance(signed, tuple) else (0, 0)
+        if bits in (8, 16, 32) and signed in (1, 2):
+            return bits, signed == 2
+    elif image.format in ("PNG", "PPM"):  # Pillow widens 16-bit PNG (older versions) and PGM/PPM to mode I
+        return 16, False
+    raise UserError(
+        f"data: {where} has {image.mode} pixels of a type layerscope cannot tell the range of "
+        f"({image.format or 'unknown'} format); save it with 8 or 16 bits per channel"
+    )
+
+
+def deep_pixels(image, where) -> np.ndarray | None:
+    """The pixels of a single-channel image deeper than 8 bits (modes I;16…, I, F, and signed 8-bit TIFFs)
+    as float32 on the 0..255 scale (see the module docstring), decoding it; None for other images."""
+    mode = image.mode
+    signed_bytes = mode == "L" and image.format == "TIFF" and image.tag_v2.get(339, (1,)) == (2,)
+    if not (mode.startswith("I;16") or mode in ("I", "F") or signed_bytes):
+        return None
+    values = np.asarray(image)
+    if mode.startswith("I;16"):
+        return values.astype(np.float32) / np.float32(257)  # 65535 / 255, exactly
+    if mode == "F":
+        values = values.astype(np.float32, copy=False)
+        if not np.isfinite(values).all():
+            raise UserError(f"data: {where} has pixels that are not finite (NaN or Inf; a float image, mode F)")
+        return values * np.float32(255)
+    bits, signed = _integer_type(image, where)
+    if signed:
+        values = values.view(np.int8) if bits == 8 else values
+        if values.min() < 0:
+            raise UserError(
+                f"data: {where} has negative pixels (a signed {bits}-bit image, mode {mode}); images are "
+                "read on a black-to-white scale from 0: save it unsigned"
+            )
+    elif bits == 32:
+        values = values.view(np.uint32)  # Pillow holds unsigned 32-bit pixels in int32
+    top = 2 ** (bits - signed) - 1
+    return (values.astype(np.float32) / np.float32(top / 255)).astype(np.float32, copy=False)
+
+
+class PixelBudget:
+    """Pixels that threads may hold decoded at once: a thread decoding an image takes its pixels (at most the
+    whole budget) and waits while others hold too many, so small images decode in parallel and huge ones
+    one after another."""
+
+    def __init__(self, pixels: int):
+        self.pixels, self.held = pixels, 0
+        self._changed = threading.Condition()
+
+    def take(self, pixels: int) -> int:
+        """Wait until *pixels* (capped at the budget) are free, hold them and return how many were taken."""
+        pixels = max(1, min(pixels, self.pixels))
+        with self._changed:
+            self._changed.wait_for(lambda: self.held + pixels <= self.pixels)
+            self.held += pixels
+        return pixels
+
+    def give(self, pixels: int) -> None:
+        with self._changed:
+            self.held -= pixels
+            self._changed.notify_all()
 
 
 class Normalization(BaseModel):
@@ -66,11 +186,18 @@ class ImagePreprocessing(BaseModel):
     resize: Size | None = Field(None, description="N: shorter side to N, aspect kept; [h, w]: exactly")
     interpolation: Literal["bilinear", "bicubic", "nearest", "box", "lanczos"] = "bilinear"
     center_crop: Size | None = Field(None, description="N or [h, w], cut from the centre after resize")
-    scale: float = Field(1 / 255, description="pixel values (0..255) are multiplied by this")
+    scale: float = Field(
+        1 / 255, description="pixel values (0..255, every bit depth brought to that scale) are multiplied by this"
+    )
     normalize: Literal["imagenet", "clip", "half"] | Normalization | None = Field(
         None, description="per channel (x - mean) / std after scale: a preset or {mean: [...], std: [...]}"
     )
     layout: Literal["nchw", "nhwc"] = Field("nchw", description="channel axis first (C, H, W) or last (H, W, C)")
+    max_pixels: PositiveInt = Field(
+        MAX_PIXELS,
+        le=PILLOW_MAX_PIXELS,
+        description="an image of more pixels (width × height, from its header) is refused before it is decoded",
+    )
 
     @property
     def channels(self) -> int:
@@ -125,25 +252,75 @@ class ImagePreprocessing(BaseModel):
         scaled = (self.resize, int(self.resize * long / short))
         return scaled if width <= height else scaled[::-1]
 
-    def __call__(self, path: Path) -> np.ndarray:
-        """The image file at *path* through every step, as float32 (C, H, W) or (H, W, C); an unreadable
-        image or one smaller than the crop is a user error naming the file."""
-        with opened_image(path) as image:
-            image = self.converted(image)
-        return self.process(image, path)
+    def sample_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """The shape of the sample an image of *width* × *height* gives: steps 2, 3 and 6."""
+        width, height = self.resized(width, height)
+        if self.center_crop is not None:
+            height, width = (self.center_crop,) * 2 if isinstance(self.center_crop, int) else self.center_crop
+        return (self.channels, height, width) if self.layout == "nchw" else (height, width, self.channels)
 
-    def converted(self, image):
-        """A PIL image in the color mode of step 1 (decoding it)."""
-        return image.convert("RGB" if self.channels == 3 else "L")
+    def __call__(
+        self,
+        source: Path | bytes,
+        where: str | Path | None = None,
+        out: np.ndarray | None = None,
+        budget: PixelBudget | None = None,
+    ) -> np.ndarray:
+        """The image at *source* (a path, or an image file's bytes that *where* names) through every step, as
+        float32 (C, H, W) or (H, W, C), written into *out* (a sample of a batch) when given, decoded once
+        *budget* (shared by the threads decoding a batch) holds its pixels; an unreadable image, one over
+        ``max_pixels`` or one smaller than the crop is a user error naming the file."""
+        where = where if where is not None else source
+        held = 0
+        try:
+            with opened_image(source, where, self.max_pixels) as image:
+                held = budget.take(image.width * image.height) if budget is not None else 0
+                pixels = self._pixels(image, where)
+        finally:
+            if held:
+                budget.give(held)
+        return self._finish(pixels, where, out)
 
-    def process(self, image, where: str | Path) -> np.ndarray:
-        """A PIL image in the color mode of step 1 through steps 2-6."""
+    def _pixels(self, image, where) -> np.ndarray:
+        """Steps 1 and 2: the decoded, converted and resized pixels, (H, W, 1 or 3), uint8 or float32 (deep
+        images) on the 0..255 scale; a grey image stays one channel (made three by :meth:`_finish`)."""
         from PIL import Image
 
+        deep = deep_pixels(image, where)
+        if deep is not None:
+            size = self.resized(deep.shape[1], deep.shape[0])
+            if size == (deep.shape[1], deep.shape[0]):
+                return deep[..., None]
+            image, deep = Image.fromarray(deep), None  # mode F: resampled in floating point
+        elif image.mode in EIGHT_BIT_MODES:
+            image.load()  # decoding errors are errors of the file, not of the conversion
+            grey = self.channels == 1 or image.mode in ("1", "L", "LA")
+            image = self._converted(image, "L" if grey else "RGB", where)
+        else:
+            raise UserError(f"data: {where} has pixels of mode {image.mode}, which layerscope does not read")
         size = self.resized(*image.size)
         if size != image.size:
             image = image.resize(size, getattr(Image.Resampling, self.interpolation.upper()))
-        pixels = np.asarray(image, dtype=np.float32)
+        pixels = np.asarray(image)
+        return pixels if pixels.ndim == 3 else pixels[..., None]
+
+    @staticmethod
+    def _converted(image, mode: str, where):
+        """*image* (8 bits per channel) converted by Pillow to *mode* (directly, else through RGB)."""
+        if image.mode == mode:
+            return image
+        try:
+            try:
+                converted = image.convert(mode)
+            except ValueError:  # e.g. LAB converts to RGB only
+                converted = image.convert("RGB").convert(mode)
+        except ValueError:
+            raise UserError(f"data: {where} has pixels of mode {image.mode}, which Pillow cannot convert") from None
+        image.close()  # the decoded original: one decoded image per thread at a time
+        return converted
+
+    def _finish(self, pixels: np.ndarray, where, out: np.ndarray | None) -> np.ndarray:
+        """Steps 3-6 on resized (H, W, 1 or 3) pixels, into *out* (allocated when None)."""
         if self.center_crop is not None:
             height, width = (self.center_crop,) * 2 if isinstance(self.center_crop, int) else self.center_crop
             if height > pixels.shape[0] or width > pixels.shape[1]:
@@ -153,8 +330,20 @@ class ImagePreprocessing(BaseModel):
                 )
             top, left = round((pixels.shape[0] - height) / 2), round((pixels.shape[1] - width) / 2)
             pixels = pixels[top : top + height, left : left + width]
-        pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], self.channels) * np.float32(self.scale)
+        channels_first = self.layout == "nchw"
+        shape = (self.channels, *pixels.shape[:2]) if channels_first else (*pixels.shape[:2], self.channels)
+        if out is None:
+            out = np.empty(shape, np.float32)
+        elif out.shape != shape:
+            raise UserError(
+                f"data: the images differ in size ({where} gives a sample of shape {list(shape)}, the first "
+                f"of its batch {list(out.shape)}); set resize: [h, w] or center_crop to give every sample one shape"
+            )
+        np.copyto(out, pixels.transpose(2, 0, 1) if channels_first else pixels, casting="unsafe")  # 1 → 3 channels
+        out *= np.float32(self.scale)
         normalization = self.mean_std()
         if normalization is not None:
-            pixels = (pixels - normalization[0]) / normalization[1]
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1) if self.layout == "nchw" else pixels, np.float32)
+            mean, std = (v[:, None, None] for v in normalization) if channels_first else normalization
+            out -= mean
+            out /= std
+        return out

@@ -7,14 +7,17 @@ files a manifest lists. Labels (``labels``):
   class ``cat``; string class names), none when they all sit in ``path`` itself;
 - ``folders``: the class folder, and every image must have one; ``none``: no labels;
 - ``manifest: labels.csv`` (or ``.json``), relative to the spec: the images and their labels,
-  one row per image in the manifest's order. A CSV has a header with ``file_column`` (default
+  one row per image in the manifest's order; every file must lie inside ``path`` (a ``..``, an absolute
+  path or a link leading out of it is refused, never read). A CSV has a header with ``file_column`` (default
   ``file``, relative to ``path``) and ``label_column`` (default ``label``); a JSON file is an
   object ``{file: label}`` or a list of objects with those two keys. Labels that are all whole
   numbers are integer classes, others class names.
 
 Every image goes through the preprocessing of :mod:`.image_preprocessing` (``color``, ``resize``,
 ``center_crop``, ``scale``, ``normalize``, ``layout``). Batches are decoded on ``threads`` threads
-(Pillow releases the GIL while it decodes) and nothing but the batch is held. Without
+(Pillow releases the GIL while it decodes), each into its sample of the batch, as many at once as
+hold ``max_pixels`` pixels together: nothing but the batch and those images is held (see
+:mod:`.image_preprocessing`). Without
 ``resize: [h, w]`` or ``center_crop`` every image must have the size of the first, which is
 checked from the files' headers before the run starts.
 """
@@ -36,7 +39,7 @@ from layerscope.data.labels import integers_from_text
 from layerscope.util.errors import UserError
 from layerscope.util.files import regular_file
 
-from .image_preprocessing import ImagePreprocessing, opened_image
+from .image_preprocessing import ImagePreprocessing, PixelBudget, opened_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
@@ -122,7 +125,7 @@ class ImagesSource(DataSource):
             files, self.labels = read_manifest(
                 regular_file(base_dir / params.manifest, "data.manifest"), params.file_column, params.label_column
             )
-            self.files = [self.folder / file for file in files]
+            self.files = self._confined(files, base_dir / params.manifest)
             absent = next((f for f in self.files if not f.is_file()), None)
             if absent is not None:
                 raise UserError(f"data.manifest: {absent} (listed in {params.manifest}) is not a file")
@@ -133,7 +136,22 @@ class ImagesSource(DataSource):
             self.labels = self._folder_labels(params.labels)
         self._executor: ThreadPoolExecutor | None = None
         if params.output_size is None:
-            self._check_one_size()
+            self.sample_shape = params.sample_shape(*self._check_one_size())
+        else:
+            self.sample_shape = params.sample_shape(*params.output_size[::-1])
+
+    def _confined(self, files: list[str], manifest: Path) -> list[Path]:
+        """The paths of the manifest's *files*, each inside the folder (no ``..`` out of it, no absolute
+        path elsewhere, no link leading out): a manifest never makes a run read a file outside data.path."""
+        root = self.folder.resolve()
+        paths = [self.folder / file for file in files]
+        outside = next((i for i, path in enumerate(paths) if not path.resolve().is_relative_to(root)), None)
+        if outside is not None:
+            raise UserError(
+                f"data.manifest: {manifest}: entry {outside + 1} ('{files[outside]}') lies outside {self.folder} "
+                "(data.path); a manifest lists images inside that folder"
+            )
+        return paths
 
     def _folder_labels(self, mode: str) -> np.ndarray | None:
         """The class folder of each image (labels auto/folders), or None."""
@@ -149,11 +167,11 @@ class ImagesSource(DataSource):
             )
         return np.asarray([p[0] for p in parts])
 
-    def _check_one_size(self) -> None:
-        """Every image has the first image's size (read from the headers), since no step fixes the size."""
+    def _check_one_size(self) -> tuple[int, int]:
+        """The (width, height) of every image, the same (read from the headers), since no step fixes the size."""
         first = None
         for path in self.files:
-            with opened_image(path) as image:
+            with opened_image(path, max_pixels=self.params.max_pixels) as image:
                 size = image.size
             if first is None:
                 first = (path, size)
@@ -163,6 +181,7 @@ class ImagesSource(DataSource):
                     f"{path} is {size[0]}×{size[1]}); set resize: [h, w] or center_crop to give "
                     "every sample one shape"
                 )
+        return first[1]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -174,8 +193,12 @@ class ImagesSource(DataSource):
     def read(self, indices):
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.params.threads, thread_name_prefix="layerscope-images")
-        pixels = list(self._executor.map(self.params, [self.files[i] for i in indices]))
-        return np.stack(pixels) if pixels else np.zeros((0,), np.float32), self.read_labels(indices)
+        files = [self.files[i] for i in indices]
+        batch = np.empty((len(files), *self.sample_shape), np.float32)  # each thread decodes into its sample
+        budget = PixelBudget(self.params.max_pixels)  # images decoded at once hold at most max_pixels together
+        for _ in self._executor.map(lambda k: self.params(files[k], out=batch[k], budget=budget), range(len(files))):
+            pass
+        return batch, self.read_labels(indices)
 
     def read_labels(self, indices):
         return self.labels[indices] if self.labels is not None else None

@@ -6,10 +6,12 @@ column order), default every column but the label; ``inputs: {input_ids: ["tok_*
 model with several inputs one group of columns each instead. ``label`` names the label column
 (strings are class names; a CSV column whose values are all whole numbers gives integer classes).
 
-The file is streamed once, in chunks of rows (pyarrow's CSV reader and Parquet row groups), into
+The file is streamed once, in chunks of rows (pyarrow's CSV reader, its blocks sized to hold many of
+the file's longest row, so that rows of any length up to 1 GiB are read; Parquet row groups), into
 plain float32 arrays in layerscope's cache folder (``tables/``, keyed by the file's path, size and
-modification time and by these keys); runs and workers then read any rows, in any order, from those
-arrays by memory map. Memory stays flat whatever the file's size; the cache holds 4 bytes per
+modification time and by these keys; a file that changes while it is streamed, as another program
+writes it, is refused, never a mix of its old and new rows); runs and workers then read any rows, in
+any order, from those arrays by memory map. Memory stays flat whatever the file's size; the cache holds 4 bytes per
 feature value. Feature values must be numbers: an empty cell or text is an error naming the column
 and the row (rows count from 1 after the header).
 """
@@ -35,8 +37,12 @@ from layerscope.data.labels import integers_from_text
 from layerscope.util.errors import UserError
 from layerscope.util.files import cache_dir, regular_file
 
-CHUNK_ROWS = 65_536  # Parquet rows per chunk
-CSV_BLOCK_BYTES = 1 << 20  # CSV bytes per chunk
+CHUNK_ROWS = 65_536  # Parquet rows per chunk, at most
+CHUNK_BYTES = 64 << 20  # Parquet rows per chunk, at most this many bytes of 8-byte values
+CSV_BLOCK_BYTES = 1 << 20  # CSV bytes per chunk, at least
+CSV_BLOCK_ROWS = 64  # CSV rows per chunk, at least (of the longest row; a chunk costs per column)
+CSV_BLOCK_MAX = 256 << 20  # CSV bytes per chunk, at most, unless two rows need more
+SCAN_BYTES = 16 << 20  # read at once while looking for the longest CSV row
 FORMAT_VERSION = 1  # of the cached arrays
 
 
@@ -69,14 +75,22 @@ def _pyarrow():
 
 def match_columns(patterns: list[str], columns: list[str], key: str) -> list[str]:
     """The *columns* that *patterns* name (exact names in the given order, globs in the file's order),
-    each once; a pattern that matches nothing is a user error naming *key*."""
-    chosen: list[str] = []
+    each once; a pattern that matches nothing is a user error naming *key*. Linear in the number of
+    columns for a given number of globs (a name is looked up, a glob scans the columns once)."""
+    names = set(columns)
+    chosen: dict[str, None] = {}  # insertion-ordered, each column once
     for pattern in patterns:
-        matched = [pattern] if pattern in columns else fnmatch.filter(columns, pattern)
+        matched = [pattern] if pattern in names else fnmatch.filter(columns, pattern)
         if not matched:
-            raise UserError(f"{key}: no column matches '{pattern}' (the columns: {', '.join(columns)})")
-        chosen.extend(c for c in matched if c not in chosen)
-    return chosen
+            raise UserError(f"{key}: no column matches '{pattern}' (the columns: {listing(columns)})")
+        chosen.update(dict.fromkeys(matched))
+    return list(chosen)
+
+
+def listing(columns: list[str], most: int = 20) -> str:
+    """*columns* for an error message: the first *most* names, then how many more."""
+    shown = ", ".join(columns[:most])
+    return shown + (f", … ({len(columns)} columns)" if len(columns) > most else "")
 
 
 class Table:
@@ -91,9 +105,9 @@ class Table:
         self.delimiter = "\t" if suffix == ".tsv" and "delimiter" not in params.model_fields_set else params.delimiter
         self.columns = self._header()
         if params.label is not None and params.label not in self.columns:
-            raise UserError(
-                f"data.label: {path} has no column '{params.label}' (the columns: {', '.join(self.columns)})"
-            )
+            raise UserError(f"data.label: {path} has no column '{params.label}' (the columns: {listing(self.columns)})")
+        if self.format == "parquet" and params.label is not None:
+            _check_label_type(self.schema.field(params.label).type, params.label, path)
         others = [c for c in self.columns if c != params.label]
         if params.inputs is not None:
             self.groups = {name: match_columns(p, others, f"data.inputs.{name}") for name, p in params.inputs.items()}
@@ -105,7 +119,8 @@ class Table:
             if self.format == "parquet":
                 import pyarrow.parquet as pq
 
-                return list(pq.read_schema(self.path).names)
+                self.schema = pq.read_schema(self.path)
+                return list(self.schema.names)
             with open(self.path, newline="", encoding="utf-8") as handle:
                 header = next(csv.reader(handle, delimiter=self.delimiter), None)
         except Exception as error:  # OSError, UnicodeDecodeError, csv.Error, pyarrow's ArrowInvalid
@@ -124,7 +139,8 @@ class Table:
         if self.format == "parquet":
             import pyarrow.parquet as pq
 
-            yield from pq.ParquetFile(self.path).iter_batches(batch_size=CHUNK_ROWS, columns=needed)
+            rows = max(1, min(CHUNK_ROWS, CHUNK_BYTES // (8 * len(needed))))  # wide files: fewer rows
+            yield from pq.ParquetFile(self.path).iter_batches(batch_size=rows, columns=needed)
             return
         import pyarrow.csv as pacsv
 
@@ -133,9 +149,54 @@ class Table:
             types[self.params.label] = pa.string()
         yield from pacsv.open_csv(
             self.path,
-            read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+            read_options=pacsv.ReadOptions(block_size=self.block_size()),
             parse_options=pacsv.ParseOptions(delimiter=self.delimiter),
             convert_options=pacsv.ConvertOptions(include_columns=needed, column_types=types, strings_can_be_null=True),
+        )
+
+    def block_size(self) -> int:
+        """Bytes per CSV chunk: CSV_BLOCK_BYTES, or CSV_BLOCK_ROWS of the file's longest row (up to
+        CSV_BLOCK_MAX), and always two of them, so that any row fits a chunk (pyarrow refuses a row
+        straddling two) and a wide file is not read a row per chunk; a row over 1 GiB is refused."""
+        line, row = longest_line(self.path)
+        if 2 * line >= 1 << 31:  # pyarrow's block size is a 32-bit integer
+            raise UserError(
+                f"data.path: row {row} of {self.path} is {line:,} bytes long; a CSV row can be 1 GiB at most"
+            )
+        return max(CSV_BLOCK_BYTES, min(CSV_BLOCK_ROWS * line, CSV_BLOCK_MAX), 2 * line)
+
+
+def longest_line(path: Path) -> tuple[int, int]:
+    """The length in bytes of the longest line of *path* (its line ending included) and its number (0: the
+    header), reading it once, SCAN_BYTES at a time."""
+    longest, where, current, lines = 0, 0, 0, 0  # current: bytes of the line not yet ended
+    with open(path, "rb") as handle:
+        while chunk := handle.read(SCAN_BYTES):
+            ends = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
+            if not len(ends):
+                current += len(chunk)
+                continue
+            lengths = np.diff(ends, prepend=-1)
+            lengths[0] += current
+            top = int(np.argmax(lengths))
+            if lengths[top] > longest:
+                longest, where = int(lengths[top]), lines + top
+            lines += len(ends)
+            current = len(chunk) - int(ends[-1]) - 1
+    return (current, lines) if current > longest else (longest, where)
+
+
+def _check_label_type(kind, name: str, path: Path) -> None:
+    """A Parquet label column holds one class per row: integers, floats, booleans or strings."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    checks = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_string)
+    if not any(check(kind) for check in (*checks, pa.types.is_large_string)):
+        raise UserError(
+            f"data.label: column '{name}' of {path} holds {kind}, not one class per row; name a column of "
+            "integers or strings"
         )
 
 
@@ -148,26 +209,30 @@ def _check_filled(column, name: str, first_row: int, key: str = "data") -> None:
 
 
 def _feature_block(batch, columns: list[str], first_row: int) -> np.ndarray:
-    """The *columns* of a record batch as a float32 (rows × columns) array; a missing or non-numeric
-    value is a user error naming the column and the row."""
+    """The *columns* of a record batch as a float32 (rows × columns) array, converted by pyarrow at once (a
+    chunk costs no Python work per value, and per column only for a missing value); a missing or
+    non-numeric value is a user error naming the column and the row."""
     import pyarrow as pa
 
-    arrays = []
-    for name in columns:
-        column = batch.column(batch.schema.get_field_index(name))
-        if not (
-            pa.types.is_integer(column.type)
-            or pa.types.is_floating(column.type)
-            or pa.types.is_boolean(column.type)
-            or pa.types.is_decimal(column.type)
-        ):
-            raise UserError(
-                f"data: column '{name}' is not numeric ({column.type}); leave it out of the features "
-                "(or name it as the label)"
-            )
-        _check_filled(column, name, first_row)
-        arrays.append(column.to_numpy(zero_copy_only=False).astype(np.float32))
-    return np.column_stack(arrays) if arrays else np.zeros((batch.num_rows, 0), np.float32)
+    if not columns:
+        return np.zeros((batch.num_rows, 0), np.float32)
+    block = batch.select(columns)
+    numeric = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_decimal)
+    bad = {kind for kind in set(block.schema.types) if not any(check(kind) for check in numeric)}
+    if bad:
+        name = next(field.name for field in block.schema if field.type in bad)
+        raise UserError(
+            f"data: column '{name}' is not numeric ({block.schema.field(name).type}); leave it out of the features "
+            "(or name it as the label)"
+        )
+    if set(block.schema.types) != {pa.float32()}:
+        block = block.cast(pa.schema([pa.field(name, pa.float32()) for name in columns]), safe=False)
+    try:
+        return np.asarray(block.to_tensor(row_major=True))
+    except pa.ArrowTypeError:  # a missing value: name the first
+        for name, column in zip(columns, block.columns):
+            _check_filled(column, name, first_row)
+        raise
 
 
 def convert(table: Table, target: Path) -> None:
@@ -203,6 +268,12 @@ def convert(table: Table, target: Path) -> None:
     (target / "meta.json").write_text(json.dumps(meta))
 
 
+def _version(stat: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file from another: its inode, size and modification and change times
+    (a rewrite in place changes the times, a replacement the inode)."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def cached_arrays(table: Table) -> Path:
     """The folder of *table*'s converted arrays in the cache, converting it first (once, under a lock,
     when the file, its size or modification time, or the keys that select its columns changed)."""
@@ -229,6 +300,8 @@ def cached_arrays(table: Table) -> Path:
             scratch = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
             try:
                 convert(table, scratch / "arrays")
+                if _version(table.path.stat()) != _version(stat):  # written meanwhile: rows old and new
+                    raise UserError(f"data.path: {table.path} changed while it was read; run again once it is written")
                 os.replace(scratch / "arrays", folder)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -25,13 +25,17 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from layerscope.util.files import atomic_write, cache_dir
 from layerscope.util.lazy import lazy_module
 
-onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import onnx
+else:
+    onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 SMALL_CONSTANT = 16  # elements: initializers up to this size may be the exporter's own constants
 

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -30,7 +31,10 @@ from .checkpoints import CheckpointFiles, checkpoint_files, file_checkpoints
 from .export_cache import cached_export, file_digest, state_digest, with_weights
 from .quiet import quiet
 
-onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import onnx
+else:
+    onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 #: Node metadata that only bloats the graph (source stack traces, FX text).
 _DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -22,7 +22,10 @@ from layerscope.util.errors import did_you_mean
 from layerscope.util.lazy import lazy_module
 from layerscope.util.params import NoParams
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 Reduction = str | Callable[[Any, Any], Any]
 

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,7 +22,10 @@ from layerscope.util.lazy import lazy_module
 
 from .layer_names import call_labels, layer_name
 
-onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import onnx
+else:
+    onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 Dim = int | str | None
 SHAPE_OPS = {"Shape", "Size"}

@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from layerscope.host.registry import Registry
     from layerscope.spec.schema import ModelSection, Spec
 
-onnx = lazy_module("onnx")
+if TYPE_CHECKING:
+    import onnx
+else:
+    onnx = lazy_module("onnx")
 
 
 @dataclass

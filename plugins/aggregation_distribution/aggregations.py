@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,7 +21,10 @@ from layerscope.graph.activations import ACTIVATION_OPS
 from layerscope.graph.tensors import TensorInfo
 from layerscope.util.lazy import lazy_module
 
-onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import onnx
+else:
+    onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 AGGREGATION_OPS = {
     "GlobalAveragePool": "mean",

@@ -33,7 +33,7 @@ binning.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,7 +53,10 @@ from .maths import (
     rectified_gaussian_moments,
 )
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 ALL = "all"
 RECONSTRUCTED = (

@@ -37,7 +37,7 @@ extra padding changes no distance.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -58,7 +58,10 @@ from .maths import (
     renyi_entropy,
 )
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 METRICS = ("I_XT", "I_TY", "H_T")
 INPUT_KEY, LABELS_KEY = "input", "labels"

@@ -27,7 +27,7 @@ with zero variance are left out), ``total_index`` per feature group (mean over n
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -38,7 +38,10 @@ from layerscope.util.lazy import lazy_module
 
 from .maths import FeatureGroups, feature_groups, plan_rows, total_indices
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 NLL = "nll"
 RELATIVE_VARIANCE_FLOOR = 1e-10  # nodes whose Var f is below this fraction of the largest are constant

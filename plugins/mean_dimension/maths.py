@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from layerscope.util.lazy import lazy_module
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 
 @dataclass(frozen=True)

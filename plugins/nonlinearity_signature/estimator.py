@@ -35,7 +35,7 @@ are left out, so extra padding changes nothing), and ``sparsity`` counts real to
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,7 +48,10 @@ from layerscope.util.lazy import lazy_module
 
 from .maths import affinity_score, is_nearly_constant, linear_cka, linear_r2, sparsity_per_sample
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 
 class NonlinearitySignatureParams(BaseModel):

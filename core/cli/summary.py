@@ -20,7 +20,7 @@ def print_summary(results: Results, out_dir: Path, max_rows: int = 40) -> None:
     )
     for column in ("analysis", "model", "layer", "metric", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")
-    main_metric = {}
+    main_metric: dict[str, str] = {}
     rows = 0
     for record in results.records:
         key = record["analysis"]

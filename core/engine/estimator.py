@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 import numpy as np
 from pydantic import BaseModel
@@ -157,11 +157,14 @@ class Estimator:
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
     #: A selector dict, a list of them (union), or "all".
-    default_selector: ClassVar[dict | list[dict] | str] = "all"
+    default_selector: ClassVar[dict | list[dict] | Literal["all"]] = "all"
     tags: ClassVar[EstimatorTags] = EstimatorTags()
     #: The closed interval each metric lies in mathematically, e.g. ``{"affinity_score": (0, 1)}``;
     #: a value outside it (beyond round-off) is never recorded (see :meth:`value_range`).
     metric_ranges: ClassVar[dict[str, tuple[float, float]]] = {}
+    #: Declared state every estimator has (:meth:`warn`); a subclass annotates its own state the same way
+    #: (``counts: dict[str, torch.Tensor]`` beside ``self.add_state("counts", {}, "sum")``) for type checkers.
+    warnings: list[str]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse the class attributes of layerscope 0.1 that now have another form, naming it (an
@@ -249,7 +252,7 @@ class Estimator:
     def update(self, batch: TensorBatch) -> None:
         raise NotImplementedError
 
-    def carry_over(self, previous: Estimator) -> None:
+    def carry_over(self, previous: Self) -> None:
         """Receive the estimator of the previous checkpoint (e.g. to smooth a kernel width).
 
         Called before this checkpoint's first pass ends; *previous* has ended at least its
@@ -267,7 +270,7 @@ class Estimator:
         """
         self.pass_index += 1
 
-    def merge(self, other: Estimator) -> Estimator:
+    def merge(self, other: Self) -> Self:
         """Fold *other*'s state into this one (in place; returns self)."""
         for name, state in self._states.items():
             setattr(self, name, _combine(getattr(self, name), getattr(other, name), state.reduction))

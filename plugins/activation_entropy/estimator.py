@@ -170,6 +170,14 @@ class ActivationEntropy(Estimator):
 
     name = "activation_entropy"
     Params = ActivationEntropyParams
+    params: ActivationEntropyParams
+    # declared state (setup); class keys are "all" or a class code
+    samples: dict[str, dict[object, int]]
+    on_counts: dict[str, dict[object, torch.Tensor]]
+    patterns: dict[str, dict[object, dict[bytes, int]]]
+    low: dict[str, float]
+    high: dict[str, float]
+    histograms: dict[str, dict[object, torch.Tensor]]
     default_selector = {"activation": "output"}  # activation ops and decomposed forms (SiLU, GELU …)
     tags = EstimatorTags(
         reconstructed="Wang et al. 2019 (arXiv 1905.08618, withdrawn): reconstructed from the abstract; "

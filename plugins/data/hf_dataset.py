@@ -23,7 +23,7 @@ Columns feed the model:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from pydantic import Field, PositiveInt, model_validator
@@ -34,7 +34,8 @@ from layerscope.util.files import cache_dir
 
 from .image_preprocessing import ImagePreprocessing
 
-BUILDERS = ("csv", "json", "parquet", "arrow", "text", "imagefolder")
+Builder = Literal["csv", "json", "parquet", "arrow", "text", "imagefolder"]
+BUILDERS = get_args(Builder)
 SUFFIX_BUILDERS = {
     ".csv": "csv",
     ".tsv": "csv",
@@ -49,7 +50,7 @@ SUFFIX_BUILDERS = {
 class HFDatasetParams(ImagePreprocessing):
     path: str | None = Field(None, description="a folder written by save_to_disk, relative to the spec")
     data_files: str | list[str] | None = Field(None, description="local data files (relative to the spec)")
-    builder: Literal[BUILDERS] | None = Field(None, description="how data_files are read (default: their suffix)")
+    builder: Builder | None = Field(None, description="how data_files are read (default: their suffix)")
     split: str | None = Field(None, description="the split of a DatasetDict (default: its only split)")
     inputs: str | dict[str, str] | None = Field(
         None, description="the column feeding the only model input, or model input name -> column"
@@ -87,7 +88,8 @@ def _load(params: HFDatasetParams, base_dir: Path):
             loaded = datasets.load_from_disk(str(base_dir / params.path))
             where = f"data.path: {base_dir / params.path}"
         else:
-            files = [params.data_files] if isinstance(params.data_files, str) else params.data_files
+            # the validator: data_files is given when path is not
+            files = [params.data_files] if isinstance(params.data_files, str) else params.data_files or []
             files = [str(base_dir / f) for f in files]
             builder = params.builder or SUFFIX_BUILDERS.get(Path(files[0]).suffix.lower())
             if builder is None:
@@ -112,6 +114,7 @@ def _load(params: HFDatasetParams, base_dir: Path):
 class HFDatasetSource(DataSource):
     name = "hf_dataset"
     Params = HFDatasetParams
+    params: HFDatasetParams
 
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)
@@ -132,16 +135,16 @@ class HFDatasetSource(DataSource):
             if column is not None and column not in columns:
                 raise UserError(f"{key}: the dataset has no column '{column}' (its columns: {', '.join(columns)})")
         self.named = named
-        self.tokenizer = self._tokenizer(base_dir) if params.text is not None else None
+        # text and tokenizer come together
+        self.tokenizer = self._tokenizer(base_dir / params.tokenizer) if params.tokenizer is not None else None
 
-    def _tokenizer(self, base_dir: Path):
+    def _tokenizer(self, folder: Path):
         try:
             from transformers import AutoTokenizer
         except ImportError:
             raise UserError(
                 'data.tokenizer: tokenizing text needs transformers: pip install "layerscope[transformers]"'
             ) from None
-        folder = base_dir / self.params.tokenizer
         if not folder.is_dir():
             raise UserError(f"data.tokenizer: {folder} is not a folder (save a tokenizer with save_pretrained)")
         try:

@@ -93,12 +93,12 @@ class ImagePreprocessing(BaseModel):
         images uses its channels' average."""
         if self.normalize is None:
             return None
-        mean, std = (
+        given = (
             NORMALIZE_PRESETS[self.normalize]
             if isinstance(self.normalize, str)
             else (self.normalize.mean, self.normalize.std)
         )
-        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        mean, std = np.asarray(given[0], np.float32), np.asarray(given[1], np.float32)
         if isinstance(self.normalize, str) and self.channels == 1:
             mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
         return mean, std

@@ -112,12 +112,14 @@ def read_manifest(path: Path, file_column: str, label_column: str) -> tuple[list
 class ImagesSource(DataSource):
     name = "images"
     Params = ImagesParams
+    params: ImagesParams
 
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)
         self.folder = base_dir / params.path
         if not self.folder.is_dir():
             raise UserError(f"data.path: {self.folder} is not a folder")
+        self.labels: np.ndarray | None
         if params.manifest is not None:
             files, self.labels = read_manifest(
                 regular_file(base_dir / params.manifest, "data.manifest"), params.file_column, params.label_column

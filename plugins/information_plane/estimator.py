@@ -112,6 +112,17 @@ class InformationPlane(Estimator):
 
     name = "information_plane"
     Params = InformationPlaneParams
+    params: InformationPlaneParams
+    # declared state (setup)
+    alignment_sums: dict[str, torch.Tensor]
+    distance_sums: dict[str, torch.Tensor]
+    input_distances: dict[int, float]
+    sigma_used: dict[str, float]
+    sigma_optimal: dict[str, float]
+    sigma_x_used: dict[str, float]
+    moments: dict[str, dict[str, torch.Tensor]]
+    reference_entropies: dict[int, torch.Tensor]
+    unused_samples: dict[int, int]
     default_selector = [{"activation": "output"}, {"role": "output"}]
     tags = EstimatorTags(
         needs_labels=True,

@@ -50,6 +50,7 @@ from .maths import affinity_score, is_nearly_constant, linear_cka, linear_r2, sp
 
 if TYPE_CHECKING:
     import torch
+    from matplotlib.axes import Axes
 else:
     torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
@@ -104,6 +105,9 @@ class NonlinearitySignature(Estimator):
 
     name = "nonlinearity_signature"
     Params = NonlinearitySignatureParams
+    params: NonlinearitySignatureParams
+    #: declared state (setup): output -> (sample indices, x rows, y rows, fraction of output values near 0)
+    kept: dict[str, tuple[torch.Tensor, ...]]
     default_selector = [{"activation": "output"}, {"attention": "probabilities"}]
     tags = EstimatorTags(
         tokens="with a token mask: each sample's mean over its real tokens (attention maps: over real query "
@@ -278,7 +282,7 @@ class NonlinearitySignature(Estimator):
             figure, axes = plt.subplots(
                 figsize=(max(6.4, 0.45 * len(positions[models[0]]) + 2), 4.0), layout="constrained"
             )
-            strips = []
+            strips: list[Axes] = []
         else:
             figure, (axes, *strips) = plt.subplots(
                 1 + len(models),

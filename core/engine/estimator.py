@@ -24,6 +24,8 @@ from layerscope.util.params import NoParams
 
 if TYPE_CHECKING:
     import torch
+
+    from layerscope.data.source import Samples
 else:
     torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
@@ -62,9 +64,10 @@ class TensorBatch:
 @dataclass
 class DataBatch:
     """A batch of the data stream as an input plan sees it: ``x``/``y`` hold the batch's
-    ``size`` samples followed by up to ``lookahead`` samples of the next batch."""
+    ``size`` samples followed by up to ``lookahead`` samples of the next batch; ``x`` is one array, or
+    arrays by model input name when the data source gives named arrays."""
 
-    x: np.ndarray
+    x: Samples
     y: np.ndarray | None
     start: int
     size: int

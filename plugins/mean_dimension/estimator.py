@@ -27,6 +27,7 @@ with zero variance are left out), ``total_index`` per feature group (mean over n
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -130,6 +131,7 @@ class MeanDimension(PlanEstimator):
                 f"inputs are {listed} (token ids cannot be perturbed continuously)"
             )
         model_input = inputs[0]
+        self.input_name = model_input.name
         shape = tuple(model_input.shape[1:]) if model_input.shape is not None else ()
         if not shape or not all(isinstance(d, int) for d in shape):
             raise UserError(f"mean_dimension needs a static input shape, not {model_input.shape}")
@@ -201,7 +203,8 @@ class MeanDimension(PlanEstimator):
     # --- the plan --------------------------------------------------------------------------
     def input_plan(self, data: DataBatch):
         """Per data batch: base rows x_j of every pair, then x_j with each group from x_{j+1}."""
-        x = data.x.reshape(len(data.x), -1)
+        x = data.x[self.input_name] if isinstance(data.x, Mapping) else data.x  # named arrays: the perturbed input's
+        x = x.reshape(len(x), -1)
         x = self.pca.transform(x.astype(np.float64)) if self.pca is not None else x.astype(np.float32, copy=False)
         local = np.arange(data.size)
         local = local[(data.start + local < self.params.pairs) & (local + 1 < len(x))]

@@ -53,6 +53,8 @@ class LinearCKA(Estimator):
 
     name = "linear_cka"
     Params = LinearCKAParams
+    params: LinearCKAParams  # for type checkers: self.params is a LinearCKAParams
+    sums: dict[str, dict[str, torch.Tensor]]  # the state declared in setup, as type checkers see it
     default_selector = {"op_type": list(ACTIVATION_OPS)}
 
     def setup(self) -> None:

@@ -25,18 +25,23 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from layerscope.util.files import atomic_write, cache_dir
 from layerscope.util.lazy import lazy_module
 
-onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import onnx
+    import torch
+else:
+    onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 SMALL_CONSTANT = 16  # elements: initializers up to this size may be the exporter's own constants
 
 
-def state_digest(state: Mapping[str, object]) -> str:
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 of a state dict's names, dtypes, shapes and values."""
     import torch
 
@@ -76,7 +81,9 @@ def cached_export(key: Mapping[str, object] | None, export: Callable[[], onnx.Mo
     return proto
 
 
-def with_weights(proto: onnx.ModelProto, state: Mapping[str, object], unused: bool = False) -> onnx.ModelProto | None:
+def with_weights(
+    proto: onnx.ModelProto, state: Mapping[str, torch.Tensor | np.ndarray], unused: bool = False
+) -> onnx.ModelProto | None:
     """A copy of *proto* whose initializers take the values in *state* (parameters and buffers by name,
     torch tensors or NumPy arrays), or None when the graph does not hold *state* one-to-one: a tensor
     of *state* reshaped or (unless *unused*: an unoptimised export leaves out the buffers the forward

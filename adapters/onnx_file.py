@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.model.adapter import ModelParams, load_onnx_file
@@ -11,7 +12,10 @@ from layerscope.util.lazy import lazy_module
 
 from .checkpoints import CheckpointFiles, checkpoint_files, file_checkpoints
 
-onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import onnx
+else:
+    onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 
 class OnnxFileParams(ModelParams):

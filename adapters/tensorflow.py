@@ -24,7 +24,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -37,7 +37,10 @@ from layerscope.util.lazy import lazy_module
 from .export_cache import with_weights
 from .quiet import quiet
 
-onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import onnx
+else:
+    onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 OPSET = 17
 _CALL_SUFFIX = re.compile(r"_\d+$")

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -30,7 +31,11 @@ from .checkpoints import CheckpointFiles, checkpoint_files, file_checkpoints
 from .export_cache import cached_export, file_digest, state_digest, with_weights
 from .quiet import quiet
 
-onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import onnx
+    import torch
+else:
+    onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 #: Node metadata that only bloats the graph (source stack traces, FX text).
 _DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
@@ -113,7 +118,7 @@ def _check_arguments(model, args: tuple, kwargs: dict) -> None:
 def _without_cache(model):
     """*model* with ``config.use_cache`` off while it is traced: Hugging Face decoders otherwise return
     a key/value cache object, which the exporter cannot flatten (and an analysis never reads)."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)  # a Hugging Face model's configuration object
     cached = getattr(config, "use_cache", None)
     if cached:
         config.use_cache = False
@@ -167,7 +172,7 @@ def export_unoptimized(model, example: Samples | None = None) -> onnx.ModelProto
             "change the model so that torch.export can trace it, or export it to ONNX yourself and "
             "give the .onnx file"
         ) from None
-    return _strip_metadata(program.model_proto)
+    return _strip_metadata(program.model_proto)  # type: ignore[union-attr]  # None only without dynamo=True
 
 
 def export_failure(error: BaseException) -> str:
@@ -259,7 +264,7 @@ class TorchParams(ModelParams):
         return self
 
 
-class TorchAdapter(Adapter):
+class TorchAdapter(Adapter[TorchParams]):
     """PyTorch models (an nn.Module from Python, a .pt2 file, or a python: factory with weights), exported to ONNX."""
 
     name = "torch"
@@ -386,7 +391,7 @@ class TorchAdapter(Adapter):
         return proto if not check or _same_outputs(proto, model, example) else None
 
 
-def _holds_verbatim(optimised: onnx.ModelProto, raw: onnx.ModelProto, state: Mapping[str, object]) -> bool:
+def _holds_verbatim(optimised: onnx.ModelProto, raw: onnx.ModelProto, state: Mapping[str, torch.Tensor]) -> bool:
     """True when every weight of *state* that the unoptimised graph *raw* reads is an initializer of the
     *optimised* graph under its name with its value unchanged, and the optimised graph holds no other
     float constant beyond a small one: the optimiser folded no weight, so new weights can be swapped into
@@ -442,6 +447,7 @@ def _export_key(model, ref, example) -> dict | None:
 
     from layerscope import __version__
 
+    structure: str | list[str]
     if isinstance(ref, Path):
         digests, structure = [file_digest(ref)], "torch.export program"
     else:

@@ -242,6 +242,26 @@ def test_pca_basis_through_a_spec():
     assert results.models[0]["passes"] == 2
 
 
+def test_arrays_named_by_model_input(tmp_path):
+    """Data given as arrays by model input name (here npz ``inputs:``; also a dict from Python) is
+    perturbed as the same data given as one array is."""
+    from layerscope.plugins.data.digits import load_digits_split
+
+    x, y = load_digits_split("test")
+    np.savez(tmp_path / "data.npz", pixels=x[:120].astype(np.float32), y=y[:120])
+    found = {}
+    for name, data in (("array", {"x_key": "pixels"}), ("named", {"inputs": {"x": "pixels"}})):
+        spec = {
+            "model": {"source": "demo:digits-mlp"},
+            "data": {"source": "npz", "path": str(tmp_path / "data.npz"), "batch_size": 50, **data},
+            "analyses": [{"id": "md", "estimator": "mean_dimension", "params": {"pairs": 100}}],
+        }
+        results = layerscope.run(spec, write=False, progress=False)
+        assert not results.failures, results.failures
+        found[name] = {(r["layer"], r["metric"], r.get("feature")): r["value"] for r in results.records}
+    assert found["named"] == found["array"] and found["array"]
+
+
 def test_bad_feature_grouping_is_a_user_error():
     spec = {
         "model": {"source": "demo:digits-mlp"},

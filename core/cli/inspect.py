@@ -23,6 +23,7 @@ def load_for_inspection(source: str):
     else:
         # A model source alone: a minimal spec (its analysis is never run) gives the adapter its paths.
         spec = Spec.model_validate({"model": {"source": source}, "analyses": [{"id": "inspect", "estimator": "-"}]})
+        assert spec.model is not None  # for type checkers: validated from a model section
         adapter, example = find_adapter(spec.model, load_plugins().adapters), None
         params = adapter.Params(source=source)
     checkpoints = adapter.checkpoints(params, spec)

@@ -8,7 +8,7 @@ from layerscope.results.contract import Results
 from layerscope.util.units import format_bytes
 
 
-def print_summary(results: Results, out_dir: Path, max_rows: int = 40) -> None:
+def print_summary(results: Results, out_dir: Path | None, max_rows: int = 40) -> None:
     """A table of the main metric per analysis, model and layer, then where the files are."""
     from rich.console import Console
     from rich.table import Table
@@ -20,7 +20,7 @@ def print_summary(results: Results, out_dir: Path, max_rows: int = 40) -> None:
     )
     for column in ("analysis", "model", "layer", "metric", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")
-    main_metric = {}
+    main_metric: dict[str, str] = {}
     rows = 0
     for record in results.records:
         key = record["analysis"]
@@ -48,6 +48,7 @@ def print_summary(results: Results, out_dir: Path, max_rows: int = 40) -> None:
         )
     for warning in results.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    console.print(f"{len(results.records)} records → {out_dir / 'results.json'}")
-    if "report.html" in results.artifacts:
-        console.print(f"report → {out_dir / 'report.html'}")
+    if out_dir is not None:
+        console.print(f"{len(results.records)} records → {out_dir / 'results.json'}")
+        if "report.html" in results.artifacts:
+            console.print(f"report → {out_dir / 'report.html'}")

@@ -27,6 +27,9 @@ import numpy as np
 
 from layerscope.util.errors import UserError
 
+#: The ids of a batch's samples (positions in the data source), to name a bad label.
+SampleIds = Sequence[int] | np.ndarray
+
 
 @dataclass(frozen=True)
 class ClassLabels:
@@ -34,7 +37,7 @@ class ClassLabels:
 
     names: tuple[str, ...] | None = None
 
-    def encode(self, labels: Any, where: str, sample_ids: Sequence[int] | None = None) -> np.ndarray:
+    def encode(self, labels: Any, where: str, sample_ids: SampleIds | None = None) -> np.ndarray:
         """Class codes (int64, shape (N,)) of *labels*; *where* and *sample_ids* name a bad label."""
         values = _one_per_sample(labels, where)
         if (values.dtype.kind in "US") != (self.names is not None):
@@ -91,7 +94,7 @@ def _as_strings(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def _numeric_codes(values: np.ndarray, where: str, sample_ids: Sequence[int] | None) -> np.ndarray:
+def _numeric_codes(values: np.ndarray, where: str, sample_ids: SampleIds | None) -> np.ndarray:
     if values.dtype.kind in "biu":
         return values.astype(np.int64)
     bad = ~np.isfinite(values) | (values != np.round(values))
@@ -104,7 +107,7 @@ def _numeric_codes(values: np.ndarray, where: str, sample_ids: Sequence[int] | N
     return values.astype(np.int64)
 
 
-def classes_of(label_batches: Iterable[Any], where: str, sample_ids: Iterable[Sequence[int]]) -> ClassLabels:
+def classes_of(label_batches: Iterable[Any], where: str, sample_ids: Iterable[SampleIds]) -> ClassLabels:
     """Check every label of *label_batches* (the sample ids of each batch name a bad one) and fix the
     run's classes: the sorted distinct strings for string labels, else none (codes are the labels)."""
     strings: set[str] = set()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, overload
 
 import numpy as np
 from pydantic import BaseModel
@@ -32,6 +32,10 @@ def sample_count(samples: Samples) -> int:
     return len(samples)
 
 
+@overload
+def take(samples: np.ndarray, rows) -> np.ndarray: ...
+@overload
+def take(samples: Mapping[str, np.ndarray], rows) -> dict[str, np.ndarray]: ...
 def take(samples: Samples, rows) -> Samples:
     """The *rows* (an index array or a slice) of every array of a batch."""
     if isinstance(samples, Mapping):
@@ -41,7 +45,7 @@ def take(samples: Samples, rows) -> Samples:
 
 def arrays(samples: Samples) -> dict[str | None, np.ndarray]:
     """A batch as named arrays (the key None for a single unnamed array)."""
-    return dict(samples) if isinstance(samples, Mapping) else {None: samples}
+    return {name: array for name, array in samples.items()} if isinstance(samples, Mapping) else {None: samples}
 
 
 def nbytes(samples: Samples) -> int:

@@ -23,7 +23,7 @@ from layerscope.graph.tokens import token_axes_by_tensor
 from layerscope.model.adapter import Checkpoint, LoadedModel
 from layerscope.util.errors import UserError
 
-from .estimator import DataBatch, Estimator, PlanBatch, TensorBatch
+from .estimator import DataBatch, PlanBatch, PlanEstimator, TensorBatch
 from .feeds import ModelFeeds
 from .lifecycle import Estimators, Isolation, ShardOutcome, ShardTask, analyses_in_pass
 from .plan import RunPlan
@@ -184,7 +184,7 @@ def _unsaturated_span(active: Estimators, span: Span, batch_size: int) -> Span:
 def _feed_plan(
     plan: RunPlan,
     analysis_id: str,
-    estimator: Estimator,
+    estimator: PlanEstimator,
     model: CheckpointModel,
     order: np.ndarray,
     span: Span,

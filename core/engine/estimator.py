@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 import numpy as np
 from pydantic import BaseModel
@@ -22,7 +22,12 @@ from layerscope.util.errors import did_you_mean
 from layerscope.util.lazy import lazy_module
 from layerscope.util.params import NoParams
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+
+    from layerscope.data.source import Samples
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 Reduction = str | Callable[[Any, Any], Any]
 
@@ -59,9 +64,10 @@ class TensorBatch:
 @dataclass
 class DataBatch:
     """A batch of the data stream as an input plan sees it: ``x``/``y`` hold the batch's
-    ``size`` samples followed by up to ``lookahead`` samples of the next batch."""
+    ``size`` samples followed by up to ``lookahead`` samples of the next batch; ``x`` is one array, or
+    arrays by model input name when the data source gives named arrays."""
 
-    x: np.ndarray
+    x: Samples
     y: np.ndarray | None
     start: int
     size: int
@@ -154,11 +160,14 @@ class Estimator:
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
     #: A selector dict, a list of them (union), or "all".
-    default_selector: ClassVar[dict | list[dict] | str] = "all"
+    default_selector: ClassVar[dict | list[dict] | Literal["all"]] = "all"
     tags: ClassVar[EstimatorTags] = EstimatorTags()
     #: The closed interval each metric lies in mathematically, e.g. ``{"affinity_score": (0, 1)}``;
     #: a value outside it (beyond round-off) is never recorded (see :meth:`value_range`).
     metric_ranges: ClassVar[dict[str, tuple[float, float]]] = {}
+    #: Declared state every estimator has (:meth:`warn`); a subclass annotates its own state the same way
+    #: (``counts: dict[str, torch.Tensor]`` beside ``self.add_state("counts", {}, "sum")``) for type checkers.
+    warnings: list[str]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse the class attributes of layerscope 0.1 that now have another form, naming it (an
@@ -246,7 +255,7 @@ class Estimator:
     def update(self, batch: TensorBatch) -> None:
         raise NotImplementedError
 
-    def carry_over(self, previous: Estimator) -> None:
+    def carry_over(self, previous: Self) -> None:
         """Receive the estimator of the previous checkpoint (e.g. to smooth a kernel width).
 
         Called before this checkpoint's first pass ends; *previous* has ended at least its
@@ -264,7 +273,7 @@ class Estimator:
         """
         self.pass_index += 1
 
-    def merge(self, other: Estimator) -> Estimator:
+    def merge(self, other: Self) -> Self:
         """Fold *other*'s state into this one (in place; returns self)."""
         for name, state in self._states.items():
             setattr(self, name, _combine(getattr(self, name), getattr(other, name), state.reduction))

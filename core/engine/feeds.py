@@ -16,14 +16,14 @@ The **token mask** is the input that marks real tokens (1) against padding (0): 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from layerscope.data.source import Samples
-from layerscope.graph.tensors import TensorInfo, format_dims
+from layerscope.graph.tensors import Dim, TensorInfo, format_dims, known_sizes
 from layerscope.util.errors import UserError
 
 DEFAULT_TOKEN_MASK = "attention_mask"
@@ -42,7 +42,7 @@ def _cast(array: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=dtype)
 
 
-def _agrees(dims: list, sizes: tuple[int, ...]) -> bool:
+def _agrees(dims: Sequence[Dim], sizes: tuple[int, ...]) -> bool:
     """True when sample *sizes* fit the input's sample *dims* (a symbolic dim fits any size)."""
     return len(dims) == len(sizes) and all(not isinstance(d, int) or d == s for d, s in zip(dims, sizes))
 
@@ -59,7 +59,7 @@ def _shaped(array: np.ndarray, info: TensorInfo, what: str) -> np.ndarray:
             if _agrees(shape[1:], tuple(array.shape[a] for a in axes[1:])):
                 return np.ascontiguousarray(array.transpose(axes))
     target = shape[1:]
-    if all(isinstance(d, int) for d in target) and math.prod(target) == math.prod(array.shape[1:]):
+    if known_sizes(target) and math.prod(target) == math.prod(array.shape[1:]):
         return array.reshape((array.shape[0], *target))
     raise UserError(
         f"{what} has samples of shape {list(array.shape[1:])} but the model input '{info.name}' "

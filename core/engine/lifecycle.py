@@ -124,7 +124,9 @@ class Isolation:
             self.seconds[analysis_id] = self.seconds.get(analysis_id, 0.0) + time.perf_counter() - started
 
 
-def analyses_in_pass(estimators: Estimators, pass_index: int, failures) -> tuple[Estimators, Estimators]:
+def analyses_in_pass(
+    estimators: Estimators, pass_index: int, failures
+) -> tuple[Estimators, list[tuple[str, PlanEstimator]]]:
     """(estimators fed by the data pass, estimators evaluating their input plan) in pass *pass_index*,
     leaving out failed analyses: an input-plan estimator evaluates its plan in its last pass."""
     planned = [

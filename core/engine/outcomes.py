@@ -38,7 +38,8 @@ def finish_checkpoint(plan: RunPlan, state: CheckpointState, checkpoint: Checkpo
     values outside a metric's range dropped), the warnings of the estimators and of the model's
     tensors, a line per failed analysis, and the model details with the tensors each analysis read."""
     isolation, estimators, label = state.isolation, state.estimators, state.label
-    records, warnings = [], []
+    records: list[dict] = []
+    warnings: list[str] = []
     tags = {
         key: value for key, value in (("network", checkpoint.network), ("step", checkpoint.step)) if value is not None
     }

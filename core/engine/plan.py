@@ -10,7 +10,7 @@ import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
@@ -33,6 +33,9 @@ from layerscope.spec.yaml_locations import LocatedDocument
 from layerscope.util.errors import SpecError, UserError
 
 from .estimator import Estimator
+
+if TYPE_CHECKING:
+    from layerscope.results.reporter import Reporter
 
 
 @dataclass
@@ -62,7 +65,7 @@ class RunPlan:
     #: The spec's model, or its ``models`` in order.
     networks: list[Network]
     analyses: list[PlannedAnalysis]
-    reporters: list[Any]
+    reporters: list[Reporter]
     #: The indices of the samples the run reads, in order (shuffled with the seed, cut at ``limit``).
     order: np.ndarray
     #: How labels become class codes (:mod:`layerscope.data.labels`); None when the data has no labels.
@@ -123,10 +126,10 @@ class PluginChoices:
 
     data_source: type[DataSource] | None = None
     data_params: BaseModel | None = None
-    #: (label, adapter, validated section) of each model; adapter and section None when they failed
-    networks: list[tuple[str | None, Adapter | None, ModelParams | None]] | None = None
-    estimators: dict[int, tuple[type[Estimator], BaseModel]] | None = None
-    reporters: list[Any] | None = None
+    #: (label, adapter, validated section) of each model whose adapter and section were found
+    networks: list[tuple[str | None, Adapter, ModelParams]] = field(default_factory=list)
+    estimators: dict[int, tuple[type[Estimator], BaseModel]] = field(default_factory=dict)
+    reporters: list[Reporter] = field(default_factory=list)
 
 
 def _lookup(registry, name: Any, doc: LocatedDocument, path: tuple, errors: list[str]):
@@ -160,18 +163,23 @@ def check_plugins(doc: LocatedDocument, host: PluginHost, errors: list[str]) -> 
     raw = doc.data if isinstance(doc.data, dict) else {}
     choices = PluginChoices(estimators={}, reporters=[], networks=[])
     if isinstance(raw.get("model"), dict):  # other values: the structural check reports them
-        choices.networks.append((None, *_model_choice(raw["model"], doc, host, errors, ("model",))))
-    for index, entry in enumerate(raw.get("models") if isinstance(raw.get("models"), list) else []):
+        if chosen := _model_choice(raw["model"], doc, host, errors, ("model",)):
+            choices.networks.append((None, *chosen))
+    models = raw.get("models")
+    for index, entry in enumerate(models if isinstance(models, list) else []):
         if isinstance(entry, dict):
             section = {k: v for k, v in entry.items() if k != "label"}
-            choices.networks.append((entry.get("label"), *_model_choice(section, doc, host, errors, ("models", index))))
-    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+            if chosen := _model_choice(section, doc, host, errors, ("models", index)):
+                choices.networks.append((entry.get("label"), *chosen))
+    data = raw.get("data")
+    data = data if isinstance(data, dict) else {}
     source = data.get("source", DataSection().source)
     choices.data_source = _lookup(host.data_sources, source, doc, ("data", "source"), errors)
     if choices.data_source is not None:
         own = {k: v for k, v in data.items() if k not in DataSection.model_fields}
         choices.data_params = _params(choices.data_source.Params, own, doc, ("data",), errors)
-    analyses = raw.get("analyses") if isinstance(raw.get("analyses"), list) else []
+    analyses = raw.get("analyses")
+    analyses = analyses if isinstance(analyses, list) else []
     context = {  # what an estimator's parameter validators may compare against (the data's batches)
         "data_batch_size": data.get("batch_size", DataSection().batch_size),
         "data_limit": data.get("limit"),
@@ -186,7 +194,8 @@ def check_plugins(doc: LocatedDocument, host: PluginHost, errors: list[str]) -> 
             )
             if params is not None:
                 choices.estimators[index] = (estimator, params)
-    outputs = raw.get("outputs") if isinstance(raw.get("outputs"), dict) else {}
+    outputs = raw.get("outputs")
+    outputs = outputs if isinstance(outputs, dict) else {}
     if "formats" in outputs:
         formats = outputs["formats"] if isinstance(outputs["formats"], list) else []  # the structural check reports it
     else:  # the defaults, less a reporter no loaded plugin provides
@@ -214,7 +223,7 @@ def build_plan(doc: LocatedDocument, base_dir: Path, host: PluginHost) -> RunPla
             f"{doc.where(('runtime', 'engine'))}: runtime.engine: the ray engine needs Ray: "
             'pip install "layerscope[ray]"'
         )
-    if errors or spec is None:
+    if errors or spec is None or choices.data_source is None or choices.data_params is None:  # None: an error
         raise SpecError(sorted(dict.fromkeys(errors), key=_position_key))
     analyses = [PlannedAnalysis(i, section, *choices.estimators[i]) for i, section in enumerate(spec.analyses)]
     data = choices.data_source(choices.data_params, spec.base_dir, spec.runtime.seed)
@@ -234,16 +243,16 @@ def build_plan(doc: LocatedDocument, base_dir: Path, host: PluginHost) -> RunPla
 
 def _model_choice(
     section: dict, doc: LocatedDocument, host: PluginHost, errors: list[str], path: tuple
-) -> tuple[Adapter | None, ModelParams | None]:
+) -> tuple[Adapter, ModelParams] | None:
     """The adapter that claims the model *section* (raw, at *path* in the spec: ``("model",)`` or
-    ``("models", i)``) and the section as it validates it (its ``Params``); problems are appended to
-    *errors* at their place in the spec, naming the keys the adapter reads."""
+    ``("models", i)``) and the section as it validates it (its ``Params``); None when either fails, the
+    problems appended to *errors* at their place in the spec, naming the keys the adapter reads."""
     dotted = ".".join(map(str, path))
     try:
         adapter = find_adapter(ModelSection.model_validate(section), host.adapters)
     except UserError as error:
         errors.append(f"{doc.where((*path, 'source'))}: {dotted}{str(error).removeprefix('model')}")
-        return None, None
+        return None
     try:
         return adapter, adapter.Params.model_validate(section)
     except ValidationError as error:
@@ -252,4 +261,4 @@ def _model_choice(
             f"{message} (the '{adapter.name}' adapter reads: {keys})" if "unknown key" in message else message
             for message in format_validation_errors(error, doc, prefix=path, model=adapter.Params)
         )
-        return adapter, None
+        return None

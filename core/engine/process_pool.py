@@ -136,7 +136,7 @@ class PoolExecutor:
         """Outcomes of *tasks* in order: the pool's processes take tasks from the front (two queued
         each, so none idles), while this process takes them from the back (it starts at once, while
         the spawned processes are still starting up). A task runs here on a copy, as in a worker."""
-        outcomes: list[ShardOutcome | None] = [None] * len(tasks)
+        outcomes: dict[int, ShardOutcome] = {}  # by task index
         waiting = collections.deque(enumerate(tasks))
         running: dict = {}
         while waiting or running:
@@ -149,7 +149,7 @@ class PoolExecutor:
             done, _ = wait(running, timeout=0 if waiting else None, return_when=FIRST_COMPLETED)
             for future in done:
                 outcomes[running.pop(future)] = future.result()
-        return outcomes
+        return [outcomes[index] for index in range(len(tasks))]
 
 
 @contextmanager

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
 
 
 class Progress:
@@ -12,8 +17,8 @@ class Progress:
         self.total, self.description, self.delay, self.enabled = total, description, delay, enabled
         self.completed = 0
         self._started = time.monotonic()
-        self._bar = None
-        self._task = None
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
 
     def advance(self, samples: int, description: str | None = None) -> None:
         self.completed += samples
@@ -34,7 +39,7 @@ class Progress:
             )
             self._bar.start()
             self._task = self._bar.add_task(self.description, total=self.total)
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:  # set together
             self._bar.update(self._task, completed=self.completed, description=self.description)
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from layerscope.data.source import Samples
 from layerscope.model.adapter import Checkpoint
@@ -60,7 +61,7 @@ def _connect(plan: RunPlan) -> bool:
     runtime = plan.spec.runtime
     if runtime.address:
         _check_reachable(plan, runtime.address)
-    local = {"num_cpus": runtime.workers if "workers" in runtime.model_fields_set else None}
+    local: dict[str, Any] = {"num_cpus": runtime.workers if "workers" in runtime.model_fields_set else None}
     ray_logger = logging.getLogger("ray")
     level = ray_logger.level
     ray_logger.setLevel(logging.ERROR)  # start-up notices would garble the run's output
@@ -144,6 +145,6 @@ def ray_actors(
         yield RayExecutor(actors, len(spans))
     finally:
         for actor in actors:
-            ray.kill(actor)
+            ray.kill(actor)  # type: ignore[arg-type]  # ray types an actor as ActorHandle | its class; kill takes it
         if started:
             ray.shutdown()

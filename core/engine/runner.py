@@ -232,7 +232,8 @@ class Runner:
         # a fixed-batch model runs that many rows at once; consumers that need whole batches hold them all
         splittable = all(n in self._splittable for unit in self._atomic for n in unit)
         rows = min(self.batch_size, self.fixed_batch or self.batch_size) if splittable else self.batch_size
-        groups = plan_groups(self._atomic, self._sizes, rows, self.memory_budget, self._splittable)
+        sizes = {name: size for name, size in self._sizes.items() if size is not None}  # all of them, now measured
+        groups = plan_groups(self._atomic, sizes, rows, self.memory_budget, self._splittable)
         self._sessions = [self._session_for(group.names) for group in groups]
         return groups
 

@@ -126,7 +126,8 @@ def _cone_from(end: TensorInfo, source: str, by_name: dict[str, TensorInfo]) -> 
 
 def _match(end: TensorInfo, by_name: dict[str, TensorInfo]) -> tuple[str, set[str], str] | None:
     """(activation input, cone, pattern) for the nearest input that fans out into a known pattern ending at *end*."""
-    seen, frontier = set(), [end]
+    seen: set[str] = set()
+    frontier = [end]
     while frontier and len(seen) <= MAX_CONE:
         tensor = frontier.pop(0)
         for candidate in _sources(tensor, by_name):

@@ -50,7 +50,7 @@ class SelectorSpec(BaseModel):
         return ", ".join(f"{k}={v}" for k, v in self.model_dump(exclude_none=True).items())
 
 
-def _as_list(value: str | list[str] | None) -> list[str]:
+def _as_list(value: str | Sequence[str] | None) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
@@ -91,7 +91,7 @@ def _hint(selector: SelectorSpec, tensors: Sequence[TensorInfo]) -> str:
 Selection = SelectorSpec | list[SelectorSpec] | Literal["all"]
 
 
-def as_selector(value: dict | list[dict] | str) -> Selection:
+def as_selector(value: dict | list[dict] | Literal["all"]) -> Selection:
     """A selector written as plain data (an estimator's ``default_selector``: a dict, a list of dicts or
     ``"all"``) in the form the spec's ``on:`` holds."""
     if isinstance(value, str):
@@ -106,15 +106,16 @@ def resolve(selector: Selection, tensors: Sequence[TensorInfo], strict: bool = T
     must be non-empty (estimators' defaults such as "activations or the model output").
     """
     if isinstance(selector, list):
-        chosen, errors = set(), []
+        names: set[str] = set()
+        errors: list[str] = []
         for item in selector:
             try:
-                chosen.update(t.name for t in resolve(item, tensors))
+                names.update(t.name for t in resolve(item, tensors))
             except UserError as error:
                 errors.append(str(error))
-        if (strict and errors) or not chosen:
+        if (strict and errors) or not names:
             raise UserError("; ".join(errors))
-        return [t for t in tensors if t.name in chosen]
+        return [t for t in tensors if t.name in names]
     if selector == "all":
         chosen = [t for t in tensors if t.observable]
         if not chosen:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
@@ -21,11 +22,19 @@ from layerscope.util.lazy import lazy_module
 
 from .layer_names import call_labels, layer_name
 
-onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import onnx
+else:
+    onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 Dim = int | str | None
 SHAPE_OPS = {"Shape", "Size"}
 SUBGRAPH_OPS = {"If", "Loop", "Scan"}
+
+
+def known_sizes(dims: Sequence[Dim]) -> TypeGuard[Sequence[int]]:
+    """True when every dim of *dims* is a size (an int), none a symbol or unknown."""
+    return all(isinstance(d, int) for d in dims)
 
 
 def format_dims(shape: tuple[Dim, ...] | None) -> str:
@@ -61,7 +70,7 @@ class TensorInfo:
         if self.shape is None or self.dtype is None:
             return None
         dims = self.shape[1:]
-        if any(not isinstance(d, int) for d in dims):
+        if not known_sizes(dims):
             return None
         return math.prod(dims) * np.dtype(self.dtype).itemsize
 

@@ -18,12 +18,16 @@ padding never counts as data:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from layerscope.util.lazy import lazy_module
 
 from .tensors import TensorInfo
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 def sequence_dims(inputs: Sequence[TensorInfo], mask: str | None) -> set:

@@ -18,7 +18,6 @@ import typing
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 
 from layerscope.util.errors import UserError, did_you_mean
 
@@ -49,8 +48,7 @@ def parameters(model: type[BaseModel] | None) -> list[dict[str, Any]]:
         if field.is_required():
             entry["required"] = True
         else:
-            default = field.default_factory() if field.default is PydanticUndefined else field.default
-            entry["default"] = default
+            entry["default"] = field.get_default(call_default_factory=True)
         if field.description:
             entry["description"] = field.description
         described.append(entry)

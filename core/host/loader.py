@@ -101,7 +101,8 @@ def load_plugins(extra: tuple[Any, ...] = ()) -> PluginHost:
         if pm.has_plugin(entry_point.name):
             continue
         dist = entry_point.dist
-        if dist not in distributions:  # each access to name or version parses the metadata file again
+        # each access to name or version parses the metadata file again (None, no distribution, is in already)
+        if dist is not None and dist not in distributions:
             package = dist.metadata
             distributions[dist] = {"distribution": package["Name"], "version": package["Version"]}
         host.packages[entry_point.name] = {**distributions[dist], "module": entry_point.value}

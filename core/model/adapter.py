@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from layerscope.host.registry import Registry
     from layerscope.spec.schema import ModelSection, Spec
 
-onnx = lazy_module("onnx")
+if TYPE_CHECKING:
+    import onnx
+else:
+    onnx = lazy_module("onnx")
 
 
 @dataclass
@@ -74,8 +77,13 @@ class ModelParams(BaseModel):
     source: Any = Field(None, description="the model: a path or name this adapter claims, or (from Python) an object")
 
 
-class Adapter:
-    """Base class of adapter plugins."""
+#: The parameters an adapter validates its model section with (its ``Params``).
+ParamsT = TypeVar("ParamsT", bound=ModelParams)
+
+
+class Adapter(Generic[ParamsT]):
+    """Base class of adapter plugins; ``Adapter[MyParams]`` for one whose ``Params`` is ``MyParams`` (the section
+    :meth:`checkpoints` receives)."""
 
     name: ClassVar[str]
     #: The model section's keys this adapter reads (validated from the spec, errors at file:line:col).
@@ -85,7 +93,7 @@ class Adapter:
         """True when this adapter loads the model the section names (``section.source``, ``section.get(key)``)."""
         raise NotImplementedError
 
-    def checkpoints(self, params: ModelParams, spec: Spec) -> list[Checkpoint]:
+    def checkpoints(self, params: ParamsT, spec: Spec) -> list[Checkpoint]:
         """The models to analyse, in order, from the validated section (a single one unless the
         adapter's parameters name several)."""
         raise NotImplementedError

@@ -45,7 +45,7 @@ def _finite_number(value: Any) -> Any:
 
 Number = Annotated[Any, AfterValidator(_finite_number)]
 Scalar = StrictStr | StrictBool | Number | None
-_EXTRA = TypeAdapter(Scalar | list[Scalar])
+_EXTRA: TypeAdapter[Any] = TypeAdapter(Scalar | list[Scalar])
 
 
 def _inside_the_run_folder(path: str) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -90,7 +90,7 @@ def feed(estimator: Estimator, batches: Sequence[TensorBatch]) -> Estimator:
 
 
 def run_sharded(
-    make: Factory, shards: Sequence[Sequence[TensorBatch]], order: Sequence[int] | None = None
+    make: Factory, shards: Sequence[Sequence[TensorBatch]], order: Iterable[int] | None = None
 ) -> Estimator:
     """Feed each shard to its own estimator, pass by pass, and merge them in *order* (shard order
     by default), as the driver does with the tasks of a sharded run."""
@@ -115,11 +115,11 @@ def assert_records_close(actual: list[dict], expected: list[dict], rtol: float =
 
 def concatenate(batches: Sequence[TensorBatch]) -> TensorBatch:
     """All batches as one."""
-    labels = None if batches[0].labels is None else torch.cat([b.labels for b in batches])
+    labels = [b.labels for b in batches if b.labels is not None]
     return TensorBatch(
         tensors={name: torch.cat([b.tensors[name] for b in batches]) for name in batches[0].tensors},
         inputs=torch.cat([b.inputs for b in batches]),
-        labels=labels,
+        labels=torch.cat(labels) if len(labels) == len(batches) else None,
         start=0,
     )
 

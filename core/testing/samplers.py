@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from layerscope.engine.estimator import DataBatch, Estimator, TensorBatch
+from layerscope.engine.estimator import DataBatch, PlanEstimator, TensorBatch
 from layerscope.graph.tensors import TensorInfo
 
 
@@ -62,7 +62,7 @@ def exact_on_pattern(on_fractions: list[float], samples: int, seed: int = 0) -> 
 
 
 def plan_batches(
-    estimator: Estimator, x: np.ndarray, y: np.ndarray | None, function, batch_size: int = 32, parts: int = 1
+    estimator: PlanEstimator, x: np.ndarray, y: np.ndarray | None, function, batch_size: int = 32, parts: int = 1
 ) -> list[TensorBatch]:
     """Evaluate *estimator*'s input plan over data *x* (labels *y*) with *function* (rows → dict of
     named output arrays), as the engine does; each plan batch is delivered in *parts* row slices."""

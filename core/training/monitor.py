@@ -117,11 +117,14 @@ class Monitor:
         network.adapter = self._adapter
         return plan
 
-    def results(self) -> Results:
-        """The records of every step observed so far, in one :class:`Results` (``models`` lists the steps)."""
+    def _last_plan(self) -> RunPlan:
         if self._plan is None:
             raise UserError("Monitor.results: no step was observed yet; call observe(model, step=...) first")
-        return assemble_results(self._plan, self._outcomes, [], self._started, monitor={"steps": self.steps})
+        return self._plan
+
+    def results(self) -> Results:
+        """The records of every step observed so far, in one :class:`Results` (``models`` lists the steps)."""
+        return assemble_results(self._last_plan(), self._outcomes, [], self._started, monitor={"steps": self.steps})
 
     @classmethod
     def for_callback(cls, spec: str | os.PathLike | dict | Monitor, every: Any) -> Monitor:
@@ -136,5 +139,5 @@ class Monitor:
         file or none, as a run does) and return them."""
         results, folder = self.results(), Path(out_dir)
         with output_folder(folder) as locked:
-            locked.write(results, self._plan.reporters)
+            locked.write(results, self._last_plan().reporters)
         return results

@@ -29,7 +29,7 @@ count tokens.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -38,7 +38,10 @@ from layerscope import Estimator, EstimatorTags, TensorBatch, hookimpl
 from layerscope.graph.tokens import tokens_as_samples
 from layerscope.util.lazy import lazy_module
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 ALL = "all"
 LN2 = math.log(2.0)
@@ -167,6 +170,14 @@ class ActivationEntropy(Estimator):
 
     name = "activation_entropy"
     Params = ActivationEntropyParams
+    params: ActivationEntropyParams
+    # declared state (setup); class keys are "all" or a class code
+    samples: dict[str, dict[object, int]]
+    on_counts: dict[str, dict[object, torch.Tensor]]
+    patterns: dict[str, dict[object, dict[bytes, int]]]
+    low: dict[str, float]
+    high: dict[str, float]
+    histograms: dict[str, dict[object, torch.Tensor]]
     default_selector = {"activation": "output"}  # activation ops and decomposed forms (SiLU, GELU …)
     tags = EstimatorTags(
         reconstructed="Wang et al. 2019 (arXiv 1905.08618, withdrawn): reconstructed from the abstract; "

@@ -13,14 +13,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from layerscope.graph.activations import ACTIVATION_OPS
-from layerscope.graph.tensors import TensorInfo
+from layerscope.graph.tensors import TensorInfo, known_sizes
 from layerscope.util.lazy import lazy_module
 
-onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import onnx
+else:
+    onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
 AGGREGATION_OPS = {
     "GlobalAveragePool": "mean",
@@ -134,7 +138,7 @@ def find_aggregations(model: onnx.ModelProto, tensors: Sequence[TensorInfo]) -> 
             continue
         spatial = source.shape[2:]
         axes = _reduced_axes(node, len(source.shape), constants)
-        if axes != set(range(2, len(source.shape))) or not all(isinstance(d, int) for d in spatial):
+        if axes != set(range(2, len(source.shape))) or not known_sizes(spatial):
             continue
         output = by_name[node.output[0]]
         producer = source

@@ -33,7 +33,7 @@ binning.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,7 +53,10 @@ from .maths import (
     rectified_gaussian_moments,
 )
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 ALL = "all"
 RECONSTRUCTED = (
@@ -88,6 +91,12 @@ class AggregationDistribution(Estimator):
 
     name = "aggregation_distribution"
     Params = AggregationParams
+    params: AggregationParams
+    # declared state (setup): by (aggregation index, part, class) and (aggregation index, part)
+    moments: dict[tuple[int, str, object], torch.Tensor]
+    low: dict[tuple[int, str], torch.Tensor]
+    high: dict[tuple[int, str], torch.Tensor]
+    histograms: dict[tuple[int, str, object], torch.Tensor]
     default_selector = {"op_type": sorted(AGGREGATION_OPS)}
     tags = EstimatorTags(
         reconstructed=RECONSTRUCTED,
@@ -139,7 +148,8 @@ class AggregationDistribution(Estimator):
     def fetch_groups(self) -> list[tuple[str, ...]]:
         groups = []
         for s in self.structures:
-            names = [s.input, s.output] + ([s.activation_input] if self.params.fit == "input" else [])
+            fitted = [s.activation_input] if self.params.fit == "input" and s.activation_input is not None else []
+            names = [s.input, s.output] + fitted  # bind_graph refused fit: input without the activation's input
             groups.append(tuple(names + ([s.linear_output] if s.linear_output else [])))
         return groups
 
@@ -150,7 +160,7 @@ class AggregationDistribution(Estimator):
         t = batch.tensors
         n = t[s.input].shape[0]
         parts = {"a": t[s.input].reshape(n, t[s.input].shape[1], -1), "g": t[s.output].reshape(n, -1, 1)}
-        if self.params.fit == "input":
+        if self.params.fit == "input" and s.activation_input is not None:  # see fetch_groups
             parts["z"] = t[s.activation_input].reshape(n, t[s.activation_input].shape[1], -1)
         if s.linear_output:
             parts["y"] = t[s.linear_output].reshape(n, -1, 1)
@@ -158,7 +168,7 @@ class AggregationDistribution(Estimator):
 
     def update(self, batch: TensorBatch) -> None:
         labels = batch.labels.reshape(-1).cpu() if batch.labels is not None else None
-        classes = [ALL] if labels is None else sorted(set(labels.tolist()))
+        classes: list[Any] = [ALL] if labels is None else sorted(set(labels.tolist()))  # ALL or class codes
         for index, s in enumerate(self.structures):
             if s.input not in batch.tensors:
                 continue
@@ -200,15 +210,16 @@ class AggregationDistribution(Estimator):
         self.accumulate(state, value.cpu(), key)  # state lives on the host
 
     # --- predictions ---------------------------------------------------------------------
-    def _moments(self, index: int, part: str, cls) -> tuple[float, np.ndarray, np.ndarray] | None:
-        """(values per column, mean, second moment) of a part for one class, or pooled (ALL)."""
+    def _moments(self, index: int, part: str, cls) -> tuple[float, np.ndarray, np.ndarray]:
+        """(values per column, mean, second moment) of a part for one class, or pooled (ALL); a KeyError
+        when the data had none."""
         if cls == ALL and (index, part, ALL) not in self.moments:
             keys = [k for k in self.moments if k[:2] == (index, part)]
-            sums = sum(self.moments[k].numpy() for k in keys) if keys else None
+            sums = cast(np.ndarray, sum(self.moments[k].numpy() for k in keys)) if keys else None  # never 0: keys
         else:
             sums = self.moments[(index, part, cls)].numpy() if (index, part, cls) in self.moments else None
         if sums is None:
-            return None
+            raise KeyError((index, part, cls))
         return float(sums[0][0]), sums[1] / sums[0], sums[2] / sums[0]
 
     def _classes(self, index: int) -> list:
@@ -252,10 +263,7 @@ class AggregationDistribution(Estimator):
 
     def _predict(self, index: int, s: Aggregation, cls, effective_m: float):
         """E[g], Var g per channel and (E[y], Var y) per node for one class (or ALL without labels)."""
-        fitted = self._moments(index, "z" if self.params.fit == "input" else "a", cls)
-        if fitted is None:
-            return None
-        _, mean, second = fitted
+        _, mean, second = self._moments(index, "z" if self.params.fit == "input" else "a", cls)
         scale = np.sqrt(max(float(second.max()), np.finfo(np.float64).tiny))  # the layer's RMS: floors are relative
         if self.params.fit == "input":
             mu, sd = mean, np.sqrt(np.maximum(second - mean**2, (1e-12 * scale) ** 2))
@@ -266,7 +274,11 @@ class AggregationDistribution(Estimator):
             mu, sd = np.array([p[0] for p in inverted]), np.array([p[1] for p in inverted])
         mean_a, var_a = rectified_gaussian_moments(mu, sd)
         mean_g, var_g = aggregated_moments(mean_a, var_a, s.positions, effective_m, s.kind, mu, sd)
-        node = linear_output_moments(s.weight, s.bias, mean_g, var_g) if s.weight is not None else None
+        node = (
+            linear_output_moments(s.weight, s.bias, mean_g, var_g)
+            if s.weight is not None and s.bias is not None  # found together
+            else None
+        )
         return mean_g, var_g, node
 
     # --- results -------------------------------------------------------------------------
@@ -311,8 +323,8 @@ class AggregationDistribution(Estimator):
                 mean_g, var_g, _ = per_class[cls] if cls != ALL else self._mixture(index, s, classes, effective_m)
             samples, empirical_mean, second = self._moments(index, "g", cls)
             hist = self.histograms.get((index, "g", cls))
-            if hist is None:
-                hist = sum(v for k, v in self.histograms.items() if k[:2] == (index, "g"))
+            if hist is None:  # pooled over the classes (there are some: the class has moments)
+                hist = cast(torch.Tensor, sum(v for k, v in self.histograms.items() if k[:2] == (index, "g")))
             for channel in range(len(mean_g)):
                 edges = np.linspace(float(low[channel]), float(high[channel]), self.params.bins + 1)
                 predicted = sum(
@@ -348,7 +360,9 @@ class AggregationDistribution(Estimator):
         return shape, 0.0, scale
 
     def _node_records(self, index: int, s: Aggregation, effective_m: float) -> list[dict]:
-        records = []
+        records: list[dict] = []
+        if s.linear_output is None:  # no linear layer follows (finalize asks only when one does)
+            return records
         low, high = self._edges((index, "y"))
         classes = self._classes(index)
         for cls in classes if len(classes) > 1 else []:
@@ -356,9 +370,8 @@ class AggregationDistribution(Estimator):
             (mean_out, var_out) = self._mixture(index, s, [c for c in classes if c != cls], effective_m)[2]
             _, emp_mean, emp_second = self._moments(index, "y", cls)
             hist_in = self.histograms[(index, "y", cls)].numpy()
-            hist_out = sum(
-                v for k, v in self.histograms.items() if k[0] == index and k[1] == "y" and k[2] not in (cls, ALL)
-            ).numpy()
+            rest = (v for k, v in self.histograms.items() if k[0] == index and k[1] == "y" and k[2] not in (cls, ALL))
+            hist_out = cast(torch.Tensor, sum(rest)).numpy()  # never 0: there is another class
             for node in range(len(mean_in)):
                 keys = {"node": node, "class": cls}
                 records += [

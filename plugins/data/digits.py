@@ -40,7 +40,7 @@ def load_digits_split(split: str = "all") -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError, KeyError):
         arrays = _digits_from_sklearn()
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # array names, none of them savez's allow_pickle
     try:
         atomic_write(path, buffer.getvalue())
     except OSError:  # a read-only cache costs the next run the import, nothing else
@@ -72,6 +72,7 @@ class DigitsParams(BaseModel):
 class DigitsSource(DataSource):
     name = "digits"
     Params = DigitsParams
+    params: DigitsParams
 
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from pydantic import Field, PositiveInt, model_validator
@@ -40,7 +40,8 @@ from layerscope.util.files import cache_dir, regular_file
 
 from .image_preprocessing import ImagePreprocessing
 
-BUILDERS = ("csv", "json", "parquet", "arrow", "text", "imagefolder")
+Builder = Literal["csv", "json", "parquet", "arrow", "text", "imagefolder"]
+BUILDERS = get_args(Builder)
 SUFFIX_BUILDERS = {
     ".csv": "csv",
     ".tsv": "csv",
@@ -55,7 +56,7 @@ SUFFIX_BUILDERS = {
 class HFDatasetParams(ImagePreprocessing):
     path: str | None = Field(None, description="a folder written by save_to_disk, relative to the spec")
     data_files: str | list[str] | None = Field(None, description="local data files (relative to the spec)")
-    builder: Literal[BUILDERS] | None = Field(None, description="how data_files are read (default: their suffix)")
+    builder: Builder | None = Field(None, description="how data_files are read (default: their suffix)")
     split: str | None = Field(None, description="the split of a DatasetDict (default: its only split)")
     inputs: str | dict[str, str] | None = Field(
         None, description="the column feeding the only model input, or model input name -> column"
@@ -125,7 +126,7 @@ def _check_saved(folder: Path) -> None:
     content = _json_file(listing)
     splits = content.get("splits") if isinstance(content, dict) else None
     _confined(listing, splits, folder, "splits")
-    for split in splits:
+    for split in splits or ():
         check_dataset(folder / split)
 
 
@@ -140,7 +141,8 @@ def _load(params: HFDatasetParams, base_dir: Path):
             loaded = datasets.load_from_disk(str(base_dir / params.path))
             where = f"data.path: {base_dir / params.path}"
         else:
-            files = [params.data_files] if isinstance(params.data_files, str) else params.data_files
+            # the validator: data_files is given when path is not
+            files = [params.data_files] if isinstance(params.data_files, str) else params.data_files or []
             files = [str(base_dir / f) for f in files]
             builder = params.builder or SUFFIX_BUILDERS.get(Path(files[0]).suffix.lower())
             if builder is None:
@@ -195,7 +197,7 @@ def _image_roots(params: HFDatasetParams, base_dir: Path) -> list[Path]:
     if params.path is not None:
         return [(base_dir / params.path).resolve()]
     roots = []
-    for pattern in [params.data_files] if isinstance(params.data_files, str) else params.data_files:
+    for pattern in [params.data_files] if isinstance(params.data_files, str) else params.data_files or []:
         parts = Path(pattern).parts
         wild = next((k for k, part in enumerate(parts) if any(c in part for c in "*?[{")), None)
         roots.append((base_dir / (Path(*parts[:wild]) if wild is not None else Path(pattern).parent)).resolve())
@@ -205,6 +207,7 @@ def _image_roots(params: HFDatasetParams, base_dir: Path) -> list[Path]:
 class HFDatasetSource(DataSource):
     name = "hf_dataset"
     Params = HFDatasetParams
+    params: HFDatasetParams
 
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)
@@ -237,16 +240,16 @@ class HFDatasetSource(DataSource):
         self._plain = self.dataset.select_columns(plain).with_format(None) if plain else None
         self._stored = self.dataset.select_columns(sorted(self.images)).with_format("arrow")
         self._image_roots = _image_roots(params, base_dir)
-        self.tokenizer = self._tokenizer(base_dir) if params.text is not None else None
+        # text and tokenizer come together
+        self.tokenizer = self._tokenizer(base_dir / params.tokenizer) if params.tokenizer is not None else None
 
-    def _tokenizer(self, base_dir: Path):
+    def _tokenizer(self, folder: Path):
         try:
             from transformers import AutoTokenizer
         except ImportError:
             raise UserError(
                 'data.tokenizer: tokenizing text needs transformers: pip install "layerscope[transformers]"'
             ) from None
-        folder = base_dir / self.params.tokenizer
         if not folder.is_dir():
             raise UserError(f"data.tokenizer: {folder} is not a folder (save a tokenizer with save_pretrained)")
         custom = _custom_tokenizer_code(folder)
@@ -332,7 +335,7 @@ class HFDatasetSource(DataSource):
         indices = np.asarray(indices)
         keys = [int(i) for i in indices]
         rows = self._plain[keys] if self._plain is not None else {}
-        stored = self._stored[keys] if self.images else None
+        stored = self._stored[keys] if self.images else {}
         x = {
             name: self._images(stored[column].to_pylist(), column, indices)
             if column in self.images
@@ -358,6 +361,7 @@ class HFDatasetSource(DataSource):
     def read_labels(self, indices):
         if self.params.label is None:
             return None
+        assert self._plain is not None  # the label column is one of the plain columns
         return self._labels(self._plain.select_columns([self.params.label])[[int(i) for i in indices]])
 
     def _labels(self, rows: dict) -> np.ndarray | None:

@@ -82,7 +82,7 @@ def opened_image(source: Path | bytes, where: str | Path | None = None, max_pixe
     user error naming it."""
     from PIL import Image
 
-    where = where if where is not None else source
+    where = where if where is not None else source if isinstance(source, Path) else "an image"
     too_large = (
         f"more than data.max_pixels ({max_pixels:,}); raise it to read the image (decoded, it is held in memory)"
     )
@@ -220,12 +220,12 @@ class ImagePreprocessing(BaseModel):
         images uses its channels' average."""
         if self.normalize is None:
             return None
-        mean, std = (
+        given = (
             NORMALIZE_PRESETS[self.normalize]
             if isinstance(self.normalize, str)
             else (self.normalize.mean, self.normalize.std)
         )
-        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        mean, std = np.asarray(given[0], np.float32), np.asarray(given[1], np.float32)
         if isinstance(self.normalize, str) and self.channels == 1:
             mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
         return mean, std
@@ -270,14 +270,14 @@ class ImagePreprocessing(BaseModel):
         float32 (C, H, W) or (H, W, C), written into *out* (a sample of a batch) when given, decoded once
         *budget* (shared by the threads decoding a batch) holds its pixels; an unreadable image, one over
         ``max_pixels`` or one smaller than the crop is a user error naming the file."""
-        where = where if where is not None else source
+        where = where if where is not None else source if isinstance(source, Path) else "an image"
         held = 0
         try:
             with opened_image(source, where, self.max_pixels) as image:
                 held = budget.take(image.width * image.height) if budget is not None else 0
                 pixels = self._pixels(image, where)
         finally:
-            if held:
+            if budget is not None and held:
                 budget.give(held)
         return self._finish(pixels, where, out)
 

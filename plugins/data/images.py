@@ -115,12 +115,14 @@ def read_manifest(path: Path, file_column: str, label_column: str) -> tuple[list
 class ImagesSource(DataSource):
     name = "images"
     Params = ImagesParams
+    params: ImagesParams
 
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)
         self.folder = base_dir / params.path
         if not self.folder.is_dir():
             raise UserError(f"data.path: {self.folder} is not a folder")
+        self.labels: np.ndarray | None
         if params.manifest is not None:
             files, self.labels = read_manifest(
                 regular_file(base_dir / params.manifest, "data.manifest"), params.file_column, params.label_column
@@ -169,7 +171,7 @@ class ImagesSource(DataSource):
 
     def _check_one_size(self) -> tuple[int, int]:
         """The (width, height) of every image, the same (read from the headers), since no step fixes the size."""
-        first = None
+        first: tuple[Path, tuple[int, int]] | None = None
         for path in self.files:
             with opened_image(path, max_pixels=self.params.max_pixels) as image:
                 size = image.size
@@ -181,6 +183,7 @@ class ImagesSource(DataSource):
                     f"{path} is {size[0]}×{size[1]}); set resize: [h, w] or center_crop to give "
                     "every sample one shape"
                 )
+        assert first is not None  # the source holds at least one image (checked when it is made)
         return first[1]
 
     def __len__(self) -> int:

@@ -42,6 +42,7 @@ class NpzParams(BaseModel):
 class NpzSource(DataSource):
     name = "npz"
     Params = NpzParams
+    params: NpzParams
 
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)

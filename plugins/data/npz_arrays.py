@@ -24,6 +24,7 @@ import tempfile
 import weakref
 import zipfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -47,7 +48,7 @@ class NpyMember:
             )
             self.shape, fortran, self.dtype = read_header(stream)
             self.header_bytes = stream.tell()
-        self.order = "F" if fortran else "C"
+        self.order: Literal["F", "C"] = "F" if fortran else "C"
         self._mapped: np.ndarray | None = None
         self._offset: int | None = None  # of a stored member's data in the file
 
@@ -84,7 +85,7 @@ class NpyMember:
         out = np.empty((len(rows), *self.shape[1:]), self.dtype)
         if not out.size:
             return out
-        buffer = memoryview(out.reshape(-1).view(np.uint8))
+        buffer = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy's stubs: Buffer from 3.12
         offset = self._data_offset()
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # where a run of consecutive rows ends
         with open(self.path, "rb", buffering=0) as handle:

@@ -225,6 +225,7 @@ def open_python_data(data: Any, label_key: str | None) -> ArrayData | DatasetDat
 class PythonDataSource(DataSource):
     name = "python"
     Params = PythonDataParams
+    params: PythonDataParams
 
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)

@@ -52,6 +52,7 @@ class SyntheticParams(BaseModel):
 class SyntheticSource(DataSource):
     name = "synthetic"
     Params = SyntheticParams
+    params: SyntheticParams
 
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)

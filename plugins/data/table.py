@@ -109,6 +109,7 @@ class Table:
         if self.format == "parquet" and params.label is not None:
             _check_label_type(self.schema.field(params.label).type, params.label, path)
         others = [c for c in self.columns if c != params.label]
+        self.groups: dict[str | None, list[str]]  # model input (None: the only one) -> its columns
         if params.inputs is not None:
             self.groups = {name: match_columns(p, others, f"data.inputs.{name}") for name, p in params.inputs.items()}
         else:
@@ -311,6 +312,7 @@ def cached_arrays(table: Table) -> Path:
 class TableSource(DataSource):
     name = "table"
     Params = TableParams
+    params: TableParams
 
     def __init__(self, params, base_dir, seed=0):
         super().__init__(params, base_dir, seed)

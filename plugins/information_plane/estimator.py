@@ -37,7 +37,7 @@ extra padding changes no distance.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -58,7 +58,10 @@ from .maths import (
     renyi_entropy,
 )
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 METRICS = ("I_XT", "I_TY", "H_T")
 INPUT_KEY, LABELS_KEY = "input", "labels"
@@ -126,6 +129,17 @@ class InformationPlane(Estimator):
 
     name = "information_plane"
     Params = InformationPlaneParams
+    params: InformationPlaneParams
+    # declared state (setup)
+    alignment_sums: dict[str, torch.Tensor]
+    distance_sums: dict[str, torch.Tensor]
+    input_distances: dict[int, float]
+    sigma_used: dict[str, float]
+    sigma_optimal: dict[str, float]
+    sigma_x_used: dict[str, float]
+    moments: dict[str, dict[str, torch.Tensor]]
+    reference_entropies: dict[int, torch.Tensor]
+    unused_samples: dict[int, int]
     default_selector = [{"activation": "output"}, {"role": "output"}]
     tags = EstimatorTags(
         needs_labels=True,

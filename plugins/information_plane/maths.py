@@ -14,12 +14,17 @@ numpy's BLAS, see :func:`inner_products`):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from layerscope.engine.threads import one_blas_thread
 from layerscope.util.lazy import lazy_module
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 
 #: Float64 entries converted at once by :func:`pairwise_sq_distances` (8 MiB): a layer's samples are

@@ -13,9 +13,10 @@ def checkpoint_colours(records: list[dict], plt):
     """(colour of each model, colour bar mappable, bar label, tick labels or None). When every model has a ``step``
     the colour is the step (log scale when the steps are positive and span ≥ 100×), else the checkpoint's rank."""
     models = list(dict.fromkeys(r["model"] for r in records))
-    steps = {r["model"]: r.get("step") for r in records}
+    given = {r["model"]: r.get("step") for r in records}
+    steps = {m: step for m, step in given.items() if isinstance(step, int)}
     colormap = plt.get_cmap("viridis")
-    if all(isinstance(steps[m], int) for m in models) and len({steps[m] for m in models}) > 1:
+    if len(steps) == len(models) and len(set(steps.values())) > 1:  # every model has one, not all the same
         low, high = min(steps.values()), max(steps.values())
         norm = (
             plt.matplotlib.colors.LogNorm(low, high) if low > 0 and high >= LOG_SPAN * low else plt.Normalize(low, high)
@@ -86,7 +87,7 @@ def plot_information_plane(records: list[dict]):
     axes.set_title("Information plane" + (" (error bars: ± std over batches)" if spread else ""))
     axes.legend(title="layer", fontsize="small")
     if len(models) > len(networks):  # several checkpoints of a network
-        bar = figure.colorbar(mappable, ax=axes, **({"ticks": range(len(models))} if tick_labels else {}))
+        bar = figure.colorbar(mappable, ax=axes, ticks=range(len(models)) if tick_labels else None)
         if tick_labels:
             bar.ax.set_yticklabels(tick_labels, fontsize="x-small")
         bar.set_label(bar_label)

@@ -27,7 +27,8 @@ with zero variance are left out), ``total_index`` per feature group (mean over n
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -38,7 +39,12 @@ from layerscope.util.lazy import lazy_module
 
 from .maths import FeatureGroups, feature_groups, plan_rows, total_indices
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+
+    from .inverse_pca import StandardisedPCA
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 NLL = "nll"
 #: A node is constant when Var f is below this fraction of E[f²] (a spread under 1e-5 of its magnitude, float32
@@ -47,6 +53,8 @@ RELATIVE_VARIANCE_FLOOR = 1e-10
 #: Fewest pairs the indices are computed from: below this a variance estimate is noise (with 2 pairs of 3
 #: samples, mean dimensions of 21267 came out for 8 inputs); below RELIABLE_PAIRS a warning says so.
 MIN_PAIRS, RELIABLE_PAIRS = 10, 100
+#: A plan-pass helper handed a batch that does not come from the input plan (update never does that).
+NOT_PLANNED = "mean_dimension: a batch of its input plan has no plan batch or rows"
 
 
 class MeanDimensionParams(BaseModel):
@@ -86,6 +94,14 @@ class MeanDimension(PlanEstimator):
 
     name = "mean_dimension"
     Params = MeanDimensionParams
+    params: MeanDimensionParams
+    # declared state (setup): the PCA pass's moments by name, the sums by tensor (or NLL)
+    moments: dict[str, torch.Tensor]
+    counts: dict[str, torch.Tensor]
+    f_sums: dict[str, torch.Tensor]
+    f_squares: dict[str, torch.Tensor]
+    delta_sums: dict[str, torch.Tensor]
+    delta_squares: dict[str, torch.Tensor]
     default_selector = [{"activation": "output"}, {"role": "output"}]
     lookahead = 1
     tags = EstimatorTags(
@@ -105,7 +121,7 @@ class MeanDimension(PlanEstimator):
     def setup(self) -> None:
         self.groups: FeatureGroups | None = None
         self.output_name: str | None = None
-        self.pca = None
+        self.pca: StandardisedPCA | None = None
         self.add_state("moments", {}, "sum")  # PCA fit: count, Σx, Σxxᵀ (reset once fitted)
         for name in ("counts", "f_sums", "f_squares", "delta_sums", "delta_squares"):
             self.add_state(name, {}, "sum")
@@ -120,6 +136,7 @@ class MeanDimension(PlanEstimator):
                 f"inputs are {listed} (token ids cannot be perturbed continuously)"
             )
         model_input = inputs[0]
+        self.input_name = model_input.name
         shape = tuple(model_input.shape[1:]) if model_input.shape is not None else ()
         if not shape or not all(isinstance(d, int) for d in shape):
             raise UserError(f"mean_dimension needs a static input shape, not {model_input.shape}")
@@ -132,6 +149,13 @@ class MeanDimension(PlanEstimator):
             except ValueError as error:
                 raise UserError(str(error)) from None
 
+    @property
+    def _groups(self) -> FeatureGroups:
+        """The feature groups, set by bind_graph (basis input) or at the end of the PCA pass (basis pca)."""
+        if self.groups is None:
+            raise RuntimeError("mean_dimension: the feature groups are not known before bind_graph and the PCA pass")
+        return self.groups
+
     def fetch_groups(self) -> list[tuple[str, ...]]:
         if self.pass_index < self.passes - 1:
             return []  # the PCA pass reads the data only
@@ -141,7 +165,7 @@ class MeanDimension(PlanEstimator):
         return [(name,) for name in names]
 
     def plan_rows(self, batch_size: int) -> int:
-        return min(self.params.plan_rows, batch_size * (len(self.groups) + 1))
+        return min(self.params.plan_rows, batch_size * (len(self._groups) + 1))
 
     # --- the PCA pass ------------------------------------------------------------------
     def update(self, batch: TensorBatch) -> None:
@@ -177,23 +201,28 @@ class MeanDimension(PlanEstimator):
             return model
         from .inverse_pca import prepend_inverse_pca
 
+        if self.pca is None:
+            raise RuntimeError("mean_dimension: the model is transformed before the PCA pass ended")
         return prepend_inverse_pca(model, self.pca)
 
     # --- the plan --------------------------------------------------------------------------
     def input_plan(self, data: DataBatch):
         """Per data batch: base rows x_j of every pair, then x_j with each group from x_{j+1}."""
-        x = data.x.reshape(len(data.x), -1)
+        x = data.x[self.input_name] if isinstance(data.x, Mapping) else data.x  # named arrays: the perturbed input's
+        x = x.reshape(len(x), -1)
         x = self.pca.transform(x.astype(np.float64)) if self.pca is not None else x.astype(np.float32, copy=False)
         local = np.arange(data.size)
         local = local[(data.start + local < self.params.pairs) & (local + 1 < len(x))]
-        per_chunk = max(1, self.params.plan_rows // (len(self.groups) + 1))
+        per_chunk = max(1, self.params.plan_rows // (len(self._groups) + 1))
         for begin in range(0, len(local), per_chunk):
             pairs = local[begin : begin + per_chunk]
-            rows = plan_rows(x[pairs], x[pairs + 1], self.groups).astype(np.float32, copy=False)
+            rows = plan_rows(x[pairs], x[pairs + 1], self._groups).astype(np.float32, copy=False)
             labels = None if data.y is None else np.asarray(data.y)[pairs]
             yield PlanBatch(rows, {"pairs": len(pairs), "labels": labels})
 
     def _nll(self, logits: torch.Tensor, batch: TensorBatch) -> torch.Tensor:
+        if batch.plan is None:
+            raise ValueError(NOT_PLANNED)
         labels = batch.plan.meta["labels"]
         if labels is None:
             raise UserError("mean_dimension with nll: true needs labels in the data")
@@ -208,13 +237,17 @@ class MeanDimension(PlanEstimator):
         return -torch.log_softmax(logits, dim=1).gather(1, targets[:, None])
 
     def _pair_of_rows(self, batch: TensorBatch) -> torch.Tensor:
+        if batch.plan is None or batch.rows is None:
+            raise ValueError(NOT_PLANNED)
         pairs = batch.plan.meta["pairs"]
         rows = torch.arange(batch.rows.start, batch.rows.start + batch.size)
-        return torch.where(rows < pairs, rows, (rows - pairs) // len(self.groups))
+        return torch.where(rows < pairs, rows, (rows - pairs) // len(self._groups))
 
     def _accumulate(self, key: str, f: torch.Tensor, batch: TensorBatch) -> None:
         """Fold rows of one plan batch into the sums: base rows give f, perturbed rows Δ = f − f(base)."""
-        pairs, groups = batch.plan.meta["pairs"], len(self.groups)
+        if batch.plan is None or batch.rows is None:
+            raise ValueError(NOT_PLANNED)
+        pairs, groups = batch.plan.meta["pairs"], len(self._groups)
         first = batch.rows.start
         cache = getattr(self, "_cache_base", {})
         self._cache_base = cache
@@ -282,8 +315,8 @@ class MeanDimension(PlanEstimator):
             common = {"pairs": int(count), "nodes": int(valid.sum())}
             record = self._record_for(key)
             records.append(record("mean_dimension", float(kept.sum(0).mean()), **common))
-            grid = list(self.groups.grid)
-            for u, position in enumerate(self.groups.positions):
+            grid = list(self._groups.grid)
+            for u, position in enumerate(self._groups.positions):
                 records.append(
                     record(
                         "total_index",

@@ -14,13 +14,18 @@ features). Statistics are streamed as sums so shards merge exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from layerscope.util.lazy import lazy_module
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,7 @@ class FeatureGroups:
     """Flat-index groups of one sample's features and a readable position for each."""
 
     indices: list[np.ndarray]
-    positions: list[list[int]]
+    positions: Sequence[Sequence[int | np.integer]]  # numpy integers where np.unravel_index gives them
     grid: tuple[int, ...]  # the shape positions refer to (for heatmaps)
 
     def __len__(self) -> int:

@@ -35,7 +35,7 @@ are left out, so extra padding changes nothing), and ``sparsity`` counts real to
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,7 +48,11 @@ from layerscope.util.lazy import lazy_module
 
 from .maths import affinity_score, is_nearly_constant, linear_cka, linear_r2, sparsity_per_sample
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.axes import Axes
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 
 class NonlinearitySignatureParams(BaseModel):
@@ -101,6 +105,9 @@ class NonlinearitySignature(Estimator):
 
     name = "nonlinearity_signature"
     Params = NonlinearitySignatureParams
+    params: NonlinearitySignatureParams
+    #: declared state (setup): output -> (sample indices, x rows, y rows, fraction of output values near 0)
+    kept: dict[str, tuple[torch.Tensor, ...]]
     default_selector = [{"activation": "output"}, {"attention": "probabilities"}]
     tags = EstimatorTags(
         tokens="with a token mask: each sample's mean over its real tokens (attention maps: over real query "
@@ -275,7 +282,7 @@ class NonlinearitySignature(Estimator):
             figure, axes = plt.subplots(
                 figsize=(max(6.4, 0.45 * len(positions[models[0]]) + 2), 4.0), layout="constrained"
             )
-            strips = []
+            strips: list[Axes] = []
         else:
             figure, (axes, *strips) = plt.subplots(
                 1 + len(models),

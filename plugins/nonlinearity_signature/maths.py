@@ -28,12 +28,16 @@ least-squares fit, sparsity.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from layerscope.util.lazy import lazy_module
 
-torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 JITTER = 1e-6
 DEGENERATE_TRACE = 2e-6  # per dimension

@@ -77,7 +77,7 @@ def table(rows: list[dict], columns: list[str], sortable: bool = True) -> str:
 
 def _provenance(results: Results) -> str:
     runtime = results.runtime
-    facts = [
+    facts: list[dict] = [
         {"": "layerscope", "value": results.layerscope},
         {"": "onnxruntime", "value": runtime.get("onnxruntime")},
         {"": "torch", "value": runtime.get("torch")},

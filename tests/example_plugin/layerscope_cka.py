@@ -12,12 +12,17 @@ jointly Gaussian X, Y with correlation ρ it is ρ².
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope import ACTIVATION_OPS, Estimator, TensorBatch, hookimpl
 from layerscope.util.lazy import lazy_module
 
-torch = lazy_module("torch")  # imported on first use, so `layerscope plugins` stays quick
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use, so `layerscope plugins` stays quick
 
 
 class LinearCKAParams(BaseModel):
@@ -48,6 +53,8 @@ class LinearCKA(Estimator):
 
     name = "linear_cka"
     Params = LinearCKAParams
+    params: LinearCKAParams  # for type checkers: self.params is a LinearCKAParams
+    sums: dict[str, dict[str, torch.Tensor]]  # the state declared in setup, as type checkers see it
     default_selector = {"op_type": list(ACTIVATION_OPS)}
 
     def setup(self) -> None:

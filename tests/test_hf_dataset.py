@@ -220,7 +220,7 @@ def _token_model(path: Path, length: int) -> Path:
 
 
 @pytest.mark.parametrize("declared_class", ["EvilTokenizer", "BertTokenizer"])
-def test_a_tokenizer_with_custom_code_never_runs_it_even_when_stdin_says_yes(tmp_path, declared_class):
+def test_a_tokenizer_with_custom_code_never_runs_it_even_when_stdin_says_yes(tmp_path, declared_class, datasets):
     """A tokenizer folder whose tokenizer_config.json maps AutoTokenizer to a module of its own: transformers
     would ask on stdin whether to run it; answered "y", it must still not run, and the run exits 2 naming
     data.tokenizer and the folder (whether or not the folder also names a class transformers has)."""
@@ -263,7 +263,7 @@ def test_a_tokenizer_with_custom_code_never_runs_it_even_when_stdin_says_yes(tmp
 
 
 @pytest.mark.parametrize("how", ["climbing", "absolute", "link", "split"])
-def test_a_saved_dataset_never_reads_files_outside_its_folder(tmp_path, how):
+def test_a_saved_dataset_never_reads_files_outside_its_folder(tmp_path, how, datasets):
     """The arrow files a save_to_disk folder's state.json names (and the splits its dataset_dict.json
     names) must lie inside it: a '..' path, an absolute path or a link leading out is refused naming the
     file and the entry, and the files outside are never read."""
@@ -329,7 +329,7 @@ def _bomb_bytes(width: int, height: int) -> bytes:
     ],
     ids=["bomb", "undecodable", "path outside"],
 )
-def test_a_bad_image_in_an_image_column_is_exit_2_naming_the_dataset_and_row(tmp_path, stored, message):
+def test_a_bad_image_in_an_image_column_is_exit_2_naming_the_dataset_and_row(tmp_path, stored, message, datasets):
     """Images stored in a saved dataset are decoded by layerscope: a decompression bomb, bytes that are no
     image and a stored path outside the dataset's folder are user errors naming the dataset, row and column
     (a bomb or bad bytes were tracebacks; a path anywhere was read)."""
@@ -370,7 +370,7 @@ def test_a_bad_image_in_an_image_column_is_exit_2_naming_the_dataset_and_row(tmp
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-def test_stored_image_paths_are_read_inside_the_data_files_folders(tmp_path, monkeypatch):
+def test_stored_image_paths_are_read_inside_the_data_files_folders(tmp_path, monkeypatch, datasets):
     """The imagefolder builder stores paths, which are read (inside the folder the data files name); a
     Parquet file naming an image outside its folder is refused."""
     import pyarrow as pa
@@ -398,7 +398,7 @@ def test_stored_image_paths_are_read_inside_the_data_files_folders(tmp_path, mon
 
 
 @pytest.mark.parametrize("how", ["parquet", "saved"])
-def test_a_label_column_of_lists_is_refused_naming_it(tmp_path, monkeypatch, how):
+def test_a_label_column_of_lists_is_refused_naming_it(tmp_path, monkeypatch, how, datasets):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -422,7 +422,7 @@ def test_a_label_column_of_lists_is_refused_naming_it(tmp_path, monkeypatch, how
         )
 
 
-def test_a_class_label_of_minus_one_is_no_class(tmp_path):
+def test_a_class_label_of_minus_one_is_no_class(tmp_path, datasets):
     """Hugging Face marks a missing label -1 in a ClassLabel column: refused, never the last class."""
     features = datasets.Features({"x": datasets.Value("float32"), "y": datasets.ClassLabel(names=["a", "b"])})
     datasets.Dataset.from_dict({"x": [1.0, 2.0], "y": [0, -1]}, features=features).save_to_disk(str(tmp_path / "s"))

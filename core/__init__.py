@@ -12,8 +12,9 @@ The package's parts, each a subpackage that imports only those listed before it:
 kit for plugin authors.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from .util.lazy import lazy_exports
 
 __version__ = "0.2.0.dev0"  # the one version source (pyproject.toml reads it)
 
@@ -32,9 +33,8 @@ _MODULES = {
     "util.lazy": ("lazy_module",),
     "util.params": ("NoParams",),
 }
-_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
-
-__all__ = sorted([*_EXPORTS, "__version__"])
+__getattr__, __all__ = lazy_exports(__name__, _MODULES)
+__all__ += ["__version__"]
 
 if TYPE_CHECKING:  # the names as __getattr__ gives them, visible to type checkers
     from .api import run as run
@@ -61,14 +61,6 @@ if TYPE_CHECKING:  # the names as __getattr__ gives them, visible to type checke
     from .util.files import regular_file as regular_file
     from .util.lazy import lazy_module as lazy_module
     from .util.params import NoParams as NoParams
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'layerscope' has no attribute '{name}'")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
 
 
 def __dir__() -> list[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,22 @@ def tiny_onnx(tmp_path) -> Path:
     path = tmp_path / "tiny.onnx"
     onnx.save(tiny_mlp_proto(), str(path))
     return path
+
+
+def run_in_subprocess(spec: Path, out: Path, **options) -> subprocess.CompletedProcess:
+    """``layerscope run SPEC --out OUT`` in a fresh interpreter, as a user runs it (exit code, stderr);
+    *options* go to :func:`subprocess.run` (``input``, ``env``, ``timeout``)."""
+    command = [sys.executable, "-m", "layerscope", "run", str(spec), "--out", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, **options)
+
+
+def one_user_error(done: subprocess.CompletedProcess, out: Path) -> str:
+    """The stderr of a run that ended with one user error (exit 2, one message, no traceback) and wrote no
+    results.json in *out*."""
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("error:") == 1, done.stderr
+    assert not (out / "results.json").exists()
+    return done.stderr
 
 
 def write_spec(folder: Path, text: str, name: str = "spec.yaml") -> Path:

@@ -18,7 +18,7 @@ import layerscope
 from layerscope.plugins.data.hf_dataset import HFDatasetSource
 from layerscope.util.errors import UserError
 
-from .conftest import digit_image_folder
+from .conftest import digit_image_folder, one_user_error, run_in_subprocess
 
 ENTROPY = [{"id": "entropy", "estimator": "activation_entropy"}]
 
@@ -225,8 +225,6 @@ def test_a_tokenizer_with_custom_code_never_runs_it_even_when_stdin_says_yes(tmp
     would ask on stdin whether to run it; answered "y", it must still not run, and the run exits 2 naming
     data.tokenizer and the folder (whether or not the folder also names a class transformers has)."""
     import json
-    import subprocess
-    import sys
 
     pytest.importorskip("transformers")
     tokenizer = _tokenizer(tmp_path)
@@ -247,19 +245,16 @@ def test_a_tokenizer_with_custom_code_never_runs_it_even_when_stdin_says_yes(tmp
         "data: {source: hf_dataset, path: saved, text: sentence, tokenizer: tokenizer, max_length: 8, label: label}\n"
         "analyses: [{id: e, estimator: activation_entropy}]\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "layerscope", "run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")],
+    done = run_in_subprocess(
+        tmp_path / "spec.yaml",
+        tmp_path / "out",
         input="y\ny\ny\n",
-        capture_output=True,
-        text=True,
         env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
         timeout=300,
     )
     assert not marker.exists(), "the tokenizer's module ran"
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert f"data.tokenizer: {tokenizer}" in proc.stderr and "custom code" in proc.stderr
-    assert not (tmp_path / "out" / "results.json").exists()
+    err = one_user_error(done, tmp_path / "out")
+    assert f"data.tokenizer: {tokenizer}" in err and "custom code" in err
 
 
 @pytest.mark.parametrize("how", ["climbing", "absolute", "link", "split"])
@@ -333,8 +328,6 @@ def test_a_bad_image_in_an_image_column_is_exit_2_naming_the_dataset_and_row(tmp
     """Images stored in a saved dataset are decoded by layerscope: a decompression bomb, bytes that are no
     image and a stored path outside the dataset's folder are user errors naming the dataset, row and column
     (a bomb or bad bytes were tracebacks; a path anywhere was read)."""
-    import subprocess
-    import sys
 
     import pyarrow as pa
 
@@ -359,15 +352,8 @@ def test_a_bad_image_in_an_image_column_is_exit_2_naming_the_dataset_and_row(tmp
         "data: {source: hf_dataset, path: saved, inputs: img, label: y, color: grey, resize: [8, 8]}\n"
         "analyses: [{id: e, estimator: activation_entropy}]\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "layerscope", "run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
-    assert re.search(rf"data: {tmp_path / 'saved'}: {message}", proc.stderr), proc.stderr
-    assert not (tmp_path / "out" / "results.json").exists()
+    err = one_user_error(run_in_subprocess(tmp_path / "spec.yaml", tmp_path / "out"), tmp_path / "out")
+    assert re.search(rf"data: {tmp_path / 'saved'}: {message}", err), err
 
 
 def test_stored_image_paths_are_read_inside_the_data_files_folders(tmp_path, monkeypatch, datasets):

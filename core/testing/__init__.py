@@ -10,8 +10,9 @@ Names are imported on first use, as layerscope's own are: the pytest plugin that
 registers loads this package in every pytest run, which should not cost a torch import.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from layerscope.util.lazy import lazy_exports
 
 _MODULES = {
     "conformance": (
@@ -28,9 +29,7 @@ _MODULES = {
     ),
     "samplers": ("exact_on_pattern", "make_batches", "plan_batches", "tensor_infos"),
 }
-_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, _MODULES)
 
 if TYPE_CHECKING:
     from .conformance import assert_records_close as assert_records_close
@@ -47,14 +46,6 @@ if TYPE_CHECKING:
     from .samplers import make_batches as make_batches
     from .samplers import plan_batches as plan_batches
     from .samplers import tensor_infos as tensor_infos
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'layerscope.testing' has no attribute '{name}'")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
 
 
 def __dir__() -> list[str]:

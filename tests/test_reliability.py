@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import re
 from pathlib import Path
 
@@ -652,10 +653,11 @@ def _write_inputs(tmp_path, data_seed: int, weights_seed: int = 0):
         onnx.save(tiny_mlp_proto(seed=10 * weights_seed + epoch), str(tmp_path / f"epoch_{epoch}.onnx"))
 
 
-@pytest.mark.parametrize("changed", ["data", "checkpoint"])
+@pytest.mark.parametrize("changed", ["data", "data in place, its size and time kept", "checkpoint"])
 def test_resume_recomputes_when_the_data_or_a_checkpoint_changed(tmp_path, changed):
     """The tester replaced the data file of a killed run: 400 of 1010 records of the resumed run came from
-    the old data, with no warning. Resume files are now bound to the data and checkpoint files."""
+    the old data, with no warning. Resume files are now bound to the data and checkpoint files, also when
+    a file is rewritten in place at the same size and its modification time set back (touch -r)."""
     _write_inputs(tmp_path, data_seed=0)
     spec, interrupter = _checkpoint_run(tmp_path, interrupt_at="epoch_3")
     with pytest.raises(KeyboardInterrupt):
@@ -664,6 +666,13 @@ def test_resume_recomputes_when_the_data_or_a_checkpoint_changed(tmp_path, chang
     assert saved == ["checkpoint-0000.pt", "checkpoint-0001.pt"]
     if changed == "data":
         _write_inputs(tmp_path, data_seed=1)
+    elif changed.startswith("data in place"):
+        data, before = tmp_path / "data.npz", (tmp_path / "data.npz").stat()
+        rng = np.random.default_rng(1)
+        with open(data, "r+b") as file:  # same arrays, new values, same bytes count, written in place
+            np.savez(file, x=rng.random((150, 64), dtype=np.float32), y=rng.integers(0, 3, 150))
+        assert data.stat().st_size == before.st_size
+        os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
     else:  # epoch_2 retrained: epoch_1's saved results still hold, epoch_2's (and what it carried over) do not
         from .conftest import tiny_mlp_proto
 
@@ -672,7 +681,7 @@ def test_resume_recomputes_when_the_data_or_a_checkpoint_changed(tmp_path, chang
     fresh = layerscope.run({**spec, "outputs": {"dir": str(tmp_path / "fresh")}}, progress=False)
     assert resumed.records == fresh.records
     recomputed = [w for w in resumed.warnings if "changed since checkpoint" in w]
-    expected = ["epoch_1", "epoch_2"] if changed == "data" else ["epoch_2"]
+    expected = ["epoch_1", "epoch_2"] if changed.startswith("data") else ["epoch_2"]
     assert [re.search(r"since checkpoint (\S+) was saved", w)[1] for w in recomputed] == expected, resumed.warnings
 
 

@@ -55,6 +55,13 @@ def _set(path: tuple, value):
     return change
 
 
+def _nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
 def _drop(path: tuple):
     def change(data):
         target = data
@@ -80,6 +87,19 @@ VARIANTS = {
     "extra key an object": (_set(("records", 0, "class"), {"nested": 1}), "records.0: Value error, 'class' must be"),
     "step a string": (_set(("records", 0, "step"), "3"), "records.0.step:"),
     "tensor shape wrong": (_set(("models", 0, "tensors", 0, "shape"), {"x": 1}), "models.0.tensors.0.shape:"),
+    "value too large to draw": (_set(("records", 0, "value"), 1.7e308), "records.0.value: must be a finite number"),
+    "a layer name of a megabyte": (_set(("records", 0, "layer"), "x" * 10**6), "not a results file: a text of"),
+    "a long name": (_set(("records", 0, "layer"), "x" * 5000), "records.0.layer: String should have at most 1000"),
+    "params nested 600 deep": (_set(("analyses", 0, "params"), _nested(600)), "nested more than 64 levels deep"),
+    "a lone surrogate": (_set(("records", 0, "layer"), "\ud800"), "a text that is not Unicode"),
+    "an analysis twice": (
+        _set(("analyses", 1, "id"), "entropy"),
+        "analyses: the id 'entropy' is given to more than one analysis",
+    ),
+    "records of no analysis": (
+        _set(("records", 0, "analysis"), "nowhere"),
+        "records: the analysis 'nowhere' is not among the analyses",
+    ),
 }
 
 
@@ -168,3 +188,23 @@ def test_a_good_file_still_rebuilds_its_reports(tmp_path, capsys):
     assert main(["report", str(run), "--formats", "csv"]) == 0, capsys.readouterr().err
     assert (run / "records.csv").exists()
     assert len(Results.load(run).records) == len(json.loads(FIXTURE.read_text())["records"])
+
+
+def test_compare_refuses_to_write_over_a_run_it_compares(tmp_path, capsys):
+    """The reviewer's case: `compare ca cb --out ca` replaced ca's results.json by the comparison."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE.parent, run, ignore=shutil.ignore_patterns("*.py"))
+    before = (run / "results.json").read_bytes()
+    err = user_error(capsys, ["compare", str(run), str(FIXTURE.parent), "--out", str(run)])
+    assert f"--out: {run} is one of the runs compared" in err
+    assert (run / "results.json").read_bytes() == before
+
+
+def test_report_rebuilds_a_comparison_with_its_figures(tmp_path, capsys):
+    """`report` on a compare folder kept only results.json (the comparison named no formats): it rebuilds
+    the figures and the report the comparison wrote."""
+    out = tmp_path / "compared"
+    assert main(["compare", str(FIXTURE.parent), str(FIXTURE.parent), "--out", str(out), "--formats", "html"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert main(["report", str(out)]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == written and "report.html" in written

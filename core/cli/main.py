@@ -70,11 +70,15 @@ def _cmd_report(args) -> int:
     from layerscope.host.loader import load_plugins
     from layerscope.results.contract import Results
     from layerscope.results.outputs import output_folder
+    from layerscope.spec.schema import OutputsSection
 
     results = Results.load(args.run_dir)
     host = load_plugins()
+    written = (results.spec.get("outputs") or {}).get(
+        "formats"
+    ) or OutputsSection().formats  # a run's own, or the default
     with output_folder(Path(args.run_dir)) as folder:
-        folder.write(results, _reporters(host, args.formats, (results.spec.get("outputs") or {}).get("formats", [])))
+        folder.write(results, _reporters(host, args.formats, written))
     print(f"reports rebuilt in {args.run_dir}: {', '.join(['results.json', *results.artifacts])}")
     return EXIT_OK
 
@@ -86,11 +90,17 @@ def _cmd_compare(args) -> int:
     from layerscope.results.outputs import output_folder
 
     folders = [Path(folder) for folder in args.run_dirs]
+    if Path(args.out).resolve() in {folder.resolve() for folder in folders}:
+        raise UserError(
+            f"--out: {args.out} is one of the runs compared; give another folder (its files would be replaced)"
+        )
     runs = [Results.load(folder) for folder in folders]
     combined = combine(runs, run_labels(runs, folders))
     host = load_plugins()
+    reporters = _reporters(host, args.formats, ["plots", "html"])
+    combined.spec["outputs"] = {"formats": ["json", *(reporter.name for reporter in reporters)]}  # for `report`
     with output_folder(Path(args.out)) as folder:
-        folder.write(combined, _reporters(host, args.formats, ["plots", "html"]))
+        folder.write(combined, reporters)
     print(f"{len(runs)} runs compared in {args.out}: {', '.join(['results.json', *combined.artifacts])}")
     return EXIT_OK
 

@@ -33,18 +33,23 @@ from layerscope.util.files import regular_file
 from layerscope.util.names import ANALYSIS_ID, NAME_LENGTH
 
 MAX_RESULTS_BYTES = 256 * 2**20  # far above a real run's results (records are a few hundred bytes each)
+MAX_DEPTH = 64  # objects and lists nested at most this deep (a run's results.json nests fewer than ten)
+MAX_NAME = 1000  # characters of a name in a record or model entry (a layer path is some tens)
+MAX_TEXT = 100_000  # characters of any other string (a warning, a parameter value)
+MAX_MAGNITUDE = 1e200  # no measurement layerscope records is larger; figures cannot lay out 1e308
 
 AnalysisId = Annotated[str, StringConstraints(strict=True, pattern=ANALYSIS_ID, max_length=NAME_LENGTH)]
+Name = Annotated[str, StringConstraints(strict=True, max_length=MAX_NAME)]
 
 
 def _finite_number(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
-        raise ValueError("must be a finite number")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= MAX_MAGNITUDE:
+        raise ValueError(f"must be a finite number of magnitude at most {MAX_MAGNITUDE:g}")
     return value
 
 
 Number = Annotated[Any, AfterValidator(_finite_number)]
-Scalar = StrictStr | StrictBool | Number | None
+Scalar = Name | StrictBool | Number | None
 _EXTRA: TypeAdapter[Any] = TypeAdapter(Scalar | list[Scalar])
 
 
@@ -65,14 +70,14 @@ class RecordEntry(_Entry):
     """One record: the contract's keys, and the extra keys reporters compute with, typed."""
 
     analysis: AnalysisId
-    estimator: StrictStr
-    model: StrictStr
-    layer: StrictStr
-    tensor: StrictStr
-    metric: StrictStr
+    estimator: Name
+    model: Name
+    layer: Name
+    tensor: Name
+    metric: Name
     value: Number
-    unit: StrictStr = ""
-    network: StrictStr | None = None
+    unit: Name = ""
+    network: Name | None = None
     step: StrictInt | None = None
     samples: StrictInt | None = None
     position: StrictInt | list[StrictInt] | None = None
@@ -84,25 +89,27 @@ class RecordEntry(_Entry):
             try:
                 _EXTRA.validate_python(value, strict=True)
             except ValidationError:
-                raise ValueError(f"'{key}' must be a string, a finite number, a boolean or a list of them") from None
+                raise ValueError(
+                    f"'{key}' must be a name (at most {MAX_NAME} characters), a finite number, a boolean or a list"
+                ) from None
         return self
 
 
 class AnalysisEntry(_Entry):
     id: AnalysisId
-    estimator: StrictStr
+    estimator: Name
     params: dict[str, Any] = {}
 
 
 class TensorEntry(_Entry):
-    name: StrictStr
-    layer: StrictStr | None = None
-    op_type: StrictStr | None = None
+    name: Name
+    layer: Name | None = None
+    op_type: Name | None = None
     shape: list[StrictInt | StrictStr | None] | None = None
 
 
 class ModelEntry(_Entry):
-    label: StrictStr
+    label: Name
     tensors: list[TensorEntry] = []
 
 
@@ -111,7 +118,7 @@ class OutputsEntry(_Entry):
 
 
 class SpecEntry(_Entry):
-    name: StrictStr | None = None
+    name: Name | None = None
     outputs: OutputsEntry | None = None
 
 
@@ -128,6 +135,18 @@ class ResultsFile(BaseModel):
     analyses: list[AnalysisEntry] = []
     failures: list[dict[str, Any]] = []
 
+    @model_validator(mode="after")
+    def _records_name_their_analysis(self) -> ResultsFile:
+        ids = [a.id for a in self.analyses]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"analyses: the id '{repeated[0]}' is given to more than one analysis")
+        if self.analyses:
+            unknown = sorted({r.analysis for r in self.records} - set(ids))
+            if unknown:
+                raise ValueError(f"records: the analysis '{unknown[0]}' is not among the analyses")
+        return self
+
 
 def _not_a_number(constant: str) -> float:
     raise ValueError(f"{constant} is not a number JSON allows")
@@ -138,6 +157,29 @@ def _finite(text: str) -> float:
     if value in (float("inf"), float("-inf")):
         raise ValueError(f"{text} is too large for a number")
     return value
+
+
+def _beyond_limits(data: Any) -> str | None:
+    """What makes *data* unfit to be written again, if anything: nesting deeper than :data:`MAX_DEPTH`,
+    a string longer than :data:`MAX_TEXT`, or text that is not Unicode (a lone surrogate such as
+    ``"\ud800"`` parses but cannot be written as UTF-8)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"nested more than {MAX_DEPTH} levels deep"
+        if isinstance(value, dict):
+            stack += [(key, depth) for key in value] + [(item, depth + 1) for item in value.values()]
+        elif isinstance(value, list):
+            stack += [(item, depth + 1) for item in value]
+        elif isinstance(value, str):
+            if len(value) > MAX_TEXT:
+                return f"a text of {len(value):,} characters (at most {MAX_TEXT:,})"
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"a text that is not Unicode ({value[:40]!r})"
+    return None
 
 
 def _names_a_type(part: str | int) -> bool:
@@ -164,6 +206,9 @@ def read_results_file(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not a results file: {reason}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a results file: the top level must be an object")
+    problem = _beyond_limits(data)
+    if problem:
+        raise UserError(f"{path}: not a results file: {problem}")
     try:
         ResultsFile.model_validate(data)
     except ValidationError as error:

@@ -41,9 +41,10 @@ def regular_file(path: str | os.PathLike, key: str) -> Path:
 
 def fingerprint_paths(values: Iterable[Any], base_dir: Path) -> str:
     """A digest of the files that *values* name (strings and paths, relative to *base_dir*, also inside
-    lists, tuples and dicts): each existing file's size, modification time and inode, every file under an
-    existing folder the same way; values that name nothing are part of the digest as they are. Replacing or
-    editing a named file changes the digest; reading the files is never needed."""
+    lists, tuples and dicts): each existing file's size, modification and status-change times and inode,
+    every file under an existing folder the same way; values that name nothing are part of the digest as
+    they are. Replacing or editing a named file changes the digest, even when its size is kept and its
+    modification time set back (the status-change time cannot be set); reading the files is never needed."""
     digest = hashlib.sha256()
 
     def add(value: Any) -> None:
@@ -64,7 +65,7 @@ def fingerprint_paths(values: Iterable[Any], base_dir: Path) -> str:
                 except OSError:
                     digest.update(f"{value}|".encode())
                     continue
-                digest.update(f"{file}|{info.st_size}|{info.st_mtime_ns}|{info.st_ino}|".encode())
+                digest.update(f"{file}|{info.st_size}|{info.st_mtime_ns}|{info.st_ctime_ns}|{info.st_ino}|".encode())
         else:
             digest.update(f"{value!r}|".encode())
 

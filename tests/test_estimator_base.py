@@ -56,12 +56,16 @@ def test_declarations_that_cannot_merge_are_errors():
     with pytest.raises(ValueError, match="already taken"):
         Twice()
 
-    class Shadowing(Summing):
-        def setup(self) -> None:
-            self.add_state("update", 0.0, "sum")  # would hide the method
+    for taken in ("update", "params", "tensors", "pass_index"):  # a method, or what the base class keeps
 
-    with pytest.raises(ValueError, match="already taken"):
-        Shadowing()
+        class Shadowing(Summing):
+            def setup(self, taken=taken) -> None:
+                self.add_state(taken, 0.0, "sum")
+
+        with pytest.raises(
+            ValueError, match=f"add_state\\('{taken}'\\): the name is not an identifier or is already taken"
+        ):
+            Shadowing()
 
 
 class Largest(Summing):

@@ -297,3 +297,21 @@ def test_a_batch_larger_than_the_data_batches_is_refused_never_zero_records(tmp_
         layerscope.run(spec, write=False, progress=False)
     spec["analyses"][0]["params"] = {"batch_size": 40, "sigma_grid": 10}
     assert layerscope.run(spec, write=False, progress=False).select(metric="I_XT")
+
+
+def test_constant_inputs_are_refused_and_one_class_batches_warned(tmp_path):
+    """The reviewer's cases: constant inputs failed in eigh ("error code 98", recorded as a plugin failure);
+    batches of one class gave arbitrary widths without a word."""
+    base = {"model": {"source": "demo:digits-mlp"}, "analyses": [{"id": "ip", "estimator": "information_plane"}]}
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "zeros.npz", x=np.zeros((100, 64), np.float32), y=rng.integers(0, 3, 100))
+    with pytest.raises(UserError, match="every input sample of every batch is the same"):
+        layerscope.run(
+            {**base, "data": {"source": "npz", "path": str(tmp_path / "zeros.npz")}}, write=False, progress=False
+        )
+    np.savez(tmp_path / "one.npz", x=rng.random((100, 64), dtype=np.float32), y=np.zeros(100, np.int64))
+    spec = {**base, "data": {"source": "npz", "path": str(tmp_path / "one.npz")}}
+    spec["analyses"][0]["params"] = {"sigma_grid": 20}
+    results = layerscope.run(spec, write=False, progress=False)
+    assert any("every batch holds samples of one class" in w for w in results.warnings), results.warnings
+    assert all(abs(r["value"]) < 1e-9 for r in results.select(metric="I_TY"))

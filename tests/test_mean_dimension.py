@@ -387,3 +387,17 @@ def test_degenerate_inputs_are_refused_or_left_out_never_absurd(tmp_path):
     results = layerscope.run(_difference_spec(tmp_path, equal, 150), write=False, progress=False)
     assert not results.select(metric="mean_dimension") and not results.select(metric="total_index")
     assert any("every output node is constant" in w for w in results.warnings), results.warnings
+
+
+def test_constant_data_is_refused_and_dependent_features_are_flagged(tmp_path):
+    """The reviewer's cases: constant data blamed every layer ("a dead or constant layer") and recorded
+    nothing; 64 identical features gave mean dimensions of 1536 with no word."""
+    rng = np.random.default_rng(2)
+    with pytest.raises(UserError, match="every pair of consecutive samples is identical in every feature"):
+        layerscope.run(_difference_spec(tmp_path, np.ones((200, 2)), 100), write=False, progress=False)
+    z = rng.standard_normal((2001, 1))
+    dependent = np.concatenate([z, 0.999 * z + 0.001 * rng.standard_normal((2001, 1))], axis=1)
+    results = layerscope.run(_difference_spec(tmp_path, dependent, 2000), write=False, progress=False)
+    (md,) = results.select(metric="mean_dimension")
+    assert md["value"] > 2
+    assert any("exceeds the 2 feature groups: the features are strongly dependent" in w for w in results.warnings)

@@ -214,7 +214,7 @@ class Estimator:
             raise ValueError(
                 f"{where}: a 'cat' state needs a list, tensor or dict default, not {type(default).__name__}"
             )
-        if not name.isidentifier() or name in self._states or hasattr(type(self), name):
+        if not name.isidentifier() or name in self._states or hasattr(self, name):
             raise ValueError(f"{where}: the name is not an identifier or is already taken")
         self._states[name] = _State(default, reduction)
         setattr(self, name, copy.deepcopy(default))

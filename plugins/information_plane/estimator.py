@@ -140,6 +140,7 @@ class InformationPlane(Estimator):
     moments: dict[str, dict[str, torch.Tensor]]
     reference_entropies: dict[int, torch.Tensor]
     unused_samples: dict[int, int]
+    one_class_batches: dict[int, int]
     default_selector = [{"activation": "output"}, {"role": "output"}]
     tags = EstimatorTags(
         needs_labels=True,
@@ -167,6 +168,7 @@ class InformationPlane(Estimator):
         self.add_state("moments", {}, "sum")  # tensor -> metric -> (n, Σv, Σv²)
         self.add_state("reference_entropies", {}, "max")  # chunk start -> (H_X, H_Y)
         self.add_state("unused_samples", {}, "max")  # data batch start -> samples outside full chunks
+        self.add_state("one_class_batches", {}, "max")  # chunk start -> 1 when its samples are of one class
         if p.sigma != "alignment":
             self.sigma_used = {name: float(p.sigma) for name in self.tensors}
         if p.sigma_x is not None:
@@ -222,6 +224,7 @@ class InformationPlane(Estimator):
         )
         if self.params.sigma != "alignment":
             return
+        self.one_class_batches[chunk_start] = int(bool((labels == labels[0]).all()))
         label_kernel = label_gram(labels, self.params.sigma_y)
         for name, values in batch.tensors.items():
             d2 = self._tensor_distances(name, values[chunk], _rows(batch.token_mask, chunk))
@@ -237,6 +240,12 @@ class InformationPlane(Estimator):
             if self.params.sigma_x is None and self.input_distances:
                 distances = list(self.input_distances.values())
                 self.sigma_x_used = {INPUT_KEY: sum(distances) / len(distances)}
+                if self.sigma_x_used[INPUT_KEY] == 0.0:
+                    raise UserError(
+                        "information_plane: every input sample of every batch is the same (the mean pairwise "
+                        "distance that sets σ_x is 0), so I(X;T) has no kernel width; give params.sigma_x, or "
+                        "data whose samples differ"
+                    )
             if self.params.sigma == "alignment":
                 self._choose_widths()
             self.alignment_sums, self.distance_sums, self.input_distances = {}, {}, {}
@@ -345,6 +354,11 @@ class InformationPlane(Estimator):
         unused = sum(self.unused_samples.values())
         if unused:
             warnings.append(f"{unused} samples outside full batches of {self.params.batch_size} were not used")
+        if self.one_class_batches and all(self.one_class_batches.values()):
+            warnings.append(
+                "every batch holds samples of one class: I(T;Y) is 0, and kernel alignment with the label kernel "
+                "cannot choose a width (the widths recorded are arbitrary); give a number for params.sigma"
+            )
         missing = [name for name in self.tensors if name not in self.sigma_used]
         if missing:
             warnings.append(

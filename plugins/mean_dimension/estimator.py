@@ -98,6 +98,7 @@ class MeanDimension(PlanEstimator):
     # declared state (setup): the PCA pass's moments by name, the sums by tensor (or NLL)
     moments: dict[str, torch.Tensor]
     counts: dict[str, torch.Tensor]
+    changed_pairs: int
     f_sums: dict[str, torch.Tensor]
     f_squares: dict[str, torch.Tensor]
     delta_sums: dict[str, torch.Tensor]
@@ -125,6 +126,7 @@ class MeanDimension(PlanEstimator):
         self.add_state("moments", {}, "sum")  # PCA fit: count, Σx, Σxxᵀ (reset once fitted)
         for name in ("counts", "f_sums", "f_squares", "delta_sums", "delta_squares"):
             self.add_state(name, {}, "sum")
+        self.add_state("changed_pairs", 0, "sum")  # pairs whose two samples differ in some feature
 
     # --- declaration -----------------------------------------------------------------
     def bind_graph(self, tensors, model=None) -> None:
@@ -172,6 +174,8 @@ class MeanDimension(PlanEstimator):
         if batch.plan is None:
             self._collect_moments(batch.inputs)
             return
+        if batch.rows is not None and not batch.rows.start:  # a plan batch's first rows: count its pairs once
+            self.accumulate("changed_pairs", batch.plan.meta.get("changed", 0))
         for name, values in batch.tensors.items():
             # per plan batch in the tensor's own precision, on its device; every sum accumulates in float64
             f = values.reshape(values.shape[0], -1)
@@ -218,7 +222,8 @@ class MeanDimension(PlanEstimator):
             pairs = local[begin : begin + per_chunk]
             rows = plan_rows(x[pairs], x[pairs + 1], self._groups).astype(np.float32, copy=False)
             labels = None if data.y is None else np.asarray(data.y)[pairs]
-            yield PlanBatch(rows, {"pairs": len(pairs), "labels": labels})
+            changed = int(np.count_nonzero(np.any(x[pairs] != x[pairs + 1], axis=1)))  # pairs whose inputs differ
+            yield PlanBatch(rows, {"pairs": len(pairs), "labels": labels, "changed": changed})
 
     def _nll(self, logits: torch.Tensor, batch: TensorBatch) -> torch.Tensor:
         if batch.plan is None:
@@ -307,6 +312,11 @@ class MeanDimension(PlanEstimator):
                 f"mean_dimension: only {available} pairs of consecutive samples came with the data; total indices "
                 f"need at least {MIN_PAIRS} (a variance from fewer is noise): give more samples"
             )
+        if keys and not self.changed_pairs:
+            raise UserError(
+                "mean_dimension: every pair of consecutive samples is identical in every feature (the data is "
+                "constant): no perturbation changes the input, so no index can be estimated"
+            )
         for key in keys:
             t, valid, count = self._indices(key)
             if not bool(valid.any()):
@@ -344,12 +354,19 @@ class MeanDimension(PlanEstimator):
     def collect_warnings(self) -> list[str]:
         warnings = super().collect_warnings()
         for key in self.counts:
-            _, valid, count = self._indices(key)
+            t, valid, count = self._indices(key)
             if count < self.params.pairs:
                 warnings.append(f"{key}: only {int(count)} of the {self.params.pairs} pairs were available")
             if count < RELIABLE_PAIRS:
                 warnings.append(f"{key}: indices from {int(count)} pairs vary by tens of percent between samples")
             constant = int((~valid).sum())
+            mean_dimension = float(t[:, valid].sum(0).mean()) if constant < len(valid) else 0.0
+            if mean_dimension > len(self._groups) * (1 + 1e-6):
+                warnings.append(
+                    f"{key}: mean dimension {mean_dimension:.4g} exceeds the {len(self._groups)} feature groups: the "
+                    "features are strongly dependent (generalised indices, e.g. duplicated inputs), so it counts no "
+                    "interacting features"
+                )
             if constant == len(valid):
                 warnings.append(f"{key}: every output node is constant (a dead or constant layer): no mean dimension")
             elif constant:

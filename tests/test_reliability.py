@@ -858,3 +858,18 @@ def test_a_worker_whose_driver_died_while_it_started_exits(tmp_path):
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", probe], timeout=60)
     assert done.returncode == 1 and time.monotonic() - started < 30
+
+
+def test_a_folder_the_new_run_leaves_empty_is_not_kept(tmp_path):
+    """A run writing json only after one that wrote plots left an empty plots/ folder behind."""
+    from layerscope.results.outputs import output_folder
+
+    out = tmp_path / "out"
+    with output_folder(out) as folder:
+        folder.write(_numbered_results(1), [_Numbered()])
+    (out / "notes").mkdir()
+    (out / "notes" / "mine.txt").write_text("kept")
+    with output_folder(out) as folder:
+        folder.write(_numbered_results(2), [])
+    assert sorted(p.name for p in out.iterdir()) == [".layerscope.lock", "notes", "results.json"]
+    assert (out / "notes" / "mine.txt").read_text() == "kept"

@@ -81,8 +81,14 @@ VARIANTS = {
     "outputs formats a string": (_set(("spec", "outputs", "formats"), "html"), "spec.outputs.formats:"),
     "model label missing": (_drop(("models", 0, "label")), "models.0.label: required key is missing"),
     "records missing": (_drop(("records",)), "records: required key is missing"),
-    "analysis id a path": (_set(("analyses", 1, "id"), "../../../escaped_x"), "analyses.1.id: String should match"),
-    "record id a path": (_set(("records", 0, "analysis"), "../x"), "records.0.analysis: String should match"),
+    "analysis id a path": (
+        _set(("analyses", 1, "id"), "../../../escaped_x"),
+        "analyses.1.id: an analysis id '../../../escaped_x' may hold only",
+    ),
+    "record id a path": (
+        _set(("records", 0, "analysis"), "../x"),
+        "records.0.analysis: an analysis id '../x' may hold only",
+    ),
     "artifact outside": (_set(("artifacts",), ["../../x.png"]), "artifacts.0: Value error, '../../x.png' is not"),
     "extra key an object": (_set(("records", 0, "class"), {"nested": 1}), "records.0: Value error, 'class' must be"),
     "step a string": (_set(("records", 0, "step"), "3"), "records.0.step:"),

@@ -110,9 +110,8 @@ class OutputFolder:
             target = staging / relative
             if str(relative.as_posix()) in previous or relative.parts[0].startswith(STAGING) or target.exists():
                 continue
-            if source.is_dir() and not source.is_symlink():
-                target.mkdir(exist_ok=True)
-            elif relative.name != LOCK_FILE:
+            if not (source.is_dir() and not source.is_symlink()) and relative.name != LOCK_FILE:
+                target.parent.mkdir(parents=True, exist_ok=True)  # a folder only when a file goes in it
                 _link_or_copy(source, target)
         os.chmod(staging, stat.S_IMODE(self.path.stat().st_mode))  # mkdtemp makes 0700: keep the folder's mode
         self.locks.append(_lock(staging / LOCK_FILE))  # held through the exchange: the folder stays locked

@@ -30,7 +30,7 @@ from pydantic import (
 
 from layerscope.util.errors import UserError
 from layerscope.util.files import regular_file
-from layerscope.util.names import ANALYSIS_ID, NAME_LENGTH
+from layerscope.util.names import ANALYSIS_ID, NAME_LENGTH, check_name
 
 MAX_RESULTS_BYTES = 256 * 2**20  # far above a real run's results (records are a few hundred bytes each)
 MAX_DEPTH = 64  # objects and lists nested at most this deep (a run's results.json nests fewer than ten)
@@ -38,7 +38,11 @@ MAX_NAME = 1000  # characters of a name in a record or model entry (a layer path
 MAX_TEXT = 100_000  # characters of any other string (a warning, a parameter value)
 MAX_MAGNITUDE = 1e200  # no measurement layerscope records is larger; figures cannot lay out 1e308
 
-AnalysisId = Annotated[str, StringConstraints(strict=True, pattern=ANALYSIS_ID, max_length=NAME_LENGTH)]
+AnalysisId = Annotated[
+    str,
+    StringConstraints(strict=True, max_length=NAME_LENGTH),
+    AfterValidator(lambda v: check_name(v, ANALYSIS_ID, "an analysis id")),
+]
 Name = Annotated[str, StringConstraints(strict=True, max_length=MAX_NAME)]
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,7 +28,7 @@ from pydantic import (
 from layerscope.graph.selectors import SelectorSpec
 from layerscope.util.errors import SpecError, UserError, did_you_mean
 from layerscope.util.files import regular_file
-from layerscope.util.names import ANALYSIS_ID, MODEL_LABEL, NAME_LENGTH
+from layerscope.util.names import ANALYSIS_ID, MODEL_LABEL, NAME_LENGTH, check_name
 from layerscope.util.units import parse_bytes
 
 from .yaml_locations import LocatedDocument, load_yaml
@@ -57,11 +58,8 @@ class NamedModel(ModelSection):
     """An entry of ``models:`` (several models analysed with the same data and estimators): a label
     and the keys of a model section."""
 
-    label: str = Field(
-        min_length=1,
-        max_length=NAME_LENGTH,
-        pattern=MODEL_LABEL,
-        description="names the model in records (network) and figures",
+    label: Annotated[str, AfterValidator(lambda v: check_name(v, MODEL_LABEL, "a model label"))] = Field(
+        min_length=1, max_length=NAME_LENGTH, description="names the model in records (network) and figures"
     )
 
 
@@ -88,7 +86,9 @@ class DataSection(BaseModel):
 
 
 class AnalysisSection(StrictModel):
-    id: str = Field(min_length=1, max_length=NAME_LENGTH, pattern=ANALYSIS_ID)  # names output files
+    id: Annotated[str, AfterValidator(lambda v: check_name(v, ANALYSIS_ID, "an analysis id"))] = Field(
+        min_length=1, max_length=NAME_LENGTH
+    )
     estimator: str
     on: SelectorSpec | list[SelectorSpec] | Literal["all"] | None = None
     params: dict[str, Any] = Field(default_factory=dict)

@@ -5,6 +5,20 @@ never a path; a model label may also hold ``+``. The spec checks both when it is
 ``results.json`` checks them again when it is loaded.
 """
 
+import re
+
 ANALYSIS_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 MODEL_LABEL = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"
 NAME_LENGTH = 100
+
+
+def check_name(value: str, pattern: str, what: str) -> str:
+    """*value* when it matches *pattern* (:data:`ANALYSIS_ID` or :data:`MODEL_LABEL`), else a ValueError
+    saying in words what *what* may hold (a pydantic validator's message)."""
+    if not re.match(pattern, value):
+        extra = ", '+'" if "+" in pattern else ""
+        raise ValueError(
+            f"{what} '{value}' may hold only ASCII letters and digits, '_', '.', '-'{extra} (not first), "
+            "since it names files"
+        )
+    return value

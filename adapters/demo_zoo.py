@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
-from layerscope.model.adapter import ModelParams
+from layerscope.model.adapter import ModelParams, load_onnx_file
 from layerscope.util.errors import UserError, did_you_mean
 from layerscope.util.files import atomic_write, cache_dir
 from layerscope.util.lazy import lazy_module
@@ -225,13 +225,14 @@ class DemoZooAdapter(Adapter):
     def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
         name, label = checkpoint.ref
         path = ensure_trained(name) / f"{label}.onnx"
-        proto = onnx.load(str(path))
+        proto, weights = load_onnx_file(path)
         props = {p.key: p.value for p in proto.metadata_props}
         return LoadedModel(
             proto,
             checkpoint.label,
             f"demo:{name}@{label}",
             framework="pytorch",
+            weights=weights,
             details={"test_accuracy": float(props["layerscope.test_accuracy"])}
             if "layerscope.test_accuracy" in props
             else {},

@@ -46,10 +46,10 @@ class OnnxFileAdapter(Adapter):
     def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
         if isinstance(checkpoint.ref, onnx.ModelProto):
             return LoadedModel(checkpoint.ref, checkpoint.label, "<onnx.ModelProto>")
-        proto, external_dir = load_onnx_file(checkpoint.ref)
+        proto, weights = load_onnx_file(checkpoint.ref)
         if not proto.HasField("graph") or not proto.graph.node:
             raise UserError(f"model.source: {checkpoint.ref} is not an ONNX model (no graph inside)")
-        return LoadedModel(proto, checkpoint.label, str(checkpoint.ref), external_dir=external_dir)
+        return LoadedModel(proto, checkpoint.label, str(checkpoint.ref), weights=weights)
 
 
 @hookimpl

@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 from scipy import integrate, stats
 
 import layerscope
+from layerscope import LoadedModel
 from layerscope.graph.tensors import describe_tensors
 from layerscope.plugins.aggregation_distribution.aggregations import find_aggregations
 from layerscope.plugins.aggregation_distribution.estimator import AggregationDistribution
@@ -148,7 +149,7 @@ def test_predictions_match_monte_carlo_through_a_spec(tmp_path, fit):
 def test_detection_reads_weights_through_reduce_mean_and_matmul():
     for pool in ("GlobalAveragePool", "ReduceMean"):
         model = gap_model(pool)
-        (found,) = find_aggregations(model, describe_tensors(model))
+        (found,) = find_aggregations(LoadedModel(model, "m", "test"), describe_tensors(model))
         assert (found.kind, found.positions, found.activation, found.activation_input) == ("mean", 49, "Relu", "z")
         assert found.linear_output == "y"
         np.testing.assert_allclose(found.weight, WEIGHT, atol=1e-7)
@@ -160,9 +161,11 @@ def test_detection_on_demo_models_and_exported_adaptive_pooling():
     from layerscope.adapters.torch_export import export_to_onnx
 
     cnn = onnx.load(str(ensure_trained("digits-cnn") / f"{epoch_label(EPOCHS)}.onnx"))
-    assert find_aggregations(cnn, describe_tensors(cnn)) == []  # 2×2 max pooling is not global
+    assert (
+        find_aggregations(LoadedModel(cnn, "m", "test"), describe_tensors(cnn)) == []
+    )  # 2×2 max pooling is not global
     gap = onnx.load(str(ensure_trained("digits-gap") / f"{epoch_label(EPOCHS)}.onnx"))
-    (found,) = find_aggregations(gap, describe_tensors(gap))
+    (found,) = find_aggregations(LoadedModel(gap, "m", "test"), describe_tensors(gap))
     assert (found.layer, found.positions, found.weight.shape) == ("pool", 64, (10, 32))
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -173,7 +176,7 @@ def test_detection_on_demo_models_and_exported_adaptive_pooling():
         torch.nn.Linear(4, 3),
     )
     proto = export_to_onnx(model, np.zeros((2, 1, 6, 6), np.float32))
-    (found,) = find_aggregations(proto, describe_tensors(proto))
+    (found,) = find_aggregations(LoadedModel(proto, "m", "test"), describe_tensors(proto))
     assert found.positions == 16 and found.layer == "2"
     np.testing.assert_allclose(found.weight, model[4].weight.detach().numpy(), atol=1e-7)
 
@@ -221,7 +224,7 @@ def test_conformance():
         estimator = AggregationDistribution(
             AggregationDistribution.Params(bins=20), [t for t in tensors if t.name == "g"]
         )
-        estimator.bind_graph(tensors, model)
+        estimator.bind_graph(tensors, LoadedModel(model, "gap", "test"))
         return estimator
 
     check_conformance(make, batches, rtol=1e-7, atol=1e-9)

@@ -37,7 +37,7 @@ def inspect_model(source: str, as_json: bool = False, show_all: bool = False) ->
     observable; and the ops that compute activations out of sight (LSTM gates, fused attention)."""
     from layerscope.graph.activations import find_attention, fused_activations
 
-    loaded = load_for_inspection(source)
+    loaded = load_for_inspection(source).weight_free()  # the graph alone: shape inference on the weights is slow
     tensors = describe_tensors(loaded.proto, loaded.layer_of)
     inputs = [t for t in tensors if t.role == "input"]
     fused = fused_activations(loaded.proto)

@@ -9,7 +9,6 @@ stream through the runner, or an estimator's own input plan.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -35,8 +34,8 @@ Span = tuple[int, int]
 
 @dataclass
 class CheckpointModel:
-    """A checkpoint loaded for a run: the graph, its tensors (constant inputs unobservable), the sha256
-    of the serialized graph and how batches feed it."""
+    """A checkpoint loaded for a run: the graph (weights apart), its tensors (constant inputs unobservable),
+    the sha256 of its graph and weights, and how batches feed it."""
 
     loaded: LoadedModel
     tensors: list[TensorInfo]
@@ -59,7 +58,7 @@ def build_estimators(plan: RunPlan, model: CheckpointModel) -> Estimators:
         estimator = planned.estimator_class(planned.params, chosen)
         estimator.token_axes = axes
         try:
-            estimator.bind_graph(tensors, loaded.proto)
+            estimator.bind_graph(tensors, loaded)
         except UserError as error:
             raise UserError(f"{plan.where('analyses', planned.index, 'on')}: {error} (model {loaded.label})") from None
         built.append((planned.section.id, estimator))
@@ -136,7 +135,7 @@ def _feed_pass(
         spec.runtime.memory_budget,
         spec.data.batch_size,
         splittable([est for _, est in active]),
-        loaded.external_dir,
+        loaded.weights,
         model.feeds,
     )
     wanted = [{name for group in est.fetch_groups() for name in group} for _, est in active]
@@ -206,7 +205,7 @@ def _feed_plan(
         spec.runtime.memory_budget,
         estimator.plan_rows(spec.data.batch_size),
         splittable([estimator]),
-        loaded.external_dir,
+        loaded.weights,
         model.feeds,
     )
     batches = iter_batches(plan.data, order, spec.data.batch_size, estimator.lookahead, span, plan.classes)
@@ -230,8 +229,8 @@ def _feed_plan(
 
 
 def describe_model(model: CheckpointModel) -> dict:
-    """The model details that ``results.json`` lists for a checkpoint: provenance, the sha256 of its
-    serialized graph, its data inputs and token mask."""
+    """The model details that ``results.json`` lists for a checkpoint: provenance, the sha256 of its graph
+    and weights, its data inputs and token mask."""
     loaded, feeds = model.loaded, model.feeds
     return {
         "label": loaded.label,
@@ -244,11 +243,6 @@ def describe_model(model: CheckpointModel) -> dict:
         ],
         **({"constants": sorted(feeds.constants)} if feeds.constants else {}),
         **({"token_mask": feeds.token_mask} if feeds.token_mask else {}),
-        **(
-            {"external_data": "memory-mapped into onnxruntime (the hash covers the graph and the data references)"}
-            if loaded.external_dir
-            else {}
-        ),
         **loaded.details,
     }
 
@@ -279,18 +273,20 @@ class ShardWorker:
         self.progress = progress or Progress(0, enabled=False)
         self._loaded: tuple[int, CheckpointModel] | None = None  # the last checkpoint loaded
 
-    def _described(self, loaded, serialized: bytes) -> list[TensorInfo]:
+    def _described(self, loaded) -> list[TensorInfo]:
         """The tensors of *loaded*'s graph (:func:`describe_tensors`), reused for a graph of the same structure."""
         if self.described is None:
-            return describe_tensors(loaded.proto, loaded.layer_of, serialized)
+            return describe_tensors(loaded.proto, loaded.layer_of)
         key = structure_fingerprint(loaded.proto)
         if key not in self.described:
-            self.described[key] = describe_tensors(loaded.proto, loaded.layer_of, serialized)
+            self.described[key] = describe_tensors(loaded.proto, loaded.layer_of)
         return self.described[key]
 
     def load(self, index: int) -> CheckpointModel:
         """Checkpoint *index* loaded (the previous task's when it was the same checkpoint), its inputs
-        checked against the data's first samples; the graph is serialized once for its tensors and its hash."""
+        checked against the data's first samples. Its weights are set apart first (the adapters that read a
+        file leave them there): the tensors are described and the hash taken on the graph alone, the
+        weights hashed where they lie."""
         if self._loaded is None or self._loaded[0] != index:
             self._loaded = None  # the previous model is released before the next one loads
             data = self.plan.spec.data
@@ -301,8 +297,8 @@ class ShardWorker:
                 if self.live
                 else adapter.load(checkpoint, self.plan.spec, self.example)
             )
-            serialized = loaded.proto.SerializeToString()
-            tensors = self._described(loaded, serialized)
+            loaded = loaded.weight_free()
+            tensors = self._described(loaded)
             try:
                 feeds = ModelFeeds.for_model(tensors, data.constants, data.token_mask)
             except UserError as error:
@@ -310,7 +306,7 @@ class ShardWorker:
             feeds.prepare(self.example, self.plan.data.describe())  # the data fits the inputs, before any selector
             self._loaded = (
                 index,
-                CheckpointModel(loaded, feeds.mark_constants(tensors), hashlib.sha256(serialized).hexdigest(), feeds),
+                CheckpointModel(loaded, feeds.mark_constants(tensors), loaded.weights.fingerprint(loaded.proto), feeds),
             )
         return self._loaded[1]
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from layerscope.data.source import Samples
+    from layerscope.model.adapter import LoadedModel
 else:
     torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
@@ -235,9 +236,11 @@ class Estimator:
         last = keys[-1]
         store[last] = _combine(store[last], value, reduction) if last in store else value
 
-    def bind_graph(self, tensors: Sequence[TensorInfo], model=None) -> None:
-        """Receive every tensor of the model (and the ``onnx.ModelProto``) before the run, for
-        estimators that read more than their selected tensors (e.g. the inputs of activations)."""
+    def bind_graph(self, tensors: Sequence[TensorInfo], model: LoadedModel | None = None) -> None:
+        """Receive every tensor of the model and the model itself (a :class:`~layerscope.LoadedModel`:
+        ``model.graph`` its ONNX graph, ``model.initializer(name)`` an initializer's value, read from the
+        model's file when it is kept there) before the run, for estimators that read more than their
+        selected tensors (e.g. the inputs of activations, or the weights after a layer)."""
 
     def fetch_groups(self) -> list[tuple[str, ...]]:
         """Tensors that must arrive in the same batch; by default each tensor on its own."""

@@ -26,6 +26,7 @@ import torch
 from layerscope.data.source import Samples, sample_count, take
 from layerscope.graph.session import CUDA, create_session, exposing
 from layerscope.graph.tensors import TensorInfo
+from layerscope.graph.weights import Weights
 from layerscope.util.errors import UserError
 
 from .feeds import ModelFeeds
@@ -153,12 +154,12 @@ class Runner:
         memory_budget: int,
         batch_size: int,
         splittable: set[str] | None = None,
-        external_dir=None,
+        weights: Weights | None = None,
         feeds: ModelFeeds | None = None,
     ):
         #: how batches feed the model (default: every input of *tensors* from the data, no token mask)
         self.feeds = feeds or ModelFeeds.for_model(list(tensors))
-        self.model, self.device, self.external_dir = model, device, external_dir
+        self.model, self.device, self.weights = model, device, weights
         self._by_name = {t.name: t for t in tensors}
         inputs = set(self.feeds.names)
         self.provider = "none (no tensor fetched)"
@@ -187,7 +188,7 @@ class Runner:
     # --- fetching --------------------------------------------------------------------
     def _session_for(self, names: list[str]):
         with exposing(self.model, [self._by_name[n] for n in names], only=True) as exposed:
-            session, self.provider = create_session(exposed, self.device, self.external_dir)
+            session, self.provider = create_session(exposed, self.device, self.weights)
         return session
 
     @property
@@ -224,9 +225,25 @@ class Runner:
         ]
         return {name: torch.cat([chunk[name] for chunk in chunks]) for name in names}
 
+    def _bindings(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+        """The sizes of the symbolic dims of the model's inputs in *feeds* (``seq`` of token ids), past the
+        batch axis: the batch is not a per-sample size, and a dim that merges it (``batch*heads``) stays
+        unknown."""
+        batch = {t.shape[0] for t in self.feeds.inputs if t.shape and isinstance(t.shape[0], str)}
+        return {
+            dim: int(feeds[t.name].shape[axis])
+            for t in self.feeds.inputs
+            if t.name in feeds and t.shape is not None
+            for axis, dim in enumerate(t.shape)
+            if axis > 0 and isinstance(dim, str) and dim not in batch and axis < feeds[t.name].ndim
+        }
+
     def _plan(self, feeds: dict[str, np.ndarray]) -> list[FetchGroup]:
+        bindings = self._bindings(feeds)
+        for name, size in self._sizes.items():  # symbolic dims (a sequence axis) sized from the feeds' shapes
+            self._sizes[name] = size if size is not None else self._by_name[name].bytes_per_sample(bindings)
         unknown = [n for n, size in self._sizes.items() if size is None]
-        if unknown:  # non-batch dims only known at run time: measure them on one sample
+        if unknown:  # sizes only known by running (data-dependent shapes): measure them on one sample
             for name, value in self._fetch(self._session_for(unknown), take(feeds, slice(0, 1)), unknown).items():
                 self._sizes[name] = value.numel() * value.element_size()
         # a fixed-batch model runs that many rows at once; consumers that need whole batches hold them all

@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,6 +17,7 @@ import onnx
 from layerscope.util.errors import UserError
 
 from .tensors import TensorInfo
+from .weights import Weights
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -88,39 +88,17 @@ def _use_shared_cpu_arena(options) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
-def _memory_mapped_initializers(model: onnx.ModelProto, folder: Path, options) -> list:
-    """Hand external initializers to onnxruntime as memory-mapped arrays (they replace the graph's
-    references by name, so nothing is read or copied up front)."""
-    import onnxruntime as ort
-
-    names, values = [], []
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        entries = {e.key: e.value for e in tensor.external_data}
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        array = np.memmap(
-            folder / entries["location"],
-            dtype=dtype,
-            mode="r",
-            offset=int(entries.get("offset", 0)),
-            shape=tuple(tensor.dims),
-        )
-        names.append(tensor.name)
-        values.append(ort.OrtValue.ortvalue_from_numpy(np.asarray(array)))
-    options.add_external_initializers(names, values)  # replace the graph's references by name
-    return values  # onnxruntime does not own this memory: keep the arrays alive with the session
-
-
-def create_session(model: onnx.ModelProto, device: str, external_dir: Path | None = None):
+def create_session(model: onnx.ModelProto, device: str, weights: Weights | None = None):
     """An ``InferenceSession`` for *model* on *device*; returns (session, provider that runs).
 
-    *external_dir* is set for models whose initializers stay in external files (over 2 GB).
+    *weights* says where the initializers that *model* references lie (:mod:`layerscope.graph.weights`):
+    onnxruntime reads them from there, so the session is made from the graph's bytes alone.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    mapped = _memory_mapped_initializers(model, external_dir, options) if external_dir is not None else []
+    if weights is not None:
+        weights.configure(options)
     _use_shared_cpu_arena(options)
     # Memory patterns pre-allocate one block per session and run; with a session per fetch
     # group that raised the peak by ~1 MiB on the demo CNN (tests/benchmarks/bench_runner.py).
@@ -140,7 +118,6 @@ def create_session(model: onnx.ModelProto, device: str, external_dir: Path | Non
         raise UserError(f"onnxruntime cannot run the model: {error}{hint}") from None
     finally:
         ort.set_default_logger_severity(2)
-    session.layerscope_mapped_initializers = mapped
     provider = session.get_providers()[0]
     if device == "cuda" and provider != CUDA:
         raise UserError(

@@ -8,10 +8,12 @@ sequence- and map-typed values are not tensors.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import math
+import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeGuard
 
@@ -30,6 +32,55 @@ else:
 Dim = int | str | None
 SHAPE_OPS = {"Shape", "Size"}
 SUBGRAPH_OPS = {"If", "Loop", "Scan"}
+
+
+_FUNCTIONS: dict[str, Callable[..., float]] = {
+    "Min": min,
+    "Max": max,
+    "floor": math.floor,
+    "ceiling": math.ceil,
+    "FloorDiv": operator.floordiv,
+    "CeilToInt": math.ceil,
+    "Mod": operator.mod,
+    "Abs": abs,
+}
+_OPERATORS: dict[type[ast.operator], Callable[[float, float], float]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+
+
+def dim_size(dim: Dim, bindings: Mapping[str, int]) -> int | None:
+    """The size of *dim*: an int as it is; a symbol, or an expression of symbols as exporters write them
+    (``seq``, ``2*seq``, ``Min(512, seq)``, ``floor(seq/2)``), evaluated with the sizes in *bindings*;
+    None when it is unknown or names a symbol *bindings* lacks. Only arithmetic is evaluated, never code."""
+    if isinstance(dim, int) or dim is None:
+        return dim
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.Name):
+            return bindings[node.id]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            return value(node.left) / value(node.right)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
+            return _FUNCTIONS[node.func.id](*(value(argument) for argument in node.args))
+        raise ValueError(ast.dump(node))
+
+    try:
+        size = value(ast.parse(dim, mode="eval").body)
+    except (SyntaxError, ValueError, KeyError, TypeError, ZeroDivisionError, RecursionError):
+        return None
+    return int(size) if float(size).is_integer() and size >= 0 else None
 
 
 def known_sizes(dims: Sequence[Dim]) -> TypeGuard[Sequence[int]]:
@@ -65,11 +116,12 @@ class TensorInfo:
         """*values* (a torch batch of this tensor) with channels on axis 1, whatever the tensor's layout."""
         return values.permute(0, 3, 1, 2) if self.layout == "NHWC" and values.ndim == 4 else values
 
-    def bytes_per_sample(self) -> int | None:
-        """Bytes of one sample (axis 0 is the batch axis); None if a non-batch dim is unknown."""
+    def bytes_per_sample(self, bindings: Mapping[str, int] | None = None) -> int | None:
+        """Bytes of one sample (axis 0 is the batch axis), symbolic dims sized by *bindings*
+        (:func:`dim_size`); None if a non-batch dim is unknown."""
         if self.shape is None or self.dtype is None:
             return None
-        dims = self.shape[1:]
+        dims = [dim_size(dim, bindings or {}) for dim in self.shape[1:]]
         if not known_sizes(dims):
             return None
         return math.prod(dims) * np.dtype(self.dtype).itemsize
@@ -186,13 +238,11 @@ def _tensor_type(type_proto: onnx.TypeProto | None) -> tuple[str | None, tuple[D
     return dtype, shape, ""
 
 
-def infer_shapes(model: onnx.ModelProto, serialized: bytes | None = None) -> onnx.ModelProto:
-    """Run ONNX shape inference (on *serialized*, the model's bytes, when the caller has them: the
-    model is then not serialized again); a model it rejects is a user error naming the problem."""
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Run ONNX shape inference (on the graph: a model whose weights are set apart, :mod:`layerscope.graph.
+    weights`, costs what its graph costs); a model it rejects is a user error naming the problem."""
     try:
-        return onnx.shape_inference.infer_shapes(
-            model if serialized is None else serialized, strict_mode=False, data_prop=True
-        )
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
         raise UserError(f"ONNX shape inference failed on the model: {error}") from None
 
@@ -256,12 +306,11 @@ def structure_fingerprint(model: onnx.ModelProto) -> str:
 
 
 def describe_tensors(
-    model: onnx.ModelProto, layer_of: Callable[[onnx.NodeProto], str] = layer_name, serialized: bytes | None = None
+    model: onnx.ModelProto, layer_of: Callable[[onnx.NodeProto], str] = layer_name
 ) -> list[TensorInfo]:
     """Every tensor of *model* (inputs, node outputs, subgraph values) with observability and a
-    unique layer label (:func:`layerscope.graph.layer_names.call_labels`); *serialized*: the model's bytes,
-    when the caller has them."""
-    inferred = infer_shapes(model, serialized)
+    unique layer label (:func:`layerscope.graph.layer_names.call_labels`)."""
+    inferred = infer_shapes(model)
     types = _value_types(inferred)
     layouts = infer_layouts(model)
     graph = inferred.graph

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope.graph.layer_names import layer_name
+from layerscope.graph.weights import Weights, external_tensors, weight_free
 from layerscope.util.errors import UserError
 from layerscope.util.files import regular_file
 from layerscope.util.lazy import lazy_module
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from layerscope.spec.schema import ModelSection, Spec
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnx
 else:
     onnx = lazy_module("onnx")
@@ -34,7 +36,12 @@ else:
 
 @dataclass
 class LoadedModel:
-    """An ONNX graph ready for the runner, with provenance and the layer-name rule."""
+    """An ONNX graph ready for the runner, with provenance and the layer-name rule.
+
+    *proto* may hold its weights; the engine then sets them apart once (:func:`layerscope.graph.weights.
+    weight_free`). An adapter that reads a file passes the graph and *weights* of :func:`load_onnx_file`,
+    so that the weights stay in the file: the graph alone is held in memory, and onnxruntime reads the
+    weights itself. :meth:`initializer` reads any initializer's value."""
 
     proto: onnx.ModelProto
     label: str
@@ -42,10 +49,24 @@ class LoadedModel:
     framework: str = "onnx"
     layer_of: Callable[[onnx.NodeProto], str] = layer_name
     details: dict[str, Any] = field(default_factory=dict)
-    #: Set for models over 2 GB: their initializers stay in external files in this folder
-    #: (the proto holds only references) and are handed to onnxruntime from memory maps
-    #: (onnxruntime may still copy them into its own memory).
-    external_dir: Path | None = None
+    #: Where the large initializers of *proto* are, when it holds references to them (external data).
+    weights: Weights = field(default_factory=Weights)
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        """The model's graph (``proto.graph``)."""
+        return self.proto.graph
+
+    def initializer(self, name: str) -> np.ndarray:
+        """The value of initializer *name* (read from the model's file when the graph holds a reference)."""
+        return self.weights.array(self.proto, name)
+
+    def weight_free(self) -> LoadedModel:
+        """This model with its large initializers set apart (itself when they are already)."""
+        if self.weights.folder is not None or self.weights.files:
+            return self
+        proto, weights = weight_free(self.proto)
+        return replace(self, proto=proto, weights=weights)
 
 
 @dataclass(frozen=True)
@@ -134,33 +155,20 @@ def find_adapter(section: ModelSection, adapters: Registry) -> Adapter:
     return claiming[0]
 
 
-PROTOBUF_LIMIT = 2**31 - 1
-
-
-def external_data_bytes(model: onnx.ModelProto) -> int:
-    """Bytes the model's initializers keep in external files (from the references' lengths)."""
-    total = 0
-    for tensor in model.graph.initializer:
-        if onnx.external_data_helper.uses_external_data(tensor):
-            entries = {e.key: e.value for e in tensor.external_data}
-            total += int(entries.get("length", 0))
-    return total
-
-
-def load_onnx_file(path: Path) -> tuple[onnx.ModelProto, Path | None]:
-    """Load an ONNX file with user-level errors; returns (model, external-data folder or None).
-
-    External data beside the file is loaded into the proto, unless the model would pass
-    protobuf's 2 GB limit: then the proto keeps the references and the folder is returned.
-    """
+def load_onnx_file(path: Path) -> tuple[onnx.ModelProto, Weights]:
+    """The graph of an ONNX file and where its weights are (:func:`layerscope.graph.weights.weight_free`: large
+    initializers stay in the file, or in the external-data files beside it, unread); a file that is not
+    an ONNX model, or whose external data is missing, is a user error naming it."""
     path = regular_file(path, "model.source")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-        if external_data_bytes(model) + path.stat().st_size > PROTOBUF_LIMIT:  # the file is the proto's bytes
-            return model, path.parent
-        onnx.load_external_data_for_model(model, str(path.parent))
-        return model, None
-    except Exception as error:  # protobuf DecodeError, missing external data, ...
+        proto, weights = weight_free(path)
+        for tensor, entries in external_tensors(proto):
+            data = path.parent / entries["location"]
+            needed = int(entries.get("offset", 0)) + int(entries.get("length", 0))
+            if not data.is_file() or data.stat().st_size < needed:
+                raise ValueError(f"the data of initializer '{tensor.name}' is not in {data}")
+    except Exception as error:  # not protobuf, not a model, missing external data
         raise UserError(
             f"model.source: {path} is not a readable ONNX model ({type(error).__name__}: {error})"
         ) from None
+    return proto, weights

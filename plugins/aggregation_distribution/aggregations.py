@@ -11,7 +11,7 @@ weights and bias from the initializers (through Flatten/Reshape/Squeeze in betwe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,8 @@ from layerscope.util.lazy import lazy_module
 
 if TYPE_CHECKING:
     import onnx
+
+    from layerscope import LoadedModel
 else:
     onnx = lazy_module("onnx")  # imported on first use: listing plugins does not load it
 
@@ -53,14 +55,38 @@ class Aggregation:
     bias: np.ndarray | None = None
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    values[node.output[0]] = onnx.numpy_helper.to_array(attribute.t)
-    return values
+class _Constants(Mapping[str, np.ndarray]):
+    """The values of *model*'s initializers and Constant nodes by name, each read when first asked for (an
+    initializer's from the model's file when the graph holds a reference: only the few this module needs
+    are read, never every weight of the model)."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self.nodes = {
+            node.output[0]: attribute.t
+            for node in model.graph.node
+            if node.op_type == "Constant"
+            for attribute in node.attribute
+            if attribute.name == "value"
+        }
+        self.names = [i.name for i in model.graph.initializer] + list(self.nodes)
+        self.read: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.read:
+            if name in self.nodes:
+                self.read[name] = onnx.numpy_helper.to_array(self.nodes[name])
+            elif name in self.names:
+                self.read[name] = self.model.initializer(name)
+            else:
+                raise KeyError(name)
+        return self.read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _attribute(node: onnx.NodeProto, name: str, default=None):
@@ -70,7 +96,7 @@ def _attribute(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def _reduced_axes(node: onnx.NodeProto, rank: int, constants: dict[str, np.ndarray]) -> set[int] | None:
+def _reduced_axes(node: onnx.NodeProto, rank: int, constants: Mapping[str, np.ndarray]) -> set[int] | None:
     if node.op_type.startswith("Global"):
         return set(range(2, rank))
     axes = _attribute(node, "axes")
@@ -83,7 +109,7 @@ def _reduced_axes(node: onnx.NodeProto, rank: int, constants: dict[str, np.ndarr
     return {a % rank for a in axes}
 
 
-def _linear_after(tensor: str, consumers: dict[str, list[onnx.NodeProto]], constants: dict[str, np.ndarray]):
+def _linear_after(tensor: str, consumers: dict[str, list[onnx.NodeProto]], constants: Mapping[str, np.ndarray]):
     """(output, weight (out, C), bias) of the Gemm or MatMul+Add reading *tensor* (through reshapes)."""
     current = tensor
     for _ in range(4):
@@ -121,10 +147,10 @@ def _linear_after(tensor: str, consumers: dict[str, list[onnx.NodeProto]], const
     return None
 
 
-def find_aggregations(model: onnx.ModelProto, tensors: Sequence[TensorInfo]) -> list[Aggregation]:
+def find_aggregations(model: LoadedModel, tensors: Sequence[TensorInfo]) -> list[Aggregation]:
     """Every global aggregation of *model* with its activation and following linear layer, in graph order."""
     by_name = {t.name: t for t in tensors}
-    constants = _constants(model)
+    constants = _Constants(model)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from layerscope import Estimator, EstimatorTags, TensorBatch, hookimpl
+from layerscope import Estimator, EstimatorTags, LoadedModel, TensorBatch, hookimpl
 from layerscope.util.errors import UserError
 from layerscope.util.lazy import lazy_module
 
@@ -127,7 +127,7 @@ class AggregationDistribution(Estimator):
         self.add_state("high", {}, "max")
         self.add_state("histograms", {}, "sum")  # (aggregation, part, class) -> (columns, bins)
 
-    def bind_graph(self, tensors, model=None) -> None:
+    def bind_graph(self, tensors, model: LoadedModel | None = None) -> None:
         found = {a.output: a for a in find_aggregations(model, tensors)} if model is not None else {}
         missing = [name for name in self.tensors if name not in found]
         if missing:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from layerscope import Estimator, EstimatorTags, TensorBatch, hookimpl
+from layerscope import Estimator, EstimatorTags, LoadedModel, TensorBatch, hookimpl
 from layerscope.graph.tokens import zero_padding
 from layerscope.util.errors import UserError
 from layerscope.util.lazy import lazy_module
@@ -186,7 +186,7 @@ class InformationPlane(Estimator):
         for start in range(0, full, size):
             yield slice(start, start + size), batch.start + start
 
-    def bind_graph(self, tensors, model=None) -> None:
+    def bind_graph(self, tensors, model: LoadedModel | None = None) -> None:
         inputs = [t for t in tensors if t.role == "input" and t.observable]
         if not inputs or not np.issubdtype(np.dtype(inputs[0].dtype or "float32"), np.floating):
             raise UserError(

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from layerscope import DataBatch, EstimatorTags, PlanBatch, PlanEstimator, TensorBatch, hookimpl
+from layerscope import DataBatch, EstimatorTags, LoadedModel, PlanBatch, PlanEstimator, TensorBatch, hookimpl
 from layerscope.util.errors import UserError
 from layerscope.util.lazy import lazy_module
 
@@ -129,7 +129,7 @@ class MeanDimension(PlanEstimator):
         self.add_state("changed_pairs", 0, "sum")  # pairs whose two samples differ in some feature
 
     # --- declaration -----------------------------------------------------------------
-    def bind_graph(self, tensors, model=None) -> None:
+    def bind_graph(self, tensors, model: LoadedModel | None = None) -> None:
         inputs = [t for t in tensors if t.role == "input" and t.observable]  # constant inputs are not perturbed
         if len(inputs) != 1 or not np.issubdtype(np.dtype(inputs[0].dtype or "float32"), np.floating):
             listed = ", ".join(f"{t.name} ({t.dtype})" for t in inputs)

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from layerscope import Estimator, EstimatorTags, TensorBatch, hookimpl
+from layerscope import Estimator, EstimatorTags, LoadedModel, TensorBatch, hookimpl
 from layerscope.graph.activations import Activation, find_activations, find_attention
 from layerscope.graph.tokens import mean_over_tokens, zero_padding
 from layerscope.util.errors import UserError
@@ -142,7 +142,7 @@ class NonlinearitySignature(Estimator):
         order = torch.argsort(merged[0])[: self.capacity]
         return tuple(values[order] for values in merged)
 
-    def bind_graph(self, tensors, model=None) -> None:
+    def bind_graph(self, tensors, model: LoadedModel | None = None) -> None:
         activations = {a.output: a for a in [*find_activations(tensors), *find_attention(tensors)]}
         unknown = [name for name in self.tensors if name not in activations]
         if unknown:

@@ -1,0 +1,172 @@
+"""Models held as their graph alone: large initializers stay in the model's file (or in one serialized
+copy), sessions read them from there, and nothing about the numbers changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import layerscope
+from layerscope.engine.feeds import ModelFeeds
+from layerscope.engine.runner import Runner
+from layerscope.graph import session as session_module
+from layerscope.graph.tensors import describe_tensors, dim_size
+from layerscope.graph.weights import INLINE_BYTES, MEMORY_FILE, external_bytes, weight_free
+from layerscope.model.adapter import load_onnx_file
+from layerscope.util.errors import UserError
+
+
+def _big_mlp(seed: int = 0) -> onnx.ModelProto:
+    """The tiny MLP with a first layer large enough to be set apart (64 × 256 float32 = 64 KiB)."""
+    rng = np.random.default_rng(seed)
+    weights = {"w1": rng.standard_normal((64, 256)).astype(np.float32), "b1": np.zeros(256, np.float32)}
+    weights["w2"] = rng.standard_normal((256, 10)).astype(np.float32) * 0.1
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="fc1"),
+        helper.make_node("Relu", ["h1"], ["a1"], name="act1"),
+        helper.make_node("MatMul", ["a1", "w2"], ["logits"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def _outputs(model_bytes_or_path, options=None) -> np.ndarray:
+    x = np.random.default_rng(1).random((5, 64), dtype=np.float32)
+    session = ort.InferenceSession(
+        model_bytes_or_path, options or ort.SessionOptions(), providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("layout", ["inline", "external data"])
+def test_the_graph_alone_runs_as_the_whole_model_and_reads_the_same_values(tmp_path, layout):
+    model, path = _big_mlp(), tmp_path / "big.onnx"
+    if layout == "inline":
+        onnx.save(_big_mlp(), str(path))
+    else:  # (saving with external data changes the saved object)
+        onnx.save(_big_mlp(), str(path), save_as_external_data=True, location="big.onnx.data", size_threshold=0)
+    graph, weights = weight_free(path)
+    assert graph.ByteSize() < INLINE_BYTES
+    sizes = [numpy_helper.to_array(i).nbytes for i in model.graph.initializer]
+    # set apart: initializers over INLINE_BYTES; a file's external data stays where it is, whatever its size
+    assert external_bytes(graph) == sum(n for n in sizes if n > INLINE_BYTES or layout == "external data")
+    options = ort.SessionOptions()
+    weights.configure(options)
+    assert np.array_equal(_outputs(graph.SerializeToString(), options), _outputs(model.SerializeToString()))
+    for initializer in model.graph.initializer:
+        assert np.array_equal(weights.array(graph, initializer.name), numpy_helper.to_array(initializer))
+    assert [t.to_dict() for t in describe_tensors(graph)] == [t.to_dict() for t in describe_tensors(model)]
+
+
+def test_a_model_object_is_serialized_once_and_read_from_that_copy():
+    model = _big_mlp()
+    graph, weights = weight_free(model)
+    assert list(weights.files) == [MEMORY_FILE] and weights.folder is None
+    options = ort.SessionOptions()
+    weights.configure(options)
+    assert np.array_equal(_outputs(graph.SerializeToString(), options), _outputs(model.SerializeToString()))
+    assert np.array_equal(weights.array(graph, "w1"), numpy_helper.to_array(model.graph.initializer[0]))
+
+
+def test_the_fingerprint_covers_every_weight_byte(tmp_path):
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(_big_mlp(), str(first))
+    changed = _big_mlp()
+    raw = bytearray(changed.graph.initializer[0].raw_data)
+    raw[-1] ^= 1  # one bit of the last weight
+    changed.graph.initializer[0].raw_data = bytes(raw)
+    onnx.save(changed, str(second))
+    (a, wa), (b, wb) = weight_free(first), weight_free(second)
+    assert wa.fingerprint(a) != wb.fingerprint(b)
+    assert wa.fingerprint(a) == weight_free(first)[1].fingerprint(weight_free(first)[0])
+
+
+def test_a_file_that_is_not_a_model_or_lacks_its_data_is_a_user_error(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"\xff\xfe not protobuf at all" * 10)
+    with pytest.raises(UserError, match="junk.onnx is not a readable ONNX model"):
+        load_onnx_file(tmp_path / "junk.onnx")
+    onnx.save(_big_mlp(), str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data", size_threshold=0)
+    (tmp_path / "ext.data").write_bytes(b"short")
+    with pytest.raises(UserError, match=r"ext.onnx is not a readable ONNX model .*is not in .*ext.data"):
+        load_onnx_file(tmp_path / "ext.onnx")
+
+
+def test_a_run_holds_the_graph_and_reads_the_weights_from_the_file(tmp_path, monkeypatch):
+    """Sessions are made from the graph's bytes (no weight is serialized), and the records equal those of
+    the model given as an object (its one serialized copy)."""
+    onnx.save(_big_mlp(), str(tmp_path / "big.onnx"))
+    sizes = []
+    create = session_module.create_session
+
+    def measured(model, device, weights=None):
+        sizes.append(model.ByteSize())
+        return create(model, device, weights)
+
+    monkeypatch.setattr(session_module, "create_session", measured)
+    monkeypatch.setattr("layerscope.engine.runner.create_session", measured)
+    spec = {"data": {"source": "digits", "limit": 100}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
+    from_file = layerscope.run({**spec, "model": {"source": str(tmp_path / "big.onnx")}}, write=False, progress=False)
+    assert sizes and max(sizes) < INLINE_BYTES * 4  # the graph alone, not its 66 KiB of weights
+    from_object = layerscope.run({**spec, "model": {"source": _big_mlp()}}, write=False, progress=False)
+    assert [{**r, "model": None} for r in from_file.records] == [{**r, "model": None} for r in from_object.records]
+
+
+def _token_model() -> onnx.ModelProto:
+    """ids (N, seq) int64 → Gather from a 50 × 8 table → Relu: a tensor of (N, seq, 8) floats."""
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("Relu", ["e"], ["r"], name="act")],
+        "tokens",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, ["batch", "seq", 8])],
+        [table],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_a_symbolic_sequence_axis_is_sized_from_the_feeds_without_a_probe(monkeypatch):
+    """A tensor's size per sample comes from its inferred shape with the sequence axis bound to the feed's
+    length; no session is made to measure it (BERT-base: 1 s of every run)."""
+    model = _token_model()
+    tensors = describe_tensors(model)
+    sessions = []
+    create = session_module.create_session
+    monkeypatch.setattr(
+        "layerscope.engine.runner.create_session", lambda *a, **k: sessions.append(1) or create(*a, **k)
+    )
+    runner = Runner(model, tensors, [("r",)], "cpu", 2**30, 4, None, None, ModelFeeds.for_model(tensors))
+    ids = np.random.default_rng(0).integers(0, 50, (4, 13))
+    ((_, fetched),) = list(runner.run({"ids": ids}))
+    assert fetched["r"].shape == (4, 13, 8) and runner._sizes["r"] == 13 * 8 * 4
+    assert len(sessions) == 1  # the fetch group's session, no probe
+
+
+@pytest.mark.parametrize(
+    "dim, bindings, size",
+    [
+        (5, {}, 5),
+        ("seq", {"seq": 128}, 128),
+        ("Min(512, seq)", {"seq": 128}, 128),
+        ("Max(512, seq)", {"seq": 128}, 512),
+        ("2*s0 + 1", {"s0": 3}, 7),
+        ("floor(seq/2)", {"seq": 7}, 3),
+        ("ceiling(seq/2)", {"seq": 7}, 4),
+        ("seq", {}, None),  # unbound
+        ("seq/2", {"seq": 7}, None),  # not a whole size
+        ("__import__('os').getcwd()", {}, None),  # never code
+        ("seq.real", {"seq": 3}, None),
+        ("(lambda: 1)()", {}, None),
+        (None, {}, None),
+    ],
+)
+def test_symbolic_dims_are_arithmetic_only(dim, bindings, size):
+    assert dim_size(dim, bindings) == size

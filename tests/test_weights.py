@@ -107,9 +107,9 @@ def test_a_run_holds_the_graph_and_reads_the_weights_from_the_file(tmp_path, mon
     sizes = []
     create = session_module.create_session
 
-    def measured(model, device, weights=None):
+    def measured(model, device, weights=None, shared=False):
         sizes.append(model.ByteSize())
-        return create(model, device, weights)
+        return create(model, device, weights, shared)
 
     monkeypatch.setattr(session_module, "create_session", measured)
     monkeypatch.setattr("layerscope.engine.runner.create_session", measured)
@@ -170,3 +170,24 @@ def test_a_symbolic_sequence_axis_is_sized_from_the_feeds_without_a_probe(monkey
 )
 def test_symbolic_dims_are_arithmetic_only(dim, bindings, size):
     assert dim_size(dim, bindings) == size
+
+
+def test_sessions_of_several_fetch_groups_share_one_copy_of_the_weights(tmp_path):
+    """A budget that needs a session per fetch group: the sessions use the same OrtValues over the file's
+    pages (prepacking off) instead of a copy each, and the records are those of one group."""
+    onnx.save(_big_mlp(), str(tmp_path / "big.onnx"))
+    graph, weights = load_onnx_file(tmp_path / "big.onnx")
+    tensors = describe_tensors(graph)
+    runner = Runner(
+        graph, tensors, [("h1",), ("a1",)], "cpu", 300 * 4 * 4, 4, None, weights, ModelFeeds.for_model(tensors)
+    )
+    x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+    parts = list(runner.run({"x": x}))
+    assert len(runner.groups) == 2
+    shared = [s.layerscope_shared_initializers for s in runner._sessions]
+    assert shared[0] and shared[0] is shared[1] and {name for name, _ in shared[0]} == {"w1", "w2"}
+    one = Runner(graph, tensors, [("h1",), ("a1",)], "cpu", 2**30, 4, None, weights, ModelFeeds.for_model(tensors))
+    ((_, whole),) = list(one.run({"x": x}))
+    assert not one._sessions[0].layerscope_shared_initializers  # one session reads and prepacks its own
+    fetched = {name: value for _, group in parts for name, value in group.items()}
+    assert all(np.array_equal(fetched[n].numpy(), whole[n].numpy()) for n in ("h1", "a1"))

@@ -186,9 +186,9 @@ class Runner:
         return self.feeds.prepare(samples, "data")
 
     # --- fetching --------------------------------------------------------------------
-    def _session_for(self, names: list[str]):
+    def _session_for(self, names: list[str], shared: bool = False):
         with exposing(self.model, [self._by_name[n] for n in names], only=True) as exposed:
-            session, self.provider = create_session(exposed, self.device, self.weights)
+            session, self.provider = create_session(exposed, self.device, self.weights, shared)
         return session
 
     @property
@@ -251,7 +251,7 @@ class Runner:
         rows = min(self.batch_size, self.fixed_batch or self.batch_size) if splittable else self.batch_size
         sizes = {name: size for name, size in self._sizes.items() if size is not None}  # all of them, now measured
         groups = plan_groups(self._atomic, sizes, rows, self.memory_budget, self._splittable)
-        self._sessions = [self._session_for(group.names) for group in groups]
+        self._sessions = [self._session_for(group.names, shared=len(groups) > 1) for group in groups]
         return groups
 
     def run(self, feeds: dict[str, np.ndarray]) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:

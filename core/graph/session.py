@@ -88,16 +88,19 @@ def _use_shared_cpu_arena(options) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
-def create_session(model: onnx.ModelProto, device: str, weights: Weights | None = None):
+def create_session(model: onnx.ModelProto, device: str, weights: Weights | None = None, shared: bool = False):
     """An ``InferenceSession`` for *model* on *device*; returns (session, provider that runs).
 
     *weights* says where the initializers that *model* references lie (:mod:`layerscope.graph.weights`):
-    onnxruntime reads them from there, so the session is made from the graph's bytes alone.
+    onnxruntime reads them from there, so the session is made from the graph's bytes alone. With *shared*,
+    the sessions made from the same *weights* use one copy of them (:meth:`Weights.share`): a run that
+    needs a session per fetch group holds the model once, not once per group.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if weights is not None:
+    values = weights.share(model, options) if weights is not None and shared else []
+    if weights is not None and not shared:
         weights.configure(options)
     _use_shared_cpu_arena(options)
     # Memory patterns pre-allocate one block per session and run; with a session per fetch
@@ -118,6 +121,7 @@ def create_session(model: onnx.ModelProto, device: str, weights: Weights | None 
         raise UserError(f"onnxruntime cannot run the model: {error}{hint}") from None
     finally:
         ort.set_default_logger_severity(2)
+    session.layerscope_shared_initializers = values  # onnxruntime does not own them: they live with the session
     provider = session.get_providers()[0]
     if device == "cuda" and provider != CUDA:
         raise UserError(

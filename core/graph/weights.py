@@ -118,16 +118,19 @@ def _rewritten(buffer, start: int, end: int, location: str, depth: int) -> bytes
     return bytes(out)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Weights:
     """Where the large initializers of a weight-free graph are: files in *folder* (ONNX external data,
     locations relative to it), or in-memory *files* (name → bytes) for a model that came as an object."""
 
     folder: Path | None = None
     files: dict[str, bytes] = field(default_factory=dict)
+    #: The OrtValues of :meth:`share`, made once.
+    _shared: list = field(default_factory=list, repr=False, compare=False)
 
     def configure(self, options) -> None:
-        """Tell onnxruntime's session *options* where to read the external initializers from."""
+        """Tell onnxruntime's session *options* where to read the external initializers from: the session
+        reads and owns its copy of the weights (and prepacks them for its kernels)."""
         if self.folder is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
         if self.files:
@@ -135,6 +138,35 @@ class Weights:
             options.add_external_initializers_from_files_in_memory(
                 names, [self.files[n] for n in names], [len(self.files[n]) for n in names]
             )
+
+    def share(self, model: onnx.ModelProto, options) -> list:
+        """Hand the session *options* the external initializers of *model* as OrtValues over the file's
+        pages (memory-mapped) or the in-memory copy, the same ones for every session made so, with
+        prepacking off: sessions of one model then hold its weights once between them (each prepacking
+        its own copy would hold them once per session). Returns the values, which must outlive the
+        sessions."""
+        import onnxruntime as ort
+
+        if not self._shared:
+            for tensor, entries in external_tensors(model):
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+                offset, shape = int(entries.get("offset", 0)), tuple(tensor.dims)
+                location = entries["location"]
+                if location in self.files:
+                    array = np.frombuffer(self.files[location], dtype, int(np.prod(shape)), offset).reshape(shape)
+                else:
+                    array = np.memmap(self._folder() / location, dtype, "r", offset, shape)
+                self._shared.append((tensor.name, ort.OrtValue.ortvalue_from_numpy(np.asarray(array))))
+        self.configure(options)  # where the graph's references point (onnxruntime checks them), then the values
+        for name, value in self._shared:
+            options.add_initializer(name, value)
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        return self._shared
+
+    def _folder(self) -> Path:
+        if self.folder is None:
+            raise ValueError("the model's external data lies in no folder")
+        return self.folder
 
     def _read(self, entries: dict[str, str]) -> Iterator[bytes]:
         """The bytes of one external initializer, a chunk at a time."""
@@ -146,9 +178,7 @@ class Weights:
             for start in range(offset, end, CHUNK):
                 yield bytes(data[start : min(start + CHUNK, end)])
             return
-        if self.folder is None:
-            raise ValueError(f"no folder holds the external data '{location}'")
-        with open(self.folder / location, "rb") as file:
+        with open(self._folder() / location, "rb") as file:
             if length < 0:
                 length = os.fstat(file.fileno()).st_size - offset
             file.seek(offset)

@@ -23,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from layerscope.util.files import atomic_write, cache_dir
+from layerscope.util.files import cache_dir, scratch_folder
 from layerscope.util.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -61,24 +62,34 @@ def file_digest(path: str | os.PathLike | None) -> str | None:
         return None
 
 
-def cached_export(key: Mapping[str, object] | None, export: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:
-    """The graph ``export()`` gives, read from the cache when *key* (everything the graph depends on)
-    was exported before; *key* None (or ``LAYERSCOPE_EXPORT_CACHE=0``) exports without caching."""
+EXPORT_FILE = "model.onnx"  # in an export's folder, its weights beside it when they are large
+
+
+def cached_export(key: Mapping[str, object] | None, export: Callable[[Path], None]) -> Path:
+    """The ONNX file of an export: ``export(path)`` writes it (its weights inside it, or for a large model
+    in a file beside it). With a *key* (everything the graph depends on) the export lies in the cache,
+    ``exports/<hash of key>/``, and a later run reads it back; *key* None (or ``LAYERSCOPE_EXPORT_CACHE=0``)
+    exports into a folder of this process's scratch space, removed when it ends. A run reads the file's
+    graph and leaves the weights in it (:func:`layerscope.model.adapter.load_onnx_file`)."""
     if key is None or os.environ.get("LAYERSCOPE_EXPORT_CACHE", "1") == "0":
-        return export()
+        folder = scratch_folder("export")
+        export(folder / EXPORT_FILE)
+        return folder / EXPORT_FILE
     name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    path = cache_dir() / "exports" / f"{name}.onnx"
-    if path.is_file():
-        try:
-            return onnx.load(str(path))
-        except Exception:  # a damaged cache entry is replaced
-            pass
-    proto = export()
+    entry = cache_dir() / "exports" / name
+    if (entry / EXPORT_FILE).is_file():
+        return entry / EXPORT_FILE
     try:
-        atomic_write(path, proto.SerializeToString())
-    except OSError:  # a read-only or full cache costs the next run an export, nothing else
-        pass
-    return proto
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        writing = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=entry.parent))
+    except OSError:  # a read-only cache costs every run an export, nothing else
+        writing = scratch_folder("export")
+    export(writing / EXPORT_FILE)
+    try:
+        writing.rename(entry)  # the whole export appears at once; a concurrent run's equal export may win
+    except OSError:
+        return (entry if (entry / EXPORT_FILE).is_file() else writing) / EXPORT_FILE
+    return entry / EXPORT_FILE
 
 
 def with_weights(

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.data.source import Samples
-from layerscope.model.adapter import ModelParams
+from layerscope.model.adapter import ModelParams, load_onnx_file
 from layerscope.util.errors import ANSI_ESCAPES, UserError, exception_summary
 from layerscope.util.files import regular_file
 from layerscope.util.lazy import lazy_module
@@ -129,9 +129,38 @@ def _without_cache(model):
             config.use_cache = cached
 
 
+#: A model whose parameters and buffers take more bytes is exported straight into a file (:func:`export_large`).
+LARGE_MODEL_BYTES = 2**30
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the parameters and buffers of a module or ``ExportedProgram``."""
+    state = model.state_dict() if callable(getattr(model, "state_dict", None)) else getattr(model, "state_dict", {})
+    return sum(value.numel() * value.element_size() for value in state.values())
+
+
 def export_unoptimized(model, example: Samples | None = None) -> onnx.ModelProto:
     """The graph ``torch.onnx.export`` traces, before optimisation: its initializers are the model's
-    parameters and buffers under their own names (what :func:`.export_cache.with_weights` swaps).
+    parameters and buffers under their own names (what :func:`.export_cache.with_weights` swaps)."""
+    return _strip_metadata(_program(model, example).model_proto)
+
+
+def export_large(model, example: Samples | None, target: Path) -> None:
+    """Export *model* to the file *target* with its weights in a file beside it, without ever holding an
+    ONNX copy of them: the exporter's graph refers to the module's own tensors, is optimised as
+    ``torch.onnx.export`` does, and is written tensor by tensor (a 1.1B-parameter model would otherwise
+    be held three times: the module, the unoptimised graph, the optimised one)."""
+    program = _program(model, example)
+    with quiet("torch", "torch.onnx", "onnxscript"):
+        program.optimize()
+    for node in program.model.graph.all_nodes():
+        for key in _DROPPED_METADATA:
+            node.metadata_props.pop(key, None)
+    program.save(str(target), external_data=True)
+
+
+def _program(model, example: Samples | None):
+    """The ``ONNXProgram`` of ``torch.onnx.export`` for *model* traced on *example*, unoptimised.
 
     When the exporter's own decomposition of the traced program fails (T5's attention, for one), the
     program is decomposed with torch's default table instead and converted again; the graph then
@@ -172,7 +201,7 @@ def export_unoptimized(model, example: Samples | None = None) -> onnx.ModelProto
             "change the model so that torch.export can trace it, or export it to ONNX yourself and "
             "give the .onnx file"
         ) from None
-    return _strip_metadata(program.model_proto)  # type: ignore[union-attr]  # None only without dynamo=True
+    return program
 
 
 def export_failure(error: BaseException) -> str:
@@ -311,12 +340,20 @@ class TorchAdapter(Adapter[TorchParams]):
             model, source = _load_pt2(ref), str(ref)
         else:
             model, source = ref, f"<{type(ref).__name__}>"
-        return LoadedModel(
-            cached_export(_export_key(model, ref, example), lambda: self._export(model, ref, example)),
-            checkpoint.label,
-            source,
-            framework="pytorch",
+        path = cached_export(
+            _export_key(model, ref, example), lambda target: self._export_to(model, ref, example, target)
         )
+        proto, weights = load_onnx_file(path)
+        return LoadedModel(proto, checkpoint.label, source, framework="pytorch", weights=weights)
+
+    def _export_to(self, model, ref, example, target: Path) -> None:
+        """Export *model* into the file *target*: a large model straight from the exporter, its weights
+        in a file beside it (:func:`export_large`); a smaller one through :meth:`_export`, which can reuse
+        the graph of an earlier checkpoint."""
+        if _weight_bytes(model) > LARGE_MODEL_BYTES:
+            export_large(model, example, target)
+        else:
+            onnx.save_model(self._export(model, ref, example), str(target))
 
     def follow(self, model, label: str, spec, example) -> LoadedModel:
         """The live *model*'s current weights in the graph exported for it at the first call, swapped in

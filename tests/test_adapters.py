@@ -10,6 +10,7 @@ import torch
 import layerscope
 from layerscope.adapters.torch_export import export_to_onnx
 from layerscope.graph.tensors import describe_tensors
+from layerscope.testing import assert_records_close
 
 from .conftest import tiny_mlp_proto, write_spec
 
@@ -328,7 +329,7 @@ def test_a_second_run_reads_the_export_cache_and_a_code_change_invalidates_it(tm
     first = layerscope.run(spec, write=False, progress=False)
     second = layerscope.run(spec, write=False, progress=False)
     assert len(counted_exports) == 1 and second.records == first.records
-    assert len(list((tmp_path / "cache" / "exports").glob("*.onnx"))) == 1
+    assert len(list((tmp_path / "cache" / "exports").glob("*/model.onnx"))) == 1
     (tmp_path / "nets.py").write_text(FACTORIES + "\n# edited\n")
     layerscope.run(spec, write=False, progress=False)
     assert len(counted_exports) == 2
@@ -363,3 +364,19 @@ def test_live_modules_that_differ_only_in_an_activation_do_not_share_an_export(t
     assert {r["tensor"] for r in results[0].records} != {r["tensor"] for r in results[1].records} or results[
         0
     ].records != results[1].records
+
+
+def test_a_large_model_is_exported_straight_to_a_file_beside_its_weights(tmp_path, counted_exports, monkeypatch):
+    """Past LARGE_MODEL_BYTES a module is exported into the cache with its weights in a file beside the
+    graph (never an ONNX copy of them in memory): the records equal the in-memory export's, and the run
+    holds the graph alone."""
+    spec = factory_spec(tmp_path, "with_batchnorm", checkpoints=1, layout="image")
+    small = layerscope.run(spec, write=False, progress=False)
+    monkeypatch.setenv("LAYERSCOPE_CACHE", str(tmp_path / "large-cache"))
+    monkeypatch.setattr("layerscope.adapters.torch_export.LARGE_MODEL_BYTES", 0)
+    large = layerscope.run(spec, write=False, progress=False)
+    assert len(counted_exports) == 2
+    (entry,) = (tmp_path / "large-cache" / "exports").iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert (entry / "model.onnx").stat().st_size < (entry / "model.onnx.data").stat().st_size
+    assert_records_close(large.records, small.records, rtol=1e-6, atol=1e-6)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from layerscope.util.files import scratch_folder
 from layerscope.util.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -226,9 +227,7 @@ def weight_free(source: Path | onnx.ModelProto) -> tuple[onnx.ModelProto, Weight
                 view.release()
         return onnx.ModelProto.FromString(graph_only), Weights(folder=source.parent)
     if source.ByteSize() >= 2**31:
-        import tempfile
-
-        folder = Path(tempfile.mkdtemp(prefix="layerscope-model-"))
+        folder = scratch_folder("model")
         onnx.save_model(source, str(folder / "model.onnx"), save_as_external_data=True, location="weights.bin")
         return weight_free(folder / "model.onnx")
     serialized = source.SerializeToString()

@@ -7,8 +7,10 @@ an unhelpful error from deep inside a library; both are user errors naming the s
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterable
@@ -21,6 +23,14 @@ from .errors import UserError
 def cache_dir() -> Path:
     """layerscope's cache folder (``$LAYERSCOPE_CACHE``, default ``~/.cache/layerscope``)."""
     return Path(os.environ.get("LAYERSCOPE_CACHE", Path.home() / ".cache" / "layerscope"))
+
+
+def scratch_folder(purpose: str) -> Path:
+    """A new folder for files this process needs only while it runs (a model written out to be read
+    back), removed when the process ends."""
+    folder = Path(tempfile.mkdtemp(prefix=f"layerscope-{purpose}-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def regular_file(path: str | os.PathLike, key: str) -> Path:

@@ -7,6 +7,8 @@ import onnx
 import pytest
 import scipy.stats
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 import layerscope
@@ -402,3 +404,56 @@ def test_shards_past_the_kept_samples_read_nothing():
     single, _ = _counted_run(SATURATING)
     assert [(r["layer"], r["metric"]) for r in records] == [(r["layer"], r["metric"]) for r in single]
     np.testing.assert_allclose([r["value"] for r in records], [r["value"] for r in single], rtol=0, atol=1e-9)
+
+
+def _dense_affinity(x: np.ndarray, y: np.ndarray, method: str) -> float:
+    """The d × d computation the subspace one replaces: covariances, Monge map, exact W2² (module docstring)."""
+    from layerscope.plugins.nonlinearity_signature import maths
+
+    x, y = maths.unit_scale(x, y)
+    cov_x, cov_y = maths.covariance(x, method), maths.covariance(y, method)
+    mapped = y.mean(axis=0) + (x - x.mean(axis=0)) @ maths.monge_map(cov_x, cov_y)
+    return 1.0 - float(np.sqrt(maths.exact_w2_squared(mapped, y) / (2.0 * np.trace(cov_y))))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(3, 40),
+    extra=st.integers(1, 120),
+    activation=st.sampled_from(["relu", "gelu", "tanh", "dead", "affine"]),
+    method=st.sampled_from(["empirical", "ledoit_wolf"]),
+    seed=st.integers(0, 2**16),
+)
+def test_fewer_samples_than_features_are_scored_in_their_subspace_as_densely(n, extra, activation, method, seed):
+    """With 2n < d the score comes from k × k blocks in the samples' span (O(d·n²) instead of O(d³)): it
+    equals the dense computation up to round-off, for every activation, both covariances, a dead layer."""
+    from layerscope.plugins.nonlinearity_signature import maths
+
+    d = 2 * n + extra
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) / np.sqrt(d) + rng.standard_normal(d)
+    y = {
+        "relu": np.maximum(x, 0),
+        "gelu": x * 0.5 * (1 + np.tanh(0.8 * x)),
+        "tanh": np.tanh(x),
+        "dead": np.zeros_like(x),
+        "affine": 2.0 * x + 1.0,
+    }[activation]
+    score, degenerate = maths.affinity_score(x, y, method)
+    assert score == pytest.approx(_dense_affinity(x, y, method), abs=1e-8)
+    assert degenerate == (activation == "dead")
+    xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+    dense = np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)
+    cka = np.linalg.norm(yc.T @ xc) ** 2 / dense if dense > 0 else 0.0
+    assert maths.linear_cka(x, y) == pytest.approx(cka, rel=1e-9, abs=1e-12)
+
+
+def test_ledoit_wolf_shrinkage_from_the_gram_matrix_equals_sklearn():
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    from layerscope.plugins.nonlinearity_signature.maths import ledoit_wolf_shrinkage as from_gram
+
+    rng = np.random.default_rng(3)
+    for n, d in [(10, 5), (30, 300), (200, 40)]:
+        x = rng.standard_normal((n, d)) * rng.random(d) + rng.standard_normal(d)
+        assert from_gram(x) == pytest.approx(ledoit_wolf_shrinkage(x), rel=1e-10, abs=1e-15)

@@ -23,6 +23,14 @@ Matrix square roots come from float64 symmetric eigendecompositions; non-positiv
 eigenvalues are replaced by small distinct constants linspace(1e-7, 1e-6, k) as in the
 reference ``torch_sqrtm``. Side metrics as logged by the reference: linear CKA, R² of a
 least-squares fit, sparsity.
+
+Fewer samples than features (:func:`sample_subspace`). With n samples of d features, every centred
+sample of X and Y lies in a subspace S of dimension k ≤ 2(n − 1), and both covariances have the form
+a·CᵀC + c·I (c: the jitter, plus Ledoit–Wolf's shrinkage target). On S's complement both are multiples
+of the identity, so A is block diagonal, and the mapped samples, the OT cost between them and the
+outputs, and tr Σ_Y are computed exactly from the k × k blocks in S: O(d·n² + n³) instead of the d × d
+eigendecompositions' O(d³) (one 3072-wide GELU of GPT-2 at 64 samples: 46–70 CPU-s before). The
+result equals the dense computation up to round-off.
 """
 
 from __future__ import annotations
@@ -68,6 +76,25 @@ def unit_scale(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     scale = float(np.var(x, axis=0, ddof=1).mean()) if len(x) > 1 else 0.0
     return (x / np.sqrt(scale), y / np.sqrt(scale)) if scale > 0 else (x, y)
+
+
+def ledoit_wolf_shrinkage(samples: np.ndarray) -> float:
+    """Ledoit–Wolf's shrinkage intensity of *samples* (n × d), sklearn's ``ledoit_wolf_shrinkage`` step by
+    step, but from the n × n Gram matrix G of the centred samples instead of d × d blocks: with
+    μ = tr G/(n·d), δ = ‖G‖_F²/n², β = (Σ_k G_kk²/n − δ)/(d·n) and δ' = (δ − 2μ·tr G/n + d·μ²)/d, the
+    intensity is min(β, δ')/δ' (0 when that is 0)."""
+    centred = samples - samples.mean(axis=0)
+    n, d = centred.shape
+    gram = centred @ centred.T
+    squared_norms = np.diag(gram)
+    trace = float(squared_norms.sum()) / n  # tr E
+    mu = trace / d
+    beta_ = float((squared_norms**2).sum())  # Σ_k ‖x_k‖⁴ = Σ_ij (X²ᵀX²)_ij
+    delta_ = float((gram**2).sum()) / n**2  # ‖XᵀX‖_F² / n²
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * trace + d * mu**2) / d
+    beta = min(beta, delta)
+    return 0.0 if beta == 0 else beta / delta
 
 
 def covariance(samples: np.ndarray, method: str = "empirical") -> np.ndarray:
@@ -131,8 +158,10 @@ def affinity_score(
     x: np.ndarray, y: np.ndarray, covariance_method: str = "empirical", solver: str = "emd"
 ) -> tuple[float, bool]:
     """(ρ_aff, degenerate) for input samples *x* and output samples *y* (n × d each), computed at unit
-    input scale (see the module docstring)."""
+    input scale (see the module docstring), in the samples' subspace when they are fewer than the features."""
     x, y = unit_scale(x, y)
+    if 2 * len(x) < x.shape[1]:
+        return _affinity_in_subspace(x, y, covariance_method, solver)
     cov_x, cov_y = covariance(x, covariance_method), covariance(y, covariance_method)
     a = monge_map(cov_x, cov_y)
     mapped = y.mean(axis=0) + (x - x.mean(axis=0)) @ a  # A is symmetric
@@ -140,9 +169,52 @@ def affinity_score(
     return 1.0 - float(np.sqrt(w2 / (2.0 * np.trace(cov_y)))), not a.any()
 
 
-def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Linear CKA: ‖Yᶜᵀ Xᶜ‖_F² / (‖Xᶜᵀ Xᶜ‖_F ‖Yᶜᵀ Yᶜ‖_F) on column-centred samples."""
+def sample_subspace(xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (d × k) of the span of the rows of the centred samples *xc* and *yc*."""
+    stacked = np.concatenate([xc, yc]).T  # d × 2n
+    basis, singular, _ = np.linalg.svd(stacked, full_matrices=False)
+    rank = int((singular > singular[0] * max(stacked.shape) * np.finfo(float).eps).sum()) if singular.size else 0
+    return basis[:, :rank]
+
+
+def _scaled_gram_form(centred: np.ndarray, samples: np.ndarray, method: str) -> tuple[float, float]:
+    """(a, c) with the covariance of *samples* = a·XᶜᵀXᶜ + c·I: unbiased + jitter, or Ledoit–Wolf (from the
+    biased covariance) + jitter."""
+    n, d = centred.shape
+    if method == "ledoit_wolf":
+        shrinkage = ledoit_wolf_shrinkage(samples)
+        mu = float((centred**2).sum()) / n / d
+        return (1.0 - shrinkage) / n, shrinkage * mu + JITTER
+    return 1.0 / (n - 1), JITTER
+
+
+def _affinity_in_subspace(x: np.ndarray, y: np.ndarray, method: str, solver: str) -> tuple[float, bool]:
+    """:func:`affinity_score` from the k × k blocks of the covariances in the samples' subspace (module
+    docstring): the same number as the d × d computation, up to round-off."""
     xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+    basis = sample_subspace(xc, yc)
+    xs, ys = xc @ basis, yc @ basis  # the samples' coordinates in S (nothing of them lies outside)
+    (ax, cx), (ay, cy) = _scaled_gram_form(xc, x, method), _scaled_gram_form(yc, y, method)
+    eye = np.eye(basis.shape[1])
+    cov_x, cov_y = ax * (xs.T @ xs) + cx * eye, ay * (ys.T @ ys) + cy * eye
+    trace_y = ay * float((yc**2).sum()) + cy * y.shape[1]
+    if trace_y <= DEGENERATE_TRACE * y.shape[1]:
+        a = np.zeros_like(cov_y)
+    else:
+        root_y = sqrtm_psd(cov_y)
+        a = root_y @ inv_sqrtm_psd(root_y @ cov_x @ root_y) @ root_y
+    w2 = exact_w2_squared(xs @ a, ys, solver)  # T(x_i) − y_j = (x_i − m_x)A − (y_j − m_y), inside S
+    return 1.0 - float(np.sqrt(w2 / (2.0 * trace_y))), not a.any()
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA: ‖Yᶜᵀ Xᶜ‖_F² / (‖Xᶜᵀ Xᶜ‖_F ‖Yᶜᵀ Yᶜ‖_F) on column-centred samples; with fewer samples than
+    features from the n × n Gram matrices, ⟨XᶜXᶜᵀ, YᶜYᶜᵀ⟩_F / (‖XᶜXᶜᵀ‖_F ‖YᶜYᶜᵀ‖_F), the same number."""
+    xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+    if len(xc) < xc.shape[1]:
+        gram_x, gram_y = xc @ xc.T, yc @ yc.T
+        denominator = np.linalg.norm(gram_x) * np.linalg.norm(gram_y)
+        return float((gram_x * gram_y).sum() / denominator) if denominator > 0 else 0.0
     denominator = np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)
     return float(np.linalg.norm(yc.T @ xc) ** 2 / denominator) if denominator > 0 else 0.0
 

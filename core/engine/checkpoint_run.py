@@ -19,6 +19,7 @@ from layerscope.data.source import Samples, iter_batches
 from layerscope.graph.selectors import as_selector, resolve
 from layerscope.graph.tensors import TensorInfo, describe_tensors, structure_fingerprint
 from layerscope.graph.tokens import token_axes_by_tensor
+from layerscope.graph.weights import external_bytes
 from layerscope.model.adapter import Checkpoint, LoadedModel
 from layerscope.util.errors import UserError
 
@@ -230,7 +231,7 @@ def _feed_plan(
 
 def describe_model(model: CheckpointModel) -> dict:
     """The model details that ``results.json`` lists for a checkpoint: provenance, the sha256 of its graph
-    and weights, its data inputs and token mask."""
+    and weights, its data inputs and token mask, and the bytes of weights left in the model's files."""
     loaded, feeds = model.loaded, model.feeds
     return {
         "label": loaded.label,
@@ -243,6 +244,7 @@ def describe_model(model: CheckpointModel) -> dict:
         ],
         **({"constants": sorted(feeds.constants)} if feeds.constants else {}),
         **({"token_mask": feeds.token_mask} if feeds.token_mask else {}),
+        **({"weights_apart_bytes": apart} if (apart := external_bytes(loaded.proto)) else {}),
         **loaded.details,
     }
 

@@ -99,7 +99,7 @@ def test_string_labels_and_named_inputs_from_python(digits, reference):
 
 
 def test_python_data_in_worker_processes_equals_one_process(digits, reference):
-    spec = {**_spec(), "runtime": {"workers": 2}}
+    spec = {**_spec(), "runtime": {"workers": 2, "shards": 2}}
     _same(_records(spec, data=digits), reference)
 
 
@@ -172,7 +172,11 @@ class OpenedHere(PairDataset):
 @pytest.mark.slow
 def test_objects_worker_processes_cannot_take_are_user_errors(digits):
     x, y = digits
-    spec = {**_spec(), "analyses": [{"id": "entropy", "estimator": "activation_entropy"}], "runtime": {"workers": 2}}
+    spec = {
+        **_spec(),
+        "analyses": [{"id": "entropy", "estimator": "activation_entropy"}],
+        "runtime": {"workers": 2, "shards": 2},
+    }
     with pytest.raises(UserError, match=r"runtime.workers: the run cannot be sent to worker processes \(.*lambda"):
         layerscope.run(
             spec,

@@ -17,6 +17,7 @@ import torch
 
 from layerscope import __version__
 from layerscope.data.source import Samples
+from layerscope.graph.cost import macs_per_sample
 from layerscope.model.adapter import Checkpoint
 from layerscope.results.contract import Results, finite_records
 from layerscope.results.outputs import OutputFolder, output_folder
@@ -28,6 +29,33 @@ from .plan import RunPlan
 from .progress import Progress
 from .resume import ResumeStore, input_fingerprints
 from .threads import run_threads
+
+#: What starting one worker process costs: spawning it, its imports, the plan rebuilt and the model loaded
+#: (about 2.5 s on a 2-core machine).
+WORKER_START_SECONDS = 3.0
+#: Multiply-accumulates one process runs per second (ResNet-18 on onnxruntime, 2 cores: about 1.9e10).
+MACS_PER_SECOND = 2e10
+
+
+def spreading_pays(plan: RunPlan, worker: ShardWorker, checkpoints: int, warnings: list[str]) -> bool:
+    """Whether worker processes can end the run sooner than this process alone: yes for several
+    checkpoints or shards the spec sets; for one checkpoint with ``shards: auto`` only when its forward
+    passes, estimated from the graph (:func:`layerscope.graph.cost.macs_per_sample`), take longer than the
+    workers take to start (w workers save at most (w − 1)/w of the time). Otherwise a warning says the
+    run stayed in this process."""
+    runtime = plan.spec.runtime
+    if checkpoints > 1 or runtime.shards != "auto":
+        return True
+    model = worker.load(0)
+    seconds = macs_per_sample(model.loaded.proto, model.tensors) * len(plan.order) * plan.passes / MACS_PER_SECOND
+    if seconds * (runtime.workers - 1) / runtime.workers > WORKER_START_SECONDS:
+        return True
+    warnings.append(
+        f"runtime.workers: {runtime.workers} left unused: one checkpoint's forward passes take about "
+        f"{seconds:.1g} s, less than starting worker processes takes ({WORKER_START_SECONDS:g} s); the run "
+        "stayed in this process (set runtime.shards to spread it anyway)"
+    )
+    return False
 
 
 @contextmanager
@@ -50,13 +78,13 @@ def open_executor(
         with ray_actors(plan, checkpoints, example, warnings) as executor:
             yield executor
         return
-    elif runtime.workers > 1:
+    worker = ShardWorker(plan, checkpoints, [(0, len(plan.order))], plan.order, example, progress)
+    if runtime.workers > 1 and spreading_pays(plan, worker, len(checkpoints), warnings):
         from .process_pool import process_pool
 
         with process_pool(plan, checkpoints, example, runtime.workers) as executor:
             yield executor
         return
-    worker = ShardWorker(plan, checkpoints, [(0, len(plan.order))], plan.order, example, progress)
     yield SequentialExecutor(worker.run)
 
 

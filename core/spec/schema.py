@@ -110,7 +110,9 @@ class RuntimeSection(StrictModel):
         "side by side; engine ray: the cluster's CPUs when omitted",
     )
     shards: PositiveInt | Literal["auto"] = Field(
-        "auto", description="data shards per checkpoint in parallel runs; auto: enough to give every worker a task"
+        "auto",
+        description="data shards per checkpoint in parallel runs; auto: enough to give every worker a task, "
+        "and for one checkpoint only when its forward passes outlast starting the workers",
     )
 
     @field_validator("memory_budget", mode="before")

@@ -503,3 +503,18 @@ def test_threads_decode_at_once_only_images_within_max_pixels(tmp_path, monkeypa
         assert x[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
         at_once[max_pixels] = most[0]
     assert at_once[100_000] == 1 and at_once[400_000] > 1, at_once
+
+
+# --- the folder scan and the manifest: one rule for links, byte-order marks, float labels -------------
+
+
+@pytest.mark.parametrize("manifest", ["csv", "json"])
+def test_a_manifest_with_a_byte_order_mark_is_read(tmp_path, manifest):
+    """A manifest saved as Excel's "CSV UTF-8" begins with a byte-order mark, which was read as part of
+    the first column's name ("no column 'file'"); a JSON manifest with one was not valid JSON."""
+    for index in range(2):
+        _save(tmp_path / "img" / f"{index}.png", np.full((4, 4), index * 50, np.uint8))
+    text = "file,label\n1.png,7\n0.png,2\n" if manifest == "csv" else json.dumps({"1.png": 7, "0.png": 2})
+    (tmp_path / f"labels.{manifest}").write_text("\ufeff" + text, encoding="utf-8")
+    source = ImagesSource(ImagesSource.Params(path="img", manifest=f"labels.{manifest}"), tmp_path)
+    assert source.read_labels(np.arange(2)).tolist() == [7, 2]

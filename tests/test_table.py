@@ -234,3 +234,12 @@ def test_a_file_changed_while_it_is_read_is_refused_never_mixed(tmp_path, monkey
         TableSource(TableSource.Params(path=path.name), tmp_path).read(np.arange(2000))[0][:, 1].tolist()
         == [1.0] * 2000
     )
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark: it is not part of the first column's name (it
+    was, and the file could not be read: "Column '\\ufeffa' in include_columns does not exist")."""
+    (tmp_path / "d.csv").write_text("\ufeffa,b,cls\n1,2,x\n3,4,y\n", encoding="utf-8")
+    source = TableSource(TableSource.Params(path="d.csv", features=["a", "b"], label="cls"), tmp_path)
+    x, y = source.read(np.arange(2))
+    assert x.tolist() == [[1.0, 2.0], [3.0, 4.0]] and y.tolist() == ["x", "y"]

@@ -75,7 +75,7 @@ def read_manifest(path: Path, file_column: str, label_column: str) -> tuple[list
     """The files and labels of a CSV or JSON manifest; labels that are all whole numbers become ints."""
     where = f"data.manifest: {path}"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is no text
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{where}: cannot read it ({error})") from None
     if path.suffix.lower() == ".json":

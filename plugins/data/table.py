@@ -4,7 +4,8 @@ which adds pyarrow).
 ``features`` names the feature columns, by name or glob (``pixel_*``; globs expand in the file's
 column order), default every column but the label; ``inputs: {input_ids: ["tok_*"], …}`` gives a
 model with several inputs one group of columns each instead. ``label`` names the label column
-(strings are class names; a CSV column whose values are all whole numbers gives integer classes).
+(strings are class names; a CSV column whose values are all whole numbers gives integer classes). A
+UTF-8 byte-order mark before a CSV's header is not part of the first name.
 
 The file is streamed once, in chunks of rows (pyarrow's CSV reader, its blocks sized to hold many of
 the file's longest row, so that rows of any length up to 1 GiB are read; Parquet row groups), into
@@ -122,7 +123,7 @@ class Table:
 
                 self.schema = pq.read_schema(self.path)
                 return list(self.schema.names)
-            with open(self.path, newline="", encoding="utf-8") as handle:
+            with open(self.path, newline="", encoding="utf-8-sig") as handle:  # a byte-order mark is no name
                 header = next(csv.reader(handle, delimiter=self.delimiter), None)
         except Exception as error:  # OSError, UnicodeDecodeError, csv.Error, pyarrow's ArrowInvalid
             raise UserError(f"data.path: {self.path} is not a readable {self.format} file ({error})") from None

@@ -243,3 +243,16 @@ def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
     source = TableSource(TableSource.Params(path="d.csv", features=["a", "b"], label="cls"), tmp_path)
     x, y = source.read(np.arange(2))
     assert x.tolist() == [[1.0, 2.0], [3.0, 4.0]] and y.tolist() == ["x", "y"]
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+@pytest.mark.parametrize("params", [{}, {"features": ["p0"]}])
+def test_a_column_name_given_twice_is_refused_naming_it(tmp_path, kind, params):
+    """Two columns named p0: the second was dropped without a word (and features: [p0] read the first)."""
+    if kind == "csv":
+        (tmp_path / "d.csv").write_text("p0,p1,p0,cls\n1,2,3,x\n4,5,6,y\n")
+    else:
+        arrays = [pa.array([1.0, 4.0]), pa.array([2.0, 5.0]), pa.array([3.0, 6.0]), pa.array(["x", "y"])]
+        pq.write_table(pa.Table.from_arrays(arrays, names=["p0", "p1", "p0", "cls"]), tmp_path / "d.parquet")
+    with pytest.raises(UserError, match=rf"data.path: .*d.{kind} has two columns named 'p0' \(columns 1 and 3\)"):
+        TableSource(TableSource.Params(path=f"d.{kind}", label="cls", **params), tmp_path)

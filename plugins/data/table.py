@@ -4,8 +4,8 @@ which adds pyarrow).
 ``features`` names the feature columns, by name or glob (``pixel_*``; globs expand in the file's
 column order), default every column but the label; ``inputs: {input_ids: ["tok_*"], …}`` gives a
 model with several inputs one group of columns each instead. ``label`` names the label column
-(strings are class names; a CSV column whose values are all whole numbers gives integer classes). A
-UTF-8 byte-order mark before a CSV's header is not part of the first name.
+(strings are class names; a CSV column whose values are all whole numbers gives integer classes). Column names
+must differ; a UTF-8 byte-order mark before a CSV's header is not part of the first name.
 
 The file is streamed once, in chunks of rows (pyarrow's CSV reader, its blocks sized to hold many of
 the file's longest row, so that rows of any length up to 1 GiB are read; Parquet row groups), into
@@ -105,6 +105,7 @@ class Table:
         )
         self.delimiter = "\t" if suffix == ".tsv" and "delimiter" not in params.model_fields_set else params.delimiter
         self.columns = self._header()
+        self._check_distinct()
         if params.label is not None and params.label not in self.columns:
             raise UserError(f"data.label: {path} has no column '{params.label}' (the columns: {listing(self.columns)})")
         if self.format == "parquet" and params.label is not None:
@@ -130,6 +131,17 @@ class Table:
         if not header:
             raise UserError(f"data.path: {self.path} is empty (a CSV needs a header row)")
         return header
+
+    def _check_distinct(self) -> None:
+        """Every column has a name of its own: of two columns of one name, one would be read for both."""
+        first: dict[str, int] = {}
+        for index, name in enumerate(self.columns):
+            if name in first:
+                raise UserError(
+                    f"data.path: {self.path} has two columns named '{name}' (columns {first[name] + 1} and "
+                    f"{index + 1}); give each column a name of its own"
+                )
+            first[name] = index
 
     def chunks(self):
         """The file's rows in chunks, as pyarrow record batches of the needed columns (features as float32)."""

@@ -508,6 +508,18 @@ def test_threads_decode_at_once_only_images_within_max_pixels(tmp_path, monkeypa
 # --- the folder scan and the manifest: one rule for links, byte-order marks, float labels -------------
 
 
+def _run_images(tmp_path: Path, **data):
+    return layerscope.run(
+        {
+            "model": {"source": "demo:digits-cnn"},
+            "data": {"source": "images", "color": "grey", "resize": [8, 8], **data},
+            "analyses": ANALYSES[:1],
+        },
+        out=tmp_path / "out",
+        progress=False,
+    )
+
+
 @pytest.mark.parametrize("manifest", ["csv", "json"])
 def test_a_manifest_with_a_byte_order_mark_is_read(tmp_path, manifest):
     """A manifest saved as Excel's "CSV UTF-8" begins with a byte-order mark, which was read as part of
@@ -518,3 +530,17 @@ def test_a_manifest_with_a_byte_order_mark_is_read(tmp_path, manifest):
     (tmp_path / f"labels.{manifest}").write_text("\ufeff" + text, encoding="utf-8")
     source = ImagesSource(ImagesSource.Params(path="img", manifest=f"labels.{manifest}"), tmp_path)
     assert source.read_labels(np.arange(2)).tolist() == [7, 2]
+
+
+def test_manifest_float_labels_that_are_not_whole_are_refused(tmp_path):
+    """A CSV manifest's 0.5 gave the class name '0.5' (its JSON twin was refused): float labels are refused
+    unless whole, and whole ones (1.0) are the integer classes, as in every source."""
+    for index in range(4):
+        _save(tmp_path / "img" / f"{index}.png", np.full((4, 4), index * 50, np.uint8))
+    rows = "".join(f"{index}.png,{index % 2}.5\n" for index in range(4))
+    (tmp_path / "labels.csv").write_text("file,label\n" + rows)
+    with pytest.raises(UserError, match=r"sample \d has label \d\.5, not a whole number"):
+        _run_images(tmp_path, path=str(tmp_path / "img"), manifest=str(tmp_path / "labels.csv"))
+    (tmp_path / "labels.csv").write_text("file,label\n" + rows.replace(".5", ".0"))
+    source = ImagesSource(ImagesSource.Params(path="img", manifest="labels.csv"), tmp_path)
+    assert source.read_labels(np.arange(4)).tolist() == [0, 1, 0, 1]

@@ -256,3 +256,39 @@ def test_a_column_name_given_twice_is_refused_naming_it(tmp_path, kind, params):
         pq.write_table(pa.Table.from_arrays(arrays, names=["p0", "p1", "p0", "cls"]), tmp_path / "d.parquet")
     with pytest.raises(UserError, match=rf"data.path: .*d.{kind} has two columns named 'p0' \(columns 1 and 3\)"):
         TableSource(TableSource.Params(path=f"d.{kind}", label="cls", **params), tmp_path)
+
+
+def _run_table(path: Path, **data):
+    return layerscope.run(
+        {
+            "model": {"source": "demo:digits-mlp"},
+            "data": {"source": "table", "path": str(path), "features": ["pixel_*"], "batch_size": 50, **data},
+            "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+        },
+        write=False,
+        progress=False,
+    )
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_float_labels_that_are_not_whole_are_refused_in_csv_as_in_parquet(tmp_path, kind):
+    """A CSV label column of 0.5, 1.5, … gave the class names '0.5', '1.5' and a run, where the same column
+    in Parquet is refused: labels are classes, other floats (regression targets) are not."""
+    columns = _digits_table(100)
+    columns["target"] = np.arange(100) % 4 + 0.5
+    path = _write(tmp_path, columns, kind)
+    with pytest.raises(UserError, match=r"sample \d+ has label \d\.5, not a whole number \(float labels name"):
+        _run_table(path, label="target")
+
+
+def test_csv_labels_of_names_whole_numbers_and_whole_floats_are_classes(tmp_path):
+    columns = _digits_table(100)
+    columns["digit"] = (np.arange(100) % 4).astype(np.float64)  # written 0.0, 1.0, …: classes 0, 1, …
+    columns["count"] = np.arange(100) % 4
+    path = _write(tmp_path, columns, "csv")
+    for label, expected in (("digit", {0, 1, 2, 3}), ("count", {0, 1, 2, 3}), ("species", set(NAMES))):
+        source = TableSource(TableSource.Params(path=path.name, features=["pixel_*"], label=label), tmp_path)
+        labels = source.read_labels(np.arange(100))
+        assert set(labels.tolist()) <= expected and labels.dtype.kind in ("U" if label == "species" else "if")
+        classes = {r["class"] for r in _run_table(path, label=label).records if "class" in r}
+        assert classes - {"all"} == expected, classes

@@ -10,8 +10,8 @@ files a manifest lists. Labels (``labels``):
   one row per image in the manifest's order; every file must lie inside ``path`` (a ``..``, an absolute
   path or a link leading out of it is refused, never read). A CSV has a header with ``file_column`` (default
   ``file``, relative to ``path``) and ``label_column`` (default ``label``); a JSON file is an
-  object ``{file: label}`` or a list of objects with those two keys. Labels that are all whole
-  numbers are integer classes, others class names.
+  object ``{file: label}`` or a list of objects with those two keys. Labels that all spell numbers
+  are numbers (whole ones integer classes, others refused, as everywhere), others class names.
 
 Every image goes through the preprocessing of :mod:`.image_preprocessing` (``color``, ``resize``,
 ``center_crop``, ``scale``, ``normalize``, ``layout``). Batches are decoded on ``threads`` threads
@@ -35,7 +35,7 @@ import numpy as np
 from pydantic import Field, PositiveInt, model_validator
 
 from layerscope import DataSource, hookimpl
-from layerscope.data.labels import integers_from_text
+from layerscope.data.labels import labels_from_text
 from layerscope.util.errors import UserError
 from layerscope.util.files import regular_file
 
@@ -106,7 +106,7 @@ def read_manifest(path: Path, file_column: str, label_column: str) -> tuple[list
     bad = next((i for i, (file, label) in enumerate(rows) if not isinstance(file, str) or label in (None, "")), None)
     if bad is not None:
         raise UserError(f"{where}: row {bad + 1} has no file or no label ({rows[bad]})")
-    labels = integers_from_text(
+    labels = labels_from_text(
         [str(label).strip() if not isinstance(label, int | float) else label for _, label in rows]
     )
     return [file for file, _ in rows], labels

@@ -4,8 +4,9 @@ which adds pyarrow).
 ``features`` names the feature columns, by name or glob (``pixel_*``; globs expand in the file's
 column order), default every column but the label; ``inputs: {input_ids: ["tok_*"], …}`` gives a
 model with several inputs one group of columns each instead. ``label`` names the label column
-(strings are class names; a CSV column whose values are all whole numbers gives integer classes). Column names
-must differ; a UTF-8 byte-order mark before a CSV's header is not part of the first name.
+(strings are class names; a CSV column whose values all spell numbers is numbers, as a Parquet column
+of numbers is: whole ones are integer classes, others are refused). Column names must differ; a
+UTF-8 byte-order mark before a CSV's header is not part of the first name.
 
 The file is streamed once, in chunks of rows (pyarrow's CSV reader, its blocks sized to hold many of
 the file's longest row, so that rows of any length up to 1 GiB are read; Parquet row groups), into
@@ -34,7 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from layerscope import DataSource, hookimpl
-from layerscope.data.labels import integers_from_text
+from layerscope.data.labels import labels_from_text
 from layerscope.util.errors import UserError
 from layerscope.util.files import cache_dir, regular_file
 
@@ -44,7 +45,7 @@ CSV_BLOCK_BYTES = 1 << 20  # CSV bytes per chunk, at least
 CSV_BLOCK_ROWS = 64  # CSV rows per chunk, at least (of the longest row; a chunk costs per column)
 CSV_BLOCK_MAX = 256 << 20  # CSV bytes per chunk, at most, unless two rows need more
 SCAN_BYTES = 16 << 20  # read at once while looking for the longest CSV row
-FORMAT_VERSION = 1  # of the cached arrays
+FORMAT_VERSION = 2  # of the cached arrays (2: CSV labels that spell numbers are numbers)
 
 
 class TableParams(BaseModel):
@@ -276,7 +277,7 @@ def convert(table: Table, target: Path) -> None:
     if labels:
         values = np.concatenate(labels)
         if values.dtype.kind in "OUS":
-            values = integers_from_text(values.astype(str))
+            values = labels_from_text(values.astype(str))
         np.save(target / "labels.npy", values, allow_pickle=False)
     meta = {"rows": rows, "inputs": [[name, columns] for name, columns in table.groups.items()]}
     (target / "meta.json").write_text(json.dumps(meta))

@@ -114,9 +114,9 @@ def test_the_conversion_is_cached_until_the_file_changes(tmp_path, monkeypatch):
     [
         ("a,b\n1,2\n", {"label": "cls"}, r"data.label: .* has no column 'cls' \(the columns: a, b\)"),
         ("a,b\n1,2\n", {"features": ["x*"]}, r"data.features: no column matches 'x\*' \(the columns: a, b\)"),
-        ("a,b,c\n1,2,x\n3,zz,y\n", {"label": "c"}, r"could not be read as csv: In column 'b': .*invalid value 'zz'"),
-        ("a,b\n1,2\n3,\n", {}, r"data: column 'b' has no value in row 2"),
-        ("a,b,c\n1,2,x\n3,4,\n", {"label": "c"}, r"data.label: column 'c' has no value in row 2"),
+        ("a,b,c\n1,2,x\n3,zz,y\n", {"label": "c"}, r"data: column 'b' holds 'zz' in row 2, not a number"),
+        ("a,b\n1,2\n3,\n", {}, r"data: column 'b' is empty in row 2"),
+        ("a,b,c\n1,2,x\n3,4,\n", {"label": "c"}, r"data.label: column 'c' is empty in row 2"),
         ("a,b\n", {}, r"has no rows"),
         ("", {}, r"is empty \(a CSV needs a header row\)"),
     ],
@@ -292,3 +292,34 @@ def test_csv_labels_of_names_whole_numbers_and_whole_floats_are_classes(tmp_path
         assert set(labels.tolist()) <= expected and labels.dtype.kind in ("U" if label == "species" else "if")
         classes = {r["class"] for r in _run_table(path, label=label).records if "class" in r}
         assert classes - {"all"} == expected, classes
+
+
+@pytest.mark.parametrize(
+    "cell, holds",
+    [
+        ("nan", "holds NaN"),
+        ("NaN", "holds NaN"),
+        ("inf", r"holds an infinite value \(inf\)"),
+        ("-inf", r"holds an infinite value \(-inf\)"),
+        ("1e300", r"holds 1e300, beyond the range of float32"),
+        ("", "is empty"),
+        ("NA", r"holds 'NA' \(read as a missing value\)"),
+    ],
+)
+def test_a_bad_csv_cell_names_its_column_its_row_and_what_it_holds(tmp_path, cell, holds):
+    """A nan cell gave "column 'b' has no value in row 3" (it holds the text nan), an inf cell "sample 2
+    contains NaN or Inf" (another numbering, another wording): both name the column and the row (from 1
+    after the header) and say what the cell holds."""
+    (tmp_path / "d.csv").write_text(f"a,b\n1,2\n3,4\n5,{cell}\n7,8\n")
+    with pytest.raises(UserError, match=rf"^data: column 'b' {holds} in row 3$"):
+        TableSource(TableSource.Params(path="d.csv"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "value, holds",
+    [(np.nan, "holds NaN"), (np.inf, r"holds an infinite value \(inf\)"), (None, r"has no value \(null\)")],
+)
+def test_a_bad_parquet_cell_names_its_column_its_row_and_what_it_holds(tmp_path, value, holds):
+    pq.write_table(pa.table({"a": [1.0, 3.0, 5.0], "b": [2.0, 4.0, value]}), tmp_path / "d.parquet")
+    with pytest.raises(UserError, match=rf"^data: column 'b' {holds} in row 3"):
+        TableSource(TableSource.Params(path="d.parquet"), tmp_path)

@@ -520,6 +520,48 @@ def _run_images(tmp_path: Path, **data):
     )
 
 
+def test_a_linked_image_leading_out_of_the_folder_is_refused_by_the_scan(tmp_path):
+    """The scan read a linked file pointing outside data.path, which a manifest refuses: one rule now."""
+    outside = _save(tmp_path / "outside.png", np.full((4, 4), 200, np.uint8))
+    _save(tmp_path / "img" / "cat" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "img" / "cat" / "link.png").symlink_to(outside)
+    with pytest.raises(UserError, match=r"data.path: .*img/cat/link.png is a link to .*outside.png, outside .*img"):
+        _run_images(tmp_path, path=str(tmp_path / "img"))
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_linked_sub_folders_inside_the_folder_are_read_and_links_out_or_back_refused(tmp_path):
+    """Linked sub-folders were skipped by the scan without notice: one inside data.path is read like a
+    folder (its name the class), one leading out of it or back to a folder above (a cycle) is refused."""
+    _save(tmp_path / "img" / "cat" / "a.png", np.full((4, 4), 10, np.uint8))
+    _save(tmp_path / "img" / "dog" / "b.png", np.full((4, 4), 20, np.uint8))
+    (tmp_path / "img" / "kitten").symlink_to("cat", target_is_directory=True)
+    source = ImagesSource(ImagesSource.Params(path="img", color="grey", scale=1.0), tmp_path)
+    x, y = source.read(np.arange(len(source)))
+    assert y.tolist() == ["cat", "dog", "kitten"] and x[:, 0, 0, 0].tolist() == [10.0, 20.0, 10.0]
+    _save(tmp_path / "elsewhere" / "c.png", np.full((4, 4), 30, np.uint8))
+    (tmp_path / "img" / "other").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(UserError, match=r"data.path: .*img/other is a link to .*elsewhere, outside .*img"):
+        ImagesSource(ImagesSource.Params(path="img"), tmp_path)
+    (tmp_path / "img" / "other").unlink()
+    (tmp_path / "img" / "dog" / "up").symlink_to("..", target_is_directory=True)
+    with pytest.raises(UserError, match=r"data.path: .*img/dog/up is a link back to .*img, a folder it is in"):
+        ImagesSource(ImagesSource.Params(path="img"), tmp_path)
+
+
+def test_a_scanned_link_out_of_the_folder_is_exit_2_from_the_cli(tmp_path):
+    outside = _save(tmp_path / "outside.png", np.full((4, 4), 200, np.uint8))
+    _save(tmp_path / "img" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "img" / "link.png").symlink_to(outside)
+    (tmp_path / "spec.yaml").write_text(
+        "model: {source: demo:digits-cnn}\n"
+        "data: {source: images, path: img, color: grey, resize: [8, 8]}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    err = one_user_error(run_in_subprocess(tmp_path / "spec.yaml", tmp_path / "out"), tmp_path / "out")
+    assert "link.png is a link to" in err and "outside.png, outside" in err
+
+
 @pytest.mark.parametrize("manifest", ["csv", "json"])
 def test_a_manifest_with_a_byte_order_mark_is_read(tmp_path, manifest):
     """A manifest saved as Excel's "CSV UTF-8" begins with a byte-order mark, which was read as part of

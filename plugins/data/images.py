@@ -1,7 +1,9 @@
 """The ``images`` data source: a folder of image files (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM/PGM).
 
 Samples are the image files under ``path`` (sub-folders included, sorted by their path), or the
-files a manifest lists. Labels (``labels``):
+files a manifest lists; either way every file must lie inside ``path``: links are followed, and a
+link leading out of it (or, for a linked sub-folder, back to a folder it is in) is refused naming it,
+never read. Labels (``labels``):
 
 - ``auto`` (default): the class folder when the images sit in sub-folders (``cat/001.png`` has
   class ``cat``; string class names), none when they all sit in ``path`` itself;
@@ -60,14 +62,43 @@ class ImagesParams(ImagePreprocessing):
 
 
 def find_images(folder: Path) -> list[Path]:
-    """The image files under *folder*, sorted by path (hidden files and folders left out)."""
-    found = [
-        path
-        for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES
-        and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    ]
+    """The image files under *folder*, sorted by path (hidden files and folders left out), each inside it:
+    links are followed, a linked folder as a folder of its own, and one leading out of *folder* (or back
+    to a folder it is in, a cycle) is a user error naming it, as for the files a manifest lists."""
+    root = folder.resolve()
+    found: list[Path] = []
+
+    def outside(link: Path, target: Path) -> UserError:
+        return UserError(
+            f"data.path: {link} is a link to {target}, outside {folder} (data.path); the images must lie inside "
+            "that folder"
+        )
+
+    def scan(current: Path, above: tuple[Path, ...]) -> None:  # above: the real folders it is in, itself last
+        try:
+            with os.scandir(current) as entries:
+                listed = sorted(entries, key=lambda entry: entry.name)
+        except OSError as error:
+            raise UserError(f"data.path: cannot read the folder {current} ({error.strerror or error})") from None
+        for entry in listed:
+            if entry.name.startswith("."):
+                continue
+            path = current / entry.name
+            target = path.resolve() if entry.is_symlink() else None  # else inside, as its folder is
+            if target is not None and not target.is_relative_to(root):
+                if entry.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES:
+                    raise outside(path, target)
+            elif entry.is_dir():
+                real = target if target is not None else above[-1] / entry.name
+                if real in above:
+                    raise UserError(
+                        f"data.path: {path} is a link back to {real}, a folder it is in (a cycle); remove the link"
+                    )
+                scan(path, (*above, real))
+            elif path.suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+                found.append(path)
+
+    scan(folder, (root,))
     return sorted(found, key=lambda path: path.relative_to(folder).parts)
 
 

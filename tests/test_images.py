@@ -437,7 +437,7 @@ def _bomb_png(path: Path, width: int, height: int) -> Path:
 def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, resize):
     _save(tmp_path / "img" / "a" / "ok.png", np.zeros((8, 8), np.uint8))
     _bomb_png(tmp_path / "img" / "a" / "bomb.png", 50_000, 50_000)
-    with pytest.raises(UserError, match=r"data: .*bomb.png has 2,500,000,000 pixels, more than data.max_pixels"):
+    with pytest.raises(UserError, match=r"data: .*bomb.png has 2,500,000,000 pixels, more than layerscope decodes"):
         layerscope.run(
             {
                 "model": {"source": "demo:digits-cnn"},
@@ -458,7 +458,7 @@ def test_a_decompression_bomb_is_exit_2_from_the_cli(tmp_path):
         "analyses: [{id: e, estimator: activation_entropy}]\n"
     )
     err = one_user_error(run_in_subprocess(tmp_path / "spec.yaml", tmp_path / "out"), tmp_path / "out")
-    assert "bomb.png has 2,500,000,000 pixels, more than data.max_pixels (89,478,485)" in err
+    assert "bomb.png has 2,500,000,000 pixels, more than layerscope decodes at all (178,956,970" in err
 
 
 def test_max_pixels_is_checked_from_the_header_and_can_be_raised(tmp_path):
@@ -586,3 +586,34 @@ def test_manifest_float_labels_that_are_not_whole_are_refused(tmp_path):
     (tmp_path / "labels.csv").write_text("file,label\n" + rows.replace(".5", ".0"))
     source = ImagesSource(ImagesSource.Params(path="img", manifest="labels.csv"), tmp_path)
     assert source.read_labels(np.arange(4)).tolist() == [0, 1, 0, 1]
+
+
+def test_pillows_bomb_warning_is_not_shown_where_layerscope_checks_the_size(tmp_path):
+    """An image of 100,000,000 pixels: Pillow warned (DecompressionBombWarning, with its source path) before
+    layerscope's own message, and also when max_pixels was raised to read it."""
+    import warnings
+
+    from layerscope.plugins.data.image_preprocessing import opened_image
+
+    bomb = _bomb_png(tmp_path / "img" / "bomb.png", 10_000, 10_000)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match=r"bomb.png has 10000×10000 = 100,000,000 pixels, more than data.max_pix"):
+            _read(tmp_path / "img", color="grey", resize=[8, 8])
+        with opened_image(bomb, max_pixels=150_000_000) as image:
+            assert image.size == (10_000, 10_000)
+    assert [str(w.message) for w in shown] == []
+
+
+def test_an_image_larger_than_layerscope_decodes_is_not_told_to_raise_max_pixels(tmp_path):
+    """max_pixels cannot be raised past 178,956,970 (Pillow refuses to open more): an image over that is
+    not answered "raise it to read the image"."""
+    _bomb_png(tmp_path / "img" / "huge.png", 20_000, 10_000)
+    (tmp_path / "spec.yaml").write_text(
+        "model: {source: demo:digits-cnn}\n"
+        "data: {source: images, path: img, color: grey, resize: [8, 8], max_pixels: 178956970}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    err = one_user_error(run_in_subprocess(tmp_path / "spec.yaml", tmp_path / "out"), tmp_path / "out")
+    assert "huge.png has 200,000,000 pixels, more than layerscope decodes at all (178,956,970" in err
+    assert "raise it" not in err and "Warning" not in err

@@ -617,3 +617,15 @@ def test_an_image_larger_than_layerscope_decodes_is_not_told_to_raise_max_pixels
     err = one_user_error(run_in_subprocess(tmp_path / "spec.yaml", tmp_path / "out"), tmp_path / "out")
     assert "huge.png has 200,000,000 pixels, more than layerscope decodes at all (178,956,970" in err
     assert "raise it" not in err and "Warning" not in err
+
+
+def test_the_documented_defaults_of_the_images_source_are_the_codes(repo):
+    """docs/data.md said threads defaults to 2; the code takes 4, or the CPU count when lower."""
+    import os
+
+    section = (repo / "docs" / "data.md").read_text().split("### images\n")[1].split("\n### ")[0]
+    documented = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, re.M))
+    fields = ImagesSource.Params.model_fields
+    assert documented["threads"] == "min(4, CPUs)" and fields["threads"].default == min(4, os.cpu_count() or 1)
+    assert int(documented["max_pixels"]) == fields["max_pixels"].default
+    assert documented["labels"] == fields["labels"].default

@@ -318,7 +318,7 @@ def _bomb_bytes(width: int, height: int) -> bytes:
 @pytest.mark.parametrize(
     "stored, message",
     [
-        (_bomb_bytes(50_000, 50_000), r"row 1 of column 'img' has 2,500,000,000 pixels, more than data.max_pixels"),
+        (_bomb_bytes(50_000, 50_000), r"row 1 of column 'img' has 2,500,000,000 pixels, more than layerscope decodes"),
         (b"these bytes are no image", r"row 1 of column 'img' is not a readable image"),
         ("PATH", r"row 1 of column 'img' names the file '.*outside.png', outside"),
     ],

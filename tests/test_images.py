@@ -437,7 +437,7 @@ def _bomb_png(path: Path, width: int, height: int) -> Path:
 def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, resize):
     _save(tmp_path / "img" / "a" / "ok.png", np.zeros((8, 8), np.uint8))
     _bomb_png(tmp_path / "img" / "a" / "bomb.png", 50_000, 50_000)
-    with pytest.raises(UserError, match=r"data: .*bomb.png has 2,500,000,000 pixels, more than data.max_pixels"):
+    with pytest.raises(UserError, match=r"data: .*bomb.png has 2,500,000,000 pixels, more than layerscope decodes"):
         layerscope.run(
             {
                 "model": {"source": "demo:digits-cnn"},
@@ -458,7 +458,7 @@ def test_a_decompression_bomb_is_exit_2_from_the_cli(tmp_path):
         "analyses: [{id: e, estimator: activation_entropy}]\n"
     )
     err = one_user_error(run_in_subprocess(tmp_path / "spec.yaml", tmp_path / "out"), tmp_path / "out")
-    assert "bomb.png has 2,500,000,000 pixels, more than data.max_pixels (89,478,485)" in err
+    assert "bomb.png has 2,500,000,000 pixels, more than layerscope decodes at all (178,956,970" in err
 
 
 def test_max_pixels_is_checked_from_the_header_and_can_be_raised(tmp_path):
@@ -503,3 +503,129 @@ def test_threads_decode_at_once_only_images_within_max_pixels(tmp_path, monkeypa
         assert x[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
         at_once[max_pixels] = most[0]
     assert at_once[100_000] == 1 and at_once[400_000] > 1, at_once
+
+
+# --- the folder scan and the manifest: one rule for links, byte-order marks, float labels -------------
+
+
+def _run_images(tmp_path: Path, **data):
+    return layerscope.run(
+        {
+            "model": {"source": "demo:digits-cnn"},
+            "data": {"source": "images", "color": "grey", "resize": [8, 8], **data},
+            "analyses": ANALYSES[:1],
+        },
+        out=tmp_path / "out",
+        progress=False,
+    )
+
+
+def test_a_linked_image_leading_out_of_the_folder_is_refused_by_the_scan(tmp_path):
+    """The scan read a linked file pointing outside data.path, which a manifest refuses: one rule now."""
+    outside = _save(tmp_path / "outside.png", np.full((4, 4), 200, np.uint8))
+    _save(tmp_path / "img" / "cat" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "img" / "cat" / "link.png").symlink_to(outside)
+    with pytest.raises(UserError, match=r"data.path: .*img/cat/link.png is a link to .*outside.png, outside .*img"):
+        _run_images(tmp_path, path=str(tmp_path / "img"))
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_linked_sub_folders_inside_the_folder_are_read_and_links_out_or_back_refused(tmp_path):
+    """Linked sub-folders were skipped by the scan without notice: one inside data.path is read like a
+    folder (its name the class), one leading out of it or back to a folder above (a cycle) is refused."""
+    _save(tmp_path / "img" / "cat" / "a.png", np.full((4, 4), 10, np.uint8))
+    _save(tmp_path / "img" / "dog" / "b.png", np.full((4, 4), 20, np.uint8))
+    (tmp_path / "img" / "kitten").symlink_to("cat", target_is_directory=True)
+    source = ImagesSource(ImagesSource.Params(path="img", color="grey", scale=1.0), tmp_path)
+    x, y = source.read(np.arange(len(source)))
+    assert y.tolist() == ["cat", "dog", "kitten"] and x[:, 0, 0, 0].tolist() == [10.0, 20.0, 10.0]
+    _save(tmp_path / "elsewhere" / "c.png", np.full((4, 4), 30, np.uint8))
+    (tmp_path / "img" / "other").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(UserError, match=r"data.path: .*img/other is a link to .*elsewhere, outside .*img"):
+        ImagesSource(ImagesSource.Params(path="img"), tmp_path)
+    (tmp_path / "img" / "other").unlink()
+    (tmp_path / "img" / "dog" / "up").symlink_to("..", target_is_directory=True)
+    with pytest.raises(UserError, match=r"data.path: .*img/dog/up is a link back to .*img, a folder it is in"):
+        ImagesSource(ImagesSource.Params(path="img"), tmp_path)
+
+
+def test_a_scanned_link_out_of_the_folder_is_exit_2_from_the_cli(tmp_path):
+    outside = _save(tmp_path / "outside.png", np.full((4, 4), 200, np.uint8))
+    _save(tmp_path / "img" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "img" / "link.png").symlink_to(outside)
+    (tmp_path / "spec.yaml").write_text(
+        "model: {source: demo:digits-cnn}\n"
+        "data: {source: images, path: img, color: grey, resize: [8, 8]}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    err = one_user_error(run_in_subprocess(tmp_path / "spec.yaml", tmp_path / "out"), tmp_path / "out")
+    assert "link.png is a link to" in err and "outside.png, outside" in err
+
+
+@pytest.mark.parametrize("manifest", ["csv", "json"])
+def test_a_manifest_with_a_byte_order_mark_is_read(tmp_path, manifest):
+    """A manifest saved as Excel's "CSV UTF-8" begins with a byte-order mark, which was read as part of
+    the first column's name ("no column 'file'"); a JSON manifest with one was not valid JSON."""
+    for index in range(2):
+        _save(tmp_path / "img" / f"{index}.png", np.full((4, 4), index * 50, np.uint8))
+    text = "file,label\n1.png,7\n0.png,2\n" if manifest == "csv" else json.dumps({"1.png": 7, "0.png": 2})
+    (tmp_path / f"labels.{manifest}").write_text("\ufeff" + text, encoding="utf-8")
+    source = ImagesSource(ImagesSource.Params(path="img", manifest=f"labels.{manifest}"), tmp_path)
+    assert source.read_labels(np.arange(2)).tolist() == [7, 2]
+
+
+def test_manifest_float_labels_that_are_not_whole_are_refused(tmp_path):
+    """A CSV manifest's 0.5 gave the class name '0.5' (its JSON twin was refused): float labels are refused
+    unless whole, and whole ones (1.0) are the integer classes, as in every source."""
+    for index in range(4):
+        _save(tmp_path / "img" / f"{index}.png", np.full((4, 4), index * 50, np.uint8))
+    rows = "".join(f"{index}.png,{index % 2}.5\n" for index in range(4))
+    (tmp_path / "labels.csv").write_text("file,label\n" + rows)
+    with pytest.raises(UserError, match=r"sample \d has label \d\.5, not a whole number"):
+        _run_images(tmp_path, path=str(tmp_path / "img"), manifest=str(tmp_path / "labels.csv"))
+    (tmp_path / "labels.csv").write_text("file,label\n" + rows.replace(".5", ".0"))
+    source = ImagesSource(ImagesSource.Params(path="img", manifest="labels.csv"), tmp_path)
+    assert source.read_labels(np.arange(4)).tolist() == [0, 1, 0, 1]
+
+
+def test_pillows_bomb_warning_is_not_shown_where_layerscope_checks_the_size(tmp_path):
+    """An image of 100,000,000 pixels: Pillow warned (DecompressionBombWarning, with its source path) before
+    layerscope's own message, and also when max_pixels was raised to read it."""
+    import warnings
+
+    from layerscope.plugins.data.image_preprocessing import opened_image
+
+    bomb = _bomb_png(tmp_path / "img" / "bomb.png", 10_000, 10_000)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match=r"bomb.png has 10000×10000 = 100,000,000 pixels, more than data.max_pix"):
+            _read(tmp_path / "img", color="grey", resize=[8, 8])
+        with opened_image(bomb, max_pixels=150_000_000) as image:
+            assert image.size == (10_000, 10_000)
+    assert [str(w.message) for w in shown] == []
+
+
+def test_an_image_larger_than_layerscope_decodes_is_not_told_to_raise_max_pixels(tmp_path):
+    """max_pixels cannot be raised past 178,956,970 (Pillow refuses to open more): an image over that is
+    not answered "raise it to read the image"."""
+    _bomb_png(tmp_path / "img" / "huge.png", 20_000, 10_000)
+    (tmp_path / "spec.yaml").write_text(
+        "model: {source: demo:digits-cnn}\n"
+        "data: {source: images, path: img, color: grey, resize: [8, 8], max_pixels: 178956970}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+    )
+    err = one_user_error(run_in_subprocess(tmp_path / "spec.yaml", tmp_path / "out"), tmp_path / "out")
+    assert "huge.png has 200,000,000 pixels, more than layerscope decodes at all (178,956,970" in err
+    assert "raise it" not in err and "Warning" not in err
+
+
+def test_the_documented_defaults_of_the_images_source_are_the_codes(repo):
+    """docs/data.md said threads defaults to 2; the code takes 4, or the CPU count when lower."""
+    import os
+
+    section = (repo / "docs" / "data.md").read_text().split("### images\n")[1].split("\n### ")[0]
+    documented = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, re.M))
+    fields = ImagesSource.Params.model_fields
+    assert documented["threads"] == "min(4, CPUs)" and fields["threads"].default == min(4, os.cpu_count() or 1)
+    assert int(documented["max_pixels"]) == fields["max_pixels"].default
+    assert documented["labels"] == fields["labels"].default

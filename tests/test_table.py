@@ -114,9 +114,9 @@ def test_the_conversion_is_cached_until_the_file_changes(tmp_path, monkeypatch):
     [
         ("a,b\n1,2\n", {"label": "cls"}, r"data.label: .* has no column 'cls' \(the columns: a, b\)"),
         ("a,b\n1,2\n", {"features": ["x*"]}, r"data.features: no column matches 'x\*' \(the columns: a, b\)"),
-        ("a,b,c\n1,2,x\n3,zz,y\n", {"label": "c"}, r"could not be read as csv: In column 'b': .*invalid value 'zz'"),
-        ("a,b\n1,2\n3,\n", {}, r"data: column 'b' has no value in row 2"),
-        ("a,b,c\n1,2,x\n3,4,\n", {"label": "c"}, r"data.label: column 'c' has no value in row 2"),
+        ("a,b,c\n1,2,x\n3,zz,y\n", {"label": "c"}, r"data: column 'b' holds 'zz' in row 2, not a number"),
+        ("a,b\n1,2\n3,\n", {}, r"data: column 'b' is empty in row 2"),
+        ("a,b,c\n1,2,x\n3,4,\n", {"label": "c"}, r"data.label: column 'c' is empty in row 2"),
         ("a,b\n", {}, r"has no rows"),
         ("", {}, r"is empty \(a CSV needs a header row\)"),
     ],
@@ -234,3 +234,92 @@ def test_a_file_changed_while_it_is_read_is_refused_never_mixed(tmp_path, monkey
         TableSource(TableSource.Params(path=path.name), tmp_path).read(np.arange(2000))[0][:, 1].tolist()
         == [1.0] * 2000
     )
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark: it is not part of the first column's name (it
+    was, and the file could not be read: "Column '\\ufeffa' in include_columns does not exist")."""
+    (tmp_path / "d.csv").write_text("\ufeffa,b,cls\n1,2,x\n3,4,y\n", encoding="utf-8")
+    source = TableSource(TableSource.Params(path="d.csv", features=["a", "b"], label="cls"), tmp_path)
+    x, y = source.read(np.arange(2))
+    assert x.tolist() == [[1.0, 2.0], [3.0, 4.0]] and y.tolist() == ["x", "y"]
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+@pytest.mark.parametrize("params", [{}, {"features": ["p0"]}])
+def test_a_column_name_given_twice_is_refused_naming_it(tmp_path, kind, params):
+    """Two columns named p0: the second was dropped without a word (and features: [p0] read the first)."""
+    if kind == "csv":
+        (tmp_path / "d.csv").write_text("p0,p1,p0,cls\n1,2,3,x\n4,5,6,y\n")
+    else:
+        arrays = [pa.array([1.0, 4.0]), pa.array([2.0, 5.0]), pa.array([3.0, 6.0]), pa.array(["x", "y"])]
+        pq.write_table(pa.Table.from_arrays(arrays, names=["p0", "p1", "p0", "cls"]), tmp_path / "d.parquet")
+    with pytest.raises(UserError, match=rf"data.path: .*d.{kind} has two columns named 'p0' \(columns 1 and 3\)"):
+        TableSource(TableSource.Params(path=f"d.{kind}", label="cls", **params), tmp_path)
+
+
+def _run_table(path: Path, **data):
+    return layerscope.run(
+        {
+            "model": {"source": "demo:digits-mlp"},
+            "data": {"source": "table", "path": str(path), "features": ["pixel_*"], "batch_size": 50, **data},
+            "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+        },
+        write=False,
+        progress=False,
+    )
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_float_labels_that_are_not_whole_are_refused_in_csv_as_in_parquet(tmp_path, kind):
+    """A CSV label column of 0.5, 1.5, … gave the class names '0.5', '1.5' and a run, where the same column
+    in Parquet is refused: labels are classes, other floats (regression targets) are not."""
+    columns = _digits_table(100)
+    columns["target"] = np.arange(100) % 4 + 0.5
+    path = _write(tmp_path, columns, kind)
+    with pytest.raises(UserError, match=r"sample \d+ has label \d\.5, not a whole number \(float labels name"):
+        _run_table(path, label="target")
+
+
+def test_csv_labels_of_names_whole_numbers_and_whole_floats_are_classes(tmp_path):
+    columns = _digits_table(100)
+    columns["digit"] = (np.arange(100) % 4).astype(np.float64)  # written 0.0, 1.0, …: classes 0, 1, …
+    columns["count"] = np.arange(100) % 4
+    path = _write(tmp_path, columns, "csv")
+    for label, expected in (("digit", {0, 1, 2, 3}), ("count", {0, 1, 2, 3}), ("species", set(NAMES))):
+        source = TableSource(TableSource.Params(path=path.name, features=["pixel_*"], label=label), tmp_path)
+        labels = source.read_labels(np.arange(100))
+        assert set(labels.tolist()) <= expected and labels.dtype.kind in ("U" if label == "species" else "if")
+        classes = {r["class"] for r in _run_table(path, label=label).records if "class" in r}
+        assert classes - {"all"} == expected, classes
+
+
+@pytest.mark.parametrize(
+    "cell, holds",
+    [
+        ("nan", "holds NaN"),
+        ("NaN", "holds NaN"),
+        ("inf", r"holds an infinite value \(inf\)"),
+        ("-inf", r"holds an infinite value \(-inf\)"),
+        ("1e300", r"holds 1e300, beyond the range of float32"),
+        ("", "is empty"),
+        ("NA", r"holds 'NA' \(read as a missing value\)"),
+    ],
+)
+def test_a_bad_csv_cell_names_its_column_its_row_and_what_it_holds(tmp_path, cell, holds):
+    """A nan cell gave "column 'b' has no value in row 3" (it holds the text nan), an inf cell "sample 2
+    contains NaN or Inf" (another numbering, another wording): both name the column and the row (from 1
+    after the header) and say what the cell holds."""
+    (tmp_path / "d.csv").write_text(f"a,b\n1,2\n3,4\n5,{cell}\n7,8\n")
+    with pytest.raises(UserError, match=rf"^data: column 'b' {holds} in row 3$"):
+        TableSource(TableSource.Params(path="d.csv"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "value, holds",
+    [(np.nan, "holds NaN"), (np.inf, r"holds an infinite value \(inf\)"), (None, r"has no value \(null\)")],
+)
+def test_a_bad_parquet_cell_names_its_column_its_row_and_what_it_holds(tmp_path, value, holds):
+    pq.write_table(pa.table({"a": [1.0, 3.0, 5.0], "b": [2.0, 4.0, value]}), tmp_path / "d.parquet")
+    with pytest.raises(UserError, match=rf"^data: column 'b' {holds} in row 3"):
+        TableSource(TableSource.Params(path="d.parquet"), tmp_path)

@@ -18,6 +18,7 @@ codes of string classes are fixed for every shard, worker and checkpoint of the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,6 +27,9 @@ from typing import Any
 import numpy as np
 
 from layerscope.util.errors import UserError
+
+#: A whole number as text: digits, a minus sign perhaps, spaces around.
+WHOLE_NUMBER = re.compile(r"\s*-?[0-9]+\s*")
 
 #: The ids of a batch's samples (positions in the data source), to name a bad label.
 SampleIds = Sequence[int] | np.ndarray
@@ -60,12 +64,22 @@ class ClassLabels:
         return code
 
 
-def integers_from_text(values: Any) -> np.ndarray:
-    """Labels read as text (a CSV column, a manifest) as integer classes when every one spells a whole
-    number (``"3"``, ``" -1"``); otherwise as they are (strings name classes)."""
+def labels_from_text(values: Any) -> np.ndarray:
+    """Labels read as text (a CSV column, a manifest) as numbers when every one spells a number: integers
+    when all spell whole numbers (``"3"``, ``" -1"``), else floats (``"1.0"``, ``"0.5"``), which the
+    label check takes as classes when whole and refuses otherwise, as it does a float column of a
+    Parquet file or an npz; labels that do not all spell numbers are as they are (strings name classes)."""
     values = np.asarray(values)
-    if values.dtype.kind == "U" and all(v.strip().lstrip("-").isdigit() for v in np.unique(values)):
-        return values.astype(np.int64)
+    if values.dtype.kind != "U":
+        return values
+    distinct = np.unique(values)
+    kinds = (np.int64, np.float64) if all(WHOLE_NUMBER.fullmatch(v) for v in distinct) else (np.float64,)
+    for kind in kinds:
+        try:
+            distinct.astype(kind)
+        except (ValueError, OverflowError):  # not a number, or a whole one past int64
+            continue
+        return values.astype(kind)
     return values
 
 

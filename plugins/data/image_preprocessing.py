@@ -47,7 +47,8 @@ import io
 import re
 import struct
 import threading
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -70,6 +71,8 @@ PILLOW_MAX_PIXELS = 2 * MAX_PIXELS
 EIGHT_BIT_MODES = frozenset(
     {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 )
+#: Held while Pillow's warning filter is changed (:func:`quiet_pillow`).
+_QUIET = threading.Lock()
 #: What Pillow raises for a file it cannot read or decode (plugins raise SyntaxError, struct.error …).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error)
 
@@ -83,14 +86,16 @@ def opened_image(source: Path | bytes, where: str | Path | None = None, max_pixe
     from PIL import Image
 
     where = where if where is not None else source if isinstance(source, Path) else "an image"
-    too_large = (
-        f"more than data.max_pixels ({max_pixels:,}); raise it to read the image (decoded, it is held in memory)"
-    )
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        with quiet_pillow():  # the header read: Pillow warns of an image over its limit, layerscope checks
+            opened = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with opened as image:
             width, height = image.size
             if width * height > max_pixels:
-                raise UserError(f"data: {where} has {width}×{height} = {width * height:,} pixels, {too_large}")
+                raise UserError(
+                    f"data: {where} has {width}×{height} = {width * height:,} pixels, "
+                    f"{too_large(width * height, max_pixels)}"
+                )
             try:
                 yield image
             finally:
@@ -99,9 +104,34 @@ def opened_image(source: Path | bytes, where: str | Path | None = None, max_pixe
         claimed = re.search(r"Image size \((\d+) pixels\)", str(error))
         if claimed is None:
             raise UserError(f"data: {where} is too large an image for Pillow ({error})") from None
-        raise UserError(f"data: {where} has {int(claimed[1]):,} pixels, {too_large}") from None
+        raise UserError(
+            f"data: {where} has {int(claimed[1]):,} pixels, {too_large(int(claimed[1]), max_pixels)}"
+        ) from None
     except DECODE_ERRORS as error:
         raise UserError(f"data: {where} is not a readable image ({error})") from None
+
+
+def too_large(pixels: int, max_pixels: int) -> str:
+    """Why an image of *pixels* (over *max_pixels*) is refused, and what to do about it."""
+    if pixels > PILLOW_MAX_PIXELS:  # max_pixels goes no higher
+        return (
+            f"more than layerscope decodes at all ({PILLOW_MAX_PIXELS:,}, the highest data.max_pixels; Pillow "
+            "refuses larger images); make the image smaller to read it"
+        )
+    return f"more than data.max_pixels ({max_pixels:,}); raise it to read the image (decoded, it is held in memory)"
+
+
+@contextmanager
+def quiet_pillow():
+    """Pillow's DecompressionBombWarning silenced in the block, where layerscope checks an image's size itself
+    (refused with a message of its own, or read because data.max_pixels allows it): the user sees one message,
+    not Pillow's warning first. Warning filters are global, so the blocks of all threads take turns (the header
+    reads, and the decoding of images over Pillow's limit, which hold most of a batch's pixel budget anyway)."""
+    from PIL import Image
+
+    with _QUIET, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 def _integer_type(image, where) -> tuple[int, bool]:
@@ -275,7 +305,8 @@ class ImagePreprocessing(BaseModel):
         try:
             with opened_image(source, where, self.max_pixels) as image:
                 held = budget.take(image.width * image.height) if budget is not None else 0
-                pixels = self._pixels(image, where)
+                with quiet_pillow() if image.width * image.height > MAX_PIXELS else nullcontext():
+                    pixels = self._pixels(image, where)  # Pillow checks again while decoding GIF and TIFF
         finally:
             if budget is not None and held:
                 budget.give(held)

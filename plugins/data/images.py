@@ -1,7 +1,9 @@
 """The ``images`` data source: a folder of image files (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM/PGM).
 
 Samples are the image files under ``path`` (sub-folders included, sorted by their path), or the
-files a manifest lists. Labels (``labels``):
+files a manifest lists; either way every file must lie inside ``path``: links are followed, and a
+link leading out of it (or, for a linked sub-folder, back to a folder it is in) is refused naming it,
+never read. Labels (``labels``):
 
 - ``auto`` (default): the class folder when the images sit in sub-folders (``cat/001.png`` has
   class ``cat``; string class names), none when they all sit in ``path`` itself;
@@ -10,8 +12,8 @@ files a manifest lists. Labels (``labels``):
   one row per image in the manifest's order; every file must lie inside ``path`` (a ``..``, an absolute
   path or a link leading out of it is refused, never read). A CSV has a header with ``file_column`` (default
   ``file``, relative to ``path``) and ``label_column`` (default ``label``); a JSON file is an
-  object ``{file: label}`` or a list of objects with those two keys. Labels that are all whole
-  numbers are integer classes, others class names.
+  object ``{file: label}`` or a list of objects with those two keys. Labels that all spell numbers
+  are numbers (whole ones integer classes, others refused, as everywhere), others class names.
 
 Every image goes through the preprocessing of :mod:`.image_preprocessing` (``color``, ``resize``,
 ``center_crop``, ``scale``, ``normalize``, ``layout``). Batches are decoded on ``threads`` threads
@@ -35,7 +37,7 @@ import numpy as np
 from pydantic import Field, PositiveInt, model_validator
 
 from layerscope import DataSource, hookimpl
-from layerscope.data.labels import integers_from_text
+from layerscope.data.labels import labels_from_text
 from layerscope.util.errors import UserError
 from layerscope.util.files import regular_file
 
@@ -60,14 +62,43 @@ class ImagesParams(ImagePreprocessing):
 
 
 def find_images(folder: Path) -> list[Path]:
-    """The image files under *folder*, sorted by path (hidden files and folders left out)."""
-    found = [
-        path
-        for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES
-        and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    ]
+    """The image files under *folder*, sorted by path (hidden files and folders left out), each inside it:
+    links are followed, a linked folder as a folder of its own, and one leading out of *folder* (or back
+    to a folder it is in, a cycle) is a user error naming it, as for the files a manifest lists."""
+    root = folder.resolve()
+    found: list[Path] = []
+
+    def outside(link: Path, target: Path) -> UserError:
+        return UserError(
+            f"data.path: {link} is a link to {target}, outside {folder} (data.path); the images must lie inside "
+            "that folder"
+        )
+
+    def scan(current: Path, above: tuple[Path, ...]) -> None:  # above: the real folders it is in, itself last
+        try:
+            with os.scandir(current) as entries:
+                listed = sorted(entries, key=lambda entry: entry.name)
+        except OSError as error:
+            raise UserError(f"data.path: cannot read the folder {current} ({error.strerror or error})") from None
+        for entry in listed:
+            if entry.name.startswith("."):
+                continue
+            path = current / entry.name
+            target = path.resolve() if entry.is_symlink() else None  # else inside, as its folder is
+            if target is not None and not target.is_relative_to(root):
+                if entry.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES:
+                    raise outside(path, target)
+            elif entry.is_dir():
+                real = target if target is not None else above[-1] / entry.name
+                if real in above:
+                    raise UserError(
+                        f"data.path: {path} is a link back to {real}, a folder it is in (a cycle); remove the link"
+                    )
+                scan(path, (*above, real))
+            elif path.suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+                found.append(path)
+
+    scan(folder, (root,))
     return sorted(found, key=lambda path: path.relative_to(folder).parts)
 
 
@@ -75,7 +106,7 @@ def read_manifest(path: Path, file_column: str, label_column: str) -> tuple[list
     """The files and labels of a CSV or JSON manifest; labels that are all whole numbers become ints."""
     where = f"data.manifest: {path}"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is no text
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{where}: cannot read it ({error})") from None
     if path.suffix.lower() == ".json":
@@ -106,7 +137,7 @@ def read_manifest(path: Path, file_column: str, label_column: str) -> tuple[list
     bad = next((i for i, (file, label) in enumerate(rows) if not isinstance(file, str) or label in (None, "")), None)
     if bad is not None:
         raise UserError(f"{where}: row {bad + 1} has no file or no label ({rows[bad]})")
-    labels = integers_from_text(
+    labels = labels_from_text(
         [str(label).strip() if not isinstance(label, int | float) else label for _, label in rows]
     )
     return [file for file, _ in rows], labels

@@ -4,7 +4,9 @@ which adds pyarrow).
 ``features`` names the feature columns, by name or glob (``pixel_*``; globs expand in the file's
 column order), default every column but the label; ``inputs: {input_ids: ["tok_*"], …}`` gives a
 model with several inputs one group of columns each instead. ``label`` names the label column
-(strings are class names; a CSV column whose values are all whole numbers gives integer classes).
+(strings are class names; a CSV column whose values all spell numbers is numbers, as a Parquet column
+of numbers is: whole ones are integer classes, others are refused). Column names must differ; a
+UTF-8 byte-order mark before a CSV's header is not part of the first name.
 
 The file is streamed once, in chunks of rows (pyarrow's CSV reader, its blocks sized to hold many of
 the file's longest row, so that rows of any length up to 1 GiB are read; Parquet row groups), into
@@ -12,8 +14,8 @@ plain float32 arrays in layerscope's cache folder (``tables/``, keyed by the fil
 modification time and by these keys; a file that changes while it is streamed, as another program
 writes it, is refused, never a mix of its old and new rows); runs and workers then read any rows, in
 any order, from those arrays by memory map. Memory stays flat whatever the file's size; the cache holds 4 bytes per
-feature value. Feature values must be numbers: an empty cell or text is an error naming the column
-and the row (rows count from 1 after the header).
+feature value. Feature values must be finite numbers: an empty cell, text, NaN or an infinite value is
+an error naming the column, the row (rows count from 1 after the header) and what the cell holds.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import csv
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +37,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from layerscope import DataSource, hookimpl
-from layerscope.data.labels import integers_from_text
+from layerscope.data.labels import labels_from_text
 from layerscope.util.errors import UserError
 from layerscope.util.files import cache_dir, regular_file
 
@@ -43,7 +47,7 @@ CSV_BLOCK_BYTES = 1 << 20  # CSV bytes per chunk, at least
 CSV_BLOCK_ROWS = 64  # CSV rows per chunk, at least (of the longest row; a chunk costs per column)
 CSV_BLOCK_MAX = 256 << 20  # CSV bytes per chunk, at most, unless two rows need more
 SCAN_BYTES = 16 << 20  # read at once while looking for the longest CSV row
-FORMAT_VERSION = 1  # of the cached arrays
+FORMAT_VERSION = 2  # of the cached arrays (2: CSV labels that spell numbers are numbers)
 
 
 class TableParams(BaseModel):
@@ -104,6 +108,7 @@ class Table:
         )
         self.delimiter = "\t" if suffix == ".tsv" and "delimiter" not in params.model_fields_set else params.delimiter
         self.columns = self._header()
+        self._check_distinct()
         if params.label is not None and params.label not in self.columns:
             raise UserError(f"data.label: {path} has no column '{params.label}' (the columns: {listing(self.columns)})")
         if self.format == "parquet" and params.label is not None:
@@ -122,13 +127,40 @@ class Table:
 
                 self.schema = pq.read_schema(self.path)
                 return list(self.schema.names)
-            with open(self.path, newline="", encoding="utf-8") as handle:
+            with open(self.path, newline="", encoding="utf-8-sig") as handle:  # a byte-order mark is no name
                 header = next(csv.reader(handle, delimiter=self.delimiter), None)
         except Exception as error:  # OSError, UnicodeDecodeError, csv.Error, pyarrow's ArrowInvalid
             raise UserError(f"data.path: {self.path} is not a readable {self.format} file ({error})") from None
         if not header:
             raise UserError(f"data.path: {self.path} is empty (a CSV needs a header row)")
         return header
+
+    def _check_distinct(self) -> None:
+        """Every column has a name of its own: of two columns of one name, one would be read for both."""
+        first: dict[str, int] = {}
+        for index, name in enumerate(self.columns):
+            if name in first:
+                raise UserError(
+                    f"data.path: {self.path} has two columns named '{name}' (columns {first[name] + 1} and "
+                    f"{index + 1}); give each column a name of its own"
+                )
+            first[name] = index
+
+    def cells(self, name: str, first: int = 1) -> Iterator[tuple[int, str]]:
+        """(row, text) of column *name* of a CSV file from row *first* on, rows counted from 1 after the
+        header (blank lines skipped, as pyarrow skips them): the file read again, by Python's csv module,
+        to tell what a bad cell holds. Nothing for Parquet, nor past what cannot be read."""
+        if self.format != "csv":
+            return
+        column = self.columns.index(name)
+        try:
+            with open(self.path, newline="", encoding="utf-8-sig") as handle:
+                rows = (values for values in csv.reader(handle, delimiter=self.delimiter) if values)
+                for row, values in enumerate(rows):  # 0: the header
+                    if row >= first and column < len(values):
+                        yield row, values[column]
+        except (OSError, UnicodeDecodeError, csv.Error):  # csv.Error: a cell over csv's field size limit
+            return
 
     def chunks(self):
         """The file's rows in chunks, as pyarrow record batches of the needed columns (features as float32)."""
@@ -201,18 +233,49 @@ def _check_label_type(kind, name: str, path: Path) -> None:
         )
 
 
-def _check_filled(column, name: str, first_row: int, key: str = "data") -> None:
-    """A user error naming *key*, the column and the row (counted from 1 after the header) of the first
-    missing value of *column*, a chunk whose first row is *first_row* (0-based)."""
+def _bad_cell(table: Table, batch, name: str, index: int, first_row: int, key: str = "data") -> UserError:
+    """A user error naming *key*, the column and the row (counted from 1 after the header) of the value at
+    *index* of column *name* of a chunk whose first row is *first_row* (0-based), saying what the cell
+    holds: nothing (empty, a missing-value marker such as NA, a Parquet null), NaN, or an infinite number
+    (or one past float32's range)."""
+    row = first_row + index + 1
+    value = batch.column(batch.schema.get_field_index(name))[index].as_py()
+    cell = next(table.cells(name, row), None)  # CSV: the cell as written (pyarrow reads nan, NA as missing)
+    text = cell[1] if cell is not None and cell[0] == row else None
+    number: float | None = None
+    if text is not None:
+        if not text.strip():
+            return UserError(f"{key}: column '{name}' is empty in row {row}")
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+    elif value is not None:  # Parquet: a float, or a decimal past float32's range
+        number = float(value)
+    if number is None:
+        what = f"holds '{text}' (read as a missing value)" if text is not None else "has no value (null)"
+    elif math.isnan(number):
+        what = "holds NaN"
+    elif math.isinf(number):
+        what = f"holds an infinite value ({text.strip() if text is not None else number})"
+    else:
+        what = f"holds {text.strip() if text is not None else number}, beyond the range of float32"
+    return UserError(f"{key}: column '{name}' {what} in row {row}")
+
+
+def _check_filled(table: Table, batch, name: str, first_row: int, key: str = "data") -> None:
+    """A user error (:func:`_bad_cell`) for the first missing value of column *name* of a chunk whose first
+    row is *first_row* (0-based)."""
+    column = batch.column(batch.schema.get_field_index(name))
     if column.null_count:
-        row = first_row + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0]) + 1
-        raise UserError(f"{key}: column '{name}' has no value in row {row}")
+        index = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise _bad_cell(table, batch, name, index, first_row, key)
 
 
-def _feature_block(batch, columns: list[str], first_row: int) -> np.ndarray:
+def _feature_block(batch, columns: list[str], first_row: int, table: Table) -> np.ndarray:
     """The *columns* of a record batch as a float32 (rows × columns) array, converted by pyarrow at once (a
-    chunk costs no Python work per value, and per column only for a missing value); a missing or
-    non-numeric value is a user error naming the column and the row."""
+    chunk costs no Python work per value, and per column only for a missing value); a missing, non-finite
+    or non-numeric value is a user error naming the column and the row."""
     import pyarrow as pa
 
     if not columns:
@@ -229,11 +292,32 @@ def _feature_block(batch, columns: list[str], first_row: int) -> np.ndarray:
     if set(block.schema.types) != {pa.float32()}:
         block = block.cast(pa.schema([pa.field(name, pa.float32()) for name in columns]), safe=False)
     try:
-        return np.asarray(block.to_tensor(row_major=True))
+        values = np.asarray(block.to_tensor(row_major=True))
     except pa.ArrowTypeError:  # a missing value: name the first
-        for name, column in zip(columns, block.columns):
-            _check_filled(column, name, first_row)
+        for name in columns:
+            _check_filled(table, batch, name, first_row)
         raise
+    if not np.isfinite(values).all():  # NaN, ±Inf, or a number past float32's range: name the first
+        index, column = (int(i) for i in np.argwhere(~np.isfinite(values))[0])
+        raise _bad_cell(table, batch, columns[column], index, first_row)
+    return values
+
+
+def _unreadable(table: Table, error: Exception, first_row: int) -> UserError:
+    """The user error of pyarrow's *error* while reading the chunk of *table* whose first row is *first_row*
+    (0-based): a cell of text in a feature column named by its column, row and text (pyarrow names the
+    column and the text, the file read again the row), else pyarrow's message with the column's name."""
+    text = str(error)
+    invalid = re.fullmatch(
+        r"In CSV column #(\d+): (?:Row #\d+: )?CSV conversion error to \w+: invalid value '(.*)'", text
+    )
+    if invalid is not None and int(invalid[1]) < len(table.columns):
+        name = table.columns[int(invalid[1])]
+        row = next((row for row, cell in table.cells(name, first_row + 1) if cell == invalid[2]), None)
+        if row is not None:
+            return UserError(f"data: column '{name}' holds '{invalid[2]}' in row {row}, not a number")
+    message = re.sub(r"CSV column #(\d+)", lambda m: f"column '{table.columns[int(m.group(1))]}'", text)
+    return UserError(f"data.path: {table.path} could not be read as {table.format}: {message}")
 
 
 def convert(table: Table, target: Path) -> None:
@@ -244,17 +328,15 @@ def convert(table: Table, target: Path) -> None:
     try:
         for batch in table.chunks():
             for name, handle in files.items():
-                handle.write(_feature_block(batch, table.groups[name], rows).tobytes())
-            if table.params.label is not None:
-                column = batch.column(batch.schema.get_field_index(table.params.label))
-                _check_filled(column, table.params.label, rows, "data.label")
-                labels.append(column.to_numpy(zero_copy_only=False))
+                handle.write(_feature_block(batch, table.groups[name], rows, table).tobytes())
+            if (label := table.params.label) is not None:
+                _check_filled(table, batch, label, rows, "data.label")
+                labels.append(batch.column(batch.schema.get_field_index(label)).to_numpy(zero_copy_only=False))
             rows += batch.num_rows
     except UserError:
         raise
     except Exception as error:  # pyarrow's parse errors (ArrowInvalid: a value that is not a number, …)
-        message = re.sub(r"CSV column #(\d+)", lambda m: f"column '{table.columns[int(m.group(1))]}'", str(error))
-        raise UserError(f"data.path: {table.path} could not be read as {table.format}: {message}") from None
+        raise _unreadable(table, error, rows) from None
     finally:
         for handle in files.values():
             handle.close()
@@ -263,7 +345,7 @@ def convert(table: Table, target: Path) -> None:
     if labels:
         values = np.concatenate(labels)
         if values.dtype.kind in "OUS":
-            values = integers_from_text(values.astype(str))
+            values = labels_from_text(values.astype(str))
         np.save(target / "labels.npy", values, allow_pickle=False)
     meta = {"rows": rows, "inputs": [[name, columns] for name, columns in table.groups.items()]}
     (target / "meta.json").write_text(json.dumps(meta))

@@ -79,7 +79,8 @@ def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_
     """Exported once and described once (shape inference at the first step only); the CNN's optimised graph
     holds its weights as they are, so from the third step on they are swapped into it directly (two
     optimisations in four steps), while BatchNorm folded into the convolution needs the optimiser at every
-    step."""
+    step. The sessions of the first step are kept and their weights refilled at every later one: three
+    sessions (two fetch groups and the signature's pass) and one more for each to check its first reuse."""
     exports, optimised = counting(monkeypatch, "export_unoptimized"), counting(monkeypatch, "optimized")
     described = counting(monkeypatch, "describe_tensors", checkpoint_run)
     model = getattr(nets, net)()
@@ -93,6 +94,8 @@ def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_
         torch.save(model.state_dict(), tmp_path / f"step_{step * 10}.pt")
         assert model.training  # the monitor leaves the training mode as it was
     assert len(exports) == 1 and len(optimised) == optimisations and len(described) == 1
+    kept = monitor._sessions
+    assert kept.trusted is True and (kept.made, kept.reused) == (6, 9)
     monitored = monitor.results()
     assert monitor.steps == [0, 10, 20, 30] and monitored.runtime["monitor"] == {"steps": [0, 10, 20, 30]}
     assert [m["fetch_groups"][0] for m in monitored.models] == [2] * 4

@@ -191,3 +191,34 @@ def test_sessions_of_several_fetch_groups_share_one_copy_of_the_weights(tmp_path
     assert not one._sessions[0].layerscope_shared_initializers  # one session reads and prepacks its own
     fetched = {name: value for _, group in parts for name, value in group.items()}
     assert all(np.array_equal(fetched[n].numpy(), whole[n].numpy()) for n in ("h1", "a1"))
+
+
+def test_a_kept_session_reads_the_next_steps_weights_and_a_failed_check_stops_reuse():
+    """A monitor's kept session, refilled with new weights, fetches what a new session with them fetches;
+    each kept session's first reuse asks for a check, and a check that disagreed ends reuse."""
+    from layerscope.engine.reused_sessions import ReusedSessions
+
+    kept, x = ReusedSessions(), np.random.default_rng(1).random((5, 64), dtype=np.float32)
+    steps = [weight_free(_big_mlp(seed)) for seed in range(3)]
+    tensors = [t for t in describe_tensors(steps[0][0]) if t.name in ("a1", "logits")]
+
+    def fetched(session) -> list[np.ndarray]:
+        return session.run([t.name for t in tensors], {"x": x})
+
+    (graph0, weights0) = steps[0]
+    first, _, check = kept.session(graph0, tensors, "cpu", weights0)
+    assert check is False and kept.made == 1
+    for graph, weights in steps[1:]:
+        session, _, check = kept.session(graph, tensors, "cpu", weights)
+        assert session is first and check is (graph is steps[1][0])
+        fresh = kept.fresh(graph, tensors, "cpu", weights)
+        for got, want in zip(fetched(session), fetched(fresh)):
+            np.testing.assert_array_equal(got, want)
+        kept.checked(session, True)
+    # the refilled weights are really read: the first step's outputs differ from the last's
+    assert not np.array_equal(fetched(first)[1], fetched(kept.fresh(graph0, tensors, "cpu", weights0))[1])
+    assert kept.trusted is True and kept.reused == 2
+
+    kept.checked(first, False)
+    again, _, _ = kept.session(graph0, tensors, "cpu", weights0)
+    assert again is not first and kept.trusted is False

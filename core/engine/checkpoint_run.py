@@ -28,6 +28,7 @@ from .feeds import ModelFeeds
 from .lifecycle import Estimators, Isolation, ShardOutcome, ShardTask, analyses_in_pass
 from .plan import RunPlan
 from .progress import Progress
+from .reused_sessions import ReusedSessions
 from .runner import Runner, to_torch
 
 Span = tuple[int, int]
@@ -124,6 +125,7 @@ def _feed_pass(
     span: Span,
     progress: Progress,
     isolation: Isolation,
+    reuse: ReusedSessions | None = None,
 ) -> tuple[str, dict]:
     """One pass over the batches of *span* for *active* estimators; returns (provider that ran, fetch statistics)."""
     spec, loaded = plan.spec, model.loaded
@@ -138,6 +140,7 @@ def _feed_pass(
         splittable([est for _, est in active]),
         loaded.weights,
         model.feeds,
+        reuse,
     )
     wanted = [{name for group in est.fetch_groups() for name in group} for _, est in active]
     nonfinite: set[str] = set()
@@ -190,6 +193,7 @@ def _feed_plan(
     span: Span,
     progress: Progress,
     isolation: Isolation,
+    reuse: ReusedSessions | None = None,
 ) -> tuple[str, dict]:
     """The input-plan pass of one estimator over the batches of *span*, evaluated by the runner."""
     spec, loaded, tensors = plan.spec, model.loaded, model.tensors
@@ -208,6 +212,7 @@ def _feed_plan(
         splittable([estimator]),
         loaded.weights,
         model.feeds,
+        reuse,
     )
     batches = iter_batches(plan.data, order, spec.data.batch_size, estimator.lookahead, span, plan.classes)
     for batch_index, (start, x, y) in enumerate(batches):
@@ -263,6 +268,7 @@ class ShardWorker:
         progress: Progress | None = None,
         live: bool = False,
         described: dict[str, list[TensorInfo]] | None = None,
+        reuse: ReusedSessions | None = None,
     ):
         self.plan, self.checkpoints, self.spans, self.order, self.example = plan, checkpoints, spans, order, example
         #: The checkpoints' refs are live model objects (a monitor's), loaded with the adapter's ``follow``.
@@ -270,6 +276,8 @@ class ShardWorker:
         #: Tensors described per graph structure (:func:`structure_fingerprint`), kept by a caller that loads
         #: one model with new weights again and again (a monitor): shape inference runs once.
         self.described = described
+        #: Sessions kept across the calls of such a caller, their weights refilled (:mod:`.reused_sessions`).
+        self.reuse = reuse
         #: Advanced batch by batch (the in-process engine's live bar); off in workers, whose tasks the
         #: driver counts as they return.
         self.progress = progress or Progress(0, enabled=False)
@@ -327,12 +335,12 @@ class ShardWorker:
             fed, planned = analyses_in_pass(estimators, task.pass_index, isolation.failures)
             provider, fetches, progress = "", [], self.progress
             if fed:
-                provider, fetch = _feed_pass(self.plan, fed, model, self.order, span, progress, isolation)
+                provider, fetch = _feed_pass(self.plan, fed, model, self.order, span, progress, isolation, self.reuse)
                 fetches.append(fetch)
             for analysis_id, estimator in planned:  # the whole input-plan pass is the analysis's time
                 started, before = time.perf_counter(), isolation.seconds.get(analysis_id, 0.0)
                 provider, fetch = _feed_plan(
-                    self.plan, analysis_id, estimator, model, self.order, span, progress, isolation
+                    self.plan, analysis_id, estimator, model, self.order, span, progress, isolation, self.reuse
                 )
                 isolation.seconds[analysis_id] = before + time.perf_counter() - started
                 fetches.append(fetch)

@@ -30,6 +30,7 @@ from layerscope.graph.weights import Weights
 from layerscope.util.errors import UserError
 
 from .feeds import ModelFeeds
+from .reused_sessions import ReusedSessions
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
@@ -156,10 +157,14 @@ class Runner:
         splittable: set[str] | None = None,
         weights: Weights | None = None,
         feeds: ModelFeeds | None = None,
+        reuse: ReusedSessions | None = None,
     ):
         #: how batches feed the model (default: every input of *tensors* from the data, no token mask)
         self.feeds = feeds or ModelFeeds.for_model(list(tensors))
         self.model, self.device, self.weights = model, device, weights
+        #: Sessions kept across a monitor's steps (None: every runner makes its own).
+        self.reuse = reuse
+        self._unchecked: set[int] = set()  # kept sessions reused for the first time: checked at their first run
         self._by_name = {t.name: t for t in tensors}
         inputs = set(self.feeds.names)
         self.provider = "none (no tensor fetched)"
@@ -187,9 +192,29 @@ class Runner:
 
     # --- fetching --------------------------------------------------------------------
     def _session_for(self, names: list[str], shared: bool = False):
-        with exposing(self.model, [self._by_name[n] for n in names], only=True) as exposed:
+        tensors = [self._by_name[n] for n in names]
+        if self.reuse is not None and self.weights is not None:
+            session, self.provider, check = self.reuse.session(self.model, tensors, self.device, self.weights)
+            if check:
+                self._unchecked.add(id(session))
+            return session
+        with exposing(self.model, tensors, only=True) as exposed:
             session, self.provider = create_session(exposed, self.device, self.weights, shared)
         return session
+
+    def _checked(self, index: int, feeds: dict[str, np.ndarray], names: list[str], fetched: dict) -> dict:
+        """*fetched* by a kept session reused for the first time, compared with a new session's fetch of the
+        same rows (:mod:`.reused_sessions`): when they differ, reuse stops and the new session's tensors count."""
+        session = self._sessions[index]
+        self._unchecked.discard(id(session))
+        assert self.reuse is not None and self.weights is not None
+        fresh = self.reuse.fresh(self.model, [self._by_name[n] for n in names], self.device, self.weights)
+        expected = self._fetch_rows(fresh, feeds, names)
+        same = all(torch.equal(fetched[name], expected[name]) for name in names)
+        self.reuse.checked(session, same)
+        if not same:
+            self._sessions[index] = fresh
+        return fetched if same else expected
 
     @property
     def fixed_batch(self) -> int | None:
@@ -262,14 +287,16 @@ class Runner:
         rows = sample_count(feeds)
         if self._alone:
             yield slice(0, rows), {name: to_torch(feeds[name]) for name in self._alone}
-        for group, session in zip(self.groups, self._sessions):
+        for index, group in enumerate(self.groups):
             step = min(group.micro_batch or rows, self.fixed_batch or rows)
             attached = self._inputs_with(group.names)
             if not set(group.names) <= self._splittable:  # its consumers need the whole batch
                 step = rows
             for start in range(0, rows, step):
                 part = slice(start, min(start + step, rows))
-                fetched = self._fetch_rows(session, take(feeds, part), group.names)
+                fetched = self._fetch_rows(self._sessions[index], take(feeds, part), group.names)
+                if id(self._sessions[index]) in self._unchecked:
+                    fetched = self._checked(index, take(feeds, part), group.names, fetched)
                 held = sum(value.numel() * value.element_size() for value in fetched.values())
                 self.peak_fetched_bytes = max(self.peak_fetched_bytes, held)
                 fetched.update({name: to_torch(feeds[name][part]) for name in attached})

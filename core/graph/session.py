@@ -88,13 +88,22 @@ def _use_shared_cpu_arena(options) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
-def create_session(model: onnx.ModelProto, device: str, weights: Weights | None = None, shared: bool = False):
+def create_session(
+    model: onnx.ModelProto,
+    device: str,
+    weights: Weights | None = None,
+    shared: bool = False,
+    initializers: dict[str, np.ndarray] | None = None,
+):
     """An ``InferenceSession`` for *model* on *device*; returns (session, provider that runs).
 
     *weights* says where the initializers that *model* references lie (:mod:`layerscope.graph.weights`):
     onnxruntime reads them from there, so the session is made from the graph's bytes alone. With *shared*,
     the sessions made from the same *weights* use one copy of them (:meth:`Weights.share`): a run that
-    needs a session per fetch group holds the model once, not once per group.
+    needs a session per fetch group holds the model once, not once per group. *initializers* (name →
+    array) are buffers of the caller's that the session reads as those initializers, prepacking off: the
+    caller may refill them in place (:mod:`layerscope.engine.reused_sessions`); such a session's graph is
+    optimised up to onnxruntime's extended level, whose transformations keep reading the buffers.
     """
     import onnxruntime as ort
 
@@ -102,6 +111,14 @@ def create_session(model: onnx.ModelProto, device: str, weights: Weights | None 
     values = weights.share(model, options) if weights is not None and shared else []
     if weights is not None and not shared:
         weights.configure(options)
+    if initializers:
+        values = [(name, ort.OrtValue.ortvalue_from_numpy(array)) for name, array in initializers.items()]
+        for name, value in values:
+            options.add_initializer(name, value)
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        # the layout transformations of ORT_ENABLE_ALL copy convolution weights at start (they read them
+        # from the graph's references, not from the buffers given): the extended level keeps reading them
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     _use_shared_cpu_arena(options)
     # Memory patterns pre-allocate one block per session and run; with a session per fetch
     # group that raised the peak by ~1 MiB on the demo CNN (tests/benchmarks/bench_runner.py).

@@ -38,6 +38,7 @@ from layerscope.engine.execute import assemble_results
 from layerscope.engine.lifecycle import Isolation, SequentialExecutor, drive
 from layerscope.engine.outcomes import CheckpointOutcome, finish_checkpoint
 from layerscope.engine.plan import RunPlan, build_plan
+from layerscope.engine.reused_sessions import ReusedSessions
 from layerscope.engine.threads import run_threads
 from layerscope.host.loader import load_plugins
 from layerscope.model.adapter import Adapter, Checkpoint
@@ -61,6 +62,7 @@ class Monitor:
         self._previous: dict[str, Estimator] | None = None  # the last step's estimators, for carry_over
         self._last_step: int | None = None
         self._described: dict = {}  # the graph's tensors by structure: described at the first step only
+        self._sessions = ReusedSessions()  # kept from step to step, the weights refilled
         self._started = time.perf_counter()
 
     @property
@@ -82,7 +84,14 @@ class Monitor:
         plan = self._plan_for(model, batch)
         checkpoint = Checkpoint(f"step_{step}", model, step)
         worker = ShardWorker(
-            plan, [checkpoint], [(0, len(plan.order))], plan.order, plan.example(), live=True, described=self._described
+            plan,
+            [checkpoint],
+            [(0, len(plan.order))],
+            plan.order,
+            plan.example(),
+            live=True,
+            described=self._described,
+            reuse=self._sessions,
         )
         finished: list[CheckpointOutcome] = []
 

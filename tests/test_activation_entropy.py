@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from layerscope.plugins.activation_entropy.estimator import (
     ActivationEntropy,
+    attention_entropy_bits,
     binary_entropy_bits,
     counts_entropy_bits,
     mean_binary_entropy_bits,
@@ -167,3 +168,73 @@ def test_on_counts_by_class_are_exact(rows, neurons, classes):
     assert set(counted) == {"all", *labels.unique().tolist()}
     ((key, size, counts),) = on_counts_by_class(on, None)
     assert key == "all" and size == rows and torch.equal(counts, on.sum(0).to(torch.int32))
+
+
+def attention_maps(samples=30, heads=3, tokens=7, seed=0):
+    """Causal softmax attention (sample × head × query × key) over sequences of random lengths, padded keys
+    masked as an attention mask does (probability 0), with labels and the (sample × token) mask."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, tokens + 1, samples)
+    real = np.arange(tokens)[None] < lengths[:, None]
+    scores = rng.standard_normal((samples, heads, tokens, tokens)) * 2
+    allowed = real[:, None, None, :] & np.tril(np.ones((tokens, tokens), bool))[None, None]
+    scores = np.where(allowed, scores, -np.inf)
+    with np.errstate(invalid="ignore"):
+        probabilities = np.exp(scores - scores.max(-1, keepdims=True))
+        probabilities = np.nan_to_num(probabilities / probabilities.sum(-1, keepdims=True))
+    return probabilities.astype(np.float32), real, lengths, rng.integers(0, 3, samples)
+
+
+def test_attention_entropy_per_real_query_and_head_against_numpy():
+    """H = −Σ_k p log2 p over the real keys, for the real queries only, per head; rows of a causal map put
+    query i's mass on keys 0..i, so the first query of every sequence has 0 bits and none exceeds log2 (i+1)."""
+    probabilities, real, lengths, _ = attention_maps()
+    rows, sample = attention_entropy_bits(
+        torch.from_numpy(probabilities), torch.from_numpy(real), torch.from_numpy(real)
+    )
+    expected, owners = [], []
+    for n, length in enumerate(lengths):
+        for query in range(length):
+            p = probabilities[n, :, query, :length].astype(np.float64)
+            p = p / p.sum(-1, keepdims=True)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                expected.append(-np.where(p > 0, p * np.log2(p), 0.0).sum(-1))
+            owners.append(n)
+    np.testing.assert_allclose(rows.numpy(), np.array(expected), rtol=0, atol=1e-6)
+    assert sample.tolist() == owners
+    first = np.cumsum(np.concatenate([[0], lengths[:-1]]))
+    assert np.abs(rows.numpy()[first]).max() < 1e-6
+
+
+def test_uniform_attention_over_k_keys_and_a_single_key():
+    uniform = torch.full((2, 1, 4, 5), 0.2)
+    rows, _ = attention_entropy_bits(uniform)
+    torch.testing.assert_close(rows, torch.full((8, 1), math.log2(5), dtype=torch.float64))
+    one_hot = torch.zeros(1, 2, 3, 3)
+    one_hot[..., 1] = 1.0
+    rows, _ = attention_entropy_bits(one_hot)
+    assert rows.abs().max() == 0.0
+    nan = uniform.clone()
+    nan[0, 0, 2, 1] = float("nan")
+    rows, sample = attention_entropy_bits(nan)
+    assert len(rows) == 7 and sample.tolist() == [0, 0, 0, 1, 1, 1, 1]  # the NaN row is left out
+
+
+def build_attention(batches, **params):
+    estimator = build(batches, **params)
+    estimator.attention_maps = {"att"}  # what bind_graph finds for an attention softmax of a graph
+    return estimator
+
+
+def test_attention_records_are_per_class_means_over_real_queries_and_conform():
+    probabilities, real, lengths, labels = attention_maps(samples=60)
+    batches = make_batches({"att": probabilities}, labels, batch_size=16)
+    records = feed(build_attention(batches), batches).finalize()
+    rows, sample = attention_entropy_bits(torch.from_numpy(probabilities))  # no token mask: every query is real
+    for key in ("all", 0, 1, 2):
+        chosen = rows if key == "all" else rows[torch.from_numpy(labels)[sample] == key]
+        assert value(records, cls=key, tensor="att") == pytest.approx(float(chosen.mean()), abs=1e-12)
+        heads = [r for r in records if r["metric"] == "head_entropy" and r["class"] == key]
+        assert [h["value"] for h in heads] == pytest.approx(chosen.mean(dim=0).tolist(), abs=1e-12)
+        assert {h["keys"] for h in heads} == {probabilities.shape[-1]}
+    check_conformance(lambda: build_attention(batches), batches)

@@ -192,6 +192,79 @@ def test_alignment_width_is_the_argmax_and_smoothed_across_checkpoints():
         assert second.sigma_used["h"] == pytest.approx(expected, rel=1e-12)
 
 
+def summed_alignment_argmax(hidden, y, widths_of):
+    """(index of the argmax, batches' mean d̄) of the alignment curves summed over batches of 50, each batch's
+    widths given by *widths_of*(its d̄), recomputed directly."""
+    curves, distances = 0, []
+    for s in range(0, len(hidden), 50):
+        d2 = pairwise_sq_distances(torch.from_numpy(hidden[s : s + 50]))
+        distances.append(float(d2.sqrt().sum() / (50 * 49)))
+        widths = torch.from_numpy(widths_of(distances[-1]))
+        curves = curves + alignment_curve(d2, label_gram(torch.from_numpy(y[s : s + 50]), 0.1), widths)
+    return int(torch.argmax(curves)), float(np.mean(distances))
+
+
+def edge_warnings(estimator):
+    return [w for w in estimator.collect_warnings() if "at an end of their" in w]
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.01])
+def test_the_authors_absolute_grid_and_a_width_on_its_floor_is_warned(scale):
+    """width_grid: absolute searches linspace(0.3, 10·d̄) per batch, as the authors' code: for a layer whose
+    best width is below 0.3 (here 0.2, d̄ = 0.08) the chosen width sits on that floor, and a warning names it."""
+    x, hidden, y, _ = ip_batches()
+    hidden = (hidden * scale).astype(np.float32)
+    batches = make_batches({"h": hidden}, y, batch_size=50, inputs=x)
+    estimator = feed(build(batches, batch_size=50, sigma_grid=50, width_grid="absolute"), batches)
+    index, mean_distance = summed_alignment_argmax(hidden, y, lambda d: np.linspace(0.3, 10 * d, 50))
+    assert estimator.sigma_optimal["h"] == pytest.approx(np.linspace(0.3, 10 * mean_distance, 50)[index], rel=1e-12)
+    if scale == 1.0:
+        assert 0 < index < 49 and not edge_warnings(estimator)
+    else:
+        assert index == 0 and estimator.sigma_optimal["h"] == pytest.approx(0.3)
+        (warning,) = edge_warnings(estimator)
+        assert "absolute alignment grid" in warning and "h σ* = 0.3 (the first of 0.3…" in warning
+        relative = feed(build(batches, batch_size=50, sigma_grid=50), batches)  # today's grid follows the scale
+        assert not edge_warnings(relative)
+        scaled = scale * estimator_default_sigma()
+        assert relative.sigma_optimal["h"] == pytest.approx(scaled, rel=1e-6)  # float32 inputs
+
+
+def estimator_default_sigma():
+    x, hidden, y, batches = ip_batches()
+    return feed(build(batches, batch_size=50, sigma_grid=50), batches).sigma_optimal["h"]
+
+
+def test_a_width_at_the_end_of_a_narrow_relative_grid_is_warned():
+    _, _, _, batches = ip_batches()
+    estimator = feed(build(batches, batch_size=50, sigma_grid=20, grid_range=(20.0, 30.0)), batches)
+    (warning,) = edge_warnings(estimator)
+    assert "relative alignment grid" in warning and "(the first of" in warning
+
+
+def test_smoothing_far_from_the_checkpoints_optimum_is_warned():
+    """σ = 0.9·σ_prev + 0.1·σ* with σ* doubled is 0.55 σ*: more than a factor 1.25 away, warned; without
+    smoothing, or with a width that stays, nothing is."""
+    _, hidden, y, batches = ip_batches()
+    first = feed(build(batches, batch_size=50, sigma_grid=50), batches)
+    for factor, smoothing, warned in ((2.0, 0.9, True), (2.0, 0.0, False), (1.0, 0.9, False)):
+        shifted = make_batches({"h": hidden * factor}, y, batch_size=50, inputs=ip_batches()[0])
+        second = build(shifted, batch_size=50, sigma_grid=50, smoothing=smoothing)
+        second.carry_over(first)
+        feed(second, shifted)
+        far = [w for w in second.collect_warnings() if "more than a factor 1.25" in w]
+        assert bool(far) == warned
+        if warned:
+            used, best = second.sigma_used["h"], second.sigma_optimal["h"]
+            assert used / best == pytest.approx(0.55, rel=1e-9)
+            assert f"h σ = {used:.4g} against σ* = {best:.4g}" in far[0] and "smoothing 0.9" in far[0]
+
+
+def test_grid_range_with_the_absolute_grid_is_refused():
+    with pytest.raises(ValueError, match="grid_range sets the relative grid"):
+        InformationPlane.Params(width_grid="absolute", grid_range=(0.1, 5.0))
+
+
 def test_softmax_is_applied_to_the_model_output():
     logits = torch.randn(10, 4, dtype=torch.float64)
     output = TensorInfo("logits", "Gemm", "out", "float32", ("N", 4), True, role="output")

@@ -88,17 +88,37 @@ def binary_entropy(p: float) -> float:
     return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
-def test_uniform_attention_gives_the_closed_form_entropy(tmp_path):
-    """With identical keys every real query-key pair has probability 1/L; above a threshold of 0.095 a
-    head is on exactly for sequences of L ≤ 10, so per class p = Σ L²[L ≤ 10] / Σ L² over its sequences
-    (each has L² real pairs), the same for both heads."""
+def test_uniform_attention_over_k_real_keys_gives_log2_k(tmp_path):
+    """The default for attention maps: the Shannon entropy of each real query's attention over the real keys.
+    With identical keys each of a sequence's L real queries attends uniformly to its L real keys: log2 L bits
+    for every head, so per class the mean over real queries is Σ L·log2 L / Σ L."""
+    path, lengths, labels = token_data(tmp_path)
+    analyses = [{"id": "att", "estimator": "activation_entropy", "on": {"attention": "probabilities"}}]
+    results = layerscope.run(token_spec(IdenticalKeys(), path, analyses), write=False, progress=False)
+    records = [r for r in results.records if r["analysis"] == "att"]
+    for key in (0, 1, 2, "all"):
+        chosen = lengths if key == "all" else lengths[labels == key]
+        expected = float((chosen * np.log2(chosen)).sum() / chosen.sum())
+        (entropy,) = [r for r in records if r["class"] == key and r["metric"] == "entropy"]
+        heads = [r for r in records if r["class"] == key and r["metric"] == "head_entropy"]
+        assert entropy["value"] == pytest.approx(expected, abs=1e-6)  # float32 probabilities
+        assert [h["head"] for h in heads] == list(range(HEADS))
+        assert all(h["value"] == pytest.approx(expected, abs=1e-6) for h in heads)
+        assert entropy["samples"] == chosen.sum() and entropy["variant"] == "attention"
+        assert entropy["keys"] == lengths.max()
+
+
+def test_uniform_attention_gives_the_closed_form_binary_entropy_as_neurons(tmp_path):
+    """With attention: as_neurons, the binary variant: every real query-key pair has probability 1/L; above a
+    threshold of 0.095 a head is on exactly for sequences of L ≤ 10, so per class p = Σ L²[L ≤ 10] / Σ L² over
+    its sequences (each has L² real pairs), the same for both heads."""
     path, lengths, labels = token_data(tmp_path)
     analyses = [
         {
             "id": "att",
             "estimator": "activation_entropy",
             "on": {"attention": "probabilities"},
-            "params": {"threshold": 0.095},
+            "params": {"threshold": 0.095, "attention": "as_neurons"},
         }
     ]
     results = layerscope.run(token_spec(IdenticalKeys(), path, analyses), write=False, progress=False)
@@ -118,6 +138,12 @@ def test_padding_changes_no_record(tmp_path):
     analyses = [
         {"id": "entropy", "estimator": "activation_entropy"},
         {"id": "attention", "estimator": "activation_entropy", "on": {"attention": "probabilities"}},
+        {
+            "id": "attention-binary",
+            "estimator": "activation_entropy",
+            "on": {"attention": "probabilities"},
+            "params": {"attention": "as_neurons"},
+        },
         {"id": "histogram", "estimator": "activation_entropy", "params": {"variant": "histogram"}},
         {"id": "signature", "estimator": "nonlinearity_signature"},
     ]
@@ -213,6 +239,48 @@ def test_token_models_from_transformers(tmp_path, kind, layer):
     assert sum(r["op_type"] == "attention softmax" for r in signature) == 2  # one per layer
     assert [r["position"] for r in signature] == sorted(r["position"] for r in signature)
     assert all(0 <= r["value"] <= 1 for r in signature)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_attention_entropy_equals_that_of_transformers_own_attention_maps(tmp_path, kind):
+    """Each layer's default attention record is the mean over real queries of the entropy of transformers'
+    own (eager) attention probabilities over the real keys; GPT-2's causal mask is in the probabilities. The
+    binary pattern entropy of the same maps is a constant of the masks (0 for BERT: every probability is
+    above 0; for GPT-2 the causal mask alone decides which are 0)."""
+    path, _, _ = token_data(tmp_path, samples=32)
+    model = tiny(kind)
+    analyses = [
+        {"id": "dist", "estimator": "activation_entropy", "on": {"attention": "probabilities"}},
+        {
+            "id": "bin",
+            "estimator": "activation_entropy",
+            "on": {"attention": "probabilities"},
+            "params": {"attention": "as_neurons"},
+        },
+    ]
+    results = layerscope.run(token_spec(model, path, analyses), write=False, progress=False)
+    pooled = [r for r in results.records if r["class"] == "all" and r["metric"] == "entropy"]
+    got = [r["value"] for r in pooled if r["analysis"] == "dist"]
+    data = np.load(path)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        maps = model.eval()(
+            input_ids=torch.from_numpy(data["ids"]),
+            attention_mask=torch.from_numpy(data["mask"]),
+            output_attentions=True,
+        ).attentions
+    expected = []
+    for attention in maps:
+        per_query = []
+        for n, length in enumerate(data["mask"].sum(axis=1)):
+            p = attention[n, :, :length, :length].double().numpy()
+            p = p / p.sum(-1, keepdims=True)
+            per_query.append(-(p * np.log2(np.where(p > 0, p, 1.0))).sum(-1).T)  # queries × heads
+        expected.append(float(np.concatenate(per_query).mean()))
+    assert got == pytest.approx(expected, abs=1e-5)
+    binary = {round(r["value"], 9) for r in pooled if r["analysis"] == "bin"}
+    assert len(binary) == 1 and (binary == {0.0}) == (kind == "bert")
 
 
 @pytest.mark.slow

@@ -19,10 +19,21 @@ which it is on. Variants:
 
 Records carry ``class`` (the label, or ``"all"`` for every sample pooled).
 
+Attention maps (the probabilities of an attention softmax, :func:`layerscope.graph.activations.find_attention`;
+our addition, the method predates them). On/off patterns of attention probabilities say nothing about a model:
+every softmax probability is above 0, so the binary entropy is a constant of the mask (0 bits in every BERT
+layer; in GPT-2 the causal mask alone decides which are 0: 0.998 bits in every layer). So by default
+(``attention: distribution``) an attention map's record is the Shannon entropy of each real query's attention
+distribution over the real keys, H_q = −Σ_k p_qk log2 p_qk (p renormalised over the real keys, 0·log 0 = 0),
+in bits, per head (``head_entropy``, with ``head``) and averaged over heads (``entropy``), each the mean over the
+real queries of the class's sequences; ``samples`` counts those queries and ``keys`` is the most real keys a
+query had (H ≤ log2 keys). Uniform attention over k real keys gives log2 k; attention on one key, 0.
+``attention: as_neurons`` treats attention maps as any other layer, with ``variant``.
+
 Tokens (our choice; the method predates them): in a model with a token mask, every real
-token of a tensor with token axes is a sample of the layer's neurons (of an attention map:
-every real query-key pair, a sample of the heads), labelled with its sequence's label, and
-padded tokens are left out (:func:`layerscope.graph.tokens.tokens_as_samples`); sample counts then
+token of a tensor with token axes is a sample of the layer's neurons (of an attention map with
+``attention: as_neurons``: every real query-key pair, a sample of the heads), labelled with its sequence's
+label, and padded tokens are left out (:func:`layerscope.graph.tokens.tokens_as_samples`); sample counts then
 count tokens.
 """
 
@@ -34,7 +45,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from layerscope import Estimator, EstimatorTags, TensorBatch, hookimpl
+from layerscope import Estimator, EstimatorTags, LoadedModel, TensorBatch, hookimpl
+from layerscope.graph.activations import find_attention
 from layerscope.graph.tokens import tokens_as_samples
 from layerscope.util.lazy import lazy_module
 
@@ -141,6 +153,26 @@ def on_counts_by_class(on: torch.Tensor, labels: torch.Tensor | None):
     yield from per_class
 
 
+def attention_entropy_bits(
+    probabilities: torch.Tensor, real_queries: torch.Tensor | None = None, real_keys: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, sample of each row): for every real query of an attention map (sample × heads… × query × key; a
+    3-D map has one head), the Shannon entropy in bits of its attention distribution over the real keys, per
+    head: H = −Σ_k p_k log2 p_k with p renormalised over the real keys (0·log 0 = 0; a query with no mass on
+    them gives 0). *real_queries*, *real_keys*: (sample × query), (sample × key) masks, all real when None.
+    Rows whose entropies are not finite (NaN or Inf probabilities) are left out."""
+    n, queries, keys = probabilities.shape[0], probabilities.shape[-2], probabilities.shape[-1]
+    p = probabilities.to(torch.float64).reshape(n, -1, queries, keys)
+    if real_keys is not None:
+        p = torch.where(real_keys.to(p.device, torch.bool)[:, None, None, :], p, 0.0)
+    finite = torch.isfinite(p).all(dim=-1).all(dim=1)  # (sample, query): every head's row is finite
+    total = p.sum(dim=-1, keepdim=True)
+    p = torch.where(total > 0, p / torch.where(total > 0, total, 1.0), 0.0)
+    entropies = (torch.special.entr(p).sum(dim=-1) / LN2).transpose(1, 2)  # (sample, query, head)
+    real = finite if real_queries is None else finite & real_queries.to(p.device, torch.bool)
+    return entropies[real], torch.nonzero(real)[:, 0]
+
+
 # --- the estimator ----------------------------------------------------------------------
 
 
@@ -157,6 +189,11 @@ class ActivationEntropyParams(BaseModel):
     )
     bins: int = Field(100, ge=1, le=100_000, description="histogram bins")
     range: tuple[float, float] | None = Field(None, description="histogram range; default: the layer's [min, max]")
+    attention: Literal["distribution", "as_neurons"] = Field(
+        "distribution",
+        description="attention maps: distribution: Shannon entropy of each real query's attention over the real "
+        "keys, per head and averaged; as_neurons: the variant, as for any other layer",
+    )
 
     @model_validator(mode="after")
     def _range_ordered(self):
@@ -178,12 +215,15 @@ class ActivationEntropy(Estimator):
     low: dict[str, float]
     high: dict[str, float]
     histograms: dict[str, dict[object, torch.Tensor]]
+    attention_sums: dict[str, dict[object, torch.Tensor]]
+    attention_keys: dict[str, int]
     default_selector = {"activation": "output"}  # activation ops and decomposed forms (SiLU, GELU …)
     tags = EstimatorTags(
         reconstructed="Wang et al. 2019 (arXiv 1905.08618, withdrawn): reconstructed from the abstract; "
         "entropy definition, threshold and binning are our choices",
-        tokens="with a token mask: every real token (attention maps: real query-key pair) is a sample, labelled "
-        "with its sequence's label, padding left out; without one: token axes are neurons like any other",
+        tokens="with a token mask: every real token is a sample, labelled with its sequence's label, padding left "
+        "out (attention maps: the entropy of each real query's attention over the real keys; with attention: "
+        "as_neurons every real query-key pair is a sample); without one: token axes are neurons like any other",
     )
 
     @classmethod
@@ -197,6 +237,13 @@ class ActivationEntropy(Estimator):
         self.add_state("low", {}, "min")  # tensor -> minimum value (histogram range pass)
         self.add_state("high", {}, "max")
         self.add_state("histograms", {}, "sum")  # tensor -> class -> (bins,) counts
+        self.add_state("attention_sums", {}, "sum")  # attention map -> class -> (heads,) Σ entropy over queries
+        self.add_state("attention_keys", {}, "max")  # attention map -> most real keys of a query
+        self.attention_maps: set[str] = set()
+
+    def bind_graph(self, tensors, model: LoadedModel | None = None) -> None:
+        if self.params.attention == "distribution":
+            self.attention_maps = {a.output for a in find_attention(tensors)} & set(self.tensors)
 
     def _samples(self, name: str, values: torch.Tensor, batch: TensorBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(samples × neurons matrix, their labels) of tensor *name*: the batch's samples, or with a token
@@ -208,9 +255,28 @@ class ActivationEntropy(Estimator):
         info = self.tensors.get(name)
         return neuron_matrix(info.channels_first(values) if info else values, self.params.neurons), batch.labels
 
+    def _attention(self, name: str, values: torch.Tensor, batch: TensorBatch) -> None:
+        """Per class, the sums over real queries of each head's attention entropy (module docstring)."""
+        masks: list[torch.Tensor | None] = [None, None]  # real queries, real keys
+        if batch.token_mask is not None:
+            axes = self.token_axes.get(name, ())
+            masks = [batch.token_mask if values.ndim + offset in axes else None for offset in (-2, -1)]
+        rows, sample = attention_entropy_bits(values, *masks)
+        keys = values.shape[-1] if masks[1] is None else int(masks[1].sum(dim=1).max())
+        self.accumulate("attention_keys", keys, name)
+        labels = None if batch.labels is None else batch.labels.reshape(-1).cpu()[sample.cpu()]
+        for key, mask in class_keys(labels, rows.shape[0]):
+            chosen = rows[mask.to(rows.device)]
+            if chosen.shape[0]:
+                self.accumulate("samples", chosen.shape[0], name, key)
+                self.accumulate("attention_sums", chosen.sum(dim=0).cpu(), name, key)
+
     def update(self, batch: TensorBatch) -> None:
         p = self.params
         for name, values in batch.tensors.items():
+            if name in self.attention_maps:
+                self._attention(name, values, batch)
+                continue
             matrix, labels = self._samples(name, values, batch)
             if p.variant == "binary":
                 self._count_on(name, matrix, labels)
@@ -258,7 +324,9 @@ class ActivationEntropy(Estimator):
 
     def value_range(self, record: dict) -> tuple[float, float]:
         """Binary entropy per neuron: [0, 1] bit; a histogram's: [0, log2 bins]; a pattern distribution's:
-        [0, log2 samples]; sums and counts: non-negative."""
+        [0, log2 samples]; an attention distribution's: [0, log2 keys]; sums and counts: non-negative."""
+        if record["variant"] == "attention":
+            return 0.0, math.log2(record["keys"]) if record["metric"].endswith("entropy") else math.inf
         if record["metric"] != "entropy":
             return 0.0, math.inf
         variant = record["variant"]
@@ -276,7 +344,15 @@ class ActivationEntropy(Estimator):
         for name in self.tensors:
             for key, count in sorted(self.samples.get(name, {}).items(), key=lambda kv: (kv[0] != ALL, str(kv[0]))):
                 extra = {"class": key, "variant": p.variant, "samples": count}
-                if p.variant == "binary":
+                if name in self.attention_maps:
+                    extra.update(variant="attention", keys=self.attention_keys[name])
+                    heads = self.attention_sums[name][key].to(torch.float64) / count
+                    records.append(self.record(name, "entropy", float(heads.mean()), "bits", **extra))
+                    records += [
+                        self.record(name, "head_entropy", float(h), "bits", head=i, **extra)
+                        for i, h in enumerate(heads.tolist())
+                    ]
+                elif p.variant == "binary":
                     mean, total = mean_binary_entropy_bits(self.on_counts[name][key], count)
                     records.append(self.record(name, "entropy", mean, "bits", **extra))
                     records.append(self.record(name, "entropy_sum", total, "bits", **extra))

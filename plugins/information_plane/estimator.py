@@ -20,9 +20,11 @@ data (a first pass). Hidden layers use ``sigma: alignment`` by default: the widt
 maximises the kernel alignment ⟨K_σ, K_Y⟩/(‖K_σ‖‖K_Y‖) with the label kernel over a grid.
 The paper searches ``linspace(0.3, 10·d̄)`` per training batch; here the grid is
 ``f·d̄`` with f on ``linspace(*grid_range, sigma_grid)`` and d̄ the batch's mean pairwise
-distance, the alignment curves are summed over the batches of a first pass, and every
-checkpoint uses its own σ*. The paper smooths σ* with a moving average
-σ_t = 0.9·σ_{t−1} + 0.1·σ*_t over *training iterations*, a few steps apart; across saved
+distance (``width_grid: absolute`` searches the paper's grid instead), the alignment curves are
+summed over the batches of a first pass, and every checkpoint uses its own σ*. A σ* at an end of
+its grid, and a smoothed σ more than a factor 1.25 from its checkpoint's σ*, are warned about.
+The paper smooths σ* with a moving average σ_t = 0.9·σ_{t−1} + 0.1·σ*_t over *training
+iterations*, a few steps apart; across saved
 checkpoints, epochs apart, the same average would still carry 39 % of checkpoint 1's width
 at checkpoint 10 (0.9⁹), so it is off by default (``smoothing: 0``) and available as
 ``smoothing`` (the weight of the previous checkpoint's σ). Both σ* (``sigma_optimal``) and the
@@ -56,6 +58,7 @@ from .maths import (
     normalise,
     pairwise_sq_distances,
     renyi_entropy,
+    width_grid,
 )
 
 if TYPE_CHECKING:
@@ -64,6 +67,8 @@ else:
     torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
 METRICS = ("I_XT", "I_TY", "H_T")
+#: A smoothed width more than this factor from its checkpoint's σ* (either side) is warned about.
+FAR_FROM_OPTIMUM = 1.25
 INPUT_KEY, LABELS_KEY = "input", "labels"
 
 
@@ -80,6 +85,11 @@ class InformationPlaneParams(BaseModel):
     sigma_grid: int = Field(300, ge=2, le=100_000, description="widths searched by kernel alignment")
     grid_range: tuple[float, float] = Field(
         (0.03, 10.0), description="the searched widths are f·(mean pairwise distance) for f evenly spaced on this range"
+    )
+    width_grid: Literal["relative", "absolute"] = Field(
+        "relative",
+        description="relative: widths f·d̄ for f on grid_range; absolute: the authors' grid, "
+        "linspace(0.3, 10·d̄, sigma_grid), its floor 0.3 in the layer's own units",
     )
     smoothing: float = Field(
         0.0,
@@ -111,6 +121,10 @@ class InformationPlaneParams(BaseModel):
             raise ValueError("sigma must be positive or 'alignment'")
         if not 0 < self.grid_range[0] < self.grid_range[1]:
             raise ValueError("grid_range must be [low, high] with 0 < low < high")
+        if self.width_grid == "absolute" and "grid_range" in self.model_fields_set:
+            raise ValueError(
+                "grid_range sets the relative grid; width_grid: absolute is the authors' grid, linspace(0.3, 10·d̄)"
+            )
         return self
 
 
@@ -154,7 +168,7 @@ class InformationPlane(Estimator):
 
     def setup(self) -> None:
         p = self.params
-        self.grid = torch.linspace(p.grid_range[0], p.grid_range[1], p.sigma_grid, dtype=torch.float64)
+        self.grid = width_grid(p.width_grid, p.grid_range, p.sigma_grid)
         self.previous_sigma: dict[str, float] = {}
         # first pass: width statistics (reset once turned into widths)
         self.add_state("alignment_sums", {}, "sum")  # tensor -> (grid,) Σ alignment over batches
@@ -231,7 +245,7 @@ class InformationPlane(Estimator):
             mean_distance = mean_pairwise_distance(d2)
             if mean_distance == 0.0:
                 continue  # a constant layer in this batch: every width gives the same kernel
-            curve = alignment_curve(d2, label_kernel, self.grid.to(d2.device) * mean_distance).cpu()
+            curve = alignment_curve(d2, label_kernel, self.grid.widths(mean_distance).to(d2.device)).cpu()
             self.accumulate("alignment_sums", curve, name)
             self.accumulate("distance_sums", torch.tensor([1.0, mean_distance], dtype=torch.float64), name)
 
@@ -252,13 +266,38 @@ class InformationPlane(Estimator):
         super().end_pass()
 
     def _choose_widths(self) -> None:
+        """σ* = the grid width of the summed alignment curves' argmax at the batches' mean d̄, smoothed with the
+        previous checkpoint's σ; warns when σ* is an end of its grid (the alignment may peak beyond it) or the
+        smoothed σ lies more than a factor ``FAR_FROM_OPTIMUM`` from σ*."""
+        at_edge, far = [], []
+        smoothing = self.params.smoothing
         for name, curve in self.alignment_sums.items():
             count, distance_sum = self.distance_sums[name].tolist()
-            best = float(self.grid[int(torch.argmax(curve))]) * distance_sum / count
+            index = int(torch.argmax(curve))
+            widths = self.grid.widths(distance_sum / count)
+            best = float(widths[index])
             self.sigma_optimal[name] = best
             previous = self.previous_sigma.get(name)
-            smoothing = self.params.smoothing
             self.sigma_used[name] = best if previous is None else smoothing * previous + (1 - smoothing) * best
+            layer = self.tensors[name].layer if name in self.tensors else name
+            if index in (0, len(widths) - 1):
+                end = "first" if index == 0 else "last"
+                at_edge.append(f"{layer} σ* = {best:.4g} (the {end} of {float(widths[0]):.4g}…{float(widths[-1]):.4g})")
+            ratio = self.sigma_used[name] / best
+            if max(ratio, 1 / ratio) > FAR_FROM_OPTIMUM:
+                far.append(f"{layer} σ = {self.sigma_used[name]:.4g} against σ* = {best:.4g}")
+        if at_edge:
+            self.warn(
+                f"kernel widths chosen at an end of their {self.params.width_grid} alignment grid (the alignment "
+                "may peak beyond it, so these widths and the estimates they give are the grid's, not the "
+                "alignment's): " + ", ".join(at_edge)
+            )
+        if far:
+            self.warn(
+                f"smoothing {smoothing:g} leaves kernel widths more than a factor {FAR_FROM_OPTIMUM:g} from this "
+                "checkpoint's alignment optimum σ* (the estimates then reflect earlier checkpoints' widths): "
+                + ", ".join(far)
+            )
 
     def _estimate(self, batch: TensorBatch, chunk: slice, chunk_start: int, labels: torch.Tensor) -> None:
         p = self.params

@@ -14,6 +14,7 @@ numpy's BLAS, see :func:`inner_products`):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -112,6 +113,36 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, alpha: float) -> float:
 def kernel_alignment(k: torch.Tensor, k_labels: torch.Tensor) -> float:
     """⟨K, L⟩_F / (‖K‖_F ‖L‖_F), L the label kernel *k_labels*."""
     return float((k * k_labels).sum() / (torch.linalg.norm(k) * torch.linalg.norm(k_labels)))
+
+
+#: The authors' width grid, linspace(0.3, 10·d̄): its floor is an absolute width, its top a factor of d̄.
+AUTHORS_GRID = (0.3, 10.0)
+
+
+@dataclass(frozen=True)
+class WidthGrid:
+    """Kernel widths searched by alignment, σ_i = offset_i + factor_i·d̄ for a batch's mean pairwise distance d̄.
+
+    ``relative``: σ_i = f_i·d̄, f on linspace(low, high, count); ``absolute`` (the authors' code):
+    σ = linspace(0.3, 10·d̄, count), i.e. σ_i = 0.3·(1 − t_i) + 10·t_i·d̄ with t on linspace(0, 1, count).
+    Linear in d̄, so summing alignment curves over batches index by index and taking the widths at the mean
+    d̄ is the same in both."""
+
+    offsets: torch.Tensor
+    factors: torch.Tensor
+
+    def widths(self, mean_distance: float) -> torch.Tensor:
+        """The grid's widths for a mean pairwise distance d̄."""
+        return self.offsets + self.factors * mean_distance
+
+
+def width_grid(kind: str, grid_range: tuple[float, float], count: int) -> WidthGrid:
+    """The ``relative`` grid f·d̄ (f on linspace(*grid_range, count)) or the authors' ``absolute`` one."""
+    if kind == "absolute":
+        t = torch.linspace(0.0, 1.0, count, dtype=torch.float64)
+        return WidthGrid(AUTHORS_GRID[0] * (1.0 - t), AUTHORS_GRID[1] * t)
+    factors = torch.linspace(grid_range[0], grid_range[1], count, dtype=torch.float64)
+    return WidthGrid(torch.zeros_like(factors), factors)
 
 
 ALIGNMENT_BLOCK = 2**22  # Gram entries evaluated at once (32 MiB of float64) by alignment_curve

@@ -18,7 +18,16 @@ batches of ``samples`` (a last incomplete batch is dropped, as the reference's
 ``drop_last=True`` does), every metric is computed per batch, and the records hold the mean
 over batches with its population standard deviation as ``<metric>_std``. Side metrics:
 ``linear_cka`` and ``r2`` (least-squares fit) on the reduced samples, and ``sparsity``, the fraction of
-the unreduced output's values with |y| ≤ 1e-3 (as the reference code computes it, before any pooling).
+the unreduced output's values with |y| ≤ 1e-3 (as the reference code computes it, before any pooling);
+and what the reference's absolute constants act against: ``input_variance`` s_x and ``min_eigenvalue``, the
+smallest eigenvalue of Σ_X and Σ_Y (jitter included), both in the samples' own units.
+
+Constants (``jitter``): ``relative`` (default) applies the reference's 1e-6 jitter, 2e-6 threshold and
+eigenvalue floor at unit input scale, so scores do not depend on an activation's scale; ``absolute`` applies
+them in the samples' own units, as the reference code does, and reproduces its ``rho_aff``. The other
+setting's score is checked too, and one warning names every activation whose score it moves by more than
+1e-3 (its OT problem is solved only when :func:`~layerscope.plugins.nonlinearity_signature.maths.movement_bound`
+cannot exclude such a move).
 
 Tokens (a choice of ours; the reference hooks no attention and has no padding): the
 reference's 4-D rule would average an attention map (sample × head × query × key) to a
@@ -46,7 +55,7 @@ from layerscope.graph.tokens import mean_over_tokens, zero_padding
 from layerscope.util.errors import UserError
 from layerscope.util.lazy import lazy_module
 
-from .maths import affinity_score, is_nearly_constant, linear_cka, linear_r2, sparsity_per_sample
+from .maths import JITTERS, Affinity, affinity, linear_cka, linear_r2, sparsity_per_sample
 
 if TYPE_CHECKING:
     import torch
@@ -66,11 +75,20 @@ class NonlinearitySignatureParams(BaseModel):
     reduce_axis: Literal[1, 2, -1] = Field(-1, description="axis averaged away for 3-D tensors")
     covariance: Literal["empirical", "ledoit_wolf"] = Field(
         "empirical",
-        description="empirical (+1e-6·I at unit input scale) or ledoit_wolf (sklearn's shrinkage, the "
-        "reference's corrected variant)",
+        description="empirical (+1e-6·I) or ledoit_wolf (sklearn's shrinkage, the reference's corrected variant)",
+    )
+    jitter: Literal["relative", "absolute"] = Field(
+        "relative",
+        description="where the reference's constants (1e-6 jitter, 2e-6 threshold, eigenvalue floor) act: "
+        "relative: at unit input scale (scale-invariant); absolute: in the samples' own units, as the "
+        "reference code applies them",
     )
     solver: Literal["emd", "assignment"] = Field("emd", description="exact OT: POT's ot.emd2 or scipy's assignment")
-    side_metrics: bool = Field(True, description="also the reference's linear_cka, r2 and sparsity")
+    side_metrics: bool = Field(
+        True,
+        description="also the reference's linear_cka, r2 and sparsity, and the input_variance and "
+        "min_eigenvalue the constants act against",
+    )
     batches: int = Field(
         1,
         ge=1,
@@ -88,6 +106,13 @@ def reduce_features(values: torch.Tensor, reduce_axis: int) -> torch.Tensor:
         return values.mean(dim=reduce_axis)
     return values.reshape(values.shape[0], -1)
 
+
+#: A score that the other ``jitter`` setting moves by more than this is named in a warning.
+MOVE_TOLERANCE = 1e-3
+JITTER_MEANING = {
+    "relative": "the constants at unit input scale",
+    "absolute": "the reference's constants in the samples' own units",
+}
 
 #: Attention scores at or below this are masked positions (attention masks add -inf or the dtype's lowest value).
 MASKED_SCORE = -1e30
@@ -123,6 +148,9 @@ class NonlinearitySignature(Estimator):
         "linear_cka_std": (0.0, 0.5),
         "r2_std": (0.0, math.inf),
         "sparsity_std": (0.0, 0.5),
+        "input_variance": (0.0, math.inf),
+        "input_variance_std": (0.0, math.inf),
+        "min_eigenvalue_std": (0.0, math.inf),
     }
 
     def setup(self) -> None:
@@ -207,24 +235,37 @@ class NonlinearitySignature(Estimator):
         size = self.params.samples
         return [slice(i * size, (i + 1) * size) for i in range(count // size)] or [slice(0, count)]
 
-    def _metrics(self, pair: Activation, x, y, near_zero) -> dict[str, float]:
-        """ρ_aff (and the side metrics) of one batch of reduced samples."""
-        if self.token_axes.get(pair.output):  # keys that are padding in every kept sample are no features
+    def _features(self, pair: Activation, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The reduced samples without the keys that are padding in every kept sample (no features)."""
+        if self.token_axes.get(pair.output):
             used = (x != 0).any(axis=0) | (y != 0).any(axis=0)
             x, y = x[:, used], y[:, used]
-        metrics = {"affinity_score": affinity_score(x, y, self.params.covariance, self.params.solver)[0]}
+        return x, y
+
+    def _metrics(self, x, y, near_zero, result: Affinity) -> dict[str, float]:
+        """ρ_aff (and the side metrics) of one batch of reduced samples."""
+        metrics = {"affinity_score": result.score}
         if self.params.side_metrics:
-            metrics.update(linear_cka=linear_cka(x, y), r2=linear_r2(x, y), sparsity=float(near_zero.mean()))
+            metrics.update(
+                linear_cka=linear_cka(x, y),
+                r2=linear_r2(x, y),
+                sparsity=float(near_zero.mean()),
+                input_variance=result.input_variance,
+                min_eigenvalue=result.min_eigenvalue,
+            )
         return metrics
 
     def finalize(self) -> list[dict]:
-        records = []
+        records, moved = [], []
+        p = self.params
         for position, pair in enumerate(self.pairs):
             if pair.output not in self.kept:
                 continue
             _, x, y, near_zero = (t.numpy() for t in self.kept[pair.output])
             batches = self._batches(len(x))
-            scored = [self._metrics(pair, x[b], y[b], near_zero[b]) for b in batches]
+            samples = [self._features(pair, x[b], y[b]) for b in batches]
+            results = [affinity(bx, by, p.covariance, p.solver, p.jitter, MOVE_TOLERANCE) for bx, by in samples]
+            scored = [self._metrics(*xy, near_zero[b], r) for xy, b, r in zip(samples, batches, results)]
             keys = {
                 "op_type": pair.kind,
                 "position": position,
@@ -235,9 +276,45 @@ class NonlinearitySignature(Estimator):
             for metric in scored[0]:
                 values = np.array([s[metric] for s in scored])
                 records.append(self.record(pair.output, metric, float(values.mean()), "", **keys))
-                if self.params.batches > 1:
+                if p.batches > 1:
                     records.append(self.record(pair.output, f"{metric}_std", float(values.std()), "", **keys))
+            if any(r.degenerate for r in results):
+                where = "at unit input scale" if p.jitter == "relative" else "in the samples' own units"
+                self.warn(
+                    f"{pair.layer}: the output is nearly constant (tr Σ_Y ≤ 2e-6·d {where}); as in the reference "
+                    "code the map is set to 0, so the score reflects only the output's spread"
+                )
+            score, other = float(np.mean([r.score for r in results])), self._other_score(samples, results)
+            if other is not None and abs(other - score) > MOVE_TOLERANCE:
+                moved.append(f"{pair.layer} {score:.4f} → {other:.4f}")
+        if moved:
+            self.warn(
+                f"affinity scores that move by more than {MOVE_TOLERANCE:g} with jitter: {self._other_jitter} "
+                f"instead of {p.jitter} ({JITTER_MEANING[self._other_jitter]}): " + ", ".join(moved)
+            )
         return records
+
+    @property
+    def _other_jitter(self) -> str:
+        return JITTERS[1 - JITTERS.index(self.params.jitter)]
+
+    def _other_score(self, samples: list, results: list[Affinity]) -> float | None:
+        """The mean score over batches with the other jitter setting, or None when every batch's score provably
+        moves by at most ``MOVE_TOLERANCE`` (:func:`~.maths.movement_bound`); batches whose check skipped the
+        other OT problem have it solved here when another batch's did not."""
+        if all(r.other_score is None for r in results):
+            return None
+        p = self.params
+        return float(
+            np.mean(
+                [
+                    affinity(x, y, p.covariance, p.solver, self._other_jitter).score
+                    if r.other_score is None
+                    else r.other_score
+                    for (x, y), r in zip(samples, results)
+                ]
+            )
+        )
 
     def collect_warnings(self) -> list[str]:
         warnings = super().collect_warnings()
@@ -249,15 +326,6 @@ class NonlinearitySignature(Estimator):
                 f"only {min(counts) // self.params.samples} of the {self.params.batches} requested batches "
                 f"of {self.params.samples} samples were available"
             )
-        for pair in self.pairs:
-            if pair.output in self.kept:
-                _, x, y, _ = (t.numpy() for t in self.kept[pair.output])
-                if is_nearly_constant(x, y, self.params.covariance):
-                    warnings.append(
-                        f"{pair.layer}: the output is nearly constant (tr Σ_Y ≤ 2e-6·d at unit input "
-                        "scale); as in the reference code the map is set to 0, so the score reflects "
-                        "only the output's spread"
-                    )
         return warnings
 
     @classmethod

@@ -14,14 +14,24 @@ Scale. ρ_aff is invariant to scaling an activation's input and output together,
 reference code's constants (the 1e-6 jitter, the 2e-6 "nearly constant" threshold, the
 eigenvalue floor) are absolute, chosen for unit-scale activations, and the exact OT solver
 has absolute tolerances too. So both samples are first divided by √s_x, s_x = tr Σ̂_x / d_x
-the input's mean variance: the constants then act at the scale they were chosen for, and an
-activation scaled by 1e-30 or 1e30 gets the score of the unscaled one. For inputs of unit
-variance nothing changes. A constant input is left as it is (the map is then 0 and, the
-output being constant too, ρ_aff = 1: a point mass onto a point mass is affine).
+the input's mean variance, and the solver always works at unit input scale. Where the constants
+act is the ``jitter`` setting:
+
+- ``relative`` (default): at unit input scale, so an activation scaled by 1e-30 or 1e30 gets the
+  score of the unscaled one; for inputs of unit variance nothing changes;
+- ``absolute``: in the samples' own units, as the reference code applies them (jitter 1e-6·I,
+  threshold 2e-6·d and a floor of linspace(1e-7, 1e-6) on variances): at unit input scale they are
+  divided by s_x, the floor of the inner matrix Σ_y^{1/2} Σ_x Σ_y^{1/2} (a variance squared) by s_x².
+  This is the reference's formula exactly; only the OT problem is solved at unit scale, and its
+  optimum does not depend on the scale.
+
+A constant input is left as it is, and both settings coincide (the map is then 0 and, the output being
+constant too, ρ_aff = 1: a point mass onto a point mass is affine).
 
 Matrix square roots come from float64 symmetric eigendecompositions; non-positive
 eigenvalues are replaced by small distinct constants linspace(1e-7, 1e-6, k) as in the
-reference ``torch_sqrtm``. Side metrics as logged by the reference: linear CKA, R² of a
+reference ``torch_sqrtm``, and the inverse root is the pseudo-inverse of that root (``torch.pinverse``:
+roots below 1e-15 of the largest count as 0). Side metrics as logged by the reference: linear CKA, R² of a
 least-squares fit, sparsity.
 
 Fewer samples than features (:func:`sample_subspace`). With n samples of d features, every centred
@@ -36,6 +46,7 @@ result equals the dense computation up to round-off.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,33 +60,47 @@ else:
 
 JITTER = 1e-6
 DEGENERATE_TRACE = 2e-6  # per dimension
+FLOOR = (1e-7, 1e-6)  # the reference's replacements for non-positive eigenvalues (torch_sqrtm)
+PINV_CUTOFF = 1e-15  # torch.pinverse's default rcond
+JITTERS = ("relative", "absolute")
 
 
-def _eigen_power(matrix: np.ndarray, power: float) -> np.ndarray:
-    """matrix^power for a symmetric PSD matrix (float64 eigh; non-positive eigenvalues → tiny constants)."""
-    eigenvalues, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+def _floored(eigenvalues: np.ndarray, floor_unit: float) -> np.ndarray:
+    """Ascending eigenvalues with the non-positive ones replaced by linspace(1e-7, 1e-6, k)·*floor_unit*."""
     bad = eigenvalues <= 0
-    if bad.any():
-        eigenvalues = eigenvalues.copy()
-        eigenvalues[bad] = np.linspace(1e-7, 1e-6, int(bad.sum()))
-    return (vectors * eigenvalues**power) @ vectors.T
+    if not bad.any():
+        return eigenvalues
+    eigenvalues = eigenvalues.copy()
+    eigenvalues[bad] = np.linspace(*FLOOR, int(bad.sum())) * floor_unit
+    return eigenvalues
 
 
-def sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
-    """Σ^{1/2} of a symmetric PSD matrix."""
-    return _eigen_power(matrix, 0.5)
+def inv_sqrtm_psd(matrix: np.ndarray, floor_unit: float = 1.0) -> np.ndarray:
+    """Σ^{−1/2} of a symmetric PSD matrix as the reference computes it: the pseudo-inverse of Σ^{1/2} from a
+    float64 eigh, non-positive eigenvalues floored (:func:`_floored`), roots below 1e-15 of the largest
+    counting as 0 (``torch.pinverse``)."""
+    eigenvalues, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    roots = np.sqrt(_floored(eigenvalues, floor_unit))
+    kept = roots > PINV_CUTOFF * roots.max(initial=0.0)
+    return (vectors * np.where(kept, 1.0 / np.where(kept, roots, 1.0), 0.0)) @ vectors.T
 
 
-def inv_sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
-    """Σ^{−1/2} of a symmetric PSD matrix."""
-    return _eigen_power(matrix, -0.5)
+def input_variance(x: np.ndarray) -> float:
+    """s_x = tr Σ̂_x / d_x, the mean unbiased variance of the input samples (0 for fewer than two)."""
+    return float(np.var(x, axis=0, ddof=1).mean()) if len(x) > 1 else 0.0
 
 
 def unit_scale(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) / √s_x, s_x = tr Σ̂_x / d_x the input's mean unbiased variance (unchanged when s_x = 0)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    scale = float(np.var(x, axis=0, ddof=1).mean()) if len(x) > 1 else 0.0
+    scale = input_variance(x)
     return (x / np.sqrt(scale), y / np.sqrt(scale)) if scale > 0 else (x, y)
+
+
+def constants_unit(jitter: str, scale: float) -> float:
+    """The variance, at unit input scale, in which the reference's constants (jitter, threshold, floor) count:
+    1 for ``relative``; 1/s_x for ``absolute``, which puts them in the samples' own units (1 when s_x = 0)."""
+    return 1.0 / scale if jitter == "absolute" and scale > 0 else 1.0
 
 
 def ledoit_wolf_shrinkage(samples: np.ndarray) -> float:
@@ -97,33 +122,15 @@ def ledoit_wolf_shrinkage(samples: np.ndarray) -> float:
     return 0.0 if beta == 0 else beta / delta
 
 
-def covariance(samples: np.ndarray, method: str = "empirical") -> np.ndarray:
-    """Unbiased sample covariance + 1e-6·I, or sklearn's Ledoit–Wolf shrinkage estimate + 1e-6·I."""
+def covariance_form(centred: np.ndarray, method: str) -> tuple[float, float]:
+    """(a, c) with the covariance of the samples = a·XᶜᵀXᶜ + c·I before the jitter: unbiased (a = 1/(n − 1),
+    c = 0), or Ledoit–Wolf's shrinkage of the biased covariance (a = (1 − δ)/n, c = δ·tr(XᶜᵀXᶜ)/(n·d)), the
+    estimate of sklearn's ``LedoitWolf``."""
+    n, d = centred.shape
     if method == "ledoit_wolf":
-        from sklearn.covariance import LedoitWolf
-
-        cov = LedoitWolf().fit(samples).covariance_
-    else:
-        cov = np.atleast_2d(np.cov(samples, rowvar=False, ddof=1))
-    return cov + JITTER * np.eye(cov.shape[0])
-
-
-def degenerate_output(cov_y: np.ndarray) -> bool:
-    """True when the output is (nearly) constant: tr Σ_y ≤ 2e-6·d (the reference code's test)."""
-    return bool(np.trace(cov_y) <= DEGENERATE_TRACE * cov_y.shape[0])
-
-
-def is_nearly_constant(x: np.ndarray, y: np.ndarray, covariance_method: str = "empirical") -> bool:
-    """True when the output of this pair is (nearly) constant at unit input scale, so the map is set to 0."""
-    return degenerate_output(covariance(unit_scale(x, y)[1], covariance_method))
-
-
-def monge_map(cov_x: np.ndarray, cov_y: np.ndarray) -> np.ndarray:
-    """A = Σ_y^{1/2} (Σ_y^{1/2} Σ_x Σ_y^{1/2})^{−1/2} Σ_y^{1/2}; zero for a (near-)constant output."""
-    if degenerate_output(cov_y):
-        return np.zeros_like(cov_y)
-    root_y = sqrtm_psd(cov_y)
-    return root_y @ inv_sqrtm_psd(root_y @ cov_x @ root_y) @ root_y
+        shrinkage = ledoit_wolf_shrinkage(centred)
+        return (1.0 - shrinkage) / n, shrinkage * float((centred**2).sum()) / n / d
+    return 1.0 / (n - 1), 0.0
 
 
 def import_pot():
@@ -154,21 +161,6 @@ def exact_w2_squared(source: np.ndarray, target: np.ndarray, solver: str = "emd"
     return float(ot.emd2(weights, weights, cost, numItermax=10_000_000))
 
 
-def affinity_score(
-    x: np.ndarray, y: np.ndarray, covariance_method: str = "empirical", solver: str = "emd"
-) -> tuple[float, bool]:
-    """(ρ_aff, degenerate) for input samples *x* and output samples *y* (n × d each), computed at unit
-    input scale (see the module docstring), in the samples' subspace when they are fewer than the features."""
-    x, y = unit_scale(x, y)
-    if 2 * len(x) < x.shape[1]:
-        return _affinity_in_subspace(x, y, covariance_method, solver)
-    cov_x, cov_y = covariance(x, covariance_method), covariance(y, covariance_method)
-    a = monge_map(cov_x, cov_y)
-    mapped = y.mean(axis=0) + (x - x.mean(axis=0)) @ a  # A is symmetric
-    w2 = exact_w2_squared(mapped, y, solver)
-    return 1.0 - float(np.sqrt(w2 / (2.0 * np.trace(cov_y)))), not a.any()
-
-
 def sample_subspace(xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
     """An orthonormal basis (d × k) of the span of the rows of the centred samples *xc* and *yc*."""
     stacked = np.concatenate([xc, yc]).T  # d × 2n
@@ -177,34 +169,132 @@ def sample_subspace(xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
     return basis[:, :rank]
 
 
-def _scaled_gram_form(centred: np.ndarray, samples: np.ndarray, method: str) -> tuple[float, float]:
-    """(a, c) with the covariance of *samples* = a·XᶜᵀXᶜ + c·I: unbiased + jitter, or Ledoit–Wolf (from the
-    biased covariance) + jitter."""
-    n, d = centred.shape
-    if method == "ledoit_wolf":
-        shrinkage = ledoit_wolf_shrinkage(samples)
-        mu = float((centred**2).sum()) / n / d
-        return (1.0 - shrinkage) / n, shrinkage * mu + JITTER
-    return 1.0 / (n - 1), JITTER
+@dataclass(frozen=True)
+class Moments:
+    """What the two jitter settings share for a pair of unit-scaled samples: their centred coordinates in k
+    dimensions (the d features, or the samples' subspace S when 2n < d), each covariance's form a·CᵀC + c·I
+    before the jitter (:func:`covariance_form`), X's Gram matrix CᵀC with its smallest eigenvalue, and the
+    eigendecomposition of Y's."""
+
+    xs: np.ndarray  # n × k
+    ys: np.ndarray  # n × k
+    form_x: tuple[float, float]
+    form_y: tuple[float, float]
+    gram_x: np.ndarray  # k × k
+    x_smallest: float  # of gram_x
+    y_eigenvalues: np.ndarray  # of Y's Gram matrix, ascending
+    y_vectors: np.ndarray
+    trace_gram_y: float  # Σ_i ‖y_i − m_y‖², the same in S
+    features: int  # d
 
 
-def _affinity_in_subspace(x: np.ndarray, y: np.ndarray, method: str, solver: str) -> tuple[float, bool]:
-    """:func:`affinity_score` from the k × k blocks of the covariances in the samples' subspace (module
-    docstring): the same number as the d × d computation, up to round-off."""
+def moments(x: np.ndarray, y: np.ndarray, method: str) -> Moments:
+    """The :class:`Moments` of unit-scaled samples *x*, *y* (n × d each)."""
     xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
-    basis = sample_subspace(xc, yc)
-    xs, ys = xc @ basis, yc @ basis  # the samples' coordinates in S (nothing of them lies outside)
-    (ax, cx), (ay, cy) = _scaled_gram_form(xc, x, method), _scaled_gram_form(yc, y, method)
-    eye = np.eye(basis.shape[1])
-    cov_x, cov_y = ax * (xs.T @ xs) + cx * eye, ay * (ys.T @ ys) + cy * eye
-    trace_y = ay * float((yc**2).sum()) + cy * y.shape[1]
-    if trace_y <= DEGENERATE_TRACE * y.shape[1]:
-        a = np.zeros_like(cov_y)
+    xs, ys = xc, yc
+    if 2 * len(x) < x.shape[1]:
+        basis = sample_subspace(xc, yc)
+        xs, ys = xc @ basis, yc @ basis  # nothing of the centred samples lies outside S
+    gram_x, gram_y = xs.T @ xs, ys.T @ ys
+    y_eigenvalues, y_vectors = np.linalg.eigh(gram_y)
+    x_smallest = float(np.linalg.eigvalsh(gram_x).min(initial=np.inf))
+    form_x, form_y = covariance_form(xc, method), covariance_form(yc, method)
+    trace_gram_y = float((yc**2).sum())
+    return Moments(xs, ys, form_x, form_y, gram_x, x_smallest, y_eigenvalues, y_vectors, trace_gram_y, x.shape[1])
+
+
+@dataclass(frozen=True)
+class AffineFit:
+    """One jitter setting's Gaussian fits and Monge map, in the coordinates of :class:`Moments`."""
+
+    mapped: np.ndarray  # (x_i − m_x)·A: the images T(x_i) − m_y
+    targets: np.ndarray  # y_i − m_y
+    trace_y: float  # tr Σ_Y over all d features, jitter included
+    degenerate: bool  # A = 0: a (nearly) constant output
+    min_eigenvalue: float  # the smallest eigenvalue of Σ_X and Σ_Y (Σ_Y's after the floor)
+
+
+def affine_fit(m: Moments, unit: float) -> AffineFit:
+    """Σ_X, Σ_Y (+ 1e-6·unit·I) and A = Σ_Y^{1/2} (Σ_Y^{1/2} Σ_X Σ_Y^{1/2})^{−1/2} Σ_Y^{1/2}, or A = 0 when
+    tr Σ_Y ≤ 2e-6·unit·d; Σ_Y's eigenvalues floored in *unit*, the inner matrix's (a variance squared) in unit².
+    In S, each covariance is its k × k block: on S's complement both are c·I, so A is block diagonal and the
+    samples, which have no component there, see only the block in S; the complement adds c·(d − k) to the
+    trace and c to the eigenvalues."""
+    (ax, cx), (ay, cy) = m.form_x, m.form_y
+    cx, cy = cx + JITTER * unit, cy + JITTER * unit
+    k = m.xs.shape[1]
+    eigenvalues_y = _floored(ay * m.y_eigenvalues + cy, unit)
+    trace_y = ay * m.trace_gram_y + cy * m.features
+    smallest = min(ax * m.x_smallest + cx, float(eigenvalues_y.min(initial=np.inf)))
+    if k < m.features:
+        smallest = min(smallest, cx, cy)
+    if trace_y <= DEGENERATE_TRACE * unit * m.features:
+        a = np.zeros((k, k))
     else:
-        root_y = sqrtm_psd(cov_y)
-        a = root_y @ inv_sqrtm_psd(root_y @ cov_x @ root_y) @ root_y
-    w2 = exact_w2_squared(xs @ a, ys, solver)  # T(x_i) − y_j = (x_i − m_x)A − (y_j − m_y), inside S
-    return 1.0 - float(np.sqrt(w2 / (2.0 * trace_y))), not a.any()
+        root_y = (m.y_vectors * np.sqrt(eigenvalues_y)) @ m.y_vectors.T
+        inner = root_y @ (ax * m.gram_x + cx * np.eye(k)) @ root_y
+        a = root_y @ inv_sqrtm_psd(inner, unit**2) @ root_y  # symmetric
+    return AffineFit(m.xs @ a, m.ys, trace_y, not a.any(), smallest)
+
+
+def fit_score(fit: AffineFit, solver: str = "emd") -> float:
+    """ρ_aff = 1 − √(W2²(T#μ̂_X, μ̂_Y) / (2 tr Σ_Y)) of a fit (W2 is the same between the centred measures)."""
+    return 1.0 - float(np.sqrt(exact_w2_squared(fit.mapped, fit.targets, solver) / (2.0 * fit.trace_y)))
+
+
+def movement_bound(fit: AffineFit, score: float, other: AffineFit) -> float:
+    """An upper bound on |ρ' − ρ| for the score ρ of *fit* and ρ' of *other* (the same samples, other constants),
+    without solving the other OT problem. With w = √W2² of *fit* and D² = mean_i ‖T(x_i) − T'(x_i)‖² (the
+    cost of coupling each image to its counterpart), the triangle inequality of W2 gives |w' − w| ≤ D, so
+    ρ' = 1 − w'/√(2 tr Σ'_Y) lies between 1 − (w + D)/√(2 tr Σ'_Y) and 1 − max(w − D, 0)/√(2 tr Σ'_Y)."""
+    w = (1.0 - score) * np.sqrt(2.0 * fit.trace_y)
+    spread = float(np.sqrt(((fit.mapped - other.mapped) ** 2).sum(axis=1).mean()))
+    norm = np.sqrt(2.0 * other.trace_y)
+    return float(max(abs(1.0 - (w + spread) / norm - score), abs(1.0 - max(w - spread, 0.0) / norm - score)))
+
+
+@dataclass(frozen=True)
+class Affinity:
+    """ρ_aff of a pair of samples under one jitter setting, with the quantities the constants act against."""
+
+    score: float
+    degenerate: bool  # the map was set to 0: a (nearly) constant output
+    input_variance: float  # s_x, in the samples' units
+    min_eigenvalue: float  # the smallest eigenvalue of Σ_X and Σ_Y, jitter included, in the samples' units
+    other_score: float | None = None  # the other jitter setting's ρ_aff, when computed
+
+
+def affinity(
+    x: np.ndarray,
+    y: np.ndarray,
+    covariance_method: str = "empirical",
+    solver: str = "emd",
+    jitter: str = "relative",
+    within: float | None = None,
+) -> Affinity:
+    """ρ_aff of input samples *x* and output samples *y* (n × d each) with the constants of *jitter*
+    (module docstring). With *within*, also the other setting's score, unless :func:`movement_bound` shows it
+    lies within *within* of this one (then its OT problem is skipped and ``other_score`` is None)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    scale = input_variance(x)
+    shared = moments(*unit_scale(x, y), covariance_method)
+    fit = affine_fit(shared, constants_unit(jitter, scale))
+    score = fit_score(fit, solver)
+    other_score = None
+    if within is not None:
+        other = affine_fit(shared, constants_unit(JITTERS[1 - JITTERS.index(jitter)], scale))
+        if movement_bound(fit, score, other) > within:
+            other_score = fit_score(other, solver)
+    variance_unit = scale if scale > 0 else 1.0
+    return Affinity(score, fit.degenerate, scale, fit.min_eigenvalue * variance_unit, other_score)
+
+
+def affinity_score(
+    x: np.ndarray, y: np.ndarray, covariance_method: str = "empirical", solver: str = "emd", jitter: str = "relative"
+) -> tuple[float, bool]:
+    """(ρ_aff, degenerate) for input samples *x* and output samples *y* (n × d each): :func:`affinity`'s score."""
+    result = affinity(x, y, covariance_method, solver, jitter)
+    return result.score, result.degenerate
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:

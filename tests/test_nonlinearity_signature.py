@@ -638,3 +638,25 @@ def test_ledoit_wolf_shrinkage_from_the_gram_matrix_equals_sklearn():
     for n, d in [(10, 5), (30, 300), (200, 40)]:
         x = rng.standard_normal((n, d)) * rng.random(d) + rng.standard_normal(d)
         assert from_gram(x) == pytest.approx(ledoit_wolf_shrinkage(x), rel=1e-10, abs=1e-15)
+
+
+def test_outputs_far_from_the_origin_keep_an_affine_layer_at_one():
+    """MobileNetV3-small's disagreement with straightforward hooks (up to 0.23 on its squeeze-excite
+    Hardsigmoids): at unit input scale those outputs sit 7.5e7 from the origin with a spread of 0.62, and
+    squared distances computed as ‖a‖² + ‖b‖² − 2a·b lost every digit. An affine layer there (Hardsigmoid's
+    linear range, inputs varying 1e-7 around 0.3) must score 1 up to the jitter; uncentred costs gave 0.952."""
+    rng = np.random.default_rng(0)
+    x = 0.3 + 1e-7 * rng.standard_normal((128, 24)) @ rng.standard_normal((24, 24))
+    score, _ = affinity_score(x, np.clip(x / 6 + 0.5, 0, 1))
+    assert score == pytest.approx(1.0, abs=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shift=st.floats(-1e6, 1e6), seed=st.integers(0, 2**16))
+def test_the_score_ignores_where_the_outputs_lie(shift, seed):
+    """ρ_aff is unchanged by a constant added to the outputs (W2 and the covariances are translation
+    invariant), however far that moves them from the origin compared with their spread."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((64, 8))
+    y = np.tanh(x @ rng.standard_normal((8, 8)))
+    assert affinity_score(x, y + shift)[0] == pytest.approx(affinity_score(x, y)[0], abs=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 import layerscope
 from layerscope.engine.runner import connected_units, plan_groups
@@ -183,3 +184,21 @@ def test_every_budget_gives_the_unbounded_records(combination):
         assert_records_close(bounded.records, unbounded.records, rtol=0, atol=1e-9)
         groups.add(max(bounded.models[0]["fetch_groups"]))
     assert len(groups) >= 2 and max(groups) > 1, groups  # the budgets force several fetch groups
+
+
+def test_a_run_puts_torch_and_blas_on_one_thread_and_restores_them():
+    """Estimator maths runs on one torch thread and one BLAS thread during a run (the signature's
+    eigendecompositions were 13-37x slower on BLAS's own threads on a busy 2-core machine)."""
+    from threadpoolctl import threadpool_info
+
+    from layerscope.engine.threads import _blas_libraries, run_threads
+
+    _blas_libraries.cache_clear()  # the libraries are found on first use: every one loaded by now
+
+    def blas_threads():
+        return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    before, torch_before = blas_threads(), torch.get_num_threads()
+    with run_threads():
+        assert set(blas_threads().values()) == {1} and torch.get_num_threads() == 1
+    assert blas_threads() == before and torch.get_num_threads() == torch_before

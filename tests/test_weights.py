@@ -3,6 +3,10 @@ copy), sessions read them from there, and nothing about the numbers changes."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,6 +21,7 @@ from layerscope.graph.tensors import describe_tensors, dim_size
 from layerscope.graph.weights import INLINE_BYTES, MEMORY_FILE, external_bytes, weight_free
 from layerscope.model.adapter import load_onnx_file
 from layerscope.util.errors import UserError
+from layerscope.util.memory import available_memory
 
 
 def _big_mlp(seed: int = 0) -> onnx.ModelProto:
@@ -222,3 +227,35 @@ def test_a_kept_session_reads_the_next_steps_weights_and_a_failed_check_stops_re
     kept.checked(first, False)
     again, _, _ = kept.session(graph0, tensors, "cpu", weights0)
     assert again is not first and kept.trusted is False
+
+
+@pytest.mark.skipif(available_memory() is None, reason="the system does not report its available memory")
+def test_a_model_larger_than_memory_is_refused_before_it_loads(tmp_path):
+    """A model whose weights exceed the memory available (a sparse external-data file one GiB larger) exits 2
+    with one message naming the memory its weights need, before the weights are read."""
+    floats = (available_memory() + 2**30) // 4
+    weights = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[floats])
+    weights.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in {"location": "w.bin", "offset": "0", "length": str(floats * 4)}.items():
+        weights.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["w"], ["s"], keepdims=0), helper.make_node("Add", ["x", "s"], ["y"])],
+        "huge",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 64])],
+        [weights],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), tmp_path / "huge.onnx"
+    )
+    with open(tmp_path / "w.bin", "wb") as file:
+        file.truncate(floats * 4)  # sparse: no disk, no memory
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "model: {source: huge.onnx}\ndata: {source: digits, limit: 20}\n"
+        "analyses: [{id: md, estimator: mean_dimension, on: {role: output}}]\noutputs: {dir: out}\n"
+    )
+    done = subprocess.run([sys.executable, "-m", "layerscope", "run", str(spec)], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert re.search(r"model huge: its weights take \d+\.\d GiB .* has \d+\.\d GiB of memory available", done.stderr)
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()

@@ -22,6 +22,7 @@ from layerscope.graph.tokens import token_axes_by_tensor
 from layerscope.graph.weights import external_bytes
 from layerscope.model.adapter import Checkpoint, LoadedModel
 from layerscope.util.errors import UserError
+from layerscope.util.memory import ensure_room_for_weights
 
 from .estimator import DataBatch, PlanBatch, PlanEstimator, TensorBatch
 from .feeds import ModelFeeds
@@ -308,6 +309,7 @@ class ShardWorker:
                 else adapter.load(checkpoint, self.plan.spec, self.example)
             )
             loaded = loaded.weight_free()
+            ensure_room_for_weights(external_bytes(loaded.proto), loaded.label)
             tensors = self._described(loaded)
             try:
                 feeds = ModelFeeds.for_model(tensors, data.constants, data.token_mask)

@@ -1,4 +1,4 @@
-"""The thread policy of a run: onnxruntime gets the cores, estimator maths one torch thread.
+"""The thread policy of a run: onnxruntime gets the cores, estimator maths one thread (torch and BLAS).
 
 onnxruntime runs the model with the cores the run has: all of them in a run in one process,
 an equal share in each worker process of a parallel run. Estimator maths is a stream of
@@ -8,6 +8,12 @@ are busy its threads wait for one another. Measured on ``specs/information-plane
 2-core machine with two competing CPU-bound processes: 240.8 s with torch's default pool,
 20.8 s on one thread (idle: 14.9 s and 11.0 s). So torch runs on one thread during a run,
 and the estimators vectorise their work instead of relying on the pool.
+
+numpy's BLAS (OpenBLAS) runs on one thread during a run too. Its threads spin while they wait for a
+core: the non-linearity signature's dense maths (three ``eigh`` and four products of d × d matrices
+per score, ``tests/benchmarks/bench_blas_threads.py``) on a 2-core machine busy with other work took
+36.5x (d = 256), 14.9x (512) and 12.7x (1024) as long with BLAS's two threads as with one; on an idle
+machine two threads gained at most the figure in ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ def set_threads(onnxruntime_threads: int | None, torch_threads: int = 1) -> tupl
 
 @contextmanager
 def run_threads(onnxruntime_threads: int | None = None) -> Iterator[None]:
-    """The policy for the block: onnxruntime with *onnxruntime_threads*, torch with one thread;
-    the caller's settings are restored afterwards."""
+    """The policy for the block: onnxruntime with *onnxruntime_threads*, torch and numpy's BLAS with one
+    thread; the caller's settings are restored afterwards."""
     previous = set_threads(onnxruntime_threads, 1)
     try:
-        yield
+        with one_blas_thread():
+            yield
     finally:
         set_threads(*previous)
 
@@ -52,9 +59,8 @@ def _blas_libraries():
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
     """numpy's BLAS (every BLAS library loaded when this is first called; numpy loads its own on
-    import) on one thread for the block. For streams of small products, such as the 32 × 32 Gram
-    matrices of the information plane: on two cores with onnxruntime's threads beside them, BLAS's
-    own threads made MobileNetV3-small's information plane 1.4x slower than one thread did. Large
-    products (the signature's eigendecompositions) keep BLAS's threads."""
+    import) on one thread for the block. On two cores with onnxruntime's threads beside them, BLAS's
+    own threads made MobileNetV3-small's information plane 1.4x slower than one thread did, and the
+    signature's eigendecompositions 13-37x slower on a busy machine (module docstring)."""
     with _blas_libraries().limit(limits=1):
         yield

@@ -3,7 +3,8 @@
 torchvision cannot be installed beside the CPU build of torch on these machines, so the
 benchmarks carry their own copies of the three architectures (same layers, same module
 names, random weights): ``resnet18()``, ``resnet50()``, ``mobilenet_v3_small()``. Like
-torchvision's, the ResNet blocks apply one ``ReLU`` module twice.
+torchvision's, the ResNet blocks apply one ``ReLU`` module twice. BERT-base and GPT-2 small
+come from ``transformers``' default configurations with random weights (``bert_base()``, ``gpt2()``).
 """
 
 from __future__ import annotations
@@ -169,11 +170,35 @@ def mobilenet_v3_small(num_classes: int = 1000) -> MobileNetV3:
     return MobileNetV3(num_classes)
 
 
-ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "mobilenet_v3_small": mobilenet_v3_small}
+def bert_base() -> nn.Module:
+    """BERT-base (``transformers``' default ``BertConfig``: 12 layers, 768 wide, 3072-wide GELU MLPs), eager
+    attention so that each attention map is a tensor of the graph."""
+    import transformers
+
+    return transformers.BertModel(transformers.BertConfig(attn_implementation="eager"), add_pooling_layer=False)
+
+
+def gpt2() -> nn.Module:
+    """GPT-2 small (``transformers``' default ``GPT2Config``: 12 layers, 768 wide), eager attention."""
+    import transformers
+
+    return transformers.GPT2Model(transformers.GPT2Config(attn_implementation="eager"))
+
+
+ARCHITECTURES = {
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "mobilenet_v3_small": mobilenet_v3_small,
+    "bert_base": bert_base,
+    "gpt2": gpt2,
+}
+#: The architectures that read token ids and an attention mask (the others read 3×224×224 images).
+TOKEN_MODELS = {"bert_base", "gpt2"}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
-    """The architecture *name* with seeded random weights and BatchNorm statistics, in eval mode."""
+    """The architecture *name* with seeded random weights and BatchNorm statistics, in eval mode (no
+    download: the transformers models are built from their configurations)."""
     torch.manual_seed(seed)
     model = ARCHITECTURES[name]()
     for module in model.modules():
@@ -183,4 +208,4 @@ def build(name: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["ARCHITECTURES", "build", "mobilenet_v3_small", "resnet18", "resnet50"]
+__all__ = ["ARCHITECTURES", "TOKEN_MODELS", "bert_base", "build", "gpt2", "mobilenet_v3_small", "resnet18", "resnet50"]

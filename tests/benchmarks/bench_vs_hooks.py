@@ -1,14 +1,18 @@
 """layerscope against hand-written PyTorch forward hooks and plain onnxruntime (issue: speed).
 
-For ResNet-18, ResNet-50 and MobileNetV3-small (``architectures.py``, random weights) and
-synthetic 224×224 images with 10 classes, three ways of getting the same numbers:
+For ResNet-18, ResNet-50 and MobileNetV3-small (``architectures.py``, random weights) on synthetic
+224×224 images with 10 classes, and BERT-base and GPT-2 small (``transformers`` configurations,
+random weights) on sequences of 128 random token ids, three ways of getting the same numbers:
 
 - ``layerscope``: ``layerscope.run`` on the exported ``.onnx`` (export not timed), the
   analysis's default selector (every activation output), whole run including session set-up;
 - ``hooks``: the PyTorch model in eager mode with a forward hook on every activation module
-  computing the same statistic (a competent hand-written version: counts per class through
-  one one-hot matrix product per activation call);
-- ``onnxruntime``: plain inference of the same graph, nothing fetched but the output.
+  (``ReLU``, ``Hardswish``, ``Hardsigmoid``; the transformers' GELU modules) computing the same
+  statistic (a competent hand-written version: counts per class through one one-hot matrix
+  product per activation call; each token a sample in the token models, as layerscope counts
+  them), torch on one thread as layerscope runs torch (``--hook-threads``);
+- ``onnxruntime``: plain inference of the same graph, nothing fetched but the output, session
+  creation included.
 
 ``--estimator`` picks the statistic: ``activation_entropy`` (binary, per class and pooled; the
 default), ``nonlinearity_signature`` (the affinity score of every activation, side metrics off;
@@ -19,12 +23,19 @@ the Monge map and POT's exact ``emd2``, as the paper's code does) or ``informati
 softmax on the output; the torch version computes Gram matrices exp(−‖a − b‖²/σ²) from ``cdist`` per hook call,
 normalises them and takes ``eigvalsh``, then averages over batches). For the last two the
 output also gives the largest difference between layerscope's values and the torch version's,
-matched in forward order. Each measurement runs in a fresh process, ``ROUNDS`` rounds
-interleaved, medians reported as samples/s and ratios.
+matched in forward order. Each measurement runs in a fresh process, ``--rounds`` rounds
+interleaved, medians reported as samples/s and ratios. The token models' layerscope runs select
+``{activation: output}`` (the GELUs the hooks see) rather than an estimator's default.
+
+``--samples A,B`` measures every system at two sample counts and fits a straight line through
+them: the fixed cost (seconds at zero samples: imports excluded, session creation, export-free
+model loading, planning) and the cost per sample, reported apart, with the ratios of the
+per-sample costs and of the totals at B.
 ``--threads 1`` sets OMP_NUM_THREADS=1 (and onnxruntime's and torch's threads) in the
 measured processes; ``--load 2`` runs two CPU-bound processes beside them.
 
-Run: ``python tests/benchmarks/bench_vs_hooks.py [--estimator NAME] [--threads 1] [--load 2] [--models resnet18,...]``.
+Run: ``python tests/benchmarks/bench_vs_hooks.py [--estimator NAME] [--threads 1] [--load 2]
+[--models resnet18,bert_base,...] [--samples 32,128] [--rounds 3]``.
 """
 
 from __future__ import annotations
@@ -40,9 +51,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SAMPLES = {"resnet18": 128, "resnet50": 64, "mobilenet_v3_small": 256}
-BATCH, CLASSES, ROUNDS = 32, 10, 3
-ACTIVATIONS = ("ReLU", "Hardswish", "Hardsigmoid")
+SAMPLES = {"resnet18": 128, "resnet50": 64, "mobilenet_v3_small": 256, "bert_base": 64, "gpt2": 64}
+BATCH, CLASSES, SEQUENCE = 32, 10, 128
+ACTIVATIONS = ("ReLU", "Hardswish", "Hardsigmoid", "GELUActivation", "NewGELUActivation")
 ANALYSES = {
     "activation_entropy": {"estimator": "activation_entropy"},
     "nonlinearity_signature": {"estimator": "nonlinearity_signature", "params": {"side_metrics": False}},
@@ -53,8 +64,16 @@ ANALYSES = {
 }
 
 
-def prepare(name: str, folder: Path) -> tuple[Path, Path]:
-    """The exported ONNX graph and an npz of synthetic images and labels for *name*."""
+def is_tokens(name: str) -> bool:
+    sys.path.insert(0, str(HERE))
+    from architectures import TOKEN_MODELS
+
+    return name in TOKEN_MODELS
+
+
+def prepare(name: str, folder: Path, counts: list[int]) -> tuple[Path, dict[int, Path]]:
+    """The exported ONNX graph for *name* and, for each sample count, an npz of the first that many
+    synthetic samples (images ``x`` or token ids ``ids`` with their mask ``mask``) and labels ``y``."""
     import numpy as np
     import onnx
 
@@ -64,28 +83,41 @@ def prepare(name: str, folder: Path) -> tuple[Path, Path]:
     from layerscope.adapters.torch_export import export_to_onnx
 
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((SAMPLES[name], 3, 224, 224), dtype=np.float32)
-    y = rng.integers(0, CLASSES, SAMPLES[name])
-    data, model = folder / f"{name}.npz", folder / f"{name}.onnx"
-    np.savez(data, x=x, y=y)
-    onnx.save(export_to_onnx(build(name), x[:2]), str(model))
+    most = max(counts)
+    if is_tokens(name):
+        arrays = {"ids": rng.integers(1, 1000, (most, SEQUENCE)), "mask": np.ones((most, SEQUENCE), np.int64)}
+        example = {"input_ids": arrays["ids"][:2], "attention_mask": arrays["mask"][:2]}
+    else:
+        arrays = {"x": rng.standard_normal((most, 3, 224, 224), dtype=np.float32)}
+        example = arrays["x"][:2]
+    arrays["y"] = rng.integers(0, CLASSES, most)
+    model = folder / f"{name}.onnx"
+    data = {count: folder / f"{name}-{count}.npz" for count in counts}
+    for count, path in data.items():
+        np.savez(path, **{key: value[:count] for key, value in arrays.items()})
+    onnx.save(export_to_onnx(build(name), example), str(model))
     return model, data
 
 
 def measure_layerscope(estimator: str, model: Path, data: Path) -> tuple[float, dict[str, float]]:
     """Seconds of the whole run, and the headline values by layer (signature: ρ_aff per activation;
     information plane: I(X;T) and I(T;Y) per layer, the model output's under ``output``)."""
+    import numpy as np
+
     import layerscope
     import layerscope.engine.execute
     from layerscope.plugins.nonlinearity_signature.maths import import_pot
 
     import_pot()  # and POT
 
+    tokens = "ids" in np.load(data).files
     spec = {
         "model": {"source": str(model)},
         "data": {"source": "npz", "path": str(data), "batch_size": BATCH, "shuffle": False},
-        "analyses": [{"id": "a", **ANALYSES[estimator]}],
+        "analyses": [{"id": "a", **ANALYSES[estimator], **({"on": {"activation": "output"}} if tokens else {})}],
     }
+    if tokens:
+        spec["data"]["inputs"] = {"input_ids": "ids", "attention_mask": "mask"}
     started = time.perf_counter()
     records = layerscope.run(spec, write=False, progress=False).records
     seconds = time.perf_counter() - started
@@ -119,12 +151,13 @@ def measure_onnxruntime(model: Path, data: Path) -> float:
     import numpy as np
     import onnxruntime as ort
 
-    x = np.load(data)["x"]
+    archive = np.load(data)
     started = time.perf_counter()
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    for start in range(0, len(x), BATCH):
-        session.run(None, {name: x[start : start + BATCH]})
+    names = [i.name for i in session.get_inputs()]
+    arrays = [archive["ids"], archive["mask"]] if "ids" in archive.files else [archive["x"]]
+    for start in range(0, len(arrays[0]), BATCH):
+        session.run(None, {name: array[start : start + BATCH] for name, array in zip(names, arrays)})
     return time.perf_counter() - started
 
 
@@ -137,16 +170,40 @@ def measure_hooks(estimator: str, name: str, data: Path) -> tuple[float, dict[st
 
 
 def model_and_data(name: str, data: Path):
-    """The eager PyTorch model *name* (same random weights as the exported graph) and the samples and
-    labels of *data* as tensors."""
+    """The eager PyTorch model *name* (same random weights as the exported graph), the samples of *data*
+    as a tensor (images) or a dict of tensors (token ids and mask), and the labels."""
     import numpy as np
     import torch
 
     sys.path.insert(0, str(HERE))
     from architectures import build
 
+    torch.set_num_threads(HOOK_THREADS)
     archive = np.load(data)
-    return build(name), torch.from_numpy(archive["x"]), torch.from_numpy(archive["y"])
+    if "ids" in archive.files:
+        x = {"input_ids": torch.from_numpy(archive["ids"]), "attention_mask": torch.from_numpy(archive["mask"])}
+    else:
+        x = torch.from_numpy(archive["x"])
+    return build(name), x, torch.from_numpy(archive["y"])
+
+
+def rows(x, start: int):
+    """The batch of samples *x* (a tensor or a dict of tensors) from *start*."""
+    if isinstance(x, dict):
+        return {key: value[start : start + BATCH] for key, value in x.items()}
+    return x[start : start + BATCH]
+
+
+def call(model, batch):
+    return model(**batch) if isinstance(batch, dict) else model(batch)
+
+
+def per_token(t, mask):
+    """Samples × features of an activation: each real token a sample in a token model (*mask* given),
+    each image a sample otherwise."""
+    if mask is None or t.ndim != 3:
+        return t.flatten(1)
+    return t[mask.bool()]
 
 
 def hooks_entropy(name: str, data: Path) -> tuple[float, dict[str, float]]:
@@ -154,10 +211,11 @@ def hooks_entropy(name: str, data: Path) -> tuple[float, dict[str, float]]:
 
     model, x, y = model_and_data(name, data)
     counts: dict[int, torch.Tensor] = {}
-    state = {"call": 0, "labels": None}
+    state: dict = {"call": 0, "labels": None, "mask": None}
+    samples = torch.zeros(CLASSES, dtype=torch.float64)
 
     def hook(module, inputs, output):
-        on = (output > 0).flatten(1).to(torch.float32)
+        on = per_token(output > 0, state["mask"]).to(torch.float32)
         per_class = state["labels"].T @ on  # (classes, neurons) on-counts
         key = state["call"]
         counts[key] = counts[key] + per_class if key in counts else per_class
@@ -168,10 +226,14 @@ def hooks_entropy(name: str, data: Path) -> tuple[float, dict[str, float]]:
             module.register_forward_hook(hook)
     started = time.perf_counter()
     with torch.no_grad():
-        for start in range(0, len(x), BATCH):
-            state["call"], state["labels"] = 0, torch.nn.functional.one_hot(y[start : start + BATCH], CLASSES).float()
-            model(x[start : start + BATCH])
-    samples = torch.bincount(y, minlength=CLASSES).to(torch.float64)
+        for start in range(0, len(y), BATCH):
+            batch, labels = rows(x, start), y[start : start + BATCH]
+            state["mask"] = batch["attention_mask"] if isinstance(batch, dict) else None
+            if state["mask"] is not None:  # a label per real token
+                labels = labels[:, None].expand_as(state["mask"])[state["mask"].bool()]
+            state["call"], state["labels"] = 0, torch.nn.functional.one_hot(labels, CLASSES).float()
+            samples += state["labels"].sum(0).double()
+            call(model, batch)
     for on in counts.values():  # the entropies themselves: per class and pooled
         for p in (on.double() / samples[:, None], on.double().sum(0) / samples.sum()):
             p = p.clamp(0, 1)
@@ -190,7 +252,8 @@ def affinity(x, y) -> float:
     """ρ_aff as the paper's code computes it: Gaussian fits with 1e-6 jitter, the Monge map
     Σ_y^½ (Σ_y^½ Σ_x Σ_y^½)^-½ Σ_y^½, exact OT between the mapped inputs and the outputs; both
     samples first divided by the input's root mean variance, as layerscope does (the jitter then
-    acts at unit scale: spatially averaged activations of random images have variances near 1e-4)."""
+    acts at unit scale: spatially averaged activations of random images have variances near 1e-4), and
+    the squared distances taken about the outputs' mean, as layerscope does."""
     import numpy as np
     import torch
 
@@ -206,20 +269,21 @@ def affinity(x, y) -> float:
     middle = _sqrtm(root_y @ cov_x @ root_y)
     a = root_y @ torch.linalg.inv(middle) @ root_y
     mapped = y.mean(0) + (x - x.mean(0)) @ a
-    cost = torch.cdist(mapped, y) ** 2
+    centre = y.mean(0)  # W2 is translation invariant; uncentred, ‖a‖² + ‖b‖² − 2a·b cancels far from 0
+    cost = torch.cdist(mapped - centre, y - centre) ** 2
     weights = np.full(len(x), 1 / len(x))
     w2 = ot.emd2(weights, weights, cost.numpy(), numItermax=10_000_000)
     return 1 - float(np.sqrt(w2 / (2 * torch.trace(cov_y))))
 
 
-def _forward_batches(model, x, before_batch=None):
+def _forward_batches(model, x, samples: int, before_batch=None):
     import torch
 
     with torch.no_grad():
-        for start in range(0, len(x), BATCH):
+        for start in range(0, samples, BATCH):
             if before_batch is not None:
                 before_batch(start)
-            model(x[start : start + BATCH])
+            call(model, rows(x, start))
 
 
 def hooks_signature(name: str, data: Path) -> tuple[float, dict[str, float]]:
@@ -227,14 +291,20 @@ def hooks_signature(name: str, data: Path) -> tuple[float, dict[str, float]]:
 
     from layerscope.plugins.nonlinearity_signature.maths import import_pot
 
-    model, x, _ = model_and_data(name, data)
+    model, x, y = model_and_data(name, data)
     import_pot()  # imported before timing, like torch (POT would otherwise load TensorFlow: seconds)
     kept: dict[str, tuple[list, list]] = {}
     names, seen = call_labels(model)
-    state = {"label": None}
+    state: dict = {"label": None, "mask": None}
 
     def reduce(t):
-        return (t.mean(dim=(2, 3)) if t.ndim == 4 else t.flatten(1)).double()
+        """Spatial mean of a feature map, mean over each sequence's real tokens, or the vector itself."""
+        if t.ndim == 4:
+            return t.mean(dim=(2, 3)).double()
+        if t.ndim == 3:
+            mask = state["mask"][..., None].to(t.dtype)
+            return ((t * mask).sum(1) / mask.sum(1)).double()
+        return t.flatten(1).double()
 
     def before(module, inputs):  # ResNet's ReLU works in place: keep the input before it runs
         state["label"] = label_call(names, module, seen)
@@ -246,8 +316,13 @@ def hooks_signature(name: str, data: Path) -> tuple[float, dict[str, float]]:
     for module in names:
         module.register_forward_pre_hook(before)
         module.register_forward_hook(after)
+
+    def before_batch(start: int) -> None:
+        seen.clear()
+        state["mask"] = x["attention_mask"][start : start + BATCH] if isinstance(x, dict) else None
+
     started = time.perf_counter()
-    _forward_batches(model, x, lambda start: seen.clear())
+    _forward_batches(model, x, len(y), before_batch)
     scores = {label: affinity(torch.cat(a), torch.cat(b)) for label, (a, b) in kept.items()}
     return time.perf_counter() - started, scores
 
@@ -314,10 +389,10 @@ def _child(estimator: str, system: str, name: str, model: str, data: str) -> Non
     print(json.dumps({"seconds": seconds, "values": values}))
 
 
-def _run(estimator: str, system: str, name: str, model: Path, data: Path, threads: int | None) -> dict:
-    env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+def _run(estimator: str, system: str, name: str, model: Path, data: Path, args) -> dict:
+    env = dict(os.environ, BENCH_HOOK_THREADS=str(args.hook_threads))
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     done = subprocess.run(
         [sys.executable, __file__, "--child", estimator, system, name, str(model), str(data)],
         env=env,
@@ -328,12 +403,71 @@ def _run(estimator: str, system: str, name: str, model: Path, data: Path, thread
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def line(counts: list[int], seconds: list[float]) -> tuple[float, float]:
+    """(fixed seconds, seconds per sample) of the straight line through two (count, seconds) points."""
+    (n0, t0), (n1, t1) = zip(counts, seconds)
+    per_sample = (t1 - t0) / (n1 - n0)
+    return t0 - per_sample * n0, per_sample
+
+
+def agreement(values: dict[str, dict[str, float]]) -> str:
+    """How far layerscope's values are from the hooks', matched by layer."""
+    if not values["hooks"]:
+        return ""
+    ours, theirs = values["layerscope"], values["hooks"]
+    gaps = sorted(abs(ours[k] - theirs[k]) for k in ours.keys() & theirs.keys())
+    if not gaps:
+        return "   no common values"
+    return (
+        f"   {len(gaps)} of {len(theirs)} values in both: |Δ| median {statistics.median(gaps):.1e}, max {gaps[-1]:.1e}"
+    )
+
+
+def measure(name: str, counts: list[int], args, folder: Path) -> None:
+    """Every system at every sample count of *name*, ``args.rounds`` interleaved rounds; prints one line (one
+    count) or the fixed and per-sample costs (two counts)."""
+    model, data = prepare(name, folder, counts)
+    systems = ("layerscope", "onnxruntime", "hooks")
+    times: dict[tuple[str, int], list[float]] = {(system, n): [] for system in systems for n in counts}
+    values: dict[str, dict[str, float]] = {}
+    for _ in range(args.rounds):
+        for n in counts:
+            for system in systems:
+                measured = _run(args.estimator, system, name, model, data[n], args)
+                times[system, n].append(measured["seconds"])
+                values[system] = measured["values"]
+    median = {key: statistics.median(t) for key, t in times.items()}
+    last = counts[-1]
+    rate = {system: last / median[system, last] for system in systems}
+    if len(counts) == 1:
+        print(
+            f"{name:20s} {last:7d} {rate['layerscope']:11.1f} {rate['onnxruntime']:12.1f} "
+            f"{rate['hooks']:8.1f} {rate['layerscope'] / rate['onnxruntime']:7.2f} "
+            f"{rate['layerscope'] / rate['hooks']:8.2f}{agreement(values)}",
+            flush=True,
+        )
+        return
+    fits = {system: line(counts, [median[system, n] for n in counts]) for system in systems}
+    print(
+        f"{name:20s} "
+        + " ".join(f"{fits[s][0]:7.2f}s {1000 * fits[s][1]:7.1f}ms" for s in systems)
+        + f"   per sample: {fits['onnxruntime'][1] / fits['layerscope'][1]:5.2f}x ort"
+        f" {fits['hooks'][1] / fits['layerscope'][1]:5.2f}x hooks;"
+        f" at {last}: {rate['layerscope'] / rate['onnxruntime']:5.2f}x ort"
+        f" {rate['layerscope'] / rate['hooks']:5.2f}x hooks{agreement(values)}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the measured processes")
+    parser.add_argument("--hook-threads", type=int, default=1, help="torch threads of the hooks (layerscope's: 1)")
     parser.add_argument("--load", type=int, default=0, help="CPU-bound processes running beside the measurements")
-    parser.add_argument("--models", default=",".join(SAMPLES))
+    parser.add_argument("--models", default="resnet18,resnet50,mobilenet_v3_small")
     parser.add_argument("--estimator", default="activation_entropy", choices=list(ANALYSES))
+    parser.add_argument("--samples", default=None, help="one count, or two for the fixed and per-sample costs")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -343,45 +477,30 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             print(
-                f"{args.estimator}; threads: {args.threads or 'default'}, competing CPU-bound processes: "
-                f"{args.load}, {os.cpu_count()} cores; medians of {ROUNDS} interleaved rounds"
+                f"{args.estimator}; threads: {args.threads or 'default'}, hooks' torch threads: {args.hook_threads}, "
+                f"competing CPU-bound processes: {args.load}, {os.cpu_count()} cores; medians of {args.rounds} "
+                "interleaved rounds"
             )
-            print(
-                f"{'model':20s} {'samples':>7s} {'layerscope':>11s} {'onnxruntime':>12s} {'hooks':>8s}"
-                f" {'÷ ort':>7s} {'÷ hooks':>8s}   (samples/s)"
-            )
-            for name in args.models.split(","):
-                model, data = prepare(name, Path(tmp))
-                times: dict[str, list[float]] = {"layerscope": [], "onnxruntime": [], "hooks": []}
-                values: dict[str, dict[str, float]] = {}
-                for _ in range(ROUNDS):
-                    for system in times:
-                        measured = _run(args.estimator, system, name, model, data, args.threads)
-                        times[system].append(measured["seconds"])
-                        values[system] = measured["values"]
-                rate = {system: SAMPLES[name] / statistics.median(t) for system, t in times.items()}
-                agreement = ""
-                if values["hooks"]:
-                    ours, theirs = values["layerscope"], values["hooks"]
-                    gaps = sorted(abs(ours[k] - theirs[k]) for k in ours.keys() & theirs.keys())
-                    agreement = (
-                        (
-                            f"   {len(gaps)} of {len(theirs)} values in both: |Δ| median "
-                            f"{statistics.median(gaps):.1e}, max {gaps[-1]:.1e}"
-                        )
-                        if gaps
-                        else "   no common values"
-                    )
+            counts = [int(n) for n in args.samples.split(",")] if args.samples else None
+            if counts and len(counts) == 2:
+                print(f"{'model':20s} " + " ".join(f"{s:>18s}" for s in ("layerscope", "onnxruntime", "hooks")))
+                print(f"{'':20s} " + " ".join(f"{'fixed':>8s} {'per sample':>9s}" for _ in range(3)))
+            else:
                 print(
-                    f"{name:20s} {SAMPLES[name]:7d} {rate['layerscope']:11.1f} {rate['onnxruntime']:12.1f} "
-                    f"{rate['hooks']:8.1f} {rate['layerscope'] / rate['onnxruntime']:7.2f} "
-                    f"{rate['layerscope'] / rate['hooks']:8.2f}{agreement}",
-                    flush=True,
+                    f"{'model':20s} {'samples':>7s} {'layerscope':>11s} {'onnxruntime':>12s} {'hooks':>8s}"
+                    f" {'÷ ort':>7s} {'÷ hooks':>8s}   (samples/s)"
                 )
+            for name in args.models.split(","):
+                if args.estimator == "information_plane" and is_tokens(name):
+                    print(f"{name:20s} skipped: the torch information plane here takes images")
+                    continue
+                measure(name, counts or [SAMPLES[name]], args, Path(tmp))
     finally:
         for process in load:
             process.kill()
 
+
+HOOK_THREADS = int(os.environ.get("BENCH_HOOK_THREADS", "1"))
 
 if __name__ == "__main__":
     main()

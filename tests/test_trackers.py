@@ -22,6 +22,7 @@ import layerscope
 from layerscope.cli.main import main
 from layerscope.plugins.data.digits import load_digits_split
 from layerscope.results.tracking import Histogram, checkpoint_steps, scalars_and_histograms, series_name
+from layerscope.util.errors import UserError
 
 from .test_aggregation_distribution import gap_model, synthetic_data
 
@@ -316,6 +317,186 @@ def test_wandb_offline_run_holds_every_record_histogram_and_figure(aggregation_s
     assert histogram["_type"] == "histogram"
     assert histogram["values"] == pytest.approx([r["value"] * r["bin_width"] for r in bins], rel=1e-6)
     assert row["figures/agg"]["_type"] == "image-file" and list(run_dir.glob("files/media/images/figures/agg_0_*.png"))
+
+
+# --- Monitor and callbacks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # over 10 s on a 2-core machine
+@needs("tensorboardX")
+@needs("tensorboard")
+@needs("wandb")
+def test_monitor_logs_each_step_as_it_comes(tmp_path, monkeypatch):
+    """The spec's tracker formats log each step at the monitor's step, while training goes on; write() logs
+    the figures (at the last step) and does not log the steps again."""
+    for variable in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.delenv(variable, raising=False)
+    model, optimiser = small_net(), None
+    spec = {**ENTROPY_SPEC, "outputs": {"dir": str(tmp_path / "fit"), "formats": ["json", "tensorboard", "wandb"]}}
+    monitor = layerscope.Monitor(spec)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = digits()
+    steps = {}
+    for step in (0, 5, 9):
+        steps[step] = monitor.observe(model, step=step, batch=(x, y))
+        store = tmp_path / "fit" / "tensorboard"
+        (events,) = tensorboard_runs(store).values()  # on disk as it comes
+        assert {s for series in events.scalars.values() for s, _ in series} == set(steps)
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimiser.step()
+    results = monitor.write(tmp_path / "fit")
+    monitor.close()
+    assert results.artifacts == [] and len({r["value"] for r in steps[9]} - {r["value"] for r in steps[0]}) > 3
+    (events,) = tensorboard_runs(store).values()
+    scalars = events.scalars
+    assert len(scalars) == len(steps[0])
+    for record in results.records:
+        assert (record["step"], np.float32(record["value"])) in scalars[expected_name(record)]
+    assert all(len(series) == 3 for series in scalars.values())  # write() logged no step again
+    assert [step for step, _, _ in events.images["figures/entropy"]] == [9]
+    (run_dir,) = (tmp_path / "fit" / "wandb").glob("offline-run-*")
+    history = wandb_history(run_dir)
+    assert sorted(history) == [0, 5, 9] and "figures/entropy" in history[9]
+    for step, records in steps.items():
+        for record in records:
+            assert history[step][expected_name(record)] == record["value"]
+    with pytest.raises(UserError, match="the monitor was closed"):
+        monitor.observe(model, step=10, batch=(x, y))
+
+
+@pytest.mark.slow  # a Python process of its own that imports torch and wandb
+@needs("tensorboardX")
+@needs("wandb")
+def test_a_monitor_left_open_ends_its_tracked_runs_when_the_program_exits(tmp_path, monkeypatch):
+    """The callbacks leave the monitor open: at exit its trackers finish before W&B stops its service."""
+    for variable in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.delenv(variable, raising=False)
+    script = (
+        "import torch, layerscope\n"
+        "from tests.test_trackers import ENTROPY_SPEC, digits, small_net\n"
+        f"monitor = layerscope.Monitor(ENTROPY_SPEC, log_to=['wandb', 'tensorboard'], log_dir={str(tmp_path)!r})\n"
+        "model, batch = small_net(), digits()\n"
+        "monitor.observe(model, step=1, batch=batch)\n"
+        "monitor.observe(model, step=2, batch=batch)\n"
+    )
+    root = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert sorted(wandb_history(run_dir)) == [1, 2]
+    assert wandb_run("exit", run_dir).exit_code == 0
+    (events,) = tensorboard_runs(tmp_path / "tensorboard").values()
+    assert {step for series in events.scalars.values() for step, _ in series} == {1, 2}
+
+
+@pytest.mark.slow  # over 10 s on a 2-core machine
+@needs("mlflow")
+def test_monitor_mlflow_run_ends_as_failed_when_the_block_raises(tmp_path, monkeypatch):
+    """log_to names the tracker, MLFLOW_TRACKING_URI says where its store is; leaving a ``with`` block on an
+    exception ends the tracked run as failed."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "training")
+    model, batch = small_net(), digits()
+    with pytest.raises(RuntimeError, match="diverged"):
+        with layerscope.Monitor(ENTROPY_SPEC, log_to=["mlflow"], log_dir=tmp_path / "fit") as monitor:
+            first = monitor.observe(model, step=1, batch=batch)
+            monitor.observe(model, step=3, batch=batch)
+            raise RuntimeError("diverged")
+    assert not (tmp_path / "fit").exists()  # the store is the one the variable names
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("training").experiment_id])
+    assert run.info.status == "FAILED"
+    for record in first:
+        history = client.get_metric_history(run.info.run_id, expected_name(record))
+        assert [m.step for m in history] == [1, 3] and history[0].value == record["value"]
+
+
+def test_monitor_log_to_names_trackers_only(tmp_path):
+    with pytest.raises(UserError, match="unknown reporter 'tensorbord'. Did you mean 'tensorboard'"):
+        layerscope.Monitor(ENTROPY_SPEC, log_to=["tensorbord"])
+    with pytest.raises(UserError, match="'csv' writes files rather than log to a tracker"):
+        layerscope.Monitor(ENTROPY_SPEC, log_to=["csv"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pytorch_lightning") is None, reason="needs pytorch-lightning")
+def test_lightning_callback_logs_through_the_trainers_logger(tmp_path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    from layerscope.training.lightning_callback import MonitorCallback
+
+    class Classifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = small_net()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.cross_entropy(self(x), y)
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x, y = digits(400)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=100)
+    callback = MonitorCallback({**ENTROPY_SPEC, "outputs": {"formats": ["json"]}}, every=2)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[callback],
+        logger=CSVLogger(tmp_path, name="logs"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(Classifier(), loader)
+    import pandas as pd
+
+    (path,) = (tmp_path / "logs").rglob("metrics.csv")
+    table = pd.read_csv(path)
+    assert "loss" in table.columns  # the module's own metrics, in the same file
+    results = callback.monitor.results()
+    assert sorted({r["step"] for r in results.records}) == [2, 4]
+    for record in results.records:
+        logged = table.loc[table["step"] == record["step"], expected_name(record)].dropna()
+        assert list(logged) == [record["value"]], record
+
+
+@pytest.mark.slow  # imports TensorFlow
+@needs("tensorflow")
+@needs("tensorboardX")
+@needs("tensorboard")
+def test_keras_callback_logs_to_tensorboard_beside_keras(tmp_path):
+    import keras
+
+    from layerscope.training.keras_callback import MonitorCallback
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    x, y = (a.numpy() for a in digits(200))
+    logs = tmp_path / "logs"
+    callback = MonitorCallback(ENTROPY_SPEC, every=2, batch=(x[:100], y[:100]), log_to=["tensorboard"], log_dir=logs)
+    board = keras.callbacks.TensorBoard(log_dir=str(logs))
+    model.fit(x, y, batch_size=50, epochs=1, verbose=0, callbacks=[callback, board])
+    callback.monitor.close()
+    assert (logs / "train").is_dir()  # Keras's own run beside ours
+    (events,) = tensorboard_runs(logs / "tensorboard").values()
+    scalars = events.scalars
+    records = callback.monitor.results().records
+    assert sorted({r["step"] for r in records}) == [2, 4]
+    for record in records:
+        assert (record["step"], np.float32(record["value"])) in scalars[expected_name(record)]
 
 
 # --- missing packages --------------------------------------------------------------------------------------

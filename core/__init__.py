@@ -2,7 +2,7 @@
 
 Public API: :func:`run`, :func:`validate`, :class:`Monitor`, :class:`Results`, the plugin base classes
 (:class:`Estimator` with :class:`EstimatorTags`, :class:`PlanEstimator`, :class:`DataSource`, :class:`Reporter`,
-:class:`Adapter`), the ``hookimpl`` marker for plugins and the helpers plugin authors use
+:class:`TrackingReporter`, :class:`Adapter`), the ``hookimpl`` marker for plugins and the helpers plugin authors use
 (:func:`lazy_module`, :func:`regular_file`, :func:`atomic_write`). Names are imported on first use (PEP 562),
 so that ``import layerscope`` and the command line's help start without torch or onnxruntime; type checkers
 see the real imports below.
@@ -26,7 +26,7 @@ _MODULES = {
     "host.hookspecs": ("hookimpl",),
     "model.adapter": ("Adapter", "Checkpoint", "LoadedModel", "ModelParams"),
     "results.contract": ("Results",),
-    "results.reporter": ("Reporter",),
+    "results.reporter": ("Reporter", "TrackingReporter"),
     "training.monitor": ("Monitor",),
     "util.errors": ("SpecError", "UserError"),
     "util.files": ("atomic_write", "regular_file"),
@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # the names as __getattr__ gives them, visible to type checke
     from .model.adapter import ModelParams as ModelParams
     from .results.contract import Results as Results
     from .results.reporter import Reporter as Reporter
+    from .results.reporter import TrackingReporter as TrackingReporter
     from .training.monitor import Monitor as Monitor
     from .util.errors import SpecError as SpecError
     from .util.errors import UserError as UserError

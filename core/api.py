@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,14 @@ def prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...] = (), data:
 def output_dir(plan, out: str | os.PathLike | None, resume: bool) -> Path:
     """*out*, else the spec's ``outputs.dir``, else a folder of this run's own (``results/<name>-<run id>``):
     runs of specs without ``outputs.dir`` never share a folder, so two of them never collide."""
-    if out is not None or plan.spec.outputs.dir is not None:
-        return Path(out if out is not None else plan.spec.outputs.dir)
-    if resume:
+    if out is not None:
+        return Path(out)
+    if resume and plan.spec.outputs.dir is None:
         raise UserError(
             "--resume continues a run in the folder it wrote to: give the spec an outputs.dir (or --out), since "
             "a run without one writes to a new folder every time"
         )
-    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", plan.spec.name).strip("._") or "run"  # a name, never a path
-    return Path("results") / f"{name}-{plan.run_id}"
+    return plan.default_folder
 
 
 def run(

@@ -25,6 +25,8 @@ HEAVY = (
     "lightning_fabric",
     "ray",
     "datasets",
+    "mlflow",
+    "wandb",
 )
 
 # A pytest plugin that prints, once collection is over, each heavy module imported and the first

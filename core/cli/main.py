@@ -70,6 +70,7 @@ def _cmd_report(args) -> int:
     from layerscope.host.loader import load_plugins
     from layerscope.results.contract import Results
     from layerscope.results.outputs import output_folder
+    from layerscope.results.reporter import TrackingReporter
     from layerscope.spec.schema import OutputsSection
 
     results = Results.load(args.run_dir)
@@ -77,6 +78,8 @@ def _cmd_report(args) -> int:
     written = (results.spec.get("outputs") or {}).get(
         "formats"
     ) or OutputsSection().formats  # a run's own, or the default
+    # the run's files; its trackers logged it already, and log it again only when --formats names them
+    written = [f for f in written if not (f in host.reporters and issubclass(host.reporters.get(f), TrackingReporter))]
     with output_folder(Path(args.run_dir)) as folder:
         folder.write(results, _reporters(host, args.formats, written))
     print(f"reports rebuilt in {args.run_dir}: {', '.join(['results.json', *results.artifacts])}")
@@ -111,9 +114,13 @@ def _reporters(host, chosen: str | None, default: list[str]) -> list:
 
     names = [f.strip() for f in chosen.split(",") if f.strip()] if chosen is not None else default
     try:
-        return [host.reporters.get(name)(host) for name in dict.fromkeys(names) if name != RESULTS_FORMAT]
+        chosen_classes = [host.reporters.get(name) for name in dict.fromkeys(names) if name != RESULTS_FORMAT]
     except UserError as error:
         raise UserError(f"--formats: {error}") from None
+    for reporter in chosen_classes:
+        if missing := reporter.missing():
+            raise UserError(f"--formats: {missing}")
+    return [reporter(host) for reporter in chosen_classes]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,3 +52,5 @@ def print_summary(results: Results, out_dir: Path | None, max_rows: int = 40) ->
         console.print(f"{len(results.records)} records → {out_dir / 'results.json'}")
         if "report.html" in results.artifacts:
             console.print(f"report → {out_dir / 'report.html'}")
+    for logged in results.logged_to:
+        console.print(f"logged → {logged}", highlight=False)

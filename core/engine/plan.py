@@ -31,6 +31,7 @@ from layerscope.spec.schema import (
 )
 from layerscope.spec.yaml_locations import LocatedDocument
 from layerscope.util.errors import SpecError, UserError
+from layerscope.util.names import run_name
 
 from .estimator import Estimator
 
@@ -113,6 +114,14 @@ class RunPlan:
     def adapter_of(self, checkpoint: Checkpoint) -> Adapter:
         """The adapter that loads *checkpoint* (its model's)."""
         return next(n.adapter for n in self.networks if n.label == checkpoint.network)
+
+    @property
+    def default_folder(self) -> Path:
+        """The spec's ``outputs.dir``, else a folder of this run's own, ``results/<name>-<run id>`` (the name
+        without path characters): runs of specs without ``outputs.dir`` never share a folder."""
+        if self.spec.outputs.dir is not None:
+            return Path(self.spec.outputs.dir)
+        return Path("results") / run_name(self.spec.name, self.run_id)
 
     @property
     def passes(self) -> int:
@@ -203,7 +212,9 @@ def check_plugins(doc: LocatedDocument, host: PluginHost, errors: list[str]) -> 
     for index, fmt in enumerate(formats):
         if isinstance(fmt, str) and fmt != RESULTS_FORMAT and fmt not in formats[:index]:
             reporter = _lookup(host.reporters, fmt, doc, ("outputs", "formats", index), errors)
-            if reporter is not None:
+            if reporter is not None and (missing := reporter.missing()):
+                errors.append(f"{doc.where(('outputs', 'formats', index))}: outputs.formats.{index}: {missing}")
+            elif reporter is not None:
                 choices.reporters.append(reporter(host))
     return choices
 

@@ -36,10 +36,13 @@ class Results:
     analyses: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
+    #: Where tracking reporters logged the run (``"<format>: <where>"``), once it is written; not in results.json.
+    logged_to: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("out_dir")
+        data.pop("logged_to")
         return data
 
     def to_json(self) -> str:
@@ -71,6 +74,42 @@ class Results:
             frame["class"] = pd.Categorical(text, categories=["all", *named], ordered=True)
         return frame
 
+    def to_arrow(self):
+        """The records as a :class:`pyarrow.Table` with the columns of :meth:`to_pandas`, in its order, typed:
+
+        - ``value`` float64; ``step`` and ``checkpoint_index`` int64 (null when unknown);
+        - ``class`` text, dictionary-encoded with the categories of :meth:`to_pandas` (``"all"`` first,
+          then natural order), so that ``to_pandas()`` of the table gives the ordered categorical back;
+        - every other field with the type its values share (int64 where every value is a whole number,
+          float64 where some are fractional, string, bool, lists), null where a record lacks the field;
+          a field whose values mix types (text and numbers) is text (numbers written as JSON).
+        """
+        try:
+            import pyarrow as pa
+        except ImportError as error:
+            raise ImportError('Results.to_arrow() needs pyarrow: pip install "layerscope[table]"') from error
+        fields = list(dict.fromkeys(key for record in self.records for key in record))
+        index = {model.get("label"): position for position, model in enumerate(self.models)}
+        columns = {"run_id": pa.array([self.runtime.get("run_id")] * len(self.records), pa.string())}
+        for name in fields:
+            values = [record.get(name) for record in self.records]
+            if name == "class":
+                text = [None if c is None else str(c) for c in values]
+                order = class_order(c for c in text if c is not None)
+                categories = ["all", *(c for c in order if c != "all")]
+                codes = pa.array([None if c is None else categories.index(c) for c in text], pa.int32())
+                columns[name] = pa.DictionaryArray.from_arrays(codes, pa.array(categories, pa.string()), ordered=True)
+            elif name == "value":
+                columns[name] = pa.array(values, pa.float64())
+            elif name == "step":
+                columns[name] = pa.array(values, pa.int64())
+            else:
+                columns[name] = _typed_array(pa, values)
+        columns["checkpoint_index"] = pa.array([index.get(r.get("model")) for r in self.records], pa.int64())
+        if "step" not in columns:
+            columns["step"] = pa.array([None] * len(self.records), pa.int64())
+        return pa.table(columns)
+
     def select(self, **keys: Any) -> list[dict[str, Any]]:
         """Records whose fields equal every given key, e.g. ``select(metric="entropy", layer="fc1")``."""
         return [r for r in self.records if all(r.get(k) == v for k, v in keys.items())]
@@ -85,6 +124,14 @@ class Results:
         data = read_results_file(Path(run_dir) / RESULTS_FILE)
         known = {key: data[key] for key in RESULTS_KEYS if key in data}
         return cls(**known, out_dir=Path(run_dir))
+
+
+def _typed_array(pa, values: list):
+    """A pyarrow array of *values* with the type they share (None: null), or text when they mix types."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
 
 
 def _natural(text: str) -> list:

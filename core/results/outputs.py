@@ -14,6 +14,9 @@
   ``renameat2`` on this system or file system, the folder is a mount point or holds the current
   directory, or its parent cannot be written) the files are moved in one by one, ``results.json`` last.
 
+Tracking reporters (:class:`~layerscope.results.reporter.TrackingReporter`) log the run once its files are in
+place; their stores are not the run's files, so the exchange keeps them as it keeps the user's own.
+
 Failures of the file system (a read-only folder, a full disk, a file where the folder should be) are user
 errors naming the folder and the cause.
 """
@@ -35,6 +38,7 @@ from layerscope.util.errors import UserError
 from layerscope.util.files import atomic_write
 
 from .contract import RESULTS_FILE, Results
+from .reporter import TrackingReporter
 
 LOCK_FILE = ".layerscope.lock"
 STAGING = ".layerscope-staging-"  # the staging folder: beside the output folder, or inside it as a fallback
@@ -69,15 +73,19 @@ class OutputFolder:
         self.locks = [lock]
 
     def write(self, results: Results, reporters) -> None:
-        """Run every reporter into a staging folder, write ``results.json`` there, and put the set in
-        place as the module docstring describes (``results.json`` lists every artifact)."""
+        """Run every file reporter into a staging folder, write ``results.json`` there, and put the set in
+        place as the module docstring describes (``results.json`` lists every artifact); then log the run
+        to each tracking reporter's tracker, whose store is not one of the run's files (its default
+        location inside the folder is kept as the user's own files are)."""
         results.artifacts = []
         staging, beside = self._staging()
+        trackers = [reporter for reporter in reporters if isinstance(reporter, TrackingReporter)]
         try:
             results.out_dir = staging
             for reporter in reporters:
-                artifacts = reporter.write(results, staging)
-                results.artifacts += [a for a in artifacts if a != RESULTS_FILE]
+                if reporter not in trackers:
+                    artifacts = reporter.write(results, staging)
+                    results.artifacts += [a for a in artifacts if a != RESULTS_FILE]
             atomic_write(staging / RESULTS_FILE, results.to_json())
             if not (beside and self._exchange(staging)):
                 _move_into_place(staging, self.path)
@@ -86,6 +94,12 @@ class OutputFolder:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             results.out_dir = self.path
+        try:
+            for tracker in trackers:
+                tracker.write(results, self.path)
+                results.logged_to.append(f"{tracker.name}: {tracker.destination}")
+        except OSError as error:
+            raise _cannot_write(self.path, error) from None
 
     def _staging(self) -> tuple[Path, bool]:
         """A new staging folder, and whether it lies beside the output folder (so that the two can be

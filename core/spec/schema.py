@@ -141,7 +141,8 @@ class OutputsSection(StrictModel):
     formats: list[str] = Field(
         default_factory=lambda: ["json", "csv", "plots", "html"],
         description="json: results.json, always written; every other entry names a reporter "
-        "(csv: records.csv, plots: plots/<analysis>.png and .svg, html: report.html)",
+        "(csv: records.csv, parquet: records.parquet, plots: plots/<analysis>.png and .svg, html: report.html; "
+        "tensorboard, mlflow, wandb: experiment trackers)",
     )
 
 

@@ -13,11 +13,18 @@ probe batch) or, when it is None, the spec's data. The step is the number of opt
 taken when the weights were observed (``model.optimizer.iterations``), so several ``fit``
 calls continue one series. The model is converted to ONNX once (see
 :class:`layerscope.Monitor`). Needs the ``layerscope[tensorflow]`` extra.
+
+``log_to=["tensorboard"]`` logs each step's records to TensorBoard as they come, beside Keras's own
+``keras.callbacks.TensorBoard`` when *log_dir* is the folder given to it (``tensorboard --logdir`` on that
+folder shows both); other trackers (``mlflow``, ``wandb``) likewise. Their stores default to *out_dir*.
+The monitor's tracked runs end with ``callback.monitor.close()`` or when the program exits, so that a
+later ``fit`` continues them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import keras
@@ -27,7 +34,8 @@ from .monitor import Monitor
 
 class MonitorCallback(keras.callbacks.Callback):
     """Observe the model every *every* optimiser steps with a :class:`layerscope.Monitor` of *spec* (a spec
-    path or dict, or a monitor), on *batch* or the spec's data; write to *out_dir* when training ends."""
+    path or dict, or a monitor), on *batch* or the spec's data; log each step to the trackers *log_to*
+    (stores under *log_dir*); write to *out_dir* when training ends."""
 
     def __init__(
         self,
@@ -36,9 +44,11 @@ class MonitorCallback(keras.callbacks.Callback):
         every: int = 1,
         batch: Any = None,
         out_dir: str | os.PathLike | None = None,
+        log_to: Iterable[str] | None = None,
+        log_dir: str | os.PathLike | None = None,
     ):
         super().__init__()
-        self.monitor = Monitor.for_callback(spec, every)
+        self.monitor = Monitor.for_callback(spec, every, log_to, log_dir if log_dir is not None else out_dir)
         self.every, self.batch, self.out_dir = every, batch, out_dir
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:

@@ -13,21 +13,33 @@ fixed *batch* when one is given; the batch is what the dataloader yields (a tens
 or a mapping of named tensors). The model is exported to ONNX once (see
 :class:`layerscope.Monitor`); results are written to *out_dir* when training ends. Needs
 ``pytorch-lightning`` (the ``layerscope[lightning]`` extra).
+
+Each step's records are also logged through the trainer's loggers (``trainer.loggers``: TensorBoard, CSV,
+MLflow, W&B … as the trainer was given them), as scalars named by series
+(:mod:`layerscope.results.tracking`) at the trainer's global step; ``log_to_trainer=False`` turns that
+off. *log_to* and *log_dir* give the monitor trackers of its own (:class:`layerscope.Monitor`), whose
+stores default to *out_dir*. The monitor's tracked runs end with ``callback.monitor.close()``, when the
+program exits, or as failed when training raises.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import pytorch_lightning as pl
+
+from layerscope.results.tracking import scalars_and_histograms
 
 from .monitor import Monitor
 
 
 class MonitorCallback(pl.Callback):
     """Observe the module every *every* optimiser steps with a :class:`layerscope.Monitor` of *spec* (a spec
-    path or dict, or a monitor), on the training batch or *batch*; write to *out_dir* when training ends."""
+    path or dict, or a monitor), on the training batch or *batch*; log each step's records through the
+    trainer's loggers (unless *log_to_trainer* is False) and the monitor's trackers (*log_to*, *log_dir*);
+    write to *out_dir* when training ends."""
 
     def __init__(
         self,
@@ -36,9 +48,12 @@ class MonitorCallback(pl.Callback):
         every: int = 1,
         batch: Any = None,
         out_dir: str | os.PathLike | None = None,
+        log_to_trainer: bool = True,
+        log_to: Iterable[str] | None = None,
+        log_dir: str | os.PathLike | None = None,
     ):
-        self.monitor = Monitor.for_callback(spec, every)
-        self.every, self.batch, self.out_dir = every, batch, out_dir
+        self.monitor = Monitor.for_callback(spec, every, log_to, log_dir if log_dir is not None else out_dir)
+        self.every, self.batch, self.out_dir, self.log_to_trainer = every, batch, out_dir, log_to_trainer
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -47,8 +62,15 @@ class MonitorCallback(pl.Callback):
         if step % self.every == 0 and step not in self.monitor.steps[-1:]:
             if self.batch is None:  # the default collate gives [x, y]
                 batch = tuple(batch) if isinstance(batch, list) else batch
-            self.monitor.observe(pl_module, step=step, batch=batch if self.batch is None else self.batch)
+            records = self.monitor.observe(pl_module, step=step, batch=batch if self.batch is None else self.batch)
+            if self.log_to_trainer and trainer.loggers:
+                scalars, _ = scalars_and_histograms(records)  # a logger takes numbers only
+                for logger in trainer.loggers:
+                    logger.log_metrics(scalars, step=step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.out_dir is not None and self.monitor.steps:
             self.monitor.write(self.out_dir)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.monitor.close(failed=True)

@@ -22,3 +22,10 @@ def check_name(value: str, pattern: str, what: str) -> str:
             "since it names files"
         )
     return value
+
+
+def run_name(spec_name: str, run_id: str) -> str:
+    """``<spec name>-<run id>``, the spec's name without path characters (``results/<this>`` is the folder of a
+    run without ``outputs.dir``; trackers name their runs so)."""
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", spec_name).strip("._") or "run"  # a name, never a path
+    return f"{name}-{run_id}"

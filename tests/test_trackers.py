@@ -1,0 +1,531 @@
+"""The tracking reporters (``tensorboard``, ``mlflow``, ``wandb``) from a run, ``layerscope report``, a Monitor and
+the training callbacks: every test reads what the tracker wrote back with the tracker's own reader (TensorBoard's
+event protobufs, MLflow's client on its store, W&B's offline run file) and compares it with the records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import layerscope
+from layerscope.cli.main import main
+from layerscope.plugins.data.digits import load_digits_split
+from layerscope.results.tracking import Histogram, checkpoint_steps, scalars_and_histograms, series_name
+from layerscope.util.errors import UserError
+
+from .test_aggregation_distribution import gap_model, synthetic_data
+
+SERIES_KEYS = ("class", "channel", "node", "feature", "group")
+BIN_KEYS = ("bin", "bin_center", "bin_width")
+
+
+def expected_name(record: dict) -> str:
+    """The series name the documentation gives a record: analysis/metric/[network/]layer, then key_value."""
+    parts = [record["analysis"], record["metric"], *([record["network"]] if "network" in record else [])]
+    return "/".join([*parts, record["layer"], *(f"{k}_{record[k]}" for k in SERIES_KEYS if k in record)])
+
+
+def needs(module: str):
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"needs {module}")
+
+
+@pytest.fixture
+def aggregation_spec(tmp_path):
+    """A spec on a real ONNX model with global average pooling and labelled data: aggregation_distribution
+    records scalars per channel, node and class, and histograms (the ``histogram`` bins)."""
+    onnx.save(gap_model(), str(tmp_path / "gap.onnx"))
+    z, labels = synthetic_data(n=300)
+    np.savez(tmp_path / "d.npz", x=z, y=labels)
+    return {
+        "name": "gap",
+        "model": {"source": str(tmp_path / "gap.onnx")},
+        "data": {"source": "npz", "path": str(tmp_path / "d.npz"), "batch_size": 100},
+        "analyses": [
+            {"id": "agg", "estimator": "aggregation_distribution", "params": {"bins": 10, "plot_channels": 2}}
+        ],
+        "outputs": {"dir": str(tmp_path / "out")},
+    }
+
+
+def digits(count: int = 120):
+    x, y = load_digits_split("train")
+    return torch.from_numpy(x[:count]), torch.from_numpy(y[:count])
+
+
+def small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+
+ENTROPY_SPEC = {"name": "fit", "model": {}, "analyses": [{"id": "entropy", "estimator": "activation_entropy"}]}
+
+
+# --- readers ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorBoardRun:
+    """What the event files of one TensorBoard run folder hold, by tag: ``(step, value)`` of each scalar, ``(step,
+    HistogramProto)`` of each histogram, ``(step, width, height)`` of each image, ``(step, text)`` of each text."""
+
+    scalars: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    histograms: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    images: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    texts: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+
+
+def tensorboard_runs(folder: Path) -> dict[str, TensorBoardRun]:
+    """Each run folder under *folder* (a TensorBoard log dir) read, by folder name. An event file is a TFRecord
+    file (each record: 8-byte length, 4-byte checksum, the data, 4-byte checksum) of TensorBoard's ``Event``
+    protobufs. (TensorBoard's own EventAccumulator imports TensorFlow where it is installed: seconds; its
+    TensorFlow-free mode is a switch for the whole process, which Keras's TensorBoard callback cannot run with.)"""
+    from tensorboard.compat.proto import event_pb2
+
+    runs = {}
+    for run_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        run = runs[run_dir.name] = TensorBoardRun()
+        for path in sorted(run_dir.glob("events.out.tfevents.*")):
+            data, position = path.read_bytes(), 0
+            while position < len(data):
+                (length,) = struct.unpack("<Q", data[position : position + 8])
+                event = event_pb2.Event.FromString(data[position + 12 : position + 12 + length])
+                position += 12 + length + 4
+                for value in event.summary.value:
+                    kind = value.WhichOneof("value")
+                    if kind == "simple_value":
+                        run.scalars[value.tag].append((event.step, value.simple_value))
+                    elif kind == "histo":
+                        run.histograms[value.tag].append((event.step, value.histo))
+                    elif kind == "image":
+                        run.images[value.tag].append((event.step, value.image.width, value.image.height))
+                    elif value.metadata.plugin_data.plugin_name == "text":
+                        run.texts[value.tag].append((event.step, value.tensor.string_val[0].decode()))
+    return runs
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The records of a W&B run file (``run-<id>.wandb``): a LevelDB-format log (a 7-byte header, then 32 KiB
+    blocks of chunks, each with a 4-byte checksum, 2-byte length and 1-byte type: full, first, middle, last)
+    of ``wandb_internal_pb2.Record`` protobufs."""
+    import wandb
+    from wandb.proto import wandb_internal_pb2
+
+    wandb.teardown()  # the service writes a finished run's file out when it stops (or when the program exits)
+    (path,) = run_dir.glob("run-*.wandb")
+    data, block, position, pending, records = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a chunk header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if kind == 0:  # zero padding at the end of a block
+            position += block - position % block
+            continue
+        chunk, position = data[position + 7 : position + 7 + length], position + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def wandb_history(run_dir: Path) -> dict[int, dict]:
+    """``{step: {key: value}}`` of a W&B run's logged history (values as JSON decodes them; a value logged as
+    parts, such as a histogram, as a dict of its parts)."""
+    history: dict[int, dict] = {}
+    for record in wandb_records(run_dir):
+        if record.WhichOneof("record_type") == "history":
+            row: dict = {}
+            for item in record.history.item:
+                *path, last = list(item.nested_key) or [item.key]
+                place = row
+                for key in path:
+                    place = place.setdefault(key, {})
+                place[last] = json.loads(item.value_json)
+            history.setdefault(row["_step"], {}).update(row)
+    return history
+
+
+def wandb_run(record_type: str, run_dir: Path):
+    return next(getattr(r, record_type) for r in wandb_records(run_dir) if r.WhichOneof("record_type") == record_type)
+
+
+# --- series names ------------------------------------------------------------------------------------------
+
+
+def test_series_names_steps_and_histograms_of_hand_made_records():
+    records = [
+        {"analysis": "e", "metric": "entropy", "layer": "relu1", "model": "m", "value": 0.5, "class": "all"},
+        {"analysis": "e", "metric": "entropy", "layer": "relu1", "model": "m", "value": 0.25, "class": 3},
+        # one layer, metric and class: told apart by the key whose values differ (head), not by samples
+        {"analysis": "a", "metric": "h", "layer": "attn", "model": "m", "value": 1.0, "head": 0, "samples": 9},
+        {"analysis": "a", "metric": "h", "layer": "attn", "model": "m", "value": 2.0, "head": 1, "samples": 9},
+        # two bins of a density histogram (width 0.5): masses 0.5·0.4 and 0.5·1.6, edges from centre ± width/2
+        *(
+            {"analysis": "g", "metric": "histogram", "layer": "pool", "model": "m", "value": v, "unit": "density",
+             "bin": i, "bin_center": c, "bin_width": 0.5, "channel": 2}
+            for i, (c, v) in enumerate([(1.25, 1.6), (0.75, 0.4)])
+        ),
+    ]  # fmt: skip
+    scalars, histograms = scalars_and_histograms(records)
+    assert scalars == {
+        "e/entropy/relu1/class_all": 0.5,
+        "e/entropy/relu1/class_3": 0.25,
+        "a/h/attn/head_0": 1.0,
+        "a/h/attn/head_1": 2.0,
+    }
+    assert histograms == [Histogram("g/histogram/pool/channel_2", [0.5, 1.0, 1.5], [0.2, 0.8])]
+    assert series_name({**records[0], "network": "resnet"}) == "e/entropy/resnet/relu1/class_all"
+    with pytest.raises(ValueError, match="differ in nothing but their value"):
+        scalars_and_histograms([records[0], {**records[0], "value": 0.7}])
+
+    results = layerscope.Results(
+        "0",
+        {},
+        {},
+        [
+            {"label": "a/epoch_2", "network": "a", "step": 2},
+            {"label": "a/epoch_5", "network": "a", "step": 5},
+            {"label": "b/first", "network": "b"},
+            {"label": "b/second", "network": "b"},
+        ],
+        [{"model": label, "value": i} for i, label in enumerate(["b/second", "a/epoch_5", "b/first", "a/epoch_2"])],
+    )
+    steps = [(step, [r["value"] for r in records]) for step, records in checkpoint_steps(results)]
+    assert steps == [(0, [2]), (1, [0]), (2, [3]), (5, [1])]  # a checkpoint without a step: its place in its network
+
+
+# --- from a run --------------------------------------------------------------------------------------------
+
+
+@needs("tensorboardX")
+@needs("tensorboard")
+def test_tensorboard_holds_every_record_of_a_run_and_its_figure(aggregation_spec, tmp_path):
+    aggregation_spec["outputs"]["formats"] = ["json", "tensorboard"]
+    results = layerscope.run(aggregation_spec, progress=False)
+    (run,) = (tmp_path / "out" / "tensorboard").iterdir()
+    assert run.name == f"gap-{results.runtime['run_id']}"
+    assert results.logged_to == [f"tensorboard: {run}"] and results.artifacts == []
+    events = tensorboard_runs(tmp_path / "out" / "tensorboard")[run.name]
+    scalars = events.scalars
+    plain = [r for r in results.records if "bin" not in r]
+    assert len(scalars) == len(plain) > 100
+    for record in plain:  # event files hold float32
+        assert scalars[expected_name(record)] == [(0, np.float32(record["value"]))], record
+    assert scalars["agg/fit_kl/gap/class_all/channel_1"]
+    bins = [r for r in results.records if r["metric"] == "histogram"]
+    histograms = list(events.histograms)
+    assert sorted(histograms) == sorted(
+        {expected_name({k: v for k, v in r.items() if k not in BIN_KEYS}) for r in bins}
+    )
+    for tag in histograms:
+        ((step, histogram),) = events.histograms[tag]
+        members = sorted((r for r in bins if expected_name(r) == tag), key=lambda r: r["bin"])
+        width = members[0]["bin_width"]
+        assert step == 0 and list(histogram.bucket) == [r["value"] * width for r in members]
+        assert list(histogram.bucket_limit) == pytest.approx([r["bin_center"] + width / 2 for r in members])
+        assert histogram.min == pytest.approx(members[0]["bin_center"] - width / 2)
+    ((step, width, height),) = events.images["figures/agg"]
+    assert (step, width > 400, height > 300) == (0, True, True)
+    ((_, spec),) = events.texts["spec/text_summary"]
+    assert '"aggregation_distribution"' in spec
+
+
+@needs("tensorboardX")
+@needs("tensorboard")
+def test_report_logs_again_only_when_asked_and_runs_add_to_the_store(aggregation_spec, tmp_path, capsys):
+    """The store in the output folder is not one of the run's files: a second run into the folder adds a run
+    to it, ``layerscope report`` rebuilds the files without logging, and logs when --formats names the tracker."""
+    aggregation_spec["outputs"]["formats"] = ["json", "csv", "tensorboard"]
+    first = layerscope.run(aggregation_spec, progress=False)
+    second = layerscope.run(aggregation_spec, progress=False)
+    store = tmp_path / "out" / "tensorboard"
+    names = [f"gap-{r.runtime['run_id']}" for r in (first, second)]
+    assert sorted(p.name for p in store.iterdir()) == sorted(names)
+    assert main(["report", str(tmp_path / "out")]) == 0
+    assert len(list(store.iterdir())) == 2 and (tmp_path / "out" / "records.csv").is_file()
+    assert main(["report", str(tmp_path / "out"), "--formats", "tensorboard"]) == 0  # the second run, again
+    assert len(list(store.iterdir())) == 2 and len(list((store / names[1]).iterdir())) == 2  # a new event file
+    runs = tensorboard_runs(store)
+    first_scalars, second_scalars = runs[names[0]].scalars, runs[names[1]].scalars
+    assert second_scalars == {tag: series * 2 for tag, series in first_scalars.items()}
+    capsys.readouterr()
+
+
+@pytest.mark.slow  # over 10 s on a 2-core machine
+@needs("mlflow")
+def test_mlflow_holds_metrics_params_and_files_of_a_run(aggregation_spec, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    aggregation_spec["outputs"]["formats"] = ["json", "csv", "mlflow"]
+    results = layerscope.run(aggregation_spec, progress=False)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("gap").experiment_id])
+    assert run.info.run_name == f"gap-{results.runtime['run_id']}" and run.info.status == "FINISHED"
+    plain = [r for r in results.records if "bin" not in r]
+    assert len(run.data.metrics) == len(plain) > 100
+    for record in plain:
+        history = client.get_metric_history(run.info.run_id, expected_name(record))
+        assert [(m.step, m.value) for m in history] == [(0, record["value"])], record
+    params = run.data.params
+    assert params["analyses.agg.estimator"] == "aggregation_distribution" and params["analyses.agg.params.bins"] == "10"
+    assert params["data.source"] == "npz" and params["outputs.formats"] == '["json", "csv", "mlflow"]'
+    assert run.data.tags["layerscope.run_id"] == results.runtime["run_id"]
+    artifacts = tmp_path / "out" / "mlartifacts"
+    logged = sorted(
+        str(p.relative_to(next(artifacts.glob("*/artifacts")))) for p in artifacts.rglob("*") if p.is_file()
+    )
+    assert logged == ["plots/agg.png", "records.csv", "results.json"]  # no plots format: the figure is drawn for it
+    stored = next(artifacts.glob("*/artifacts/results.json")).read_text()
+    assert stored == (tmp_path / "out" / "results.json").read_text()
+
+
+@needs("wandb")
+def test_wandb_offline_run_holds_every_record_histogram_and_figure(aggregation_spec, tmp_path, monkeypatch):
+    for variable in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.delenv(variable, raising=False)
+    aggregation_spec["outputs"]["formats"] = ["json", "wandb"]
+    results = layerscope.run(aggregation_spec, progress=False)
+    (run_dir,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    assert results.logged_to == [f"wandb: {run_dir}"]
+    run = wandb_run("run", run_dir)
+    assert (run.project, run.display_name) == ("gap", f"gap-{results.runtime['run_id']}")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["analyses"]["agg"]["params"]["bins"] == 10
+    assert config["layerscope"]["run_id"] == results.runtime["run_id"]
+    (row,) = wandb_history(run_dir).values()
+    assert row["_step"] == 0
+    for record in (r for r in results.records if "bin" not in r):
+        assert row[expected_name(record)] == record["value"], record
+    bins = [r for r in results.records if r["metric"] == "histogram" and r.get("channel") == 0]
+    histogram = row["agg/histogram/gap/class_all/channel_0"]
+    assert histogram["_type"] == "histogram"
+    assert histogram["values"] == pytest.approx([r["value"] * r["bin_width"] for r in bins], rel=1e-6)
+    assert row["figures/agg"]["_type"] == "image-file" and list(run_dir.glob("files/media/images/figures/agg_0_*.png"))
+
+
+# --- Monitor and callbacks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # over 10 s on a 2-core machine
+@needs("tensorboardX")
+@needs("tensorboard")
+@needs("wandb")
+def test_monitor_logs_each_step_as_it_comes(tmp_path, monkeypatch):
+    """The spec's tracker formats log each step at the monitor's step, while training goes on; write() logs
+    the figures (at the last step) and does not log the steps again."""
+    for variable in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.delenv(variable, raising=False)
+    model, optimiser = small_net(), None
+    spec = {**ENTROPY_SPEC, "outputs": {"dir": str(tmp_path / "fit"), "formats": ["json", "tensorboard", "wandb"]}}
+    monitor = layerscope.Monitor(spec)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = digits()
+    steps = {}
+    for step in (0, 5, 9):
+        steps[step] = monitor.observe(model, step=step, batch=(x, y))
+        store = tmp_path / "fit" / "tensorboard"
+        (events,) = tensorboard_runs(store).values()  # on disk as it comes
+        assert {s for series in events.scalars.values() for s, _ in series} == set(steps)
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimiser.step()
+    results = monitor.write(tmp_path / "fit")
+    monitor.close()
+    assert results.artifacts == [] and len({r["value"] for r in steps[9]} - {r["value"] for r in steps[0]}) > 3
+    (events,) = tensorboard_runs(store).values()
+    scalars = events.scalars
+    assert len(scalars) == len(steps[0])
+    for record in results.records:
+        assert (record["step"], np.float32(record["value"])) in scalars[expected_name(record)]
+    assert all(len(series) == 3 for series in scalars.values())  # write() logged no step again
+    assert [step for step, _, _ in events.images["figures/entropy"]] == [9]
+    (run_dir,) = (tmp_path / "fit" / "wandb").glob("offline-run-*")
+    history = wandb_history(run_dir)
+    assert sorted(history) == [0, 5, 9] and "figures/entropy" in history[9]
+    for step, records in steps.items():
+        for record in records:
+            assert history[step][expected_name(record)] == record["value"]
+    with pytest.raises(UserError, match="the monitor was closed"):
+        monitor.observe(model, step=10, batch=(x, y))
+
+
+@pytest.mark.slow  # a Python process of its own that imports torch and wandb
+@needs("tensorboardX")
+@needs("wandb")
+def test_a_monitor_left_open_ends_its_tracked_runs_when_the_program_exits(tmp_path, monkeypatch):
+    """The callbacks leave the monitor open: at exit its trackers finish before W&B stops its service."""
+    for variable in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.delenv(variable, raising=False)
+    script = (
+        "import torch, layerscope\n"
+        "from tests.test_trackers import ENTROPY_SPEC, digits, small_net\n"
+        f"monitor = layerscope.Monitor(ENTROPY_SPEC, log_to=['wandb', 'tensorboard'], log_dir={str(tmp_path)!r})\n"
+        "model, batch = small_net(), digits()\n"
+        "monitor.observe(model, step=1, batch=batch)\n"
+        "monitor.observe(model, step=2, batch=batch)\n"
+    )
+    root = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert sorted(wandb_history(run_dir)) == [1, 2]
+    assert wandb_run("exit", run_dir).exit_code == 0
+    (events,) = tensorboard_runs(tmp_path / "tensorboard").values()
+    assert {step for series in events.scalars.values() for step, _ in series} == {1, 2}
+
+
+@pytest.mark.slow  # over 10 s on a 2-core machine
+@needs("mlflow")
+def test_monitor_mlflow_run_ends_as_failed_when_the_block_raises(tmp_path, monkeypatch):
+    """log_to names the tracker, MLFLOW_TRACKING_URI says where its store is; leaving a ``with`` block on an
+    exception ends the tracked run as failed."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "training")
+    model, batch = small_net(), digits()
+    with pytest.raises(RuntimeError, match="diverged"):
+        with layerscope.Monitor(ENTROPY_SPEC, log_to=["mlflow"], log_dir=tmp_path / "fit") as monitor:
+            first = monitor.observe(model, step=1, batch=batch)
+            monitor.observe(model, step=3, batch=batch)
+            raise RuntimeError("diverged")
+    assert not (tmp_path / "fit").exists()  # the store is the one the variable names
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("training").experiment_id])
+    assert run.info.status == "FAILED"
+    for record in first:
+        history = client.get_metric_history(run.info.run_id, expected_name(record))
+        assert [m.step for m in history] == [1, 3] and history[0].value == record["value"]
+
+
+def test_monitor_log_to_names_trackers_only(tmp_path):
+    with pytest.raises(UserError, match="unknown reporter 'tensorbord'. Did you mean 'tensorboard'"):
+        layerscope.Monitor(ENTROPY_SPEC, log_to=["tensorbord"])
+    with pytest.raises(UserError, match="'csv' writes files rather than log to a tracker"):
+        layerscope.Monitor(ENTROPY_SPEC, log_to=["csv"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pytorch_lightning") is None, reason="needs pytorch-lightning")
+def test_lightning_callback_logs_through_the_trainers_logger(tmp_path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    from layerscope.training.lightning_callback import MonitorCallback
+
+    class Classifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = small_net()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.cross_entropy(self(x), y)
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x, y = digits(400)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=100)
+    callback = MonitorCallback({**ENTROPY_SPEC, "outputs": {"formats": ["json"]}}, every=2)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[callback],
+        logger=CSVLogger(tmp_path, name="logs"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(Classifier(), loader)
+    import pandas as pd
+
+    (path,) = (tmp_path / "logs").rglob("metrics.csv")
+    table = pd.read_csv(path)
+    assert "loss" in table.columns  # the module's own metrics, in the same file
+    results = callback.monitor.results()
+    assert sorted({r["step"] for r in results.records}) == [2, 4]
+    for record in results.records:
+        logged = table.loc[table["step"] == record["step"], expected_name(record)].dropna()
+        assert list(logged) == [record["value"]], record
+
+
+@pytest.mark.slow  # imports TensorFlow
+@needs("tensorflow")
+@needs("tensorboardX")
+@needs("tensorboard")
+def test_keras_callback_logs_to_tensorboard_beside_keras(tmp_path):
+    import keras
+
+    from layerscope.training.keras_callback import MonitorCallback
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    x, y = (a.numpy() for a in digits(200))
+    logs = tmp_path / "logs"
+    callback = MonitorCallback(ENTROPY_SPEC, every=2, batch=(x[:100], y[:100]), log_to=["tensorboard"], log_dir=logs)
+    board = keras.callbacks.TensorBoard(log_dir=str(logs))
+    model.fit(x, y, batch_size=50, epochs=1, verbose=0, callbacks=[callback, board])
+    callback.monitor.close()
+    assert (logs / "train").is_dir()  # Keras's own run beside ours
+    (events,) = tensorboard_runs(logs / "tensorboard").values()
+    scalars = events.scalars
+    records = callback.monitor.results().records
+    assert sorted({r["step"] for r in records}) == [2, 4]
+    for record in records:
+        assert (record["step"], np.float32(record["value"])) in scalars[expected_name(record)]
+
+
+# --- missing packages --------------------------------------------------------------------------------------
+
+
+def test_a_tracker_without_its_package_is_a_user_error(tmp_path, tiny_onnx):
+    """Run where the tracker's package cannot be imported (a meta-path finder refuses it): exit 2, one message
+    with the spec's line and the install command, no results.json."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"model: {{source: {tiny_onnx}}}\ndata: {{source: synthetic, samples: 8}}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+        f"outputs: {{dir: {tmp_path / 'out'}, formats: [json, tensorboard, wandb]}}\n"
+    )
+    hide = (
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in ('tensorboardX', 'wandb'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from layerscope.cli.main import main\n"
+        f"sys.exit(main(['run', {str(spec)!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out" / "results.json").exists()
+    assert (
+        "spec.yaml:4:" in done.stderr
+        and "outputs.formats.1: the tensorboard format needs the tensorboardX" in done.stderr
+    )
+    assert 'pip install "layerscope[tensorboard]"' in done.stderr and 'pip install "layerscope[wandb]"' in done.stderr

@@ -137,7 +137,7 @@ def main() -> None:
     from bench_vs_hooks import SAMPLES, prepare
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default=",".join(SAMPLES))
+    parser.add_argument("--models", default="resnet18,resnet50,mobilenet_v3_small")
     args = parser.parse_args()
     kinds = ("plain", "fetch outputs", "fetch in+out", "in-graph counts", "in-graph + probe", "in-graph means")
     print(
@@ -146,8 +146,8 @@ def main() -> None:
     print(f"{'model':<20}{'samples':>8}" + "".join(f"{kind:>22}" for kind in kinds))
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
-            path, data = prepare(name, Path(folder))
-            model, archive = onnx.load(str(path)), np.load(data)
+            path, datasets = prepare(name, Path(folder), [SAMPLES[name]])
+            model, archive = onnx.load(str(path)), np.load(datasets[SAMPLES[name]])
             seconds = seconds_per_pass(model, kinds, archive["x"], archive["y"])
             plain = seconds["plain"]
             cells = "".join(f"{f'{s:.3f} ({plain / s:.2f})':>22}" for s in seconds.values())

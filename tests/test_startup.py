@@ -49,7 +49,7 @@ def test_importing_the_command_line_leaves_torch_out():
 
 
 def test_help_version_and_plugins_import_no_framework():
-    for args in (["--help"], ["--version"], ["plugins"], ["plugins", "information_plane"]):
+    for args in (["--help"], ["--version"], ["plugins"], ["plugins", "information_plane"], ["cache", "list"]):
         done, imported = probe(*args)
         assert done.returncode == 0 and imported == [], (args, imported, done.stderr[-500:])
     done, _ = probe("--version")

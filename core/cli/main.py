@@ -24,7 +24,7 @@ def _cmd_run(args) -> int:
     results = run(args.spec, out=args.out, progress=not args.quiet, resume=args.resume)
     from .summary import print_summary
 
-    print_summary(results, results.out_dir)
+    print_summary(results, results.out_dir, quiet=args.quiet)
     return EXIT_OK
 
 
@@ -138,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the analyses of a spec and write results")
     run.add_argument("spec", help="YAML spec file")
     run.add_argument("--out", help="output folder (overrides outputs.dir)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no summary table: only warnings, errors and where the results are",
+    )
     run.add_argument(
         "--resume",
         action="store_true",

@@ -178,13 +178,13 @@ def test_multi_model_and_compared_reports_list_every_model_and_run(models_run, g
     assert [r["label"] for r in combined.runtime["compared"]] == list(runs)
     for entry, original in zip(combined.runtime["compared"], runs.values()):
         assert entry == {"label": entry["label"], "layerscope": original.layerscope, **original.runtime}
-    for key in ("onnxruntime", "torch", "device", "seed"):
+    for key in ("onnxruntime", "onnxruntime_package", "torch", "device", "seed"):
         assert combined.runtime[key] == run.runtime[key] is not None  # the runs agree, so the whole has it
     assert combined.spec["specs"] == {label: r.spec for label, r in runs.items()}
     page = (compared / "report.html").read_text()
     provenance = page[page.index("<h2 id='provenance'>") : page.index("<h3>Models</h3>")]
     assert re.findall(r"<th>(.*?)</th>", provenance) == ["", "two-networks", "gap"]
-    for key in ("onnxruntime", "torch", "device", "seed", "run_id"):
+    for key in ("onnxruntime", "onnxruntime_package", "torch", "device", "seed", "run_id"):
         row = re.search(rf"<tr><td>{key}</td>(.*?)</tr>", provenance).group(1)
         assert re.findall(r"<td>(.*?)</td>", row) == [str(r.runtime[key]) for r in runs.values()]
     assert list(tensor_tables(page)) == [

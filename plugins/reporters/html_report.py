@@ -76,8 +76,9 @@ def table(rows: list[dict], columns: list[str], sortable: bool = True) -> str:
     )
 
 
-#: The runtime entries the provenance table shows, after the layerscope version.
-FACTS = ("onnxruntime", "torch", "provider", "device", "seed", "samples", "seconds")
+#: The runtime entries the provenance table shows, after the layerscope version (those the results have:
+#: results of older versions lack the newer entries).
+FACTS = ("onnxruntime", "onnxruntime_package", "torch", "provider", "device", "seed", "samples", "seconds")
 
 
 def _facts(results: Results) -> tuple[list[dict], list[str]]:
@@ -86,12 +87,13 @@ def _facts(results: Results) -> tuple[list[dict], list[str]]:
     compared = results.runtime.get("compared")
     if not compared:
         rows: list[dict] = [{"": "layerscope", "value": results.layerscope}]
-        rows += [{"": key, "value": results.runtime.get(key)} for key in FACTS]
+        rows += [{"": key, "value": results.runtime[key]} for key in FACTS if key in results.runtime]
         return rows, ["", "value"]
     labels = [str(run.get("label")) for run in compared]
     rows = [
         {"": key, **{label: run.get(key) for label, run in zip(labels, compared)}}
         for key in ("layerscope", "run_id", *FACTS)
+        if key not in FACTS or any(key in run for run in compared)
     ]
     return rows, ["", *labels]
 

@@ -96,6 +96,27 @@ def test_prune_by_age_then_by_size_least_recently_used_first(cache, capsys):
     assert listing(capsys)["entries"] == [] and not any(cache.rglob("*.*"))  # the kinds' folders are left empty
 
 
+def test_the_listing_fits_a_terminal_of_80_columns(cache, capsys, monkeypatch):
+    """Hashes in entry names are cut to 12 hex digits (as git abbreviates commits): one line per entry."""
+    monkeypatch.setenv("COLUMNS", "80")
+    now = time.time()
+    entry(cache, f"exports/{'8438aa4f6a57' + 'c' * 52}/model.onnx", 1000, 2, now)
+    entry(cache, f"exports/.{'e7e536d53bca' + 'e' * 52}-1919ao84/model.onnx", 10, 2, now)  # an export being written
+    entry(cache, f"tables/{'5b883e4233a5' + 'b' * 20}.lock", 0, 2, now)
+    entry(cache, "data/digits-sklearn-1.7.2.npz", 200, 1, now)
+    capsys.readouterr()
+    assert main(["cache"]) == 0
+    rows = [line.split("│")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert all(len("│".join(row)) + 2 <= 80 for row in rows)
+    named = [(kind.strip(), name.strip()) for kind, name, *_ in rows if name.strip()]  # a cell's wrapped lines aside
+    assert named == [
+        ("unfinished", "exports/.e7e536d53bca…-1919ao84"),
+        ("export", "exports/8438aa4f6a57…"),
+        ("data", "data/digits-sklearn-1.7.2.npz"),
+        ("table", "tables/5b883e4233a5….lock"),
+    ]
+
+
 def test_nothing_outside_the_cache_or_not_layerscopes_is_removed(cache, tmp_path, capsys):
     now = time.time()
     outside = tmp_path / "outside"

@@ -4,6 +4,7 @@ size; clearing (:mod:`layerscope.util.cache`)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +19,16 @@ def _ago(seconds: float, now: float) -> str:
     age = max(0.0, now - seconds)
     steps = ((86400, "d"), (3600, "h"), (60, "min"))
     return next((f"{age // unit:.0f} {name} ago" for unit, name in steps if age >= unit), "now")
+
+
+#: A hash in an entry's name (an export's 64 hex digits, a table's 32): the table shows its first 12.
+LONG_HASH = re.compile(r"([0-9a-f]{12})[0-9a-f]{8,}")
+
+
+def _short_name(relative: Path) -> str:
+    """*relative* with each hash of 20 or more hex digits cut to its first 12 and ``…``, as ``git`` abbreviates
+    commits: ``exports/8438aa4f6a57…`` (the full names are in ``--json`` and the prune and clear lines)."""
+    return LONG_HASH.sub(r"\1…", str(relative))
 
 
 def _total(entries: list[CacheEntry]) -> str:
@@ -41,15 +52,15 @@ def list_cache(as_json: bool = False) -> None:
 
     now = time.time()
     table = Table(title=f"layerscope cache · {folder}")
-    table.add_column("kind")
-    table.add_column("entry", overflow="fold")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("entry", no_wrap=True)
     table.add_column("size", justify="right")
     table.add_column("last used", no_wrap=True)
     table.add_column("what")
     for entry in entries:
         table.add_row(
             entry.kind,
-            str(entry.path.relative_to(folder)),
+            _short_name(entry.path.relative_to(folder)),
             format_bytes(entry.size),
             _ago(entry.last_used, now),
             entry.about,

@@ -8,7 +8,7 @@ from importlib import metadata
 import pytest
 
 import layerscope
-from layerscope.graph.ort_package import ORT_PACKAGES, installing_packages
+from layerscope.graph.ort_package import ORT_PACKAGES, installing_packages, package_provenance
 
 
 def install(site, package: str, version: str = "1.31.1", files=("onnxruntime/__init__.py",)) -> None:
@@ -39,7 +39,12 @@ def test_the_package_is_the_one_whose_files_hold_the_imported_module(tmp_path):
 def test_both_packages_in_one_folder_are_both_named(tmp_path):
     install(tmp_path, "onnxruntime-gpu")
     install(tmp_path, "onnxruntime")  # pip overwrites the shared files without a word
-    assert installing_packages(tmp_path / "onnxruntime" / "__init__.py", path=[str(tmp_path)]) == list(ORT_PACKAGES)
+    packages = installing_packages(tmp_path / "onnxruntime" / "__init__.py", path=[str(tmp_path)])
+    assert packages == list(ORT_PACKAGES)
+    recorded, (warning,) = package_provenance(packages)
+    assert recorded == "onnxruntime + onnxruntime-gpu"
+    assert warning.startswith("both onnxruntime and onnxruntime-gpu are installed: they share the onnxruntime folder")
+    assert package_provenance(["onnxruntime"]) == ("onnxruntime", []) and package_provenance([]) == (None, [])
 
 
 def test_a_run_records_the_package_that_installed_its_onnxruntime(tiny_onnx):

@@ -128,11 +128,23 @@ def _reporters(host, chosen: str | None, default: list[str]) -> list:
         raise UserError(f"--formats: {error}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from layerscope import __version__
+class _PrintVersion(argparse.Action):
+    """``--version``: layerscope's version, then the onnxruntime that runs the models and the pip package that
+    installed it (``onnxruntime-gpu`` or the CPU build ``onnxruntime``); looked up only when asked for."""
 
+    def __call__(self, parser, namespace, values, option_string=None):
+        from layerscope import __version__
+        from layerscope.graph.ort_package import installed_onnxruntime
+
+        print(f"layerscope {__version__}\n{installed_onnxruntime()}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerscope", description="Measure what happens inside deep neural networks.")
-    parser.add_argument("--version", action="version", version=f"layerscope {__version__}")
+    parser.add_argument(
+        "--version", action=_PrintVersion, nargs=0, help="the version, and the onnxruntime package that runs models"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the analyses of a spec and write results")

@@ -10,6 +10,7 @@ uninstalling either breaks the other. The package is read from the installed dis
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -36,12 +37,30 @@ def installing_packages(module_file: str | Path, path: list[str] | None = None) 
     return found
 
 
+def installed_onnxruntime() -> str:
+    """``onnxruntime 1.31.1 (the onnxruntime-gpu package)``: the version and package of the onnxruntime Python
+    would import, found without importing it (``layerscope --version``)."""
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or spec.origin is None:
+        return "onnxruntime: not installed"
+    packages = installing_packages(spec.origin)
+    if not packages:
+        return f"onnxruntime at {Path(spec.origin).parent} (not installed by pip)"
+    version = metadata.version(packages[-1])
+    return f"onnxruntime {version} (the {' and '.join(packages)} package{'s' if len(packages) > 1 else ''})"
+
+
 def ort_package() -> tuple[str | None, list[str]]:
-    """The package that installed the imported onnxruntime (``None`` when pip did not), as a run's provenance
-    records it (``runtime.onnxruntime_package``), and a warning when both packages installed it."""
+    """The package that installed the imported onnxruntime as a run's provenance records it
+    (``runtime.onnxruntime_package``), and the warnings it calls for (:func:`package_provenance`)."""
     import onnxruntime
 
-    packages = installing_packages(onnxruntime.__file__)
+    return package_provenance(installing_packages(onnxruntime.__file__))
+
+
+def package_provenance(packages: list[str]) -> tuple[str | None, list[str]]:
+    """*packages* (those that installed onnxruntime) as provenance: the one, ``None`` for none (not installed by
+    pip), ``onnxruntime + onnxruntime-gpu`` with a warning for both (they overwrite each other's files)."""
     if len(packages) < 2:
         return (packages[0] if packages else None), []
     return " + ".join(packages), [

@@ -22,7 +22,7 @@ from pydantic import Field
 from layerscope import Adapter, Checkpoint, LoadedModel, hookimpl
 from layerscope.model.adapter import ModelParams, load_onnx_file
 from layerscope.util.errors import UserError, did_you_mean
-from layerscope.util.files import atomic_write, cache_dir
+from layerscope.util.files import atomic_write, cache_dir, mark_used
 from layerscope.util.lazy import lazy_module
 
 from .export_cache import with_weights
@@ -150,6 +150,7 @@ def ensure_trained(name: str) -> Path:
     """The cache folder holding ``epoch_XX.onnx`` for every epoch of demo *name*, training it if needed."""
     folder = cache_dir() / "demo" / f"{name}-v{VERSION}"
     if all((folder / f"{epoch_label(e)}.onnx").exists() for e in range(1, EPOCHS + 1)):
+        mark_used(folder)
         return folder
     from .torch_export import export_to_onnx
 

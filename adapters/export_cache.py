@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from layerscope.util.files import cache_dir, scratch_folder
+from layerscope.util.cache import ABOUT_FILE
+from layerscope.util.files import cache_dir, mark_used, scratch_folder
 from layerscope.util.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -65,12 +66,16 @@ def file_digest(path: str | os.PathLike | None) -> str | None:
 EXPORT_FILE = "model.onnx"  # in an export's folder, its weights beside it when they are large
 
 
-def cached_export(key: Mapping[str, object] | None, export: Callable[[Path], None]) -> Path:
+def cached_export(
+    key: Mapping[str, object] | None, export: Callable[[Path], None], about: Mapping[str, str] | None = None
+) -> Path:
     """The ONNX file of an export: ``export(path)`` writes it (its weights inside it, or for a large model
     in a file beside it). With a *key* (everything the graph depends on) the export lies in the cache,
-    ``exports/<hash of key>/``, and a later run reads it back; *key* None (or ``LAYERSCOPE_EXPORT_CACHE=0``)
-    exports into a folder of this process's scratch space, removed when it ends. A run reads the file's
-    graph and leaves the weights in it (:func:`layerscope.model.adapter.load_onnx_file`)."""
+    ``exports/<hash of key>/``, with *about* (what was exported: ``source``, ``class``) in its
+    ``about.json`` for ``layerscope cache``, and a later run reads it back, marking it used; *key* None (or
+    ``LAYERSCOPE_EXPORT_CACHE=0``) exports into a folder of this process's scratch space, removed when it
+    ends. A run reads the file's graph and leaves the weights in it
+    (:func:`layerscope.model.adapter.load_onnx_file`)."""
     if key is None or os.environ.get("LAYERSCOPE_EXPORT_CACHE", "1") == "0":
         folder = scratch_folder("export")
         export(folder / EXPORT_FILE)
@@ -78,6 +83,7 @@ def cached_export(key: Mapping[str, object] | None, export: Callable[[Path], Non
     name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     entry = cache_dir() / "exports" / name
     if (entry / EXPORT_FILE).is_file():
+        mark_used(entry)
         return entry / EXPORT_FILE
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +91,8 @@ def cached_export(key: Mapping[str, object] | None, export: Callable[[Path], Non
     except OSError:  # a read-only cache costs every run an export, nothing else
         writing = scratch_folder("export")
     export(writing / EXPORT_FILE)
+    if about:
+        (writing / ABOUT_FILE).write_text(json.dumps(dict(about)), encoding="utf-8")
     try:
         writing.rename(entry)  # the whole export appears at once; a concurrent run's equal export may win
     except OSError:

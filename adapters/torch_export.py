@@ -341,7 +341,9 @@ class TorchAdapter(Adapter[TorchParams]):
         else:
             model, source = ref, f"<{type(ref).__name__}>"
         path = cached_export(
-            _export_key(model, ref, example), lambda target: self._export_to(model, ref, example, target)
+            _export_key(model, ref, example),
+            lambda target: self._export_to(model, ref, example, target),
+            {"source": source, "class": type(model).__name__},
         )
         proto, weights = load_onnx_file(path)
         return LoadedModel(proto, checkpoint.label, source, framework="pytorch", weights=weights)

@@ -60,7 +60,8 @@ def run(
     plan = prepare(spec, plugins, data)
     out_dir = output_dir(plan, out, resume) if write else None
     try:
-        return execute(plan, out_dir, show_progress=progress, resume=resume)
+        with plan.doc.locating_errors():  # an error naming a spec key (data.path: …) gets its file:line:col
+            return execute(plan, out_dir, show_progress=progress, resume=resume)
     except BaseException as error:
         plan.host.hook.on_run_error(error=error)
         raise
@@ -83,13 +84,14 @@ def validate(
     if with_model:
         from layerscope.engine.checkpoint_run import ShardWorker, build_estimators
 
-        checkpoints = plan.checkpoints()
-        worker = ShardWorker(plan, checkpoints, [(0, len(plan.order))], plan.order, plan.example())
-        for index, checkpoint in enumerate(checkpoints):
-            model = worker.load(index)  # checks the data against the model's inputs
-            estimators = build_estimators(plan, model)
-            checked.append(
-                f"model {checkpoint.label}: inputs {model.feeds.describe()}; "
-                + ", ".join(f"{aid} selects {len(est.tensors)} tensors" for aid, est in estimators)
-            )
+        with plan.doc.locating_errors():  # an error naming a spec key (data.path: …) gets its file:line:col
+            checkpoints = plan.checkpoints()
+            worker = ShardWorker(plan, checkpoints, [(0, len(plan.order))], plan.order, plan.example())
+            for index, checkpoint in enumerate(checkpoints):
+                model = worker.load(index)  # checks the data against the model's inputs
+                estimators = build_estimators(plan, model)
+                checked.append(
+                    f"model {checkpoint.label}: inputs {model.feeds.describe()}; "
+                    + ", ".join(f"{aid} selects {len(est.tensors)} tensors" for aid, est in estimators)
+                )
     return checked

@@ -377,6 +377,6 @@ def test_a_large_model_is_exported_straight_to_a_file_beside_its_weights(tmp_pat
     large = layerscope.run(spec, write=False, progress=False)
     assert len(counted_exports) == 2
     (entry,) = (tmp_path / "large-cache" / "exports").iterdir()
-    assert sorted(p.name for p in entry.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in entry.iterdir()) == ["about.json", "model.onnx", "model.onnx.data"]
     assert (entry / "model.onnx").stat().st_size < (entry / "model.onnx.data").stat().st_size
     assert_records_close(large.records, small.records, rtol=1e-6, atol=1e-6)

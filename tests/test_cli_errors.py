@@ -112,6 +112,58 @@ def test_nan_in_data(tmp_path, capsys, tiny_onnx):
     assert not (tmp_path / "out").exists()  # failed during the run: the folder it created is removed again
 
 
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("npz", "data.path: file not found: {folder}/absent"),
+        ("images", "data.path: {folder}/absent is not a folder"),
+        ("table", "data.path: file not found: {folder}/absent"),
+    ],
+)
+def test_a_data_path_error_names_its_line(tmp_path, capsys, tiny_onnx, source, message, command):
+    code, err, out = run_cli(tmp_path, capsys, data=f"{{source: {source}, path: absent}}", command=command)
+    column = len(f"data: {{source: {source}, ") + 1  # where `path` begins on line 3
+    assert_user_error(code, err, out)
+    assert err == f"layerscope: error: {tmp_path / 'spec.yaml'}:3:{column}: {message.format(folder=tmp_path)}\n"
+
+
+def test_a_data_error_found_while_running_names_its_line(tmp_path, capsys, tiny_onnx):
+    """An npz whose array's header announces 50 samples and whose data holds 10: planning reads the first
+    sample, the run finds the rest missing."""
+    import io
+    import zipfile
+
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": (50, 64)})
+    member.write(np.ones((10, 64), np.float32).tobytes())
+    path = tmp_path / "data.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("x.npy", member.getvalue())
+    code, err, out = run_cli(tmp_path, capsys, data="{source: npz,\n       path: data.npz, shuffle: false}")
+    assert_user_error(code, err, out, f"spec.yaml:4:8: data.path: {path} ends before the data its header announces")
+
+
+def test_a_table_label_error_names_its_line(tmp_path, capsys, tiny_onnx):
+    rows = "".join(f"{','.join(['0'] * 64)},{'' if i == 3 else i % 2}\n" for i in range(8))
+    (tmp_path / "t.csv").write_text(",".join([f"f{i}" for i in range(64)] + ["y"]) + "\n" + rows)
+    data = "\n  source: table\n  path: t.csv\n  label: y\n"
+    code, err, out = run_cli(tmp_path, capsys, data=data, command="validate")
+    assert_user_error(code, err, out, "spec.yaml:6:3: data.label: column 'y' has no value in row 4")
+
+
+def test_a_message_is_located_only_at_a_key_the_spec_has():
+    from layerscope.spec.yaml_locations import load_yaml
+
+    doc = load_yaml("data:\n  path: x.npz\nanalyses:\n  - id: a\n    params: {k: 3}\n", "s.yaml")
+    assert doc.locate("data.path: file not found") == "s.yaml:2:3: data.path: file not found"
+    assert doc.locate("data.label: no column 'y'") == "s.yaml:1:1: data.label: no column 'y'"  # the section
+    assert doc.locate("analyses.0.params.k: too large") == "s.yaml:5:14: analyses.0.params.k: too large"
+    assert doc.locate("model.source: no such file") == "model.source: no such file"  # no model key here
+    assert doc.locate("s.yaml:2:3: data.path: located already") == "s.yaml:2:3: data.path: located already"
+    assert doc.locate("no key: a sentence") == "no key: a sentence"
+
+
 def test_selector_matching_nothing(tmp_path, capsys, tiny_onnx):
     code, err, out = run_cli(tmp_path, capsys, extra="    on: {op_type: Sigmoidd}\n")
     assert_user_error(code, err, out, "analyses.0.on", "matches no tensor")

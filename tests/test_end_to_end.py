@@ -42,6 +42,30 @@ def test_quickstart_cli(repo, tmp_path):
     assert (out / "records.csv").read_text() == before
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_run_quiet_prints_only_warnings_and_where_the_results_are(tmp_path, capsys, monkeypatch, tiny_onnx, quiet):
+    """Samples of 3e38 overflow the tiny MLP's float32 tensors to Inf: the run warns."""
+    import numpy as np
+
+    from layerscope.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no line wrapped
+
+    np.savez(tmp_path / "big.npz", x=np.full((20, 64), 3e38, np.float32))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "model: {source: tiny.onnx}\ndata: {source: npz, path: big.npz}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\noutputs: {formats: [json]}\n"
+    )
+    assert main(["run", str(spec), "--out", str(tmp_path / "out"), *(["--quiet"] if quiet else [])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert ("layerscope · " in "\n".join(lines)) is not quiet  # the summary table's title
+    assert lines[-1].endswith(f" records → {tmp_path / 'out' / 'results.json'}")
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    assert warnings and all("NaN or Inf" in line for line in warnings)
+    assert len(lines) == len(warnings) + 1 if quiet else len(lines) > len(warnings) + 5
+
+
 def test_python_api_and_pandas(tmp_path):
     spec = {
         "model": {"source": "demo:digits-mlp"},

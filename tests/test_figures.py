@@ -76,11 +76,11 @@ def test_entropy_draws_every_class_of_every_network(models_run):
     figure = ActivationEntropy.plot(records)
     pooled, *heatmaps = [axes for axes in figure.axes if axes.get_label() != "<colorbar>"]
     assert len(pooled.lines) == 3  # a line per checkpoint
-    for line in pooled.lines:  # two networks: each on the relative depth axis, points named by their own layers
-        assert min(line.get_xdata()) == 0.0 and max(line.get_xdata()) == 1.0
-    assert len(pooled.texts) == sum(
-        len({r["layer"] for r in records if r["model"] == m}) for m in {r["model"] for r in records}
-    )
+    layers = list(dict.fromkeys(r["layer"] for r in records))
+    assert layers == ["relu1", "relu2", "relu3"]  # both networks name their layers so: they share the layer axis
+    for line in pooled.lines:
+        assert list(line.get_xdata()) == [0, 1, 2]
+    assert [t.get_text() for t in pooled.get_xticklabels()] == layers and not pooled.texts  # each name once
     for axes, network in zip(heatmaps, ["mlp", "cnn"]):
         layers = {r["layer"] for r in records if r.get("network") == network}
         grid = axes.images[0].get_array()
@@ -152,6 +152,46 @@ def test_report_shows_records_as_pivot_tables(models_run):
     sig = page.index("id='analysis-sig'")
     header = re.search(r"<thead><tr>(.*?)</tr></thead>", page[sig:]).group(1)
     assert re.findall(r"<th>(.*?)</th>", header)[:4] == ["layer", "model", "affinity_score", "affinity_score_std"]
+
+
+def tensor_tables(page: str) -> dict[str, list[str]]:
+    """The model summary of a report: the models each table names -> the layers it lists."""
+    summary = page[page.index("<h2 id='model'>") : page.index("<h2 id='analysis-")]
+    tables = re.findall(r"<p>Tensors analysed in (.*?):</p><table.*?<tbody>(.*?)</tbody>", summary)
+    return {models: re.findall(r"<tr><td>(.*?)</td>", rows) for models, rows in tables}
+
+
+def test_multi_model_and_compared_reports_list_every_model_and_run(models_run, gap_run, tmp_path):
+    """Every model's tensors (a table per network, its checkpoints together) and, for compare, each run's
+    provenance."""
+    run = layerscope.Results.load(models_run)
+    layers = {m["label"]: [t["layer"] for t in m["tensors"]] for m in run.models}
+    assert list(layers) == ["mlp/epoch_01", "mlp/epoch_10", "cnn"]
+    assert tensor_tables((models_run / "report.html").read_text()) == {
+        "mlp/epoch_01, mlp/epoch_10": layers["mlp/epoch_01"],
+        "cnn": layers["cnn"],
+    }
+    compared = tmp_path / "compared"
+    assert main(["compare", str(models_run), str(gap_run), "--out", str(compared), "--formats", "json,html"]) == 0
+    combined = layerscope.Results.load(compared)
+    runs = {"two-networks": run, "gap": layerscope.Results.load(gap_run)}
+    assert [r["label"] for r in combined.runtime["compared"]] == list(runs)
+    for entry, original in zip(combined.runtime["compared"], runs.values()):
+        assert entry == {"label": entry["label"], "layerscope": original.layerscope, **original.runtime}
+    for key in ("onnxruntime", "onnxruntime_package", "torch", "device", "seed"):
+        assert combined.runtime[key] == run.runtime[key] is not None  # the runs agree, so the whole has it
+    assert combined.spec["specs"] == {label: r.spec for label, r in runs.items()}
+    page = (compared / "report.html").read_text()
+    provenance = page[page.index("<h2 id='provenance'>") : page.index("<h3>Models</h3>")]
+    assert re.findall(r"<th>(.*?)</th>", provenance) == ["", "two-networks", "gap"]
+    for key in ("onnxruntime", "onnxruntime_package", "torch", "device", "seed", "run_id"):
+        row = re.search(rf"<tr><td>{key}</td>(.*?)</tr>", provenance).group(1)
+        assert re.findall(r"<td>(.*?)</td>", row) == [str(r.runtime[key]) for r in runs.values()]
+    assert list(tensor_tables(page)) == [
+        "two-networks/mlp/epoch_01, two-networks/mlp/epoch_10",
+        "two-networks/cnn",
+        "gap",
+    ]
 
 
 @pytest.mark.slow

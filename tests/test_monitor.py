@@ -4,6 +4,7 @@ same weights saved as checkpoints; the Keras and PyTorch Lightning callbacks bui
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 import textwrap
 
@@ -162,9 +163,45 @@ def test_monitor_refuses_steps_out_of_order_and_results_before_any_step(nets):
         monitor.observe(model, step=4, batch=(digits(0)[0], np.array([1, 2])))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pytorch_lightning") is None, reason="needs pytorch-lightning")
-def test_lightning_callback_observes_the_training_batches(tmp_path):
-    import pytorch_lightning as pl
+HIDDEN_IMPORT = """
+import sys
+sys.modules[{hidden!r}] = None  # as if the package were not installed
+from layerscope.training.lightning_callback import MonitorCallback
+print(MonitorCallback.__mro__[1].__module__)
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter importing Lightning
+@pytest.mark.parametrize("installed, hidden", [("lightning", "pytorch_lightning"), ("pytorch_lightning", "lightning")])
+def test_the_lightning_callback_needs_only_one_lightning_package(installed, hidden):
+    """With only ``lightning`` (what the extra installs) or only the older ``pytorch-lightning``, the callback is
+    that package's ``Callback``."""
+    if importlib.util.find_spec(installed) is None:
+        pytest.skip(f"needs {installed}")
+    done = subprocess.run(
+        [sys.executable, "-c", HIDDEN_IMPORT.format(hidden=hidden)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-800:]
+    assert done.stdout.split()[-1].startswith(installed)
+
+
+def test_the_lightning_callback_without_lightning_says_what_to_install():
+    hide_both = "import sys\nsys.modules['lightning'] = None\n" + HIDDEN_IMPORT.format(hidden="pytorch_lightning")
+    done = subprocess.run([sys.executable, "-c", hide_both], capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ImportError: layerscope's Lightning callback needs Lightning: "
+        'pip install "layerscope[lightning]" (or lightning)'
+    )
+
+
+@pytest.mark.parametrize("package", ["lightning", "pytorch_lightning"])
+def test_lightning_callback_observes_the_training_batches(tmp_path, package):
+    """The callback with the trainer of the ``lightning`` package (what the extra installs) and of the older
+    standalone ``pytorch-lightning``, where installed."""
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"needs {package}")
+    pl = importlib.import_module("lightning.pytorch" if package == "lightning" else package)
 
     from layerscope.training.lightning_callback import MonitorCallback
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib import metadata
 
 import numpy as np
 
 import layerscope
+from layerscope.graph.ort_package import ORT_PACKAGES
 
 HEAVY = ("torch", "onnxruntime", "scipy", "onnx")
 
@@ -49,11 +51,15 @@ def test_importing_the_command_line_leaves_torch_out():
 
 
 def test_help_version_and_plugins_import_no_framework():
-    for args in (["--help"], ["--version"], ["plugins"], ["plugins", "information_plane"]):
+    for args in (["--help"], ["--version"], ["plugins"], ["plugins", "information_plane"], ["cache", "list"]):
         done, imported = probe(*args)
         assert done.returncode == 0 and imported == [], (args, imported, done.stderr[-500:])
     done, _ = probe("--version")
-    assert done.stdout.strip() == f"layerscope {layerscope.__version__}"
+    version, runtime = done.stdout.strip().splitlines()
+    assert version == f"layerscope {layerscope.__version__}"
+    package = next((p for p in ORT_PACKAGES if runtime.endswith(f"(the {p} package)")), None)
+    assert package is not None, runtime  # onnxruntime's version, and the package that installed it
+    assert runtime == f"onnxruntime {metadata.version(package)} (the {package} package)"
     done, _ = probe("plugins")
     assert {"activation_entropy", "linear_cka"} <= {p["name"] for p in json.loads(done.stdout)}
 

@@ -1,4 +1,4 @@
-"""The ``layerscope`` command: run, validate, plugins, inspect, report, compare.
+"""The ``layerscope`` command: run, validate, plugins, inspect, report, compare, cache.
 
 Exit codes: 0 success, 2 user error (one message, no traceback), 1 internal error.
 """
@@ -24,7 +24,7 @@ def _cmd_run(args) -> int:
     results = run(args.spec, out=args.out, progress=not args.quiet, resume=args.resume)
     from .summary import print_summary
 
-    print_summary(results, results.out_dir)
+    print_summary(results, results.out_dir, quiet=args.quiet)
     return EXIT_OK
 
 
@@ -108,6 +108,18 @@ def _cmd_compare(args) -> int:
     return EXIT_OK
 
 
+def _cmd_cache(args) -> int:
+    from . import cache
+
+    if args.action == "prune":
+        cache.prune_cache(args.older_than, args.max_size, dry_run=args.dry_run)
+    elif args.action == "clear":
+        cache.clear_cache(dry_run=args.dry_run)
+    else:
+        cache.list_cache(as_json=getattr(args, "json", False))
+    return EXIT_OK
+
+
 def _reporters(host, chosen: str | None, default: list[str]) -> list:
     """The reporters named by ``--formats`` (comma-separated), else by *default*; json is always written."""
     from layerscope.results.contract import RESULTS_FORMAT
@@ -123,17 +135,33 @@ def _reporters(host, chosen: str | None, default: list[str]) -> list:
     return [reporter(host) for reporter in chosen_classes]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from layerscope import __version__
+class _PrintVersion(argparse.Action):
+    """``--version``: layerscope's version, then the onnxruntime that runs the models and the pip package that
+    installed it (``onnxruntime-gpu`` or the CPU build ``onnxruntime``); looked up only when asked for."""
 
+    def __call__(self, parser, namespace, values, option_string=None):
+        from layerscope import __version__
+        from layerscope.graph.ort_package import installed_onnxruntime
+
+        print(f"layerscope {__version__}\n{installed_onnxruntime()}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerscope", description="Measure what happens inside deep neural networks.")
-    parser.add_argument("--version", action="version", version=f"layerscope {__version__}")
+    parser.add_argument(
+        "--version", action=_PrintVersion, nargs=0, help="the version, and the onnxruntime package that runs models"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the analyses of a spec and write results")
     run.add_argument("spec", help="YAML spec file")
     run.add_argument("--out", help="output folder (overrides outputs.dir)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no summary table: only warnings, errors and where the results are",
+    )
     run.add_argument(
         "--resume",
         action="store_true",
@@ -182,6 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="folder for the combined results.json, plots and report")
     compare.add_argument("--formats", help="comma-separated reporters (default: plots,html)")
     compare.set_defaults(handler=_cmd_compare)
+
+    cache = commands.add_parser(
+        "cache",
+        help="list the cache folder ($LAYERSCOPE_CACHE, default ~/.cache/layerscope): exports, demo models, data and "
+        "tables with their sizes and last use; prune or clear it",
+    )
+    actions = cache.add_subparsers(dest="action", metavar="{list,prune,clear}")
+    listing = actions.add_parser("list", help="every entry with its size and last use (the default)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    prune = actions.add_parser(
+        "prune",
+        help="remove the entries last used longer ago than --older-than, then the least recently used until the "
+        "cache holds at most --max-size",
+    )
+    prune.add_argument("--older-than", metavar="AGE", help="e.g. 30d, 12h or 2w (s, m, h, d, w)")
+    prune.add_argument("--max-size", metavar="SIZE", help="e.g. 2GB or 500MiB")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    clear = actions.add_parser("clear", help="remove every entry (but writes in progress)")
+    clear.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    cache.set_defaults(handler=_cmd_cache)
     return parser
 
 

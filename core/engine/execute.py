@@ -180,8 +180,11 @@ def assemble_results(
     the seconds spent in its estimator code (summed over checkpoints); *runtime* adds entries to ``runtime``."""
     import onnxruntime
 
+    from layerscope.graph.ort_package import ort_package
+
     spec = plan.spec
-    warnings = warnings + [w for outcome in outcomes for w in outcome.warnings]
+    package, package_warnings = ort_package()
+    warnings = package_warnings + warnings + [w for outcome in outcomes for w in outcome.warnings]
     records = finite_records([r for outcome in outcomes for r in outcome.records], warnings)
     models = [outcome.model for outcome in outcomes]
     return Results(
@@ -196,6 +199,7 @@ def assemble_results(
             "seed": spec.runtime.seed,
             "engine": spec.runtime.engine,
             "onnxruntime": onnxruntime.__version__,
+            "onnxruntime_package": package,
             "torch": torch.__version__,
             **runtime,
         },

@@ -237,8 +237,10 @@ def build_plan(doc: LocatedDocument, base_dir: Path, host: PluginHost) -> RunPla
     if errors or spec is None or choices.data_source is None or choices.data_params is None:  # None: an error
         raise SpecError(sorted(dict.fromkeys(errors), key=_position_key))
     analyses = [PlannedAnalysis(i, section, *choices.estimators[i]) for i, section in enumerate(spec.analyses)]
-    data = choices.data_source(choices.data_params, spec.base_dir, spec.runtime.seed)
-    if len(data) == 0:
+    with doc.locating_errors():  # the data source's errors name the key they concern (data.path: …)
+        data = choices.data_source(choices.data_params, spec.base_dir, spec.runtime.seed)
+        samples = len(data)
+    if samples == 0:
         raise UserError(f"{doc.where(('data',))}: data: the data source '{spec.data.source}' has no samples")
     for planned in analyses:
         if planned.estimator_class.tags.needs_labels and not data.has_labels:
@@ -247,9 +249,11 @@ def build_plan(doc: LocatedDocument, base_dir: Path, host: PluginHost) -> RunPla
                 f"'{planned.section.estimator}' needs labels, but the data source '{spec.data.source}' "
                 "has none"
             )
-    order = sample_order(len(data), spec.data.limit, spec.data.shuffle, spec.runtime.seed)
+    order = sample_order(samples, spec.data.limit, spec.data.shuffle, spec.runtime.seed)
     networks = [Network(label, adapter, params) for label, adapter, params in choices.networks]
-    return RunPlan(spec, doc, host, data, networks, analyses, choices.reporters, order, scan_labels(data, order))
+    with doc.locating_errors():
+        classes = scan_labels(data, order)
+    return RunPlan(spec, doc, host, data, networks, analyses, choices.reporters, order, classes)
 
 
 def _model_choice(

@@ -140,6 +140,12 @@ def create_session(
         ort.set_default_logger_severity(2)
     session.layerscope_shared_initializers = values  # onnxruntime does not own them: they live with the session
     provider = session.get_providers()[0]
+    if device == "cuda" and CUDA not in ort.get_available_providers():
+        raise UserError(
+            "runtime.device: cuda was requested but the installed onnxruntime has no CUDA provider (the CPU "
+            "build, the onnxruntime package): pip uninstall -y onnxruntime && pip install onnxruntime-gpu, "
+            "or use device: auto or cpu"
+        )
     if device == "cuda" and provider != CUDA:
         raise UserError(
             "runtime.device: cuda was requested but onnxruntime could not start its CUDA provider "

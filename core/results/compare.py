@@ -41,17 +41,18 @@ def combine(runs: list[Results], labels: list[str]) -> Results:
         models += [_renamed(model, label, single) for model in run.models]
         records += [_renamed(record, label, single) for record in run.records]
         warnings += [f"{label}: {w}" for w in run.warnings]
+    compared = [{"label": label, "layerscope": run.layerscope, **run.runtime} for run, label in zip(runs, labels)]
     return Results(
         layerscope=runs[0].layerscope,
-        spec={"name": "compare: " + ", ".join(labels), "runs": labels},
+        spec={
+            "name": "compare: " + ", ".join(labels),
+            "runs": labels,
+            "specs": {label: run.spec for label, run in zip(labels, runs)},
+        },
         runtime={
-            "compared": [
-                {"label": label, "run_id": run.runtime.get("run_id"), "seconds": run.runtime.get("seconds")}
-                for run, label in zip(runs, labels)
-            ],
-            "provider": runs[-1].runtime.get("provider", ""),
-            "samples": runs[-1].runtime.get("samples"),
-            "seconds": sum(run.runtime.get("seconds") or 0 for run in runs),
+            **_agreed(compared),
+            "compared": compared,
+            "seconds": round(sum(run.runtime.get("seconds") or 0 for run in runs), 3),
         },
         models=models,
         records=records,
@@ -59,6 +60,22 @@ def combine(runs: list[Results], labels: list[str]) -> Results:
         analyses=list(analyses.values()),
         failures=[f for run in runs for f in run.failures],
     )
+
+
+#: Entries of a compared run's runtime that are its own, never shared: its identity, its time, its version (at the top
+#: of the results already), the runs it compares itself.
+OWN_KEYS = ("label", "run_id", "seconds", "layerscope", "compared")
+
+
+def _agreed(runtimes: list[dict]) -> dict:
+    """The runtime entries every run has with the same value (the versions, device and seed of runs made alike),
+    but for :data:`OWN_KEYS`."""
+    first, *others = runtimes
+    return {
+        key: value
+        for key, value in first.items()
+        if key not in OWN_KEYS and all(key in other and other[key] == value for other in others)
+    }
 
 
 def _renamed(entry: dict, label: str, single: bool) -> dict:

@@ -8,16 +8,25 @@ errors can be reported as ``file:line:col``.
 A spec is small, so the rebuilt document is bounded: at most ``MAX_VALUES`` values once
 aliases are expanded (an alias "bomb" of nested references would otherwise expand to
 billions) and at most ``MAX_DEPTH`` levels of nesting.
+
+Errors found later, by code that knows only the key it checks (a data source: ``data.path: file not
+found: …``), get the key's position too: :meth:`LocatedDocument.locating_errors`.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from layerscope.util.errors import SpecError
+from layerscope.util.errors import SpecError, UserError
+
+#: The key path a message begins with: ``data.path`` of ``data.path: file not found: …``.
+KEY_PATH_PREFIX = re.compile(r"([A-Za-z_]\w*(?:\.\w+)*): ")
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,31 @@ class LocatedDocument:
             if position is not None:
                 return f"{self.filename}:{position.line}:{position.column}"
         return f"{self.filename}:1:1"
+
+    def locate(self, message: str) -> str:
+        """*message* with ``file:line:col: `` in front when it begins with a key path of this document
+        (``data.path: file not found: x.npz`` becomes ``spec.yaml:6:3: data.path: file not found: x.npz``;
+        list indices are numbers: ``analyses.0.params``); the position is :meth:`where`'s. Unchanged when
+        the document has no lines or its first key is not in the document."""
+        match = KEY_PATH_PREFIX.match(message)
+        if not self.located or match is None:
+            return message
+        path = tuple(int(part) if part.isdigit() else part for part in match.group(1).split("."))
+        return f"{self.where(path)}: {message}" if path[:1] in self.positions else message
+
+    @contextmanager
+    def locating_errors(self) -> Iterator[None]:
+        """Re-raise a :class:`UserError` of the block whose message begins with a key path of this document
+        with the key's position in front (:meth:`locate`); a :class:`SpecError` is located already."""
+        try:
+            yield
+        except SpecError:
+            raise
+        except UserError as error:
+            located = self.locate(str(error))
+            if located == str(error):
+                raise
+            raise UserError(located) from None
 
 
 def _position(mark) -> Position:

@@ -1,18 +1,23 @@
-"""``layerscope.training.lightning_callback.MonitorCallback``: runs a spec's analyses while PyTorch Lightning trains.
+"""``layerscope.training.lightning_callback.MonitorCallback``: runs a spec's analyses while Lightning trains.
 
 ::
 
-    from layerscope.lightning_callback import MonitorCallback
+    import lightning
+    from layerscope.training.lightning_callback import MonitorCallback
 
     callback = MonitorCallback("spec.yaml", every=10, out_dir="results/fit")
-    pytorch_lightning.Trainer(callbacks=[callback]).fit(module, loader)
+    lightning.Trainer(callbacks=[callback]).fit(module, loader)
 
 Every *every* optimiser steps (``trainer.global_step``) the LightningModule is observed on the
 training batch it has just been trained on (the information-plane paper's protocol), or on a
 fixed *batch* when one is given; the batch is what the dataloader yields (a tensor, ``(x, y)``
 or a mapping of named tensors). The model is exported to ONNX once (see
-:class:`layerscope.Monitor`); results are written to *out_dir* when training ends. Needs
-``pytorch-lightning`` (the ``layerscope[lightning]`` extra).
+:class:`layerscope.Monitor`); results are written to *out_dir* when training ends.
+
+Needs Lightning: the ``lightning`` package (``import lightning``; the ``layerscope[lightning]``
+extra), or the older standalone ``pytorch-lightning`` (``import pytorch_lightning``). The callback
+derives from the ``Callback`` of the first of them installed; the trainers of both call a callback's
+hooks by name, so it serves either package's ``Trainer``.
 
 Each step's records are also logged through the trainer's loggers (``trainer.loggers``: TensorBoard, CSV,
 MLflow, W&B … as the trainer was given them), as scalars named by series
@@ -24,15 +29,35 @@ program exits, or as failed when training raises.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from collections.abc import Iterable
-from typing import Any
-
-import pytorch_lightning as pl
+from typing import TYPE_CHECKING, Any
 
 from layerscope.results.tracking import scalars_and_histograms
 
 from .monitor import Monitor
+
+#: Lightning's PyTorch API, in the order it is looked for: the ``lightning`` package, then ``pytorch-lightning``.
+LIGHTNING_MODULES = ("lightning.pytorch", "pytorch_lightning")
+
+
+def lightning_module():
+    """The first of :data:`LIGHTNING_MODULES` that is installed, imported; an ImportError saying what to install
+    when none is."""
+    for name in LIGHTNING_MODULES:
+        if importlib.util.find_spec(name.partition(".")[0]) is not None:
+            return importlib.import_module(name)
+    raise ImportError(
+        'layerscope\'s Lightning callback needs Lightning: pip install "layerscope[lightning]" (or lightning)'
+    )
+
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+else:
+    pl = lightning_module()
 
 
 class MonitorCallback(pl.Callback):

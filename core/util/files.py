@@ -25,6 +25,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAYERSCOPE_CACHE", Path.home() / ".cache" / "layerscope"))
 
 
+def mark_used(path: Path) -> None:
+    """Set the modification time of *path*, an entry of the cache folder that a run reads, to now: the last use
+    ``layerscope cache prune --older-than`` goes by. A cache on a read-only file system stays as it is."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 def scratch_folder(purpose: str) -> Path:
     """A new folder for files this process needs only while it runs (a model written out to be read
     back), removed when the process ends."""

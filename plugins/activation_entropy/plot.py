@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from layerscope.plugins.reporters.labels import label_layers
 from layerscope.plugins.reporters.plots import draw_by_layer
 from layerscope.results.contract import class_order
 
@@ -51,12 +52,12 @@ def plot_activation_entropy(records: list[dict]):
 
 def _class_heatmap(figure, axes, records: list[dict], classes: list, unit: str, scale: tuple[float, float]) -> None:
     """Class × layer entropy of one model's records on the colour *scale* (low, high), values printed on small
-    grids."""
+    grids; the layer names shortened from the left (:func:`~layerscope.plugins.reporters.labels.label_layers`)."""
     layers = list(dict.fromkeys(r["layer"] for r in records))
     cells = {(r["class"], r["layer"]): r["value"] for r in records}
     grid = np.array([[cells.get((c, layer), np.nan) for layer in layers] for c in classes])
     image = axes.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest", vmin=scale[0], vmax=scale[1])
-    axes.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize="small")
+    label_layers(axes, range(len(layers)), layers)
     axes.set_yticks(range(len(classes)), [str(c) for c in classes], fontsize="small")
     axes.set_ylabel("class")
     if grid.size <= ANNOTATED_CELLS:

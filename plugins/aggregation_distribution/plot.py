@@ -7,6 +7,14 @@ import math
 
 import numpy as np
 
+from layerscope.plugins.reporters.labels import keep_full_name, short_names
+
+
+def _title(ax, layer: str, what: str) -> None:
+    """A panel's title: the layer's name shortened from the left (the full name the SVG's tooltip), then *what*."""
+    title = ax.set_title(f"{short_names([layer])[layer]} {what}", fontsize="small")
+    keep_full_name(title, f"{layer} {what}")
+
 
 def _value(records: list[dict], metric: str, tensor: str, **keys) -> float:
     return next(
@@ -40,7 +48,7 @@ def _channel_panel(ax, mine: list[dict], tensor: str, channel: int, bins: list[d
         label="empirical",
     )
     ax.plot(grid, pdf, color="tab:red", label="predicted")
-    ax.set_title(f"{bins[0]['layer']} channel {channel}", fontsize="small")
+    _title(ax, bins[0]["layer"], f"channel {channel}")
 
 
 def _node_panel(
@@ -75,7 +83,7 @@ def _node_panel(
         mean, var = (_value(mine, m, tensor, **keys) for m in ("node_rest_predicted_mean", "node_rest_predicted_var"))
         ax.plot(grid, stats.norm.pdf(grid, mean, math.sqrt(var)), color="tab:orange")
     kl = _value(mine, "kl_predicted", tensor, **keys)
-    ax.set_title(f"{bins[0]['layer']} node {node}: class {cls} vs rest (KL {kl:.2g})", fontsize="small")
+    _title(ax, bins[0]["layer"], f"node {node}: class {cls} vs rest (KL {kl:.2g})")
     ax.legend(fontsize="xx-small")
 
 

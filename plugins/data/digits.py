@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from layerscope import DataSource, hookimpl
-from layerscope.util.files import atomic_write, cache_dir
+from layerscope.util.files import atomic_write, cache_dir, mark_used
 
 SPLIT_SEED = 0
 
@@ -36,6 +36,7 @@ def load_digits_split(split: str = "all") -> tuple[np.ndarray, np.ndarray]:
             raise FileNotFoundError(path)
         with np.load(path, allow_pickle=False) as saved:
             arrays = {name: saved[name] for name in saved.files}
+        mark_used(path)
         return arrays[f"x_{split}"], arrays[f"y_{split}"]
     except (OSError, ValueError, KeyError):
         arrays = _digits_from_sklearn()

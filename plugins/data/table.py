@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from layerscope import DataSource, hookimpl
 from layerscope.data.labels import labels_from_text
 from layerscope.util.errors import UserError
-from layerscope.util.files import cache_dir, regular_file
+from layerscope.util.files import cache_dir, mark_used, regular_file
 
 CHUNK_ROWS = 65_536  # Parquet rows per chunk, at most
 CHUNK_BYTES = 64 << 20  # Parquet rows per chunk, at most this many bytes of 8-byte values
@@ -347,7 +347,11 @@ def convert(table: Table, target: Path) -> None:
         if values.dtype.kind in "OUS":
             values = labels_from_text(values.astype(str))
         np.save(target / "labels.npy", values, allow_pickle=False)
-    meta = {"rows": rows, "inputs": [[name, columns] for name, columns in table.groups.items()]}
+    meta = {
+        "rows": rows,
+        "inputs": [[name, columns] for name, columns in table.groups.items()],
+        "source": str(table.path),
+    }
     (target / "meta.json").write_text(json.dumps(meta))
 
 
@@ -378,7 +382,9 @@ def cached_arrays(table: Table) -> Path:
     folder = cache_dir() / "tables" / hashlib.sha256(key.encode()).hexdigest()[:32]
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
-        if not (folder / "meta.json").is_file():
+        if (folder / "meta.json").is_file():
+            mark_used(folder)
+        else:
             shutil.rmtree(folder, ignore_errors=True)
             scratch = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
             try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from layerscope.plugins.reporters.labels import keep_full_name, short_names
+
 #: Steps spanning at least this ratio (all positive) are coloured on a log scale, as log-spaced iterations are.
 LOG_SPAN = 100
 
@@ -52,6 +54,7 @@ def plot_information_plane(records: list[dict]):
         for v in by_model.values()
     )
     colours, mappable, bar_label, tick_labels = checkpoint_colours(records, plt)
+    short = short_names(layer for _, layer in points)
     figure, axes = plt.subplots(figsize=(6.4, 4.8), layout="constrained")
     markers = "os^Dv<>ph*"
     for index, ((network, layer), by_model) in enumerate(points.items()):
@@ -70,7 +73,7 @@ def plot_information_plane(records: list[dict]):
                 capsize=2,
                 zorder=1.5,
             )
-        label = f"{network}: {layer}" if len(networks) > 1 else layer
+        label = f"{network}: {short[layer]}" if len(networks) > 1 else short[layer]
         axes.scatter(
             xs,
             ys,
@@ -85,7 +88,9 @@ def plot_information_plane(records: list[dict]):
     axes.set_xlabel("I(X;T) [bits]")
     axes.set_ylabel("I(T;Y) [bits]")
     axes.set_title("Information plane" + (" (error bars: ± std over batches)" if spread else ""))
-    axes.legend(title="layer", fontsize="small")
+    legend = axes.legend(title="layer", fontsize="small")
+    for text, (network, layer) in zip(legend.get_texts(), points):
+        keep_full_name(text, f"{network}: {layer}" if len(networks) > 1 else layer)
     if len(models) > len(networks):  # several checkpoints of a network
         bar = figure.colorbar(mappable, ax=axes, ticks=range(len(models)) if tick_labels else None)
         if tick_labels:

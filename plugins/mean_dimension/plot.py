@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from layerscope.plugins.reporters.labels import keep_full_name, short_names
 from layerscope.plugins.reporters.plots import draw_by_layer
 
 
@@ -51,8 +52,10 @@ def plot_mean_dimension(records: list[dict]):
         else:
             image = right.imshow(values, cmap="magma")
             figure.colorbar(image, ax=right, label="total index")
-        right.set_title(
-            f"Total indices of {chosen[0]['layer']} ({last_model}, basis {chosen[0].get('basis', 'input')})",
+        layer = chosen[0]["layer"]
+        title = right.set_title(
+            f"Total indices of {short_names([layer])[layer]} ({last_model}, basis {chosen[0].get('basis', 'input')})",
             fontsize="medium",
         )
+        keep_full_name(title, f"Total indices of {layer}")
     return figure

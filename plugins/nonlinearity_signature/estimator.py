@@ -59,7 +59,6 @@ from .maths import JITTERS, Affinity, affinity, linear_cka, linear_r2, sparsity_
 
 if TYPE_CHECKING:
     import torch
-    from matplotlib.axes import Axes
 else:
     torch = lazy_module("torch")  # imported on first use: listing plugins does not load it
 
@@ -331,42 +330,40 @@ class NonlinearitySignature(Estimator):
     @classmethod
     def plot(cls, records: list[dict]):
         """ρ_aff against the activations in forward order, a line per model, with ± one standard deviation over
-        batches as error bars when ``batches`` > 1. Models whose activations differ, or that are different networks
-        (a multi-model spec, ``layerscope compare``), share a normalised depth axis (0: first activation, 1: last),
-        with each model's own layer names on a strip of its own."""
+        batches as error bars when ``batches`` > 1. Models of networks whose activations are the same share the
+        axis, its labels the activations' layers (shortened from the left) and op types. Networks whose
+        activations differ (a multi-model spec, ``layerscope compare``) share a normalised depth axis (0: first
+        activation, 1: last), with each network's layer names in a band of its own under the plot
+        (:func:`~layerscope.plugins.reporters.labels.layer_bands`)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        from layerscope.plugins.reporters.labels import label_layers, layer_bands
+
         scores = [r for r in records if r["metric"] == "affinity_score"]
         models = list(dict.fromkeys(r["model"] for r in scores))
-        positions = {m: sorted({r["position"] for r in scores if r["model"] == m}) for m in models}
-        names = {
-            m: {r["position"]: f"{r['layer']} ({r['op_type']})" for r in scores if r["model"] == m} for m in models
+        network_of = {r["model"]: r.get("network") for r in scores}
+        names: dict[object, dict[int, dict]] = {}  # network -> position -> a record there
+        for record in scores:
+            names.setdefault(record.get("network"), {})[record["position"]] = record
+        activations = {
+            network: [(p, at[p]) for p in sorted(at)] for network, at in names.items()
+        }  # each network's activations in forward order
+        compared = len({tuple(r["layer"] for _, r in acts) for acts in activations.values()}) > 1
+        depth = {  # x of each activation: its rank, or with different networks its rank / (count - 1)
+            network: {p: (rank / max(1, len(acts) - 1) if compared else rank) for rank, (p, _) in enumerate(acts)}
+            for network, acts in activations.items()
         }
-        compared = len({tuple(names[m].items()) for m in models}) > 1 or len({r.get("network") for r in scores}) > 1
-        if not compared:
-            figure, axes = plt.subplots(
-                figsize=(max(6.4, 0.45 * len(positions[models[0]]) + 2), 4.0), layout="constrained"
-            )
-            strips: list[Axes] = []
-        else:
-            figure, (axes, *strips) = plt.subplots(
-                1 + len(models),
-                1,
-                figsize=(8.0, 4.0 + 0.9 * len(models)),
-                layout="constrained",
-                gridspec_kw={"height_ratios": [4.0] + [0.35] * len(models)},
-                sharex=True,
-            )
+        figure, axes = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
         spread = {(r["model"], r["position"]): r["value"] for r in records if r["metric"] == "affinity_score_std"}
         for model in models:
             mine = sorted((r for r in scores if r["model"] == model), key=lambda r: r["position"])
-            depth = _depths(positions[model]) if compared else {p: p for p in positions[model]}
+            where = depth[network_of[model]]
             errors = [spread.get((model, r["position"]), 0.0) for r in mine] if spread else None
             axes.errorbar(
-                [depth[r["position"]] for r in mine],
+                [where[r["position"]] for r in mine],
                 [r["value"] for r in mine],
                 yerr=errors,
                 marker="o",
@@ -375,26 +372,14 @@ class NonlinearitySignature(Estimator):
             )
         if compared:
             axes.set_xlim(-0.03, 1.03)
-            for strip, model in zip(strips, models):
-                depth = _depths(positions[model])
-                strip.set_yticks([])
-                strip.set_ylabel(str(model), rotation=0, ha="right", va="center", fontsize="small")
-                for position in positions[model]:
-                    strip.text(
-                        depth[position],
-                        0.5,
-                        names[model][position].split(" (")[0],
-                        rotation=90,
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                    )
-            strips[-1].set_xlabel("relative depth (0: first activation, 1: last)")
-        else:
-            first = sorted(names[models[0]].items())
-            axes.set_xticks(
-                [p for p, _ in first], [label for _, label in first], rotation=45, ha="right", fontsize="small"
+            layer_bands(
+                axes,
+                {network: [(depth[network][p], r["layer"]) for p, r in acts] for network, acts in activations.items()},
             )
+            axes.set_xlabel("relative depth (0: first activation, 1: last)")
+        else:
+            acts = next(iter(activations.values()))
+            label_layers(axes, range(len(acts)), [f"{r['layer']} ({r['op_type']})" for _, r in acts])
             axes.set_xlabel("activation (forward order)")
         axes.set_ylim(min(0.0, min((r["value"] for r in scores), default=0.0)), 1.02)
         axes.set_ylabel("affinity score ρ_aff" + (" (mean ± std over batches)" if spread else ""))
@@ -402,11 +387,6 @@ class NonlinearitySignature(Estimator):
         if len(models) > 1:
             axes.legend(fontsize="small")
         return figure
-
-
-def _depths(positions: list[int]) -> dict[int, float]:
-    """Each activation's relative depth: its rank among the model's activations over (count − 1)."""
-    return {p: rank / max(1, len(positions) - 1) for rank, p in enumerate(positions)}
 
 
 @hookimpl

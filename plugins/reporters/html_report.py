@@ -1,12 +1,13 @@
 """Reporter ``html``: one self-contained ``report.html`` (images embedded, no network needed).
 
 Sections: provenance (spec, model sources and hashes, versions, provider, seed, timings,
-warnings, failures), a model summary (the analysed tensors with layer, op type, shape and
-the analyses that read them), and per analysis its parameters, its figure and its records as
-sortable pivot tables (:mod:`layerscope.plugins.reporters.pivot`: a row per layer, a column per
-metric, or per class for a metric recorded per class; every record is in ``records.csv``). The
-page holds no generation time, so rebuilding it from ``results.json`` (``layerscope report
-RUN_DIR``) gives the same bytes.
+warnings, failures; for ``layerscope compare`` each run's), a model summary (the analysed
+tensors of every model, with layer, op type, shape and the analyses that read them), and per
+analysis its parameters, its figure and its records as sortable pivot tables
+(:mod:`layerscope.plugins.reporters.pivot`: a row per layer, a column per metric, or per class
+for a metric recorded per class; every record is in ``records.csv``). The page holds no
+generation time, so rebuilding it from ``results.json`` (``layerscope report RUN_DIR``) gives
+the same bytes.
 """
 
 from __future__ import annotations
@@ -75,22 +76,34 @@ def table(rows: list[dict], columns: list[str], sortable: bool = True) -> str:
     )
 
 
-def _provenance(results: Results) -> str:
-    runtime = results.runtime
-    facts: list[dict] = [
-        {"": "layerscope", "value": results.layerscope},
-        {"": "onnxruntime", "value": runtime.get("onnxruntime")},
-        {"": "torch", "value": runtime.get("torch")},
-        {"": "provider", "value": runtime.get("provider")},
-        {"": "device", "value": runtime.get("device")},
-        {"": "seed", "value": runtime.get("seed")},
-        {"": "samples", "value": runtime.get("samples")},
-        {"": "seconds", "value": runtime.get("seconds")},
+#: The runtime entries the provenance table shows, after the layerscope version (those the results have:
+#: results of older versions lack the newer entries).
+FACTS = ("onnxruntime", "onnxruntime_package", "torch", "provider", "device", "seed", "samples", "seconds")
+
+
+def _facts(results: Results) -> tuple[list[dict], list[str]]:
+    """The provenance table's rows and columns: a value column, or for ``layerscope compare`` (whose runtime
+    keeps every run's, ``runtime.compared``) a column per run, with each run's id."""
+    compared = results.runtime.get("compared")
+    if not compared:
+        rows: list[dict] = [{"": "layerscope", "value": results.layerscope}]
+        rows += [{"": key, "value": results.runtime[key]} for key in FACTS if key in results.runtime]
+        return rows, ["", "value"]
+    labels = [str(run.get("label")) for run in compared]
+    rows = [
+        {"": key, **{label: run.get(key) for label, run in zip(labels, compared)}}
+        for key in ("layerscope", "run_id", *FACTS)
+        if key not in FACTS or any(key in run for run in compared)
     ]
+    return rows, ["", *labels]
+
+
+def _provenance(results: Results) -> str:
+    facts, columns = _facts(results)
     models = [{**m, "sha256": m.get("sha256", "")[:16]} for m in results.models]
     parts = [
         "<h2 id='provenance'>Provenance</h2>",
-        table(facts, ["", "value"], sortable=False),
+        table(facts, columns, sortable=False),
         "<h3>Models</h3>",
         table(models, ["label", "source", "framework", "sha256", "provider", "passes", "fetch_groups"], sortable=False),
     ]
@@ -114,21 +127,33 @@ def _provenance(results: Results) -> str:
 
 
 def _model_summary(results: Results) -> str:
-    if not results.models or "tensors" not in results.models[-1]:
-        return ""
-    tensors = [
-        {
-            **t,
-            "shape": "×".join("?" if d is None else str(d) for d in (t.get("shape") or [])),
-            "analyses": ", ".join(t.get("analyses", [])),
-        }
-        for t in results.models[-1]["tensors"]
-    ]
-    return (
-        "<h2 id='model'>Model summary</h2><p>Tensors analysed in "
-        f"{html.escape(str(results.models[-1]['label']))}:</p>"
-        + table(tensors, ["layer", "name", "op_type", "shape", "analyses"])
-    )
+    """The tensors analysed in every model: a table per run of models with the same tensors (the checkpoints
+    of one network), in model order."""
+    groups: list[tuple[list[str], list[dict]]] = []  # (model labels, their tensors)
+    for model in results.models:
+        tensors = model.get("tensors")
+        if not tensors:
+            continue
+        if groups and groups[-1][1] == tensors:
+            groups[-1][0].append(str(model["label"]))
+        else:
+            groups.append(([str(model["label"])], tensors))
+    parts = []
+    for labels, tensors in groups:
+        rows = [
+            {
+                **t,
+                "shape": "×".join("?" if d is None else str(d) for d in (t.get("shape") or [])),
+                "analyses": ", ".join(t.get("analyses", [])),
+            }
+            for t in tensors
+        ]
+        named = ", ".join(labels) if len(labels) <= 3 else f"{labels[0]} … {labels[-1]} ({len(labels)} models)"
+        parts.append(
+            f"<p>Tensors analysed in {html.escape(named)}:</p>"
+            + table(rows, ["layer", "name", "op_type", "shape", "analyses"])
+        )
+    return "<h2 id='model'>Model summary</h2>" + "".join(parts) if parts else ""
 
 
 def _analysis(analysis: dict, records: list[dict], figure: bytes | None) -> str:

@@ -1,14 +1,22 @@
 """Tensor selectors: which tensors of a model an analysis reads.
 
 A selector names tensors by ONNX tensor name (``name``), by a shell-style pattern over
-tensor or layer names (``glob``), by the user's layer name (``layer``), by the op type
-that produces them (``op_type``), by their ``role`` in the graph (``input``,
+tensor names, layer labels and module paths (``glob``), by the user's layer name (``layer``), by
+the op type that produces them (``op_type``), by their ``role`` in the graph (``input``,
 ``output``, ``intermediate``), as the ``activation: output`` / ``activation: input`` of an
 activation function, single op or decomposed pattern, or as the ``attention: probabilities`` /
 ``attention: scores`` of an attention softmax (:mod:`layerscope.graph.activations`). Keys given
 together must all match (AND); a list within
 one key matches any of its entries (OR); a list of selectors selects the union, in
 graph order. ``"all"`` selects every observable tensor.
+
+``glob`` and ``layer`` name modules, and select what a forward hook on the module would see: the
+tensors that leave its calls (:attr:`TensorInfo.output_of`). The tensors computed inside a call
+and read only there (the seven steps of a decomposed GELU) are *inner*: they are selected with
+``inner: true``, by a key that picks tensors by what they are (``name``, ``op_type``,
+``activation``, ``attention``: the module then only bounds where), or by their own label or name
+(``layer: block/add``, or a ``glob`` with a ``/``). ``inner: false`` keeps ``glob`` and ``layer`` to the
+calls' outputs in every case.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ class SelectorSpec(BaseModel):
     role: Literal["input", "output", "intermediate"] | list[Literal["input", "output", "intermediate"]] | None = None
     activation: Literal["input", "output"] | None = None
     attention: Literal["probabilities", "scores"] | None = None
+    inner: bool | None = None
 
     @model_validator(mode="after")
     def _not_empty(self) -> SelectorSpec:
@@ -45,6 +54,13 @@ class SelectorSpec(BaseModel):
                 "attention (or use 'all')"
             )
         return self
+
+    def reaches_inner(self) -> bool:
+        """True when ``glob`` and ``layer`` also select a module call's inner tensors: ``inner: true``, or
+        (``inner`` not given) a key that picks tensors by what they are."""
+        if self.inner is not None:
+            return self.inner
+        return bool(self.name or self.op_type or self.activation or self.attention)
 
     def describe(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.model_dump(exclude_none=True).items())
@@ -65,15 +81,44 @@ def matches(selector: SelectorSpec, tensor: TensorInfo, activation_ends: set[str
     layers, op_types = _as_list(selector.layer), _as_list(selector.op_type)
     if names and tensor.name not in names:
         return False
-    if globs and not any(
-        fnmatch.fnmatchcase(value, g) for g in globs for value in (tensor.name, tensor.layer, tensor.module)
-    ):
+    if globs and not any(fnmatch.fnmatchcase(value, g) for g in globs for value in _glob_values(tensor, selector, g)):
         return False
-    if layers and tensor.layer not in layers and tensor.module not in layers:  # a module: every call of it
-        return False
+    if layers and not set(layers) & set(_layer_values(tensor, selector)):
+        return False  # a module path selects every call of the module
     if _as_list(selector.role) and tensor.role not in _as_list(selector.role):
         return False
     return not (op_types and tensor.op_type not in op_types)
+
+
+def _modules(tensor: TensorInfo, selector: SelectorSpec) -> tuple[str, ...]:
+    """The module paths and call labels through which ``glob`` and ``layer`` reach *tensor*: the calls it
+    is an output of, or every call computing it when the selector reaches inner tensors; a tensor
+    outside the calls (a model input) by its module."""
+    if not tensor.calls:
+        return (tensor.module,)
+    return tensor.calls if selector.reaches_inner() else tensor.output_of
+
+
+def _layer_values(tensor: TensorInfo, selector: SelectorSpec) -> tuple[str, ...]:
+    """What ``layer`` is compared with: :func:`_modules` and the tensor's label; an inner tensor's label
+    only when it names the tensor (``block/add``), not the call it is computed in (``block``, a label
+    taken by the last tensor of a call), and not under ``inner: false``."""
+    modules = _modules(tensor, selector)
+    if tensor.inner and (selector.inner is False or tensor.layer in tensor.calls):
+        return modules
+    return (tensor.layer, *modules)
+
+
+def _glob_values(tensor: TensorInfo, selector: SelectorSpec, pattern: str) -> tuple[str, ...]:
+    """What *pattern* is matched against: the tensor's name, label and :func:`_modules`. An inner tensor
+    that the selector does not reach by module is matched only by a pattern with a ``/``, against its
+    name and label (inner labels are ``M/<tensor>``): ``*mlp.act*`` is the module, ``*mlp.act/*`` what
+    it computes inside."""
+    if not tensor.inner or selector.reaches_inner():
+        return (tensor.name, tensor.layer, *_modules(tensor, selector))
+    if selector.inner is False or "/" not in pattern:
+        return ()
+    return (tensor.name, tensor.layer)
 
 
 def _hint(selector: SelectorSpec, tensors: Sequence[TensorInfo]) -> str:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from layerscope.util.errors import UserError, did_you_mean
 
@@ -142,6 +142,37 @@ def as_selector(value: dict | list[dict] | Literal["all"]) -> Selection:
     if isinstance(value, str):
         return value
     return [SelectorSpec(**d) for d in value] if isinstance(value, list) else SelectorSpec(**value)
+
+
+def parse_selection(value: Any) -> Selection:
+    """*value* given from Python or on the command line as a selection: ``"all"``, a mapping of selector
+    keys, a :class:`SelectorSpec`, or a list of mappings or selectors; a :class:`UserError` naming the
+    first problem (for the caller to place: ``on``, ``--on``)."""
+    if value == "all" or isinstance(value, SelectorSpec):
+        return value
+    if isinstance(value, list) and not value:
+        raise UserError("an empty list selects nothing; give a selector, a list of them or 'all'")
+    parsed = []
+    for index, item in enumerate(value if isinstance(value, list) else [value]):
+        where = f"[{index}]: " if isinstance(value, list) else ""
+        if isinstance(item, SelectorSpec):
+            parsed.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise UserError(
+                f"{where}expected a mapping of selector keys ({', '.join(SelectorSpec.model_fields)}), "
+                f"a list of them or 'all', not {item!r}"
+            )
+        try:
+            parsed.append(SelectorSpec.model_validate(item))
+        except ValidationError as error:
+            problem = error.errors()[0]
+            key = str(problem["loc"][0]) if problem["loc"] else ""  # the selector key, not pydantic's union members
+            if problem["type"] == "extra_forbidden":
+                raise UserError(f"{where}unknown key '{key}'.{did_you_mean(key, SelectorSpec.model_fields)}") from None
+            message = problem["msg"].removeprefix("Value error, ")
+            raise UserError(f"{where}{key + ': ' if key else ''}{message}") from None
+    return parsed if isinstance(value, list) else parsed[0]
 
 
 def resolve(selector: Selection, tensors: Sequence[TensorInfo], strict: bool = True) -> list[TensorInfo]:

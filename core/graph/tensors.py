@@ -2,8 +2,9 @@
 
 Follows these rules, measured on onnxruntime: shapes and dtypes come from ONNX shape
 inference (never guessed); Constant outputs and integer shape arithmetic are not worth
-fetching; tensors inside ``If``/``Loop``/``Scan`` bodies cannot be graph outputs;
-sequence- and map-typed values are not tensors.
+fetching (nor a ``CastLike`` of a constant: its second input gives only the type); tensors
+inside ``If``/``Loop``/``Scan`` bodies cannot be graph outputs; sequence- and map-typed
+values are not tensors.
 """
 
 from __future__ import annotations
@@ -356,6 +357,8 @@ def describe_tensors(
             why = "constant"
         elif node.op_type in SHAPE_OPS:
             why = "shape arithmetic"
+        elif node.op_type == "CastLike" and inputs and inputs[0] in static:  # the second input gives a type only
+            why = static[inputs[0]]
         elif inputs and all(i in static for i in inputs):
             why = "shape arithmetic" if any(static[i] == "shape arithmetic" for i in inputs) else "constant"
         else:

@@ -113,6 +113,29 @@ def test_a_trace_larger_than_the_memory_budget_is_refused_naming_the_bytes():
     assert traced["conv2d"].shape == (37, 4, 8, 8)
 
 
+def test_a_tensor_whose_first_axis_is_not_the_samples_is_refused_naming_it():
+    """x (N×2×3) reshaped to (-1, 3): shape inference cannot say that its first axis is 2·N, so the tensor is
+    observable, but its rows are not samples (as attention heads merged with the batch in BERT)."""
+    from onnx import helper, numpy_helper
+
+    shapes = [numpy_helper.from_array(np.array(s, np.int64), n) for n, s in (("merge", [-1, 3]), ("back", [-1, 6]))]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "merge"], ["merged"]),
+            helper.make_node("Reshape", ["merged", "back"], ["y"]),
+        ],
+        "merging",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6])],
+        shapes,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    x = np.ones((5, 2, 3), np.float32)
+    with pytest.raises(UserError, match=r"^on: tensor 'merged' \(layer merged\) has 8 rows for the 4 samples 0..3"):
+        layerscope.trace(proto, x, on={"name": "merged"}, batch_size=4, progress=False)
+    assert layerscope.trace(proto, x, on={"name": "y"}, batch_size=4, progress=False)["y"].shape == (5, 6)
+
+
 def test_selector_errors_name_the_problem():
     model, x = seeded(SmallCNN), images(4)
     with pytest.raises(UserError, match=r"^on: selector \(layer=featurs.0\) matches no tensor.*Did you mean"):

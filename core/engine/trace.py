@@ -98,7 +98,7 @@ def trace_tensors(
         chosen = resolve(selector, model.tensors)
     except UserError as error:
         raise UserError(f"{where}: {error} (model {model.loaded.label})") from None
-    names = [t.name for t in chosen]
+    names, layers = [t.name for t in chosen], {t.name: t.layer for t in chosen}
     spec = plan.spec
     budget, samples = spec.runtime.memory_budget, len(plan.order)
     runner = Runner(
@@ -120,9 +120,16 @@ def trace_tensors(
         for part, fetched in runner.run(feeds):
             for name, value in fetched.items():
                 array = to_numpy(value)
+                rows = slice(start + (part.start or 0), start + part.stop)
+                if len(array) != rows.stop - rows.start:
+                    raise UserError(
+                        f"{where}: tensor '{name}' (layer {layers[name]}) has {len(array)} rows for the "
+                        f"{rows.stop - rows.start} samples {rows.start}..{rows.stop - 1}: its first axis is not the "
+                        "samples (a reshape merging the batch with another axis, such as attention heads); "
+                        "select the tensors before or after it"
+                    )
                 if name not in arrays:
                     arrays[name] = (allocate or in_memory)(name, (samples, *array.shape[1:]), array.dtype)
-                rows = slice(start + (part.start or 0), start + part.stop)
                 if arrays[name].shape[1:] != array.shape[1:]:
                     raise UserError(
                         f"{where}: tensor '{name}' has shape {array.shape[1:]} per sample in samples "
@@ -133,7 +140,7 @@ def trace_tensors(
             del fetched
         if progress is not None:
             progress.advance(sample_count(feeds), f"tracing {model.loaded.label}")
-    return {name: arrays[name] for name in names}, {t.name: t.layer for t in chosen}
+    return {name: arrays[name] for name in names}, layers
 
 
 def _held_bytes(runner: Runner, feeds: dict[str, np.ndarray], names: list[str], samples: int, budget: int) -> int:

@@ -11,6 +11,7 @@ from layerscope.util.errors import UserError
 from layerscope.util.lazy import lazy_module
 
 from .checkpoints import CheckpointFiles, checkpoint_files, file_checkpoints
+from .op_rewrites import rewrite_unsupported_ops, with_ops_rewritten
 
 if TYPE_CHECKING:
     import onnx
@@ -44,12 +45,22 @@ class OnnxFileAdapter(Adapter):
         return [Checkpoint(path.stem, path)]
 
     def load(self, checkpoint: Checkpoint, spec, example) -> LoadedModel:
+        """The model, with the TensorFlow ops a converter left in it rewritten into ONNX ops
+        (:mod:`.op_rewrites`: an ``.onnx`` made by tf2onnx outside layerscope runs as one made
+        inside), counted in ``rewritten_ops``; a ModelProto from Python is not changed."""
         if isinstance(checkpoint.ref, onnx.ModelProto):
-            return LoadedModel(checkpoint.ref, checkpoint.label, "<onnx.ModelProto>")
+            proto, rewritten = with_ops_rewritten(checkpoint.ref)
+            return LoadedModel(proto, checkpoint.label, "<onnx.ModelProto>", details=_rewrites(rewritten))
         proto, weights = load_onnx_file(checkpoint.ref)
         if not proto.HasField("graph") or not proto.graph.node:
             raise UserError(f"model.source: {checkpoint.ref} is not an ONNX model (no graph inside)")
-        return LoadedModel(proto, checkpoint.label, str(checkpoint.ref), weights=weights)
+        rewritten = dict(rewrite_unsupported_ops(proto))
+        return LoadedModel(proto, checkpoint.label, str(checkpoint.ref), weights=weights, details=_rewrites(rewritten))
+
+
+def _rewrites(rewritten: dict[str, int]) -> dict[str, dict[str, int]]:
+    """The model details recording *rewritten* (none when nothing was)."""
+    return {"rewritten_ops": rewritten} if rewritten else {}
 
 
 @hookimpl

@@ -35,6 +35,7 @@ from layerscope.util.files import regular_file
 from layerscope.util.lazy import lazy_module
 
 from .export_cache import with_weights
+from .op_rewrites import rewrite_unsupported_ops
 from .quiet import quiet
 
 if TYPE_CHECKING:
@@ -307,12 +308,16 @@ def _keras_model_framework() -> str:
 
 
 def _loaded(proto: onnx.ModelProto, names: KerasNames, framework: str, label: str, source: str) -> LoadedModel:
-    """The converted *proto* as a loaded model: Keras/TF inputs marked channels-last, layer names read back
-    from the node names (:func:`keras_layer_name`), the opset recorded."""
+    """The converted *proto* as a loaded model: Keras/TF inputs marked channels-last, ops onnxruntime lacks
+    rewritten (:func:`.op_rewrites.rewrite_unsupported_ops`), layer names read back from the node names
+    (:func:`keras_layer_name`), the opset and the rewrites recorded."""
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    details: dict = {"opset": opset}
     if "torch" not in framework:  # Keras/TF inputs are channels-last
         onnx.helper.set_model_props(proto, {INPUT_LAYOUT_KEY: "NHWC"})
-    loaded = LoadedModel(proto, label, source, framework=framework, details={"opset": opset})
+        if rewritten := rewrite_unsupported_ops(proto):
+            details["rewritten_ops"] = dict(rewritten)
+    loaded = LoadedModel(proto, label, source, framework=framework, details=details)
     if "torch" not in framework:
         loaded.layer_of = keras_layer_name(names, proto)
     return loaded

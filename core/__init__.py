@@ -1,11 +1,12 @@
 """layerscope: measure what happens inside deep neural networks, layer by layer.
 
-Public API: :func:`run`, :func:`validate`, :class:`Monitor`, :class:`Results`, the plugin base classes
-(:class:`Estimator` with :class:`EstimatorTags`, :class:`PlanEstimator`, :class:`DataSource`, :class:`Reporter`,
-:class:`TrackingReporter`, :class:`Adapter`), the ``hookimpl`` marker for plugins and the helpers plugin authors use
-(:func:`lazy_module`, :func:`regular_file`, :func:`atomic_write`). Names are imported on first use (PEP 562),
-so that ``import layerscope`` and the command line's help start without torch or onnxruntime; type checkers
-see the real imports below.
+Public API: :func:`run`, :func:`validate`, :func:`trace` (with :class:`Trace`), :class:`Monitor`,
+:class:`Results`, the plugin base classes (:class:`Estimator` with :class:`EstimatorTags`,
+:class:`PlanEstimator`, :class:`DataSource`, :class:`Reporter`,
+:class:`TrackingReporter`, :class:`Adapter`), the ``hookimpl``
+marker for plugins and the helpers plugin authors use (:func:`lazy_module`, :func:`regular_file`,
+:func:`atomic_write`). Names are imported on first use (PEP 562), so that ``import layerscope`` and
+the command line's help start without torch or onnxruntime; type checkers see the real imports below.
 
 The package's parts, each a subpackage that imports only those listed before it: ``util``, ``graph``,
 ``spec``, ``host``, ``data``, ``model``, ``results``, ``engine``, ``training``, ``cli``; ``testing`` is the
@@ -19,9 +20,10 @@ from .util.lazy import lazy_exports
 __version__ = "0.2.0.dev0"  # the one version source (pyproject.toml reads it)
 
 _MODULES = {
-    "api": ("run", "validate"),
+    "api": ("run", "trace", "validate"),
     "data.source": ("DataSource",),
     "engine.estimator": ("DataBatch", "Estimator", "EstimatorTags", "PlanBatch", "PlanEstimator", "TensorBatch"),
+    "engine.trace": ("Trace",),
     "graph.activations": ("ACTIVATION_OPS",),
     "host.hookspecs": ("hookimpl",),
     "model.adapter": ("Adapter", "Checkpoint", "LoadedModel", "ModelParams"),
@@ -38,6 +40,7 @@ __all__ += ["__version__"]
 
 if TYPE_CHECKING:  # the names as __getattr__ gives them, visible to type checkers
     from .api import run as run
+    from .api import trace as trace
     from .api import validate as validate
     from .data.source import DataSource as DataSource
     from .engine.estimator import DataBatch as DataBatch
@@ -46,6 +49,7 @@ if TYPE_CHECKING:  # the names as __getattr__ gives them, visible to type checke
     from .engine.estimator import PlanBatch as PlanBatch
     from .engine.estimator import PlanEstimator as PlanEstimator
     from .engine.estimator import TensorBatch as TensorBatch
+    from .engine.trace import Trace as Trace
     from .graph.activations import ACTIVATION_OPS as ACTIVATION_OPS
     from .host.hookspecs import hookimpl as hookimpl
     from .model.adapter import Adapter as Adapter

@@ -1,13 +1,17 @@
-"""The Python entry points: ``layerscope.run`` and ``layerscope.validate``."""
+"""The Python entry points: ``layerscope.run``, ``layerscope.validate`` and ``layerscope.trace``."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerscope.results.contract import Results
 from layerscope.util.errors import UserError
+
+if TYPE_CHECKING:
+    from layerscope.engine.plan import RunPlan
+    from layerscope.engine.trace import Trace
 
 
 def prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...] = (), data: Any = None):
@@ -19,6 +23,16 @@ def prepare(spec: str | os.PathLike | dict, plugins: tuple[Any, ...] = (), data:
 
     doc, base_dir = read_document(spec)
     return build_plan(with_python_data(doc, data), base_dir, load_plugins(plugins))
+
+
+def prepare_trace(spec: str | os.PathLike | dict, plugins: tuple[Any, ...] = (), data: Any = None) -> RunPlan:
+    """:func:`prepare` for a trace: the spec's model, data and runtime (:func:`layerscope.spec.schema.for_trace`)."""
+    from layerscope.engine.plan import build_plan
+    from layerscope.host.loader import load_plugins
+    from layerscope.spec.schema import TraceSpec, for_trace, read_document, with_python_data
+
+    doc, base_dir = read_document(spec)
+    return build_plan(with_python_data(for_trace(doc), data), base_dir, load_plugins(plugins), TraceSpec)
 
 
 def output_dir(plan, out: str | os.PathLike | None, resume: bool) -> Path:
@@ -95,3 +109,50 @@ def validate(
                     + ", ".join(f"{aid} selects {len(est.tensors)} tensors" for aid, est in estimators)
                 )
     return checked
+
+
+def trace(
+    model: Any,
+    data: Any,
+    on: Any,
+    *,
+    batch_size: int = 100,
+    limit: int | None = None,
+    memory_budget: int | str = "2GiB",
+    device: str = "auto",
+    progress: bool = True,
+    plugins: tuple[Any, ...] = (),
+) -> Trace:
+    """The tensors *on* selects, for every sample of *data*, as named arrays: a :class:`~layerscope.engine.
+    trace.Trace`, a dict from ONNX tensor name to an array with the samples on axis 0 in data order, with
+    ``layers`` (tensor name → layer label), ``by_layer()`` and ``save(path)``. A ``layer`` or ``glob``
+    selector picks what a forward hook on the module returns (as TransformerLens's ``run_with_cache``
+    with a names filter).
+
+    *model* is what ``model.source`` takes (an ``nn.Module``, a Keras model, an ``.onnx`` or ``.pt2``
+    path, an ``onnx.ModelProto`` …) or a whole model section as a dict (``{"source": "net.onnx",
+    "checkpoints": …}``, naming one checkpoint); *data* what :func:`run` takes as ``data``; *on* a
+    selector (a mapping, a list of them or ``"all"``). The model runs on batches of *batch_size* over
+    the first *limit* samples. The arrays count against *memory_budget* together with the runner's
+    fetches: a trace that would hold more is refused, naming the bytes it needs.
+    """
+    from layerscope.engine.progress import Progress
+    from layerscope.engine.trace import Trace, trace_tensors
+    from layerscope.graph.selectors import parse_selection
+
+    if data is None:
+        raise UserError("data: give the samples to trace (an array, a mapping of named arrays, a Dataset …)")
+    try:
+        selector = parse_selection(on)
+    except UserError as error:
+        raise UserError(f"on: {error}") from None
+    section = dict(model) if isinstance(model, dict) else {"source": model}
+    spec = {
+        "model": section,
+        "data": {"batch_size": batch_size, **({"limit": limit} if limit is not None else {})},
+        "runtime": {"memory_budget": memory_budget, "device": device},
+    }
+    plan = prepare_trace(spec, plugins, data)
+    with Progress(len(plan.order), "tracing", enabled=progress) as bar:
+        arrays, layers = trace_tensors(plan, selector, "on", progress=bar)
+    return Trace(arrays, layers, plan.order)

@@ -191,7 +191,12 @@ def test_nhwc_tensors_are_moved_channels_first_by_the_estimators(tmp_path):
 
 
 def test_call_labels_number_calls_and_name_a_calls_inner_tensors():
-    from layerscope.graph.layer_names import call_labels
+    from layerscope.graph.layer_names import CallNode, module_calls
+
+    def labels(nodes):
+        return {
+            n: c.label for n, c in module_calls([CallNode((layer,), tuple(out)) for layer, out in nodes], set()).items()
+        }
 
     nodes = [
         ("stem", [("c0", True)]),
@@ -204,7 +209,7 @@ def test_call_labels_number_calls_and_name_a_calls_inner_tensors():
         ("head", [("h", True)]),
         ("block.relu", [("r3", True)]),
     ]
-    assert call_labels(nodes) == {
+    assert labels(nodes) == {
         "c0": "stem",
         "c1": "block.c1",
         "r1": "block.relu",
@@ -217,9 +222,90 @@ def test_call_labels_number_calls_and_name_a_calls_inner_tensors():
         "r3": "block.relu#3",
     }
     assert (
-        call_labels([("a", [("x", True)]), ("a#2", [("y", True)]), ("b", [("z", True)]), ("a", [("w", True)])])["w"]
+        labels([("a", [("x", True)]), ("a#2", [("y", True)]), ("b", [("z", True)]), ("a", [("w", True)])])["w"]
         == "a#2/w"
     )  # a layer named like a label: still unique
+
+
+def test_a_tensor_is_the_output_of_the_calls_it_leaves():
+    """A residual block (recorded call stacks, as torch's exporter writes them) whose ReLU module runs twice:
+    each tensor is an output of the calls whose outside reads it, innermost first; an optimiser's node
+    without a record (a mask computed once for every block, the split) neither ends the block's call nor
+    renumbers the ReLU's."""
+    from layerscope.graph.layer_names import CallNode, module_calls
+
+    nodes = [
+        CallNode(("stem",), (("c0", True),), ("x",)),
+        CallNode(("block", "block.c1"), (("c1", True),), ("c0",)),
+        CallNode(("mask",), (("m", True),), ("x",), recorded=False),  # computed once for every block
+        CallNode(("block", "split"), (("s", True),), ("c1",), recorded=False),
+        CallNode(("block", "block.relu"), (("r1", True),), ("s",)),
+        CallNode(("block", "block.c2"), (("c2", True),), ("r1", "m")),
+        CallNode(("block",), (("add", True),), ("c2", "c0")),
+        CallNode(("block", "block.relu"), (("r2", True),), ("add",)),
+        CallNode(("head",), (("h", True),), ("r2",)),
+    ]
+    calls = module_calls(nodes, {"h"})
+    assert {n: c.output_of for n, c in calls.items()} == {
+        "c0": ("stem",),
+        "c1": ("block.c1",),  # read by the split, inside the block
+        "m": ("mask",),
+        "s": ("split",),
+        "r1": ("block.relu",),
+        "c2": ("block.c2",),
+        "add": (),  # the block's own op, read only inside the block: inner
+        "r2": ("block.relu", "block.relu#2", "block"),  # what a forward hook on the block returns
+        "h": ("head",),  # a graph output
+    }
+    assert calls["r1"].label == "block.relu" and calls["r2"].label == "block.relu#2"
+    assert calls["add"].calls == ("block",) and calls["r2"].calls == ("block.relu", "block.relu#2", "block")
+
+
+def scoped(op, inputs, outputs, scopes, **attributes):
+    """A node with the call stack torch's exporter records (``pkg.torch.onnx.name_scopes``)."""
+    node = helper.make_node(op, inputs, outputs, **attributes)
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(["", *scopes]))
+    return node
+
+
+def residual_swish():
+    """x → block(fc → act(x·sigmoid(x)) + x) → head, with torch's call records: ``block.act`` computes one
+    inner tensor (the sigmoid), ``block`` one output (the sum)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        scoped("MatMul", ["x", "w1"], ["linear"], ["block", "block.fc", "linear"]),
+        scoped("Sigmoid", ["linear"], ["sigmoid"], ["block", "block.act", "sigmoid"]),
+        scoped("Mul", ["linear", "sigmoid"], ["mul"], ["block", "block.act", "mul"]),
+        scoped("Add", ["mul", "x"], ["add"], ["block", "add"]),
+        scoped("MatMul", ["add", "w2"], ["logits"], ["head", "matmul"]),
+    ]
+    weights = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), n) for n in ("w1", "w2")]
+    return model(
+        nodes,
+        [helper.make_tensor_value_info("x", FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", FLOAT, ["N", 4])],
+        weights,
+    )
+
+
+def test_glob_and_layer_select_a_modules_outputs_unless_inner_tensors_are_asked_for():
+    tensors = describe_tensors(residual_swish())
+    names = lambda **keys: [t.name for t in resolve(SelectorSpec(**keys), tensors)]  # noqa: E731
+    assert by_name(tensors)["sigmoid"].inner and not by_name(tensors)["mul"].inner
+    assert names(glob="*act*") == ["mul"]  # the module's output, not the sigmoid inside it
+    assert names(layer="block.act") == ["mul"]
+    assert names(layer="block") == ["add"]  # what leaves the block
+    assert names(glob="block*") == ["linear", "mul", "add"]  # block.fc, block.act, block
+    assert names(glob="*act*", inner=True) == ["sigmoid", "mul"]
+    assert names(layer="block", inner=True) == ["linear", "sigmoid", "mul", "add"]  # everything computed inside
+    assert names(glob="*act/*") == ["sigmoid"]  # an inner tensor by its label, block.act/sigmoid
+    assert names(layer="block.act/sigmoid") == ["sigmoid"]
+    assert names(layer="block.act", op_type="Sigmoid") == ["sigmoid"]  # the op names it: the module bounds where
+    assert names(layer="block", activation="output") == ["mul"]
+    with pytest.raises(UserError, match="matches no tensor"):
+        resolve(SelectorSpec(layer="block.act", op_type="Sigmoid", inner=False), tensors)
+    with pytest.raises(UserError, match="matches no tensor"):
+        resolve(SelectorSpec(glob="*act/*", inner=False), tensors)
 
 
 class ReusingBlock(__import__("torch").nn.Module):

@@ -194,3 +194,34 @@ def test_auto_named_layers_are_attributed_to_themselves(keras):
     assert {(r["layer"], r["metric"], r["class"]): r["value"] for r in records} == pytest.approx(
         {(r["layer"], r["metric"], r["class"]): r["value"] for r in results.records}, rel=1e-9, abs=1e-12
     )
+
+
+def test_a_keras_gelu_runs_and_traces_as_keras_computes_it(keras):
+    """Keras's exact GELU is x/2 · erfc(−x/√2); tf2onnx leaves the Erfc, which onnxruntime lacks, and the
+    adapter rewrites it as 1 − Erf: the model validates, its GELU is found as an activation, and the traced
+    layer outputs equal Keras's own (pre-activations up to ±9, where erfc's tail matters)."""
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="gelu", bias_initializer="random_normal", name="hidden"),
+            keras.layers.Dense(3, name="out"),
+        ]
+    )
+    x = 3 * np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    spec = {
+        "model": {"source": model},
+        "data": {"batch_size": 16},
+        "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+    }
+    assert layerscope.validate(spec, data=x)[-1].endswith("e selects 1 tensors")
+    traced = layerscope.trace(model, x, on={"layer": "hidden"}, progress=False)
+    assert list(traced.layers.values()) == ["hidden"]  # the layer's output, not the GELU's steps inside it
+    expected = keras.Model(model.inputs[0], model.get_layer("hidden").output)(x).numpy()
+    assert np.abs(x @ model.get_layer("hidden").get_weights()[0]).max() > 5
+    np.testing.assert_allclose(next(iter(traced.values())), expected, rtol=1e-5, atol=1e-5)
+    results = layerscope.run(spec, data=x, write=False, progress=False)
+    assert results.models[0]["rewritten_ops"] == {"Erfc": 1}
+    assert {r["layer"] for r in results.records} == {"hidden"}

@@ -284,6 +284,21 @@ def test_attention_entropy_equals_that_of_transformers_own_attention_maps(tmp_pa
 
 
 @pytest.mark.slow
+def test_a_glob_over_gpt2_modules_selects_one_tensor_per_layer(tmp_path):
+    """GPT-2's activation module computes its tanh-form GELU in eight ops: ``*mlp.act*`` selects the
+    module's output, one tensor per layer; ``inner: true`` adds the seven steps inside it."""
+    path, _, _ = token_data(tmp_path, samples=8)
+    analyses = [
+        {"id": "act", "estimator": "activation_entropy", "on": {"glob": "*mlp.act*"}},
+        {"id": "inside", "estimator": "activation_entropy", "on": {"glob": "*mlp.act*", "inner": True}},
+    ]
+    spec = token_spec(tiny("gpt2"), path, analyses)
+    assert layerscope.validate(spec)[-1].endswith("act selects 2 tensors, inside selects 16 tensors")
+    results = layerscope.run({**spec, "analyses": analyses[:1]}, write=False, progress=False)
+    assert [t["layer"] for t in results.models[0]["tensors"]] == ["h.0.mlp.act", "h.1.mlp.act"]
+
+
+@pytest.mark.slow
 def test_vit_runs_every_image_estimator(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "images.npz", x=rng.random((24, 3, 16, 16), dtype=np.float32), y=rng.integers(0, 2, 24))

@@ -34,14 +34,17 @@ def load_for_inspection(source: str):
 
 def inspect_model(source: str, as_json: bool = False, show_all: bool = False) -> None:
     """Print the model's inputs and every tensor: op type, layer, dtype, shape and why it is not
-    observable; and the ops that compute activations out of sight (LSTM gates, fused attention)."""
+    observable; the ops that compute activations out of sight (LSTM gates, fused attention); and the
+    ops onnxruntime cannot run."""
     from layerscope.graph.activations import find_attention, fused_activations
+    from layerscope.graph.session import unknown_ops
 
     loaded = load_for_inspection(source).weight_free()  # the graph alone: shape inference on the weights is slow
     tensors = describe_tensors(loaded.proto, loaded.layer_of)
     inputs = [t for t in tensors if t.role == "input"]
     fused = fused_activations(loaded.proto)
     attention = find_attention(tensors)
+    unknown = unknown_ops(loaded.proto)
     if as_json:
         print(
             json.dumps(
@@ -52,6 +55,7 @@ def inspect_model(source: str, as_json: bool = False, show_all: bool = False) ->
                     "inputs": [t.to_dict() for t in inputs],
                     "attention": [a.output for a in attention],
                     "fused_activations": fused,
+                    "unknown_ops": unknown,
                     "tensors": [t.to_dict() for t in tensors],
                 },
                 indent=2,
@@ -85,6 +89,8 @@ def inspect_model(source: str, as_json: bool = False, show_all: bool = False) ->
         console.print(f"attention softmaxes ({{attention: probabilities}}): {len(attention)}")
     for line in fused:
         console.print(line)
+    if unknown:
+        console.print(f"onnxruntime cannot run the model: it has no op {', '.join(unknown)}")
     hidden = Counter(t.reason for t in tensors if t not in shown)
     if hidden:
         console.print("not shown (use --all): " + ", ".join(f"{n} {reason}" for reason, n in hidden.items()))

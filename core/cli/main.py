@@ -1,4 +1,4 @@
-"""The ``layerscope`` command: run, validate, plugins, inspect, report, compare, cache.
+"""The ``layerscope`` command: run, validate, trace, plugins, inspect, report, compare, cache.
 
 Exit codes: 0 success, 2 user error (one message, no traceback), 1 internal error.
 """
@@ -33,6 +33,33 @@ def _cmd_validate(args) -> int:
 
     for line in validate(args.spec, with_model=not args.no_model):
         print(f"ok: {line}")
+    return EXIT_OK
+
+
+def _cmd_trace(args) -> int:
+    from layerscope.api import prepare_trace
+    from layerscope.engine.progress import Progress
+    from layerscope.engine.trace import trace_to_file
+    from layerscope.graph.selectors import parse_selection
+    from layerscope.spec.yaml_locations import load_yaml
+    from layerscope.util.units import format_bytes
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise UserError(f"--out: {args.out} must name an .npz file (NumPy's archive of named arrays)")
+    written_on = load_yaml(args.on, "--on").data  # bad YAML: "--on:1:5: invalid YAML: …"
+    try:
+        selector = parse_selection(written_on)
+    except UserError as error:
+        raise UserError(f"--on: {error}") from None
+    plan = prepare_trace(args.spec)
+    with Progress(len(plan.order), "tracing", enabled=not args.quiet) as progress:
+        written = trace_to_file(plan, selector, "--on", out, progress)
+    size = format_bytes(out.stat().st_size)
+    tensors = f"{len(written)} tensor{'s' if len(written) != 1 else ''}"
+    print(f"{tensors} of {len(plan.order)} samples → {out} ({size})")
+    for name, (layer, shape, dtype) in written.items():
+        print(f"  {name}  (layer {layer})  {dtype} {'×'.join(map(str, shape))}")
     return EXIT_OK
 
 
@@ -177,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("spec")
     validate.add_argument("--no-model", action="store_true", help="skip the checks that need the model")
     validate.set_defaults(handler=_cmd_validate)
+
+    trace = commands.add_parser(
+        "trace",
+        help="write the tensors a selector picks, for every sample of the spec's data, to an .npz "
+        "(one array per tensor, keyed by tensor name)",
+    )
+    trace.add_argument("spec", help="YAML spec file (its model, data and runtime are read; analyses are not needed)")
+    trace.add_argument(
+        "--on", required=True, help="the selector, in YAML or JSON: '{layer: features.3}', '[{glob: \"fc*\"}]', all"
+    )
+    trace.add_argument("--out", required=True, help="the .npz file to write")
+    trace.add_argument("--quiet", action="store_true", help="no progress bar")
+    trace.set_defaults(handler=_cmd_trace)
 
     plugins = commands.add_parser(
         "plugins",

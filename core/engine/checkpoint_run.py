@@ -17,6 +17,7 @@ import torch
 
 from layerscope.data.source import Samples, iter_batches
 from layerscope.graph.selectors import as_selector, resolve
+from layerscope.graph.session import check_runnable
 from layerscope.graph.tensors import TensorInfo, describe_tensors, structure_fingerprint
 from layerscope.graph.tokens import token_axes_by_tensor
 from layerscope.graph.weights import external_bytes
@@ -293,6 +294,13 @@ class ShardWorker:
             self.described[key] = describe_tensors(loaded.proto, loaded.layer_of)
         return self.described[key]
 
+    def _where_source(self, checkpoint: Checkpoint) -> str:
+        """The spec's place of *checkpoint*'s model source (``model.source``, or ``models.<i>.source``)."""
+        if checkpoint.network is None:
+            return self.plan.where("model", "source")
+        index = next(i for i, n in enumerate(self.plan.networks) if n.label == checkpoint.network)
+        return self.plan.where("models", index, "source")
+
     def load(self, index: int) -> CheckpointModel:
         """Checkpoint *index* loaded (the previous task's when it was the same checkpoint), its inputs
         checked against the data's first samples. Its weights are set apart first (the adapters that read a
@@ -309,6 +317,10 @@ class ShardWorker:
                 else adapter.load(checkpoint, self.plan.spec, self.example)
             )
             loaded = loaded.weight_free()
+            try:
+                check_runnable(loaded.proto)
+            except UserError as error:
+                raise UserError(f"{self._where_source(checkpoint)}: {error} (model {loaded.label})") from None
             ensure_room_for_weights(external_bytes(loaded.proto), loaded.label)
             tensors = self._described(loaded)
             try:

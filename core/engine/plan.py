@@ -224,10 +224,10 @@ def _position_key(message: str) -> tuple:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
-def build_plan(doc: LocatedDocument, base_dir: Path, host: PluginHost) -> RunPlan:
-    """Check a parsed spec in one pass, structure (:func:`layerscope.spec.schema.check_structure`) and what
-    the plugins know; raise one :class:`SpecError` with every problem, or return the plan."""
-    spec, errors = check_structure(doc, base_dir)
+def build_plan(doc: LocatedDocument, base_dir: Path, host: PluginHost, schema: type[Spec] = Spec) -> RunPlan:
+    """Check a parsed spec in one pass, structure (:func:`layerscope.spec.schema.check_structure`, as *schema*
+    reads it) and what the plugins know; raise one :class:`SpecError` with every problem, or return the plan."""
+    spec, errors = check_structure(doc, base_dir, schema)
     choices = check_plugins(doc, host, errors)
     if spec is not None and spec.runtime.engine == "ray" and importlib.util.find_spec("ray") is None:
         errors.append(

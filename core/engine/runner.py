@@ -40,6 +40,15 @@ def to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def to_numpy(value: torch.Tensor) -> np.ndarray:
+    """*value* as a NumPy array on the host (the inverse of :func:`to_torch`; bfloat16 as ml_dtypes')."""
+    if value.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return value.view(torch.uint16).cpu().numpy().view(ml_dtypes.bfloat16)
+    return value.cpu().numpy()
+
+
 @dataclass
 class FetchGroup:
     """Tensors fetched by one ``session.run``, in micro-batches of ``micro_batch`` samples (None: whole batch)."""
@@ -263,18 +272,24 @@ class Runner:
             if axis > 0 and isinstance(dim, str) and dim not in batch and axis < feeds[t.name].ndim
         }
 
-    def _plan(self, feeds: dict[str, np.ndarray]) -> list[FetchGroup]:
+    def sample_bytes(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+        """Bytes of one sample of each tensor the runner fetches, for batches like *feeds*: from the tensors'
+        shapes, symbolic dims (a sequence axis) sized from the feeds' shapes; measured on the first sample
+        when a shape is known only by running (data-dependent shapes)."""
         bindings = self._bindings(feeds)
-        for name, size in self._sizes.items():  # symbolic dims (a sequence axis) sized from the feeds' shapes
+        for name, size in self._sizes.items():
             self._sizes[name] = size if size is not None else self._by_name[name].bytes_per_sample(bindings)
         unknown = [n for n, size in self._sizes.items() if size is None]
-        if unknown:  # sizes only known by running (data-dependent shapes): measure them on one sample
+        if unknown:
             for name, value in self._fetch(self._session_for(unknown), take(feeds, slice(0, 1)), unknown).items():
                 self._sizes[name] = value.numel() * value.element_size()
+        return {name: size for name, size in self._sizes.items() if size is not None}  # all of them, now
+
+    def _plan(self, feeds: dict[str, np.ndarray]) -> list[FetchGroup]:
+        sizes = self.sample_bytes(feeds)
         # a fixed-batch model runs that many rows at once; consumers that need whole batches hold them all
         splittable = all(n in self._splittable for unit in self._atomic for n in unit)
         rows = min(self.batch_size, self.fixed_batch or self.batch_size) if splittable else self.batch_size
-        sizes = {name: size for name, size in self._sizes.items() if size is not None}  # all of them, now measured
         groups = plan_groups(self._atomic, sizes, rows, self.memory_budget, self._splittable)
         self._sessions = [self._session_for(group.names, shared=len(groups) > 1) for group in groups]
         return groups

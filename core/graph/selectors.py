@@ -1,23 +1,31 @@
 """Tensor selectors: which tensors of a model an analysis reads.
 
 A selector names tensors by ONNX tensor name (``name``), by a shell-style pattern over
-tensor or layer names (``glob``), by the user's layer name (``layer``), by the op type
-that produces them (``op_type``), by their ``role`` in the graph (``input``,
+tensor names, layer labels and module paths (``glob``), by the user's layer name (``layer``), by
+the op type that produces them (``op_type``), by their ``role`` in the graph (``input``,
 ``output``, ``intermediate``), as the ``activation: output`` / ``activation: input`` of an
 activation function, single op or decomposed pattern, or as the ``attention: probabilities`` /
 ``attention: scores`` of an attention softmax (:mod:`layerscope.graph.activations`). Keys given
 together must all match (AND); a list within
 one key matches any of its entries (OR); a list of selectors selects the union, in
 graph order. ``"all"`` selects every observable tensor.
+
+``glob`` and ``layer`` name modules, and select what a forward hook on the module would see: the
+tensors that leave its calls (:attr:`TensorInfo.output_of`). The tensors computed inside a call
+and read only there (the seven steps of a decomposed GELU) are *inner*: they are selected with
+``inner: true``, by a key that picks tensors by what they are (``name``, ``op_type``,
+``activation``, ``attention``: the module then only bounds where), or by their own label or name
+(``layer: block/add``, or a ``glob`` with a ``/``). ``inner: false`` keeps ``glob`` and ``layer`` to the
+calls' outputs in every case.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from layerscope.util.errors import UserError, did_you_mean
 
@@ -34,6 +42,7 @@ class SelectorSpec(BaseModel):
     role: Literal["input", "output", "intermediate"] | list[Literal["input", "output", "intermediate"]] | None = None
     activation: Literal["input", "output"] | None = None
     attention: Literal["probabilities", "scores"] | None = None
+    inner: bool | None = None
 
     @model_validator(mode="after")
     def _not_empty(self) -> SelectorSpec:
@@ -45,6 +54,13 @@ class SelectorSpec(BaseModel):
                 "attention (or use 'all')"
             )
         return self
+
+    def reaches_inner(self) -> bool:
+        """True when ``glob`` and ``layer`` also select a module call's inner tensors: ``inner: true``, or
+        (``inner`` not given) a key that picks tensors by what they are."""
+        if self.inner is not None:
+            return self.inner
+        return bool(self.name or self.op_type or self.activation or self.attention)
 
     def describe(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.model_dump(exclude_none=True).items())
@@ -65,15 +81,44 @@ def matches(selector: SelectorSpec, tensor: TensorInfo, activation_ends: set[str
     layers, op_types = _as_list(selector.layer), _as_list(selector.op_type)
     if names and tensor.name not in names:
         return False
-    if globs and not any(
-        fnmatch.fnmatchcase(value, g) for g in globs for value in (tensor.name, tensor.layer, tensor.module)
-    ):
+    if globs and not any(fnmatch.fnmatchcase(value, g) for g in globs for value in _glob_values(tensor, selector, g)):
         return False
-    if layers and tensor.layer not in layers and tensor.module not in layers:  # a module: every call of it
-        return False
+    if layers and not set(layers) & set(_layer_values(tensor, selector)):
+        return False  # a module path selects every call of the module
     if _as_list(selector.role) and tensor.role not in _as_list(selector.role):
         return False
     return not (op_types and tensor.op_type not in op_types)
+
+
+def _modules(tensor: TensorInfo, selector: SelectorSpec) -> tuple[str, ...]:
+    """The module paths and call labels through which ``glob`` and ``layer`` reach *tensor*: the calls it
+    is an output of, or every call computing it when the selector reaches inner tensors; a tensor
+    outside the calls (a model input) by its module."""
+    if not tensor.calls:
+        return (tensor.module,)
+    return tensor.calls if selector.reaches_inner() else tensor.output_of
+
+
+def _layer_values(tensor: TensorInfo, selector: SelectorSpec) -> tuple[str, ...]:
+    """What ``layer`` is compared with: :func:`_modules` and the tensor's label; an inner tensor's label
+    only when it names the tensor (``block/add``), not the call it is computed in (``block``, a label
+    taken by the last tensor of a call), and not under ``inner: false``."""
+    modules = _modules(tensor, selector)
+    if tensor.inner and (selector.inner is False or tensor.layer in tensor.calls):
+        return modules
+    return (tensor.layer, *modules)
+
+
+def _glob_values(tensor: TensorInfo, selector: SelectorSpec, pattern: str) -> tuple[str, ...]:
+    """What *pattern* is matched against: the tensor's name, label and :func:`_modules`. An inner tensor
+    that the selector does not reach by module is matched only by a pattern with a ``/``, against its
+    name and label (inner labels are ``M/<tensor>``): ``*mlp.act*`` is the module, ``*mlp.act/*`` what
+    it computes inside."""
+    if not tensor.inner or selector.reaches_inner():
+        return (tensor.name, tensor.layer, *_modules(tensor, selector))
+    if selector.inner is False or "/" not in pattern:
+        return ()
+    return (tensor.name, tensor.layer)
 
 
 def _hint(selector: SelectorSpec, tensors: Sequence[TensorInfo]) -> str:
@@ -97,6 +142,37 @@ def as_selector(value: dict | list[dict] | Literal["all"]) -> Selection:
     if isinstance(value, str):
         return value
     return [SelectorSpec(**d) for d in value] if isinstance(value, list) else SelectorSpec(**value)
+
+
+def parse_selection(value: Any) -> Selection:
+    """*value* given from Python or on the command line as a selection: ``"all"``, a mapping of selector
+    keys, a :class:`SelectorSpec`, or a list of mappings or selectors; a :class:`UserError` naming the
+    first problem (for the caller to place: ``on``, ``--on``)."""
+    if value == "all" or isinstance(value, SelectorSpec):
+        return value
+    if isinstance(value, list) and not value:
+        raise UserError("an empty list selects nothing; give a selector, a list of them or 'all'")
+    parsed = []
+    for index, item in enumerate(value if isinstance(value, list) else [value]):
+        where = f"[{index}]: " if isinstance(value, list) else ""
+        if isinstance(item, SelectorSpec):
+            parsed.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise UserError(
+                f"{where}expected a mapping of selector keys ({', '.join(SelectorSpec.model_fields)}), "
+                f"a list of them or 'all', not {item!r}"
+            )
+        try:
+            parsed.append(SelectorSpec.model_validate(item))
+        except ValidationError as error:
+            problem = error.errors()[0]
+            key = str(problem["loc"][0]) if problem["loc"] else ""  # the selector key, not pydantic's union members
+            if problem["type"] == "extra_forbidden":
+                raise UserError(f"{where}unknown key '{key}'.{did_you_mean(key, SelectorSpec.model_fields)}") from None
+            message = problem["msg"].removeprefix("Value error, ")
+            raise UserError(f"{where}{key + ': ' if key else ''}{message}") from None
+    return parsed if isinstance(value, list) else parsed[0]
 
 
 def resolve(selector: Selection, tensors: Sequence[TensorInfo], strict: bool = True) -> list[TensorInfo]:

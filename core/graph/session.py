@@ -7,6 +7,7 @@ onnxruntime-gpu wheel lists CUDA as available even on a CPU-only machine).
 
 from __future__ import annotations
 
+import functools
 import glob
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -66,6 +67,60 @@ def exposing(model: onnx.ModelProto, tensors: Iterable[TensorInfo], only: bool =
     finally:
         del outputs[:]
         outputs.extend(saved)
+
+
+@functools.cache
+def _onnxruntime_ops() -> dict[tuple[str, str], int]:
+    """(domain, op type) → the first opset version of the domain at which onnxruntime knows the op: ONNX's
+    operators (domain ``""``) and onnxruntime's own (``com.microsoft`` …), from its operator registry."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+    first: dict[tuple[str, str], int] = {}
+    for schema in get_all_operator_schema():
+        key = (schema.domain, schema.name)
+        first[key] = min(first.get(key, schema.since_version), schema.since_version)
+    return first
+
+
+def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of *graph*, those of ``If``/``Loop``/``Scan`` bodies included."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for body in [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]:
+                yield from _nodes(body)
+
+
+def unknown_ops(model: onnx.ModelProto) -> list[str]:
+    """The op types of *model* that onnxruntime does not know at the model's opset of their domain (an op a
+    converter left under its framework's name, such as TensorFlow's ``Erfc``), each as ``Erfc (domain
+    ai.onnx, opset 17; 1 node: 'model/gelu/Erfc')``; empty when onnxruntime knows every op. Ops defined by
+    the model's own functions are known."""
+    known = _onnxruntime_ops()
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
+    defined = {(f.domain, f.name) for f in model.functions}
+    missing: dict[tuple[str, str], list[str]] = {}
+    for node in _nodes(model.graph):
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        since = known.get((domain, node.op_type))
+        if (domain, node.op_type) not in defined and (since is None or since > opsets.get(domain, 0)):
+            missing.setdefault((domain, node.op_type), []).append(node.name or node.output[0])
+    return [
+        f"{op} (domain {domain or 'ai.onnx'}, opset {opsets.get(domain, 'not imported')}; "
+        f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}: '{nodes[0]}'{', …' if len(nodes) > 1 else ''})"
+        for (domain, op), nodes in missing.items()
+    ]
+
+
+def check_runnable(model: onnx.ModelProto) -> None:
+    """Raise a :class:`UserError` naming the ops of *model* that onnxruntime cannot run (:func:`unknown_ops`),
+    before anything else reads the graph: ONNX shape inference leaves every tensor after such an op untyped,
+    so that selectors would find nothing to select."""
+    import onnxruntime as ort
+
+    unknown = unknown_ops(model)
+    if unknown:
+        raise UserError(f"onnxruntime {ort.__version__} cannot run the model: it has no op {', '.join(unknown)}")
 
 
 _SHARED_ARENA: list[bool] = []

@@ -2,8 +2,9 @@
 
 Follows these rules, measured on onnxruntime: shapes and dtypes come from ONNX shape
 inference (never guessed); Constant outputs and integer shape arithmetic are not worth
-fetching; tensors inside ``If``/``Loop``/``Scan`` bodies cannot be graph outputs;
-sequence- and map-typed values are not tensors.
+fetching (nor a ``CastLike`` of a constant: its second input gives only the type); tensors
+inside ``If``/``Loop``/``Scan`` bodies cannot be graph outputs; sequence- and map-typed
+values are not tensors.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from layerscope.util.errors import UserError
 from layerscope.util.lazy import lazy_module
 
-from .layer_names import call_labels, layer_name
+from .layer_names import CallNode, layer_name, module_calls, module_stacks
 
 if TYPE_CHECKING:
     import onnx
@@ -111,6 +112,13 @@ class TensorInfo:
     role: str = "intermediate"  # input | output | intermediate
     layout: str | None = None  # NCHW or NHWC for 4-D maps (see infer_layouts)
     module: str = ""  # the layer name as the model gives it, shared by every call of a reused module
+    calls: tuple[str, ...] = ()  # the module calls computing it: module paths and call labels, innermost first
+    output_of: tuple[str, ...] = ()  # those of *calls* it leaves (read outside the call, or a graph output)
+
+    @property
+    def inner(self) -> bool:
+        """True for a tensor computed inside a module call and read only there: an output of no call."""
+        return bool(self.calls) and not self.output_of
 
     def channels_first(self, values):
         """*values* (a torch batch of this tensor) with channels on axis 1, whatever the tensor's layout."""
@@ -138,6 +146,7 @@ class TensorInfo:
             "reason": self.reason,
             "role": self.role,
             "layout": self.layout,
+            "output_of": list(self.output_of),
         }
 
 
@@ -309,7 +318,8 @@ def describe_tensors(
     model: onnx.ModelProto, layer_of: Callable[[onnx.NodeProto], str] = layer_name
 ) -> list[TensorInfo]:
     """Every tensor of *model* (inputs, node outputs, subgraph values) with observability and a
-    unique layer label (:func:`layerscope.graph.layer_names.call_labels`)."""
+    unique layer label and the module calls it is computed in and an output of
+    (:func:`layerscope.graph.layer_names.module_calls`)."""
     inferred = infer_shapes(model)
     types = _value_types(inferred)
     layouts = infer_layouts(model)
@@ -337,14 +347,18 @@ def describe_tensors(
                 module=value.name,
             )
         )
-    calls: list[tuple[str, list[tuple[str, bool]]]] = []  # (layer, outputs) per node, for call_labels
-
-    for order, node in enumerate(graph.node):
+    nodes: list[CallNode] = []  # every node as module_calls reads it
+    layers = [layer_of(node) for node in graph.node]
+    for order, (node, layer, (stack, recorded)) in enumerate(
+        zip(graph.node, layers, module_stacks(graph.node, layers))
+    ):
         inputs = tuple(i for i in node.input if i)
         if node.op_type == "Constant":
             why = "constant"
         elif node.op_type in SHAPE_OPS:
             why = "shape arithmetic"
+        elif node.op_type == "CastLike" and inputs and inputs[0] in static:  # the second input gives a type only
+            why = static[inputs[0]]
         elif inputs and all(i in static for i in inputs):
             why = "shape arithmetic" if any(static[i] == "shape arithmetic" for i in inputs) else "constant"
         else:
@@ -362,7 +376,7 @@ def describe_tensors(
                 TensorInfo(
                     output,
                     node.op_type,
-                    layer_of(node),
+                    layer,
                     dtype,
                     shape,
                     not reason,
@@ -375,16 +389,37 @@ def describe_tensors(
                 )
             )
         tensors += produced
-        if any(t.observable for t in produced):  # constants and shape arithmetic may sit anywhere: not calls
-            calls.append((layer_of(node), [(t.name, t.observable) for t in produced]))
+        nodes.append(
+            CallNode(
+                stack,
+                tuple((t.name, t.observable) for t in produced),
+                () if node.op_type in SHAPE_OPS else inputs + _read_in_bodies(node),  # a Shape reads no values
+                recorded,
+            )
+        )
         if node.op_type in SUBGRAPH_OPS:
             tensors += _subgraph_tensors(node, layer_of)
-    labels = call_labels(calls)
+    calls = module_calls(nodes, outputs)
     tensors = [_batch_axis_checked(t, tensors) for t in tensors]
     return [
-        replace(t, layer=labels[t.name], module=t.layer) if t.name in labels else replace(t, module=t.module or t.layer)
+        replace(
+            t, layer=calls[t.name].label, module=t.layer, calls=calls[t.name].calls, output_of=calls[t.name].output_of
+        )
+        if t.name in calls
+        else replace(t, module=t.module or t.layer)
         for t in tensors
     ]
+
+
+def _read_in_bodies(node: onnx.NodeProto) -> tuple[str, ...]:
+    """The tensors the subgraph bodies of *node* (``If``, ``Loop``, ``Scan``) read, outer-scope values included."""
+    read: list[str] = []
+    for attribute in node.attribute:
+        for body in [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]:
+            for inner in body.node:
+                read += [i for i in inner.input if i]
+                read += _read_in_bodies(inner)
+    return tuple(read)
 
 
 def _batch_axis_checked(tensor: TensorInfo, tensors: list[TensorInfo]) -> TensorInfo:

@@ -191,6 +191,12 @@ class Spec(StrictModel):
         return self._base_dir
 
 
+class TraceSpec(Spec):
+    """A spec as ``layerscope trace`` reads it: a model, data and runtime; analyses are not needed."""
+
+    analyses: list[AnalysisSection] = Field(default_factory=list)
+
+
 def _submodel_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class that owns the keys at *loc* (for did-you-mean hints)."""
     current: Any = model
@@ -237,9 +243,9 @@ def format_validation_errors(
     return messages
 
 
-def check_structure(doc: LocatedDocument, base_dir: Path) -> tuple[Spec | None, list[str]]:
-    """The spec of a parsed document, or None with one located error per structural problem
-    (unknown keys, types, ranges); a document that is not a mapping is a :class:`SpecError` at once."""
+def check_structure(doc: LocatedDocument, base_dir: Path, schema: type[Spec] = Spec) -> tuple[Spec | None, list[str]]:
+    """The spec of a parsed document as *schema* reads it, or None with one located error per structural
+    problem (unknown keys, types, ranges); a document that is not a mapping is a :class:`SpecError` at once."""
     if not isinstance(doc.data, dict):
         raise SpecError([f"{doc.where(())}: the spec must be a mapping with model, data and analyses"])
     errors = []
@@ -248,9 +254,9 @@ def check_structure(doc: LocatedDocument, base_dir: Path) -> tuple[Spec | None, 
     elif "model" not in doc.data and "models" not in doc.data:
         errors.append(f"{doc.where(('model',))}: model: required key is missing (or models: a list of labelled models)")
     try:
-        spec = Spec.model_validate(doc.data)
+        spec = schema.model_validate(doc.data)
     except ValidationError as error:
-        return None, errors + format_validation_errors(error, doc, model=Spec)
+        return None, errors + format_validation_errors(error, doc, model=schema)
     spec._base_dir = base_dir
     return (None, errors) if errors else (spec, [])
 
@@ -275,6 +281,18 @@ def with_python_data(doc: LocatedDocument, data: Any = None) -> LocatedDocument:
     return LocatedDocument(
         {**doc.data, "data": {**kept, "source": PYTHON_DATA, "object": data}}, doc.filename, doc.positions, doc.located
     )
+
+
+def for_trace(doc: LocatedDocument) -> LocatedDocument:
+    """*doc* as ``layerscope trace`` reads it (with :class:`TraceSpec`): its analyses and outputs left out,
+    its samples in data order unless it sets ``data.shuffle``. The caller's dict is not changed."""
+    if not isinstance(doc.data, dict):
+        return doc  # the structural check reports it
+    kept = {key: value for key, value in doc.data.items() if key not in ("analyses", "outputs")}
+    section = kept.get("data", {})
+    if isinstance(section, dict) and "shuffle" not in section:
+        kept["data"] = {**section, "shuffle": False}
+    return LocatedDocument(kept, doc.filename, doc.positions, doc.located)
 
 
 def read_document(source: str | os.PathLike | dict) -> tuple[LocatedDocument, Path]:

@@ -13,7 +13,8 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,22 +103,30 @@ def inside(folder: Path, relative: str) -> Path:
     return path
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write *data* to *path* through a temporary file and a rename: never a half-written file."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside *path* to write to; renamed to *path* when the block ends without an error
+    (an ordinary file's permissions), removed when it raises: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        if isinstance(data, bytes):
-            with os.fdopen(fd, "wb") as binary:
-                binary.write(data)
-        else:
-            with os.fdopen(fd, "w", encoding="utf-8") as text:
-                text.write(data)
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write *data* to *path* through a temporary file and a rename: never a half-written file."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
 
 
 def _umask() -> int:

@@ -53,7 +53,7 @@ def open_executor(
     elif runtime.workers > 1:
         from .process_pool import process_pool
 
-        with process_pool(plan, checkpoints, example, runtime.workers) as executor:
+        with process_pool(plan, checkpoints, example, runtime.workers, warnings) as executor:
             yield executor
         return
     worker = ShardWorker(plan, checkpoints, [(0, len(plan.order))], plan.order, example, progress)
@@ -94,7 +94,6 @@ def analyse(
 
         drive(
             len(checkpoints),
-            plan.passes,
             executor,
             lambda label: Isolation(label, plan.host.origin_of),
             restored=restored,

@@ -204,9 +204,16 @@ class _HeadWatch:
         self.host, self.port = host, int(port) if port.isdigit() else None
         self.last_check, self.refused_since = 0.0, 0.0  # refused since: 0 while it accepts
 
-    def check(self) -> None:
+    @property
+    def refusing(self) -> bool:
+        """Whether the head refused the last connection tried."""
+        return bool(self.refused_since)
+
+    def check(self, *, now_or_never: bool = False) -> None:
+        """Try to connect to the head (at most once a second, unless *now_or_never*); raise an
+        :class:`InfrastructureError` once it has refused connections for :data:`HEAD_GRACE_SECONDS`."""
         now = time.monotonic()
-        if self.port is None or now - self.last_check < 1:  # no address known (a Ray Client connection)
+        if self.port is None or (now - self.last_check < 1 and not now_or_never):  # no address: Ray Client
             return
         self.last_check = now
         try:
@@ -219,6 +226,15 @@ class _HeadWatch:
                     f"runtime.engine: lost the Ray cluster: its head at {self.address} has not accepted a "
                     f"connection for {HEAD_GRACE_SECONDS:g} s ({error.strerror or error})"
                 ) from None
+
+    def wait_while_refused(self) -> None:
+        """Return once the head accepts connections; raise as :meth:`check` when it does not come back. Called
+        before the run asks the head for anything (a new actor, killing one): with the head gone, Ray blocks
+        such a call for a minute and then ends the process."""
+        self.check(now_or_never=True)
+        while self.refusing:
+            time.sleep(0.25)
+            self.check(now_or_never=True)
 
 
 @dataclass(eq=False)
@@ -332,6 +348,7 @@ class RayExecutor:
         """Replace a dead actor and queue the tasks it held again (each at most ``runtime.retries`` times)."""
         import ray
 
+        self.head.wait_while_refused()  # a lost head loses every worker: name it, not them
         if actor in self.actors:
             self.actors.remove(actor)
         for ref in actor.tasks:
@@ -372,9 +389,11 @@ class RayExecutor:
             )
 
     def stop(self) -> None:
-        """Kill every actor the run started."""
+        """Kill every actor the run started (gone with the cluster when its head is gone)."""
         import ray
 
+        if self.head.refusing:
+            return
         for actor in [*self.actors, *self.starting.values()]:
             try:
                 ray.kill(actor.handle, no_restart=True)

@@ -15,7 +15,15 @@ import torch
 import layerscope
 from layerscope import Estimator, TensorBatch
 from layerscope.data.source import iter_batches, shard_spans
-from layerscope.engine.lifecycle import Isolation, SequentialExecutor, ShardOutcome, ShardTask, copied, drive
+from layerscope.engine.lifecycle import (
+    Isolation,
+    SequentialExecutor,
+    ShardMerge,
+    ShardOutcome,
+    ShardTask,
+    copied,
+    drive,
+)
 from layerscope.testing import assert_records_close
 from layerscope.util.errors import SpecError, UserError
 
@@ -267,6 +275,54 @@ def test_the_order_in_which_the_driver_merges_shards_does_not_change_records(sin
             r for index in sorted(states) for r in finish_checkpoint(plan, states[index], checkpoints[index]).records
         ]
         assert_records_close(records, single_process.records, rtol=0, atol=1e-9)
+
+
+class Shards(Estimator):
+    """Lists the shards merged into it, in the order merged (a merge that is associative but not commutative)."""
+
+    name = "shards"
+
+    def update(self, batch: TensorBatch) -> None:
+        pass
+
+    def merge(self, other: Shards) -> Shards:
+        self.seen += other.seen
+        return self
+
+    def finalize(self) -> list[dict]:
+        return []
+
+
+def _shard(index: int) -> ShardOutcome:
+    estimator = Shards()
+    estimator.seen = [index]
+    return ShardOutcome("c0", [("s", estimator)], warnings=[f"w{index}"], samples=10)
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(5))))
+def test_shards_merged_as_they_arrive_equal_shards_merged_in_order(order):
+    """Whatever order the shards of a pass arrive in, every merge joins a stretch of samples with the one right
+    after it: the whole equals the in-order merge, and it is handed back once, when the last shard arrives."""
+    merge = ShardMerge(5, 0, Isolation("c0"))
+    handed = [merge.add(shard, _shard(shard)) for shard in order]
+    assert handed[:-1] == [None] * 4 and merge.held == 0
+    whole = handed[-1]
+    assert whole.estimators[0][1].seen == [0, 1, 2, 3, 4]
+    assert whole.warnings == [f"w{i}" for i in range(5)] and whole.samples == 50
+
+
+@pytest.mark.parametrize(
+    ("order", "most_held"),
+    [(range(16), 1), (reversed(range(16)), 1), ([*range(0, 16, 2), *range(1, 16, 2)], 8)],
+)
+def test_the_driver_holds_only_shards_whose_neighbours_are_still_out(order, most_held):
+    """Shards arriving in order (or in reverse) are held as one run; every other shard first, half of them."""
+    merge = ShardMerge(16, 0, Isolation("c0"))
+    held = []
+    for shard in order:
+        merge.add(shard, _shard(shard))
+        held.append(merge.held)
+    assert max(held) == most_held and held[-1] == 0
 
 
 def test_shard_spans_cover_the_stream_in_whole_batches():

@@ -277,6 +277,38 @@ def test_the_order_in_which_the_driver_merges_shards_does_not_change_records(sin
         assert_records_close(records, single_process.records, rtol=0, atol=1e-9)
 
 
+class Workers(SequentialExecutor):
+    """*slots* workers: a free worker takes the most urgent ready task; the task started first ends first.
+    Writes ("start", checkpoint, pass) into *log* as a task starts."""
+
+    parallel = True
+
+    def __init__(self, run_task, slots: int, log: list):
+        super().__init__(run_task)
+        self.slots, self.log = slots, log
+
+    def run(self, queue):
+        started: list = []
+        while queue or started:
+            while queue and len(started) < self.slots:
+                task = queue.pop()
+                self.log.append(("start", task.checkpoint, task.pass_index))
+                started.append(task)
+            task = started.pop(0)
+            yield task, self.run_task(copied(task))
+
+
+def test_a_parallel_run_hands_over_each_checkpoint_as_it_ends_not_all_at_the_end():
+    """Ten checkpoints of two passes on two workers: checkpoint 0 is finished (saved for --resume) before the
+    last checkpoint has started, and each checkpoint is finished in training order."""
+    log: list = []
+    drive(
+        10, Workers(Feeder(shards=1).run, 2, log), Isolation, finished=lambda index, state: log.append(("saved", index))
+    )
+    assert [entry[1] for entry in log if entry[0] == "saved"] == list(range(10))
+    assert log.index(("saved", 0)) < log.index(("start", 9, 0))
+
+
 class Shards(Estimator):
     """Lists the shards merged into it, in the order merged (a merge that is associative but not commutative)."""
 

@@ -151,14 +151,18 @@ class PoolExecutor:
         processes are still starting up). A task runs here on a copy, as in a worker."""
         running: dict[Future, ShardTask] = {}
         while queue or running:
-            while queue and len(running) < 2 * self.processes:
+            broken = False  # the pool lost a process: noticed by submit() or by the futures it failed
+            while queue and len(running) < 2 * self.processes and not broken:
                 task = queue.pop()
-                running[self.pool.submit(_run_in_worker, task)] = task
-            if queue:
+                try:
+                    running[self.pool.submit(_run_in_worker, task)] = task
+                except BrokenProcessPool:
+                    queue.push(task)
+                    broken = True
+            if queue and not broken:
                 task = queue.pop_last()
                 yield task, self.here.run(pickle.loads(pickle.dumps(task)))
-            done, _ = wait(running, timeout=0 if queue else None, return_when=FIRST_COMPLETED)
-            broken = False
+            done, _ = wait(running, timeout=0 if queue or broken else None, return_when=FIRST_COMPLETED)
             for future in done:
                 try:
                     outcome = future.result()
@@ -173,7 +177,7 @@ class PoolExecutor:
     def _retry(self, lost: list[ShardTask], queue: TaskQueue) -> None:
         """Queue the tasks a broken pool held again on a new pool, or end the run when one of them has
         been lost more often than ``runtime.retries`` allows."""
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self._end_broken_pool()
         self.warnings.append(
             f"runtime.workers: a worker process ended abruptly (killed, or out of memory); the {len(lost)} "
             "task(s) its pool held ran again in new worker processes"
@@ -190,9 +194,20 @@ class PoolExecutor:
             queue.push(task)
         self.pool = self.new_pool()
 
+    def _end_broken_pool(self) -> None:
+        """Kill the processes left in a broken pool and let it go. Python (3.11) can leave one running: a
+        process submit() started while the pool's manager was terminating the others, which its manager
+        then waits for without end."""
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+            process.kill()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
     def close(self) -> None:
         """Shut the pool down, its queued tasks cancelled."""
-        self.pool.shutdown(cancel_futures=True)
+        if getattr(self.pool, "_broken", False):
+            self._end_broken_pool()
+        else:
+            self.pool.shutdown(cancel_futures=True)
 
 
 @contextmanager

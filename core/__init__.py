@@ -28,7 +28,7 @@ _MODULES = {
     "results.contract": ("Results",),
     "results.reporter": ("Reporter",),
     "training.monitor": ("Monitor",),
-    "util.errors": ("SpecError", "UserError"),
+    "util.errors": ("InfrastructureError", "SpecError", "UserError"),
     "util.files": ("atomic_write", "regular_file"),
     "util.lazy": ("lazy_module",),
     "util.params": ("NoParams",),
@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # the names as __getattr__ gives them, visible to type checke
     from .results.contract import Results as Results
     from .results.reporter import Reporter as Reporter
     from .training.monitor import Monitor as Monitor
+    from .util.errors import InfrastructureError as InfrastructureError
     from .util.errors import SpecError as SpecError
     from .util.errors import UserError as UserError
     from .util.files import atomic_write as atomic_write

@@ -12,7 +12,7 @@ from layerscope.api import prepare
 from layerscope.engine.inputs import Relocation, check_present, named_files
 from layerscope.engine.ray_engine import Placement, placements
 from layerscope.testing.models import tiny_mlp
-from layerscope.util.errors import UserError
+from layerscope.util.errors import InfrastructureError, UserError
 
 
 def _node(node_id: str, cpus: float, gpus: float = 0, alive: bool = True) -> dict:
@@ -82,3 +82,19 @@ def test_shipped_files_are_read_from_the_worker_s_copies_and_named_as_the_origin
         "k": "x",
     }
     assert relocation.strip(f"cannot read {copies}{tmp_path}/model.onnx") == f"cannot read {tmp_path}/model.onnx"
+
+
+def test_a_run_waits_for_its_first_workers_however_long_but_not_for_replacements():
+    """A busy machine took over 60 s to start a run's first actors, which ended the run as if the cluster had no
+    room; only a run that has lost its actors gives up on new ones after STARVED_SECONDS."""
+    import time
+
+    from layerscope.engine.ray_engine import STARVED_SECONDS, RayExecutor
+
+    executor = RayExecutor.__new__(RayExecutor)  # its state only: no cluster
+    executor.actors, executor.starting, executor.last_loss = [], {"ready": "an actor starting"}, "no worker was lost"
+    executor.lost_one, executor.starved_since = False, time.monotonic() - 2 * STARVED_SECONDS
+    executor._check_starved()
+    executor.lost_one, executor.starved_since = True, time.monotonic() - 2 * STARVED_SECONDS
+    with pytest.raises(InfrastructureError, match="no Ray worker could start for 60 s after the last was lost"):
+        executor._check_starved()

@@ -14,9 +14,9 @@ import sys
 import pytest
 
 import layerscope
+from layerscope import InfrastructureError
 from layerscope.plugins.data.digits import load_digits_split
 from layerscope.testing import assert_records_close
-from layerscope.util.errors import InfrastructureError
 
 from .conftest import write_spec
 from .processes import KillsItsWorker, alive, command_line, descendants

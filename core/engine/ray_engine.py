@@ -263,6 +263,7 @@ class RayExecutor:
         self.starts_left = len(wanted) * (retries + 1)  # actors that may still be started (replacements too)
         self.starved_since: float | None = None
         self.last_loss = "no worker was lost"
+        self.lost_one = False  # an actor was lost: from then on, a run without actors is starved
         for placement in wanted:
             self._start(placement)
 
@@ -364,6 +365,7 @@ class RayExecutor:
             + (f"its {len(lost)} task(s) ran again on other workers" if lost else "another was started")
         )
         self.last_loss = f"last: worker{where}, {_summary(error)}"
+        self.lost_one = True
         for task in lost:
             self.lost[task.key] += 1
             if self.lost[task.key] > self.retries:
@@ -377,15 +379,17 @@ class RayExecutor:
             self._start(replace(actor.placement, node=None))  # its node may be gone: anywhere with room
 
     def _check_starved(self) -> None:
-        """End the run when it has had no started actor for :data:`STARVED_SECONDS`."""
-        if self.actors or not self.starting:
+        """End the run when, once it has lost an actor, it has had no started actor for :data:`STARVED_SECONDS`.
+        The first actors are waited for however long they take (Ray keeps them pending until there is room,
+        and on a busy machine starting one takes minutes)."""
+        if self.actors or not self.starting or not self.lost_one:
             self.starved_since = None
             return
         self.starved_since = self.starved_since or time.monotonic()
         if time.monotonic() - self.starved_since >= STARVED_SECONDS:
             raise InfrastructureError(
-                f"runtime.engine: no Ray worker could start for {STARVED_SECONDS:g} s: the cluster has no room "
-                f"for one ({self.last_loss})"
+                f"runtime.engine: no Ray worker could start for {STARVED_SECONDS:g} s after the last was lost: the "
+                f"cluster has no room for one ({self.last_loss})"
             )
 
     def stop(self) -> None:

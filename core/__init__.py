@@ -30,7 +30,7 @@ _MODULES = {
     "results.contract": ("Results",),
     "results.reporter": ("Reporter", "TrackingReporter"),
     "training.monitor": ("Monitor",),
-    "util.errors": ("SpecError", "UserError"),
+    "util.errors": ("InfrastructureError", "SpecError", "UserError"),
     "util.files": ("atomic_write", "regular_file"),
     "util.lazy": ("lazy_module",),
     "util.params": ("NoParams",),
@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # the names as __getattr__ gives them, visible to type checke
     from .results.reporter import Reporter as Reporter
     from .results.reporter import TrackingReporter as TrackingReporter
     from .training.monitor import Monitor as Monitor
+    from .util.errors import InfrastructureError as InfrastructureError
     from .util.errors import SpecError as SpecError
     from .util.errors import UserError as UserError
     from .util.files import atomic_write as atomic_write

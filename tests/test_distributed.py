@@ -174,3 +174,176 @@ def test_cli_joins_an_existing_cluster_with_token_authentication(tmp_path):
         head.terminate()
         head.wait(120)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# --- a cluster of two nodes on this machine: a node lost, the head lost, files not shared ----------------
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # Ray's command line, found without PATH
+MARK = "LAYERSCOPE_TEST_RUN"  # set in a run's environment to find the processes it leaves
+
+
+def _hides_folders() -> list[str] | None:
+    """The command that runs a program in a mount namespace of its own with an empty folder over "$0" (so a
+    Ray node started with it lacks that folder's files), or None where mount namespaces are not allowed."""
+    import os
+    import shutil
+    import tempfile
+
+    if shutil.which("unshare") is None:
+        return None
+    command = ["unshare", "--mount", *(["--map-root-user"] if os.geteuid() else [])]
+    command += ["sh", "-c", 'mount -t tmpfs tmpfs "$0" && shift && exec "$0" "$@"']
+    with tempfile.TemporaryDirectory() as folder:
+        probe = subprocess.run([*command, folder, "true"], capture_output=True)
+    return command if probe.returncode == 0 else None
+
+
+def _start_node(arguments: list[str], env: dict, log, hide: tuple[list[str], str] | None = None) -> subprocess.Popen:
+    """`ray start --block` with *arguments*, its output in the file *log*; with *hide* (the command of
+    :func:`_hides_folders`, a folder) the node does not see that folder's files."""
+    command = [*RAY, "start", "--block", "--disable-usage-stats", *arguments]
+    if hide is not None:
+        command = [*hide[0], hide[1], *command]
+    return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _two_node_inputs(folder) -> None:
+    """Ten checkpoints of the demo MLP as ONNX files and the digits training split as an npz, in *folder*."""
+    import shutil
+
+    from layerscope.adapters.demo_zoo import ensure_trained
+    from layerscope.plugins.data.digits import load_digits_split
+
+    (folder / "ckpt").mkdir(parents=True)
+    for model in sorted(ensure_trained("digits-mlp").glob("epoch_*.onnx")):
+        shutil.copy(model, folder / "ckpt" / model.name)
+    x, y = load_digits_split("train")
+    np.savez(folder / "digits.npz", x=x, y=y)
+
+
+def _spec(folder, name: str, runtime: str) -> str:
+    """A spec named *name* in *folder*: information planes of the checkpoints in ckpt/ on digits.npz."""
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        "name: two-nodes\n"
+        "model: {source: ckpt/epoch_01.onnx, checkpoints: 'ckpt/epoch_*.onnx'}\n"
+        "data: {source: npz, path: digits.npz, batch_size: 100}\n"
+        "analyses: [{id: ip, estimator: information_plane, params: {alpha: 1.01, sigma: alignment, batch_size: 100}}]\n"
+        f"runtime: {runtime}\n"
+    )
+    return str(path)
+
+
+def _run(spec: str, out, env: dict, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "layerscope", "run", spec, "--out", str(out), "--quiet", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _records(out) -> list[dict]:
+    return json.loads((out / "results.json").read_text())["records"]
+
+
+def _saved(out) -> list:
+    return sorted((out / ".layerscope-resume").glob("checkpoint-*.pt"))
+
+
+def test_a_two_node_cluster_survives_a_lost_node_and_a_lost_head_ends_the_run_cleanly(tmp_path):
+    """Two `ray start` on this machine, the second node in a mount namespace where the run's files are
+    missing: a run needs `runtime.ship` there; a run loses that node part-way and still gives the records of
+    a run in one process; a run that loses the head exits 3 naming it, having saved the checkpoints it
+    finished, and `--resume` (on this machine) completes it with the same records."""
+    import os
+    import secrets
+    import shutil
+    import socket
+    import tempfile
+
+    from .processes import command_line, descendants, kill_tree, marked
+
+    inputs = tmp_path / "inputs"
+    _two_node_inputs(inputs)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        # the head declares a node dead after 3 missed checks 0.5 s apart (default: 5 missed 3 s apart)
+        "RAY_health_check_period_ms": "500",
+        "RAY_health_check_failure_threshold": "3",
+    }
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: it holds sockets
+    hide = _hides_folders()
+    head = _start_node(
+        ["--head", "--num-cpus=1", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false"],
+        env,
+        tmp_path / "head.log",
+    )
+    worker = None
+    try:
+        wait_until(
+            lambda: "Ray runtime started" in (tmp_path / "head.log").read_text(), timeout=180, what="the Ray head"
+        )
+        worker = _start_node(
+            [f"--address=127.0.0.1:{port}", "--num-cpus=1"],
+            env,
+            tmp_path / "worker.log",
+            (hide, str(inputs)) if hide else None,
+        )
+        wait_until(
+            lambda: "Ray runtime started" in (tmp_path / "worker.log").read_text(),
+            timeout=180,
+            what="the second Ray node",
+        )
+        cluster = f"{{engine: ray, address: '127.0.0.1:{port}'"
+        local = tmp_path / "local"
+        assert _run(_spec(inputs, "local", "{seed: 0}"), local, env).wait(300) == 0
+
+        if hide:  # the second node lacks the files: named, exit 2
+            failed = _run(_spec(inputs, "unshared", cluster + "}"), tmp_path / "unshared", env)
+            _, err = failed.communicate(timeout=300)
+            assert failed.returncode == 2 and "Traceback" not in err, err
+            assert "is not on the Ray node" in err and str(inputs / "ckpt" / "epoch_01.onnx") in err, err
+
+        # the second node is lost while it runs a task: its tasks run again on the head's worker
+        run = _run(_spec(inputs, "shipped", cluster + ", ship: true}"), tmp_path / "lost-node", env)
+        wait_until(
+            lambda: (
+                run.poll() is not None
+                or any(command_line(pid).startswith("ray::_ShardActor.run") for pid in descendants(worker.pid))
+            ),
+            timeout=300,
+            what="a task on the second node",
+        )
+        assert run.poll() is None, run.communicate()
+        kill_tree(worker)
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+        warnings = json.loads((tmp_path / "lost-node" / "results.json").read_text())["warnings"]
+        assert any("a Ray worker on node" in w and "was lost" in w for w in warnings), warnings
+        assert_records_close(_records(tmp_path / "lost-node"), _records(local), rtol=0, atol=1e-9)
+
+        # the head is lost part-way: exit 3 naming it, checkpoints saved, nothing of the run left running
+        mark = secrets.token_hex(8)
+        run = _run(_spec(inputs, "shipped", cluster + ", ship: true}"), tmp_path / "lost-head", {**env, MARK: mark})
+        wait_until(lambda: _saved(tmp_path / "lost-head") or run.poll() is not None, timeout=300, what="a checkpoint")
+        assert run.poll() is None, run.communicate()
+        kill_tree(head)
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 3 and "Traceback" not in err, err
+        assert "layerscope: infrastructure failure: runtime.engine: lost the Ray cluster: its head at" in err, err
+        assert not (tmp_path / "lost-head" / "results.json").exists() and _saved(tmp_path / "lost-head")
+        assert not marked(MARK, mark)
+        resumed = _run(_spec(inputs, "local", "{seed: 0}"), tmp_path / "lost-head", env, "--resume")
+        assert resumed.wait(300) == 0, resumed.communicate()
+        assert_records_close(_records(tmp_path / "lost-head"), _records(local), rtol=0, atol=1e-9)
+    finally:
+        for node in (worker, head):
+            if node is not None and node.poll() is None:
+                kill_tree(node)
+        shutil.rmtree(temp_dir, ignore_errors=True)

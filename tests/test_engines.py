@@ -15,7 +15,15 @@ import torch
 import layerscope
 from layerscope import Estimator, TensorBatch
 from layerscope.data.source import iter_batches, shard_spans
-from layerscope.engine.lifecycle import Isolation, SequentialExecutor, ShardOutcome, ShardTask, copied, drive
+from layerscope.engine.lifecycle import (
+    Isolation,
+    SequentialExecutor,
+    ShardMerge,
+    ShardOutcome,
+    ShardTask,
+    copied,
+    drive,
+)
 from layerscope.testing import assert_records_close
 from layerscope.util.errors import SpecError, UserError
 
@@ -105,12 +113,15 @@ class Feeder:
 
 
 class InProcessParallel(SequentialExecutor):
-    """Tasks side by side (every checkpoint in flight), each on its own copy as a worker would get."""
+    """Tasks side by side: every ready task (every checkpoint in flight) started at once, each on its own
+    copy as a worker would get it."""
 
     parallel = True
 
-    def run(self, tasks):
-        return [self.run_task(copied(task)) for task in tasks]
+    def run(self, queue):
+        while queue:
+            started = [queue.pop() for _ in range(len(queue))]
+            yield from [(task, self.run_task(copied(task))) for task in started]
 
 
 def drive_all(*args, **keywords) -> dict:
@@ -129,7 +140,7 @@ def test_the_driver_runs_every_pass_of_every_shard_then_merges_then_ends_the_pas
     JOURNAL.clear()
     feeder = Feeder(shards=3)
     executor = InProcessParallel(feeder.run, 3) if parallel else SequentialExecutor(feeder.run, 3)
-    states = drive_all(2, 2, executor, Isolation)
+    states = drive_all(2, executor, Isolation)
     assert list(states) == [0, 1]
     for checkpoint in (0, 1):
         # each pass: 3 shards × 2 batches, then shards 1 and 2 merged into shard 0, then one end_pass
@@ -166,7 +177,7 @@ def test_checkpoints_run_one_by_one_are_released_once_their_successor_has_them()
         alive_now = [i for i, ref in alive.items() if ref() is not None]
         assert alive_now == [index], (index, alive_now)  # the predecessor went once carried over
 
-    drive(4, 2, SequentialExecutor(Feeder(shards=1).run), Isolation, finished=finished)
+    drive(4, SequentialExecutor(Feeder(shards=1).run), Isolation, finished=finished)
     assert len(alive) == 4
 
 
@@ -181,7 +192,7 @@ def test_a_failing_estimator_is_isolated_from_then_on_and_the_others_complete():
             dict(outcome.estimators)["bad"].fail_in = "end_pass"  # fails once the first pass is merged
         return outcome
 
-    states = drive_all(1, 2, SequentialExecutor(run, 2), lambda label: Isolation(label, lambda est: "journal-plugin"))
+    states = drive_all(1, SequentialExecutor(run, 2), lambda label: Isolation(label, lambda est: "journal-plugin"))
     state = states[0]
     assert list(state.isolation.failures) == ["bad"]
     failure = state.isolation.failures["bad"]
@@ -198,13 +209,12 @@ def test_user_errors_end_the_run_and_strict_isolation_lets_bugs_through():
         return ShardOutcome("c0", error="data.path: sample 3 contains NaN")
 
     with pytest.raises(UserError, match="sample 3 contains NaN"):
-        drive(1, 1, SequentialExecutor(broken), Isolation)
+        drive(1, SequentialExecutor(broken), Isolation)
     journal = Journal()
     journal.fail_in = "end_pass"
     with pytest.raises(RuntimeError, match="end_pass broke"):
         drive(
             1,
-            2,
             SequentialExecutor(lambda task: ShardOutcome("c0", [("a", journal)])),
             lambda label: Isolation(label, strict=True),
         )
@@ -216,7 +226,7 @@ def test_restored_checkpoints_are_skipped_and_handed_to_their_successor():
     saved.first_pass_total, saved.checkpoint, saved.pass_index = 123.0, 0, 2
     feeder = Feeder(shards=1)
     states = drive_all(
-        2, 2, SequentialExecutor(feeder.run), Isolation, restored=lambda index: {"a": saved} if index == 0 else None
+        2, SequentialExecutor(feeder.run), Isolation, restored=lambda index: {"a": saved} if index == 0 else None
     )
     assert list(states) == [1] and not events("update", 0)
     assert dict(states[1].estimators)["a"].carried == 123.0
@@ -250,19 +260,101 @@ def test_the_order_in_which_the_driver_merges_shards_does_not_change_records(sin
     for permutation in [(0, 1, 2), (2, 0, 1), (1, 2, 0)]:
 
         class Permuted:
+            """Runs every ready task, then hands back each checkpoint's shards in the order *permutation*."""
+
             parallel, shards = True, 3
 
-            def run(self, tasks, permutation=permutation):
-                outcomes = [worker.run(pickle.loads(pickle.dumps(task))) for task in tasks]
-                return [outcomes[3 * (i // 3) + permutation[i % 3]] for i in range(len(outcomes))]
+            def run(self, queue, permutation=permutation):
+                while queue:
+                    started = [queue.pop() for _ in range(len(queue))]  # whole passes, in shard order
+                    done = [(task, worker.run(pickle.loads(pickle.dumps(task)))) for task in started]
+                    yield from [done[3 * (i // 3) + permutation[i % 3]] for i in range(len(done))]
 
-        states = drive_all(
-            len(checkpoints), plan.passes, Permuted(), lambda label: Isolation(label, plan.host.origin_of)
-        )
+        states = drive_all(len(checkpoints), Permuted(), lambda label: Isolation(label, plan.host.origin_of))
         records = [
             r for index in sorted(states) for r in finish_checkpoint(plan, states[index], checkpoints[index]).records
         ]
         assert_records_close(records, single_process.records, rtol=0, atol=1e-9)
+
+
+class Workers(SequentialExecutor):
+    """*slots* workers: a free worker takes the most urgent ready task; the task started first ends first.
+    Writes ("start", checkpoint, pass) into *log* as a task starts."""
+
+    parallel = True
+
+    def __init__(self, run_task, slots: int, log: list):
+        super().__init__(run_task)
+        self.slots, self.log = slots, log
+
+    def run(self, queue):
+        started: list = []
+        while queue or started:
+            while queue and len(started) < self.slots:
+                task = queue.pop()
+                self.log.append(("start", task.checkpoint, task.pass_index))
+                started.append(task)
+            task = started.pop(0)
+            yield task, self.run_task(copied(task))
+
+
+def test_a_parallel_run_hands_over_each_checkpoint_as_it_ends_not_all_at_the_end():
+    """Ten checkpoints of two passes on two workers: checkpoint 0 is finished (saved for --resume) before the
+    last checkpoint has started, and each checkpoint is finished in training order."""
+    log: list = []
+    drive(
+        10, Workers(Feeder(shards=1).run, 2, log), Isolation, finished=lambda index, state: log.append(("saved", index))
+    )
+    assert [entry[1] for entry in log if entry[0] == "saved"] == list(range(10))
+    assert log.index(("saved", 0)) < log.index(("start", 9, 0))
+
+
+class Shards(Estimator):
+    """Lists the shards merged into it, in the order merged (a merge that is associative but not commutative)."""
+
+    name = "shards"
+
+    def update(self, batch: TensorBatch) -> None:
+        pass
+
+    def merge(self, other: Shards) -> Shards:
+        self.seen += other.seen
+        return self
+
+    def finalize(self) -> list[dict]:
+        return []
+
+
+def _shard(index: int) -> ShardOutcome:
+    estimator = Shards()
+    estimator.seen = [index]
+    return ShardOutcome("c0", [("s", estimator)], warnings=[f"w{index}"], samples=10)
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(5))))
+def test_shards_merged_as_they_arrive_equal_shards_merged_in_order(order):
+    """Whatever order the shards of a pass arrive in, every merge joins a stretch of samples with the one right
+    after it: the whole equals the in-order merge, and it is handed back once, when the last shard arrives."""
+    merge = ShardMerge(5, 0, Isolation("c0"))
+    handed = [merge.add(shard, _shard(shard)) for shard in order]
+    assert handed[:-1] == [None] * 4 and merge.held == 0
+    whole = handed[-1]
+    assert whole.estimators[0][1].seen == [0, 1, 2, 3, 4]
+    assert whole.warnings == [f"w{i}" for i in range(5)] and whole.samples == 50
+
+
+@pytest.mark.parametrize(
+    ("order", "most_held"),
+    [(range(16), 1), (reversed(range(16)), 1), ([*range(0, 16, 2), *range(1, 16, 2)], 8)],
+)
+def test_the_driver_holds_only_shards_whose_neighbours_are_still_out(order, most_held):
+    """Shards arriving in order (or in reverse) are held as one run; every other shard first, half of them."""
+    merge = ShardMerge(16, 0, Isolation("c0"))
+    held = []
+    for shard in order:
+        merge.add(shard, _shard(shard))
+        held.append(merge.held)
+    assert max(held) == most_held and held[-1] == 0
 
 
 def test_shard_spans_cover_the_stream_in_whole_batches():

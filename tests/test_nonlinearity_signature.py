@@ -455,7 +455,6 @@ def test_shards_past_the_kept_samples_read_nothing():
 
     drive(
         1,
-        plan.passes,
         SequentialExecutor(run_task, 4),
         lambda label: Isolation(label, plan.host.origin_of),
         finished=states.__setitem__,

@@ -1,6 +1,7 @@
 """The ``layerscope`` command: run, validate, trace, plugins, inspect, report, compare, cache.
 
-Exit codes: 0 success, 2 user error (one message, no traceback), 1 internal error.
+Exit codes: 0 success, 2 user error (one message, no traceback), 3 infrastructure failure (workers or a
+Ray cluster lost beyond ``runtime.retries``; one message), 1 internal error.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from layerscope.util.errors import UserError
+from layerscope.util.errors import InfrastructureError, UserError
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INFRASTRUCTURE = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 141  # as a process killed by SIGPIPE
 
 
@@ -280,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"layerscope: error: {error}", file=sys.stderr)
         return EXIT_USER
+    except InfrastructureError as error:
+        print(
+            f"layerscope: infrastructure failure: {error}; no results.json was written (a multi-checkpoint run "
+            "continues from its finished checkpoints with: layerscope run SPEC --resume)",
+            file=sys.stderr,
+        )
+        return EXIT_INFRASTRUCTURE
     except BrokenPipeError:  # the reader stopped reading (`layerscope plugins | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE

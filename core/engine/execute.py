@@ -82,7 +82,7 @@ def open_executor(
     if runtime.workers > 1 and spreading_pays(plan, worker, len(checkpoints), warnings):
         from .process_pool import process_pool
 
-        with process_pool(plan, checkpoints, example, runtime.workers) as executor:
+        with process_pool(plan, checkpoints, example, runtime.workers, warnings) as executor:
             yield executor
         return
     yield SequentialExecutor(worker.run)
@@ -122,7 +122,6 @@ def analyse(
 
         drive(
             len(checkpoints),
-            plan.passes,
             executor,
             lambda label: Isolation(label, plan.host.origin_of),
             restored=restored,

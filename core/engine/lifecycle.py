@@ -2,22 +2,26 @@
 
 A run analyses checkpoints (models, in training order) with estimators that may need
 several passes over the data. Every pass of every checkpoint is cut into tasks, one per
-data shard (:class:`ShardTask`); an :class:`Executor` runs a list of tasks (in this
-process, in worker processes, on Ray; the conformance kit feeds prepared batches) and
-returns one :class:`ShardOutcome` each. :func:`drive` then, for each pass:
+data shard (:class:`ShardTask`); an :class:`Executor` runs the tasks of a :class:`TaskQueue`
+(in this process, in worker processes, on Ray; the conformance kit feeds prepared batches),
+taking the next whenever a worker is free, and hands back one :class:`ShardOutcome` per task
+as it finishes. :func:`drive` then:
 
-1. runs the tasks of the pass for the checkpoints in flight (fresh estimators in the first
-   pass, copies of the checkpoint's merged state after that);
-2. merges each checkpoint's shards **in shard order** into its :class:`CheckpointState`
-   (``Estimator.merge``; a failure reported by any shard stands);
-3. in training order, hands each checkpoint the estimators of the one before
-   (``carry_over``, in the first pass only) and ends the pass on the merged state
-   (``end_pass``), which the next pass's tasks receive.
+1. merges the shards of a pass of a checkpoint **as they arrive**, keeping shard order: a
+   shard joins the run of adjacent shards before and after it (:class:`ShardMerge`; ``Estimator.merge``
+   is associative), so the driver holds only the shards whose neighbours are still out,
+   never every shard of a pass;
+2. once a pass is merged, hands the checkpoint the estimators of the one before
+   (``carry_over``, in the first pass only, once that one has ended its first pass) and
+   ends the pass on the merged state (``end_pass``);
+3. queues the next pass's tasks on that state, or, after the last pass, hands the
+   checkpoint over as finished (to be saved for ``--resume`` at once).
 
-Executors that run one task at a time take the checkpoints one by one (every pass of a
-checkpoint before the next checkpoint, so a model is loaded once); parallel executors
-take all checkpoints at once so every worker has a task. Records are the same either way:
-``carry_over`` sees a predecessor that has ended at least its first pass.
+The queue gives the earliest checkpoint's tasks first (then the earliest pass, then shard
+order), so a run in one process takes the checkpoints one by one (every pass of a
+checkpoint before the next checkpoint, so a model is loaded once), and a parallel run
+finishes checkpoints in training order while later ones fill idle workers. Records are the
+same either way: ``carry_over`` sees a predecessor that has ended at least its first pass.
 
 :class:`Isolation` runs estimator code so that one failing plugin does not end the run
 (its analysis is marked failed and skipped from then on); ``strict`` isolation, used by
@@ -26,10 +30,11 @@ the conformance kit, lets the error through.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,6 +59,11 @@ class ShardTask:
     #: Also return the model details (asked of one task per checkpoint).
     describe: bool = False
 
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """Where the task stands in a run: (checkpoint, pass, shard), its order in a :class:`TaskQueue`."""
+        return self.checkpoint, self.pass_index, self.shard
+
 
 @dataclass
 class ShardOutcome:
@@ -74,15 +84,41 @@ class ShardOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-class Executor(Protocol):
-    """Runs shard tasks and returns their outcomes in the order of the tasks."""
+class TaskQueue:
+    """The tasks ready to run, the most urgent first: the earliest checkpoint, then the earliest pass,
+    then shard order (:attr:`ShardTask.key`)."""
 
-    #: True when tasks run side by side (then every checkpoint is in flight at once).
+    def __init__(self) -> None:
+        self._tasks: list[tuple[tuple[int, int, int], ShardTask]] = []
+
+    def push(self, task: ShardTask) -> None:
+        bisect.insort(self._tasks, (task.key, task), key=lambda entry: entry[0])
+
+    def pop(self) -> ShardTask:
+        """The most urgent task, taken off the queue."""
+        return self._tasks.pop(0)[1]
+
+    def pop_last(self) -> ShardTask:
+        """The least urgent task, taken off the queue."""
+        return self._tasks.pop()[1]
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
+class Executor(Protocol):
+    """Runs the tasks of a queue and hands back each task with its outcome as it finishes."""
+
+    #: True when tasks run side by side, outside this process's progress bar.
     parallel: bool
     #: Data shards per checkpoint: the tasks of a pass of a checkpoint.
     shards: int
 
-    def run(self, tasks: list[ShardTask]) -> list[ShardOutcome]: ...
+    def run(self, queue: TaskQueue) -> Iterator[tuple[ShardTask, ShardOutcome]]:
+        """Take tasks off *queue* (the most urgent first) whenever a worker is free and yield each
+        with its outcome once it has finished. The driver queues new tasks while the iteration waits
+        at a yield; it ends when the queue is empty and no task is running."""
+        ...
 
 
 class Isolation:
@@ -142,6 +178,62 @@ def analyses_in_pass(
     return fed, planned
 
 
+class ShardMerge:
+    """The shards of one pass of one checkpoint, merged as they arrive into runs of adjacent shards.
+
+    A shard is merged into the run that ends where it starts and the run that starts where it ends
+    is merged into it, so every merge joins an earlier stretch of samples with the one right after
+    it (``Estimator.merge`` is associative): the result equals merging the shards one by one in
+    shard order, while only runs whose neighbours are still out are held. Analyses that failed in a
+    shard, or in *isolation* (the checkpoint's), are not merged; a failing merge is recorded there.
+    """
+
+    def __init__(self, shards: int, pass_index: int, isolation: Isolation):
+        self.shards, self.pass_index, self.isolation = shards, pass_index, isolation
+        self.runs: dict[int, tuple[int, ShardOutcome]] = {}  # first shard → (shard after the last, merged)
+        self.ends: dict[int, int] = {}  # shard after the last → first shard
+
+    def add(self, shard: int, outcome: ShardOutcome) -> ShardOutcome | None:
+        """Merge *outcome* (shard *shard*) in; the whole pass once every shard has arrived, else None."""
+        first, stop = shard, shard + 1
+        if first in self.ends:
+            first = self.ends.pop(shard)
+            outcome = self._join(self.runs.pop(first)[1], outcome)
+        if stop in self.runs:
+            after, right = self.runs.pop(stop)
+            del self.ends[after]
+            outcome, stop = self._join(outcome, right), after
+        if first == 0 and stop == self.shards:
+            return outcome
+        self.runs[first], self.ends[stop] = (stop, outcome), first
+        return None
+
+    @property
+    def held(self) -> int:
+        """Runs of shards held, waiting for a neighbour."""
+        return len(self.runs)
+
+    def _join(self, left: ShardOutcome, right: ShardOutcome) -> ShardOutcome:
+        """*right* (the shards right after *left*'s) merged into *left*: estimators merged, the first
+        failure of an analysis kept, warnings in shard order, seconds summed, the larger fetch figures."""
+        left.failures = {**right.failures, **left.failures}
+        for index, (analysis_id, estimator) in enumerate(left.estimators):
+            if estimator.passes > self.pass_index and analysis_id not in left.failures:
+                self.isolation.call(analysis_id, estimator, "merge", estimator.merge, right.estimators[index][1])
+        left.warnings += right.warnings
+        for analysis_id, seconds in right.seconds.items():
+            left.seconds[analysis_id] = left.seconds.get(analysis_id, 0.0) + seconds
+        empty: dict = {}
+        left.fetches = [
+            {key: max(mine.get(key, 0), theirs.get(key, 0)) for key in ("groups", "peak_fetched_bytes")}
+            for mine, theirs in itertools.zip_longest(left.fetches, right.fetches, fillvalue=empty)
+        ]
+        left.provider = left.provider or right.provider
+        left.model_info = left.model_info if left.model_info is not None else right.model_info
+        left.samples += right.samples
+        return left
+
+
 @dataclass
 class CheckpointState:
     """A checkpoint's merged estimators between passes, and what its passes met."""
@@ -152,36 +244,29 @@ class CheckpointState:
     provider: str = ""
     fetches: list[dict] = field(default_factory=list)
     model_info: dict = field(default_factory=dict)
+    #: Passes ended (``end_pass`` called on the merged state).
+    ended: int = 0
 
     @property
     def passes(self) -> int:
         return max(est.passes for _, est in self.estimators)
 
-    def merge(self, outcomes: list[ShardOutcome], pass_index: int) -> None:
-        """Fold the shards of pass *pass_index* into this state, in shard order; estimators that the
-        pass did not feed keep this state's."""
-        for outcome in outcomes:
-            for analysis_id, failure in outcome.failures.items():
-                self.isolation.failures.setdefault(analysis_id, failure)  # the first failure stands
-            self.isolation.warnings += outcome.warnings
-            for analysis_id, seconds in outcome.seconds.items():
-                self.isolation.seconds[analysis_id] = self.isolation.seconds.get(analysis_id, 0.0) + seconds
-        first, merged = outcomes[0], []
-        for index, (analysis_id, estimator) in enumerate(first.estimators):
-            if estimator.passes <= pass_index:  # finished in an earlier pass
-                merged.append(self.estimators[index])
-                continue
-            for outcome in outcomes[1:]:
-                self.isolation.call(analysis_id, estimator, "merge", estimator.merge, outcome.estimators[index][1])
-            merged.append((analysis_id, estimator))
-        self.estimators = merged
-        self.provider = first.provider or self.provider
-        for fetches in itertools.zip_longest(*(outcome.fetches for outcome in outcomes), fillvalue={}):
-            self.fetches.append(
-                {key: max(fetch.get(key, 0) for fetch in fetches) for key in ("groups", "peak_fetched_bytes")}
-            )
-        if first.model_info is not None:
-            self.model_info = first.model_info
+    def absorb(self, merged: ShardOutcome, pass_index: int) -> None:
+        """Take pass *pass_index*, every shard merged (:class:`ShardMerge`), into this state; estimators
+        that the pass did not feed keep this state's. A failure reported by any shard stands."""
+        for analysis_id, failure in merged.failures.items():
+            self.isolation.failures.setdefault(analysis_id, failure)  # the first failure stands
+        self.isolation.warnings += merged.warnings
+        for analysis_id, seconds in merged.seconds.items():
+            self.isolation.seconds[analysis_id] = self.isolation.seconds.get(analysis_id, 0.0) + seconds
+        self.estimators = [
+            own if estimator.passes <= pass_index else (analysis_id, estimator)  # finished in an earlier pass
+            for own, (analysis_id, estimator) in zip(self.estimators, merged.estimators)
+        ]
+        self.provider = merged.provider or self.provider
+        self.fetches += merged.fetches
+        if merged.model_info is not None:
+            self.model_info = merged.model_info
 
     def carry_over(self, previous: dict[str, Estimator]) -> None:
         """Hand each estimator the same analysis's estimator of the previous checkpoint."""
@@ -193,11 +278,11 @@ class CheckpointState:
         fed, planned = analyses_in_pass(self.estimators, pass_index, self.isolation.failures)
         for analysis_id, estimator in fed + planned:
             self.isolation.call(analysis_id, estimator, "end_pass", estimator.end_pass)
+        self.ended = pass_index + 1
 
 
 def drive(
     checkpoints: int,
-    passes: int,
     executor: Executor,
     new_isolation: Callable[[str], Isolation],
     *,
@@ -207,68 +292,101 @@ def drive(
     finished: Callable[[int, CheckpointState], None] = lambda index, state: None,
     advanced: Callable[[ShardOutcome], None] = lambda outcome: None,
 ) -> None:
-    """Run *passes* passes of *checkpoints* checkpoints, each cut into ``executor.shards`` tasks, on *executor*
-    (module docstring).
+    """Run every pass of *checkpoints* checkpoints (as many as their estimators ask), each pass cut into
+    ``executor.shards`` tasks, on *executor* (module docstring).
 
     *restored(i)* gives the saved estimators of checkpoint *i* when an earlier run finished it
     (it is then skipped; what it saved is handed to its successor's ``carry_over``);
     *predecessor* are the estimators of the checkpoint before the first (a monitor's previous step),
     handed to the first checkpoint's ``carry_over``; *continues(i)* is False when checkpoint *i* starts
     a series of its own (the next model of a multi-model spec), which then carries nothing over;
-    *finished(i, state)* receives checkpoint *i*'s merged state once it has ended its last pass
-    (the driver then keeps only what the next checkpoint's ``carry_over`` reads, so a long
-    series of checkpoints run one by one holds one checkpoint's state at a time);
+    *finished(i, state)* receives checkpoint *i*'s merged state as soon as it has ended its last pass
+    (the driver then keeps only what the next checkpoint's ``carry_over`` reads, until it has read it);
     *advanced(outcome)* is called after every task. A task's user error ends the run with its message.
     """
-    states: dict[int, CheckpointState] = {}  # the checkpoints in flight
-    saved = {index: restored(index) for index in range(checkpoints)}
-    saved[-1] = predecessor
-    pending = [index for index in range(checkpoints) if saved[index] is None]
-    in_flight = [pending] if executor.parallel else [[index] for index in pending]
-    for window in in_flight:
-        for pass_index in range(passes):
-            jobs = [index for index in window if index not in states or states[index].passes > pass_index]
-            tasks = [
-                ShardTask(index, shard, pass_index, describe=shard == 0)
-                if index not in states
-                else ShardTask(index, shard, pass_index, states[index].estimators, states[index].isolation.failures)
-                for index in jobs
-                for shard in range(executor.shards)
-            ]
-            if not tasks:
-                break
-            by_checkpoint: dict[int, list[ShardOutcome]] = {}
-            for task, outcome in zip(tasks, executor.run(tasks)):
-                if outcome.error is not None:
-                    raise UserError(outcome.error)
-                by_checkpoint.setdefault(task.checkpoint, []).append(outcome)
-                advanced(outcome)
-            for index, outcomes in by_checkpoint.items():
-                if index not in states:
-                    states[index] = CheckpointState(
-                        outcomes[0].label, outcomes[0].estimators, new_isolation(outcomes[0].label)
-                    )
-                states[index].merge(outcomes, pass_index)
-            for index in window:  # in training order
-                if pass_index == 0:
-                    if index == 0 or continues(index):
-                        states[index].carry_over(_predecessor(index, states, saved))
-                    saved.pop(index - 1, None)  # read by this checkpoint only
-                if states[index].passes > pass_index:
-                    states[index].end_pass(pass_index)
-        for index in window:
-            finished(index, states[index])
-        saved[window[-1]] = dict(states[window[-1]].estimators)  # what the next window's carry_over reads
-        for index in window:
-            del states[index]
+    run = _Schedule(checkpoints, executor.shards, new_isolation, restored, predecessor, continues, finished)
+    for task, outcome in executor.run(run.queue):
+        if outcome.error is not None:
+            raise UserError(outcome.error)
+        advanced(outcome)
+        run.arrived(task, outcome)
+    if run.states or run.merges:  # every task was run, so nothing can still wait
+        raise RuntimeError(f"the driver stopped with checkpoints {sorted(run.states)} unfinished")
 
 
-def _predecessor(index: int, states: dict[int, CheckpointState], saved: dict) -> dict[str, Estimator]:
-    """The estimators of checkpoint *index* − 1 (in flight, finished in an earlier window, or restored
-    from an earlier run)."""
-    if index - 1 in states:
-        return dict(states[index - 1].estimators)
-    return saved.get(index - 1) or {}
+class _Schedule:
+    """The state of :func:`drive`: the queue of ready tasks, the passes being merged, the checkpoints in
+    flight, and what each checkpoint's successor will read in ``carry_over``."""
+
+    def __init__(self, checkpoints, shards, new_isolation, restored, predecessor, continues, finished):
+        self.count, self.shards, self.new_isolation = checkpoints, shards, new_isolation
+        self.continues, self.finished = continues, finished
+        self.queue = TaskQueue()
+        self.merges: dict[tuple[int, int], ShardMerge] = {}  # (checkpoint, pass) → its shards so far
+        self.isolations: dict[int, Isolation] = {}
+        self.states: dict[int, CheckpointState] = {}  # the checkpoints in flight, once a first pass is merged
+        #: What a successor's carry_over reads: restored estimators, the monitor's predecessor (-1), or
+        #: those of a checkpoint finished before its successor ended its first pass.
+        self.saved: dict[int, dict[str, Estimator] | None] = {index: restored(index) for index in range(checkpoints)}
+        self.saved[-1] = predecessor
+        #: Checkpoints past their first pass (restored ones, and the predecessor of the first).
+        self.first_ended = {index for index, saved in self.saved.items() if saved is not None or index == -1}
+        self.merged: set[int] = set()  # checkpoints whose current pass is merged but not ended (carry_over waits)
+        for index in range(checkpoints):
+            if index not in self.first_ended:
+                for shard in range(shards):
+                    self.queue.push(ShardTask(index, shard, 0, describe=shard == 0))
+
+    def arrived(self, task: ShardTask, outcome: ShardOutcome) -> None:
+        """Merge a finished task's outcome; once its pass is complete, take the pass into the checkpoint's
+        state and end every pass that can now end."""
+        index = task.checkpoint
+        isolation = self.isolations.setdefault(index, self.new_isolation(outcome.label))
+        merge = self.merges.setdefault((index, task.pass_index), ShardMerge(self.shards, task.pass_index, isolation))
+        whole = merge.add(task.shard, outcome)
+        if whole is None:
+            return
+        del self.merges[index, task.pass_index]
+        if index not in self.states:
+            self.states[index] = CheckpointState(whole.label, whole.estimators, isolation)
+        self.states[index].absorb(whole, task.pass_index)
+        self.merged.add(index)
+        self._end_passes(index)
+
+    def _end_passes(self, index: int) -> None:
+        """End the merged pass of checkpoint *index* (after ``carry_over`` in the first pass, which waits
+        for the predecessor to end its first pass), and then the first pass of a successor that waited."""
+        while index in self.merged:
+            state = self.states[index]
+            if state.ended == 0:
+                carries = index == 0 or self.continues(index)
+                if carries and index - 1 not in self.first_ended:
+                    return  # the predecessor's first pass ends later, and ends this one's too
+                if carries:
+                    state.carry_over(self._previous(index))
+                self.saved.pop(index - 1, None)  # read by this checkpoint only
+            self.merged.discard(index)
+            state.end_pass(state.ended)
+            if state.ended == 1:
+                self.first_ended.add(index)
+            if state.ended < state.passes:
+                for shard in range(self.shards):
+                    self.queue.push(ShardTask(index, shard, state.ended, state.estimators, state.isolation.failures))
+            else:
+                self.finished(index, state)
+                successor = index + 1
+                if successor < self.count and successor not in self.first_ended and self.continues(successor):
+                    self.saved[index] = dict(state.estimators)  # what the successor's carry_over will read
+                del self.states[index], self.isolations[index]
+            if state.ended > 1:
+                return  # successors wait for a first pass only
+            index += 1
+
+    def _previous(self, index: int) -> dict[str, Estimator]:
+        """The estimators of checkpoint *index* − 1 (in flight, finished, or restored from an earlier run)."""
+        if index - 1 in self.states:
+            return dict(self.states[index - 1].estimators)
+        return self.saved.get(index - 1) or {}
 
 
 def copied(task: ShardTask) -> ShardTask:
@@ -279,14 +397,15 @@ def copied(task: ShardTask) -> ShardTask:
 
 
 class SequentialExecutor:
-    """Runs tasks one after the other with *run_task*, in this process. The tasks of a pass share
-    the checkpoint's merged estimators, so every shard but the first is fed a copy of them."""
+    """Runs tasks one after the other with *run_task*, in this process. The tasks of a pass share the
+    checkpoint's merged estimators, so with several shards each is fed a copy of them."""
 
     parallel = False
 
     def __init__(self, run_task: Callable[[ShardTask], ShardOutcome], shards: int = 1):
         self.run_task, self.shards = run_task, shards
 
-    def run(self, tasks: Sequence[ShardTask]) -> list[ShardOutcome]:
-        own = [task if task.shard == 0 else copied(task) for task in tasks]  # copied before any shard is fed
-        return [self.run_task(task) for task in own]
+    def run(self, queue: TaskQueue) -> Iterator[tuple[ShardTask, ShardOutcome]]:
+        while queue:
+            task = queue.pop()
+            yield task, self.run_task(task if self.shards == 1 else copied(task))

@@ -18,8 +18,9 @@ import os
 import pickle
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,10 +29,10 @@ import numpy as np
 from layerscope.data.source import Samples, shard_spans
 from layerscope.model.adapter import Checkpoint
 from layerscope.spec.yaml_locations import LocatedDocument
-from layerscope.util.errors import UserError
+from layerscope.util.errors import InfrastructureError, UserError
 
 from .checkpoint_run import ShardWorker, Span
-from .lifecycle import ShardOutcome, ShardTask
+from .lifecycle import ShardOutcome, ShardTask, TaskQueue
 from .plan import RunPlan
 from .threads import run_threads, set_threads
 
@@ -124,37 +125,94 @@ def _run_in_worker(task: ShardTask) -> ShardOutcome:
 
 
 class PoolExecutor:
-    """Runs tasks on a process pool and in this process (see :meth:`run`)."""
+    """Runs tasks on a pool of spawned processes and in this process (see :meth:`run`). A pool that lost a
+    process (killed, out of memory) is replaced and the tasks it held run again, each at most
+    ``retries`` times; beyond that the run ends with an :class:`InfrastructureError`."""
 
     parallel = True
 
-    def __init__(self, pool: ProcessPoolExecutor, processes: int, here: ShardWorker):
-        self.pool, self.processes, self.here = pool, processes, here
+    def __init__(
+        self,
+        new_pool: Callable[[], ProcessPoolExecutor],
+        processes: int,
+        here: ShardWorker,
+        retries: int,
+        warnings: list[str],
+    ):
+        self.new_pool, self.processes, self.here, self.retries = new_pool, processes, here, retries
+        self.warnings = warnings  # the run's: a lost process is named there
+        self.pool = new_pool()
         self.shards = len(here.spans)
+        self.lost: collections.Counter[tuple[int, int, int]] = collections.Counter()  # by task key
 
-    def run(self, tasks: list[ShardTask]) -> list[ShardOutcome]:
-        """Outcomes of *tasks* in order: the pool's processes take tasks from the front (two queued
-        each, so none idles), while this process takes them from the back (it starts at once, while
-        the spawned processes are still starting up). A task runs here on a copy, as in a worker."""
-        outcomes: dict[int, ShardOutcome] = {}  # by task index
-        waiting = collections.deque(enumerate(tasks))
-        running: dict = {}
-        while waiting or running:
-            while waiting and len(running) < 2 * self.processes:
-                index, task = waiting.popleft()
-                running[self.pool.submit(_run_in_worker, task)] = index
-            if waiting:
-                index, task = waiting.pop()
-                outcomes[index] = self.here.run(pickle.loads(pickle.dumps(task)))
-            done, _ = wait(running, timeout=0 if waiting else None, return_when=FIRST_COMPLETED)
+    def run(self, queue: TaskQueue) -> Iterator[tuple[ShardTask, ShardOutcome]]:
+        """The pool's processes take the most urgent tasks (two queued each, so none idles), while this
+        process takes the least urgent one whenever more are waiting (it starts at once, while the spawned
+        processes are still starting up). A task runs here on a copy, as in a worker."""
+        running: dict[Future, ShardTask] = {}
+        while queue or running:
+            broken = False  # the pool lost a process: noticed by submit() or by the futures it failed
+            while queue and len(running) < 2 * self.processes and not broken:
+                task = queue.pop()
+                try:
+                    running[self.pool.submit(_run_in_worker, task)] = task
+                except BrokenProcessPool:
+                    queue.push(task)
+                    broken = True
+            if queue and not broken:
+                task = queue.pop_last()
+                yield task, self.here.run(pickle.loads(pickle.dumps(task)))
+            done, _ = wait(running, timeout=0 if queue or broken else None, return_when=FIRST_COMPLETED)
             for future in done:
-                outcomes[running.pop(future)] = future.result()
-        return [outcomes[index] for index in range(len(tasks))]
+                try:
+                    outcome = future.result()
+                except BrokenProcessPool:
+                    broken = True
+                    continue
+                yield running.pop(future), outcome
+            if broken:  # the pool's other tasks are lost with it
+                self._retry(list(running.values()), queue)
+                running.clear()
+
+    def _retry(self, lost: list[ShardTask], queue: TaskQueue) -> None:
+        """Queue the tasks a broken pool held again on a new pool, or end the run when one of them has
+        been lost more often than ``runtime.retries`` allows."""
+        self._end_broken_pool()
+        self.warnings.append(
+            f"runtime.workers: a worker process ended abruptly (killed, or out of memory); the {len(lost)} "
+            "task(s) its pool held ran again in new worker processes"
+        )
+        for task in lost:
+            self.lost[task.key] += 1
+            if self.lost[task.key] > self.retries:
+                raise InfrastructureError(
+                    f"runtime.workers: a worker process ended abruptly (killed, or out of memory) while running "
+                    f"pass {task.pass_index + 1} of data shard {task.shard + 1} of checkpoint "
+                    f"{self.here.checkpoints[task.checkpoint].label}, {self.lost[task.key]} times "
+                    f"(runtime.retries: {self.retries})"
+                )
+            queue.push(task)
+        self.pool = self.new_pool()
+
+    def _end_broken_pool(self) -> None:
+        """Kill the processes left in a broken pool and let it go. Python (3.11) can leave one running: a
+        process submit() started while the pool's manager was terminating the others, which its manager
+        then waits for without end."""
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+            process.kill()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Shut the pool down, its queued tasks cancelled."""
+        if getattr(self.pool, "_broken", False):
+            self._end_broken_pool()
+        else:
+            self.pool.shutdown(cancel_futures=True)
 
 
 @contextmanager
 def process_pool(
-    plan: RunPlan, checkpoints: list[Checkpoint], example: Samples, workers: int
+    plan: RunPlan, checkpoints: list[Checkpoint], example: Samples, workers: int, warnings: list[str]
 ) -> Iterator[PoolExecutor]:
     """An executor of this process and ``workers - 1`` spawned ones, each with ``cpu_count // workers``
     threads. Workers are spawned: forking a process whose torch and onnxruntime thread pools already
@@ -171,14 +229,15 @@ def process_pool(
             f"{error}); give objects that pickle (no lambdas or local classes), or use "
             "runtime.workers: 1"
         ) from None
-    with (
-        run_threads(threads),
-        ProcessPoolExecutor(
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
             workers - 1, mp_context=context, initializer=_start_pool_worker, initargs=(arguments, os.getpid())
-        ) as pool,
-    ):
+        )
+
+    with run_threads(threads):
+        executor = PoolExecutor(new_pool, workers - 1, here, plan.spec.runtime.retries, warnings)
         try:
-            yield PoolExecutor(pool, workers - 1, here)
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+            yield executor
+        finally:
+            executor.close()

@@ -4,7 +4,8 @@ After each checkpoint of a multi-checkpoint run, its outcome (records, warnings,
 details, failures) and the declared state of its estimators (what the next checkpoint's
 ``carry_over`` reads) are written atomically to
 ``<outputs.dir>/.layerscope-resume/checkpoint-NNNN.pt``, tagged with a hash of the resolved
-spec and the layerscope version, and with a fingerprint of the data and of the checkpoint files up to
+spec (less the outputs and the runtime keys that only place the work, :data:`PLACEMENT`) and the
+layerscope version, and with a fingerprint of the data and of the checkpoint files up to
 that checkpoint (:func:`input_fingerprints`: a changed data file or checkpoint is never mixed with
 results saved before the change).
 
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
     from .plan import RunPlan
 
 FOLDER = ".layerscope-resume"
+#: Runtime keys that say where and on how many workers a run goes, not what it computes (shards change only
+#: the order of floating-point sums): a run may resume on another engine or cluster.
+PLACEMENT = frozenset({"engine", "address", "workers", "shards", "retries", "ship"})
 
 
 def input_fingerprints(data: DataSource, checkpoints: list[Checkpoint], base_dir: Path) -> list[str | None]:
@@ -63,6 +67,7 @@ class ResumeStore:
         self.folder = out_dir / FOLDER
         self.inputs = inputs
         relevant = {k: v for k, v in spec.items() if k != "outputs"}  # where results go does not change them
+        relevant["runtime"] = {k: v for k, v in relevant.get("runtime", {}).items() if k not in PLACEMENT}
         self.key = hashlib.sha256(
             json.dumps({"layerscope": __version__, "spec": relevant}, sort_keys=True, default=str).encode()
         ).hexdigest()

@@ -114,6 +114,18 @@ class RuntimeSection(StrictModel):
         description="data shards per checkpoint in parallel runs; auto: enough to give every worker a task, "
         "and for one checkpoint only when its forward passes outlast starting the workers",
     )
+    retries: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="parallel runs: times a shard task is run again after its worker was lost (a killed process, "
+        "a lost Ray node)",
+    )
+    ship: bool = Field(
+        False,
+        description="engine ray: send the files the spec names (model, checkpoints, data, python modules) to the "
+        "workers through Ray's object store, for nodes that do not share this machine's files",
+    )
 
     @field_validator("memory_budget", mode="before")
     @classmethod
@@ -127,8 +139,9 @@ class RuntimeSection(StrictModel):
 
     @model_validator(mode="after")
     def _address_needs_ray(self) -> RuntimeSection:
-        if self.address is not None and self.engine != "ray":
-            raise ValueError("address is only used with engine: ray")
+        for key, used in (("address", self.address is not None), ("ship", self.ship)):
+            if used and self.engine != "ray":
+                raise ValueError(f"{key} is only used with engine: ray")
         return self
 
 

@@ -8,7 +8,8 @@ previous checkpoint, tasks shipped to workers as pickles.
 - streaming equals one shot: feeding batches one by one gives the records of feeding the
   whole data at once (for ``per_batch`` estimators, whose method is defined per batch, and
   for input-plan estimators, whose batches are plan batches, shard-wise instead);
-- merge order does not matter: shards merged in any order or tree shape agree;
+- merge order does not matter: shards merged in any order or tree shape agree (a parallel run
+  merges runs of adjacent shards as they arrive);
 - the schedule does not matter: two checkpoints analysed one after the other in one
   process, or side by side in shards by workers, give the same records (``carry_over``
   sees the previous checkpoint after its first pass at least);
@@ -28,12 +29,20 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from layerscope.engine.estimator import Estimator, PlanEstimator, TensorBatch
-from layerscope.engine.lifecycle import Isolation, SequentialExecutor, ShardOutcome, ShardTask, copied, drive
+from layerscope.engine.lifecycle import (
+    Isolation,
+    SequentialExecutor,
+    ShardOutcome,
+    ShardTask,
+    TaskQueue,
+    copied,
+    drive,
+)
 
 Factory = Callable[[], Estimator]
 ANALYSIS = "estimator"  # the analysis id the kit gives the estimator under test
@@ -55,15 +64,22 @@ class _BatchFeeder:
 
 
 class _WorkerExecutor:
-    """Runs the kit's tasks side by side as worker processes would: each on a pickled copy."""
+    """Runs the kit's tasks side by side as worker processes would: every ready task at once, each on a
+    pickled copy, the outcomes handed back last shard first (so the driver merges runs of shards in a
+    tree: shard 1 with shard 2 before shard 0 with both)."""
 
     parallel = True
 
     def __init__(self, feeder: _BatchFeeder):
         self.feeder, self.shards = feeder, len(feeder.shards)
 
-    def run(self, tasks: list[ShardTask]) -> list[ShardOutcome]:
-        return [pickle.loads(pickle.dumps(self.feeder.run(pickle.loads(pickle.dumps(copied(task)))))) for task in tasks]
+    def run(self, queue: TaskQueue) -> Iterator[tuple[ShardTask, ShardOutcome]]:
+        while queue:
+            started = [queue.pop() for _ in range(len(queue))]
+            outcomes = [
+                pickle.loads(pickle.dumps(self.feeder.run(pickle.loads(pickle.dumps(copied(t)))))) for t in started
+            ]
+            yield from reversed(list(zip(started, outcomes)))
 
 
 def _drive(
@@ -75,7 +91,6 @@ def _drive(
     ended: dict[int, Estimator] = {}
     drive(
         checkpoints,
-        make().passes,
         executor,
         lambda label: Isolation(label, strict=True),
         finished=lambda index, state: ended.update({index: dict(state.estimators)[ANALYSIS]}),

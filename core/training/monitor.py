@@ -164,7 +164,6 @@ class Monitor:
         with run_threads():
             drive(
                 1,
-                plan.passes,
                 SequentialExecutor(worker.run),
                 lambda label: Isolation(label, plan.host.origin_of),
                 predecessor=self._previous,

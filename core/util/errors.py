@@ -1,8 +1,10 @@
 """Error types that decide the command line's exit code.
 
 A :class:`UserError` is something the user can fix (a bad spec, a missing file, bad
-data); the CLI prints its message and exits 2. Anything else is an internal error
-(exit 1).
+data); the CLI prints its message and exits 2. An :class:`InfrastructureError` is a
+failure of the machines a run used (workers lost more often than ``runtime.retries``
+allows, a Ray cluster's head gone); the CLI prints its message and exits 3. Anything
+else is an internal error (exit 1).
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 class UserError(Exception):
     """A problem with the user's spec, files, model or data (exit code 2)."""
+
+
+class InfrastructureError(Exception):
+    """The machines a run used failed it: its workers were lost more often than it may retry, or its Ray
+    cluster went away (exit code 3). The message names what failed; the checkpoints finished before
+    were saved for ``--resume``."""
 
 
 class SpecError(UserError):

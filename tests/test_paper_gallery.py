@@ -90,3 +90,33 @@ def test_signature_separates_architectures_and_falls_as_each_model_learns():
     rho = script.correlations(table)
     assert max(rho["mlp"], rho["cnn"], rho["gap-cnn"]) < -0.5, rho
     assert abs(rho["all"]) < 0.5, rho
+
+
+DEFAULTS = {"smoothing": 0.0, "sigma_grid": 300}  # information_plane's defaults, in place of the paper's
+
+
+@pytest.mark.slow
+def test_information_plane_compresses_in_the_late_layers_once_accurate():
+    """README, observing once per epoch instead of every iteration, with the estimator's default
+    smoothing and width grid: after 40 epochs the CNN is above 95 % test accuracy, and I(X;T) has
+    fallen from its peak by more than 0.8 bits in the output layer and 0.15 bits in the last hidden
+    layer (full size 1.28 and 0.32), while I(T;Y) of the output has risen."""
+    script = load_script("information-plane", "train.py")
+    results, accuracies = script.train(epochs=40, every=13, iterations=None, overrides=DEFAULTS, out=None)
+    assert len({r["step"] for r in results.records}) == 40
+    assert accuracies[-1] > 0.95
+    fall = script.compression(results, window=3)
+    assert fall["fc2"]["fall"] > 0.8 and fall["relu3"]["fall"] > 0.15, fall
+    i_ty = sorted((r["step"], r["value"]) for r in results.records if r["metric"] == "I_TY" and r["layer"] == "fc2")
+    assert np.mean([v for _, v in i_ty[-3:]]) > np.mean([v for _, v in i_ty[:3]]) + 0.2
+
+
+def test_activation_entropy_rises_in_the_late_layers():
+    """README, on 200 digits instead of 450: the pooled entropy of relu2 and relu3 rises over epochs
+    1, 3, 10 while relu1's stays within 0.05 bits."""
+    spec = entry_spec("activation-entropy", "per-class.yaml")
+    spec["data"]["limit"] = 200
+    entropy = values(layerscope.run(spec, write=False, progress=False), "entropy", "layer", "step", "class")
+    for layer in ("relu2", "relu3"):
+        assert entropy[layer, 1, "all"] < entropy[layer, 3, "all"] < entropy[layer, 10, "all"], layer
+    assert max(abs(entropy["relu1", step, "all"] - entropy["relu1", 1, "all"]) for step in (3, 10)) < 0.05

@@ -11,7 +11,8 @@ import layerscope
 from layerscope.spec.yaml_locations import load_yaml
 
 PAPERS = Path(__file__).parent.parent / "specs" / "papers"
-SPECS = sorted(p for p in PAPERS.glob("*/*.yaml") if p.name != "monitor.yaml")
+# monitor.yaml is read by train.py; training.yaml (30 checkpoints) runs in test_paper_gallery.py
+SPECS = sorted(p for p in PAPERS.glob("*/*.yaml") if p.name not in ("monitor.yaml", "training.yaml"))
 
 
 def test_every_entry_has_a_readme_and_a_runnable_spec():
@@ -25,7 +26,7 @@ def test_every_entry_has_a_readme_and_a_runnable_spec():
     ]
     for entry in entries:
         text = (PAPERS / entry / "README.md").read_text()
-        for heading in ("## The paper", "## Here", "## Differences"):
+        for heading in ("## The paper", "## Here", "**Does the claim hold here?", "## Differences"):
             assert heading in text, (entry, heading)
 
 

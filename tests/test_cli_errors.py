@@ -149,7 +149,7 @@ def test_a_table_label_error_names_its_line(tmp_path, capsys, tiny_onnx):
     (tmp_path / "t.csv").write_text(",".join([f"f{i}" for i in range(64)] + ["y"]) + "\n" + rows)
     data = "\n  source: table\n  path: t.csv\n  label: y\n"
     code, err, out = run_cli(tmp_path, capsys, data=data, command="validate")
-    assert_user_error(code, err, out, "spec.yaml:6:3: data.label: column 'y' has no value in row 4")
+    assert_user_error(code, err, out, "spec.yaml:6:3: data.label: column 'y' is empty in row 4")
 
 
 def test_a_message_is_located_only_at_a_key_the_spec_has():

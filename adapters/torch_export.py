@@ -115,18 +115,28 @@ def _check_arguments(model, args: tuple, kwargs: dict) -> None:
 
 
 @contextmanager
-def _without_cache(model):
-    """*model* with ``config.use_cache`` off while it is traced: Hugging Face decoders otherwise return
-    a key/value cache object, which the exporter cannot flatten (and an analysis never reads)."""
+def _for_tracing(model):
+    """*model* as it predicts, for the block: in eval mode (dropout off, BatchNorm on its running
+    statistics) and, for a Hugging Face decoder, with ``config.use_cache`` off (it would return a
+    key/value cache object, which the exporter cannot flatten and an analysis never reads). Each
+    module's own mode and the configuration are restored afterwards: a model in the middle of its
+    training keeps training."""
+    import torch
+
+    modes = [(module, module.training) for module in model.modules()] if isinstance(model, torch.nn.Module) else []
     config: Any = getattr(model, "config", None)  # a Hugging Face model's configuration object
     cached = getattr(config, "use_cache", None)
     if cached:
         config.use_cache = False
+    if modes:
+        model.eval()
     try:
         yield model
     finally:
         if cached:
             config.use_cache = cached
+        for module, training in modes:
+            module.training = training
 
 
 #: A model whose parameters and buffers take more bytes is exported straight into a file (:func:`export_large`).
@@ -174,9 +184,8 @@ def _program(model, example: Samples | None):
             raise UserError("model.source: exporting a torch module needs example inputs; give a spec with data")
         args, kwargs, dynamic_shapes = tracing_inputs(example)
         _check_arguments(model, args, kwargs)
-        model = model.eval()
     try:
-        with quiet("torch", "torch.onnx", "torch.export", "onnxscript"), _without_cache(model):
+        with quiet("torch", "torch.onnx", "torch.export", "onnxscript"), _for_tracing(model):
             try:
                 program = torch.onnx.export(
                     model,
@@ -459,8 +468,8 @@ def _same_outputs(proto: onnx.ModelProto, model, example: Samples) -> bool:
             else {i.name: v.numpy() for i, v in zip(session.get_inputs(), args)}
         )
         got = session.run(None, feeds)
-        with torch.no_grad(), _without_cache(model):
-            expected = torch.utils._pytree.tree_leaves(model.eval()(*args, **kwargs))
+        with torch.no_grad(), _for_tracing(model):
+            expected = torch.utils._pytree.tree_leaves(model(*args, **kwargs))
         return len(got) == len(expected) and all(
             np.allclose(g, e.numpy(), rtol=1e-4, atol=1e-5) for g, e in zip(got, expected)
         )

@@ -380,3 +380,37 @@ def test_a_large_model_is_exported_straight_to_a_file_beside_its_weights(tmp_pat
     assert sorted(p.name for p in entry.iterdir()) == ["about.json", "model.onnx", "model.onnx.data"]
     assert (entry / "model.onnx").stat().st_size < (entry / "model.onnx.data").stat().st_size
     assert_records_close(large.records, small.records, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_in_training_is_analysed_as_it_predicts_and_keeps_training(monkeypatch):
+    """An export (run or trace) reads the model in eval mode, dropout off and BatchNorm on its running
+    statistics, and leaves every module's own mode as it found it: a run in the middle of training used to
+    leave the model in eval mode for the rest of the training."""
+    monkeypatch.setenv("LAYERSCOPE_EXPORT_CACHE", "0")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 32),
+        torch.nn.BatchNorm1d(32),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.5),
+        torch.nn.Linear(32, 10),
+    )
+    model.train()
+    model[3].eval()  # modes may differ between modules
+    spec = {"data": {"source": "digits", "limit": 64}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
+    training = layerscope.run({**spec, "model": {"source": model}}, write=False, progress=False)
+    assert [module.training for module in model] == [True, True, True, False, True] and model.training
+    x = torch.from_numpy(digits_images(8).reshape(8, 64).astype(np.float32))
+    traced = layerscope.trace(model, x.numpy(), on={"layer": "2"}, progress=False)
+    assert [module.training for module in model] == [True, True, True, False, True] and model.training
+    with torch.no_grad():
+        expected = torch.relu(model[1].eval()(model[0](x))).numpy()
+    np.testing.assert_allclose(next(iter(traced.values())), expected, rtol=1e-5, atol=1e-6)
+    evaluated = layerscope.run({**spec, "model": {"source": copy_in_eval_mode(model)}}, write=False, progress=False)
+    assert_records_close(training.records, evaluated.records, rtol=1e-9, atol=1e-9)
+
+
+def copy_in_eval_mode(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).eval()

@@ -55,7 +55,7 @@ from layerscope.graph.tokens import mean_over_tokens, zero_padding
 from layerscope.util.errors import UserError
 from layerscope.util.lazy import lazy_module
 
-from .maths import JITTERS, Affinity, affinity, linear_cka, linear_r2, sparsity_per_sample
+from .maths import JITTERS, Affinity, affinity, linear_cka, linear_r2, relative_spread, sparsity_per_sample
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +106,11 @@ def reduce_features(values: torch.Tensor, reduce_axis: int) -> torch.Tensor:
     return values.reshape(values.shape[0], -1)
 
 
+#: Inputs whose spread across samples (root mean variance) is below this fraction of their magnitude (root
+#: mean square of the mean) vary at float32 round-off only (float32 keeps 6e-8 of a value): named in a warning.
+#: MobileNetV3-small's deep Hardswish inputs, spatially averaged over random images, spread by 3e-7 and 7e-8 of
+#: their magnitude; their scores from onnxruntime's and torch's float32 activations differed by up to 0.39.
+ROUND_OFF_SPREAD = 1e-5
 #: A score that the other ``jitter`` setting moves by more than this is named in a warning.
 MOVE_TOLERANCE = 1e-3
 JITTER_MEANING = {
@@ -255,7 +260,7 @@ class NonlinearitySignature(Estimator):
         return metrics
 
     def finalize(self) -> list[dict]:
-        records, moved = [], []
+        records, moved, rounded = [], [], []
         p = self.params
         for position, pair in enumerate(self.pairs):
             if pair.output not in self.kept:
@@ -283,9 +288,17 @@ class NonlinearitySignature(Estimator):
                     f"{pair.layer}: the output is nearly constant (tr Σ_Y ≤ 2e-6·d {where}); as in the reference "
                     "code the map is set to 0, so the score reflects only the output's spread"
                 )
+            spread = relative_spread(x[batches[0]])
+            if 0 < spread < ROUND_OFF_SPREAD:
+                rounded.append(f"{pair.layer} ({spread:.1g})")
             score, other = float(np.mean([r.score for r in results])), self._other_score(samples, results)
             if other is not None and abs(other - score) > MOVE_TOLERANCE:
                 moved.append(f"{pair.layer} {score:.4f} → {other:.4f}")
+        if rounded:
+            self.warn(
+                f"inputs that vary across samples at float32 round-off only (spread below {ROUND_OFF_SPREAD:g} of "
+                "their magnitude): " + ", ".join(rounded) + "; their scores measure round-off, not the activation"
+            )
         if moved:
             self.warn(
                 f"affinity scores that move by more than {MOVE_TOLERANCE:g} with jitter: {self._other_jitter} "

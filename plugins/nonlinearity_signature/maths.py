@@ -45,6 +45,7 @@ result equals the dense computation up to round-off.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -88,6 +89,17 @@ def inv_sqrtm_psd(matrix: np.ndarray, floor_unit: float = 1.0) -> np.ndarray:
 def input_variance(x: np.ndarray) -> float:
     """s_x = tr Σ̂_x / d_x, the mean unbiased variance of the input samples (0 for fewer than two)."""
     return float(np.var(x, axis=0, ddof=1).mean()) if len(x) > 1 else 0.0
+
+
+def relative_spread(x: np.ndarray) -> float:
+    """√(tr Σ̂_x / d) / √(‖m_x‖² / d): the samples' root mean variance over the magnitude of their mean
+    (inf for a mean of 0, 0 for identical samples)."""
+    x = np.asarray(x, np.float64)
+    if len(x) < 2:
+        return math.inf
+    level = float(np.sqrt(np.mean(x.mean(axis=0) ** 2)))
+    spread = float(np.sqrt(np.var(x, axis=0, ddof=1).mean()))
+    return spread / level if level > 0 else math.inf
 
 
 def unit_scale(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

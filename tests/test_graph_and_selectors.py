@@ -127,14 +127,19 @@ def test_selectors_and_or_semantics():
 
 
 def test_a_layer_written_without_its_parents_is_suggested_in_full():
-    """difflib finds no module close to 'h.0.mlp' among GPT-2's 'transformer.h.0.mlp' and its neighbours."""
+    """difflib finds no module close to 'h.0.mlp' among GPT-2's 'transformer.h.0.mlp' and its neighbours; the
+    container is no tensor's label or innermost module, only one of the calls computing them."""
     mlp = "transformer.h.0.mlp"
+    calls = (f"{mlp}.dropout", mlp, "transformer.h.0", "transformer")
     tensors = [
         TensorInfo("x", "Input", "x", "float32", ("N", 4), True, role="input"),
         TensorInfo("a", "Tanh", f"{mlp}.act", "float32", ("N", 4), True, order=0, module=f"{mlp}.act"),
-        TensorInfo("b", "Gemm", mlp, "float32", ("N", 4), True, order=1, module=f"{mlp}.c_proj", output_of=(mlp,)),
+        TensorInfo(
+            "b", "Identity", calls[0], "float32", ("N", 4), True, order=1, module=calls[0], calls=calls, output_of=calls
+        ),
         TensorInfo("c", "Gemm", "lm_head", "float32", ("N", 4), True, order=2, module="lm_head", role="output"),
     ]
+    assert [t.name for t in resolve(SelectorSpec(layer=mlp), tensors)] == ["b"]
     with pytest.raises(UserError, match=r"matches no tensor in the model. Did you mean 'transformer.h.0.mlp'\?"):
         resolve(SelectorSpec(layer="h.0.mlp"), tensors)
 

@@ -124,7 +124,7 @@ def _glob_values(tensor: TensorInfo, selector: SelectorSpec, pattern: str) -> tu
 def _hint(selector: SelectorSpec, tensors: Sequence[TensorInfo]) -> str:
     for key, pool in (
         ("name", [t.name for t in tensors]),
-        ("layer", [t.layer for t in tensors] + [t.module for t in tensors]),
+        ("layer", [t.layer for t in tensors] + [t.module for t in tensors] + [c for t in tensors for c in t.calls]),
         ("op_type", [t.op_type for t in tensors]),
     ):
         for wanted in _as_list(getattr(selector, key)):

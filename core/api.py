@@ -106,7 +106,10 @@ def validate(
                 estimators = build_estimators(plan, model)
                 checked.append(
                     f"model {checkpoint.label}: inputs {model.feeds.describe()}; "
-                    + ", ".join(f"{aid} selects {len(est.tensors)} tensors" for aid, est in estimators)
+                    + ", ".join(
+                        f"{aid} selects {len(est.tensors)} tensor{'s' if len(est.tensors) != 1 else ''}"
+                        for aid, est in estimators
+                    )
                 )
     return checked
 

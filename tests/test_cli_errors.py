@@ -451,3 +451,48 @@ def test_a_failed_run_removes_only_the_empty_folders_it_created(tmp_path):
     with output_folder(tmp_path / "fine"):
         pass
     assert (tmp_path / "fine").is_dir()  # a run that succeeded keeps its folder
+
+
+def test_npz_y_key_given_by_name_must_exist(tmp_path, capsys, tiny_onnx):
+    """A misspelt y_key was read as 'no labels': the run gave only class-all records, and an estimator
+    that needs labels blamed the estimator. Left at its default y, an absent array still means no labels."""
+    np.savez(tmp_path / "data.npz", x=np.zeros((10, 64), np.float32), lab=np.zeros(10, np.int64))
+    code, err, out = run_cli(tmp_path, capsys, data="{source: npz, path: data.npz, y_key: labels}")
+    column = len("data: {source: npz, path: data.npz, ") + 1  # where `y_key` begins on line 3
+    assert_user_error(code, err, out)
+    assert err == (
+        f"layerscope: error: {tmp_path / 'spec.yaml'}:3:{column}: data.y_key: {tmp_path / 'data.npz'} "
+        "has no array 'labels' (it has: x, lab)\n"
+    )
+    code, err, _ = run_cli(tmp_path, capsys, data="{source: npz, path: data.npz}")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "on, message",
+    [
+        ("{layr: a1}", "5:10: analyses.0.on.layr: unknown key 'layr'. Did you mean 'layer'?"),
+        ("{layer: a1, inner: maybe}", "5:21: analyses.0.on.inner: give true or false, not 'maybe'"),
+        ('{layer: a1, inner: "yes"}', "5:21: analyses.0.on.inner: give true or false, not 'yes'"),
+        (
+            "[{layer: a1}, {op_typ: Relu}]",
+            "5:24: analyses.0.on.1.op_typ: unknown key 'op_typ'. Did you mean 'op_type'?",
+        ),
+    ],
+)
+def test_a_selector_error_is_one_message_at_its_key(tmp_path, capsys, on, message):
+    """pydantic reported each member of on's union (a list, 'all', a selector): three lines, no
+    did-you-mean; and a quoted "yes" was read as true."""
+    spec = write_spec(
+        tmp_path,
+        f"model: {{source: tiny.onnx}}\nanalyses:\n  - id: a\n    estimator: activation_entropy\n    on: {on}\n",
+    )
+    assert main(["validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert f"spec.yaml:{message}\n" in err and err.count("analyses.0.on") == 1, err
+
+
+def test_validate_counts_one_tensor_in_the_singular(tmp_path, capsys, tiny_onnx):
+    spec = write_spec(tmp_path, SPEC.format(model="tiny.onnx", data="{}", extra="    on: {role: output}\n", out="out"))
+    assert main(["validate", str(spec)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("ent selects 1 tensor")

@@ -107,3 +107,14 @@ def test_every_example_spec_validates_against_its_model(repo):
     for spec in specs:
         checked = layerscope.validate(spec)
         assert any("selects" in line for line in checked), spec
+
+
+def test_the_own_model_walk_through_gives_the_record_count_it_shows(repo):
+    """README.md and the getting-started page printed 52 records for specs/own-model/own-model.yaml; the
+    run gives 56 (entropy's per-class records of both layers and the signature's)."""
+    import re
+
+    results = layerscope.run(repo / "specs" / "own-model" / "own-model.yaml", write=False, progress=False)
+    for page in (repo / "README.md", repo / "docs" / "getting-started.md"):
+        shown = re.findall(r"^(\d+) records → results/own-model/results.json$", page.read_text(), re.MULTILINE)
+        assert shown == [str(len(results.records))], page

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from layerscope.graph.selectors import SelectorSpec, resolve
-from layerscope.graph.tensors import describe_tensors
+from layerscope.graph.selectors import SelectionError, SelectorSpec, parse_selection, resolve
+from layerscope.graph.tensors import TensorInfo, describe_tensors
 from layerscope.util.errors import UserError
 
 from .conftest import tiny_mlp_proto
@@ -124,6 +124,35 @@ def test_selectors_and_or_semantics():
     assert [t.name for t in resolve("all", tensors)] == ["x", "h1", "a1", "h2", "a2", "logits"]
     with pytest.raises(UserError, match="Did you mean 'a1'"):
         resolve(SelectorSpec(name="a11"), tensors)
+
+
+def test_a_layer_written_without_its_parents_is_suggested_in_full():
+    """difflib finds no module close to 'h.0.mlp' among GPT-2's 'transformer.h.0.mlp' and its neighbours; the
+    container is no tensor's label or innermost module, only one of the calls computing them."""
+    mlp = "transformer.h.0.mlp"
+    calls = (f"{mlp}.dropout", mlp, "transformer.h.0", "transformer")
+    tensors = [
+        TensorInfo("x", "Input", "x", "float32", ("N", 4), True, role="input"),
+        TensorInfo("a", "Tanh", f"{mlp}.act", "float32", ("N", 4), True, order=0, module=f"{mlp}.act"),
+        TensorInfo(
+            "b", "Identity", calls[0], "float32", ("N", 4), True, order=1, module=calls[0], calls=calls, output_of=calls
+        ),
+        TensorInfo("c", "Gemm", "lm_head", "float32", ("N", 4), True, order=2, module="lm_head", role="output"),
+    ]
+    assert [t.name for t in resolve(SelectorSpec(layer=mlp), tensors)] == ["b"]
+    with pytest.raises(UserError, match=r"matches no tensor in the model. Did you mean 'transformer.h.0.mlp'\?"):
+        resolve(SelectorSpec(layer="h.0.mlp"), tensors)
+
+
+def test_selector_keys_take_what_they_say():
+    """inner takes true or false: the string "yes" was read as true."""
+    assert parse_selection({"layer": "a", "inner": True}).inner is True
+    for value in ("yes", "false", 1):
+        with pytest.raises(SelectionError, match=rf"^inner: give true or false, not {value!r}$"):
+            parse_selection({"layer": "a", "inner": value})
+    with pytest.raises(SelectionError, match=r"^\[1\]: unknown key 'op_typ'. Did you mean 'op_type'\?$") as error:
+        parse_selection([{"layer": "a"}, {"op_typ": "Relu"}])
+    assert error.value.path == (1, "op_typ")
 
 
 def test_empty_selector_rejected():

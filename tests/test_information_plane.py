@@ -265,6 +265,34 @@ def test_grid_range_with_the_absolute_grid_is_refused():
         InformationPlane.Params(width_grid="absolute", grid_range=(0.1, 5.0))
 
 
+def test_a_fixed_sigma_with_the_absolute_grid_is_refused():
+    """The grid is what alignment searches: with a fixed sigma width_grid: absolute did nothing, silently."""
+    with pytest.raises(ValueError, match="a fixed sigma searches none"):
+        InformationPlane.Params(width_grid="absolute", sigma=0.5)
+    assert InformationPlane.Params(sigma=0.5).width_grid == "relative"
+
+
+def test_the_absolute_grid_runs_downward_below_a_tenth_of_its_floor_and_each_layer_is_warned_once():
+    """d̄ = 0.008: the authors' linspace(0.3, 10·d̄) runs from 0.3 down to 0.08, σ* is its last (smallest) width,
+    and the warning says the grid runs downward. At later checkpoints of the run (carry_over) a layer already
+    named is not named again (Monitor logged it at every step); a new run names it again."""
+    x, hidden, y, _ = ip_batches()
+    hidden = (hidden * 0.001).astype(np.float32)
+    batches = make_batches({"h": hidden}, y, batch_size=50, inputs=x)
+    first = feed(build(batches, batch_size=50, sigma_grid=50, width_grid="absolute"), batches)
+    index, mean_distance = summed_alignment_argmax(hidden, y, lambda d: np.linspace(0.3, 10 * d, 50))
+    grid = np.linspace(0.3, 10 * mean_distance, 50)
+    assert grid[-1] < 0.3 / 3 and index == 49
+    assert first.sigma_optimal["h"] == pytest.approx(grid[-1], rel=1e-12)
+    (warning,) = edge_warnings(first)
+    assert f"h σ* = {grid[-1]:.4g} (the last of 0.3…{grid[-1]:.4g}, a grid that runs downward as 10·d̄ < 0.3)" in warning
+    second = build(batches, batch_size=50, sigma_grid=50, width_grid="absolute")
+    second.carry_over(first)
+    feed(second, batches)
+    assert second.sigma_optimal["h"] == first.sigma_optimal["h"] and not edge_warnings(second)
+    assert edge_warnings(feed(build(batches, batch_size=50, sigma_grid=50, width_grid="absolute"), batches))
+
+
 def test_softmax_is_applied_to_the_model_output():
     logits = torch.randn(10, 4, dtype=torch.float64)
     output = TensorInfo("logits", "Gemm", "out", "float32", ("N", 4), True, role="output")

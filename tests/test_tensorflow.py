@@ -216,7 +216,7 @@ def test_a_keras_gelu_runs_and_traces_as_keras_computes_it(keras):
         "data": {"batch_size": 16},
         "analyses": [{"id": "e", "estimator": "activation_entropy"}],
     }
-    assert layerscope.validate(spec, data=x)[-1].endswith("e selects 1 tensors")
+    assert layerscope.validate(spec, data=x)[-1].endswith("e selects 1 tensor")
     traced = layerscope.trace(model, x, on={"layer": "hidden"}, progress=False)
     assert list(traced.layers.values()) == ["hidden"]  # the layer's output, not the GELU's steps inside it
     expected = keras.Model(model.inputs[0], model.get_layer("hidden").output)(x).numpy()

@@ -142,6 +142,8 @@ def test_selector_errors_name_the_problem():
         layerscope.trace(model, x, on={"layer": "featurs.0"}, progress=False)
     with pytest.raises(UserError, match=r"^on: unknown key 'layr'. Did you mean 'layer'\?"):
         layerscope.trace(model, x, on={"layr": "features.0"}, progress=False)
+    with pytest.raises(UserError, match=r"^on: \[1\]: inner: give true or false, not 'yes'$"):
+        layerscope.trace(model, x, on=[{"layer": "head"}, {"layer": "features", "inner": "yes"}], progress=False)
 
 
 @pytest.fixture

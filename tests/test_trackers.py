@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -164,6 +165,18 @@ def wandb_run(record_type: str, run_dir: Path):
 
 
 # --- series names ------------------------------------------------------------------------------------------
+
+
+def test_the_series_names_the_documentation_shows_are_those_given(repo):
+    """docs/results.md showed ``agg/fit_kl/pool/channel_2/class_all``; names put the class first."""
+    paragraph = (repo / "docs" / "results.md").read_text().split("**Series.**")[1].split("\n\n")[0]
+    examples = re.findall(r"`(\w+/\w+/\w+(?:/\w+_\w+)+)`", paragraph.split("told apart")[0])
+    assert len(examples) == 2, paragraph
+    for example in examples:
+        analysis, metric, layer, *keys = example.split("/")
+        record = {"analysis": analysis, "metric": metric, "layer": layer}
+        record.update(reversed([key.rsplit("_", 1) for key in keys]))  # not in the order of the name
+        assert series_name(record) == example
 
 
 def test_series_names_steps_and_histograms_of_hand_made_records():

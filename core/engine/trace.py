@@ -50,7 +50,9 @@ class Trace(dict[str, np.ndarray]):
         self.samples = samples
 
     def by_layer(self) -> dict[str, np.ndarray]:
-        """The arrays keyed by layer label instead of tensor name."""
+        """The arrays keyed by layer label instead of tensor name. A tensor has one label, that of the
+        innermost module it leaves: the output of a container ``features`` (a Sequential whose last
+        module is ``features.4``) is ``features.4``, whichever of the two a selector named."""
         return {self.layers[name]: array for name, array in self.items()}
 
     def save(self, path: str | Path) -> None:

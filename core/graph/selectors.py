@@ -25,7 +25,7 @@ import fnmatch
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, model_validator
 
 from layerscope.util.errors import UserError, did_you_mean
 
@@ -42,7 +42,7 @@ class SelectorSpec(BaseModel):
     role: Literal["input", "output", "intermediate"] | list[Literal["input", "output", "intermediate"]] | None = None
     activation: Literal["input", "output"] | None = None
     attention: Literal["probabilities", "scores"] | None = None
-    inner: bool | None = None
+    inner: StrictBool | None = None  # true or false: a string such as "yes" is refused
 
     @model_validator(mode="after")
     def _not_empty(self) -> SelectorSpec:
@@ -124,13 +124,20 @@ def _glob_values(tensor: TensorInfo, selector: SelectorSpec, pattern: str) -> tu
 def _hint(selector: SelectorSpec, tensors: Sequence[TensorInfo]) -> str:
     for key, pool in (
         ("name", [t.name for t in tensors]),
-        ("layer", [t.layer for t in tensors] + [t.module for t in tensors]),
+        ("layer", [t.layer for t in tensors] + [t.module for t in tensors] + [c for t in tensors for c in t.calls]),
         ("op_type", [t.op_type for t in tensors]),
     ):
         for wanted in _as_list(getattr(selector, key)):
             if wanted not in pool:
-                return did_you_mean(wanted, set(pool))
+                return did_you_mean(wanted, set(pool)) or _ending_in(wanted, pool)
     return ""
+
+
+def _ending_in(wanted: str, pool: Sequence[str]) -> str:
+    """`` Did you mean 'transformer.h.0.mlp'?`` for *wanted* ``h.0.mlp``: the shortest name in *pool* that
+    ends in ``.`` + *wanted* (a module path written without its parents), or ``""``."""
+    endings = sorted({name for name in pool if name.endswith("." + wanted)}, key=len)
+    return f" Did you mean '{endings[0]}'?" if endings else ""
 
 
 Selection = SelectorSpec | list[SelectorSpec] | Literal["all"]
@@ -144,35 +151,56 @@ def as_selector(value: dict | list[dict] | Literal["all"]) -> Selection:
     return [SelectorSpec(**d) for d in value] if isinstance(value, list) else SelectorSpec(**value)
 
 
+class SelectionError(UserError):
+    """A selection that cannot be read. *path* leads from the selection to the problem (``(1, "inner")``:
+    the key ``inner`` of the second selector of a list; ``()``: the selection itself), *problem* says
+    what it is; the message is both (``[1]: inner: give true or false, not 'maybe'``), without the key
+    when *problem* names it already (``unknown key 'layr'. Did you mean 'layer'?``)."""
+
+    def __init__(self, path: tuple[int | str, ...], problem: str, names_key: bool = False):
+        self.path, self.problem = path, problem
+        index = f"[{path[0]}]: " if path and isinstance(path[0], int) else ""
+        key = f"{path[-1]}: " if path and isinstance(path[-1], str) and not names_key else ""
+        super().__init__(index + key + problem)
+
+
 def parse_selection(value: Any) -> Selection:
-    """*value* given from Python or on the command line as a selection: ``"all"``, a mapping of selector
-    keys, a :class:`SelectorSpec`, or a list of mappings or selectors; a :class:`UserError` naming the
-    first problem (for the caller to place: ``on``, ``--on``)."""
+    """*value* given in a spec's ``on:``, from Python or on the command line as a selection: ``"all"``, a
+    mapping of selector keys, a :class:`SelectorSpec`, or a list of mappings or selectors; a
+    :class:`SelectionError` naming the first problem (for the caller to place: ``on``, ``--on``)."""
     if value == "all" or isinstance(value, SelectorSpec):
         return value
     if isinstance(value, list) and not value:
-        raise UserError("an empty list selects nothing; give a selector, a list of them or 'all'")
+        raise SelectionError((), "an empty list selects nothing; give a selector, a list of them or 'all'")
     parsed = []
     for index, item in enumerate(value if isinstance(value, list) else [value]):
-        where = f"[{index}]: " if isinstance(value, list) else ""
+        at: tuple[int | str, ...] = (index,) if isinstance(value, list) else ()
         if isinstance(item, SelectorSpec):
             parsed.append(item)
             continue
         if not isinstance(item, dict):
-            raise UserError(
-                f"{where}expected a mapping of selector keys ({', '.join(SelectorSpec.model_fields)}), "
-                f"a list of them or 'all', not {item!r}"
+            raise SelectionError(
+                at,
+                f"expected a mapping of selector keys ({', '.join(SelectorSpec.model_fields)}), "
+                f"a list of them or 'all', not {item!r}",
             )
         try:
             parsed.append(SelectorSpec.model_validate(item))
         except ValidationError as error:
-            problem = error.errors()[0]
-            key = str(problem["loc"][0]) if problem["loc"] else ""  # the selector key, not pydantic's union members
-            if problem["type"] == "extra_forbidden":
-                raise UserError(f"{where}unknown key '{key}'.{did_you_mean(key, SelectorSpec.model_fields)}") from None
-            message = problem["msg"].removeprefix("Value error, ")
-            raise UserError(f"{where}{key + ': ' if key else ''}{message}") from None
+            raise _selector_error(error.errors()[0], at) from None
     return parsed if isinstance(value, list) else parsed[0]
+
+
+def _selector_error(problem: Any, at: tuple[int | str, ...]) -> SelectionError:
+    """The first of pydantic's errors for one selector (at *at* in the selection) as one message: the
+    selector key, not pydantic's union members, and a did-you-mean for an unknown key."""
+    key = str(problem["loc"][0]) if problem["loc"] else ""
+    where = (*at, key) if key else at
+    if problem["type"] == "extra_forbidden":
+        return SelectionError(where, f"unknown key '{key}'.{did_you_mean(key, SelectorSpec.model_fields)}", True)
+    if problem["type"] == "bool_type":
+        return SelectionError(where, f"give true or false, not {problem['input']!r}")
+    return SelectionError(where, problem["msg"].removeprefix("Value error, "))
 
 
 def resolve(selector: Selection, tensors: Sequence[TensorInfo], strict: bool = True) -> list[TensorInfo]:

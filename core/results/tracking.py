@@ -1,7 +1,7 @@
 """Records as an experiment tracker sees them: named series of numbers over a step axis.
 
 - A record's **series name** is ``<analysis>/<metric>/[<network>/]<layer>`` followed by ``/<key>_<value>`` for
-  each of :data:`SERIES_KEYS` it has (``entropy/entropy/relu1/class_3``, ``agg/fit_kl/pool/channel_2/class_all``).
+  each of :data:`SERIES_KEYS` it has (``entropy/entropy/relu1/class_3``, ``agg/fit_kl/pool/class_all/channel_2``).
   Records of one checkpoint that still share a name are told apart by the other keys whose values differ
   between them, in key order.
 - Records with the keys of :data:`BIN_KEYS` are the bins of a **histogram** (as ``aggregation_distribution``

@@ -24,8 +24,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from layerscope.graph.selectors import SelectorSpec
+from layerscope.graph.selectors import SelectionError, SelectorSpec, parse_selection
 from layerscope.util.errors import SpecError, UserError, did_you_mean
 from layerscope.util.files import regular_file
 from layerscope.util.names import ANALYSIS_ID, MODEL_LABEL, NAME_LENGTH, check_name
@@ -92,6 +93,20 @@ class AnalysisSection(StrictModel):
     estimator: str
     on: SelectorSpec | list[SelectorSpec] | Literal["all"] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("on", mode="before")
+    @classmethod
+    def _one_problem_per_selection(cls, value: Any) -> Any:
+        """The selection read as :func:`parse_selection` reads it: its first problem as one error at the
+        key it concerns (pydantic would report each member of the union: a list, 'all', a selector)."""
+        if value is None:
+            return None
+        try:
+            return parse_selection(value)
+        except SelectionError as error:
+            raise PydanticCustomError(
+                "selection", "{problem}", {"problem": error.problem, "path": error.path}
+            ) from None
 
 
 class RuntimeSection(StrictModel):
@@ -242,14 +257,15 @@ def format_validation_errors(
     messages = []
     for item in error.errors():
         loc = prefix + tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        loc = tuple(
-            p for p in loc if p not in ("str", "literal['all']", "SelectorSpec", "list[str]", "list[SelectorSpec]")
-        )
+        loc = tuple(p for p in loc if p not in ("str", "list[str]"))  # a union's members
         path = ".".join(str(p) for p in loc) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden" and model is not None:
             owner = _submodel_at(model, tuple(item["loc"])[:-1])
             message = f"unknown key '{loc[-1]}'." + (did_you_mean(loc[-1], owner.model_fields) if owner else "")
+        elif item["type"] == "selection":  # a problem inside `on:`, at the selector key it concerns
+            loc += item["ctx"]["path"]
+            path = ".".join(str(p) for p in loc)
         elif item["type"] == "missing":
             message = "required key is missing"
         messages.append(f"{doc.where(loc)}: {path}: {message}")

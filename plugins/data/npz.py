@@ -25,7 +25,9 @@ class NpzParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="the .npz file, relative to the spec")
     x_key: str = Field("x", description="the array of samples (first axis: sample)")
-    y_key: str = Field("y", description="the array of labels, one per sample (optional)")
+    y_key: str = Field(
+        "y", description="the array of labels, one per sample (optional when left at y; a key given must exist)"
+    )
     inputs: dict[str, str] | None = Field(
         None, description="model input name -> key of its array, for models with several inputs (replaces x_key)"
     )
@@ -51,9 +53,11 @@ class NpzSource(DataSource):
         try:
             with zipfile.ZipFile(self.path) as archive:
                 keys = [name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy")]
-                for input_name, key in named.items():
+                wanted = {("data.x_key" if name is None else f"data.inputs.{name}"): key for name, key in named.items()}
+                if "y_key" in params.model_fields_set:  # the default 'y' is optional; a named key must exist
+                    wanted["data.y_key"] = params.y_key
+                for where, key in wanted.items():
                     if key not in keys:
-                        where = "data.x_key" if input_name is None else f"data.inputs.{input_name}"
                         raise UserError(
                             f"{where}: {self.path} has no array '{key}' (it has: {', '.join(keys) or 'none'})"
                         )

@@ -22,7 +22,8 @@ The paper searches ``linspace(0.3, 10·d̄)`` per training batch; here the grid 
 ``f·d̄`` with f on ``linspace(*grid_range, sigma_grid)`` and d̄ the batch's mean pairwise
 distance (``width_grid: absolute`` searches the paper's grid instead), the alignment curves are
 summed over the batches of a first pass, and every checkpoint uses its own σ*. A σ* at an end of
-its grid, and a smoothed σ more than a factor 1.25 from its checkpoint's σ*, are warned about.
+its grid (once per layer and run), and a smoothed σ more than a factor 1.25 from its checkpoint's σ*,
+are warned about. The authors' grid runs downward, from 0.3 to 10·d̄, when 10·d̄ < 0.3.
 The paper smooths σ* with a moving average σ_t = 0.9·σ_{t−1} + 0.1·σ*_t over *training
 iterations*, a few steps apart; across saved
 checkpoints, epochs apart, the same average would still carry 39 % of checkpoint 1's width
@@ -125,6 +126,11 @@ class InformationPlaneParams(BaseModel):
             raise ValueError(
                 "grid_range sets the relative grid; width_grid: absolute is the authors' grid, linspace(0.3, 10·d̄)"
             )
+        if self.width_grid == "absolute" and self.sigma != "alignment":
+            raise ValueError(
+                "width_grid: absolute is the grid kernel alignment searches; a fixed sigma searches none: "
+                "give sigma: alignment or leave width_grid out"
+            )
         return self
 
 
@@ -151,6 +157,7 @@ class InformationPlane(Estimator):
     sigma_used: dict[str, float]
     sigma_optimal: dict[str, float]
     sigma_x_used: dict[str, float]
+    at_grid_end: dict[str, int]
     moments: dict[str, dict[str, torch.Tensor]]
     reference_entropies: dict[int, torch.Tensor]
     unused_samples: dict[int, int]
@@ -178,6 +185,8 @@ class InformationPlane(Estimator):
         self.add_state("sigma_used", {}, "max")
         self.add_state("sigma_optimal", {}, "max")
         self.add_state("sigma_x_used", {}, "max")  # {"input": σ_x}
+        # layers whose σ* was at an end of its grid at this or an earlier checkpoint: warned about once a run
+        self.add_state("at_grid_end", {}, "max")  # tensor -> 1
         # estimates
         self.add_state("moments", {}, "sum")  # tensor -> metric -> (n, Σv, Σv²)
         self.add_state("reference_entropies", {}, "max")  # chunk start -> (H_X, H_Y)
@@ -190,6 +199,7 @@ class InformationPlane(Estimator):
 
     def carry_over(self, previous: InformationPlane) -> None:
         self.previous_sigma = dict(previous.sigma_used)
+        self.at_grid_end = dict(previous.at_grid_end)
 
     # --- streaming ---------------------------------------------------------------------
     def _chunks(self, batch: TensorBatch):
@@ -280,9 +290,13 @@ class InformationPlane(Estimator):
             previous = self.previous_sigma.get(name)
             self.sigma_used[name] = best if previous is None else smoothing * previous + (1 - smoothing) * best
             layer = self.tensors[name].layer if name in self.tensors else name
-            if index in (0, len(widths) - 1):
+            if index in (0, len(widths) - 1) and name not in self.at_grid_end:
+                self.at_grid_end[name] = 1
                 end = "first" if index == 0 else "last"
-                at_edge.append(f"{layer} σ* = {best:.4g} (the {end} of {float(widths[0]):.4g}…{float(widths[-1]):.4g})")
+                downward = ", a grid that runs downward as 10·d̄ < 0.3" if widths[-1] < widths[0] else ""
+                at_edge.append(
+                    f"{layer} σ* = {best:.4g} (the {end} of {float(widths[0]):.4g}…{float(widths[-1]):.4g}{downward})"
+                )
             ratio = self.sigma_used[name] / best
             if max(ratio, 1 / ratio) > FAR_FROM_OPTIMUM:
                 far.append(f"{layer} σ = {self.sigma_used[name]:.4g} against σ* = {best:.4g}")
@@ -290,7 +304,8 @@ class InformationPlane(Estimator):
             self.warn(
                 f"kernel widths chosen at an end of their {self.params.width_grid} alignment grid (the alignment "
                 "may peak beyond it, so these widths and the estimates they give are the grid's, not the "
-                "alignment's): " + ", ".join(at_edge)
+                "alignment's; each layer is named once a run, at the first checkpoint where it happens): "
+                + ", ".join(at_edge)
             )
         if far:
             self.warn(

@@ -12,8 +12,8 @@ and the estimators vectorise their work instead of relying on the pool.
 numpy's BLAS (OpenBLAS) runs on one thread during a run too. Its threads spin while they wait for a
 core: the non-linearity signature's dense maths (three ``eigh`` and four products of d × d matrices
 per score, ``tests/benchmarks/bench_blas_threads.py``) on a 2-core machine busy with other work took
-36.5x (d = 256), 14.9x (512) and 12.7x (1024) as long with BLAS's two threads as with one; on an idle
-machine two threads gained at most the figure in ``docs/performance.md``.
+36.5x (d = 256), 14.9x (512) and 12.7x (1024) as long with BLAS's two threads as with one, with two
+competing processes 4.0-7.3x, and with none 1.1-2.1x: one thread never lost.
 """
 
 from __future__ import annotations

@@ -34,11 +34,12 @@ import bisect
 import copy
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from layerscope.util.errors import UserError
+from layerscope.util.errors import InfrastructureError, UserError
 
 from .estimator import Estimator, PlanEstimator
 
@@ -104,6 +105,22 @@ class TaskQueue:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+    def requeue_lost(
+        self,
+        tasks: Iterable[ShardTask],
+        losses: Counter[tuple[int, int, int]],
+        retries: int,
+        failure: Callable[[ShardTask, int], str],
+    ) -> None:
+        """Queue the *tasks* of a lost worker again, counting each loss in *losses* (by task key); raise an
+        :class:`InfrastructureError` saying ``failure(task, times lost)`` once a task has been lost more
+        often than *retries* allows."""
+        for task in tasks:
+            losses[task.key] += 1
+            if losses[task.key] > retries:
+                raise InfrastructureError(failure(task, losses[task.key]))
+            self.push(task)
 
 
 class Executor(Protocol):

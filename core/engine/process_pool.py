@@ -29,7 +29,7 @@ import numpy as np
 from layerscope.data.source import Samples, shard_spans
 from layerscope.model.adapter import Checkpoint
 from layerscope.spec.yaml_locations import LocatedDocument
-from layerscope.util.errors import InfrastructureError, UserError
+from layerscope.util.errors import UserError
 
 from .checkpoint_run import ShardWorker, Span
 from .lifecycle import ShardOutcome, ShardTask, TaskQueue
@@ -182,16 +182,16 @@ class PoolExecutor:
             f"runtime.workers: a worker process ended abruptly (killed, or out of memory); the {len(lost)} "
             "task(s) its pool held ran again in new worker processes"
         )
-        for task in lost:
-            self.lost[task.key] += 1
-            if self.lost[task.key] > self.retries:
-                raise InfrastructureError(
-                    f"runtime.workers: a worker process ended abruptly (killed, or out of memory) while running "
-                    f"pass {task.pass_index + 1} of data shard {task.shard + 1} of checkpoint "
-                    f"{self.here.checkpoints[task.checkpoint].label}, {self.lost[task.key]} times "
-                    f"(runtime.retries: {self.retries})"
-                )
-            queue.push(task)
+        queue.requeue_lost(
+            lost,
+            self.lost,
+            self.retries,
+            lambda task, times: (
+                f"runtime.workers: a worker process ended abruptly (killed, or out of memory) while running "
+                f"pass {task.pass_index + 1} of data shard {task.shard + 1} of checkpoint "
+                f"{self.here.checkpoints[task.checkpoint].label}, {times} times (runtime.retries: {self.retries})"
+            ),
+        )
         self.pool = self.new_pool()
 
     def _end_broken_pool(self) -> None:

@@ -366,15 +366,16 @@ class RayExecutor:
         )
         self.last_loss = f"last: worker{where}, {_summary(error)}"
         self.lost_one = True
-        for task in lost:
-            self.lost[task.key] += 1
-            if self.lost[task.key] > self.retries:
-                raise InfrastructureError(
-                    f"runtime.engine: the Ray workers running pass {task.pass_index + 1} of data shard "
-                    f"{task.shard + 1} of checkpoint {self.labels[task.checkpoint]} were lost "
-                    f"{self.lost[task.key]} times (runtime.retries: {self.retries}; {self.last_loss})"
-                )
-            queue.push(task)
+        queue.requeue_lost(
+            lost,
+            self.lost,
+            self.retries,
+            lambda task, times: (
+                f"runtime.engine: the Ray workers running pass {task.pass_index + 1} of data shard "
+                f"{task.shard + 1} of checkpoint {self.labels[task.checkpoint]} were lost "
+                f"{times} times (runtime.retries: {self.retries}; {self.last_loss})"
+            ),
+        )
         if self.starts_left > 0:
             self._start(replace(actor.placement, node=None))  # its node may be gone: anywhere with room
 

@@ -529,3 +529,70 @@ def test_a_tracker_without_its_package_is_a_user_error(tmp_path, tiny_onnx):
         and "outputs.formats.1: the tensorboard format needs the tensorboardX" in done.stderr
     )
     assert 'pip install "layerscope[tensorboard]"' in done.stderr and 'pip install "layerscope[wandb]"' in done.stderr
+
+
+# --- logging a finished run, and trackers that cannot log ---------------------------------------------------
+
+
+def tiny_run_spec(tmp_path: Path, model: Path, formats: list[str]) -> Path:
+    """A spec file running activation_entropy on the tiny MLP over 40 digits into ``tmp_path/out``."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"name: tiny\nmodel: {{source: {model}}}\ndata: {{source: digits, limit: 40}}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+        f"outputs: {{dir: {tmp_path / 'out'}, formats: [{', '.join(formats)}]}}\n"
+    )
+    return spec
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """Every file under *folder* but a tracker's store, by relative path, with its bytes."""
+    stores = ("tensorboard", "mlflow.db", "mlartifacts", "wandb")
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).parts[0] not in stores
+    }
+
+
+@needs("tensorboardX")
+@needs("tensorboard")
+def test_report_with_other_formats_keeps_the_runs_files(tmp_path, tiny_onnx, capsys):
+    """``report --formats tensorboard`` logs the finished run and prints where; ``--formats parquet`` adds
+    records.parquet; every file the run wrote stays as it was, and results.json lists them all."""
+    assert main(["run", str(tiny_run_spec(tmp_path, tiny_onnx, ["json", "csv", "plots", "html"])), "--quiet"]) == 0
+    out = tmp_path / "out"
+    before = folder_files(out)
+    listed = json.loads(before["results.json"])["artifacts"]
+    assert {"records.csv", "report.html", "plots/e.png"} <= set(listed)
+    capsys.readouterr()
+    assert main(["report", str(out), "--formats", "tensorboard"]) == 0
+    printed = capsys.readouterr().out
+    (run,) = (out / "tensorboard").iterdir()
+    assert f"logged → tensorboard: {run}" in printed
+    assert tensorboard_runs(out / "tensorboard")[run.name].scalars
+    after = folder_files(out)
+    assert json.loads(after.pop("results.json"))["artifacts"] == listed
+    assert after == {name: data for name, data in before.items() if name != "results.json"}
+    assert main(["report", str(out), "--formats", "parquet"]) == 0
+    assert json.loads((out / "results.json").read_text())["artifacts"] == [*listed, "records.parquet"]
+    assert {n: d for n, d in folder_files(out).items() if n in after} == after
+    assert "results.json, records.parquet" in capsys.readouterr().out
+
+
+@needs("mlflow")
+def test_mlflow_logging_a_finished_run_gets_all_its_files(tmp_path, tiny_onnx, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert main(["run", str(tiny_run_spec(tmp_path, tiny_onnx, ["json", "csv", "plots", "html"])), "--quiet"]) == 0
+    out = tmp_path / "out"
+    before = folder_files(out)
+    assert main(["report", str(out), "--formats", "mlflow"]) == 0
+    assert folder_files(out) == before
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    stored = next((out / "mlartifacts").glob("*/artifacts"))
+    logged = {str(p.relative_to(stored)): p.read_bytes() for p in stored.rglob("*") if p.is_file()}
+    assert logged == before and run.info.status == "FINISHED"

@@ -135,22 +135,28 @@ class OutputFolder:
         self.path = path
         self.locks = [lock]
 
-    def write(self, results: Results, reporters) -> None:
+    def write(self, results: Results, reporters, *, add: bool = False) -> list[str]:
         """Run every file reporter into a staging folder, write ``results.json`` there, and put the set in
         place as the module docstring describes (``results.json`` lists every artifact); then log the run
         to each tracking reporter's tracker, whose store is not one of the run's files (its default
-        location inside the folder is kept as the user's own files are)."""
-        results.artifacts = []
+        location inside the folder is kept as the user's own files are). Returns the files the reporters
+        wrote.
+
+        With *add* (``layerscope report``), the files the folder's ``results.json`` lists (*results*' own
+        ``artifacts``, those still there) stay in the set and in ``artifacts``, beside the ones written now;
+        without it the set is what the reporters write."""
+        kept = [a for a in results.artifacts if (self.path / a).is_file()] if add else []
         staging, beside = self._staging()
         trackers = [reporter for reporter in reporters if isinstance(reporter, TrackingReporter)]
+        written: list[str] = []
         try:
             results.out_dir = staging
             for reporter in reporters:
                 if reporter not in trackers:
-                    artifacts = reporter.write(results, staging)
-                    results.artifacts += [a for a in artifacts if a != RESULTS_FILE]
+                    written += [a for a in reporter.write(results, staging) if a != RESULTS_FILE]
+            results.artifacts = kept + [a for a in written if a not in kept]
             atomic_write(staging / RESULTS_FILE, results.to_json())
-            if not (beside and self._exchange(staging)):
+            if not (beside and self._exchange(staging, results.artifacts)):
                 _move_into_place(staging, self.path)
         except OSError as error:
             raise _cannot_write(self.path, error) from None
@@ -163,6 +169,7 @@ class OutputFolder:
                 results.logged_to.append(f"{tracker.name}: {tracker.destination}")
         except OSError as error:
             raise _cannot_write(self.path, error) from None
+        return written
 
     def _staging(self) -> tuple[Path, bool]:
         """A new staging folder, and whether it lies beside the output folder (so that the two can be
@@ -178,10 +185,11 @@ class OutputFolder:
         except OSError as error:
             raise _cannot_write(self.path, error) from None
 
-    def _exchange(self, staging: Path) -> bool:
-        """Give *staging* everything of the output folder that is not the previous run's output, then
-        exchange the two folders atomically; False (nothing changed) where the system cannot."""
-        previous = _previous_outputs(self.path)
+    def _exchange(self, staging: Path, artifacts: list[str]) -> bool:
+        """Give *staging* everything of the output folder that is not the previous run's output (but for
+        the new *artifacts* it lacks, which stay), then exchange the two folders atomically; False
+        (nothing changed) where the system cannot."""
+        previous = _previous_outputs(self.path) - set(artifacts)
         for source in sorted(self.path.rglob("*")):
             relative = source.relative_to(self.path)
             target = staging / relative

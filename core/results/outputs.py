@@ -16,7 +16,9 @@
   directory, or its parent cannot be written) the files are moved in one by one, ``results.json`` last.
 
 Tracking reporters (:class:`~layerscope.results.reporter.TrackingReporter`) log the run once its files are in
-place; their stores are not the run's files, so the exchange keeps them as it keeps the user's own.
+place; their stores are not the run's files, so the exchange keeps them as it keeps the user's own. A tracker
+that fails then is a user error saying that the files are complete (what can be found wrong with a tracker
+before the run, :func:`~layerscope.results.reporter.check_reporters` finds before the model runs).
 
 Failures of the file system (a read-only folder, a full disk, a file where the folder should be) are user
 errors naming the folder and the cause.
@@ -163,13 +165,22 @@ class OutputFolder:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             results.out_dir = self.path
-        try:
-            for tracker in trackers:
-                tracker.write(results, self.path)
-                results.logged_to.append(f"{tracker.name}: {tracker.destination}")
-        except OSError as error:
-            raise _cannot_write(self.path, error) from None
+        for tracker in trackers:
+            self._log(results, tracker)
         return written
+
+    def _log(self, results: Results, tracker: TrackingReporter) -> None:
+        """Log the run, whose files are in place, to *tracker*; a failure is a user error that says so."""
+        try:
+            tracker.write(results, self.path)
+        except (UserError, OSError) as error:
+            cause = str(error) if isinstance(error, UserError) else str(_cannot_write(self.path, error))
+            logged = "".join(f"; it was logged to {done}" for done in results.logged_to)
+            raise UserError(
+                f"{cause.rstrip('.')}. The run's files are complete in {self.path} ({RESULTS_FILE} and its "
+                f"artifacts){logged}; log them with: layerscope report {self.path} --formats {tracker.name}"
+            ) from None
+        results.logged_to.append(f"{tracker.name}: {tracker.destination}")
 
     def _staging(self) -> tuple[Path, bool]:
         """A new staging folder, and whether it lies beside the output folder (so that the two can be

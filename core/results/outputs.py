@@ -80,11 +80,11 @@ class FolderLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except BaseException as error:
                 os.close(fd)
-                return False
-            except BaseException:
-                os.close(fd)
+                # held by another process (some file systems say EACCES rather than EAGAIN)
+                if isinstance(error, OSError) and error.errno in (errno.EAGAIN, errno.EACCES):
+                    return False
                 raise
             if self._is_at_path(fd):
                 self._fd = fd
@@ -104,7 +104,7 @@ class FolderLock:
     def _is_at_path(self, fd: int) -> bool:
         try:
             return os.path.samestat(os.fstat(fd), os.stat(self.path))
-        except FileNotFoundError:
+        except OSError:  # removed, or its folder with it
             return False
 
     def release(self) -> None:

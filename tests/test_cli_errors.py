@@ -302,6 +302,16 @@ def test_a_second_run_on_a_locked_folder_is_refused(tmp_path, capsys, tiny_onnx)
     assert code == 0, err
 
 
+def test_a_run_leaves_no_lock_file_when_it_ends(tmp_path, capsys, tiny_onnx):
+    """The lock file is removed after a run that succeeded, a report, and a run that failed in a folder it kept."""
+    code, err, out = run_cli(tmp_path, capsys)
+    assert code == 0 and not (out / ".layerscope.lock").exists(), err
+    assert main(["report", str(out), "--formats", "csv"]) == 0 and not (out / ".layerscope.lock").exists()
+    written = sorted(p.name for p in out.iterdir())
+    code, err, _ = run_cli(tmp_path, capsys, data="{source: npz, path: missing.npz}")
+    assert code == 2 and sorted(p.name for p in out.iterdir()) == written, err
+
+
 @pytest.mark.slow
 def test_two_concurrent_runs_on_one_folder(tmp_path, capsys):
     import subprocess

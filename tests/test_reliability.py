@@ -871,5 +871,33 @@ def test_a_folder_the_new_run_leaves_empty_is_not_kept(tmp_path):
     (out / "notes" / "mine.txt").write_text("kept")
     with output_folder(out) as folder:
         folder.write(_numbered_results(2), [])
-    assert sorted(p.name for p in out.iterdir()) == [".layerscope.lock", "notes", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes", "results.json"]
     assert (out / "notes" / "mine.txt").read_text() == "kept"
+
+
+def test_a_lock_taken_on_a_removed_lock_file_is_taken_again(tmp_path, monkeypatch):
+    """The holder removes the lock file when it lets go. A run that opened the file just before and locks it
+    just after holds a removed file: it must see so and lock the file now at the path, so that a third run
+    is refused (it would otherwise create a new file, lock it, and write the folder at the same time)."""
+    import fcntl
+
+    from layerscope.results.outputs import FolderLock
+
+    path = tmp_path / ".layerscope.lock"
+    holder, racer, third = FolderLock(path), FolderLock(path), FolderLock(path)
+    assert holder.acquire()
+    flock, calls = fcntl.flock, []
+
+    def holder_lets_go_first(fd, operation):  # between the racer's open and its flock
+        if not calls:
+            holder.release()
+        calls.append(fd)
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", holder_lets_go_first)
+    assert racer.acquire() and len(calls) == 2  # the removed file, then the new one
+    monkeypatch.setattr(fcntl, "flock", flock)
+    assert not third.acquire()
+    racer.release()
+    assert not path.exists() and third.acquire()
+    third.release()

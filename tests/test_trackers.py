@@ -542,3 +542,148 @@ def test_a_tracker_without_its_package_is_a_user_error(tmp_path, tiny_onnx):
         and "outputs.formats.1: the tensorboard format needs the tensorboardX" in done.stderr
     )
     assert 'pip install "layerscope[tensorboard]"' in done.stderr and 'pip install "layerscope[wandb]"' in done.stderr
+
+
+# --- logging a finished run, and trackers that cannot log ---------------------------------------------------
+
+
+def tiny_run_spec(tmp_path: Path, model: Path, formats: list[str]) -> Path:
+    """A spec file running activation_entropy on the tiny MLP over 40 digits into ``tmp_path/out``."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"name: tiny\nmodel: {{source: {model}}}\ndata: {{source: digits, limit: 40}}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\n"
+        f"outputs: {{dir: {tmp_path / 'out'}, formats: [{', '.join(formats)}]}}\n"
+    )
+    return spec
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """Every file under *folder* but a tracker's store, by relative path, with its bytes."""
+    stores = ("tensorboard", "mlflow.db", "mlartifacts", "wandb")
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).parts[0] not in stores
+    }
+
+
+@needs("tensorboardX")
+@needs("tensorboard")
+def test_report_with_other_formats_keeps_the_runs_files(tmp_path, tiny_onnx, capsys):
+    """``report --formats tensorboard`` logs the finished run and prints where; ``--formats parquet`` adds
+    records.parquet; every file the run wrote stays as it was, and results.json lists them all."""
+    assert main(["run", str(tiny_run_spec(tmp_path, tiny_onnx, ["json", "csv", "plots", "html"])), "--quiet"]) == 0
+    out = tmp_path / "out"
+    before = folder_files(out)
+    listed = json.loads(before["results.json"])["artifacts"]
+    assert {"records.csv", "report.html", "plots/e.png"} <= set(listed)
+    capsys.readouterr()
+    assert main(["report", str(out), "--formats", "tensorboard"]) == 0
+    printed = capsys.readouterr().out
+    (run,) = (out / "tensorboard").iterdir()
+    assert f"logged → tensorboard: {run}" in printed
+    assert tensorboard_runs(out / "tensorboard")[run.name].scalars
+    after = folder_files(out)
+    assert json.loads(after.pop("results.json"))["artifacts"] == listed
+    assert after == {name: data for name, data in before.items() if name != "results.json"}
+    assert main(["report", str(out), "--formats", "parquet"]) == 0
+    assert json.loads((out / "results.json").read_text())["artifacts"] == [*listed, "records.parquet"]
+    assert {n: d for n, d in folder_files(out).items() if n in after} == after
+    assert "results.json, records.parquet" in capsys.readouterr().out
+
+
+@needs("mlflow")
+def test_mlflow_logging_a_finished_run_gets_all_its_files(tmp_path, tiny_onnx, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert main(["run", str(tiny_run_spec(tmp_path, tiny_onnx, ["json", "csv", "plots", "html"])), "--quiet"]) == 0
+    out = tmp_path / "out"
+    before = folder_files(out)
+    assert main(["report", str(out), "--formats", "mlflow"]) == 0
+    assert folder_files(out) == before
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    stored = next((out / "mlartifacts").glob("*/artifacts"))
+    logged = {str(p.relative_to(stored)): p.read_bytes() for p in stored.rglob("*") if p.is_file()}
+    assert logged == before and run.info.status == "FINISHED"
+
+
+def tracker_settings(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
+    """Per case: the formats, the environment and the message of a tracker set up so that it cannot log."""
+    (tmp_path / "a_file").write_text("not a folder")
+    return {
+        "tensorboard dir is a file": (
+            ["json", "tensorboard"],
+            {"LAYERSCOPE_TENSORBOARD_DIR": str(tmp_path / "a_file")},
+            f"outputs.formats: tensorboard: LAYERSCOPE_TENSORBOARD_DIR: {tmp_path / 'a_file'} is not a folder",
+        ),
+        "mlflow uri scheme": (
+            ["json", "tensorboard", "mlflow"],
+            {"MLFLOW_TRACKING_URI": "foo://bar"},
+            "outputs.formats: mlflow: MLFLOW_TRACKING_URI: mlflow has no tracking store for 'foo://bar'",
+        ),
+        "wandb dir below a file": (
+            ["json", "wandb"],
+            {"WANDB_DIR": str(tmp_path / "a_file" / "runs")},
+            f"outputs.formats: wandb: WANDB_DIR: {tmp_path / 'a_file'} is not a folder",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["tensorboard dir is a file", "mlflow uri scheme", "wandb dir below a file"])
+def test_a_tracker_that_cannot_log_stops_the_run_before_the_model_runs(case, tmp_path, tiny_onnx, capsys, monkeypatch):
+    formats, environment, message = tracker_settings(tmp_path)[case]
+    for module in {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}.values():
+        if any(module.lower().startswith(f) for f in formats) and importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs {module}")
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    spec = tiny_run_spec(tmp_path, tiny_onnx, formats)
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"layerscope: error: {re.escape(str(spec))}:5:\\d+: {re.escape(message)}.*\n", err), err
+    assert not (tmp_path / "out").exists()  # no results, no tracker logged (tensorboard comes before mlflow)
+
+
+@needs("tensorboardX")
+def test_report_refuses_a_tracker_that_cannot_log_and_keeps_the_files(tmp_path, tiny_onnx, capsys, monkeypatch):
+    assert main(["run", str(tiny_run_spec(tmp_path, tiny_onnx, ["json", "csv"])), "--quiet"]) == 0
+    before = folder_files(tmp_path / "out")
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("LAYERSCOPE_TENSORBOARD_DIR", str(tmp_path / "a_file"))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out"), "--formats", "tensorboard"]) == 2
+    assert capsys.readouterr().err.startswith("layerscope: error: --formats: tensorboard: LAYERSCOPE_TENSORBOARD_DIR")
+    assert folder_files(tmp_path / "out") == before
+
+
+@needs("tensorboardX")
+@needs("wandb")
+def test_a_tracker_failing_after_the_files_are_written_says_they_are_complete(tmp_path, tiny_onnx, capsys, monkeypatch):
+    """W&B online without credentials (which cannot be checked beforehand) fails once the files are in place:
+    exit 2, and the message says the results are complete, where, what logged already and how to log them."""
+    import wandb
+
+    wandb.teardown()  # a W&B service an earlier test started keeps the settings it started with
+    for variable in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_DIR", "LAYERSCOPE_TENSORBOARD_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # should it reach for the server: nothing listens
+    spec = tiny_run_spec(tmp_path, tiny_onnx, ["json", "csv", "tensorboard", "wandb"])
+    assert main(["run", str(spec)]) == 2
+    out = tmp_path / "out"
+    err = capsys.readouterr().err
+    (tensorboard_run,) = (out / "tensorboard").iterdir()
+    assert re.match(f"layerscope: error: {re.escape(str(spec))}:5:\\d+: outputs.formats: wandb: cannot log to ", err)
+    assert "No API key configured" in err and (
+        f". The run's files are complete in {out} (results.json and its artifacts); it was logged to "
+        f"tensorboard: {tensorboard_run}; log them with: layerscope report {out} --formats wandb" in err
+    ), err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert json.loads((out / "results.json").read_text())["artifacts"] == ["records.csv"]

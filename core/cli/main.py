@@ -98,7 +98,7 @@ def _cmd_report(args) -> int:
     from layerscope.host.loader import load_plugins
     from layerscope.results.contract import Results
     from layerscope.results.outputs import output_folder
-    from layerscope.results.reporter import TrackingReporter
+    from layerscope.results.reporter import TrackingReporter, check_reporters
     from layerscope.spec.schema import OutputsSection
 
     results = Results.load(args.run_dir)
@@ -108,9 +108,13 @@ def _cmd_report(args) -> int:
     ) or OutputsSection().formats  # a run's own, or the default
     # the run's files; its trackers logged it already, and log it again only when --formats names them
     written = [f for f in written if not (f in host.reporters and issubclass(host.reporters.get(f), TrackingReporter))]
+    reporters = _reporters(host, args.formats, written)
     with output_folder(Path(args.run_dir)) as folder:
-        folder.write(results, _reporters(host, args.formats, written))
-    print(f"reports rebuilt in {args.run_dir}: {', '.join(['results.json', *results.artifacts])}")
+        check_reporters(reporters, folder.path, "--formats")
+        rebuilt = folder.write(results, reporters, add=True)
+    print(f"reports rebuilt in {args.run_dir}: {', '.join(['results.json', *rebuilt])}")
+    for logged in results.logged_to:
+        print(f"logged → {logged}")
     return EXIT_OK
 
 

@@ -21,6 +21,7 @@ from layerscope.graph.cost import macs_per_sample
 from layerscope.model.adapter import Checkpoint
 from layerscope.results.contract import Results, finite_records
 from layerscope.results.outputs import OutputFolder, output_folder
+from layerscope.results.reporter import check_reporters
 
 from .checkpoint_run import ShardWorker
 from .lifecycle import Executor, Isolation, SequentialExecutor, drive
@@ -144,6 +145,7 @@ def execute(plan: RunPlan, out_dir: Path | None, show_progress: bool = True, res
         if out_dir is None:
             return _execute(plan, None, show_progress, resume)
         with output_folder(out_dir) as folder:
+            check_reporters(plan.reporters, out_dir, "outputs.formats")  # before the model runs
             return _execute(plan, folder, show_progress, resume)
 
 

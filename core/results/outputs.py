@@ -1,10 +1,11 @@
 """A run's output folder: one run at a time, and one run's complete set of files at every moment.
 
 - :func:`output_folder` creates ``outputs.dir`` and holds a lock on it (``<outputs.dir>/.layerscope.lock``,
-  an OS file lock through ``filelock``) for the whole run, so a second run writing the same folder is
+  an OS file lock, :class:`FolderLock`) for the whole run, so a second run writing the same folder is
   refused at once instead of silently overwriting the first one's files; the lock goes with the process,
-  so a killed run never leaves the folder locked. Holding it, the run removes the staging folders that
-  a killed run left behind.
+  so a killed run never leaves the folder locked, and the lock file is removed when the run ends (only a
+  killed run leaves it, unlocked). Holding it, the run removes the staging folders that a killed run
+  left behind.
 - :meth:`OutputFolder.write` has every reporter write into a staging folder beside ``outputs.dir``, writes
   ``results.json`` there itself, copies over (as hard links) every file of the folder that is not an
   output of the previous run (the lock, a resume folder, the user's own files), and then exchanges the
@@ -15,7 +16,9 @@
   directory, or its parent cannot be written) the files are moved in one by one, ``results.json`` last.
 
 Tracking reporters (:class:`~layerscope.results.reporter.TrackingReporter`) log the run once its files are in
-place; their stores are not the run's files, so the exchange keeps them as it keeps the user's own.
+place; their stores are not the run's files, so the exchange keeps them as it keeps the user's own. A tracker
+that fails then is a user error saying that the files are complete (what can be found wrong with a tracker
+before the run, :func:`~layerscope.results.reporter.check_reporters` finds before the model runs).
 
 Failures of the file system (a read-only folder, a full disk, a file where the folder should be) are user
 errors naming the folder and the cause.
@@ -33,12 +36,16 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from layerscope.util.errors import UserError
 from layerscope.util.files import atomic_write
 
 from .contract import RESULTS_FILE, Results
 from .reporter import TrackingReporter
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
 
 LOCK_FILE = ".layerscope.lock"
 STAGING = ".layerscope-staging-"  # the staging folder: beside the output folder, or inside it as a fallback
@@ -50,18 +57,76 @@ def _cannot_write(out_dir: Path, error: OSError) -> UserError:
     return UserError(f"outputs.dir: cannot write to {out_dir}: {cause}{where}")
 
 
-def _lock(path: Path):
-    """An acquired lock on *path* (a user error naming the folder when another run holds it)."""
-    from filelock import FileLock, Timeout
+class FolderLock:
+    """An exclusive ``flock`` on the file *path*, which :meth:`release` removes.
 
-    lock = FileLock(path, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
+    Removing a lock file is safe only if every acquirer checks, once it holds the lock, that the file it
+    locked is still the one at *path*: another run may have opened it just before the holder removed it
+    and locked the removed file after. :meth:`acquire` does, and starts again on the new file when not.
+    Where ``flock`` is missing (Windows), ``filelock``'s lock stands in (it removes its file itself)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+        self._fallback: BaseFileLock | None = None
+
+    def acquire(self) -> bool:
+        """Lock *path* (creating it); False when another process holds the lock."""
+        try:
+            import fcntl
+        except ImportError:
+            return self._acquire_fallback()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BaseException as error:
+                os.close(fd)
+                # held by another process (some file systems say EACCES rather than EAGAIN)
+                if isinstance(error, OSError) and error.errno in (errno.EAGAIN, errno.EACCES):
+                    return False
+                raise
+            if self._is_at_path(fd):
+                self._fd = fd
+                return True
+            os.close(fd)  # the holder removed the file we opened: lock the one now at the path
+
+    def _acquire_fallback(self) -> bool:
+        from filelock import FileLock, Timeout
+
+        self._fallback = FileLock(self.path, timeout=0)
+        try:
+            self._fallback.acquire()
+        except Timeout:
+            return False
+        return True
+
+    def _is_at_path(self, fd: int) -> bool:
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except OSError:  # removed, or its folder with it
+            return False
+
+    def release(self) -> None:
+        """Remove the lock file (when it is still the one locked), then unlock it."""
+        if self._fallback is not None:
+            self._fallback.release()
+        if self._fd is None:
+            return
+        if self._is_at_path(self._fd):
+            self.path.unlink()
+        os.close(self._fd)  # closing the last descriptor releases the flock
+        self._fd = None
+
+
+def _lock(path: Path) -> FolderLock:
+    """An acquired lock on *path* (a user error naming the folder when another run holds it)."""
+    lock = FolderLock(path)
+    if not lock.acquire():
         raise UserError(
             f"outputs.dir: another layerscope run is writing to {path.parent} (it holds {path}); wait for it to "
             "finish or give this run another --out"
-        ) from None
+        )
     return lock
 
 
@@ -72,34 +137,50 @@ class OutputFolder:
         self.path = path
         self.locks = [lock]
 
-    def write(self, results: Results, reporters) -> None:
+    def write(self, results: Results, reporters, *, add: bool = False) -> list[str]:
         """Run every file reporter into a staging folder, write ``results.json`` there, and put the set in
         place as the module docstring describes (``results.json`` lists every artifact); then log the run
         to each tracking reporter's tracker, whose store is not one of the run's files (its default
-        location inside the folder is kept as the user's own files are)."""
-        results.artifacts = []
+        location inside the folder is kept as the user's own files are). Returns the files the reporters
+        wrote.
+
+        With *add* (``layerscope report``), the files the folder's ``results.json`` lists (*results*' own
+        ``artifacts``, those still there) stay in the set and in ``artifacts``, beside the ones written now;
+        without it the set is what the reporters write."""
+        kept = [a for a in results.artifacts if (self.path / a).is_file()] if add else []
         staging, beside = self._staging()
         trackers = [reporter for reporter in reporters if isinstance(reporter, TrackingReporter)]
+        written: list[str] = []
         try:
             results.out_dir = staging
             for reporter in reporters:
                 if reporter not in trackers:
-                    artifacts = reporter.write(results, staging)
-                    results.artifacts += [a for a in artifacts if a != RESULTS_FILE]
+                    written += [a for a in reporter.write(results, staging) if a != RESULTS_FILE]
+            results.artifacts = kept + [a for a in written if a not in kept]
             atomic_write(staging / RESULTS_FILE, results.to_json())
-            if not (beside and self._exchange(staging)):
+            if not (beside and self._exchange(staging, results.artifacts)):
                 _move_into_place(staging, self.path)
         except OSError as error:
             raise _cannot_write(self.path, error) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             results.out_dir = self.path
+        for tracker in trackers:
+            self._log(results, tracker)
+        return written
+
+    def _log(self, results: Results, tracker: TrackingReporter) -> None:
+        """Log the run, whose files are in place, to *tracker*; a failure is a user error that says so."""
         try:
-            for tracker in trackers:
-                tracker.write(results, self.path)
-                results.logged_to.append(f"{tracker.name}: {tracker.destination}")
-        except OSError as error:
-            raise _cannot_write(self.path, error) from None
+            tracker.write(results, self.path)
+        except (UserError, OSError) as error:
+            cause = str(error) if isinstance(error, UserError) else str(_cannot_write(self.path, error))
+            logged = "".join(f"; it was logged to {done}" for done in results.logged_to)
+            raise UserError(
+                f"{cause.rstrip('.')}. The run's files are complete in {self.path} ({RESULTS_FILE} and its "
+                f"artifacts){logged}; log them with: layerscope report {self.path} --formats {tracker.name}"
+            ) from None
+        results.logged_to.append(f"{tracker.name}: {tracker.destination}")
 
     def _staging(self) -> tuple[Path, bool]:
         """A new staging folder, and whether it lies beside the output folder (so that the two can be
@@ -115,10 +196,11 @@ class OutputFolder:
         except OSError as error:
             raise _cannot_write(self.path, error) from None
 
-    def _exchange(self, staging: Path) -> bool:
-        """Give *staging* everything of the output folder that is not the previous run's output, then
-        exchange the two folders atomically; False (nothing changed) where the system cannot."""
-        previous = _previous_outputs(self.path)
+    def _exchange(self, staging: Path, artifacts: list[str]) -> bool:
+        """Give *staging* everything of the output folder that is not the previous run's output (but for
+        the new *artifacts* it lacks, which stay), then exchange the two folders atomically; False
+        (nothing changed) where the system cannot."""
+        previous = _previous_outputs(self.path) - set(artifacts)
         for source in sorted(self.path.rglob("*")):
             relative = source.relative_to(self.path)
             target = staging / relative
@@ -132,10 +214,12 @@ class OutputFolder:
         if not _rename_exchange(staging, self.path.resolve()):
             self.locks.pop().release()
             return False
+        self.locks[-1].path = self.path / LOCK_FILE  # where the exchange put it
         return True
 
     def release(self) -> None:
-        for lock in self.locks:
+        """Unlock the folder and remove its lock file."""
+        for lock in reversed(self.locks):
             lock.release()
 
 
@@ -196,8 +280,8 @@ def _remove_stale_staging(out_dir: Path) -> None:
 def output_folder(out_dir: Path) -> Iterator[OutputFolder]:
     """Create *out_dir* and hold its lock while the block runs (a user error if another run holds it).
 
-    When the block fails, the folders this call created are removed again if they hold nothing but
-    the lock file: a failed run leaves no empty output folder behind."""
+    The lock file is removed when the block ends. When the block fails, the folders this call created
+    are removed again if they are then empty: a failed run leaves no empty output folder behind."""
     created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -216,9 +300,7 @@ def output_folder(out_dir: Path) -> Iterator[OutputFolder]:
 
 def _remove_if_unused(created: list[Path]) -> None:
     """Remove the folders of *created* (innermost first: the output folder, then the parents the run made)
-    that hold nothing but the run's lock file."""
-    if created and [p.name for p in created[0].iterdir()] == [LOCK_FILE]:
-        (created[0] / LOCK_FILE).unlink()
+    that are empty (the run's lock file is gone once the folder is released)."""
     for folder in created:
         try:
             folder.rmdir()

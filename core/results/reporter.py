@@ -12,6 +12,7 @@ entry names one.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -46,9 +47,39 @@ class Reporter:
                 return f"the {cls.name} format needs the {module} package: {install}"
         return None
 
+    def problem(self, out_dir: Path) -> str | None:
+        """What would keep this reporter from writing a run into *out_dir* that can be found before the
+        run starts, without side effects (a tracker's folder that is a file, a setting its package cannot
+        use), as a sentence naming the setting; None when nothing is found. :func:`check_reporters` asks
+        each reporter before the model runs."""
+        return None
+
     def write(self, results: Results, out_dir: Path) -> list[str]:
         """Write this format's files under *out_dir*; return their paths relative to it."""
         raise NotImplementedError
+
+
+def check_reporters(reporters: list[Reporter], out_dir: Path, key: str) -> None:
+    """A user error naming *key* (``outputs.formats``, ``--formats``), the format and the setting when a
+    reporter finds a :meth:`~Reporter.problem` with writing into *out_dir*."""
+    from layerscope.util.errors import UserError
+
+    for reporter in reporters:
+        if found := reporter.problem(out_dir):
+            raise UserError(f"{key}: {reporter.name}: {found}")
+
+
+def unusable_folder(folder: Path) -> str | None:
+    """Why *folder* cannot be created or written to (the nearest existing path on the way is not a folder
+    or not writable), or None."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder" + (f" (on the way to {folder})" if existing != folder else "")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write to {existing}" + (f" (on the way to {folder})" if existing != folder else "")
+    return None
 
 
 class TrackingReporter(Reporter):

@@ -76,6 +76,26 @@ class MlflowReporter(TrackingReporter):
     name = "mlflow"
     requires = {"mlflow": 'pip install "layerscope[mlflow]"'}
 
+    def problem(self, out_dir: Path) -> str | None:
+        """``$MLFLOW_TRACKING_URI`` has a scheme no tracking store of mlflow's (or of an mlflow plugin) serves.
+        The scheme is looked up in mlflow's store registry, which opens nothing (an mlflow without that
+        registry skips the check: the run's logging then reports it)."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            return None
+        try:
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+        except ImportError:
+            return None
+        try:
+            _tracking_store_registry.get_store_builder(uri)
+        except MlflowException as error:
+            schemes = getattr(error, "supported_uri_schemes", None)
+            known = f" (it knows {', '.join(repr(s) for s in schemes if s)})" if schemes else ""
+            return f"MLFLOW_TRACKING_URI: mlflow has no tracking store for {uri!r}{known}"
+        return None
+
     def start(self, results: Results, folder: Path) -> None:
         from mlflow.exceptions import MlflowException
 

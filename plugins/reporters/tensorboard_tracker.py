@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from layerscope import Results, TrackingReporter, hookimpl
+from layerscope.results.reporter import unusable_folder
 from layerscope.results.tracking import scalars_and_histograms
 
 from .trackers import figure_images, refused, tracked_run_name
@@ -32,6 +33,13 @@ LOG_DIR_VARIABLE = "LAYERSCOPE_TENSORBOARD_DIR"
 class TensorBoardReporter(TrackingReporter):
     name = "tensorboard"
     requires = {"tensorboardX": 'pip install "layerscope[tensorboard]"'}
+
+    def problem(self, out_dir: Path) -> str | None:
+        """The log folder (``$LAYERSCOPE_TENSORBOARD_DIR`` or ``<out_dir>/tensorboard``) cannot be written."""
+        if root := os.environ.get(LOG_DIR_VARIABLE):
+            found = unusable_folder(Path(root))
+            return f"{LOG_DIR_VARIABLE}: {found}" if found else None
+        return unusable_folder(out_dir / "tensorboard")
 
     def start(self, results: Results, folder: Path) -> None:
         from tensorboardX import SummaryWriter

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from layerscope import Results, TrackingReporter, hookimpl
+from layerscope.results.reporter import unusable_folder
 from layerscope.results.tracking import scalars_and_histograms
 
 from .trackers import figure_images, refused, tracked_run_name
@@ -35,6 +36,12 @@ def run_config(results: Results) -> dict:
 class WandbReporter(TrackingReporter):
     name = "wandb"
     requires = {"wandb": 'pip install "layerscope[wandb]"'}
+
+    def problem(self, out_dir: Path) -> str | None:
+        """The ``wandb/`` folder (in ``$WANDB_DIR`` or *out_dir*) cannot be written. (Whether online mode has
+        credentials is not checked: wandb offers no check that neither prints nor may reach its server.)"""
+        found = unusable_folder(Path(os.environ.get("WANDB_DIR") or out_dir) / "wandb")
+        return f"WANDB_DIR: {found}" if found and os.environ.get("WANDB_DIR") else found
 
     def start(self, results: Results, folder: Path) -> None:
         import wandb

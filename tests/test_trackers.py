@@ -687,3 +687,27 @@ def test_a_tracker_failing_after_the_files_are_written_says_they_are_complete(tm
     ), err
     assert "Traceback" not in err and err.count("error:") == 1
     assert json.loads((out / "results.json").read_text())["artifacts"] == ["records.csv"]
+
+
+@needs("tensorboardX")
+def test_two_logs_of_a_run_in_one_second_keep_both_event_files(aggregation_spec, tmp_path):
+    """tensorboardX names event files by the second and the host: a run logged again within the same second
+    (``report --formats tensorboard`` right after the run) overwrote the first file."""
+    import time
+
+    from layerscope.plugins.reporters.tensorboard_tracker import TensorBoardReporter
+
+    results = layerscope.run(aggregation_spec, write=False, progress=False)
+    while True:  # two writers opened within one second of the clock
+        second = int(time.time())
+        reporters = [TensorBoardReporter(), TensorBoardReporter()]
+        for reporter in reporters:
+            reporter.start(results, tmp_path)
+        if int(time.time()) == second:
+            break
+        for reporter in reporters:
+            reporter.finish()
+    for reporter in reporters:
+        reporter.finish()
+    (run,) = (tmp_path / "tensorboard").iterdir()
+    assert len(list(run.iterdir())) == 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 from layerscope import Results, TrackingReporter, hookimpl
@@ -47,7 +48,10 @@ class TensorBoardReporter(TrackingReporter):
         root = Path(os.environ.get(LOG_DIR_VARIABLE) or folder / "tensorboard")
         self.destination = str(root / tracked_run_name(results))
         try:
-            self.writer = SummaryWriter(logdir=self.destination, flush_secs=10)
+            # event files are named by the second and the host: a suffix of its own keeps a second log of the
+            # run (``layerscope report --formats tensorboard``) within the same second from overwriting the first
+            suffix = f".{uuid.uuid4().hex[:8]}"
+            self.writer = SummaryWriter(logdir=self.destination, flush_secs=10, filename_suffix=suffix)
         except OSError as error:
             raise refused(self.name, self.destination, error) from None
         spec = json.dumps(results.spec, indent=2)

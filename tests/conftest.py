@@ -80,3 +80,12 @@ def digit_image_folder(tmp_path: Path, count: int) -> tuple[Path, np.ndarray, np
         Image.fromarray(pixels[index]).save(folder / str(y[index]) / f"{index:04d}.png")
     order = sorted(range(count), key=lambda i: (str(y[i]), f"{i:04d}"))
     return folder, pixels[order, None].astype(np.float32) * np.float32(1 / 240), y[order].astype(str)
+
+
+def blas_threads() -> dict[str, int]:
+    """The threads of each BLAS library loaded in this process, by file (threadpoolctl). The libraries are
+    looked up afresh: clear :func:`layerscope.engine.threads._blas_libraries` first so that the code under
+    test limits every one loaded by now."""
+    from threadpoolctl import threadpool_info
+
+    return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}

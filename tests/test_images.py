@@ -450,14 +450,19 @@ def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, resize):
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-def test_a_decompression_bomb_is_exit_2_from_the_cli(tmp_path):
-    _bomb_png(tmp_path / "img" / "bomb.png", 50_000, 50_000)
+def _cli_error_on_bomb(tmp_path, name: str, width: int, height: int, data_options: str = "") -> str:
+    """The one user error ``layerscope run`` gives on a folder holding a *width* × *height* PNG bomb."""
+    _bomb_png(tmp_path / "img" / name, width, height)
     (tmp_path / "spec.yaml").write_text(
         "model: {source: demo:digits-cnn}\n"
-        "data: {source: images, path: img, color: grey, resize: [8, 8]}\n"
+        f"data: {{source: images, path: img, color: grey, resize: [8, 8]{data_options}}}\n"
         "analyses: [{id: e, estimator: activation_entropy}]\n"
     )
-    err = one_user_error(run_in_subprocess(tmp_path / "spec.yaml", tmp_path / "out"), tmp_path / "out")
+    return one_user_error(run_in_subprocess(tmp_path / "spec.yaml", tmp_path / "out"), tmp_path / "out")
+
+
+def test_a_decompression_bomb_is_exit_2_from_the_cli(tmp_path):
+    err = _cli_error_on_bomb(tmp_path, "bomb.png", 50_000, 50_000)
     assert "bomb.png has 2,500,000,000 pixels, more than layerscope decodes at all (178,956,970" in err
 
 
@@ -608,13 +613,7 @@ def test_pillows_bomb_warning_is_not_shown_where_layerscope_checks_the_size(tmp_
 def test_an_image_larger_than_layerscope_decodes_is_not_told_to_raise_max_pixels(tmp_path):
     """max_pixels cannot be raised past 178,956,970 (Pillow refuses to open more): an image over that is
     not answered "raise it to read the image"."""
-    _bomb_png(tmp_path / "img" / "huge.png", 20_000, 10_000)
-    (tmp_path / "spec.yaml").write_text(
-        "model: {source: demo:digits-cnn}\n"
-        "data: {source: images, path: img, color: grey, resize: [8, 8], max_pixels: 178956970}\n"
-        "analyses: [{id: e, estimator: activation_entropy}]\n"
-    )
-    err = one_user_error(run_in_subprocess(tmp_path / "spec.yaml", tmp_path / "out"), tmp_path / "out")
+    err = _cli_error_on_bomb(tmp_path, "huge.png", 20_000, 10_000, ", max_pixels: 178956970")
     assert "huge.png has 200,000,000 pixels, more than layerscope decodes at all (178,956,970" in err
     assert "raise it" not in err and "Warning" not in err
 

@@ -26,6 +26,8 @@ from layerscope.plugins.information_plane.maths import (
 from layerscope.testing import check_conformance, feed, make_batches, tensor_infos
 from layerscope.util.errors import SpecError, UserError
 
+from .conftest import blas_threads
+
 ALPHAS = (1.0, 1.01, 2.0)
 
 
@@ -366,14 +368,9 @@ def test_inner_products_over_blocks_equal_one_float64_product(dtype, monkeypatch
 
 
 def test_one_blas_thread_limits_blas_for_the_block_only():
-    from threadpoolctl import threadpool_info
-
     from layerscope.engine.threads import _blas_libraries, one_blas_thread
 
     _blas_libraries.cache_clear()  # the libraries are found on first use: every one loaded by now
-
-    def blas_threads():
-        return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
 
     before = blas_threads()
     with one_blas_thread():

@@ -12,6 +12,8 @@ from layerscope.engine.runner import connected_units, plan_groups
 from layerscope.testing import assert_records_close
 from layerscope.util.errors import UserError
 
+from .conftest import blas_threads
+
 
 def test_plan_groups_packs_in_order():
     sizes = {"a": 10, "b": 10, "c": 30, "d": 5}
@@ -189,14 +191,9 @@ def test_every_budget_gives_the_unbounded_records(combination):
 def test_a_run_puts_torch_and_blas_on_one_thread_and_restores_them():
     """Estimator maths runs on one torch thread and one BLAS thread during a run (the signature's
     eigendecompositions were 13-37x slower on BLAS's own threads on a busy 2-core machine)."""
-    from threadpoolctl import threadpool_info
-
     from layerscope.engine.threads import _blas_libraries, run_threads
 
     _blas_libraries.cache_clear()  # the libraries are found on first use: every one loaded by now
-
-    def blas_threads():
-        return {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
 
     before, torch_before = blas_threads(), torch.get_num_threads()
     with run_threads():

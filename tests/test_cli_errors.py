@@ -506,3 +506,31 @@ def test_validate_counts_one_tensor_in_the_singular(tmp_path, capsys, tiny_onnx)
     spec = write_spec(tmp_path, SPEC.format(model="tiny.onnx", data="{}", extra="    on: {role: output}\n", out="out"))
     assert main(["validate", str(spec)]) == 0
     assert capsys.readouterr().out.rstrip().endswith("ent selects 1 tensor")
+
+
+@pytest.mark.parametrize(
+    "runtime, analysis, message",
+    [
+        ("{workers: true}", "", "4:11: runtime.workers: Input should be a valid integer, not true"),
+        ('{workers: "2"}', "", '4:11: runtime.workers: Input should be a valid integer, not "2"'),
+        ("{retries: true}", "", "4:11: runtime.retries: Input should be a valid integer, not true"),
+        ("{engine: ray, ship: 1}", "", "4:24: runtime.ship: Input should be a valid boolean, not 1"),
+        ("{shards: 0}", "", "4:11: runtime.shards: give a whole number of shards above 0, or auto (not 0)"),
+        ("{shards: autos}", "", "4:11: runtime.shards: give a whole number of shards above 0, or auto (not 'autos')"),
+        ("{}", "{bins: true}", "3:60: analyses.0.params.bins: Input should be a valid integer, not true"),
+        ("{}", "{sigma: x}", "3:59: analyses.0.params.sigma: Input should be a valid number or 'alignment'"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_one_message_never_read_as_another(tmp_path, capsys, runtime, analysis, message):
+    """pydantic read `workers: true` as one worker, `"2"` as 2 and `ship: 1` as true, and printed the
+    error of each member of a union (`shards: 0`) on a line of its own."""
+    estimator = "information_plane" if "sigma" in analysis else "activation_entropy"
+    params = f", params: {analysis}" if analysis else ""
+    spec = write_spec(
+        tmp_path,
+        "model: {source: tiny.onnx}\ndata: {source: digits}\n"
+        f"analyses: [{{id: a, estimator: {estimator}{params}}}]\nruntime: {runtime}\n",
+    )
+    assert main(["validate", str(spec), "--no-model"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"layerscope: error: {spec}:{message}\n", err

@@ -347,3 +347,76 @@ def test_a_two_node_cluster_survives_a_lost_node_and_a_lost_head_ends_the_run_cl
             if node is not None and node.poll() is None:
                 kill_tree(node)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("ending", ["raylet killed", "interrupted", "supervisor killed"])
+def test_a_ray_run_ended_from_outside_says_why_and_leaves_no_process(tmp_path, ending):
+    """Ray ends a driver whose raylet stops at once, from C++: the run exited 1 with no message of its own.
+    Ctrl-C, which also reached Ray's processes, exited 1 in 2 of 6 tries, and Ray's agents outlived a killed
+    run. The run's process now watches a child that runs the run: each way of ending it gives its exit
+    status and one message, and leaves none of the processes the run started."""
+    import os
+    import secrets
+    import signal
+
+    from .processes import command_line, marked
+
+    _two_node_inputs(tmp_path)
+    mark = secrets.token_hex(8)
+    stderr = tmp_path / "stderr.txt"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "layerscope", "run", _spec(tmp_path, "ray", "{engine: ray}"), "--quiet"],
+        env={**os.environ, "LAYERSCOPE_TEST_RUN": mark},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr.open("w"),
+    )
+
+    def started(name: str) -> list[int]:
+        return [pid for pid in marked("LAYERSCOPE_TEST_RUN", mark) if name in command_line(pid)]
+
+    wait_until(lambda: run.poll() is not None or started("ray::_ShardActor"), timeout=300, what="the run's Ray actors")
+    assert run.poll() is None, stderr.read_text()
+    if ending == "raylet killed":
+        for pid in started("raylet"):
+            os.kill(pid, signal.SIGKILL)
+    elif ending == "interrupted":
+        run.send_signal(signal.SIGINT)  # as Ctrl-C does: the terminal signals the process it started
+    else:
+        run.kill()
+    code = run.wait(120)
+    wait_until(lambda: not marked("LAYERSCOPE_TEST_RUN", mark), timeout=30, what="the run's processes to end")
+    err = stderr.read_text()
+    assert "Traceback" not in err and not (tmp_path / "results.json").exists(), err
+    if ending == "raylet killed":
+        assert code == 3 and "layerscope: infrastructure failure: runtime.engine:" in err, err
+    elif ending == "interrupted":
+        assert code == 130 and "layerscope: interrupted; no results.json was written" in err, err
+    else:  # the run, no longer watched, was interrupted and stopped its cluster
+        assert code == -signal.SIGKILL and "layerscope: interrupted" in err, err
+
+
+def test_a_local_cluster_that_cannot_start_is_an_infrastructure_failure(tmp_path):
+    """`ray.init` raised a bare Exception (a raylet killed while the cluster started: "the current node timed
+    out during startup"), which ended the run as "a bug in layerscope". Here Ray's folder is under a file."""
+    import os
+
+    (tmp_path / "a-file").touch()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "model: {source: demo:digits-mlp}\ndata: {source: digits, limit: 200}\n"
+        "analyses: [{id: e, estimator: activation_entropy}]\nruntime: {engine: ray}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "layerscope", "run", str(spec), "--out", str(tmp_path / "out")],
+        env={**os.environ, "RAY_TMPDIR": str(tmp_path / "a-file" / "ray")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(
+        "layerscope: infrastructure failure: runtime.engine: could not start a local Ray cluster for the run: "
+        "[Errno 20] Not a directory"
+    ), done.stderr
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -416,6 +416,20 @@ def test_auto_shards_keep_one_small_checkpoint_in_this_process(monkeypatch):
     assert_records_close(spread.records, alone.records)
 
 
+def test_more_shards_than_batches_say_how_many_ran():
+    """`shards: 100000` on a run of 2 batches was accepted without a word."""
+    spec = {
+        "model": {"source": "demo:digits-mlp"},
+        "data": {"source": "digits", "limit": 200},
+        "analyses": [{"id": "e", "estimator": "activation_entropy"}],
+    }
+    alone = layerscope.run(spec, write=False, progress=False)
+    many = layerscope.run({**spec, "runtime": {"workers": 2, "shards": 100000}}, write=False, progress=False)
+    assert_records_close(many.records, alone.records)
+    expected = "runtime.shards is 100000 but the data has 2 batch(es) of 100 samples; a shard holds whole batches"
+    assert any(w.startswith(expected) and w.endswith("so 2 shard(s) ran") for w in many.warnings), many.warnings
+
+
 def test_the_cost_estimate_counts_the_dense_ops_of_a_real_network():
     """ResNet-18 at 224 × 224 is 1.81 GMAC per image (the published figure): the estimate the auto rule uses."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "benchmarks"))

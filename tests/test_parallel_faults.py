@@ -58,7 +58,7 @@ def test_a_killed_worker_process_is_replaced_and_the_records_equal_a_run_in_one_
 @pytest.mark.slow
 def test_workers_lost_more_often_than_retries_end_the_run_naming_it(tmp_path):
     spec = {**SPEC, "runtime": {"workers": 2, "shards": 2, "retries": 1}}
-    with pytest.raises(InfrastructureError, match=r"a worker process ended abruptly .* 2 times \(runtime.retries: 1\)"):
+    with pytest.raises(InfrastructureError, match=r"a worker process ended abruptly .* twice \(runtime.retries: 1\)"):
         layerscope.run(spec, data=_data(tmp_path, 10), write=False, progress=False)
     assert len(list((tmp_path / "kills").iterdir())) == 2
     assert not _workers_left()

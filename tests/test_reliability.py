@@ -21,6 +21,7 @@ from layerscope.testing.models import tiny_mlp
 from layerscope.util.errors import SpecError, UserError
 
 from .conftest import write_spec
+from .processes import marked
 from .waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -526,10 +527,13 @@ def test_worker_processes_end_when_the_driver_is_killed(tmp_path):
         write=False,
         progress=False,
     )
+    mark = f"{os.getpid()}-{tmp_path.name}"
+    stderr = tmp_path / "stderr.txt"
     driver = subprocess.Popen(
         [sys.executable, "-m", "layerscope", "run", str(spec), "--quiet"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr.open("w"),
+        env={**os.environ, "LAYERSCOPE_TEST_RUN": mark},
     )
 
     def assert_driver_runs() -> None:
@@ -560,6 +564,10 @@ def test_worker_processes_end_when_the_driver_is_killed(tmp_path):
         for pid in filter(_running, workers):
             with contextlib.suppress(ProcessLookupError):  # ended since
                 os.kill(pid, signal.SIGKILL)
+    # Nothing reports the killed driver: no worker's traceback about its lost connection, no warning from
+    # multiprocessing's resource tracker (the last of the run's processes to end) about the semaphores it removed.
+    wait_until(lambda: not marked("LAYERSCOPE_TEST_RUN", mark), timeout=30, what="the run's processes to end")
+    assert stderr.read_text() == ""
 
 
 @pytest.mark.slow

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from layerscope.util.errors import InfrastructureError, UserError
 
+from . import supervisor
+from .supervisor import RESUME_HINT
+
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INFRASTRUCTURE = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 141  # as a process killed by SIGPIPE
 
@@ -279,7 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command *argv* (default: this process's arguments); its exit status. As the command itself,
+    a run of a Ray spec runs in a watched child process (:mod:`layerscope.cli.supervisor`)."""
     args = build_parser().parse_args(argv)
+    # only as the command itself: watching a child changes how the process treats orphans and signals
+    if argv is None and args.handler is _cmd_run and supervisor.wanted(args.spec):
+        return supervisor.supervise(sys.argv[1:])
+    code = _handled(args)
+    supervisor.report_exit(code)
+    return code
+
+
+def _handled(args) -> int:
+    """Run the command of *args*; its exit status, with one message for every error (module docstring)."""
     try:
         return args.handler(args)
     except UserError as error:
@@ -287,20 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER
     except InfrastructureError as error:
         print(
-            f"layerscope: infrastructure failure: {error}; no results.json was written (a multi-checkpoint run "
-            "continues from its finished checkpoints with: layerscope run SPEC --resume)",
-            file=sys.stderr,
+            f"layerscope: infrastructure failure: {error}; no results.json was written ({RESUME_HINT})", file=sys.stderr
         )
         return EXIT_INFRASTRUCTURE
     except BrokenPipeError:  # the reader stopped reading (`layerscope plugins | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        print(
-            "layerscope: interrupted; no results.json was written (a multi-checkpoint run continues from its "
-            "finished checkpoints with: layerscope run SPEC --resume)",
-            file=sys.stderr,
-        )
+        print(f"layerscope: interrupted; no results.json was written ({RESUME_HINT})", file=sys.stderr)
         return 130
     except Exception:
         traceback.print_exc()

@@ -111,15 +111,16 @@ class TaskQueue:
         tasks: Iterable[ShardTask],
         losses: Counter[tuple[int, int, int]],
         retries: int,
-        failure: Callable[[ShardTask, int], str],
+        failure: Callable[[ShardTask, str], str],
     ) -> None:
         """Queue the *tasks* of a lost worker again, counting each loss in *losses* (by task key); raise an
-        :class:`InfrastructureError` saying ``failure(task, times lost)`` once a task has been lost more
-        often than *retries* allows."""
+        :class:`InfrastructureError` saying ``failure(task, how often it was lost)`` ("once", "twice",
+        "3 times") once a task has been lost more often than *retries* allows."""
         for task in tasks:
             losses[task.key] += 1
             if losses[task.key] > retries:
-                raise InfrastructureError(failure(task, losses[task.key]))
+                times = losses[task.key]
+                raise InfrastructureError(failure(task, {1: "once", 2: "twice"}.get(times, f"{times} times")))
             self.push(task)
 
 

@@ -16,6 +16,8 @@ import collections
 import multiprocessing
 import os
 import pickle
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +32,7 @@ from layerscope.data.source import Samples, shard_spans
 from layerscope.model.adapter import Checkpoint
 from layerscope.spec.yaml_locations import LocatedDocument
 from layerscope.util.errors import UserError
+from layerscope.util.processes import signal_on_parent_death
 
 from .checkpoint_run import ShardWorker, Span
 from .lifecycle import ShardOutcome, ShardTask, TaskQueue
@@ -74,10 +77,17 @@ def auto_shards(requested: int | str, workers: int, checkpoints: int) -> int:
     return requested if isinstance(requested, int) else max(1, -(-workers // checkpoints))
 
 
-def run_spans(plan: RunPlan, workers: int, checkpoints: int) -> list[Span]:
-    """The data shards of a run with *workers* workers (``runtime.shards``)."""
+def run_spans(plan: RunPlan, workers: int, checkpoints: int, warnings: list[str]) -> list[Span]:
+    """The data shards of a run with *workers* workers (``runtime.shards``; a shard holds at least one batch,
+    and a warning says when fewer shards than asked for were made)."""
     shards = auto_shards(plan.spec.runtime.shards, workers, checkpoints)
-    return shard_spans(len(plan.order), plan.spec.data.batch_size, shards)
+    spans = shard_spans(len(plan.order), plan.spec.data.batch_size, shards)
+    if len(spans) < shards and "shards" in plan.spec.runtime.model_fields_set:
+        warnings.append(
+            f"runtime.shards is {shards} but the data has {len(spans)} batch(es) of {plan.spec.data.batch_size} "
+            f"samples; a shard holds whole batches, so {len(spans)} shard(s) ran"
+        )
+    return spans
 
 
 _WORKER: ShardWorker | None = None  # in a worker process of the pool
@@ -105,10 +115,13 @@ def _exit_with_parent(driver: int, interval: float = 0.5) -> None:
     """End this worker process as soon as the driver that spawned it (process id *driver*) is gone.
 
     A driver killed outright (``kill -9``) cannot shut its pool down, and a worker busy with a
-    task would run on for minutes; a daemon thread notices that the process was handed to
-    another parent and exits at once. The driver's id comes from the driver itself: a driver
+    task would run on for minutes. On Linux the kernel kills the worker with its driver
+    (``PR_SET_PDEATHSIG``), before it can report the broken connection to the driver in a
+    traceback; elsewhere, and for a driver already gone, a daemon thread notices that the process was
+    handed to another parent and exits. The driver's id comes from the driver itself: a driver
     killed while this worker was still starting has already handed it to another parent.
     """
+    signal_on_parent_death(signal.SIGKILL)
 
     def watch() -> None:
         while os.getppid() == driver:
@@ -116,6 +129,20 @@ def _exit_with_parent(driver: int, interval: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="layerscope-exit-with-parent", daemon=True).start()
+
+
+def _start_quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (the process that removes a pool's semaphores once no
+    process uses them) without its warning that it removed semaphores left by a killed driver: after
+    ``kill -9`` that clean-up is expected, not a leak to report."""
+    from multiprocessing import resource_tracker
+
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    sys.warnoptions.append(quiet)  # the tracker is started with this process's -W options
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions.remove(quiet)
 
 
 def _run_in_worker(task: ShardTask) -> ShardOutcome:
@@ -189,7 +216,7 @@ class PoolExecutor:
             lambda task, times: (
                 f"runtime.workers: a worker process ended abruptly (killed, or out of memory) while running "
                 f"pass {task.pass_index + 1} of data shard {task.shard + 1} of checkpoint "
-                f"{self.here.checkpoints[task.checkpoint].label}, {times} times (runtime.retries: {self.retries})"
+                f"{self.here.checkpoints[task.checkpoint].label}, {times} (runtime.retries: {self.retries})"
             ),
         )
         self.pool = self.new_pool()
@@ -218,7 +245,7 @@ def process_pool(
     threads. Workers are spawned: forking a process whose torch and onnxruntime thread pools already
     run deadlocks the child."""
     threads = max(1, (os.cpu_count() or 1) // workers)
-    spans = run_spans(plan, workers, len(checkpoints))
+    spans = run_spans(plan, workers, len(checkpoints), warnings)
     context = multiprocessing.get_context("spawn")
     here = ShardWorker(plan, checkpoints, spans, plan.order, example)
     try:
@@ -231,6 +258,7 @@ def process_pool(
         ) from None
 
     def new_pool() -> ProcessPoolExecutor:
+        _start_quiet_resource_tracker()
         return ProcessPoolExecutor(
             workers - 1, mp_context=context, initializer=_start_pool_worker, initargs=(arguments, os.getpid())
         )

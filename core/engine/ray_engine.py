@@ -135,7 +135,17 @@ def _connect(plan: RunPlan) -> bool:
             configure_logging=False,
             **({} if runtime.address else local),
         )
-    except (ConnectionError, RuntimeError, ValueError) as error:
+    except Exception as error:  # Ray raises bare Exceptions too ("the current node timed out during startup")
+        if not runtime.address:
+            ray.shutdown()  # the processes it started before it failed
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InfrastructureError(
+                f"runtime.engine: could not start a local Ray cluster for the run: {first}"
+            ) from None
+        if not isinstance(error, (ConnectionError, RuntimeError, ValueError)):
+            raise InfrastructureError(
+                f"runtime.address: lost the Ray cluster at '{runtime.address}' while joining it: {error}"
+            ) from None
         hint = (
             "; a cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token and its "
             "token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
@@ -373,7 +383,7 @@ class RayExecutor:
             lambda task, times: (
                 f"runtime.engine: the Ray workers running pass {task.pass_index + 1} of data shard "
                 f"{task.shard + 1} of checkpoint {self.labels[task.checkpoint]} were lost "
-                f"{times} times (runtime.retries: {self.retries}; {self.last_loss})"
+                f"{times} (runtime.retries: {self.retries}; {self.last_loss})"
             ),
         )
         if self.starts_left > 0:
@@ -433,7 +443,7 @@ def ray_actors(
     try:
         runtime = plan.spec.runtime
         wanted = placements(plan, ray.nodes(), warnings)
-        spans = run_spans(plan, len(wanted), len(checkpoints))
+        spans = run_spans(plan, len(wanted), len(checkpoints), warnings)
         files = named_files(plan, checkpoints)
         shipment = ray.put(Shipment.pack(files)) if runtime.ship else None
         arguments: dict[int, Any] = {}  # the worker arguments in the object store, by threads

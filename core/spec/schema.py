@@ -9,7 +9,9 @@ parameters) in the same pass. Every problem is reported at once as
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,8 +20,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveInt,
     PrivateAttr,
+    StrictBool,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -30,6 +33,7 @@ from layerscope.graph.selectors import SelectionError, SelectorSpec, parse_selec
 from layerscope.util.errors import SpecError, UserError, did_you_mean
 from layerscope.util.files import regular_file
 from layerscope.util.names import ANALYSIS_ID, MODEL_LABEL, NAME_LENGTH, check_name
+from layerscope.util.params import Count
 from layerscope.util.units import parse_bytes
 
 from .yaml_locations import LocatedDocument, load_yaml
@@ -69,9 +73,9 @@ class DataSection(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     source: str = "digits"
-    batch_size: PositiveInt = 100
-    limit: PositiveInt | None = None
-    shuffle: bool = True
+    batch_size: Count = 100
+    limit: Count | None = None
+    shuffle: StrictBool = True
     constants: dict[str, Any] = Field(
         default_factory=dict,
         description="model inputs fed the same value in every batch, without a sample axis (e.g. sr: 16000)",
@@ -116,27 +120,27 @@ class RuntimeSection(StrictModel):
         None, description="engine ray: the cluster to join ('auto', 'ray://head:10001'); a local cluster when omitted"
     )
     memory_budget: int = Field(2 * 2**30, description="bytes of fetched tensors held at once")
-    seed: int = 0
-    workers: int = Field(
+    seed: StrictInt = 0
+    workers: StrictInt = Field(
         1,
         ge=1,
         le=1024,
         description="processes (local) or Ray actors running shard tasks "
         "side by side; engine ray: the cluster's CPUs when omitted",
     )
-    shards: PositiveInt | Literal["auto"] = Field(
+    shards: Count | Literal["auto"] = Field(
         "auto",
         description="data shards per checkpoint in parallel runs; auto: enough to give every worker a task, "
         "and for one checkpoint only when its forward passes outlast starting the workers",
     )
-    retries: int = Field(
+    retries: StrictInt = Field(
         3,
         ge=0,
         le=100,
         description="parallel runs: times a shard task is run again after its worker was lost (a killed process, "
         "a lost Ray node)",
     )
-    ship: bool = Field(
+    ship: StrictBool = Field(
         False,
         description="engine ray: send the files the spec names (model, checkpoints, data, python modules) to the "
         "workers through Ray's object store, for nodes that do not share this machine's files",
@@ -146,6 +150,13 @@ class RuntimeSection(StrictModel):
     @classmethod
     def _parse_budget(cls, value: Any) -> int:
         return parse_bytes(value)
+
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _shards(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and value > 0):
+            return value
+        raise ValueError(f"give a whole number of shards above 0, or auto (not {value!r})")
 
     @property
     def parallel(self) -> bool:
@@ -250,26 +261,82 @@ def _model_in_annotation(annotation: Any) -> Any:
     return None
 
 
+_ABSENT = object()
+
+
+def _child(node: Any, part: Any) -> Any:
+    """The value under key or index *part* of a document's *node*, or ``_ABSENT``."""
+    if isinstance(node, dict):
+        return node.get(part, _ABSENT)
+    if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        return node[part]
+    return _ABSENT
+
+
+#: The tags pydantic puts in an error's location for a union's members of these types.
+_TYPE_TAGS = frozenset({"int", "float", "str", "bool", "bytes", "none", "list", "dict", "tuple", "set"})
+
+
+def _is_tag(part: Any) -> bool:
+    """Whether a part of a pydantic error location names a union's member or a validator (``float``,
+    ``literal['auto']``, ``constrained-int``, ``function-after[…]``, a model class) rather than a key."""
+    return isinstance(part, str) and (not part.isidentifier() or part in _TYPE_TAGS or part[:1].isupper())
+
+
+def _written_path(data: Any, prefix: tuple, loc: tuple) -> tuple:
+    """*prefix* + pydantic's error location *loc* without the tags it adds for a union's members and for
+    validators: the parts that are not keys of the document *data* and read as tags (:func:`_is_tag`)."""
+    node = data
+    for part in prefix:
+        node = _child(node, part)
+    path = list(prefix)
+    for part in loc:
+        child = _child(node, part)
+        if child is _ABSENT and _is_tag(part):
+            continue
+        path.append(part)
+        node = child
+    return tuple(path)
+
+
+def _one_message(messages: list[str]) -> str:
+    """The errors of a union's members at one key as one message: ``Input should be a valid number or
+    'alignment'``."""
+    unique = list(dict.fromkeys(messages))
+    lead = "Input should be "
+    if len(unique) > 1 and all(message.startswith(lead) for message in unique):
+        return lead + " or ".join(re.sub(r", (unable|got) .*", "", m.removeprefix(lead)) for m in unique)
+    return "; or ".join(unique)
+
+
+def _scalar_shown(value: Any) -> str:
+    """*value* as YAML writes it (``true``, ``"2"``), for messages about a value of the wrong type."""
+    return json.dumps(value) if isinstance(value, (bool, int, float, str)) or value is None else type(value).__name__
+
+
 def format_validation_errors(
     error: ValidationError, doc: LocatedDocument, prefix: tuple = (), model: type[BaseModel] | None = None
 ) -> list[str]:
-    """Turn pydantic errors into ``file:line:col: key.path: message`` lines."""
-    messages = []
+    """Turn pydantic errors into ``file:line:col: key.path: message`` lines, one per key (the errors of a
+    union's members at a key are joined)."""
+    by_key: dict[tuple, list[str]] = {}
     for item in error.errors():
-        loc = prefix + tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        loc = tuple(p for p in loc if p not in ("str", "list[str]"))  # a union's members
-        path = ".".join(str(p) for p in loc) or "(top level)"
+        loc = _written_path(doc.data, prefix, tuple(item["loc"]))
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden" and model is not None:
             owner = _submodel_at(model, tuple(item["loc"])[:-1])
             message = f"unknown key '{loc[-1]}'." + (did_you_mean(loc[-1], owner.model_fields) if owner else "")
         elif item["type"] == "selection":  # a problem inside `on:`, at the selector key it concerns
             loc += item["ctx"]["path"]
-            path = ".".join(str(p) for p in loc)
         elif item["type"] == "missing":
             message = "required key is missing"
-        messages.append(f"{doc.where(loc)}: {path}: {message}")
-    return messages
+        elif item["type"] in ("int_type", "bool_type", "float_type", "string_type"):
+            message = f"{message}, not {_scalar_shown(item['input'])}"
+        by_key.setdefault(loc, []).append(message)
+    return [
+        f"{doc.where(loc)}: {'.'.join(str(p) for p in loc) or '(top level)'}: {_one_message(messages)}"
+        for loc, messages in by_key.items()
+    ]
 
 
 def check_structure(doc: LocatedDocument, base_dir: Path, schema: type[Spec] = Spec) -> tuple[Spec | None, list[str]]:

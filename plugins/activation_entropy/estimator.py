@@ -43,7 +43,7 @@ import math
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from layerscope import Estimator, EstimatorTags, LoadedModel, TensorBatch, hookimpl
 from layerscope.graph.activations import find_attention
@@ -187,7 +187,7 @@ class ActivationEntropyParams(BaseModel):
     neurons: Literal["elements", "channels"] = Field(
         "elements", description="elements: every tensor element is a neuron; channels: axis 1, averaged over the rest"
     )
-    bins: int = Field(100, ge=1, le=100_000, description="histogram bins")
+    bins: StrictInt = Field(100, ge=1, le=100_000, description="histogram bins")
     range: tuple[float, float] | None = Field(None, description="histogram range; default: the layer's [min, max]")
     attention: Literal["distribution", "as_neurons"] = Field(
         "distribution",

@@ -36,7 +36,7 @@ import math
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from layerscope import Estimator, EstimatorTags, LoadedModel, TensorBatch, hookimpl
 from layerscope.util.errors import UserError
@@ -73,8 +73,10 @@ class AggregationParams(BaseModel):
         description="positions whose average g is: auto (estimated from the data, clipped to [1, M]), "
         "independent (M = H·W) or a number",
     )
-    bins: int = Field(60, ge=5, le=10_000, description="histogram bins on the ranges found in a first pass")
-    plot_channels: int = Field(4, ge=0, le=1000, description="channels and output nodes whose histograms are recorded")
+    bins: StrictInt = Field(60, ge=5, le=10_000, description="histogram bins on the ranges found in a first pass")
+    plot_channels: StrictInt = Field(
+        4, ge=0, le=1000, description="channels and output nodes whose histograms are recorded"
+    )
 
 
 def _sums(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, model_validator
 
 from layerscope import DataSource, hookimpl
 from layerscope.util.errors import UserError
 from layerscope.util.files import cache_dir, regular_file
+from layerscope.util.params import Count
 
 from .image_preprocessing import ImagePreprocessing
 
@@ -63,7 +64,7 @@ class HFDatasetParams(ImagePreprocessing):
     )
     text: str | None = Field(None, description="a text column, tokenized into the tokens inputs")
     tokenizer: str | None = Field(None, description="text: a local tokenizer folder (save_pretrained)")
-    max_length: PositiveInt = Field(128, description="text: tokens per sample (padded and truncated)")
+    max_length: Count = Field(128, description="text: tokens per sample (padded and truncated)")
     tokens: list[str] = Field(
         ["input_ids", "attention_mask"],
         min_length=1,

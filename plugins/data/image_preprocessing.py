@@ -56,6 +56,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from layerscope.util.errors import UserError
+from layerscope.util.params import Count
 
 NORMALIZE_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -223,7 +224,7 @@ class ImagePreprocessing(BaseModel):
         None, description="per channel (x - mean) / std after scale: a preset or {mean: [...], std: [...]}"
     )
     layout: Literal["nchw", "nhwc"] = Field("nchw", description="channel axis first (C, H, W) or last (H, W, C)")
-    max_pixels: PositiveInt = Field(
+    max_pixels: Count = Field(
         MAX_PIXELS,
         le=PILLOW_MAX_PIXELS,
         description="an image of more pixels (width × height, from its header) is refused before it is decoded",

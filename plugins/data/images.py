@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, model_validator
 
 from layerscope import DataSource, hookimpl
 from layerscope.data.labels import labels_from_text
 from layerscope.util.errors import UserError
 from layerscope.util.files import regular_file
+from layerscope.util.params import Count
 
 from .image_preprocessing import ImagePreprocessing, PixelBudget, opened_image
 
@@ -52,7 +53,7 @@ class ImagesParams(ImagePreprocessing):
     manifest: str | None = Field(None, description="a CSV or JSON file listing the images and their labels")
     file_column: str = Field("file", description="manifest: the column of image paths (relative to path)")
     label_column: str = Field("label", description="manifest: the column of labels")
-    threads: PositiveInt = Field(min(4, os.cpu_count() or 1), description="threads decoding a batch")
+    threads: Count = Field(min(4, os.cpu_count() or 1), description="threads decoding a batch")
 
     @model_validator(mode="after")
     def _labels_from_one_place(self) -> ImagesParams:

@@ -14,17 +14,18 @@ import math
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from layerscope import DataSource, hookimpl
 from layerscope.data.source import check_allocation
+from layerscope.util.params import Count
 
 
 class SyntheticParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    samples: PositiveInt = Field(1000, description="how many samples")
-    shape: list[PositiveInt] = Field(default_factory=lambda: [64], description="the shape of one sample")
-    classes: int = Field(
+    samples: Count = Field(1000, description="how many samples")
+    shape: list[Count] = Field(default_factory=lambda: [64], description="the shape of one sample")
+    classes: StrictInt = Field(
         10, ge=0, description="labels: the argmax of a fixed random projection onto this many classes; 0 for no labels"
     )
     distribution: Literal["normal", "uniform"] = Field(

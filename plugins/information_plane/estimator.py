@@ -43,7 +43,16 @@ import math
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from layerscope import Estimator, EstimatorTags, LoadedModel, TensorBatch, hookimpl
 from layerscope.graph.tokens import zero_padding
@@ -76,14 +85,14 @@ INPUT_KEY, LABELS_KEY = "input", "labels"
 class InformationPlaneParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     alpha: float = Field(1.01, gt=0, description="Rényi order; 1 gives the von Neumann limit")
-    batch_size: int = Field(
+    batch_size: StrictInt = Field(
         100, ge=2, le=20_000, validate_default=True, description="samples per estimate (the paper's training batch)"
     )
     sigma: float | Literal["alignment"] = Field("alignment", description="hidden-layer kernel width")
     sigma_x: float | None = Field(None, gt=0, description="input kernel width; default: mean pairwise distance")
     sigma_y: float = Field(0.1, gt=0, description="label kernel width on one-hot labels")
-    softmax_output: bool = Field(True, description="softmax on the model output before its kernel")
-    sigma_grid: int = Field(300, ge=2, le=100_000, description="widths searched by kernel alignment")
+    softmax_output: StrictBool = Field(True, description="softmax on the model output before its kernel")
+    sigma_grid: StrictInt = Field(300, ge=2, le=100_000, description="widths searched by kernel alignment")
     grid_range: tuple[float, float] = Field(
         (0.03, 10.0), description="the searched widths are f·(mean pairwise distance) for f evenly spaced on this range"
     )

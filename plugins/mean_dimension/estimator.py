@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from layerscope import DataBatch, EstimatorTags, LoadedModel, PlanBatch, PlanEstimator, TensorBatch, hookimpl
 from layerscope.util.errors import UserError
@@ -59,7 +59,7 @@ NOT_PLANNED = "mean_dimension: a batch of its input plan has no plan batch or ro
 
 class MeanDimensionParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    pairs: int = Field(1000, ge=MIN_PAIRS, description="consecutive pairs walked")
+    pairs: StrictInt = Field(1000, ge=MIN_PAIRS, description="consecutive pairs walked")
     features: str = Field("pixels", description="elements | pixels | channels | patches:k")
     estimator: Literal["variance", "half_mean_square"] = Field(
         "variance",
@@ -69,9 +69,9 @@ class MeanDimensionParams(BaseModel):
         "input",
         description="input: perturb input features; pca: perturb principal components through an inverse-PCA layer",
     )
-    nll: bool = Field(False, description="also the per-sample loss of the model output against the labels")
-    per_node: bool = Field(False, description="also record the mean dimension of every output node")
-    plan_rows: int = Field(8192, ge=1, description="largest number of rows in one evaluation of the plan")
+    nll: StrictBool = Field(False, description="also the per-sample loss of the model output against the labels")
+    per_node: StrictBool = Field(False, description="also record the mean dimension of every output node")
+    plan_rows: StrictInt = Field(8192, ge=1, description="largest number of rows in one evaluation of the plan")
 
     @field_validator("features")
     @classmethod

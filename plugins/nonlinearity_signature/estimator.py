@@ -47,7 +47,7 @@ import math
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from layerscope import Estimator, EstimatorTags, LoadedModel, TensorBatch, hookimpl
 from layerscope.graph.activations import Activation, find_activations, find_attention
@@ -65,7 +65,7 @@ else:
 
 class NonlinearitySignatureParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    samples: int = Field(
+    samples: StrictInt = Field(
         2048,
         ge=3,
         le=50_000,
@@ -83,12 +83,12 @@ class NonlinearitySignatureParams(BaseModel):
         "reference code applies them",
     )
     solver: Literal["emd", "assignment"] = Field("emd", description="exact OT: POT's ot.emd2 or scipy's assignment")
-    side_metrics: bool = Field(
+    side_metrics: StrictBool = Field(
         True,
         description="also the reference's linear_cka, r2 and sparsity, and the input_variance and "
         "min_eigenvalue the constants act against",
     )
-    batches: int = Field(
+    batches: StrictInt = Field(
         1,
         ge=1,
         le=1000,

@@ -9,9 +9,10 @@
 
 each at the default budget and at budgets that force several fetch groups (down to 16 MiB). Each
 figure is the peak resident set (``VmHWM``) of a fresh process, against plain onnxruntime inference
-of the same file in a fresh process; the target is ``peak ≤ 1.5 × onnxruntime's peak +
-peak_fetched_bytes`` (what the budget really held), and a peak that does not grow with the number
-of fetch groups.
+of the same file in a fresh process; the target is the issue's ``peak ≤ 1.5 × (onnxruntime's peak +
+peak_fetched_bytes)`` (what the budget really held), and a peak that does not grow with the number
+of fetch groups. The ``strict`` column also gives the peak against ``1.5 × onnxruntime's peak +
+peak_fetched_bytes``, the stricter reading earlier figures used.
 
 Run: ``python tests/benchmarks/bench_memory.py [--models resnet50,bert_base,mlp_1gib]``.
 """
@@ -136,13 +137,16 @@ def main() -> None:
             print(f"{name}, {SAMPLES} samples, batch {BATCH}; plain onnxruntime peak RSS {ort_peak / mib:.0f} MiB")
             print(
                 f"{'budget':>8s} {'groups':>6s} {'fetched MiB':>11s} {'peak MiB':>9s} {'target MiB':>10s} {'ratio':>6s}"
+                f" {'strict':>6s}"
             )
             for budget in BUDGETS[name]:
                 figures = _run("layerscope", name, model, data, budget)
-                target = 1.5 * ort_peak + figures["fetched"]
+                target = 1.5 * (ort_peak + figures["fetched"])
+                strict = 1.5 * ort_peak + figures["fetched"]
                 print(
                     f"{budget:>8s} {figures['groups']:6d} {figures['fetched'] / mib:11.0f} "
-                    f"{figures['peak'] / mib:9.0f} {target / mib:10.0f} {figures['peak'] / target:6.2f}",
+                    f"{figures['peak'] / mib:9.0f} {target / mib:10.0f} {figures['peak'] / target:6.2f}"
+                    f" {figures['peak'] / strict:6.2f}",
                     flush=True,
                 )
 

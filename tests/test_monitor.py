@@ -191,6 +191,32 @@ def test_monitor_computes_folded_batchnorm_weights_with_the_records_of_the_optim
     }
 
 
+def test_a_large_graph_gets_a_runs_sessions_at_every_step(nets, monkeypatch):
+    """A graph with more weights than a kept session pays for (``KEPT_BYTES``, here lowered to 0) gets a new
+    session at every step, made as a run makes its sessions (here two fetch groups sharing the weights): its
+    records are a fresh run's, to 1e-9."""
+    from layerscope.engine import reused_sessions
+
+    monkeypatch.setattr(reused_sessions, "KEPT_BYTES", 0)
+    spec = {
+        "model": {},
+        "data": {"shuffle": False},
+        "runtime": {"memory_budget": "2MiB"},  # the information plane's activations fetched in two groups
+        "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 40}}, ANALYSES[1]],
+    }
+    model = nets.resnet_like()
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = digits(0)
+    monitor = layerscope.Monitor(spec)
+    for step in range(3):
+        train_step(model, optimiser, *digits(100 + 100 * step))
+        got = monitor.observe(model, step=step, batch=probe)
+        fresh = layerscope.run({**spec, "model": {"source": model}}, data=probe, write=False, progress=False)
+        assert_records_close(got, [{**r, "model": f"step_{step}", "step": step} for r in fresh.records])
+        assert fresh.models[0]["fetch_groups"][0] == 2
+    assert monitor._sessions.reused == 0 and monitor._sessions.made == 4 * 3  # four sessions a step, none kept
+
+
 def test_monitor_on_the_specs_data_and_its_output_files(nets, tmp_path):
     model = nets.cnn()
     monitor = layerscope.Monitor(

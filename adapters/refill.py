@@ -122,6 +122,13 @@ class Refill:
     inline: dict[str, int] = field(default_factory=dict)
     #: The optimised graph with its weights, until the first refill was checked against the model.
     optimised: onnx.ModelProto | None = None
+    #: The values of the state's other entries the graph reads (integers: not shifted, so taken as fixed).
+    fixed: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def fits(self, state: State) -> bool:
+        """True when *state* holds the :attr:`fixed` entries at their learnt values (else the graph is optimised
+        again)."""
+        return all(name in state and np.array_equal(state[name], value) for name, value in self.fixed.items())
 
     def graph(self, state: State) -> tuple[onnx.ModelProto, Weights]:
         """The optimised graph with *state*'s weights: a copy of the weight-free graph (the small initializers
@@ -192,7 +199,10 @@ def learn_refill(
             derived[tensor.name] = found
         elif not np.array_equal(value, other):
             return None  # changed with the weights, and no derivation reproduces it
-    return _refill(optimised, derived)
+    refill = _refill(optimised, derived)
+    if refill is not None:
+        refill.fixed = {name: np.array(state[name]) for name in used - floats}
+    return refill
 
 
 def _refill(optimised: onnx.ModelProto, derived: dict[str, Derivation]) -> Refill | None:

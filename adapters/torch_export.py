@@ -417,17 +417,17 @@ class TorchAdapter(Adapter[TorchParams]):
 
     def _refilled(self, architecture: tuple, model, example, label: str) -> LoadedModel | None:
         """*model*'s weights computed into the optimised graph of *architecture* (see :meth:`follow`), its large
-        weights apart, or None when there is no refill for it, or the first refill does not reproduce the model
-        (the architecture is then optimised at every call)."""
+        weights apart, or None when there is no refill for it, or the first refill does not reproduce the model,
+        or an integer buffer the graph reads changed (the architecture is then optimised at every call)."""
         refill = self._refills.get(architecture)
         if refill is None:
             return None
         state = module_state(model.state_dict())
-        if refill.optimised is not None:  # the first refill: checked against the model itself
-            if not _same_outputs(refill.full(state), model, example):
-                self._refills[architecture] = None
-                return None
-            refill.optimised = None
+        first = refill.optimised is not None  # the first refill is checked against the model itself
+        if not refill.fits(state) or (first and not _same_outputs(refill.full(state), model, example)):
+            self._refills[architecture] = None
+            return None
+        refill.optimised = None
         proto, weights = refill.graph(state)
         return LoadedModel(proto, label, f"<{type(model).__name__}>", framework="pytorch", weights=weights)
 

@@ -174,3 +174,32 @@ def test_a_first_refill_that_does_not_reproduce_the_model_is_dropped(monkeypatch
     assert monitor._adapter._refills[architecture] is None
     fresh = layerscope.run({**spec(), "model": {"source": model}}, data=batch, write=False, progress=False)
     assert_records_close(got, [{**r, "model": "step_2", "step": 2} for r in fresh.records], rtol=1e-6)
+
+
+class Offset(nn.Module):
+    """A linear layer whose output is shifted by an integer buffer the forward reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(108, 5)
+        self.register_buffer("offset", torch.tensor([0], dtype=torch.int64))
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)) + self.offset
+
+
+def test_an_integer_buffer_that_changes_is_optimised_again():
+    """Integer buffers are not shifted when the refill is learnt, so it holds only while they keep their values:
+    a changed one sends the step back to the optimiser, and the records follow it."""
+    model, batch = Offset(), probe()
+    analyses = {"analyses": [{"id": "entropy", "estimator": "activation_entropy", "on": {"op_type": "Add"}}]}
+    monitor = layerscope.Monitor({**spec(), **analyses})
+    for step in range(3):
+        got = monitor.observe(model, step=step, batch=batch)
+    assert min(r["value"] for r in got if r["metric"] == "entropy") > 0.5  # units on for some samples
+    (architecture, refill), *_ = monitor._adapter._refills.items()
+    assert refill is not None and refill.fixed["offset"].tolist() == [0]
+    model.offset.fill_(-1000)  # every output negative: no unit is ever on
+    got = monitor.observe(model, step=3, batch=batch)
+    assert {r["value"] for r in got if r["metric"] == "entropy"} == {0.0}
+    assert monitor._adapter._refills[architecture] is None

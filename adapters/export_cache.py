@@ -15,7 +15,9 @@ the graph holds every parameter and buffer as an initializer of its own name and
 nothing derived from them — true of an unoptimised export, not of an optimised one
 (BatchNorm folded into a convolution renames nothing but changes the convolution's
 weights): :func:`with_weights` refuses a graph holding large float constants it does not
-know, and the torch adapter swaps into the unoptimised graph and optimises afterwards.
+know, and the torch adapter swaps into the unoptimised graph and optimises afterwards (a model
+followed through training has its optimised graph's weights computed from the module's after
+the second step: :mod:`.refill`).
 """
 
 from __future__ import annotations

@@ -32,6 +32,20 @@ NETS = textwrap.dedent("""
         torch.manual_seed(0)
         return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                              nn.Flatten(), nn.Linear(144, 32), nn.Tanh(), nn.Linear(32, 10))
+
+    class Block(nn.Module):  # ResNet's basic block: convolutions without bias, each followed by a BatchNorm
+        def __init__(self, width):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+            self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+
+        def forward(self, x):
+            return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+    def resnet_like():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 32, 3, padding=1, bias=False),
+                             nn.BatchNorm2d(32), nn.ReLU(), Block(32), nn.Flatten(), nn.Linear(32 * 64, 10))
 """)
 
 ANALYSES = [
@@ -75,13 +89,14 @@ def counting(monkeypatch, function: str, module=torch_export) -> list:
     return calls
 
 
-@pytest.mark.parametrize("net, optimisations", [("cnn", 2), ("batchnorm_cnn", 4)])
-def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_path, monkeypatch, net, optimisations):
-    """Exported once and described once (shape inference at the first step only); the CNN's optimised graph
-    holds its weights as they are, so from the third step on they are swapped into it directly (two
-    optimisations in four steps), while BatchNorm folded into the convolution needs the optimiser at every
-    step. The sessions of the first step are kept and their weights refilled at every later one: three
-    sessions (two fetch groups and the signature's pass) and one more for each to check its first reuse."""
+@pytest.mark.parametrize("net", ["cnn", "batchnorm_cnn"])
+def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_path, monkeypatch, net):
+    """Exported once and described once (shape inference at the first step only); optimised three times in four
+    steps: the export, the second step's swap, and the second optimisation that checks how the optimised graph's
+    weights follow from the module's (copied, or BatchNorm folded into the convolution), after which they are
+    computed into it without the optimiser. The sessions of the first step are kept and their weights refilled at
+    every later one: three sessions (two fetch groups and the signature's pass) and one more for each to check its
+    first reuse."""
     exports, optimised = counting(monkeypatch, "export_unoptimized"), counting(monkeypatch, "optimized")
     described = counting(monkeypatch, "describe_tensors", checkpoint_run)
     model = getattr(nets, net)()
@@ -94,7 +109,7 @@ def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_
         monitor.observe(model, step=step * 10, batch=probe)
         torch.save(model.state_dict(), tmp_path / f"step_{step * 10}.pt")
         assert model.training  # the monitor leaves the training mode as it was
-    assert len(exports) == 1 and len(optimised) == optimisations and len(described) == 1
+    assert len(exports) == 1 and len(optimised) == 3 and len(described) == 1
     kept = monitor._sessions
     assert kept.trusted is True and (kept.made, kept.reused) == (6, 9)
     monitored = monitor.results()
@@ -124,6 +139,82 @@ def test_monitor_equals_a_run_over_saved_checkpoints_and_exports_once(nets, tmp_
     optimal = [got[(s, "ip", tensor, "sigma_optimal", None)] for s in (0, 10, 20, 30)]
     for previous, used, best in zip(sigmas, sigmas[1:], optimal[1:]):  # the paper's moving average
         assert used == pytest.approx(0.9 * previous + 0.1 * best, rel=1e-12)
+
+
+def test_monitor_computes_folded_batchnorm_weights_with_the_records_of_the_optimiser(nets, monkeypatch):
+    """A ResNet-like model trained in train mode (the BatchNorms' running statistics move too): from the third
+    step on the folded convolution weights are computed from the module's state, without the optimiser, and
+    every step's records are those of a monitor that optimises at every step (bit for bit) and of a fresh run
+    on the same weights."""
+    from layerscope.adapters.refill import FoldedBias, FoldedWeight
+
+    spec = {
+        "model": {},
+        "data": {"shuffle": False},
+        "analyses": [ANALYSES[1], {**ANALYSES[2], "params": {"samples": 64}}],
+    }
+    model = nets.resnet_like()
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = digits(0)
+    optimised = counting(monkeypatch, "optimized")
+    monitor = layerscope.Monitor(spec)
+    states, fresh = [], []
+    for step in range(5):
+        train_step(model, optimiser, *digits(100 + 100 * step))
+        monitor.observe(model, step=step, batch=probe)
+        states.append({name: value.clone() for name, value in model.state_dict().items()})
+        fresh.append(layerscope.run({**spec, "model": {"source": model}}, data=probe, write=False, progress=False))
+    assert len(optimised) - 5 == 3  # the five fresh runs' exports, and the monitor's three
+    refills = [r for r in monitor._adapter._refills.values() if r is not None]
+    kinds = [type(d) for r in refills for d in r.derived.values()]
+    assert kinds.count(FoldedWeight) == 3 and kinds.count(FoldedBias) == 3
+    monitored = monitor.results()
+
+    monkeypatch.setattr(torch_export, "learn_refill", lambda *args: None)  # the optimiser at every step
+    replayed, slow = nets.resnet_like(), layerscope.Monitor(spec)
+    for step, state in enumerate(states):
+        replayed.load_state_dict(state)
+        slow.observe(replayed, step=step, batch=probe)
+    assert len(optimised) - 5 == 3 + 5
+    assert {
+        (r["step"], r["analysis"], r["tensor"], r["metric"], r.get("class")): r["value"] for r in monitored.records
+    } == {
+        (r["step"], r["analysis"], r["tensor"], r["metric"], r.get("class")): r["value"] for r in slow.results().records
+    }
+    for step, run in enumerate(fresh):  # float32 round-off apart: the monitor's kept sessions run at
+        # onnxruntime's extended optimisation level, a run's at its full one (convolutions summed in another order)
+        got = [r for r in monitored.records if r["step"] == step]
+        assert_records_close(got, [{**r, "model": f"step_{step}", "step": step} for r in run.records], rtol=1e-6)
+    entropies = {(r["step"], r["tensor"]): r["value"] for r in monitored.records if r["metric"] == "entropy"}
+    assert {v for (step, _), v in entropies.items() if step == 0} != {
+        v for (step, _), v in entropies.items() if step == 4
+    }
+
+
+def test_a_large_graph_gets_a_runs_sessions_at_every_step(nets, monkeypatch):
+    """A graph with more weights than a kept session pays for (``KEPT_BYTES``, here lowered to 0) gets a new
+    session at every step, made as a run makes its sessions (here two fetch groups sharing the weights): its
+    records are a fresh run's, to 1e-9."""
+    from layerscope.engine import reused_sessions
+
+    monkeypatch.setattr(reused_sessions, "KEPT_BYTES", 0)
+    spec = {
+        "model": {},
+        "data": {"shuffle": False},
+        "runtime": {"memory_budget": "2MiB"},  # the information plane's activations fetched in two groups
+        "analyses": [{"id": "ip", "estimator": "information_plane", "params": {"sigma_grid": 40}}, ANALYSES[1]],
+    }
+    model = nets.resnet_like()
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = digits(0)
+    monitor = layerscope.Monitor(spec)
+    for step in range(3):
+        train_step(model, optimiser, *digits(100 + 100 * step))
+        got = monitor.observe(model, step=step, batch=probe)
+        fresh = layerscope.run({**spec, "model": {"source": model}}, data=probe, write=False, progress=False)
+        assert_records_close(got, [{**r, "model": f"step_{step}", "step": step} for r in fresh.records])
+        assert fresh.models[0]["fetch_groups"][0] == 2
+    assert monitor._sessions.reused == 0 and monitor._sessions.made == 4 * 3  # four sessions a step, none kept
 
 
 def test_monitor_on_the_specs_data_and_its_output_files(nets, tmp_path):

@@ -1,10 +1,18 @@
 """onnxruntime sessions kept from one training step to the next, their weights replaced in place.
 
 A :class:`layerscope.Monitor` step used to make new sessions for graphs that differ from the last step's
-in their weights alone (a session costs milliseconds on a small network, a tenth of a second on ResNet-18).
+in their weights alone (a session costs milliseconds on a small network, tens of milliseconds on ResNet-18).
 :class:`ReusedSessions` keeps each session with the weights it reads: buffers of its own, handed to
 onnxruntime as its initializers (prepacking off, so that the kernels read them as they are), and refilled
 with the next step's weights when a graph of the same structure comes again.
+
+A kept session runs at onnxruntime's extended optimisation level without prepacking, so that its kernels read
+the buffers: the full level's layout transformations (convolutions in blocked layouts) copy the weights when the
+session is made. For a graph with more than :data:`KEPT_BYTES` of weights that costs more than making a session
+does: ResNet-18 (45 MB, 64 images 64×64, one thread) ran 176 ms a batch in a kept session, against 25 ms to make
+a session at the full level and 92 ms to run it. Such graphs get a new session at every step (made as a run makes
+its sessions, so that the records are a run's); the small CNN of ``bench_monitor.py`` (0.5 MB: 1.4 ms to make a
+session, 2.0 ms against 1.3 ms to run it) keeps its sessions.
 
 Whether onnxruntime reads those buffers at every run or took copies of some weights when it made the
 session (a transformation at optimisation time) is not assumed: the first time each kept session is reused,
@@ -21,6 +29,7 @@ import numpy as np
 
 from layerscope.graph.session import create_session, exposing
 from layerscope.graph.tensors import TensorInfo, structure_fingerprint
+from layerscope.graph.weights import external_bytes
 from layerscope.util.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -29,6 +38,9 @@ if TYPE_CHECKING:
     from layerscope.graph.weights import Weights
 else:
     onnx = lazy_module("onnx")
+
+#: Graphs with more bytes of weights (in files or memory, apart from the graph) get a new session at every step.
+KEPT_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -53,11 +65,18 @@ class ReusedSessions:
     reused: int = 0
 
     def session(
-        self, model: onnx.ModelProto, tensors: list[TensorInfo], device: str, weights: Weights
+        self, model: onnx.ModelProto, tensors: list[TensorInfo], device: str, weights: Weights, shared: bool = False
     ) -> tuple[Any, str, bool]:
         """``(session, provider, check)`` exposing *tensors* of *model* with *weights*: a kept session of a graph
-        of the same structure with its buffers refilled, or a new one. *check* asks the caller to compare the
-        session's first run with :meth:`fresh` and report with :meth:`checked` (each kept session's first reuse)."""
+        of the same structure with its buffers refilled, or a new one (kept, unless the graph has more than
+        :data:`KEPT_BYTES` of weights, made as a run makes it: with *shared*, the weights shared with the other
+        sessions made so from *weights*). *check* asks the caller to compare the session's first run with :meth:`fresh`
+        and report with :meth:`checked` (each kept session's first reuse)."""
+        if external_bytes(model) > KEPT_BYTES:
+            self.made += 1
+            with exposing(model, tensors, only=True) as exposed:
+                session, provider = create_session(exposed, device, weights, shared)
+            return session, provider, False
         key = (structure_fingerprint(model), tuple(t.name for t in tensors), device)
         buffers = _arrays(model, weights)
         kept = self.kept.get(key)

@@ -203,7 +203,7 @@ class Runner:
     def _session_for(self, names: list[str], shared: bool = False):
         tensors = [self._by_name[n] for n in names]
         if self.reuse is not None and self.weights is not None:
-            session, self.provider, check = self.reuse.session(self.model, tensors, self.device, self.weights)
+            session, self.provider, check = self.reuse.session(self.model, tensors, self.device, self.weights, shared)
             if check:
                 self._unchecked.add(id(session))
             return session

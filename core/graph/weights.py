@@ -125,7 +125,7 @@ class Weights:
     locations relative to it), or in-memory *files* (name → bytes) for a model that came as an object."""
 
     folder: Path | None = None
-    files: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, bytes | bytearray] = field(default_factory=dict)
     #: The OrtValues of :meth:`share`, made once.
     _shared: list = field(default_factory=list, repr=False, compare=False)
 

@@ -10,9 +10,11 @@ A monitor runs a spec's analyses on a live model at chosen training steps::
 
 Each call is one checkpoint of a run, labelled ``step_<step>``, whose records carry ``step``.
 The model is exported to ONNX at the first call only: later calls put its current weights
-into that graph by parameter name (the adapter's ``follow``: for PyTorch into the optimised
-graph directly when the optimiser folded no weight, else into the unoptimised one, optimised
-again), so a call costs the analyses and little more. The model's
+into that graph (the adapter's ``follow``: for PyTorch, the second call swaps them into the
+unoptimised graph by parameter name and optimises it, later ones compute the optimised graph's
+weights from the module's, BatchNorm folded into convolutions with NumPy), and the onnxruntime
+sessions of a graph of a few MiB are kept with their weights refilled, so a call costs the
+analyses and little more. The model's
 section of the spec is not read (the model is the object given); the spec's data is used
 when a call gives no ``batch``, otherwise the batch is the data of that step (an array,
 ``(x, y)``, named arrays: what ``layerscope.run(spec, data=...)`` takes), read with the data

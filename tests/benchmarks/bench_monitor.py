@@ -4,9 +4,9 @@ A model is trained with SGD; after every training step the activation entropy of
 class and pooled) is measured on a fixed probe batch, four ways, interleaved step by step:
 
 - ``train``: the training step itself (forward, backward, SGD update), for scale;
-- ``monitor``: ``Monitor.observe(model, step, batch=probe)`` — the graph exported at the first step only, later
-  steps swap the current weights into it (into the optimised graph directly when nothing was folded: the CNN;
-  ResNet-18's BatchNorm is folded into its convolutions, so its steps run the optimiser);
+- ``monitor``: ``Monitor.observe(model, step, batch=probe)`` — the graph exported at the first step only; the
+  second step swaps the weights into the unoptimised graph and optimises it, later steps compute the optimised
+  graph's weights from the module's (ResNet-18's BatchNorms folded into its convolutions with NumPy);
 - ``hooks``: hand-written forward hooks on the eager model computing the same counts (one one-hot matrix product
   per activation call) and the entropies;
 - ``run``: ``layerscope.run`` with the module as the model source at every step (what a user without the
@@ -15,15 +15,17 @@ class and pooled) is measured on a fixed probe batch, four ways, interleaved ste
 
 Models: ``cnn`` (the digits CNN of the demo zoo's shape, 8×8 inputs, probe of 256) and ``resnet18``
 (``architectures.py``, 64×64 inputs, probe of 64, 10 classes). The first monitored step (the export) is reported
-apart; the others give medians over ``STEPS`` steps. ``--threads 1`` sets torch's and onnxruntime's threads (and
-OMP_NUM_THREADS) to one; ``--load 2`` runs two CPU-bound processes beside the measurement.
+apart; the others give medians over ``STEPS`` steps. ``--threads 1`` sets torch's threads (and OMP_NUM_THREADS) to
+one; onnxruntime runs on all cores, as layerscope runs it, unless ``--ort-threads 1`` sets its threads in the
+monitor and the runs too; ``--load 2`` runs two CPU-bound processes beside the measurement.
 
-Run: ``python tests/benchmarks/bench_monitor.py [--threads 1] [--load 2] [--models cnn,resnet18]``.
+Run: ``python tests/benchmarks/bench_monitor.py [--threads 1] [--ort-threads 1] [--load 2] [--models cnn,resnet18]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
@@ -142,6 +144,7 @@ def measure(name: str) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=None, help="threads for torch, onnxruntime and OpenMP")
+    parser.add_argument("--ort-threads", type=int, default=None, help="onnxruntime's threads (default: the cores)")
     parser.add_argument("--load", type=int, default=0, help="CPU-bound processes running beside the measurement")
     parser.add_argument("--models", default="cnn,resnet18")
     args = parser.parse_args()
@@ -150,10 +153,18 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.ort_threads:  # the thread policy of the monitor and of a run, with onnxruntime's threads given
+        import layerscope.engine.execute
+        import layerscope.training.monitor
+        from layerscope.engine.threads import run_threads
+
+        policy = functools.partial(run_threads, args.ort_threads)
+        layerscope.training.monitor.run_threads = layerscope.engine.execute.run_threads = policy
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
     try:
         print(
-            f"threads: {args.threads or 'default'}, competing CPU-bound processes: {args.load}, {os.cpu_count()} "
+            f"threads: {args.threads or 'default'}, onnxruntime's: {args.ort_threads or 'the cores'}, "
+            f"competing CPU-bound processes: {args.load}, {os.cpu_count()} "
             f"cores; medians of {STEPS} steps, milliseconds per step"
         )
         print(

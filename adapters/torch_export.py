@@ -234,6 +234,14 @@ def export_failure(error: BaseException) -> str:
     return summary
 
 
+def _weights_key(spec, weights: str | None) -> str:
+    """The spec key that names the weights file *weights*: ``weights``, or an entry of ``checkpoints``."""
+    section = spec.model
+    if section is not None and section.get("weights") == weights:
+        return "model.weights"
+    return "model.checkpoints" if section is not None else "models"
+
+
 def _load_factory(reference: str, weights: str | None, spec):
     """Import ``package.module:factory`` (spec folder on the path), call it, load *weights* safely."""
     import torch
@@ -258,12 +266,13 @@ def _load_factory(reference: str, weights: str | None, spec):
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"model.python: '{reference}' returned {type(model).__name__}, not a torch.nn.Module")
     if weights:
-        path = regular_file(spec.resolve_path(weights), "model.weights")
+        key = _weights_key(spec, weights)
+        path = regular_file(spec.resolve_path(weights), key)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except Exception as error:
-            raise UserError(f"model.weights: cannot load {path} into '{reference}': {error}") from None
+            raise UserError(f"{key}: cannot load {path} into '{reference}': {error}") from None
     return model
 
 

@@ -11,6 +11,7 @@ import layerscope
 from layerscope.adapters.torch_export import export_to_onnx
 from layerscope.graph.tensors import describe_tensors
 from layerscope.testing import assert_records_close
+from layerscope.util.errors import UserError
 
 from .conftest import tiny_mlp_proto, write_spec
 
@@ -132,6 +133,22 @@ def test_python_factory_with_weights(tmp_path):
     expected = float(binary_entropy_bits(on).mean())
     (got,) = [r["value"] for r in results.select(metric="entropy", **{"class": "all"})]
     assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_factory_checkpoint_that_cannot_be_loaded_is_named_at_checkpoints(tmp_path):
+    """The error named model.weights, a key the spec did not have."""
+    (tmp_path / "mynets.py").write_text(
+        "import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU())\n"
+    )
+    torch.save(torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU()).state_dict(), tmp_path / "w_1.pt")
+    (tmp_path / "w_2.pt").write_bytes(b"not a checkpoint")
+    spec = write_spec(
+        tmp_path,
+        "model: {python: 'mynets:make', checkpoints: [w_1.pt, w_2.pt]}\n"
+        "data: {source: digits, limit: 20}\nanalyses: [{id: e, estimator: activation_entropy}]\n",
+    )
+    with pytest.raises(UserError, match=r"spec.yaml:1:\d+: model.checkpoints: cannot load .*w_2.pt into 'mynets:make'"):
+        layerscope.run(spec, write=False, progress=False)
 
 
 USER_MODULE = """\

@@ -515,10 +515,13 @@ def test_validate_counts_one_tensor_in_the_singular(tmp_path, capsys, tiny_onnx)
         ('{workers: "2"}', "", '4:11: runtime.workers: Input should be a valid integer, not "2"'),
         ("{retries: true}", "", "4:11: runtime.retries: Input should be a valid integer, not true"),
         ("{engine: ray, ship: 1}", "", "4:24: runtime.ship: Input should be a valid boolean, not 1"),
-        ("{shards: 0}", "", "4:11: runtime.shards: give a whole number of shards above 0, or auto (not 0)"),
-        ("{shards: autos}", "", "4:11: runtime.shards: give a whole number of shards above 0, or auto (not 'autos')"),
+        ("{shards: 0}", "", "4:11: runtime.shards: give a whole number of shards above 0, or auto, not 0"),
+        ("{shards: autos}", "", '4:11: runtime.shards: give a whole number of shards above 0, or auto, not "autos"'),
+        ("{ship: true}", "", "4:11: runtime.ship: ship is only used with engine: ray"),
+        ("{engine: ray, address: ''}", "", "4:24: runtime.address: String should have at least 1 character"),
+        ("{engine: true}", "", "4:11: runtime.engine: Input should be 'local' or 'ray', not true"),
         ("{}", "{bins: true}", "3:60: analyses.0.params.bins: Input should be a valid integer, not true"),
-        ("{}", "{sigma: x}", "3:59: analyses.0.params.sigma: Input should be a valid number or 'alignment'"),
+        ("{}", "{sigma: x}", "3:59: analyses.0.params.sigma: Input should be a valid number or 'alignment', not \"x\""),
     ],
 )
 def test_a_value_of_the_wrong_type_is_one_message_never_read_as_another(tmp_path, capsys, runtime, analysis, message):

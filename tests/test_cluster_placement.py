@@ -98,3 +98,20 @@ def test_a_run_waits_for_its_first_workers_however_long_but_not_for_replacements
     executor.lost_one, executor.starved_since = True, time.monotonic() - 2 * STARVED_SECONDS
     with pytest.raises(InfrastructureError, match="no Ray worker could start for 60 s after the last was lost"):
         executor._check_starved()
+
+
+def test_a_checkpoint_file_a_worker_lacks_is_named_at_the_checkpoints_key(tmp_path):
+    """Checkpoints found by a glob were named "checkpoint ep_02", which the spec has no key for: the message
+    had no file:line:col. They are named at ``model.checkpoints``."""
+    for epoch in (1, 2):
+        onnx.save(tiny_mlp(), tmp_path / f"ep_{epoch:02d}.onnx")
+    plan = _plan(tmp_path)
+    plan = prepare(
+        {**plan.doc.data, "model": {"source": str(tmp_path / "ep_01.onnx"), "checkpoints": str(tmp_path / "ep_*.onnx")}}
+    )
+    files = named_files(plan, plan.checkpoints())
+    assert [(f.key, f.path) for f in files] == [
+        ("model.source", str(tmp_path / "ep_01.onnx")),
+        ("data.path", str(tmp_path / "data.npz")),
+        ("model.checkpoints", str(tmp_path / "ep_02.onnx")),
+    ]

@@ -380,7 +380,7 @@ def test_a_shard_reads_the_look_ahead_past_its_end():
 
 def test_runtime_errors_name_the_key(monkeypatch):
     base = {"model": {"source": "demo:digits-mlp"}, "analyses": [{"id": "e", "estimator": "activation_entropy"}]}
-    with pytest.raises(SpecError, match="runtime: address is only used with engine: ray"):
+    with pytest.raises(SpecError, match="runtime.address: address is only used with engine: ray"):
         layerscope.validate({**base, "runtime": {"address": "auto"}}, with_model=False)
     with pytest.raises(SpecError, match="runtime.shards"):
         layerscope.validate({**base, "runtime": {"shards": 0}}, with_model=False)

@@ -94,3 +94,45 @@ def test_a_killed_parallel_run_resumes_from_the_checkpoints_it_saved(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     records = [json.loads((tmp_path / d / "results.json").read_text())["records"] for d in ("fresh", "out")]
     assert records[1] == records[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", ["ctrl-c", "sigterm"])
+def test_an_interrupted_parallel_run_is_one_message_and_ends_every_worker(tmp_path, ending):
+    """A terminal's Ctrl-C reaches every process of the foreground group: worker processes still importing
+    torch printed their KeyboardInterrupt tracebacks above the run's message (3 tries in 4). The workers
+    now never see it; the run ends them. SIGTERM (``timeout``, a batch scheduler) ended the run without a
+    word; it now ends as an interrupt does, exit 143."""
+    from layerscope.adapters.demo_zoo import ensure_trained
+
+    ensure_trained("digits-mlp")  # trained here, not by the run: it says so on stderr
+    spec = write_spec(
+        tmp_path,
+        "model: {source: demo:digits-mlp, checkpoints: all}\n"
+        "data: {source: digits, split: train}\n"
+        "analyses: [{id: ip, estimator: information_plane, params: {sigma_grid: 60}}]\n"
+        "runtime: {workers: 2}\n",
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-m", "layerscope", "run", str(spec), "--quiet", "--out", str(tmp_path / "out")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal gives a command
+    )
+    workers = wait_until(
+        lambda: run.poll() is not None or [p for p in descendants(run.pid) if "multiprocessing" in command_line(p)],
+        timeout=120,
+        what="the run's worker processes",
+    )
+    assert run.poll() is None, run.communicate()
+    if ending == "ctrl-c":
+        os.killpg(run.pid, signal.SIGINT)  # while the workers import torch and build the run
+    else:
+        run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    expected = (130, "interrupted") if ending == "ctrl-c" else (143, "ended by SIGTERM")
+    assert run.returncode == expected[0], err
+    assert err.startswith(f"layerscope: {expected[1]}; no results.json was written"), err
+    assert err.count("\n") == 1, err
+    wait_until(lambda: not any(map(alive, workers)), timeout=30, what="the workers to end")

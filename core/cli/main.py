@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 from layerscope.util.errors import InfrastructureError, UserError
+from layerscope.util.processes import Terminated, terminated_by_exception
 
 from . import supervisor
 from .supervisor import RESUME_HINT
@@ -25,7 +26,8 @@ EXIT_BROKEN_PIPE = 141  # as a process killed by SIGPIPE
 def _cmd_run(args) -> int:
     from layerscope.api import run
 
-    results = run(args.spec, out=args.out, progress=not args.quiet, resume=args.resume)
+    with terminated_by_exception():
+        results = run(args.spec, out=args.out, progress=not args.quiet, resume=args.resume)
     from .summary import print_summary
 
     print_summary(results, results.out_dir, quiet=args.quiet)
@@ -311,6 +313,9 @@ def _handled(args) -> int:
     except KeyboardInterrupt:
         print(f"layerscope: interrupted; no results.json was written ({RESUME_HINT})", file=sys.stderr)
         return 130
+    except Terminated as ended:
+        print(f"layerscope: ended by {ended}; no results.json was written ({RESUME_HINT})", file=sys.stderr)
+        return 128 + ended.signum
     except Exception:
         traceback.print_exc()
         print(

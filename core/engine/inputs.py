@@ -68,8 +68,9 @@ def named_files(plan: RunPlan, checkpoints: list[Checkpoint]) -> list[NamedFile]
     document = plan.doc.data if isinstance(plan.doc.data, dict) else {}
     for section in ("model", "models", "data"):
         walk(document.get(section), (section,))
+    listed = "model.checkpoints" if "model" in document else "models"  # where the checkpoints' files are named
     for checkpoint in checkpoints:
-        walk(checkpoint.ref, (f"checkpoint {checkpoint.label}",))
+        walk(checkpoint.ref, tuple(listed.split(".")))
     return list(found.values())
 
 

@@ -32,7 +32,7 @@ from layerscope.data.source import Samples, shard_spans
 from layerscope.model.adapter import Checkpoint
 from layerscope.spec.yaml_locations import LocatedDocument
 from layerscope.util.errors import UserError
-from layerscope.util.processes import signal_on_parent_death
+from layerscope.util.processes import interrupts_held, signal_on_parent_death
 
 from .checkpoint_run import ShardWorker, Span
 from .lifecycle import ShardOutcome, ShardTask, TaskQueue
@@ -182,7 +182,8 @@ class PoolExecutor:
             while queue and len(running) < 2 * self.processes and not broken:
                 task = queue.pop()
                 try:
-                    running[self.pool.submit(_run_in_worker, task)] = task
+                    with interrupts_held():  # the processes submit() starts never see Ctrl-C: this one ends them
+                        running[self.pool.submit(_run_in_worker, task)] = task
                 except BrokenProcessPool:
                     queue.push(task)
                     broken = True
@@ -204,7 +205,7 @@ class PoolExecutor:
     def _retry(self, lost: list[ShardTask], queue: TaskQueue) -> None:
         """Queue the tasks a broken pool held again on a new pool, or end the run when one of them has
         been lost more often than ``runtime.retries`` allows."""
-        self._end_broken_pool()
+        self.kill()
         self.warnings.append(
             f"runtime.workers: a worker process ended abruptly (killed, or out of memory); the {len(lost)} "
             "task(s) its pool held ran again in new worker processes"
@@ -221,18 +222,19 @@ class PoolExecutor:
         )
         self.pool = self.new_pool()
 
-    def _end_broken_pool(self) -> None:
-        """Kill the processes left in a broken pool and let it go. Python (3.11) can leave one running: a
-        process submit() started while the pool's manager was terminating the others, which its manager
-        then waits for without end."""
+    def kill(self) -> None:
+        """Kill the pool's processes and let it go: a broken pool (Python 3.11 can leave one process running,
+        which submit() started while the pool's manager was terminating the others, and which that manager
+        then waits for without end), or the pool of a run that ended early (an interrupt, an error): its
+        processes ignore Ctrl-C and would finish their tasks first."""
         for process in list((getattr(self.pool, "_processes", None) or {}).values()):
             process.kill()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
-        """Shut the pool down, its queued tasks cancelled."""
+        """Shut the pool down once its tasks are done."""
         if getattr(self.pool, "_broken", False):
-            self._end_broken_pool()
+            self.kill()
         else:
             self.pool.shutdown(cancel_futures=True)
 
@@ -267,5 +269,7 @@ def process_pool(
         executor = PoolExecutor(new_pool, workers - 1, here, plan.spec.runtime.retries, warnings)
         try:
             yield executor
-        finally:
-            executor.close()
+        except BaseException:
+            executor.kill()
+            raise
+        executor.close()

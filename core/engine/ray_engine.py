@@ -138,7 +138,7 @@ def _connect(plan: RunPlan) -> bool:
     except Exception as error:  # Ray raises bare Exceptions too ("the current node timed out during startup")
         if not runtime.address:
             ray.shutdown()  # the processes it started before it failed
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            first = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
             raise InfrastructureError(
                 f"runtime.engine: could not start a local Ray cluster for the run: {first}"
             ) from None
@@ -150,11 +150,15 @@ def _connect(plan: RunPlan) -> bool:
             "; a cluster with token authentication (Ray's default) also needs RAY_AUTH_MODE=token and its "
             "token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
             if "RAY_AUTH_MODE" not in os.environ
-            else ""
+            else "; check that RAY_AUTH_TOKEN (or ~/.ray/auth_token) holds the cluster's token"
         )
         raise UserError(
             f"{plan.where('runtime', 'address')}: cannot join the Ray cluster at '{runtime.address}': {error}{hint}"
         ) from None
+    except BaseException:  # an interrupt while the local cluster starts: stop what started
+        if not runtime.address:
+            ray.shutdown()
+        raise
     finally:
         ray_logger.setLevel(level)
     return True

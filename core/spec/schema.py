@@ -24,8 +24,8 @@ from pydantic import (
     StrictBool,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -117,7 +117,9 @@ class RuntimeSection(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     engine: Literal["local", "ray"] = "local"
     address: str | None = Field(
-        None, description="engine ray: the cluster to join ('auto', 'ray://head:10001'); a local cluster when omitted"
+        None,
+        min_length=1,
+        description="engine ray: the cluster to join ('auto', 'ray://head:10001'); a local cluster when omitted",
     )
     memory_budget: int = Field(2 * 2**30, description="bytes of fetched tensors held at once")
     seed: StrictInt = 0
@@ -156,19 +158,19 @@ class RuntimeSection(StrictModel):
     def _shards(cls, value: Any) -> Any:
         if value == "auto" or (type(value) is int and value > 0):
             return value
-        raise ValueError(f"give a whole number of shards above 0, or auto (not {value!r})")
+        raise ValueError(f"give a whole number of shards above 0, or auto, not {_scalar_shown(value)}")
 
     @property
     def parallel(self) -> bool:
         """True when shard tasks run outside this process (worker processes or Ray)."""
         return self.engine == "ray" or self.workers > 1
 
-    @model_validator(mode="after")
-    def _address_needs_ray(self) -> RuntimeSection:
-        for key, used in (("address", self.address is not None), ("ship", self.ship)):
-            if used and self.engine != "ray":
-                raise ValueError(f"{key} is only used with engine: ray")
-        return self
+    @field_validator("address", "ship")
+    @classmethod
+    def _only_with_ray(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, False) and info.data.get("engine", "local") != "ray":
+            raise ValueError(f"{info.field_name} is only used with engine: ray")
+        return value
 
 
 class OutputsSection(StrictModel):
@@ -330,7 +332,7 @@ def format_validation_errors(
             loc += item["ctx"]["path"]
         elif item["type"] == "missing":
             message = "required key is missing"
-        elif item["type"] in ("int_type", "bool_type", "float_type", "string_type"):
+        elif item["type"] in ("int_type", "bool_type", "float_type", "string_type", "literal_error"):
             message = f"{message}, not {_scalar_shown(item['input'])}"
         by_key.setdefault(loc, []).append(message)
     return [

@@ -1,10 +1,14 @@
-"""Linux process controls (``prctl``): a signal on the parent's death, and adopting orphaned descendants.
-Elsewhere they do nothing and say so."""
+"""Process controls: a signal on the parent's death and adopting orphaned descendants (Linux ``prctl``;
+elsewhere they do nothing and say so), Ctrl-C held back from the processes a block starts, and SIGTERM and
+SIGHUP ending a command as an interrupt does."""
 
 from __future__ import annotations
 
 import ctypes
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
 
@@ -25,3 +29,40 @@ def adopt_orphans() -> bool:
     """Make this process the parent of the descendants whose own parents end (``PR_SET_CHILD_SUBREAPER``),
     instead of init: it can then find and end them. False where that is not available."""
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """SIGINT blocked in this thread for the block. The processes started in it inherit the block (through
+    ``exec`` too) and never see a terminal's Ctrl-C, which reaches every process of the foreground group:
+    the process that started them ends them. A SIGINT that came meanwhile is delivered when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP reached the process (``timeout``, a batch scheduler, a closed terminal): raised where it
+    runs, as Ctrl-C raises ``KeyboardInterrupt``, so that the run stops its workers and says so."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def terminated_by_exception() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` in this process (Python's default ends it
+    at once, without a word); the previous handlers come back after it."""
+
+    def terminate(signum: int, _frame) -> None:
+        raise Terminated(signum)
+
+    previous = {signum: signal.signal(signum, terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -137,17 +137,17 @@ def test_python_factory_with_weights(tmp_path):
 
 def test_a_factory_checkpoint_that_cannot_be_loaded_is_named_at_checkpoints(tmp_path):
     """The error named model.weights, a key the spec did not have."""
-    (tmp_path / "mynets.py").write_text(
+    (tmp_path / "ckptnets.py").write_text(
         "import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU())\n"
     )
     torch.save(torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU()).state_dict(), tmp_path / "w_1.pt")
     (tmp_path / "w_2.pt").write_bytes(b"not a checkpoint")
     spec = write_spec(
         tmp_path,
-        "model: {python: 'mynets:make', checkpoints: [w_1.pt, w_2.pt]}\n"
+        "model: {python: 'ckptnets:make', checkpoints: [w_1.pt, w_2.pt]}\n"
         "data: {source: digits, limit: 20}\nanalyses: [{id: e, estimator: activation_entropy}]\n",
     )
-    with pytest.raises(UserError, match=r"spec.yaml:1:\d+: model.checkpoints: cannot load .*w_2.pt into 'mynets:make'"):
+    with pytest.raises(UserError, match=r"spec.yaml:1:\d+: model.checkpoints: cannot load .*w_2.pt into 'ckptnets:make'"):
         layerscope.run(spec, write=False, progress=False)
 
 

@@ -311,18 +311,36 @@ def _handled(args) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        print(f"layerscope: interrupted; no results.json was written ({RESUME_HINT})", file=sys.stderr)
-        return 130
+        return _interrupted()
     except Terminated as ended:
         print(f"layerscope: ended by {ended}; no results.json was written ({RESUME_HINT})", file=sys.stderr)
         return 128 + ended.signum
-    except Exception:
+    except Exception as error:
+        if _caused_by_interrupt(error):  # Ctrl-C while a C extension initialised: onnxruntime's ImportError
+            return _interrupted()
         traceback.print_exc()
         print(
             "layerscope: internal error (a bug in layerscope or a plugin); please report it with the traceback above",
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+
+
+def _interrupted() -> int:
+    print(f"layerscope: interrupted; no results.json was written ({RESUME_HINT})", file=sys.stderr)
+    return 130
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    """Whether a ``KeyboardInterrupt`` is among the exceptions that *error* was raised from or while handling."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,14 +34,23 @@ def adopt_orphans() -> bool:
 
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """SIGINT blocked in this thread for the block. The processes started in it inherit the block (through
-    ``exec`` too) and never see a terminal's Ctrl-C, which reaches every process of the foreground group:
-    the process that started them ends them. A SIGINT that came meanwhile is delivered when the block ends."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    """Ctrl-C held back for the block. SIGINT is blocked in this thread: the processes started in the block
+    inherit the block (through ``exec`` too) and never see a terminal's Ctrl-C, which reaches every process of
+    the foreground group; the process that started them ends them. In the main thread, an interrupt that came
+    before or during the block (Python raises ``KeyboardInterrupt`` at its next step, which could be midway
+    through starting a process) is raised when the block ends."""
+    held: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum)) if main else None
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 class Terminated(BaseException):

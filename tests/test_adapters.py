@@ -147,7 +147,9 @@ def test_a_factory_checkpoint_that_cannot_be_loaded_is_named_at_checkpoints(tmp_
         "model: {python: 'ckptnets:make', checkpoints: [w_1.pt, w_2.pt]}\n"
         "data: {source: digits, limit: 20}\nanalyses: [{id: e, estimator: activation_entropy}]\n",
     )
-    with pytest.raises(UserError, match=r"spec.yaml:1:\d+: model.checkpoints: cannot load .*w_2.pt into 'ckptnets:make'"):
+    with pytest.raises(
+        UserError, match=r"spec.yaml:1:\d+: model.checkpoints: cannot load .*w_2.pt into 'ckptnets:make'"
+    ):
         layerscope.run(spec, write=False, progress=False)
 
 

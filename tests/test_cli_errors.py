@@ -537,3 +537,15 @@ def test_a_value_of_the_wrong_type_is_one_message_never_read_as_another(tmp_path
     assert main(["validate", str(spec), "--no-model"]) == 2
     err = capsys.readouterr().err
     assert err == f"layerscope: error: {spec}:{message}\n", err
+
+
+def test_a_wrong_data_batch_size_is_not_compared_as_a_number(tmp_path, capsys):
+    """`data.batch_size: true` also gave "batch_size 100 is larger than data.batch_size (True)"."""
+    spec = write_spec(
+        tmp_path,
+        "model: {source: tiny.onnx}\ndata: {source: digits, batch_size: true}\n"
+        "analyses: [{id: ip, estimator: information_plane, params: {batch_size: 100}}]\n",
+    )
+    assert main(["validate", str(spec), "--no-model"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"layerscope: error: {spec}:2:24: data.batch_size: Input should be a valid integer, not true\n", err

@@ -909,3 +909,21 @@ def test_a_lock_taken_on_a_removed_lock_file_is_taken_again(tmp_path, monkeypatc
     racer.release()
     assert not path.exists() and third.acquire()
     third.release()
+
+
+def test_a_signal_after_the_results_are_written_does_not_end_the_command():
+    """Ctrl-C in the last moments of a finished run killed the process by signal while the interpreter shut
+    down (exit -2, no message), its results complete: once they are written, late signals are held."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal; from layerscope.util.processes import ignore_late_signals; ignore_late_signals(); "
+        "[os.kill(os.getpid(), s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]; print('done')"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "done\n" and done.stderr == "", done
+    unheld = subprocess.run(
+        [sys.executable, "-c", script.replace("ignore_late_signals(); ", "")], capture_output=True, timeout=60
+    )
+    assert unheld.returncode != 0  # without it, the first signal ends the process (KeyboardInterrupt)

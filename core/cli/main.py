@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from layerscope.util.errors import InfrastructureError, UserError
-from layerscope.util.processes import Terminated, terminated_by_exception
+from layerscope.util.processes import Terminated, ignore_late_signals, terminated_by_exception
 
 from . import supervisor
 from .supervisor import RESUME_HINT
@@ -28,6 +28,8 @@ def _cmd_run(args) -> int:
 
     with terminated_by_exception():
         results = run(args.spec, out=args.out, progress=not args.quiet, resume=args.resume)
+    if args.as_command:  # the results are written: the run has succeeded whatever signal comes now
+        ignore_late_signals()
     from .summary import print_summary
 
     print_summary(results, results.out_dir, quiet=args.quiet)
@@ -287,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command *argv* (default: this process's arguments); its exit status. As the command itself,
     a run of a Ray spec runs in a watched child process (:mod:`layerscope.cli.supervisor`)."""
     args = build_parser().parse_args(argv)
+    args.as_command = argv is None
     # only as the command itself: watching a child changes how the process treats orphans and signals
     if argv is None and args.handler is _cmd_run and supervisor.wanted(args.spec):
         return supervisor.supervise(sys.argv[1:])

@@ -26,11 +26,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from layerscope.util.processes import adopt_orphans, signal_on_parent_death
 
-#: Set in the child's environment: the file descriptor it reports its exit status on.
-STATUS_FD = "LAYERSCOPE_STATUS_FD"
+#: Set in the child's environment: the file it writes its exit status to (a file, not an inherited descriptor:
+#: libraries the run loads may close or reuse low descriptors).
+STATUS_FILE = "LAYERSCOPE_STATUS_FILE"
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: What a user can do about a run that ended before writing its results.
 RESUME_HINT = "a multi-checkpoint run continues from its finished checkpoints with: layerscope run SPEC --resume"
@@ -40,7 +43,7 @@ def wanted(spec: str) -> bool:
     """Whether a run of the spec file *spec* is supervised: a readable YAML mapping with ``runtime.engine:
     ray``, on Linux, in a process that is not already the supervised child. Anything else (a spec that does
     not parse included) runs in this process, which reports its problems."""
-    if os.environ.get(STATUS_FD) is not None or not sys.platform.startswith("linux"):
+    if os.environ.get(STATUS_FILE) is not None or not sys.platform.startswith("linux"):
         return False
     if importlib.util.find_spec("psutil") is None:  # the ray extra installs it
         return False
@@ -57,19 +60,27 @@ def wanted(spec: str) -> bool:
 
 def report_exit(code: int) -> None:
     """Tell the supervising parent (when there is one) that this process ends with *code*."""
-    descriptor = os.environ.get(STATUS_FD)
-    if descriptor is not None:
+    path = os.environ.get(STATUS_FILE)
+    if path is not None:
         try:
-            os.write(int(descriptor), bytes([code & 0xFF]))
-        except (OSError, ValueError):  # no parent listening: nothing to tell
+            Path(path).write_text(str(code))
+        except OSError:  # the parent reads no status: it says what it knows
             pass
 
 
 def supervise(argv: list[str]) -> int:
     """Run ``layerscope`` with *argv* in a supervised child (module docstring); its exit status."""
     adopt_orphans()
-    status_read, status_write = os.pipe()
-    os.set_blocking(status_read, False)
+    descriptor, status_path = tempfile.mkstemp(prefix="layerscope-status-")
+    os.close(descriptor)
+    try:
+        return _watch(argv, Path(status_path))
+    finally:
+        Path(status_path).unlink(missing_ok=True)
+
+
+def _watch(argv: list[str], status_path: Path) -> int:
+    """:func:`supervise` with the child's status file at *status_path*."""
 
     def dies_with_parent() -> None:  # in the child, before exec: a killed supervisor interrupts the run
         signal_on_parent_death(signal.SIGINT)
@@ -85,12 +96,10 @@ def supervise(argv: list[str]) -> int:
     previous = {signum: signal.signal(signum, forward) for signum in _FORWARDED}
     child = subprocess.Popen(
         [sys.executable, "-m", "layerscope", *argv],
-        env={**os.environ, STATUS_FD: str(status_write)},
-        pass_fds=(status_write,),
+        env={**os.environ, STATUS_FILE: str(status_path)},
         start_new_session=True,
         preexec_fn=dies_with_parent,
     )
-    os.close(status_write)
     if received:  # a signal came while the child was starting
         os.kill(child.pid, signal.SIGINT)  # not reaped yet: it exists
     try:
@@ -100,14 +109,10 @@ def supervise(argv: list[str]) -> int:
         _end_left_behind()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    try:
-        reported = os.read(status_read, 1)
-    except BlockingIOError:
-        reported = b""
-    finally:
-        os.close(status_read)
-    if reported:
-        return 128 + received[-1] if reported[0] == 130 and received else reported[0]
+    reported = status_path.read_text()
+    if reported.isdigit():
+        code = int(reported)
+        return 128 + received[-1] if code == 130 and received else code
     return _unreported(status, received)
 
 

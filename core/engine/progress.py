@@ -1,4 +1,4 @@
-"""A progress bar on stderr that appears only once a run has taken more than a moment."""
+"""A progress bar on stderr, when it is a terminal, that appears only once a run has taken more than a moment."""
 
 from __future__ import annotations
 
@@ -29,12 +29,16 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
+            console = Console(stderr=True)
+            if not console.is_terminal:  # a file or a pipe: a bar would leave only a blank line there
+                self.enabled = False
+                return
             self._bar = RichProgress(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeRemainingColumn(),
-                console=Console(stderr=True),
+                console=console,
                 transient=True,
             )
             self._bar.start()

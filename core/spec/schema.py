@@ -313,7 +313,9 @@ def _one_message(messages: list[str]) -> str:
 
 def _scalar_shown(value: Any) -> str:
     """*value* as YAML writes it (``true``, ``"2"``), for messages about a value of the wrong type."""
-    return json.dumps(value) if isinstance(value, (bool, int, float, str)) or value is None else type(value).__name__
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return json.dumps(value)
+    return "a list" if isinstance(value, list) else type(value).__name__
 
 
 def format_validation_errors(
@@ -332,6 +334,8 @@ def format_validation_errors(
             loc += item["ctx"]["path"]
         elif item["type"] == "missing":
             message = "required key is missing"
+        elif item["type"] in ("model_type", "model_attributes_type", "dict_type"):  # not the class's name
+            message = f"Input should be a mapping of keys to values, not {_scalar_shown(item['input'])}"
         elif item["type"] in ("int_type", "bool_type", "float_type", "string_type", "literal_error"):
             message = f"{message}, not {_scalar_shown(item['input'])}"
         by_key.setdefault(loc, []).append(message)

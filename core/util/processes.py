@@ -76,3 +76,10 @@ def terminated_by_exception() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def ignore_late_signals() -> None:
+    """Block SIGINT, SIGTERM and SIGHUP for the rest of this process: its work is done (a run's results are
+    written) and a late Ctrl-C would otherwise report an interrupted run, or kill the process by signal while
+    the interpreter shuts down, when the results are complete."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})

@@ -118,7 +118,7 @@ class InformationPlaneParams(BaseModel):
         would give no estimate at all."""
         context = info.context or {}
         for key, name in (("data_batch_size", "data.batch_size"), ("data_limit", "data.limit")):
-            if isinstance(context.get(key), int) and size > context[key]:
+            if type(context.get(key)) is int and size > context[key]:  # bool is an int: a wrong value, refused apart
                 raise ValueError(
                     f"batch_size {size} is larger than {name} ({context[key]}): every estimate takes "
                     f"{size} samples of one data batch; give batch_size ≤ {context[key]} or a larger {name}"

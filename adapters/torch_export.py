@@ -272,8 +272,20 @@ def _load_factory(reference: str, weights: str | None, spec):
             state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except Exception as error:
-            raise UserError(f"{key}: cannot load {path} into '{reference}': {error}") from None
+            raise UserError(f"{key}: cannot load {path} into '{reference}': {_load_failure(error)}") from None
     return model
+
+
+def _load_failure(error: Exception) -> str:
+    """Why ``torch.load`` or ``load_state_dict`` failed, in one line. A file that does not load as tensors
+    alone gives torch's unpickler's reason, not torch's advice to load it with ``weights_only=False`` (which
+    runs the code a file holds: never done here)."""
+    text = ANSI_ESCAPES.sub("", str(error))
+    if "Weights only load failed" in text:
+        reason = text.partition("WeightsUnpickler error:")[2].strip().split("\n\n")[0].strip()
+        reason = reason.split(". Please use")[0]
+        return f"it is not a file of tensors alone ({' '.join(reason.split()) or type(error).__name__})"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _load_pt2(path: Path):

@@ -313,14 +313,12 @@ def _handled(args) -> int:
     except BrokenPipeError:  # the reader stopped reading (`layerscope plugins | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt:
-        return _interrupted()
-    except Terminated as ended:
-        print(f"layerscope: ended by {ended}; no results.json was written ({RESUME_HINT})", file=sys.stderr)
-        return 128 + ended.signum
+    except (KeyboardInterrupt, Terminated) as stopped:
+        return _stopped(stopped)
     except Exception as error:
-        if _caused_by_interrupt(error):  # Ctrl-C while a C extension initialised: onnxruntime's ImportError
-            return _interrupted()
+        signalled = _stopped_by(error)
+        if signalled is not None:  # a signal while a C extension initialised: onnxruntime's ImportError
+            return _stopped(signalled)
         traceback.print_exc()
         print(
             "layerscope: internal error (a bug in layerscope or a plugin); please report it with the traceback above",
@@ -329,21 +327,26 @@ def _handled(args) -> int:
         return EXIT_INTERNAL
 
 
-def _interrupted() -> int:
+def _stopped(stopped: KeyboardInterrupt | Terminated) -> int:
+    """The message and exit status of a run that a signal stopped."""
+    if isinstance(stopped, Terminated):
+        print(f"layerscope: ended by {stopped}; no results.json was written ({RESUME_HINT})", file=sys.stderr)
+        return 128 + stopped.signum
     print(f"layerscope: interrupted; no results.json was written ({RESUME_HINT})", file=sys.stderr)
     return 130
 
 
-def _caused_by_interrupt(error: BaseException) -> bool:
-    """Whether a ``KeyboardInterrupt`` is among the exceptions that *error* was raised from or while handling."""
+def _stopped_by(error: BaseException) -> KeyboardInterrupt | Terminated | None:
+    """The ``KeyboardInterrupt`` or :class:`Terminated` among the exceptions that *error* was raised from or
+    while handling, if any."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
-        if isinstance(current, KeyboardInterrupt):
-            return True
+        if isinstance(current, KeyboardInterrupt | Terminated):
+            return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
-    return False
+    return None
 
 
 if __name__ == "__main__":

@@ -32,25 +32,28 @@ def adopt_orphans() -> bool:
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
+_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Ctrl-C held back for the block. SIGINT is blocked in this thread: the processes started in the block
-    inherit the block (through ``exec`` too) and never see a terminal's Ctrl-C, which reaches every process of
-    the foreground group; the process that started them ends them. In the main thread, an interrupt that came
-    before or during the block (Python raises ``KeyboardInterrupt`` at its next step, which could be midway
-    through starting a process) is raised when the block ends."""
+    """Ctrl-C, SIGTERM and SIGHUP held back for the block. They are blocked in this thread: the processes
+    started in the block inherit the block (through ``exec`` too) and never see a terminal's Ctrl-C, which
+    reaches every process of the foreground group; the process that started them ends them. In the main
+    thread, a signal that came before or during the block (Python acts on it at its next step, which could be
+    midway through starting a process) is raised again when the block ends, for its handler to act on."""
     held: list[int] = []
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum)) if main else None
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = {signum: signal.signal(signum, lambda s, _frame: held.append(s)) for signum in _STOPPING} if main else {}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(_STOPPING))
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        if main:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if held:
-        raise KeyboardInterrupt
+        signal.raise_signal(held[0])
 
 
 class Terminated(BaseException):
@@ -70,7 +73,7 @@ def terminated_by_exception() -> Iterator[None]:
     def terminate(signum: int, _frame) -> None:
         raise Terminated(signum)
 
-    previous = {signum: signal.signal(signum, terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {signum: signal.signal(signum, terminate) for signum in _STOPPING[1:]}
     try:
         yield
     finally:
@@ -82,4 +85,4 @@ def ignore_late_signals() -> None:
     """Block SIGINT, SIGTERM and SIGHUP for the rest of this process: its work is done (a run's results are
     written) and a late Ctrl-C would otherwise report an interrupted run, or kill the process by signal while
     the interpreter shuts down, when the results are complete."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(_STOPPING))

@@ -17,7 +17,7 @@ from layerscope.util.errors import InfrastructureError, UserError
 from layerscope.util.processes import Terminated, ignore_late_signals, terminated_by_exception
 
 from . import supervisor
-from .supervisor import RESUME_HINT
+from .supervisor import INTERRUPTED, RESUME_HINT
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INFRASTRUCTURE = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 141  # as a process killed by SIGPIPE
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.as_command = argv is None
     # only as the command itself: watching a child changes how the process treats orphans and signals
-    if argv is None and args.handler is _cmd_run and supervisor.wanted(args.spec):
+    if args.as_command and args.handler is _cmd_run and supervisor.wanted(args.spec):
         return supervisor.supervise(sys.argv[1:])
     code = _handled(args)
     supervisor.report_exit(code)
@@ -332,7 +332,7 @@ def _stopped(stopped: KeyboardInterrupt | Terminated) -> int:
     if isinstance(stopped, Terminated):
         print(f"layerscope: ended by {stopped}; no results.json was written ({RESUME_HINT})", file=sys.stderr)
         return 128 + stopped.signum
-    print(f"layerscope: interrupted; no results.json was written ({RESUME_HINT})", file=sys.stderr)
+    print(INTERRUPTED, file=sys.stderr)
     return 130
 
 

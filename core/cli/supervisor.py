@@ -29,14 +29,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from layerscope.util.processes import adopt_orphans, signal_on_parent_death
+from layerscope.util.processes import STOP_SIGNALS, adopt_orphans, signal_on_parent_death
 
 #: Set in the child's environment: the file it writes its exit status to (a file, not an inherited descriptor:
 #: libraries the run loads may close or reuse low descriptors).
 STATUS_FILE = "LAYERSCOPE_STATUS_FILE"
-_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: What a user can do about a run that ended before writing its results.
 RESUME_HINT = "a multi-checkpoint run continues from its finished checkpoints with: layerscope run SPEC --resume"
+#: The message of a run that an interrupt stopped.
+INTERRUPTED = f"layerscope: interrupted; no results.json was written ({RESUME_HINT})"
 
 
 def wanted(spec: str) -> bool:
@@ -93,7 +94,7 @@ def _watch(argv: list[str], status_path: Path) -> int:
         if child is not None:
             os.kill(child.pid, signal.SIGINT)  # not reaped yet: it exists
 
-    previous = {signum: signal.signal(signum, forward) for signum in _FORWARDED}
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
     child = subprocess.Popen(
         [sys.executable, "-m", "layerscope", *argv],
         env={**os.environ, STATUS_FILE: str(status_path)},
@@ -127,7 +128,7 @@ def _wait_for(pid: int) -> int:
 def _unreported(status: int, received: list[int]) -> int:
     """The exit status, and one message, of a run whose process ended without reporting its own."""
     if received:
-        print(f"layerscope: interrupted; no results.json was written ({RESUME_HINT})", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 128 + received[-1]
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)

@@ -32,7 +32,8 @@ def adopt_orphans() -> bool:
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: The signals that stop a command: Ctrl-C, termination (``timeout``, a batch scheduler), a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
@@ -44,8 +45,12 @@ def interrupts_held() -> Iterator[None]:
     midway through starting a process) is raised again when the block ends, for its handler to act on."""
     held: list[int] = []
     main = threading.current_thread() is threading.main_thread()
-    previous = {signum: signal.signal(signum, lambda s, _frame: held.append(s)) for signum in _STOPPING} if main else {}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(_STOPPING))
+
+    def hold(signum: int, _frame) -> None:
+        held.append(signum)
+
+    previous = {signum: signal.signal(signum, hold) for signum in STOP_SIGNALS} if main else {}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
     try:
         yield
     finally:
@@ -73,7 +78,7 @@ def terminated_by_exception() -> Iterator[None]:
     def terminate(signum: int, _frame) -> None:
         raise Terminated(signum)
 
-    previous = {signum: signal.signal(signum, terminate) for signum in _STOPPING[1:]}
+    previous = {signum: signal.signal(signum, terminate) for signum in STOP_SIGNALS[1:]}
     try:
         yield
     finally:
@@ -85,4 +90,4 @@ def ignore_late_signals() -> None:
     """Block SIGINT, SIGTERM and SIGHUP for the rest of this process: its work is done (a run's results are
     written) and a late Ctrl-C would otherwise report an interrupted run, or kill the process by signal while
     the interpreter shuts down, when the results are complete."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, set(_STOPPING))
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))

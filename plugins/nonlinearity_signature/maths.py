@@ -182,11 +182,10 @@ def exact_w2_squared(source: np.ndarray, target: np.ndarray, solver: str = "emd"
 
 
 def sample_subspace(xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
-    """An orthonormal basis (d × k) of the span of the rows of the centred samples *xc* and *yc*."""
-    stacked = np.concatenate([xc, yc]).T  # d × 2n
-    basis, singular, _ = np.linalg.svd(stacked, full_matrices=False)
-    rank = int((singular > singular[0] * max(stacked.shape) * np.finfo(float).eps).sum()) if singular.size else 0
-    return basis[:, :rank]
+    """An orthonormal basis (d × 2n) of a subspace that holds every row of the centred samples *xc* and *yc*:
+    the Q of a Householder QR of their stacked rows (any orthonormal basis whose span holds the samples gives
+    the same blocks; QR costs a quarter of an SVD of the same matrix, and needs no rank decision)."""
+    return np.linalg.qr(np.concatenate([xc, yc]).T, mode="reduced").Q
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,10 @@ def test_entropy_lookup_by_count_equals_the_direct_computation():
 
     counts = torch.from_numpy(np.random.default_rng(3).integers(0, 38, 100_000))
     direct = binary_entropy_bits(counts.to(torch.float64) / 37)
-    assert mean_binary_entropy_bits(counts, 37) == (float(direct.mean()), float(direct.sum()))
+    for held in (counts, counts.to(torch.uint8), counts.to(torch.int16), counts.to(torch.int32)):
+        mean, total = mean_binary_entropy_bits(held, 37)
+        assert mean == pytest.approx(float(direct.mean()), rel=1e-13)
+        assert total == pytest.approx(float(direct.sum()), rel=1e-13)
 
 
 @pytest.mark.parametrize(
@@ -186,21 +189,28 @@ def test_entropy_lookup_by_count_equals_the_direct_computation():
     [(37, 7, 4), (37, 2**14 - 1, 4), (37, 2**14, 4), (37, 40_000, 4), (600, 13, 2), (1000, 64, 1), (300, 9, 30)],
 )
 def test_on_counts_by_class_are_exact(rows, neurons, classes):
-    """On narrow and wide matrices (column_counts adds rows one by one from 2^14 neurons), hundreds of
-    rows of one class, many classes and a non-contiguous on/off matrix, against a plain column sum."""
-    from layerscope.plugins.activation_entropy.estimator import on_counts_by_class, pooled_counts
+    """On narrow and wide matrices (add_on_counts adds rows one by one from 2^14 neurons), hundreds of
+    rows of one class, many classes and a non-contiguous on/off matrix, added into uint8 counts that already
+    hold some, against a plain column sum."""
+    from layerscope.plugins.activation_entropy.estimator import add_on_counts, class_rows, pooled_counts
 
     generator = torch.Generator().manual_seed(rows * neurons)
     on = torch.rand(neurons, rows, generator=generator).T > 0.3  # a transposed view
     labels = torch.randint(0, classes, (rows,), generator=generator) * 7 - 3  # codes need not start at 0
-    counted = {key: (size, counts) for key, size, counts in on_counts_by_class(on, labels)}
-    for key in labels.unique().tolist():
-        assert counted[key][0] == int((labels == key).sum())
-        assert torch.equal(counted[key][1], on[labels == key].sum(0).to(torch.int32))
+    before = torch.randint(0, 3, (neurons,), generator=generator)
+    counted = {}
+    for key, chosen in class_rows(labels, rows):
+        assert chosen == torch.nonzero(labels == key).flatten().tolist()
+        counted[key] = before.to(torch.int16 if len(chosen) > 252 else torch.uint8)
+        add_on_counts(counted[key], on, chosen)
+        assert torch.equal(counted[key].to(torch.int64), before + on[labels == key].sum(0))
     assert set(counted) == set(labels.unique().tolist())
-    assert torch.equal(pooled_counts({k: c for k, (_, c) in counted.items()}), on.sum(0))
-    ((key, size, counts),) = on_counts_by_class(on, None)
-    assert key == "all" and size == rows and torch.equal(counts, on.sum(0).to(torch.int32))
+    pooled = pooled_counts(counted)
+    assert pooled.dtype == torch.int64 and torch.equal(pooled, len(counted) * before + on.sum(0))
+    assert class_rows(None, rows) == [("all", None)]
+    everything = torch.zeros(neurons, dtype=torch.int16)
+    add_on_counts(everything, on)
+    assert torch.equal(everything.to(torch.int64), on.sum(0))
 
 
 def attention_maps(samples=30, heads=3, tokens=7, seed=0):

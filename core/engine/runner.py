@@ -24,7 +24,8 @@ import onnx
 import torch
 
 from layerscope.data.source import Samples, sample_count, take
-from layerscope.graph.session import CUDA, create_session, exposing
+from layerscope.graph.optimised_graph import OptimisedGraph
+from layerscope.graph.session import CPU, CUDA, create_session, exposing, requested_providers
 from layerscope.graph.tensors import TensorInfo
 from layerscope.graph.weights import Weights
 from layerscope.util.errors import UserError
@@ -291,8 +292,31 @@ class Runner:
         splittable = all(n in self._splittable for unit in self._atomic for n in unit)
         rows = min(self.batch_size, self.fixed_batch or self.batch_size) if splittable else self.batch_size
         groups = plan_groups(self._atomic, sizes, rows, self.memory_budget, self._splittable)
-        self._sessions = [self._session_for(group.names, shared=len(groups) > 1) for group in groups]
+        self._sessions = self._group_sessions(groups)
         return groups
+
+    def _group_sessions(self, groups: list[FetchGroup]) -> list:
+        """A session per fetch group. Several groups on the CPU share one optimised graph
+        (:mod:`layerscope.graph.optimised_graph`): the model's weights, as onnxruntime rewrites them,
+        are then held once rather than once per group."""
+        if (
+            len(groups) < 2
+            or self.reuse is not None
+            or self.weights is None
+            or requested_providers(self.device) != [CPU]
+        ):
+            return [self._session_for(group.names, shared=len(groups) > 1) for group in groups]
+        tensors = [self._by_name[n] for group in groups for n in group.names]
+        try:
+            optimised = OptimisedGraph(self.model, tensors, self.weights)
+        except Exception:  # onnxruntime could not save its optimised graph (a full disk, say): a copy per group
+            return [self._session_for(group.names, shared=True) for group in groups]
+        try:
+            sessions = [optimised.session(group.names) for group in groups]
+        finally:
+            optimised.release_folder()
+        self.provider = CPU
+        return [session for session, _ in sessions]
 
     def run(self, feeds: dict[str, np.ndarray]) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
         """Yield ``(sample slice, tensors)`` for each fetch group of the batch *feeds* (prepared by

@@ -149,6 +149,7 @@ def create_session(
     weights: Weights | None = None,
     shared: bool = False,
     initializers: dict[str, np.ndarray] | None = None,
+    optimised: bool = False,
 ):
     """An ``InferenceSession`` for *model* on *device*; returns (session, provider that runs).
 
@@ -158,7 +159,8 @@ def create_session(
     needs a session per fetch group holds the model once, not once per group. *initializers* (name →
     array) are buffers of the caller's that the session reads as those initializers, prepacking off: the
     caller may refill them in place (:mod:`layerscope.engine.reused_sessions`); such a session's graph is
-    optimised up to onnxruntime's extended level, whose transformations keep reading the buffers.
+    optimised up to onnxruntime's extended level, whose transformations keep reading the buffers. *optimised*:
+    the graph is onnxruntime's own optimised form already (:mod:`.optimised_graph`), run as it is.
     """
     import onnxruntime as ort
 
@@ -174,6 +176,8 @@ def create_session(
         # the layout transformations of ORT_ENABLE_ALL copy convolution weights at start (they read them
         # from the graph's references, not from the buffers given): the extended level keeps reading them
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if optimised:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     _use_shared_cpu_arena(options)
     # Memory patterns pre-allocate one block per session and run; with a session per fetch
     # group that raised the peak by ~1 MiB on the demo CNN (tests/benchmarks/bench_runner.py).

@@ -126,8 +126,8 @@ class Weights:
 
     folder: Path | None = None
     files: dict[str, bytes | bytearray] = field(default_factory=dict)
-    #: The OrtValues of :meth:`share`, made once.
-    _shared: list = field(default_factory=list, repr=False, compare=False)
+    #: The OrtValues of :meth:`share` by initializer name, each made once.
+    _shared: dict = field(default_factory=dict, repr=False, compare=False)
 
     def configure(self, options) -> None:
         """Tell onnxruntime's session *options* where to read the external initializers from: the session
@@ -142,14 +142,15 @@ class Weights:
 
     def share(self, model: onnx.ModelProto, options) -> list:
         """Hand the session *options* the external initializers of *model* as OrtValues over the file's
-        pages (memory-mapped) or the in-memory copy, the same ones for every session made so, with
-        prepacking off: sessions of one model then hold its weights once between them (each prepacking
+        pages (memory-mapped) or the in-memory copy, each made once and the same for every session made so,
+        with prepacking off: sessions of one model then hold its weights once between them (each prepacking
         its own copy would hold them once per session). Returns the values, which must outlive the
         sessions."""
         import onnxruntime as ort
 
-        if not self._shared:
-            for tensor, entries in external_tensors(model):
+        values = []
+        for tensor, entries in external_tensors(model):
+            if tensor.name not in self._shared:
                 dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
                 offset, shape = int(entries.get("offset", 0)), tuple(tensor.dims)
                 location = entries["location"]
@@ -157,12 +158,13 @@ class Weights:
                     array = np.frombuffer(self.files[location], dtype, int(np.prod(shape)), offset).reshape(shape)
                 else:
                     array = np.memmap(self._folder() / location, dtype, "r", offset, shape)
-                self._shared.append((tensor.name, ort.OrtValue.ortvalue_from_numpy(np.asarray(array))))
+                self._shared[tensor.name] = ort.OrtValue.ortvalue_from_numpy(np.asarray(array))
+            values.append((tensor.name, self._shared[tensor.name]))
         self.configure(options)  # where the graph's references point (onnxruntime checks them), then the values
-        for name, value in self._shared:
+        for name, value in values:
             options.add_initializer(name, value)
         options.add_session_config_entry("session.disable_prepacking", "1")
-        return self._shared
+        return values
 
     def _folder(self) -> Path:
         if self.folder is None:

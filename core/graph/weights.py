@@ -171,15 +171,15 @@ class Weights:
             raise ValueError("the model's external data lies in no folder")
         return self.folder
 
-    def _read(self, entries: dict[str, str]) -> Iterator[bytes]:
-        """The bytes of one external initializer, a chunk at a time."""
+    def _read(self, entries: dict[str, str]) -> Iterator[bytes | memoryview]:
+        """The bytes of one external initializer, a chunk at a time (views, not copies, of an in-memory file)."""
         offset, length = int(entries.get("offset", 0)), int(entries.get("length", -1))
         location = entries["location"]
         if location in self.files:
             data = memoryview(self.files[location])
             end = len(data) if length < 0 else offset + length
             for start in range(offset, end, CHUNK):
-                yield bytes(data[start : min(start + CHUNK, end)])
+                yield data[start : min(start + CHUNK, end)]
             return
         with open(self._folder() / location, "rb") as file:
             if length < 0:

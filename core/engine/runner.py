@@ -309,14 +309,14 @@ class Runner:
         tensors = [self._by_name[n] for group in groups for n in group.names]
         try:
             optimised = OptimisedGraph(self.model, tensors, self.weights)
-        except Exception:  # onnxruntime could not save its optimised graph (a full disk, say): a copy per group
+            try:
+                sessions = [session for session, _ in (optimised.session(group.names) for group in groups)]
+            finally:
+                optimised.release_folder()
+        except Exception:  # the optimised graph could not be saved (a full disk) or run: a copy per group
             return [self._session_for(group.names, shared=True) for group in groups]
-        try:
-            sessions = [optimised.session(group.names) for group in groups]
-        finally:
-            optimised.release_folder()
         self.provider = CPU
-        return [session for session, _ in sessions]
+        return sessions
 
     def run(self, feeds: dict[str, np.ndarray]) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
         """Yield ``(sample slice, tensors)`` for each fetch group of the batch *feeds* (prepared by

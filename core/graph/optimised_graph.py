@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from layerscope.util.files import scratch_folder
 from layerscope.util.lazy import lazy_module
 
+from .session import CPU, create_session, exposing
 from .tensors import TensorInfo
 from .weights import INLINE_BYTES, Weights, weight_free
 
@@ -74,8 +75,6 @@ class OptimisedGraph:
     def __init__(self, model: onnx.ModelProto, tensors: Sequence[TensorInfo], weights: Weights):
         import onnxruntime as ort
 
-        from .session import CPU, exposing
-
         self.folder = scratch_folder("optimised")
         saved = self.folder / "model.onnx"
         options = ort.SessionOptions()
@@ -94,8 +93,6 @@ class OptimisedGraph:
     def session(self, names: Sequence[str]):
         """A CPU session of the optimised graph fetching *names*; returns (session, provider), as
         :func:`~layerscope.graph.session.create_session` does."""
-        from .session import create_session
-
         return create_session(restricted(self.graph, names), "cpu", self.weights, shared=True, optimised=True)
 
     def release_folder(self) -> None:

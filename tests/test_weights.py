@@ -231,8 +231,9 @@ def test_fetch_groups_run_one_optimised_graph_holding_its_weights_once(tmp_path,
     """Four fetch groups of a convolution stack (36 MiB of weights): their sessions run one graph that
     onnxruntime optimised once with every group's tensors exposed, each cut to what its group needs, reading
     the optimised weights through one mapping of its saved copy, which is removed once the sessions are made.
-    The process grows by less than 2.5 copies of the weights (a session per group optimising its own held
-    one copy each, five in all), and the tensors are the one-session fetch's, bit for bit."""
+    The process grows by less than 5 copies of the weights (2 to 3.8 measured: the mapping, and memory the
+    optimising session freed but the allocator kept; a session per group optimising its own grew by 8.5),
+    and the tensors are the one-session fetch's, bit for bit."""
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the scratch folder, watched
@@ -247,7 +248,7 @@ def test_fetch_groups_run_one_optimised_graph_holding_its_weights_once(tmp_path,
     parts = list(runner.run({"x": x}))
     grown = _rss() - grown
     assert len(runner.groups) == 4
-    assert grown < 2.5 * external_bytes(graph), grown / external_bytes(graph)
+    assert grown < 5 * external_bytes(graph), grown / external_bytes(graph)
     assert not list(tmp_path.glob("layerscope-optimised-*"))
     shared = [dict(s.layerscope_shared_initializers) for s in runner._sessions]
     assert all(value is shared[-1][name] for one in shared for name, value in one.items())
@@ -257,22 +258,40 @@ def test_fetch_groups_run_one_optimised_graph_holding_its_weights_once(tmp_path,
     assert all(torch_equal(fetched[n], expected[n]) for n in names)
 
 
-def test_fetch_groups_make_a_copy_each_when_the_optimised_graph_cannot_be_saved(tmp_path, monkeypatch):
-    """The optimised graph cannot be saved (here its scratch folder cannot be made; a full disk fails the
-    same way): each group's session is made from the model, and the tensors are the same."""
+@pytest.mark.parametrize("failure", ["no scratch folder", "file size limit"])
+def test_fetch_groups_make_a_copy_each_when_the_optimised_graph_cannot_be_saved(tmp_path, monkeypatch, failure):
+    """The optimised graph cannot be saved: its scratch folder cannot be made, or writing its weights fails
+    partway (a file size limit, as a full disk): each group's session is made from the model, the run says
+    so in a warning, nothing written is left, and the tensors are the same."""
+    import resource
+    import signal
     import tempfile
 
-    onnx.save(_conv_stack(channels=16), str(tmp_path / "convs.onnx"))
+    onnx.save(_conv_stack(channels=64), str(tmp_path / "convs.onnx"))  # 144 KiB of weights a layer
     graph, weights = load_onnx_file(tmp_path / "convs.onnx")
     tensors = describe_tensors(graph)
     names = [f"a{layer}" for layer in range(4)]
-    x = np.random.default_rng(0).random((2, 16, 8, 8), dtype=np.float32)
+    x = np.random.default_rng(0).random((2, 64, 8, 8), dtype=np.float32)
     whole = Runner(graph, tensors, [tuple(names)], "cpu", 2**30, 2, None, weights)
     ((_, expected),) = list(whole.run({"x": x}))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
-    runner = Runner(graph, tensors, [(n,) for n in names], "cpu", 2 * 16 * 8 * 8 * 4, 2, None, weights)
-    fetched = {name: value for _, group in runner.run({"x": x}) for name, value in group.items()}
+    scratch = tmp_path / ("missing" if failure == "no scratch folder" else "scratch")
+    if failure == "file size limit":
+        scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    runner = Runner(graph, tensors, [(n,) for n in names], "cpu", 2 * 64 * 8 * 8 * 4, 2, None, weights)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+    if failure == "file size limit":
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
+    try:
+        fetched = {name: value for _, group in runner.run({"x": x}) for name, value in group.items()}
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, ignored)
     assert len(runner.groups) == 4
+    (warning,) = runner.warnings
+    assert warning.startswith("the 4 fetch groups' sessions could not share one optimised graph (")
+    assert not scratch.exists() or not list(scratch.iterdir())
     assert all(torch_equal(fetched[n], expected[n]) for n in names)
 
 

@@ -169,6 +169,7 @@ def _feed_pass(
         progress.advance(fed.size, f"{loaded.label}")
     if read[1] < span[1]:  # the samples no estimator of the pass needed
         progress.advance(span[1] - read[1], f"{loaded.label}")
+    isolation.warnings.extend(runner.warnings)
     for name in sorted(nonfinite):
         isolation.warnings.append(
             f"tensor '{name}' of {loaded.label} contains NaN or Inf values; estimates that read it may be meaningless"

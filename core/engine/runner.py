@@ -191,6 +191,7 @@ class Runner:
         self._sizes = {n: self._by_name[n].bytes_per_sample() for unit in self._atomic for n in unit}
         self.groups: list[FetchGroup] | None = None
         self.peak_fetched_bytes = 0  # the most bytes of fetched tensors yielded at once
+        self.warnings: list[str] = []  # for the run's warnings
 
     def _inputs_with(self, names: list[str]) -> list[str]:
         """The model inputs declared in one unit with any of *names* (handed out beside them)."""
@@ -313,7 +314,13 @@ class Runner:
                 sessions = [session for session, _ in (optimised.session(group.names) for group in groups)]
             finally:
                 optimised.release_folder()
-        except Exception:  # the optimised graph could not be saved (a full disk) or run: a copy per group
+        except Exception as error:  # the optimised graph could not be saved (a full disk) or run: a copy per group
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = reason if len(reason) <= 160 else reason[:159] + "…"
+            self.warnings.append(
+                f"the {len(groups)} fetch groups' sessions could not share one optimised graph ({reason}); each "
+                "optimises its own, holding its own copy of the weights onnxruntime rewrites"
+            )
             return [self._session_for(group.names, shared=True) for group in groups]
         self.provider = CPU
         return sessions

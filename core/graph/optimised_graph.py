@@ -73,9 +73,18 @@ class OptimisedGraph:
     *tensors* exposed, saved in a scratch folder; :meth:`session` makes a session fetching some of them."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Sequence[TensorInfo], weights: Weights):
+        self.folder = scratch_folder("optimised")
+        try:
+            self._save(model, tensors, weights)
+        except BaseException:
+            self.release_folder()  # what was written of a graph that could not be saved
+            raise
+
+    def _save(self, model: onnx.ModelProto, tensors: Sequence[TensorInfo], weights: Weights) -> None:
+        """Optimise *model* with *tensors* exposed into this folder, and read back the graph apart from its
+        weights."""
         import onnxruntime as ort
 
-        self.folder = scratch_folder("optimised")
         saved = self.folder / "model.onnx"
         options = ort.SessionOptions()
         weights.configure(options)
@@ -84,7 +93,8 @@ class OptimisedGraph:
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_min_size_in_bytes", str(INLINE_BYTES)
         )
-        options.intra_op_num_threads = 1  # this session never runs
+        options.intra_op_num_threads = 1  # this session never runs: one thread, nothing prepacked
+        options.add_session_config_entry("session.disable_prepacking", "1")
         options.log_severity_level = 3  # its warning that the saved graph suits this machine only: it does
         with exposing(model, tensors, only=True) as exposed:
             ort.InferenceSession(exposed.SerializeToString(), options, providers=[CPU])

@@ -33,6 +33,46 @@ def test_mlp_tensors_shapes_and_roles():
     assert tensors["a1"].layer == "act1" and tensors["a1"].op_type == "Relu"
 
 
+def test_tensors_without_sample_rows_are_not_observable_and_all_skips_them(tmp_path):
+    """A scalar (a sum over everything) and, in a model whose batch axis is symbolic, a tensor with a fixed
+    first axis (a sum over the batch) have no rows that are samples: they are unobservable, with the reason,
+    so ``on: all`` leaves them out instead of failing an estimator's update, and naming them is refused."""
+    import layerscope
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("ReduceSum", ["r"], ["s"], keepdims=0),
+        helper.make_node("ReduceSum", ["r", "axis0"], ["column_sums"], keepdims=1),
+        helper.make_node("Mul", ["r", "s"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "column_sums"], ["out"]),
+    ]
+    axis0 = numpy_helper.from_array(np.array([0], np.int64), "axis0")
+    proto = model(
+        nodes,
+        [helper.make_tensor_value_info("x", FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("out", FLOAT, ["N", 8])],
+        [w, axis0],
+    )
+    tensors = by_name(describe_tensors(proto))
+    assert (tensors["s"].observable, tensors["s"].reason) == (False, "a scalar: it has no sample axis")
+    assert not tensors["column_sums"].observable and "fixed (1)" in tensors["column_sums"].reason
+    assert tensors["r"].observable and tensors["scaled"].observable
+    onnx.save(proto, str(tmp_path / "sums.onnx"))
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((30, 16)).astype(np.float32))
+    spec = {
+        "model": {"source": str(tmp_path / "sums.onnx")},
+        "data": {"source": "npz", "path": str(tmp_path / "x.npz"), "batch_size": 30},
+        "analyses": [{"id": "e", "estimator": "activation_entropy", "on": "all"}],
+    }
+    results = layerscope.run(spec, write=False, progress=False)
+    assert not results.failures and not results.warnings
+    assert {r["tensor"] for r in results.records} == {"x", "h", "r", "scaled", "out"}
+    with pytest.raises(UserError, match="a scalar: it has no sample axis"):
+        layerscope.run({**spec, "analyses": [{"id": "e", "estimator": "activation_entropy", "on": {"name": "s"}}]})
+
+
 def test_constants_and_shape_arithmetic_are_not_observable():
     nodes = [
         helper.make_node("Shape", ["x"], ["shape"]),

@@ -227,5 +227,6 @@ def test_a_budget_below_one_sample_exits_2(tmp_path, capsys, cnn_spec):
     code = main(["trace", str(cnn_spec), "--on", "{layer: features.0}", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("error:") == 1, err
-    assert "runtime.memory_budget (512 bytes) is smaller than one batch of conv2d" in err, err
+    assert "runtime.memory_budget (512 bytes) is smaller than one sample of conv2d" in err, err
+    assert "raise the budget\n" in err and "batch_size" not in err, err
     assert not out.exists() and list(tmp_path.glob(".t.npz*")) == []

@@ -129,7 +129,12 @@ def _pack(
         unit_bytes = sum(bytes_per_sample[n] for n in unit) * batch_size
         if unit_bytes > budget:
             per_sample = unit_bytes // batch_size
-            if not all(n in splittable for n in unit) or per_sample > budget:
+            if per_sample > budget:
+                raise UserError(
+                    f"runtime.memory_budget ({budget} bytes) is smaller than one sample of "
+                    f"{', '.join(unit)} ({per_sample} bytes); raise the budget"
+                )
+            if not all(n in splittable for n in unit):
                 raise UserError(
                     f"runtime.memory_budget ({budget} bytes) is smaller than one batch of "
                     f"{', '.join(unit)} ({unit_bytes} bytes); raise the budget or lower data.batch_size"

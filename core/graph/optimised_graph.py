@@ -15,6 +15,8 @@ would run, so the tensors are the same, bit for bit, and a group's session compu
 from __future__ import annotations
 
 import shutil
+import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,11 +70,29 @@ def restricted(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProt
     return copy
 
 
+#: A scratch folder of this module untouched for this long was left by a process that was killed: a live
+#: one is written to while its graph is saved and removed as soon as the sessions are made.
+STALE_SECONDS = 600
+
+
+def remove_stale_folders() -> None:
+    """Remove the scratch folders that killed processes left in the temporary folder (each as large as a
+    model's weights): those whose newest file was last written over :data:`STALE_SECONDS` ago."""
+    for folder in Path(tempfile.gettempdir()).glob("layerscope-optimised-*"):
+        try:
+            newest = max([folder.stat().st_mtime, *(entry.stat().st_mtime for entry in folder.iterdir())])
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if time.time() - newest > STALE_SECONDS:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class OptimisedGraph:
     """*model* (weights in *weights*) as onnxruntime's CPU provider optimises it with every tensor of
     *tensors* exposed, saved in a scratch folder; :meth:`session` makes a session fetching some of them."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Sequence[TensorInfo], weights: Weights):
+        remove_stale_folders()
         self.folder = scratch_folder("optimised")
         try:
             self._save(model, tensors, weights)

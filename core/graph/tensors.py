@@ -423,11 +423,20 @@ def _read_in_bodies(node: onnx.NodeProto) -> tuple[str, ...]:
 
 
 def _batch_axis_checked(tensor: TensorInfo, tensors: list[TensorInfo]) -> TensorInfo:
-    """*tensor*, unobservable when its first axis is a symbolic expression of the inputs' batch axis other
-    than the batch axis itself (``2*batch``: batch and heads merged, as in torch's MultiheadAttention):
-    its rows are not samples."""
+    """*tensor*, unobservable when it has no rows that are samples: a scalar; in a model whose inputs have a
+    symbolic batch axis, a tensor whose first axis is a fixed number (a sum over the batch, say); or one whose
+    first axis is a symbolic expression of the batch axis other than the batch axis itself (``2*batch``:
+    batch and heads merged, as in torch's MultiheadAttention)."""
     batch = {t.shape[0] for t in tensors if t.role == "input" and t.shape and isinstance(t.shape[0], str)}
+    if tensor.observable and tensor.shape == ():
+        return replace(tensor, observable=False, reason="a scalar: it has no sample axis")
     first = tensor.shape[0] if tensor.shape else None
+    if tensor.observable and batch and isinstance(first, int):
+        return replace(
+            tensor,
+            observable=False,
+            reason=f"its first axis is fixed ({first}) where the inputs' batch axis is not: rows are not samples",
+        )
     if not tensor.observable or not isinstance(first, str) or first in batch:
         return tensor
     if any(re.search(rf"\b{re.escape(symbol)}\b", first) for symbol in batch):

@@ -93,3 +93,10 @@ class KillsItsWorker:
                     continue
                 os.kill(os.getpid(), signal.SIGKILL)
         return self.x[index], self.y[index]
+
+
+def as_foreground() -> None:
+    """``preexec_fn`` for a run a test interrupts as Ctrl-C does: SIGINT at its default in the child, as a
+    terminal's foreground command has it. A job started in the background of a non-interactive shell (as CI
+    may start the tests) inherits SIGINT ignored, and so would the run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -359,7 +359,7 @@ def test_a_ray_run_ended_from_outside_says_why_and_leaves_no_process(tmp_path, e
     import secrets
     import signal
 
-    from .processes import command_line, marked
+    from .processes import as_foreground, command_line, marked
 
     _two_node_inputs(tmp_path)
     mark = secrets.token_hex(8)
@@ -370,6 +370,7 @@ def test_a_ray_run_ended_from_outside_says_why_and_leaves_no_process(tmp_path, e
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=stderr.open("w"),
+        preexec_fn=as_foreground,
     )
 
     def started(name: str) -> list[int]:

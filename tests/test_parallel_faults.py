@@ -19,7 +19,7 @@ from layerscope.plugins.data.digits import load_digits_split
 from layerscope.testing import assert_records_close
 
 from .conftest import write_spec
-from .processes import KillsItsWorker, alive, command_line, descendants
+from .processes import KillsItsWorker, alive, as_foreground, command_line, descendants
 from .waiting import wait_until
 
 SPEC = {
@@ -119,6 +119,7 @@ def test_an_interrupted_parallel_run_is_one_message_and_ends_every_worker(tmp_pa
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # a process group of its own, as a terminal gives a command
+        preexec_fn=as_foreground,
     )
     workers = wait_until(
         lambda: run.poll() is not None or [p for p in descendants(run.pid) if "multiprocessing" in command_line(p)],

@@ -21,7 +21,7 @@ from layerscope.testing.models import tiny_mlp
 from layerscope.util.errors import SpecError, UserError
 
 from .conftest import write_spec
-from .processes import marked
+from .processes import as_foreground, marked
 from .waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -460,6 +460,7 @@ def test_ctrl_c_leaves_no_results_json(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=as_foreground,
     )
     # interrupt once the first checkpoint is saved, mid-run
     wait_until(

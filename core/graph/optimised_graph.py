@@ -9,7 +9,9 @@ Here the model is optimised once, with every tensor of every group exposed, and 
 initializers in a file (``optimized_model_filepath``); each group's session then runs that graph as it is
 (no optimisation), cut down to the nodes its own tensors need, and reads the saved initializers from one
 shared mapping of the file. The graph the groups run is the one a single session exposing all of them
-would run, so the tensors are the same, bit for bit, and a group's session computes only its part.
+would run, and a group's session computes only its part; their tensors equal those of a session per group
+bit for bit. Shared weights are not prepacked, so MatMul/Gemm layers carry other float32 round-off than in
+a one-group run, which prepacks them (documented in the models guide).
 """
 
 from __future__ import annotations

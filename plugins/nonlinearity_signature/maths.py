@@ -191,9 +191,9 @@ def sample_subspace(xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Moments:
     """What the two jitter settings share for a pair of unit-scaled samples: their centred coordinates in k
-    dimensions (the d features, or the samples' subspace S when 2n < d), each covariance's form a·CᵀC + c·I
-    before the jitter (:func:`covariance_form`), X's Gram matrix CᵀC with its smallest eigenvalue, and the
-    eigendecomposition of Y's."""
+    dimensions (the d features, or when 2n < d a 2n-dimensional subspace that holds the samples), each
+    covariance's form a·CᵀC + c·I before the jitter (:func:`covariance_form`), X's Gram matrix CᵀC with its
+    smallest eigenvalue, and the eigendecomposition of Y's."""
 
     xs: np.ndarray  # n × k
     ys: np.ndarray  # n × k

@@ -34,9 +34,10 @@ def test_mlp_tensors_shapes_and_roles():
 
 
 def test_tensors_without_sample_rows_are_not_observable_and_all_skips_them(tmp_path):
-    """A scalar (a sum over everything) and, in a model whose batch axis is symbolic, a tensor with a fixed
-    first axis (a sum over the batch) have no rows that are samples: they are unobservable, with the reason,
-    so ``on: all`` leaves them out instead of failing an estimator's update, and naming them is refused."""
+    """A scalar (a sum over everything), and a tensor whose first axis is fixed where the batch axis is
+    symbolic or is another fixed number (a sum over the batch, a transpose), have no rows that are samples:
+    they are unobservable, with the reason, so ``on: all`` leaves them out instead of failing an estimator's
+    update, and naming them is refused."""
     import layerscope
 
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32), "w")
@@ -59,6 +60,16 @@ def test_tensors_without_sample_rows_are_not_observable_and_all_skips_them(tmp_p
     assert (tensors["s"].observable, tensors["s"].reason) == (False, "a scalar: it has no sample axis")
     assert not tensors["column_sums"].observable and "fixed (1)" in tensors["column_sums"].reason
     assert tensors["r"].observable and tensors["scaled"].observable
+    fixed = model(  # the same graph with a fixed batch of 5: the sum over it has 1 row, the transpose 8
+        [*nodes[:4], helper.make_node("Transpose", ["r"], ["rows_as_columns"])],
+        [helper.make_tensor_value_info("x", FLOAT, [5, 16])],
+        [helper.make_tensor_value_info("rows_as_columns", FLOAT, [8, 5])],
+        [w, axis0],
+    )
+    fixed_tensors = by_name(describe_tensors(fixed))
+    assert fixed_tensors["r"].observable and fixed_tensors["h"].observable
+    for name in ("column_sums", "rows_as_columns"):
+        assert not fixed_tensors[name].observable and "batch axis is 5" in fixed_tensors[name].reason
     onnx.save(proto, str(tmp_path / "sums.onnx"))
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((30, 16)).astype(np.float32))
     spec = {

@@ -233,7 +233,7 @@ def test_fetch_groups_run_one_optimised_graph_holding_its_weights_once(tmp_path,
     """Four fetch groups of a convolution stack (36 MiB of weights): their sessions run one graph that
     onnxruntime optimised once with every group's tensors exposed, each cut to what its group needs, reading
     the optimised weights through one mapping of its saved copy, which is removed once the sessions are made
-    (as is a copy a killed process left, and not one another process is writing).
+    (as is a copy a killed process left, and not one another process is writing or still optimising).
     The process grows by less than 5 copies of the weights (2 to 3.8 measured: the mapping, and memory the
     optimising session freed but the allocator kept; a session per group optimising its own grew by 8.5),
     and the tensors are the one-session fetch's, bit for bit."""
@@ -241,10 +241,13 @@ def test_fetch_groups_run_one_optimised_graph_holding_its_weights_once(tmp_path,
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the scratch folder, watched
     killed, live = tmp_path / "layerscope-optimised-killed", tmp_path / "layerscope-optimised-live"
-    for folder in (killed, live):  # folders of a process killed 11 minutes ago, and of one saving now
+    slow = tmp_path / "layerscope-optimised-slow"
+    for folder in (killed, live, slow):  # a process killed 11 minutes ago, one saving now, one optimising long
         folder.mkdir()
         (folder / "weights.bin").write_bytes(b"0" * 1024)
-    for path in (killed, killed / "weights.bin"):
+    (killed / "owner").write_text("999999999")  # no such process
+    (slow / "owner").write_text(str(os.getpid()))
+    for path in (killed, killed / "weights.bin", killed / "owner", slow, slow / "weights.bin", slow / "owner"):
         os.utime(path, (time.time() - 660, time.time() - 660))
     onnx.save(_conv_stack(), str(tmp_path / "convs.onnx"))
     graph, weights = load_onnx_file(tmp_path / "convs.onnx")
@@ -258,7 +261,7 @@ def test_fetch_groups_run_one_optimised_graph_holding_its_weights_once(tmp_path,
     grown = _rss() - grown
     assert len(runner.groups) == 4
     assert grown < 5 * external_bytes(graph), grown / external_bytes(graph)
-    assert list(tmp_path.glob("layerscope-optimised-*")) == [live]  # its own gone, the killed one's too
+    assert sorted(tmp_path.glob("layerscope-optimised-*")) == [live, slow]  # its own and the killed one's gone
     shared = [dict(s.layerscope_shared_initializers) for s in runner._sessions]
     assert all(value is shared[-1][name] for one in shared for name, value in one.items())
     whole = Runner(graph, tensors, [tuple(names)], "cpu", 2**30, 2, None, weights)

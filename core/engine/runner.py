@@ -321,7 +321,7 @@ class Runner:
                 optimised.release_folder()
         except Exception as error:  # the optimised graph could not be saved (a full disk) or run: a copy per group
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            reason = reason if len(reason) <= 160 else reason[:159] + "…"
+            reason = reason if len(reason) <= 160 else "…" + reason[-159:]  # onnxruntime's own words come last
             self.warnings.append(
                 f"the {len(groups)} fetch groups' sessions could not share one optimised graph ({reason}); each "
                 "optimises its own, holding its own copy of the weights onnxruntime rewrites"

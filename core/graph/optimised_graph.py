@@ -16,6 +16,7 @@ a one-group run, which prepacks them (documented in the models guide).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -77,15 +78,28 @@ def restricted(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProt
 STALE_SECONDS = 600
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's
+        return True
+    return True
+
+
 def remove_stale_folders() -> None:
     """Remove the scratch folders that killed processes left in the temporary folder (each as large as a
-    model's weights): those whose newest file was last written over :data:`STALE_SECONDS` ago."""
+    model's weights): those whose newest file was last written over :data:`STALE_SECONDS` ago, unless the
+    process that made them (its ``owner`` file) still runs, optimising a very large model."""
     for folder in Path(tempfile.gettempdir()).glob("layerscope-optimised-*"):
         try:
             newest = max([folder.stat().st_mtime, *(entry.stat().st_mtime for entry in folder.iterdir())])
-        except OSError:  # gone meanwhile, or another user's
+            owner = folder / "owner"
+            alive = owner.exists() and _running(int(owner.read_text() or 0))
+        except (OSError, ValueError):  # gone meanwhile, another user's, or not ours
             continue
-        if time.time() - newest > STALE_SECONDS:
+        if time.time() - newest > STALE_SECONDS and not alive:
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -97,6 +111,7 @@ class OptimisedGraph:
         remove_stale_folders()
         self.folder = scratch_folder("optimised")
         try:
+            (self.folder / "owner").write_text(str(os.getpid()))
             self._save(model, tensors, weights)
         except BaseException:
             self.release_folder()  # what was written of a graph that could not be saved

@@ -423,19 +423,22 @@ def _read_in_bodies(node: onnx.NodeProto) -> tuple[str, ...]:
 
 
 def _batch_axis_checked(tensor: TensorInfo, tensors: list[TensorInfo]) -> TensorInfo:
-    """*tensor*, unobservable when it has no rows that are samples: a scalar; in a model whose inputs have a
-    symbolic batch axis, a tensor whose first axis is a fixed number (a sum over the batch, say); or one whose
-    first axis is a symbolic expression of the batch axis other than the batch axis itself (``2*batch``:
-    batch and heads merged, as in torch's MultiheadAttention)."""
-    batch = {t.shape[0] for t in tensors if t.role == "input" and t.shape and isinstance(t.shape[0], str)}
+    """*tensor*, unobservable when it has no rows that are samples: a scalar; a tensor whose first axis is a
+    fixed number other than the inputs' (a sum over the batch, a transpose), or any fixed number where the
+    inputs' batch axis is symbolic; or one whose first axis is a symbolic expression of the batch axis other
+    than the batch axis itself (``2*batch``: batch and heads merged, as in torch's MultiheadAttention)."""
+    firsts = [t.shape[0] for t in tensors if t.role == "input" and t.shape]
+    batch = {first for first in firsts if isinstance(first, str)}
+    fixed = {first for first in firsts if isinstance(first, int)}
     if tensor.observable and tensor.shape == ():
         return replace(tensor, observable=False, reason="a scalar: it has no sample axis")
     first = tensor.shape[0] if tensor.shape else None
-    if tensor.observable and batch and isinstance(first, int):
+    if tensor.observable and isinstance(first, int) and (batch or (fixed and first not in fixed)):
+        inputs = "symbolic" if batch else " or ".join(map(str, sorted(fixed)))
         return replace(
             tensor,
             observable=False,
-            reason=f"its first axis is fixed ({first}) where the inputs' batch axis is not: rows are not samples",
+            reason=f"its first axis is fixed ({first}) where the inputs' batch axis is {inputs}: rows are not samples",
         )
     if not tensor.observable or not isinstance(first, str) or first in batch:
         return tensor

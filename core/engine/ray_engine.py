@@ -41,7 +41,7 @@ from typing import Any
 
 from layerscope.data.source import Samples
 from layerscope.model.adapter import Checkpoint
-from layerscope.util.errors import InfrastructureError, UserError
+from layerscope.util.errors import InfrastructureError, UserError, first_line
 
 from .inputs import NamedFile, Relocation, Shipment, check_present, named_files
 from .lifecycle import ShardOutcome, ShardTask, TaskQueue
@@ -138,9 +138,8 @@ def _connect(plan: RunPlan) -> bool:
     except Exception as error:  # Ray raises bare Exceptions too ("the current node timed out during startup")
         if not runtime.address:
             ray.shutdown()  # the processes it started before it failed
-            first = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
             raise InfrastructureError(
-                f"runtime.engine: could not start a local Ray cluster for the run: {first}"
+                f"runtime.engine: could not start a local Ray cluster for the run: {first_line(error).rstrip('.')}"
             ) from None
         if not isinstance(error, (ConnectionError, RuntimeError, ValueError)):
             raise InfrastructureError(

@@ -28,7 +28,7 @@ from layerscope.graph.optimised_graph import OptimisedGraph
 from layerscope.graph.session import CPU, CUDA, create_session, exposing, requested_providers
 from layerscope.graph.tensors import TensorInfo
 from layerscope.graph.weights import Weights
-from layerscope.util.errors import UserError
+from layerscope.util.errors import UserError, first_line
 
 from .feeds import ModelFeeds
 from .reused_sessions import ReusedSessions
@@ -320,7 +320,7 @@ class Runner:
             finally:
                 optimised.release_folder()
         except Exception as error:  # the optimised graph could not be saved (a full disk) or run: a copy per group
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = first_line(error)
             reason = reason if len(reason) <= 160 else "…" + reason[-159:]  # onnxruntime's own words come last
             self.warnings.append(
                 f"the {len(groups)} fetch groups' sessions could not share one optimised graph ({reason}); each "

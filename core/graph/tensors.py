@@ -400,7 +400,10 @@ def describe_tensors(
         if node.op_type in SUBGRAPH_OPS:
             tensors += _subgraph_tensors(node, layer_of)
     calls = module_calls(nodes, outputs)
-    tensors = [_batch_axis_checked(t, tensors) for t in tensors]
+    firsts = [t.shape[0] for t in tensors if t.role == "input" and t.shape]
+    batch = {first for first in firsts if isinstance(first, str)}
+    fixed = {first for first in firsts if isinstance(first, int)}
+    tensors = [_batch_axis_checked(t, batch, fixed) for t in tensors]
     return [
         replace(
             t, layer=calls[t.name].label, module=t.layer, calls=calls[t.name].calls, output_of=calls[t.name].output_of
@@ -422,14 +425,12 @@ def _read_in_bodies(node: onnx.NodeProto) -> tuple[str, ...]:
     return tuple(read)
 
 
-def _batch_axis_checked(tensor: TensorInfo, tensors: list[TensorInfo]) -> TensorInfo:
+def _batch_axis_checked(tensor: TensorInfo, batch: set[str], fixed: set[int]) -> TensorInfo:
     """*tensor*, unobservable when it has no rows that are samples: a scalar; a tensor whose first axis is a
     fixed number other than the inputs' (a sum over the batch, a transpose), or any fixed number where the
     inputs' batch axis is symbolic; or one whose first axis is a symbolic expression of the batch axis other
-    than the batch axis itself (``2*batch``: batch and heads merged, as in torch's MultiheadAttention)."""
-    firsts = [t.shape[0] for t in tensors if t.role == "input" and t.shape]
-    batch = {first for first in firsts if isinstance(first, str)}
-    fixed = {first for first in firsts if isinstance(first, int)}
+    than the batch axis itself (``2*batch``: batch and heads merged, as in torch's MultiheadAttention).
+    *batch* and *fixed*: the inputs' symbolic and fixed first axes."""
     if tensor.observable and tensor.shape == ():
         return replace(tensor, observable=False, reason="a scalar: it has no sample axis")
     first = tensor.shape[0] if tensor.shape else None

@@ -21,6 +21,12 @@ from pathlib import Path
 ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of *error*'s message, or its type's name when the message is empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 class UserError(Exception):
     """A problem with the user's spec, files, model or data (exit code 2)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from layerscope import Results, UserError
+from layerscope.util.errors import first_line
 from layerscope.util.names import run_name
 
 from .plots import analysis_figures
@@ -39,5 +40,4 @@ def run_files(results: Results, folder: Path | None) -> dict[str, Path]:
 
 def refused(tracker: str, where: str | None, error: BaseException) -> UserError:
     """The user error for a tracker that could not log the run (an unreachable server, a store it cannot open)."""
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return UserError(f"outputs.formats: {tracker}: cannot log to {where}: {first_line}")
+    return UserError(f"outputs.formats: {tracker}: cannot log to {where}: {first_line(error)}")
